@@ -1,0 +1,24 @@
+# Set-up and test commands. `make test` works on a fresh machine: it builds .venv, installs the
+# locally provided CPU build of torch (never the CUDA build) and moekit with its test extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+bench: install
+	$(PY) benchmarks/layer.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
