@@ -1,2 +1,6 @@
 """moekit: Mixture-of-Experts layers, models and tools for PyTorch."""
+from .config import MoEConfig
+from .layer import FeedForward, MoE, MoEOutput
+
 __version__ = "0.1.0"
+__all__ = ["MoE", "MoEConfig", "MoEOutput", "FeedForward", "__version__"]

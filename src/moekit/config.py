@@ -1,0 +1,137 @@
+"""Configuration dataclasses. One comment per field; validation lives in ``__post_init__`` so a
+bad value fails where it is written, naming the field and what was expected."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+EXPERT_KINDS = ("swiglu", "geglu", "gelu", "relu")
+ROUTER_KINDS = ("topk", "noisy_topk", "switch", "expert_choice", "hash", "random", "sigmoid")
+BACKENDS = ("auto", "loop", "grouped", "triton")
+OVERFLOW_POLICIES = ("drop", "reroute")
+CAPACITY_PRIORITIES = ("order", "score")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_positive(name: str, value: Any, *, allow_none: bool = False, integer: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}; got {value!r}")
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+
+
+@dataclass
+class MoEConfig:
+    """Everything one MoE layer needs. Defaults give a dropless top-2 SwiGLU layer (Mixtral-like)."""
+
+    dim: int  # model width D: the layer maps (..., D) -> (..., D)
+    hidden_dim: int  # width F of each routed expert's hidden layer
+    num_experts: int = 8  # number of routed experts E
+    top_k: int = 2  # experts per token K (for expert_choice: average experts per token)
+    expert: str = "swiglu"  # expert FFN: "swiglu" (default), "geglu", "gelu", "relu"
+    router: str = "topk"  # "topk", "noisy_topk", "switch", "expert_choice", "hash", "random", "sigmoid"
+    renormalize: bool = True  # topk weights renormalised over the chosen K (Mixtral); False = raw softmax probs (GShard/Switch)
+    capacity_factor: Optional[float] = None  # None = dropless; else capacity C = ceil(cf * T * K / E) slots per expert
+    eval_capacity_factor: Optional[float] = None  # capacity factor in eval mode (None: same as capacity_factor)
+    min_capacity: int = 1  # lower bound on C when a capacity factor is set
+    overflow: str = "drop"  # tokens over capacity: "drop" (output 0, the residual carries them) or "reroute" to next-best expert with room
+    capacity_priority: str = "order"  # who keeps a slot when an expert overflows: "order" (top-1 choices first, then token order) or "score" (highest gate weight first, V-MoE batch prioritized routing)
+    num_shared_experts: int = 0  # experts every token uses (DeepSeekMoE), computed as one dense FFN
+    shared_hidden_dim: Optional[int] = None  # hidden width of each shared expert (None: hidden_dim)
+    shared_expert_gate: bool = False  # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)
+    backend: str = "auto"  # expert compute: "auto", "loop" (reference), "grouped", "triton"
+    # router details
+    router_bias: bool = False  # a bias on the router's linear layer
+    router_jitter: float = 0.0  # multiplicative input jitter U(1-eps, 1+eps) in training (Switch, Fedus et al. 2021)
+    router_dtype: str = "float32"  # router logits are computed in this dtype (Switch's selective precision)
+    noise_eps: float = 1e-2  # noisy_topk: minimum noise std added to softplus(x @ W_noise) (Shazeer et al. 2017)
+    second_expert_policy: str = "random"  # router="random": GShard second-expert dispatch, "random" in training or "all"
+    hash_seed: int = 0  # router="hash": seed of the fixed token-id hash (Roller et al. 2021)
+    num_groups: Optional[int] = None  # router="sigmoid": expert groups for group-limited routing (DeepSeek-V3)
+    topk_groups: Optional[int] = None  # router="sigmoid": groups kept per token before picking experts
+    routed_scaling_factor: float = 1.0  # multiply routed weights (DeepSeek-V3)
+    bias_update_rate: float = 1e-3  # router="sigmoid": step of the aux-loss-free balancing bias (DeepSeek-V3); 0 disables
+    # auxiliary losses: the weight of each in res.aux_loss (0 = computed for monitoring, not added)
+    balance_loss_weight: float = 1e-2  # E * sum_i f_i P_i (Switch, Fedus et al. 2021; GShard)
+    sq_load_loss_weight: float = 0.0  # E * sum_i P_i^2, a differentiable squared-load-fraction penalty
+    importance_loss_weight: float = 0.0  # CV^2 of summed gate weights (Shazeer et al. 2017)
+    load_loss_weight: float = 0.0  # CV^2 of the smooth load estimator (noisy_topk only, Shazeer et al. 2017)
+    z_loss_weight: float = 1e-3  # mean logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)
+    entropy_loss_weight: float = 0.0  # mean routing entropy (negative weight rewards spread, positive rewards confidence)
+    # dead experts
+    usage_decay: float = 0.99  # running average of each expert's share of routed slots (stats["expert_usage"])
+    revive_after: Optional[int] = None  # re-initialise an expert that got no token for this many training steps (None = never)
+    revive_noise: float = 1e-2  # relative noise added to the live expert copied into a revived one
+    check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
+
+    def __post_init__(self) -> None:
+        _check_positive("dim", self.dim, integer=True)
+        _check_positive("hidden_dim", self.hidden_dim, integer=True)
+        _check_positive("num_experts", self.num_experts, integer=True)
+        _check_positive("top_k", self.top_k, integer=True)
+        if self.router != "expert_choice" and self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({self.num_experts}); got {self.top_k}")
+        _check_choice("expert", self.expert, EXPERT_KINDS)
+        _check_choice("router", self.router, ROUTER_KINDS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        _check_choice("capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
+        _check_choice("second_expert_policy", self.second_expert_policy, ("random", "all"))
+        _check_choice("router_dtype", self.router_dtype, ("float32", "float64", "same"))
+        _check_positive("capacity_factor", self.capacity_factor, allow_none=True)
+        _check_positive("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
+        _check_positive("min_capacity", self.min_capacity, integer=True)
+        _check_positive("shared_hidden_dim", self.shared_hidden_dim, allow_none=True, integer=True)
+        _check_positive("routed_scaling_factor", self.routed_scaling_factor)
+        _check_positive("revive_after", self.revive_after, allow_none=True, integer=True)
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
+        for name in ("router_jitter", "noise_eps", "bias_update_rate", "revive_noise", "balance_loss_weight",
+                     "sq_load_loss_weight", "importance_loss_weight", "load_loss_weight", "z_loss_weight"):
+            _check_nonneg(name, getattr(self, name))
+        if not 0.0 <= self.usage_decay < 1.0:
+            raise ValueError(f"usage_decay must be in [0, 1); got {self.usage_decay!r}")
+        if self.router_jitter >= 1.0:
+            raise ValueError(f"router_jitter must be < 1; got {self.router_jitter!r}")
+        if (self.num_groups is None) != (self.topk_groups is None):
+            raise ValueError("num_groups and topk_groups must be set together (group-limited routing)")
+        if self.num_groups is not None:
+            if self.router != "sigmoid" and self.router != "topk":
+                raise ValueError(f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}")
+            _check_positive("num_groups", self.num_groups, integer=True)
+            _check_positive("topk_groups", self.topk_groups, integer=True)
+            if self.num_experts % self.num_groups:
+                raise ValueError(f"num_groups must divide num_experts ({self.num_experts}); got {self.num_groups}")
+            if self.topk_groups > self.num_groups:
+                raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}); got {self.topk_groups}")
+            if self.topk_groups * (self.num_experts // self.num_groups) < self.top_k:
+                raise ValueError("topk_groups * experts-per-group must be >= top_k so that top_k experts can be chosen")
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {self.top_k}")
+        if self.router == "random" and self.top_k < 2:
+            raise ValueError("router 'random' (GShard) drops later experts at random: it needs top_k >= 2")
+        if self.overflow == "reroute" and self.router in ("expert_choice", "hash"):
+            raise ValueError(f"overflow='reroute' needs a token-choice router with scores; got router {self.router!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        return cls(**d)

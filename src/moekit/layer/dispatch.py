@@ -1,0 +1,177 @@
+"""Dispatch and combine: move routed slots into expert order and back.
+
+``plan_dispatch`` sorts the T*K slots by expert (empty slots, id E, sort last), ``dispatch``
+gathers their token rows, the experts compute one grouped pass over ``x_RD``, and ``combine``
+puts the results back in slot order and sums them with the routing weights. Capacity limits
+(GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021) are applied beforehand by
+``apply_capacity``, which turns overflowing slots into empty ones or re-routes them.
+
+An expert-parallel dispatcher provides the same ``dispatch``/``combine`` pair over an
+all-to-all; the experts see the same ``(x_RD, counts_E)`` either way.
+
+Shape legend: T tokens, D model width, E experts, K slots per token, S = T*K slots,
+R rows handed to the experts (R = S, or E*C under a capacity C).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .losses import slot_counts
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Metadata shared by :func:`dispatch` and :func:`combine` (all on the device)."""
+
+    order_R: Tensor  # slot ids (t*K + k) in expert order; rows past sum(counts_E) are empty slots
+    counts_E: Tensor  # rows per expert, int64
+    num_tokens: int  # T
+    top_k: int  # K
+    has_empty: bool  # whether rows past sum(counts_E) can exist (then they are masked to zero)
+
+    @property
+    def token_R(self) -> Tensor:
+        return torch.div(self.order_R, self.top_k, rounding_mode="floor")
+
+    def valid_R(self) -> Tensor:
+        return torch.arange(self.order_R.numel(), device=self.order_R.device) < self.counts_E.sum()
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float, min_capacity: int = 1) -> int:
+    """C = ceil(factor * T * K / E), at least ``min_capacity`` and at most T."""
+    return min(num_tokens, max(min_capacity, math.ceil(factor * num_tokens * top_k / num_experts)))
+
+
+def _priority_S(weights_TK: Tensor, priority: str) -> Tensor:
+    """Rank of each slot in the order experts accept them: all first choices before any second
+    choice (GShard); within a choice, token order ("order") or descending top gate weight
+    ("score": batch prioritized routing, Riquelme et al. 2021)."""
+    T, K = weights_TK.shape
+    if priority == "order":
+        rank_T = torch.arange(T, device=weights_TK.device)
+    else:
+        by_score_T = weights_TK.detach().amax(-1).argsort(descending=True, stable=True)
+        rank_T = torch.empty_like(by_score_T).scatter_(0, by_score_T, torch.arange(T, device=weights_TK.device))
+    k_K = torch.arange(K, device=weights_TK.device)
+    return (k_K[None, :] * T + rank_T[:, None]).reshape(-1)
+
+
+def _positions(experts_S: Tensor, priority_S: Tensor, num_experts: int, start_E: Optional[Tensor] = None) -> Tensor:
+    """Each slot's position in its expert's queue (0-based, in priority order), plus ``start_E``."""
+    S = experts_S.numel()
+    order = (experts_S * S + priority_S).argsort()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=experts_S.device)
+    counts.scatter_add_(0, experts_S, torch.ones_like(experts_S))
+    first = counts.cumsum(0) - counts
+    pos_sorted = torch.arange(S, device=experts_S.device) - first[experts_S[order]]
+    pos_S = torch.empty_like(pos_sorted).scatter_(0, order, pos_sorted)
+    if start_E is not None:
+        pos_S = pos_S + torch.cat([start_E, start_E.new_zeros(1)])[experts_S]
+    return pos_S
+
+
+def apply_capacity(
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    capacity: int,
+    num_experts: int,
+    *,
+    probs_TE: Optional[Tensor] = None,
+    overflow: str = "drop",
+    priority: str = "order",
+) -> tuple[Tensor, Tensor]:
+    """Limit every expert to ``capacity`` slots.
+
+    Over-capacity slots become empty (expert id E, weight 0): the token's MoE output for that
+    slot is zero and the residual connection carries it. With ``overflow="reroute"`` each dropped
+    slot is offered, in rounds, to its token's next-best expert (by ``probs_TE``) that still has
+    room, with weight ``p_new * w_old / p_old`` (the router's normalisation kept).
+
+    Returns the new ``(experts_TK, weights_TK)``.
+    """
+    T, K = experts_TK.shape
+    E = num_experts
+    experts_S = experts_TK.reshape(-1)
+    prio_S = _priority_S(weights_TK, priority)
+    keep_S = (_positions(experts_S, prio_S, E) < capacity) & (experts_S < E)
+    new_experts_S = torch.where(keep_S, experts_S, E)
+    new_weights_S = weights_TK.reshape(-1) * keep_S
+    if overflow == "reroute":
+        if probs_TE is None:
+            raise ValueError("overflow='reroute' needs the router's probs_TE")
+        new_experts_S, new_weights_S = _reroute(experts_TK, weights_TK, new_experts_S, new_weights_S, probs_TE, capacity, prio_S)
+    return new_experts_S.view(T, K), new_weights_S.view(T, K)
+
+
+def _reroute(experts_TK, weights_TK, experts_S, weights_S, probs_TE, capacity, prio_S):
+    T, K = experts_TK.shape
+    E = probs_TE.shape[-1]
+    dev = experts_TK.device
+    tried_TE = torch.zeros(T, E + 1, dtype=torch.bool, device=dev)
+    tried_TE.scatter_(1, experts_TK, True)
+    tried_TE = tried_TE[:, :E] | (probs_TE.detach() <= 0)
+    p_old_S = probs_TE.gather(1, experts_TK.clamp(max=E - 1)).reshape(-1)
+    scale_S = weights_TK.reshape(-1) / p_old_S.clamp_min(torch.finfo(p_old_S.dtype).tiny)
+    dropped_S = (experts_S == E) & (experts_TK.reshape(-1) < E)
+    token_S = torch.arange(T, device=dev).repeat_interleave(K)
+    # each round handles slot k of every token at once, so one token never takes an expert twice
+    for _ in range(E):
+        if not dropped_S.any():
+            break
+        for k in range(K):
+            fill_E = slot_counts(experts_S.view(T, K), E)
+            full_E = fill_E >= capacity
+            cand_S = dropped_S.view(T, K)[:, k]
+            score_TE = probs_TE.detach().masked_fill(tried_TE | full_E, float("-inf"))
+            best_T = score_TE.argmax(-1)
+            cand_S = cand_S & torch.isfinite(score_TE.amax(-1))
+            idx_T = torch.arange(T, device=dev) * K + k
+            target_T = torch.where(cand_S, best_T, E)
+            pos_T = _positions(target_T, prio_S[idx_T], E, start_E=fill_E)
+            ok_T = cand_S & (pos_T < capacity)
+            tried_TE[torch.arange(T, device=dev), best_T] |= cand_S
+            experts_S = experts_S.clone()
+            experts_S[idx_T] = torch.where(ok_T, best_T, experts_S[idx_T])
+            new_w_T = probs_TE.gather(1, best_T[:, None]).squeeze(1) * scale_S[idx_T]
+            weights_S = weights_S.index_put((idx_T,), torch.where(ok_T, new_w_T, weights_S[idx_T]))
+            dropped_S = dropped_S.clone()
+            dropped_S[idx_T] = dropped_S[idx_T] & ~ok_T & torch.isfinite(score_TE.amax(-1))
+    return experts_S, weights_S
+
+
+def plan_dispatch(experts_TK: Tensor, num_experts: int, *, max_rows: Optional[int] = None, has_empty: bool = False) -> DispatchPlan:
+    """Sort the slots by expert. ``max_rows`` is a static bound on the non-empty slots (E*C under
+    a capacity): only that many rows are handed to the experts."""
+    T, K = experts_TK.shape
+    experts_S = experts_TK.reshape(-1)
+    order_S = experts_S.argsort(stable=True)
+    counts_E = slot_counts(experts_TK, num_experts)
+    R = T * K if max_rows is None else min(T * K, max_rows)
+    return DispatchPlan(order_S[:R], counts_E, T, K, has_empty or R < T * K)
+
+
+def dispatch(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Token rows in expert order, ``x_RD``; rows of empty slots are zero."""
+    x_RD = x_TD[plan.token_R]
+    if plan.has_empty:
+        x_RD = torch.where(plan.valid_R()[:, None], x_RD, 0)
+    return x_RD
+
+
+def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
+    """``out_TD = sum_k weights_TK[t, k] * y[slot (t, k)]``; empty slots contribute zero."""
+    T, K = plan.num_tokens, plan.top_k
+    if plan.has_empty:
+        y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
+    if plan.order_R.numel() == T * K:
+        inverse_S = torch.empty_like(plan.order_R).scatter_(0, plan.order_R, torch.arange(T * K, device=y_RD.device))
+        y_SD = y_RD[inverse_S]
+    else:
+        y_SD = y_RD.new_zeros(T * K, y_RD.shape[-1]).index_copy(0, plan.order_R, y_RD)
+    y_TKD = y_SD.view(T, K, -1)
+    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)

@@ -1,0 +1,144 @@
+"""Experts: stacked homogeneous FFNs, heterogeneous module lists, and the dense FFN they
+generalise (used for shared experts, dense baselines and sparse upcycling).
+
+Shape legend: R rows (routed slots in expert order), D model width, F expert width,
+H up-projection width (2F for gated units, else F), E experts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels import expert_ffn
+from ..kernels.reference import per_expert
+
+GATED = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
+
+
+def _swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _geglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "swiglu": _swiglu,  # Shazeer 2020, "GLU Variants Improve Transformer"
+    "geglu": _geglu,  # same paper
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
+    """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(w, -bound, bound)
+
+
+class FeedForward(nn.Module):
+    """A dense FFN ``act(x @ w_up) @ w_down``; gated kinds keep [gate | up] in ``w_up``."""
+
+    def __init__(self, dim: int, hidden_dim: int, kind: str = "swiglu"):
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
+        self.dim, self.hidden_dim, self.kind = dim, hidden_dim, kind
+        h = hidden_dim * (2 if GATED[kind] else 1)
+        self.w_up = nn.Parameter(_init_uniform_(torch.empty(dim, h), dim))
+        self.w_down = nn.Parameter(_init_uniform_(torch.empty(hidden_dim, dim), hidden_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.kind](x @ self.w_up) @ self.w_down
+
+
+class GroupedExperts(nn.Module):
+    """E homogeneous FFN experts stored as stacked (E, ...) weights, each initialised like a dense
+    FFN of the same width, computed in one grouped pass by the chosen backend."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, kind: str = "swiglu"):
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
+        self.num_experts, self.dim, self.hidden_dim, self.kind = num_experts, dim, hidden_dim, kind
+        h = hidden_dim * (2 if GATED[kind] else 1)
+        self.w_up = nn.Parameter(_init_uniform_(torch.empty(num_experts, dim, h), dim))
+        self.w_down = nn.Parameter(_init_uniform_(torch.empty(num_experts, hidden_dim, dim), hidden_dim))
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        w_up, w_down = self.w_up, self.w_down
+        if w_up.dtype != x_RD.dtype:  # e.g. under autocast the rows arrive in bf16
+            w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
+        return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+
+    def expert(self, e: int) -> FeedForward:
+        """A dense copy of expert ``e``."""
+        ffn = FeedForward(self.dim, self.hidden_dim, self.kind).to(self.w_up.device, self.w_up.dtype)
+        with torch.no_grad():
+            ffn.w_up.copy_(self.w_up[e])
+            ffn.w_down.copy_(self.w_down[e])
+        return ffn
+
+    @torch.no_grad()
+    def copy_expert_(self, dst: Tensor, src: Tensor, noise: float = 0.0) -> None:
+        """Overwrite experts ``dst`` with experts ``src`` (+ relative Gaussian noise)."""
+        for p in (self.w_up, self.w_down):
+            w = p[src].clone()
+            if noise:
+                w += noise * w.std() * torch.randn_like(w)
+            p[dst] = w
+
+    def resized(self, num_experts: int) -> "GroupedExperts":
+        """A new module with ``num_experts`` experts: the current ones first, fresh ones after."""
+        new = GroupedExperts(num_experts, self.dim, self.hidden_dim, self.kind).to(self.w_up.device, self.w_up.dtype)
+        n = min(num_experts, self.num_experts)
+        with torch.no_grad():
+            new.w_up[:n] = self.w_up[:n]
+            new.w_down[:n] = self.w_down[:n]
+        return new
+
+
+class ModuleListExperts(nn.Module):
+    """Heterogeneous experts: any modules mapping (N, D) -> (N, D) (different widths, activations,
+    a conv or an attention block), run one after another on their contiguous rows."""
+
+    def __init__(self, experts: Sequence[nn.Module], dim: int):
+        super().__init__()
+        if len(experts) == 0:
+            raise ValueError("experts must be a non-empty list of nn.Module")
+        for i, m in enumerate(experts):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"experts[{i}] must be an nn.Module; got {type(m).__name__}")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts, self.dim = len(experts), dim
+        self._probe()
+
+    @torch.no_grad()
+    def _probe(self) -> None:
+        for i, m in enumerate(self.experts):
+            p = next(iter(m.parameters()), None)
+            x = torch.zeros(2, self.dim, device=p.device if p is not None else None, dtype=p.dtype if p is not None and p.is_floating_point() else None)
+            was_training = m.training
+            m.eval()
+            try:
+                y = m(x)
+            except Exception as err:  # noqa: BLE001 - the module's own error is kept as the cause
+                raise ValueError(f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); calling it on (2, {self.dim}) failed: {err}") from err
+            finally:
+                m.train(was_training)
+            if not isinstance(y, Tensor) or tuple(y.shape) != (2, self.dim):
+                got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); got output {got} for input (2, {self.dim})")
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "loop") -> Tensor:
+        return per_expert(x_RD, counts_E, lambda e, rows: self.experts[e](rows), self.dim)
+
+
+__all__ = ["ACTIVATIONS", "GATED", "FeedForward", "GroupedExperts", "ModuleListExperts"]

@@ -1,0 +1,318 @@
+"""The MoE layer: router -> capacity -> dispatch -> experts -> combine (+ shared experts).
+
+A drop-in replacement for a Transformer feed-forward block (Shazeer et al. 2017; GShard,
+Lepikhin et al. 2020; Switch, Fedus et al. 2021). Auxiliary losses and routing statistics are
+returned with the output, never kept in globals.
+
+Shape legend: T tokens (all leading dims flattened), D model width, E routed experts,
+K slots per token, R rows handed to the experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from ..kernels import resolve_backend
+from . import losses as L
+from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
+from .experts import FeedForward, GroupedExperts, ModuleListExperts
+from .router import Routing, SigmoidRouter, build_router
+
+LOSS_WEIGHTS = {
+    "balance": "balance_loss_weight",
+    "sq_load": "sq_load_loss_weight",
+    "importance": "importance_loss_weight",
+    "load": "load_loss_weight",
+    "z": "z_loss_weight",
+    "entropy": "entropy_loss_weight",
+}
+
+
+@dataclass
+class MoEOutput:
+    """What one MoE call returns."""
+
+    out: Tensor  # (..., D)
+    aux_loss: Tensor  # scalar: weighted sum of the enabled auxiliary losses
+    losses: dict  # name -> unweighted scalar tensor
+    stats: dict  # tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,)
+
+
+_UNSET = object()
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts feed-forward layer.
+
+    Args:
+        cfg: the layer's :class:`~moekit.MoEConfig`.
+        experts: optional list of heterogeneous expert modules mapping (N, dim) -> (N, dim);
+            replaces the stacked FFN experts (``cfg.num_experts`` must equal its length).
+
+    Example::
+
+        moe = MoE(MoEConfig(dim=512, hidden_dim=1024, num_experts=16, top_k=2))
+        res = moe(torch.randn(4, 128, 512))
+        loss = task_loss(res.out) + res.aux_loss
+    """
+
+    def __init__(self, cfg: MoEConfig, experts: Optional[Sequence[nn.Module]] = None):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig; got {type(cfg).__name__}")
+        self.cfg = cfg
+        if experts is not None:
+            if len(experts) != cfg.num_experts:
+                raise ValueError(f"got {len(experts)} experts but cfg.num_experts is {cfg.num_experts}")
+            self.experts: nn.Module = ModuleListExperts(list(experts), cfg.dim)
+        else:
+            self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
+        self.router = build_router(cfg)
+        self.shared: Optional[FeedForward] = None
+        self.shared_gate: Optional[nn.Linear] = None
+        if cfg.num_shared_experts:
+            width = cfg.num_shared_experts * (cfg.shared_hidden_dim or cfg.hidden_dim)
+            self.shared = FeedForward(cfg.dim, width, cfg.expert)  # n shared experts == one FFN n times as wide
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
+        E = cfg.num_experts
+        self.register_buffer("expert_usage", torch.full((E,), 1.0 / E))  # running share of routed slots
+        self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # training steps since last token
+        self._num_disabled = 0
+
+    @property
+    def num_experts(self) -> int:
+        return self.cfg.num_experts
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *, top_k: Optional[int] = None, token_ids: Optional[Tensor] = None,
+                capacity_factor=_UNSET) -> MoEOutput:
+        """Route, compute and combine.
+
+        Args:
+            x: (..., dim) input.
+            top_k: experts per token for this call (e.g. fewer at inference); default ``cfg.top_k``.
+            token_ids: (...) integer ids, required by the hash router.
+            capacity_factor: override the configured (train or eval) capacity factor for this call.
+
+        Returns:
+            :class:`MoEOutput` with ``out`` shaped like ``x``.
+        """
+        cfg = self.cfg
+        x_TD, lead = self._check_input(x)
+        k = self._check_top_k(top_k)
+        if token_ids is not None:
+            if not isinstance(token_ids, Tensor):
+                raise TypeError(f"token_ids must be a tensor; got {type(token_ids).__name__}")
+            if tuple(token_ids.shape) != tuple(lead):
+                raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
+            token_ids = token_ids.reshape(-1)
+        if self.training and cfg.revive_after is not None:
+            self.revive_dead_experts(cfg.revive_after)
+
+        routing = self.router(x_TD, k, token_ids)
+        T, E = x_TD.shape[0], cfg.num_experts
+        experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
+        K = experts_TK.shape[1]
+
+        factor = self._capacity_factor(capacity_factor)
+        max_rows = None
+        if routing.capacity is not None:  # expert choice enforces its own capacity
+            max_rows = E * routing.capacity
+        elif factor is not None:
+            C = expert_capacity(T, K, E, factor, cfg.min_capacity)
+            experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=routing.probs_TE,
+                                                    overflow=cfg.overflow, priority=cfg.capacity_priority)
+            max_rows = E * C
+        plan = plan_dispatch(experts_TK, E, max_rows=max_rows, has_empty=routing.has_empty or factor is not None)
+
+        backend = resolve_backend(cfg.backend, x.device) if isinstance(self.experts, GroupedExperts) else "loop"
+        x_RD = dispatch(x_TD, plan)
+        y_RD = self.experts(x_RD, plan.counts_E, backend)
+        out_TD = combine(y_RD, plan, weights_TK)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            out_TD = out_TD + shared_TD
+
+        losses = self._losses(routing)
+        aux = x_TD.new_zeros((), dtype=torch.float32)
+        for name, value in losses.items():
+            w = getattr(cfg, LOSS_WEIGHTS[name])
+            if w:
+                aux = aux + w * value
+        stats = self._stats(routing, plan.counts_E)
+        return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats)
+
+    def _check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor; got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"x must have last dimension dim={self.cfg.dim}; got shape {tuple(x.shape)}")
+        if self.cfg.check_finite and not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf (check_finite=True)")
+        return x.reshape(-1, self.cfg.dim), x.shape[:-1]
+
+    def _check_top_k(self, top_k: Optional[int]) -> int:
+        if top_k is None:
+            top_k = self.cfg.top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        if self.cfg.router == "expert_choice":
+            return top_k
+        enabled = self.cfg.num_experts - self._num_disabled
+        if top_k > enabled:
+            raise ValueError(f"top_k must be <= the number of enabled experts ({enabled}); got {top_k}")
+        if self.cfg.router == "switch" and top_k != 1:
+            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {top_k}")
+        return top_k
+
+    def _capacity_factor(self, override) -> Optional[float]:
+        if override is not _UNSET:
+            if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float)) or override <= 0):
+                raise ValueError(f"capacity_factor must be a positive number or None; got {override!r}")
+            return override
+        if not self.training and self.cfg.eval_capacity_factor is not None:
+            return self.cfg.eval_capacity_factor
+        return self.cfg.capacity_factor if self.cfg.router != "expert_choice" else None
+
+    def _losses(self, r: Routing) -> dict:
+        E = self.cfg.num_experts
+        out = {
+            "balance": L.load_balancing_loss(r.probs_TE, r.experts_TK),
+            "sq_load": L.sq_load_loss(r.probs_TE),
+            "importance": L.importance_loss(r.experts_TK, r.weights_TK, E),
+            "entropy": L.routing_entropy(r.probs_TE),
+        }
+        if self.router.learned:
+            out["z"] = L.z_loss(r.logits_TE)
+        out.update(r.losses)
+        return out
+
+    def _stats(self, r: Routing, counts_E: Tensor) -> dict:
+        routed = (r.experts_TK < self.cfg.num_experts).sum()
+        kept = counts_E.sum()
+        with torch.no_grad():
+            if self.training:
+                cfg = self.cfg
+                share = counts_E.float() / kept.clamp_min(1).float()
+                self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
+                self.steps_unused.add_(1).masked_fill_(counts_E > 0, 0)
+                if isinstance(self.router, SigmoidRouter) and cfg.bias_update_rate > 0:
+                    self.router.update_bias(L.slot_counts(r.experts_TK, cfg.num_experts))
+            return {
+                "tokens_per_expert": counts_E.detach(),
+                "dropped_fraction": 1.0 - kept.float() / routed.clamp_min(1).float(),
+                "router_entropy": L.routing_entropy(r.probs_TE.detach()),
+                "expert_usage": self.expert_usage.clone(),
+            }
+
+    # ------------------------------------------------------------------ expert surgery
+    def _require_grouped(self, what: str) -> GroupedExperts:
+        if not isinstance(self.experts, GroupedExperts):
+            raise TypeError(f"{what} needs the stacked FFN experts, not a heterogeneous expert list")
+        return self.experts
+
+    def _expert_ids(self, ids: Union[int, Sequence[int], Tensor], name: str = "experts") -> list[int]:
+        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.cfg.num_experts]
+        if bad:
+            raise ValueError(f"{name} must be expert indices in [0, {self.cfg.num_experts}); got {bad}")
+        return ids
+
+    def disable_experts(self, experts: Union[int, Sequence[int]]) -> None:
+        """Mask experts out of routing (inference fault tolerance): the router's choice and
+        weights renormalise over the remaining experts."""
+        ids = self._expert_ids(experts)
+        mask = self.router.disabled_E.clone()
+        mask[ids] = True
+        if int(mask.sum()) >= self.cfg.num_experts:
+            raise ValueError("cannot disable every expert")
+        self.router.disabled_E.copy_(mask)
+        self._num_disabled = int(mask.sum())
+
+    def enable_experts(self, experts: Optional[Union[int, Sequence[int]]] = None) -> None:
+        """Undo :meth:`disable_experts` (all experts when ``experts`` is None)."""
+        ids = list(range(self.cfg.num_experts)) if experts is None else self._expert_ids(experts)
+        self.router.disabled_E[ids] = False
+        self._num_disabled = int(self.router.disabled_E.sum())
+
+    @torch.no_grad()
+    def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
+        """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
+        a copy of the most used live expert plus noise, and reset its router row."""
+        dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
+        if not bool(dead.any()):
+            return []
+        experts = self._require_grouped("revive_dead_experts")
+        dead_ids = dead.nonzero().flatten()
+        src = int(self.expert_usage.masked_fill(dead, -1).argmax())
+        experts.copy_expert_(dead_ids, torch.full_like(dead_ids, src), self.cfg.revive_noise if noise is None else noise)
+        self.router.reset_rows(dead_ids)
+        self.steps_unused[dead_ids] = 0
+        self.expert_usage[dead_ids] = 1.0 / self.cfg.num_experts
+        return dead_ids.tolist()
+
+    @torch.no_grad()
+    def add_experts(self, n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> "MoE":
+        """Grow the layer by ``n`` experts: fresh ones, or copies of ``copy_from`` (one index, or
+        one per new expert) with their router rows copied. Parameters are replaced, so build
+        the optimizer afterwards."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"n must be a positive integer; got {n!r}")
+        experts = self._require_grouped("add_experts")
+        old_E, new_E = self.cfg.num_experts, self.cfg.num_experts + n
+        src = None
+        if copy_from is not None:
+            src = self._expert_ids(copy_from, "copy_from")
+            src = src * n if len(src) == 1 else src
+            if len(src) != n:
+                raise ValueError(f"copy_from must name one expert or one per new expert ({n}); got {len(src)}")
+        new_ids = torch.arange(old_E, new_E)
+        self.experts = experts.resized(new_E)
+        if src is not None:
+            self.experts.copy_expert_(new_ids, torch.tensor(src), noise)
+        old_router = self.router
+        self.cfg = dataclasses.replace(self.cfg, num_experts=new_E)
+        self.router = build_router(self.cfg).to(self.expert_usage.device)
+        sd = old_router.state_dict()
+        for name, t in self.router.state_dict().items():
+            if name in sd:
+                t[:old_E] = sd[name]
+        self.router.disabled_E[:old_E] = old_router.disabled_E
+        if src is not None:
+            self.router.reset_rows(new_ids, torch.tensor(src))
+        self.router.train(old_router.training)
+        self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_full((n,), 1.0 / new_E)])
+        self.steps_unused = torch.cat([self.steps_unused, self.steps_unused.new_zeros(n)])
+        return self
+
+    @classmethod
+    def from_dense(cls, ffn: FeedForward, cfg: MoEConfig, noise: float = 0.0) -> "MoE":
+        """Sparse upcycling (Komatsuzaki et al. 2022): every expert starts as a copy of a trained
+        dense FFN; the router is freshly initialised. ``cfg`` must match the FFN's width and kind."""
+        if not isinstance(ffn, FeedForward):
+            raise TypeError(f"ffn must be a moekit FeedForward; got {type(ffn).__name__}")
+        if (ffn.dim, ffn.hidden_dim, ffn.kind) != (cfg.dim, cfg.hidden_dim, cfg.expert):
+            raise ValueError(
+                f"cfg (dim={cfg.dim}, hidden_dim={cfg.hidden_dim}, expert={cfg.expert!r}) must match the dense FFN "
+                f"(dim={ffn.dim}, hidden_dim={ffn.hidden_dim}, kind={ffn.kind!r})")
+        moe = cls(cfg).to(ffn.w_up.device, ffn.w_up.dtype)
+        with torch.no_grad():
+            for mine, theirs in ((moe.experts.w_up, ffn.w_up), (moe.experts.w_down, ffn.w_down)):
+                mine.copy_(theirs.expand_as(mine))
+                if noise:
+                    mine.add_(noise * theirs.std() * torch.randn_like(mine))
+        return moe
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router!r}, backend={c.backend!r}"

@@ -1,0 +1,316 @@
+"""Routers: who goes where, and with what weight.
+
+Every router maps tokens ``x_TD`` to a :class:`Routing`: for each token K slots, each slot an
+expert id and a combine weight. A slot that carries no token (dropped by GShard's random
+routing, not chosen by any expert under expert choice, over capacity) holds the sentinel
+expert id ``E`` and weight 0, so every later stage works on fixed shapes.
+
+Shape legend: T tokens, D model width, E routed experts, K slots per token, G expert groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from .losses import cv_squared
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The router's decision for T tokens."""
+
+    experts_TK: Tensor  # int64 expert id per slot; E marks an empty slot
+    weights_TK: Tensor  # combine weight per slot (0 for an empty slot); differentiable
+    logits_TE: Tensor  # router logits (z-loss); -inf for disabled experts
+    probs_TE: Tensor  # routing distribution per token (rows sum to 1), used by balance losses
+    losses: dict = field(default_factory=dict)  # router-specific unweighted losses
+    has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
+    capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
+
+
+def _dtype(name: str, x: Tensor) -> torch.dtype:
+    return x.dtype if name == "same" else getattr(torch, name)
+
+
+def _topk_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    vals_TK, idx_TK = probs_TE.topk(k, dim=-1)
+    if renormalize:
+        vals_TK = vals_TK / vals_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(vals_TK.dtype).tiny)
+    return vals_TK, idx_TK
+
+
+def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
+    """Boolean (T, E) mask of the experts in each token's ``topk_groups`` best groups.
+
+    Group-limited routing (DeepSeek-V2, 2024; DeepSeek-V3, 2024): a group's score is its best
+    expert's score ("max") or the sum of its two best ("top2", V3).
+    """
+    T, E = scores_TE.shape
+    scores_TGe = scores_TE.view(T, num_groups, E // num_groups)
+    if per_group == "top2" and E // num_groups >= 2:
+        group_TG = scores_TGe.topk(2, dim=-1).values.sum(-1)
+    else:
+        group_TG = scores_TGe.amax(-1)
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_TG.topk(topk_groups, dim=-1).indices, True)
+    return keep_TG.unsqueeze(-1).expand_as(scores_TGe).reshape(T, E)
+
+
+class Router(nn.Module):
+    """Base class: a linear scorer ``logits_TE = x_TD @ W_ED^T`` plus expert masking.
+
+    Subclasses implement :meth:`route`. ``disabled_E`` masks experts at inference (the remaining
+    experts' weights renormalise over the rest).
+    """
+
+    learned = True
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        if self.learned:
+            self.linear = nn.Linear(cfg.dim, cfg.num_experts, bias=cfg.router_bias)
+        self.register_buffer("disabled_E", torch.zeros(cfg.num_experts, dtype=torch.bool), persistent=False)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        dt = _dtype(self.cfg.router_dtype, x_TD)
+        if self.training and self.cfg.router_jitter > 0:
+            eps = self.cfg.router_jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        w = self.linear.weight.to(dt)
+        b = None if self.linear.bias is None else self.linear.bias.to(dt)
+        logits_TE = F.linear(x_TD.to(dt), w, b)
+        return self._mask(logits_TE)
+
+    def _mask(self, logits_TE: Tensor) -> Tensor:
+        if self.disabled_E.any():  # a host sync, only taken by the rare masked-expert path
+            logits_TE = logits_TE.masked_fill(self.disabled_E, float("-inf"))
+        return logits_TE
+
+    def num_enabled(self) -> int:
+        return int(self.num_experts - self.disabled_E.sum().item())
+
+    def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None) -> Routing:
+        return self.route(x_TD, top_k, token_ids_T)
+
+    def route(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor]) -> Routing:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
+        """Re-initialise (or copy from rows ``src``) the router rows of experts ``idx``."""
+        if not self.learned:
+            return
+        if src is None:
+            bound = 1.0 / math.sqrt(self.linear.in_features)
+            self.linear.weight[idx] = torch.empty_like(self.linear.weight[idx]).uniform_(-bound, bound)
+        else:
+            self.linear.weight[idx] = self.linear.weight[src]
+        if self.linear.bias is not None:
+            self.linear.bias[idx] = 0.0 if src is None else self.linear.bias[src]
+
+
+class TopKRouter(Router):
+    """Token-choice top-k routing.
+
+    ``renormalize=False``: softmax over all experts, then the top-k probabilities are the weights
+    (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021). ``renormalize=True``: the top-k
+    probabilities renormalised to sum to 1, i.e. top-k then softmax (Mixtral, Jiang et al. 2024).
+    With k = 1 and no renormalisation this is Switch routing.
+    """
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        sel_TE = probs_TE
+        if self.cfg.num_groups is not None:
+            sel_TE = probs_TE.masked_fill(~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0)
+        vals_TK, experts_TK = sel_TE.topk(top_k, dim=-1)
+        weights_TK = probs_TE.gather(1, experts_TK)
+        if self.cfg.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+class SwitchRouter(TopKRouter):
+    """Switch routing (Fedus et al. 2021): top-1, weight = the expert's softmax probability."""
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        weights_TK, experts_TK = probs_TE.topk(top_k, dim=-1)  # never renormalised: keeps the router's gradient
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks").
+
+    ``H = x W_g + N(0, 1) * softplus(x W_noise)`` in training (no noise in eval); the weights are
+    softmax over the top-k of H. Adds the paper's smooth load estimator to ``losses["load"]``:
+    P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i), load_i = sum_x P(x, i), loss CV(load)^2.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.noise = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
+        nn.init.zeros_(self.noise.weight)  # the paper starts with no learned noise
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        clean_TE = self.logits(x_TD)
+        dt = clean_TE.dtype
+        std_TE = F.softplus(F.linear(x_TD.to(dt), self.noise.weight.to(dt))) + self.cfg.noise_eps
+        noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE if self.training else clean_TE
+        kp1 = min(top_k + 1, self.num_experts)
+        top_TK1, experts_TK1 = noisy_TE.topk(kp1, dim=-1)
+        experts_TK = experts_TK1[:, :top_k]
+        weights_TK = top_TK1[:, :top_k].softmax(-1)
+        probs_TE = noisy_TE.softmax(-1)
+        losses = {}
+        if kp1 > top_k:  # with k = E every expert is chosen: the load is not random
+            in_topk_TE = noisy_TE >= top_TK1[:, top_k - 1 : top_k]
+            thresh_TE = torch.where(in_topk_TE, top_TK1[:, top_k : top_k + 1], top_TK1[:, top_k - 1 : top_k])
+            normal = torch.distributions.Normal(torch.zeros((), dtype=dt, device=x_TD.device), torch.ones((), dtype=dt, device=x_TD.device))
+            prob_TE = normal.cdf((clean_TE - thresh_TE) / std_TE)
+            prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
+            losses["load"] = cv_squared(prob_TE.sum(0))
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses)
+
+
+class RandomSecondRouter(Router):
+    """GShard top-2 gating with random dispatch of the later experts (Lepikhin et al. 2020).
+
+    The first expert always gets the token; each later expert k keeps it, in training, with
+    probability min(1, K * w_k) where w are the top-k weights normalised to sum to 1 (for K = 2
+    that is GShard's 2 * g2). An empty slot contributes nothing (weights are not renormalised).
+    """
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        weights_TK, experts_TK = _topk_weights(probs_TE, top_k, renormalize=True)
+        if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
+            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        keep_TK = torch.rand_like(weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
+        keep_TK[:, 0] = True
+        experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
+        weights_TK = weights_TK * keep_TK
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
+
+    C = ceil(T * c / E) with c = ``capacity_factor`` (default: ``top_k``, the average number of
+    experts per token). Scores are the softmax over experts; a token may get 0..E experts. The
+    result uses K = E slots per token, slot e meaning expert e, empty where e did not pick it.
+    Not causal: a token's routing depends on the other tokens in the batch.
+    """
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        T, E = x_TD.shape[0], self.num_experts
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        factor = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else top_k
+        if not self.training and self.cfg.eval_capacity_factor is not None:
+            factor = self.cfg.eval_capacity_factor
+        C = min(T, max(1, math.ceil(T * factor / E)))
+        chosen_EC = probs_TE.t().topk(C, dim=-1).indices  # (E, C) token ids
+        picked_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
+        picked_TE.scatter_(0, chosen_EC.t(), True)
+        picked_TE &= ~self.disabled_E
+        arange_E = torch.arange(E, device=x_TD.device).expand(T, E)
+        experts_TK = torch.where(picked_TE, arange_E, E)
+        weights_TK = probs_TE * picked_TE
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True, capacity=C)
+
+
+def _mix64(h: Tensor) -> Tensor:
+    """A 64-bit integer mixer (after splitmix64's finaliser). int64 products wrap like uint64;
+    the masks turn torch's arithmetic right shift into a logical one."""
+    h = (h ^ ((h >> 33) & 0x7FFFFFFF)) * 0x62A9D9ED799705F5
+    h = (h ^ ((h >> 28) & 0xFFFFFFFFF)) * 0x4BE98134A5976FD3
+    return h ^ ((h >> 32) & 0xFFFFFFFF)
+
+
+class HashRouter(Router):
+    """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models").
+
+    A fixed hash of the token id picks the expert; nothing is learned. With K > 1 the token goes
+    to K consecutive experts after its hash, each with weight 1/K. Needs ``token_ids``.
+    """
+
+    learned = False
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        if token_ids_T is None:
+            raise ValueError("router 'hash' needs token_ids: call moe(x, token_ids=ids) with ids shaped like x.shape[:-1]")
+        T, E = x_TD.shape[0], self.num_experts
+        if token_ids_T.shape != (T,):
+            raise ValueError(f"token_ids must have shape x.shape[:-1] ({T} tokens in all); got {tuple(token_ids_T.shape)} tokens")
+        if token_ids_T.dtype.is_floating_point or token_ids_T.dtype == torch.bool:
+            raise TypeError(f"token_ids must be an integer tensor; got {token_ids_T.dtype}")
+        h_T = _mix64(token_ids_T.to(torch.int64) + self.cfg.hash_seed * 0x632BE5AB)
+        first_T = torch.remainder(h_T, E)
+        experts_TK = torch.remainder(first_T[:, None] + torch.arange(top_k, device=x_TD.device), E)
+        weights_TK = torch.full((T, top_k), 1.0 / top_k, device=x_TD.device, dtype=torch.float32)
+        probs_TE = torch.zeros(T, E, device=x_TD.device).scatter_(1, experts_TK, 1.0 / top_k)
+        logits_TE = torch.zeros(T, E, device=x_TD.device)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+
+class SigmoidRouter(Router):
+    """Sigmoid scores with auxiliary-loss-free balancing (DeepSeek-V3, 2024).
+
+    ``s = sigmoid(logits)``; experts are *selected* on ``s + b`` (optionally only inside each
+    token's best groups); the weights are the selected ``s`` (renormalised, times the routed
+    scaling factor), so the bias ``b`` never enters the gradient. After each training step
+    :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.register_buffer("bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def route(self, x_TD, top_k, token_ids_T=None):
+        logits_TE = self.logits(x_TD)
+        scores_TE = logits_TE.sigmoid()
+        sel_TE = scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
+        if self.cfg.num_groups is not None:
+            sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
+        sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
+        experts_TK = sel_TE.topk(top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.cfg.renormalize:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: Tensor) -> None:
+        """One aux-loss-free balancing step from the observed load (tokens per expert)."""
+        load = counts_E.float()
+        enabled = ~self.disabled_E
+        mean = load[enabled].mean() if enabled.any() else load.mean()
+        self.bias_E += self.cfg.bias_update_rate * torch.sign(mean - load) * enabled
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "switch": SwitchRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "random": RandomSecondRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "hash": HashRouter,
+    "sigmoid": SigmoidRouter,
+}
+
+
+def build_router(cfg: MoEConfig) -> Router:
+    return ROUTERS[cfg.router](cfg)
