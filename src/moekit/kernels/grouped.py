@@ -1,6 +1,11 @@
 """One grouped computation for all experts: ``torch.nn.functional.grouped_mm`` over the sorted
 rows with per-expert offsets (no host sync), or contiguous per-expert slices where grouped_mm
-does not support the device or dtype."""
+does not support the device or dtype.
+
+torch's compiler only knows grouped_mm in bf16, while the CPU kernel also runs fp32 and fp16;
+for those dtypes the call goes through a small custom op (``moekit::grouped_mm``) with its own
+shape function and backward, so ``torch.compile(fullgraph=True)`` captures it in every dtype.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -27,10 +32,48 @@ def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
     return all(w.shape[-1] * elem % 16 == 0 and w.shape[-2] * elem % 16 == 0 for w in weights)
 
 
+if _HAS_GROUPED_MM:
+
+    @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+    def _grouped_mm_op(a_RD: Tensor, b_EDN: Tensor, offs_E: Tensor) -> Tensor:
+        """(R, D) x (E, D, N) -> (R, N), rows grouped by ``offs_E``."""
+        return F.grouped_mm(a_RD, b_EDN, offs=offs_E)
+
+    @_grouped_mm_op.register_fake
+    def _(a_RD, b_EDN, offs_E):
+        return a_RD.new_empty(a_RD.shape[0], b_EDN.shape[-1])
+
+    @torch.library.custom_op("moekit::grouped_mm_wgrad", mutates_args=())
+    def _grouped_mm_wgrad_op(a_RD: Tensor, g_RN: Tensor, offs_E: Tensor) -> Tensor:
+        """Per-group a^T @ g: (R, D), (R, N) -> (E, D, N)."""
+        return F.grouped_mm(a_RD.t(), g_RN, offs=offs_E)
+
+    @_grouped_mm_wgrad_op.register_fake
+    def _(a_RD, g_RN, offs_E):
+        return a_RD.new_empty(offs_E.shape[0], a_RD.shape[1], g_RN.shape[1])
+
+    def _setup(ctx, inputs, output):
+        a_RD, b_EDN, offs_E = inputs
+        ctx.save_for_backward(a_RD, b_EDN, offs_E)
+
+    def _backward(ctx, g_RN):
+        a_RD, b_EDN, offs_E = ctx.saved_tensors
+        ga = _grouped_mm_op(g_RN, b_EDN.transpose(-2, -1), offs_E) if ctx.needs_input_grad[0] else None
+        gb = _grouped_mm_wgrad_op(a_RD, g_RN, offs_E) if ctx.needs_input_grad[1] else None
+        return ga, gb, None
+
+    _grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _gmm(a_RD: Tensor, b_EDN: Tensor, offs_E: Tensor) -> Tensor:
+    if a_RD.dtype == torch.bfloat16:
+        return F.grouped_mm(a_RD, b_EDN, offs=offs_E)
+    return _grouped_mm_op(a_RD, b_EDN, offs_E)
+
+
 def grouped_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
     """Both projections as grouped GEMMs; rows past ``sum(counts_E)`` hold unspecified values."""
     if not grouped_mm_supported(x_RD, w_up_EDH, w_down_EFD):
         return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    h_RH = F.grouped_mm(x_RD, w_up_EDH, offs=offs_E)
-    return F.grouped_mm(act(h_RH), w_down_EFD, offs=offs_E)
+    return _gmm(act(_gmm(x_RD, w_up_EDH, offs_E)), w_down_EFD, offs_E)

@@ -9,9 +9,13 @@ import torch
 from torch import Tensor
 
 
+def _fp32_or_wider(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation var/mean^2 (population variance), 0 for a constant vector."""
-    v_E = v_E.float()
+    v_E = _fp32_or_wider(v_E)
     if v_E.numel() <= 1:
         return v_E.new_zeros(())
     return v_E.var(unbiased=False) / (v_E.mean() ** 2 + eps)
@@ -52,10 +56,10 @@ def importance_loss(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) ->
 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)."""
-    return (torch.logsumexp(logits_TE.float(), dim=-1) ** 2).mean()
+    return (torch.logsumexp(_fp32_or_wider(logits_TE), dim=-1) ** 2).mean()
 
 
 def routing_entropy(probs_TE: Tensor) -> Tensor:
     """Mean over tokens of the entropy (nats) of the routing distribution."""
-    p = probs_TE.float()
+    p = _fp32_or_wider(probs_TE)
     return -torch.special.xlogy(p, p).sum(-1).mean()

@@ -83,7 +83,6 @@ class MoE(nn.Module):
         E = cfg.num_experts
         self.register_buffer("expert_usage", torch.full((E,), 1.0 / E))  # running share of routed slots
         self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # training steps since last token
-        self._num_disabled = 0
 
     @property
     def num_experts(self) -> int:
@@ -168,7 +167,7 @@ class MoE(nn.Module):
             raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
         if self.cfg.router == "expert_choice":
             return top_k
-        enabled = self.cfg.num_experts - self._num_disabled
+        enabled = self.cfg.num_experts - self.router.num_disabled
         if top_k > enabled:
             raise ValueError(f"top_k must be <= the number of enabled experts ({enabled}); got {top_k}")
         if self.cfg.router == "switch" and top_k != 1:
@@ -206,14 +205,18 @@ class MoE(nn.Module):
                 share = counts_E.float() / kept.clamp_min(1).float()
                 self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
                 self.steps_unused.add_(1).masked_fill_(counts_E > 0, 0)
-                if isinstance(self.router, SigmoidRouter) and cfg.bias_update_rate > 0:
-                    self.router.update_bias(L.slot_counts(r.experts_TK, cfg.num_experts))
             return {
                 "tokens_per_expert": counts_E.detach(),
                 "dropped_fraction": 1.0 - kept.float() / routed.clamp_min(1).float(),
                 "router_entropy": L.routing_entropy(r.probs_TE.detach()),
                 "expert_usage": self.expert_usage.clone(),
             }
+
+    def update_router_bias(self) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
+        load seen since the last call. A no-op for other routers. Call once per optimizer step."""
+        if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
+            self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery
     def _require_grouped(self, what: str) -> GroupedExperts:
@@ -236,14 +239,14 @@ class MoE(nn.Module):
         mask[ids] = True
         if int(mask.sum()) >= self.cfg.num_experts:
             raise ValueError("cannot disable every expert")
-        self.router.disabled_E.copy_(mask)
-        self._num_disabled = int(mask.sum())
+        self.router.set_disabled(mask)
 
     def enable_experts(self, experts: Optional[Union[int, Sequence[int]]] = None) -> None:
         """Undo :meth:`disable_experts` (all experts when ``experts`` is None)."""
         ids = list(range(self.cfg.num_experts)) if experts is None else self._expert_ids(experts)
-        self.router.disabled_E[ids] = False
-        self._num_disabled = int(self.router.disabled_E.sum())
+        mask = self.router.disabled_E.clone()
+        mask[ids] = False
+        self.router.set_disabled(mask)
 
     @torch.no_grad()
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
@@ -287,7 +290,7 @@ class MoE(nn.Module):
         for name, t in self.router.state_dict().items():
             if name in sd:
                 t[:old_E] = sd[name]
-        self.router.disabled_E[:old_E] = old_router.disabled_E
+        self.router.set_disabled(torch.cat([old_router.disabled_E, old_router.disabled_E.new_zeros(n)]))
         if src is not None:
             self.router.reset_rows(new_ids, torch.tensor(src))
         self.router.train(old_router.training)
@@ -316,3 +319,10 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router!r}, backend={c.backend!r}"
+
+
+def update_router_biases(model: nn.Module) -> None:
+    """Call :meth:`MoE.update_router_bias` on every MoE layer of ``model`` (once per optimizer step)."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_router_bias()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .losses import cv_squared
+from .losses import cv_squared, slot_counts
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Router(nn.Module):
         if self.learned:
             self.linear = nn.Linear(cfg.dim, cfg.num_experts, bias=cfg.router_bias)
         self.register_buffer("disabled_E", torch.zeros(cfg.num_experts, dtype=torch.bool), persistent=False)
+        self.num_disabled = 0  # a Python int, so the common no-mask path has no data-dependent branch
 
     def logits(self, x_TD: Tensor) -> Tensor:
         dt = _dtype(self.cfg.router_dtype, x_TD)
@@ -90,12 +91,14 @@ class Router(nn.Module):
         return self._mask(logits_TE)
 
     def _mask(self, logits_TE: Tensor) -> Tensor:
-        if self.disabled_E.any():  # a host sync, only taken by the rare masked-expert path
+        if self.num_disabled:
             logits_TE = logits_TE.masked_fill(self.disabled_E, float("-inf"))
         return logits_TE
 
-    def num_enabled(self) -> int:
-        return int(self.num_experts - self.disabled_E.sum().item())
+    def set_disabled(self, mask_E: Tensor) -> None:
+        """Mask experts out of routing (True = disabled)."""
+        self.disabled_E.copy_(mask_E)
+        self.num_disabled = int(mask_E.sum())
 
     def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None) -> Routing:
         return self.route(x_TD, top_k, token_ids_T)
@@ -277,6 +280,7 @@ class SigmoidRouter(Router):
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
         self.register_buffer("bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
 
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
@@ -290,15 +294,27 @@ class SigmoidRouter(Router):
         if self.cfg.renormalize:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.training:
+            with torch.no_grad():
+                self.load_E += slot_counts(experts_TK, self.num_experts).float()
         return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
 
     @torch.no_grad()
-    def update_bias(self, counts_E: Tensor) -> None:
-        """One aux-loss-free balancing step from the observed load (tokens per expert)."""
-        load = counts_E.float()
+    def update_bias(self, load_E: Optional[Tensor] = None) -> None:
+        """One aux-loss-free balancing step: ``b_i += rate * sign(mean_load - load_i)``.
+
+        ``load_E`` defaults to the tokens per expert accumulated by training forwards since the
+        last update (then reset), so gradient accumulation counts every micro-batch once. Call it
+        once per optimizer step (moekit's trainer does; see :func:`moekit.layer.update_router_biases`).
+        Under expert/data parallelism, all-reduce ``load_E`` first so every rank moves the same way.
+        """
+        if load_E is None:
+            load_E = self.load_E.clone()
+            self.load_E.zero_()
+        load_E = load_E.float()
         enabled = ~self.disabled_E
-        mean = load[enabled].mean() if enabled.any() else load.mean()
-        self.bias_E += self.cfg.bias_update_rate * torch.sign(mean - load) * enabled
+        mean = load_E[enabled].mean() if enabled.any() else load_E.mean()
+        self.bias_E += self.cfg.bias_update_rate * torch.sign(mean - load_E) * enabled
 
 
 ROUTERS: dict[str, type[Router]] = {
