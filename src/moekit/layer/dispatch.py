@@ -30,6 +30,7 @@ class DispatchPlan:
 
     order_R: Tensor  # slot ids (t*K + k) in expert order; rows past sum(counts_E) are empty slots
     counts_E: Tensor  # rows per expert, int64
+    inverse_S: Optional[Tensor]  # row of each slot when R == S (the inverse permutation), else None
     num_tokens: int  # T
     top_k: int  # K
     has_empty: bool  # whether rows past sum(counts_E) can exist (then they are masked to zero)
@@ -148,16 +149,59 @@ def plan_dispatch(experts_TK: Tensor, num_experts: int, *, max_rows: Optional[in
     """Sort the slots by expert. ``max_rows`` is a static bound on the non-empty slots (E*C under
     a capacity): only that many rows are handed to the experts."""
     T, K = experts_TK.shape
+    S = T * K
     experts_S = experts_TK.reshape(-1)
     order_S = experts_S.argsort(stable=True)
     counts_E = slot_counts(experts_TK, num_experts)
-    R = T * K if max_rows is None else min(T * K, max_rows)
-    return DispatchPlan(order_S[:R], counts_E, T, K, has_empty or R < T * K)
+    R = S if max_rows is None else min(S, max_rows)
+    inverse_S = None
+    if R == S:
+        inverse_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(S, device=order_S.device))
+    return DispatchPlan(order_S[:R], counts_E, inverse_S, T, K, has_empty or R < S)
+
+
+def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S: int) -> Tensor:
+    """Rows back in slot order (S, D); slots that got no row are zero."""
+    if inverse_S is not None:
+        return y_RD[inverse_S]
+    return y_RD.new_zeros(S, y_RD.shape[-1]).index_copy(0, order_R, y_RD)
+
+
+class _GatherSlots(torch.autograd.Function):
+    """``x_RD = x_TD[order_R // K]``. Backward puts the row gradients back in slot order (a
+    permutation, no atomics) and sums each token's K slots: deterministic and faster than the
+    scatter-add that plain indexing would use."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order_R, inverse_S, K):
+        ctx.save_for_backward(order_R, inverse_S)
+        ctx.K, ctx.T = K, x_TD.shape[0]
+        return x_TD[torch.div(order_R, K, rounding_mode="floor")]
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        order_R, inverse_S = ctx.saved_tensors
+        g_SD = _to_slot_order(g_RD, order_R, inverse_S, ctx.T * ctx.K)
+        return g_SD.view(ctx.T, ctx.K, -1).sum(1), None, None, None
+
+
+class _ScatterSlots(torch.autograd.Function):
+    """``y_SD`` = rows back in slot order; backward is the forward gather ``g_SD[order_R]``."""
+
+    @staticmethod
+    def forward(ctx, y_RD, order_R, inverse_S, S):
+        ctx.save_for_backward(order_R)
+        return _to_slot_order(y_RD, order_R, inverse_S, S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        (order_R,) = ctx.saved_tensors
+        return g_SD[order_R], None, None, None
 
 
 def dispatch(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
     """Token rows in expert order, ``x_RD``; rows of empty slots are zero."""
-    x_RD = x_TD[plan.token_R]
+    x_RD = _GatherSlots.apply(x_TD, plan.order_R, plan.inverse_S, plan.top_k)
     if plan.has_empty:
         x_RD = torch.where(plan.valid_R()[:, None], x_RD, 0)
     return x_RD
@@ -168,10 +212,5 @@ def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
     T, K = plan.num_tokens, plan.top_k
     if plan.has_empty:
         y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
-    if plan.order_R.numel() == T * K:
-        inverse_S = torch.empty_like(plan.order_R).scatter_(0, plan.order_R, torch.arange(T * K, device=y_RD.device))
-        y_SD = y_RD[inverse_S]
-    else:
-        y_SD = y_RD.new_zeros(T * K, y_RD.shape[-1]).index_copy(0, plan.order_R, y_RD)
-    y_TKD = y_SD.view(T, K, -1)
+    y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, -1)
     return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
