@@ -3,7 +3,8 @@ bad value fails where it is written, naming the field and what was expected."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 EXPERT_KINDS = ("swiglu", "geglu", "gelu", "relu")
@@ -22,8 +23,8 @@ def _check_positive(name: str, value: Any, *, allow_none: bool = False, integer:
     if value is None and allow_none:
         return
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        what = "a positive integer" if integer else "a positive number"
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or not math.isfinite(value):
+        what = "a positive integer" if integer else "a finite positive number"
         raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}; got {value!r}")
 
 
@@ -72,7 +73,7 @@ class MoEConfig:
     entropy_loss_weight: float = 0.0  # mean routing entropy (negative weight rewards spread, positive rewards confidence)
     # dead experts
     usage_decay: float = 0.99  # running average of each expert's share of routed slots (stats["expert_usage"])
-    revive_after: Optional[int] = None  # re-initialise an expert that got no token for this many training steps (None = never)
+    revive_after: Optional[int] = None  # re-initialise an expert that got no token for this many optimizer steps (None = never; see MoE.after_optimizer_step)
     revive_noise: float = 1e-2  # relative noise added to the live expert copied into a revived one
     check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
 
@@ -134,4 +135,113 @@ class MoEConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class LMConfig:
+    """A MoE (or dense) decoder-only language model."""
+
+    vocab_size: int = 4096  # tokens V
+    dim: int = 128  # model width D
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads H
+    n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention (None = n_heads)
+    max_seq_len: int = 256  # longest context (rotary table size)
+    rope_theta: float = 10000.0  # rotary base (Su et al. 2021)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    ffn_hidden_dim: int = 512  # hidden width of the dense FFN layers
+    ffn_kind: str = "swiglu"  # activation of the dense FFN layers
+    moe: Optional[MoEConfig] = None  # the MoE feed-forward (None = a dense model)
+    moe_every: int = 1  # a MoE FFN in every n-th layer (1 = all)
+    first_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeekMoE)
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    init_std: float = 0.02  # std of the normal initialisation (GPT-2)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden_dim", "moe_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads must divide dim ({self.dim}); got {self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}); got {kv}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}")
+        if self.moe is not None and self.moe.dim != self.dim:
+            raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LMConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def dense_twin(self) -> "LMConfig":
+        """The dense baseline with the same active parameters per token: each MoE FFN becomes a
+        dense FFN as wide as the K routed experts plus the shared ones."""
+        if self.moe is None:
+            return dataclasses.replace(self)
+        m = self.moe
+        width = m.top_k * m.hidden_dim + m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)
+        if any(self.is_moe_layer(i) for i in range(self.n_layers)) and all(self.is_moe_layer(i) for i in range(self.n_layers)):
+            return dataclasses.replace(self, moe=None, ffn_hidden_dim=width, ffn_kind=m.expert)
+        raise ValueError("dense_twin needs a MoE FFN in every layer (moe_every=1, first_dense_layers=0)")
+
+
+@dataclass
+class TrainConfig:
+    """One training run of one model (``moekit train`` runs the MoE and its dense twin)."""
+
+    steps: int = 500  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warm-up
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    eval_every: int = 50  # validation every n steps (and at the end)
+    eval_windows: int = 48  # validation sequences (fixed, non-overlapping)
+    checkpoint_every: int = 100  # checkpoint every n steps (and at the end, and on Ctrl-C)
+    seed: int = 0  # seeds model init, data order and routing noise
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 on CUDA, none on CPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
+    vocab_size: int = 4096  # BPE vocabulary size
+    data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
+    code_chars: int = 1_500_000  # characters of stdlib code in the embedded corpus
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size"):
+            _check_positive(name, getattr(self, name), integer=True)
+        _check_positive("lr", self.lr)
+        _check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
+        _check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
+            _check_nonneg(name, getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         return cls(**d)

@@ -240,6 +240,7 @@ def test_usage_stats_running_average():
     res = moe(x)
     share = res.stats["tokens_per_expert"].float() / 128
     torch.testing.assert_close(res.stats["expert_usage"], 0.5 * torch.full((8,), 1 / 8) + 0.5 * share)
+    moe.after_optimizer_step()
     assert torch.equal(moe.steps_unused, (res.stats["tokens_per_expert"] == 0).long())
     assert res.stats["dropped_fraction"] == 0
     ent = -(torch.softmax(x @ moe.router.linear.weight.t(), -1) * torch.log_softmax(x @ moe.router.linear.weight.t(), -1)).sum(-1).mean()

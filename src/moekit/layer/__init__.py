@@ -1,8 +1,8 @@
 """The MoE layer, one module per stage of the data path."""
 from .dispatch import DispatchPlan, apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
-from .moe import MoE, MoEOutput, update_router_biases
+from .moe import MoE, MoEOutput, after_optimizer_step
 from .router import ROUTERS, Router, Routing, build_router
 
-__all__ = ["MoE", "MoEOutput", "update_router_biases", "Router", "Routing", "ROUTERS", "build_router", "FeedForward", "GroupedExperts",
+__all__ = ["MoE", "MoEOutput", "after_optimizer_step", "Router", "Routing", "ROUTERS", "build_router", "FeedForward", "GroupedExperts",
            "ModuleListExperts", "DispatchPlan", "plan_dispatch", "dispatch", "combine", "apply_capacity", "expert_capacity"]

@@ -44,8 +44,9 @@ class DispatchPlan:
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float, min_capacity: int = 1) -> int:
-    """C = ceil(factor * T * K / E), at least ``min_capacity`` and at most T."""
-    return min(num_tokens, max(min_capacity, math.ceil(factor * num_tokens * top_k / num_experts)))
+    """C = ceil(factor * T * K / E), at least ``min_capacity`` and at most T. (Rounded to 9 digits
+    before the ceiling so that 1.1 * 100 / 10 gives 11, not 12.)"""
+    return min(num_tokens, max(min_capacity, math.ceil(round(factor * num_tokens * top_k / num_experts, 9))))
 
 
 def _priority_S(weights_TK: Tensor, priority: str) -> Tensor:
@@ -182,7 +183,7 @@ class _GatherSlots(torch.autograd.Function):
     def backward(ctx, g_RD):
         order_R, inverse_S = ctx.saved_tensors
         g_SD = _to_slot_order(g_RD, order_R, inverse_S, ctx.T * ctx.K)
-        return g_SD.view(ctx.T, ctx.K, -1).sum(1), None, None, None
+        return g_SD.view(ctx.T, ctx.K, g_SD.shape[-1]).sum(1), None, None, None
 
 
 class _ScatterSlots(torch.autograd.Function):
@@ -212,5 +213,5 @@ def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
     T, K = plan.num_tokens, plan.top_k
     if plan.has_empty:
         y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
-    y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, -1)
+    y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
     return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)

@@ -10,6 +10,7 @@ K slots per token, R rows handed to the experts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -41,6 +42,8 @@ class MoEOutput:
     aux_loss: Tensor  # scalar: weighted sum of the enabled auxiliary losses
     losses: dict  # name -> unweighted scalar tensor
     stats: dict  # tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,)
+    experts_TK: Optional[Tensor] = None  # the slots' experts after capacity (E = empty), for analysis
+    weights_TK: Optional[Tensor] = None  # their combine weights
 
 
 _UNSET = object()
@@ -82,7 +85,8 @@ class MoE(nn.Module):
                 self.shared_gate = nn.Linear(cfg.dim, 1, bias=False)
         E = cfg.num_experts
         self.register_buffer("expert_usage", torch.full((E,), 1.0 / E))  # running share of routed slots
-        self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # training steps since last token
+        self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # optimizer steps since last token
+        self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64), persistent=False)  # tokens this step
 
     @property
     def num_experts(self) -> int:
@@ -111,8 +115,8 @@ class MoE(nn.Module):
             if tuple(token_ids.shape) != tuple(lead):
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
-        if self.training and cfg.revive_after is not None:
-            self.revive_dead_experts(cfg.revive_after)
+        if x_TD.shape[0] == 0:
+            return self._empty_output(x, lead)
 
         routing = self.router(x_TD, k, token_ids)
         T, E = x_TD.shape[0], cfg.num_experts
@@ -124,7 +128,7 @@ class MoE(nn.Module):
         if routing.capacity is not None:  # expert choice enforces its own capacity
             max_rows = E * routing.capacity
         elif factor is not None:
-            C = expert_capacity(T, K, E, factor, cfg.min_capacity)
+            C = expert_capacity(T, K, E - self.router.num_disabled, factor, cfg.min_capacity)
             experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=routing.probs_TE,
                                                     overflow=cfg.overflow, priority=cfg.capacity_priority)
             max_rows = E * C
@@ -147,7 +151,17 @@ class MoE(nn.Module):
             if w:
                 aux = aux + w * value
         stats = self._stats(routing, plan.counts_E)
-        return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats)
+        return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
+
+    def _empty_output(self, x: Tensor, lead) -> MoEOutput:
+        """A batch with no tokens: an empty output, zero losses (no NaN from averaging nothing)."""
+        E = self.cfg.num_experts
+        zero = x.new_zeros((), dtype=torch.float32)
+        names = ["balance", "sq_load", "importance", "entropy"] + (["z"] if self.router.learned else [])
+        names += ["load"] if self.cfg.router == "noisy_topk" else []
+        stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device), "dropped_fraction": zero,
+                 "router_entropy": zero, "expert_usage": self.expert_usage.clone()}
+        return MoEOutput(x.new_zeros(*lead, self.cfg.dim), zero, {n: zero for n in names}, stats)
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         if not isinstance(x, Tensor):
@@ -176,8 +190,9 @@ class MoE(nn.Module):
 
     def _capacity_factor(self, override) -> Optional[float]:
         if override is not _UNSET:
-            if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float)) or override <= 0):
-                raise ValueError(f"capacity_factor must be a positive number or None; got {override!r}")
+            if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float))
+                                         or not override > 0 or not math.isfinite(override)):
+                raise ValueError(f"capacity_factor must be a finite positive number or None; got {override!r}")
             return override
         if not self.training and self.cfg.eval_capacity_factor is not None:
             return self.cfg.eval_capacity_factor
@@ -204,13 +219,28 @@ class MoE(nn.Module):
                 cfg = self.cfg
                 share = counts_E.float() / kept.clamp_min(1).float()
                 self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
-                self.steps_unused.add_(1).masked_fill_(counts_E > 0, 0)
+                self.step_counts.add_(counts_E)
             return {
                 "tokens_per_expert": counts_E.detach(),
                 "dropped_fraction": 1.0 - kept.float() / routed.clamp_min(1).float(),
                 "router_entropy": L.routing_entropy(r.probs_TE.detach()),
                 "expert_usage": self.expert_usage.clone(),
             }
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> list[int]:
+        """Per-step bookkeeping, once per optimizer step (not per micro-batch): the sigmoid
+        router's balancing bias, idle-step counts of enabled experts, and (with ``revive_after``)
+        dead-expert revival, done here so parameters never change between forward and backward.
+        Returns the revived experts."""
+        self.update_router_bias()
+        enabled = ~self.router.disabled_E
+        idle = (self.step_counts == 0) & enabled
+        self.steps_unused.copy_(torch.where(idle, self.steps_unused + 1, torch.zeros_like(self.steps_unused)))
+        self.step_counts.zero_()
+        if self.cfg.revive_after is not None:
+            return self.revive_dead_experts(self.cfg.revive_after)
+        return []
 
     def update_router_bias(self) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
@@ -247,17 +277,19 @@ class MoE(nn.Module):
         mask = self.router.disabled_E.clone()
         mask[ids] = False
         self.router.set_disabled(mask)
+        self.steps_unused[ids] = 0  # idle while disabled is not dead
 
     @torch.no_grad()
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
         """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
         a copy of the most used live expert plus noise, and reset its router row."""
         dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
-        if not bool(dead.any()):
+        live = ~dead & ~self.router.disabled_E
+        if not bool(dead.any()) or not bool(live.any()):
             return []
         experts = self._require_grouped("revive_dead_experts")
         dead_ids = dead.nonzero().flatten()
-        src = int(self.expert_usage.masked_fill(dead, -1).argmax())
+        src = int(self.expert_usage.masked_fill(~live, -1).argmax())
         experts.copy_expert_(dead_ids, torch.full_like(dead_ids, src), self.cfg.revive_noise if noise is None else noise)
         self.router.reset_rows(dead_ids)
         self.steps_unused[dead_ids] = 0
@@ -284,8 +316,9 @@ class MoE(nn.Module):
         if src is not None:
             self.experts.copy_expert_(new_ids, torch.tensor(src), noise)
         old_router = self.router
+        ref = next(iter(old_router.parameters()), self.expert_usage)
         self.cfg = dataclasses.replace(self.cfg, num_experts=new_E)
-        self.router = build_router(self.cfg).to(self.expert_usage.device)
+        self.router = build_router(self.cfg).to(device=ref.device, dtype=ref.dtype)
         sd = old_router.state_dict()
         for name, t in self.router.state_dict().items():
             if name in sd:
@@ -296,6 +329,7 @@ class MoE(nn.Module):
         self.router.train(old_router.training)
         self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_full((n,), 1.0 / new_E)])
         self.steps_unused = torch.cat([self.steps_unused, self.steps_unused.new_zeros(n)])
+        self.step_counts = torch.cat([self.step_counts, self.step_counts.new_zeros(n)])
         return self
 
     @classmethod
@@ -321,8 +355,13 @@ class MoE(nn.Module):
         return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router!r}, backend={c.backend!r}"
 
 
-def update_router_biases(model: nn.Module) -> None:
-    """Call :meth:`MoE.update_router_bias` on every MoE layer of ``model`` (once per optimizer step)."""
-    for m in model.modules():
+def after_optimizer_step(model: nn.Module) -> dict:
+    """Call :meth:`MoE.after_optimizer_step` on every MoE layer of ``model``; returns
+    {layer name: revived experts} for the layers that revived any."""
+    revived = {}
+    for name, m in model.named_modules():
         if isinstance(m, MoE):
-            m.update_router_bias()
+            r = m.after_optimizer_step()
+            if r:
+                revived[name] = r
+    return revived

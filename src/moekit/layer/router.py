@@ -165,6 +165,11 @@ class NoisyTopKRouter(Router):
         self.noise = nn.Linear(cfg.dim, cfg.num_experts, bias=False)
         nn.init.zeros_(self.noise.weight)  # the paper starts with no learned noise
 
+    @torch.no_grad()
+    def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
+        super().reset_rows(idx, src)
+        self.noise.weight[idx] = 0.0 if src is None else self.noise.weight[src]
+
     def route(self, x_TD, top_k, token_ids_T=None):
         clean_TE = self.logits(x_TD)
         dt = clean_TE.dtype
@@ -281,6 +286,11 @@ class SigmoidRouter(Router):
         super().__init__(cfg)
         self.register_buffer("bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
+        super().reset_rows(idx, src)
+        self.bias_E[idx] = 0.0 if src is None else self.bias_E[src]
 
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)

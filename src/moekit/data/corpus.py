@@ -1,0 +1,107 @@
+"""The embedded corpus: text every Python installation carries, in two real domains.
+
+* prose: the documentation topics of ``pydoc_data.topics`` (the text of ``help('topic')``);
+* code: the standard library's own top-level ``.py`` modules.
+
+Documents keep their domain so that each token can be traced back to prose or code. The
+held-out split is fixed: every 10th document of each domain (by sorted name) is validation.
+``load_text_path`` reads users' own data instead (a text file or a folder of text files).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DOMAINS = ("prose", "code")
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".csv",
+                 ".html", ".tex", ".yaml", ".yml", ".toml", ".sh"}
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # where it came from
+    domain: str  # "prose", "code", or the user's folder name
+    text: str
+
+
+def prose_documents() -> list[Document]:
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydoc:{k}", "prose", topics[k]) for k in sorted(topics)]
+
+
+def code_documents(max_chars: int = 1_500_000) -> list[Document]:
+    """Top-level stdlib modules in sorted order until ``max_chars`` characters."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if total >= max_chars:
+            break
+        docs.append(Document(f"stdlib:{path.name}", "code", text))
+        total += len(text)
+    return docs
+
+
+def embedded_corpus(code_chars: int = 1_500_000) -> list[Document]:
+    """Prose and code documents, evenly interleaved so that both domains run through the stream."""
+    prose, code = prose_documents(), code_documents(code_chars)
+    keyed = [((i + 0.5) / len(prose), d) for i, d in enumerate(prose)] + [((j + 0.5) / len(code), d) for j, d in enumerate(code)]
+    return [d for _, d in sorted(keyed, key=lambda kd: kd[0])]
+
+
+def load_text_path(path: str) -> list[Document]:
+    """A text file, or every text file under a folder (domain = the file's top folder name)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--data: no such file or folder: {path}")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"--data: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+    docs = []
+    for f in files:
+        rel = f.relative_to(p) if p.is_dir() else Path(f.name)
+        domain = rel.parts[0] if len(rel.parts) > 1 else "text"
+        docs.append(Document(str(f), domain, f.read_text(encoding="utf-8", errors="replace")))
+    return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float = 0.1) -> tuple[list[Document], list[Document]]:
+    """Fixed held-out split: walking each domain's documents in order, a document goes to
+    validation while that domain's validation text is under ``val_fraction`` of its text so far.
+    A single-document corpus is split by characters instead (its last ``val_fraction``)."""
+    if len(docs) == 1:
+        d = docs[0]
+        cut = int(len(d.text) * (1 - val_fraction))
+        return [Document(d.name, d.domain, d.text[:cut])], [Document(d.name + ":val", d.domain, d.text[cut:])]
+    train, val, seen, held = [], [], {}, {}
+    for i, d in enumerate(docs):
+        seen[d.domain] = seen.get(d.domain, 0) + len(d.text)
+        if i > 0 and held.get(d.domain, 0) + len(d.text) <= val_fraction * seen[d.domain] * 1.5 and held.get(d.domain, 0) < val_fraction * seen[d.domain]:
+            held[d.domain] = held.get(d.domain, 0) + len(d.text)
+            val.append(d)
+        else:
+            train.append(d)
+    if not val:
+        val.append(train.pop())
+    return train, val
+
+
+def corpus_fingerprint(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode())
+        h.update(hashlib.sha256(d.text.encode("utf-8", "replace")).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_dir(sub: Optional[str] = None) -> Path:
+    base = Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
+    return base / sub if sub else base

@@ -1,0 +1,91 @@
+"""Token streams with a domain label per token, and the batches cut from them.
+
+Shape legend: B batch, S sequence length, N tokens in a stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .corpus import DOMAINS, Document, cache_dir, corpus_fingerprint, embedded_corpus, load_text_path, split_documents
+from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+
+@dataclass
+class TokenData:
+    """Train and validation streams; ``*_domain_N`` indexes ``domains``."""
+
+    tokenizer: Tokenizer
+    domains: list  # domain names, e.g. ["prose", "code"]
+    train_ids_N: Tensor  # int64
+    train_domain_N: Tensor  # uint8
+    val_ids_N: Tensor
+    val_domain_N: Tensor
+    source: str  # "embedded" or the --data path
+
+
+def get_tokenizer(kind: str, train_docs: list[Document], vocab_size: int) -> Tokenizer:
+    """Bytes, or a BPE trained on the training documents (cached by corpus fingerprint)."""
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise ValueError(f"tokenizer must be 'bpe' or 'bytes'; got {kind!r}")
+    path = cache_dir("tokenizers") / f"bpe-{corpus_fingerprint(train_docs)}-{vocab_size}.json"
+    if path.exists():
+        try:
+            return load_tokenizer(path)
+        except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt
+            path.unlink(missing_ok=True)
+    tok = BPETokenizer.train((d.text for d in train_docs), vocab_size)
+    tok.save(path)
+    return tok
+
+
+def _stream(docs: list[Document], tok: Tokenizer, domains: list) -> tuple[Tensor, Tensor]:
+    texts = [d.text for d in docs]
+    encoded = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+    ids, dom = [], []
+    for d, e in zip(docs, encoded):
+        e = e + [tok.eos_id]
+        ids.append(torch.tensor(e, dtype=torch.int64))
+        dom.append(torch.full((len(e),), domains.index(d.domain), dtype=torch.uint8))
+    return torch.cat(ids), torch.cat(dom)
+
+
+def build_data(data_path: Optional[str] = None, tokenizer: str = "bpe", vocab_size: int = 4096,
+               code_chars: int = 1_500_000, tok: Optional[Tokenizer] = None) -> TokenData:
+    """Load the corpus (embedded, or ``data_path``), split it, tokenize it."""
+    docs = load_text_path(data_path) if data_path else embedded_corpus(code_chars)
+    train, val = split_documents(docs)
+    domains = sorted({d.domain for d in docs}, key=lambda n: (DOMAINS.index(n) if n in DOMAINS else len(DOMAINS), n))
+    tok = tok or get_tokenizer(tokenizer, train, vocab_size)
+    tr_ids, tr_dom = _stream(train, tok, domains)
+    va_ids, va_dom = _stream(val, tok, domains)
+    return TokenData(tok, domains, tr_ids, tr_dom, va_ids, va_dom, data_path or "embedded")
+
+
+def random_batches(ids_N: Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (inputs_BS, targets_BS) pairs from random windows of the stream."""
+    n = ids_N.numel() - seq_len - 1
+    if n <= 0:
+        raise ValueError(f"the training stream ({ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})")
+    while True:
+        starts = torch.randint(0, n, (batch_size,), generator=generator)
+        yield window(ids_N, starts, seq_len)
+
+
+def window(ids_N: Tensor, starts_B: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    idx_BS = starts_B[:, None] + torch.arange(seq_len + 1)
+    chunk = ids_N[idx_BS]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def fixed_windows(n_tokens: int, seq_len: int, max_windows: int) -> Tensor:
+    """Start offsets of non-overlapping validation windows (the same every time)."""
+    starts = torch.arange(0, max(1, n_tokens - seq_len - 1), seq_len)
+    if starts.numel() > max_windows:
+        starts = starts[torch.linspace(0, starts.numel() - 1, max_windows).long()]
+    return starts

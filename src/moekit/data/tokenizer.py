@@ -1,0 +1,98 @@
+"""Tokenizers that need no download: raw bytes, or a small byte-level BPE (Sennrich et al. 2016)
+trained locally with the ``tokenizers`` library and cached by corpus fingerprint."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Union
+
+EOS = "<|eos|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 plus an end-of-document token 256."""
+
+    kind = "bytes"
+
+    def __init__(self) -> None:
+        self.vocab_size = 257
+        self.eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_str(self, i: int) -> str:
+        return "<eos>" if i == 256 else bytes([i]).decode("latin-1")
+
+    def save(self, path: Union[str, Path]) -> None:
+        _atomic_write_text(Path(path), json.dumps({"kind": "bytes"}))
+
+
+class BPETokenizer:
+    """A byte-level BPE trained on the corpus itself (deterministic for a given corpus)."""
+
+    kind = "bpe"
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.eos_id = tok.token_to_id(EOS)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) != self.eos_id])
+
+    def token_str(self, i: int) -> str:
+        return self.tok.decode([int(i)]) if int(i) != self.eos_id else "<eos>"
+
+    def save(self, path: Union[str, Path]) -> None:
+        _atomic_write_text(Path(path), self.tok.to_str())
+
+
+Tokenizer = Union[ByteTokenizer, BPETokenizer]
+
+
+def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    text = path.read_text()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"tokenizer file {path} is not valid JSON: {err}") from err
+    if obj.get("kind") == "bytes":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return BPETokenizer(HFTokenizer.from_str(text))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

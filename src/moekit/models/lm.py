@@ -1,0 +1,236 @@
+"""A decoder-only MoE Transformer language model, readable top to bottom (after nanoGPT).
+
+RMSNorm, rotary positions, grouped-query attention through ``F.scaled_dot_product_attention``,
+and a ``moekit.MoE`` feed-forward in every layer or every n-th (dense FFNs elsewhere, optionally
+for the first layers as in DeepSeekMoE). ``moe=None`` gives the dense baseline.
+
+Shape legend: B batch, S sequence, D model width, H heads, Hk key/value heads, Dh head width,
+V vocabulary, T = B*S tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import LMConfig, MoEConfig
+from ..layer import FeedForward, MoE, MoEOutput
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSDh: Tensor, cos_SDh2: Tensor, sin_SDh2: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :Dh/2], x[..., Dh/2:]) by position-dependent angles (RoFormer, Su et al. 2021)."""
+    x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos_SDh2 - x2 * sin_SDh2, x1 * sin_SDh2 + x2 * cos_SDh2], dim=-1)
+    return out.to(x_BHSDh.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding."""
+
+    k: list = field(default_factory=list)  # per layer (B, Hk, S_max, Dh)
+    v: list = field(default_factory=list)
+    length: int = 0  # positions filled
+
+    @classmethod
+    def empty(cls, cfg: LMConfig, batch: int, device, dtype) -> "KVCache":
+        hk, dh = cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
+        shape = (batch, hk, cfg.max_seq_len, dh)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)], 0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.h, self.hk, self.dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
+        self.wqkv = nn.Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=False)
+        self.wo = nn.Linear(self.h * self.dh, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
+        q = apply_rotary(q.view(B, S, self.h, self.dh).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(B, S, self.hk, self.dh).transpose(1, 2), cos, sin)
+        v = v.view(B, S, self.hk, self.dh).transpose(1, 2)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start : start + S] = k
+            cache.v[layer][:, :, start : start + S] = v
+            k, v = cache.k[layer][:, :, : start + S], cache.v[layer][:, :, : start + S]
+        mask = None
+        if start and S > 1:  # a chunk after cached positions: causal within the chunk, all of the past
+            mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(start == 0 and S > 1),
+                                           enable_gqa=self.hk != self.h)
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg.moe) if cfg.is_moe_layer(layer) else FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_kind)
+
+    def forward(self, x: Tensor, cos, sin, cache, token_ids, top_k) -> tuple[Tensor, Optional[MoEOutput]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+        if isinstance(self.ffn, MoE):
+            res = self.ffn(self.ffn_norm(x), top_k=top_k, token_ids=token_ids)
+            return x + res.out, res
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, S, V)
+    loss: Optional[Tensor]  # mean next-token cross-entropy (when targets are given)
+    aux_loss: Tensor  # sum over MoE layers of their weighted auxiliary losses
+    moe: list  # per layer: MoEOutput or None (dense layer)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only language model with MoE feed-forward layers."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("w_down", "wo.weight")):
+                p.normal_(0.0, out_std)
+            elif p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.zero_()
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, idx_BS: Tensor, targets_BS: Optional[Tensor] = None, *, top_k: Optional[int] = None,
+                cache: Optional[KVCache] = None) -> LMOutput:
+        """Logits for every position (and the loss when ``targets_BS`` is given; -100 is ignored)."""
+        B, S = idx_BS.shape
+        start = cache.length if cache is not None else 0
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
+        x = self.embed(idx_BS)
+        aux = x.new_zeros((), dtype=torch.float32)
+        moe_out = []
+        for block in self.blocks:
+            x, res = block(x, cos, sin, cache, idx_BS, top_k)
+            moe_out.append(res)
+            if res is not None:
+                aux = aux + res.aux_loss
+        if cache is not None:
+            cache.length += S
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
+        return LMOutput(logits, loss, aux, moe_out)
+
+    def param_counts(self) -> dict:
+        """Total parameters and those active for one token (routed experts counted at K/E)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers:
+            c = moe.cfg
+            expert_params = sum(p.numel() for p in moe.experts.parameters())
+            share = (c.capacity_factor or c.top_k) / c.num_experts if c.router == "expert_choice" else c.top_k / c.num_experts
+            inactive += expert_params * (1 - min(1.0, share))
+        embed = self.embed.weight.numel()
+        return {"total": total, "active": int(total - inactive), "embedding": embed,
+                "active_non_embedding": int(total - inactive - embed)}
+
+    @torch.no_grad()
+    def generate(self, idx_BS: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k_experts: Optional[int] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Sample continuations. temperature 0 is greedy; top_p is nucleus sampling (Holtzman et al. 2020)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0; got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        total = idx_BS.shape[1] + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.cfg.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        p = next(self.parameters())
+        cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype) if use_cache else None
+        out = idx_BS
+        step_in = idx_BS
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1].float()
+            nxt = sample_next(logits, temperature, top_p, generator)
+            out = torch.cat([out, nxt], dim=1)
+            step_in = nxt
+        self.train(was_training)
+        return out
+
+
+def sample_next(logits_BV: Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
+    if temperature == 0:
+        return logits_BV.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits_BV / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)
+
+
+PRESETS = {
+    # name: (MoEConfig overrides, LMConfig overrides) for the small CPU models; dims are filled in by the caller
+    "mixtral": dict(num_experts=8, top_k=2, router="topk", renormalize=True),
+    "switch": dict(num_experts=8, top_k=1, router="switch", capacity_factor=1.25, eval_capacity_factor=2.0),
+    "deepseek": dict(num_experts=16, top_k=4, router="sigmoid", num_shared_experts=1, renormalize=True,
+                     balance_loss_weight=1e-4),
+    "qwen_moe": dict(num_experts=16, top_k=4, router="topk", num_shared_experts=1, shared_expert_gate=True,
+                     renormalize=False),
+}

@@ -1,0 +1,113 @@
+"""Checkpoints as safetensors files: model weights, optimizer state, RNG states and metadata.
+
+Writes are atomic (a temporary file in the same folder, fsync, then rename), so an interrupted
+save never leaves a half-written checkpoint behind. A missing or corrupt file raises
+:class:`CheckpointError` with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+OPTIM = "optim."
+RNG = "rng."
+MODEL = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read (missing, truncated, corrupt, or for another model)."""
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{OPTIM}{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        idx, k = key[len(OPTIM):].split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    *, rng: Optional[dict] = None, meta: Optional[dict] = None) -> None:
+    """Save everything needed to continue training exactly."""
+    from safetensors.torch import save
+
+    tensors = {MODEL + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    info = {"meta": meta or {}}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        tensors.update(opt_tensors)
+        info["optimizer"] = opt_meta
+    for name, state in (rng or {}).items():
+        tensors[RNG + name] = state.cpu()
+    atomic_write_bytes(path, save(tensors, metadata={"moekit": json.dumps(info)}))
+
+
+def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:
+    """(tensors, info) of a checkpoint file; CheckpointError if it is missing or unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("moekit", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for broken files
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    return tensors, info
+
+
+def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[dict, dict]:
+    """Load weights (and optimizer state) in place; returns (meta, rng states)."""
+    tensors, info = read_checkpoint(path)
+    model_sd = {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
+    try:
+        model.load_state_dict(model_sd)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0][:300]}") from err
+    if optimizer is not None:
+        if "optimizer" not in info:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state to resume from")
+        opt_t = {k: v for k, v in tensors.items() if k.startswith(OPTIM)}
+        optimizer.load_state_dict(_unflatten_optimizer(opt_t, info["optimizer"]))
+    rng = {k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)}
+    return info.get("meta", {}), rng

@@ -1,0 +1,100 @@
+"""The main job: train a MoE language model and its dense twin (same active parameters per token,
+same tokens, same steps) into one run folder, then compare them and plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ..config import LMConfig, MoEConfig, TrainConfig
+from ..data import build_data, load_tokenizer
+from .checkpoint import atomic_write_bytes
+from .trainer import CHECKPOINT, SUMMARY, Trainer
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+COMPARISON = "comparison.json"
+
+
+def default_model_config(preset: str = "mixtral", **overrides) -> LMConfig:
+    """The small CPU model of ``moekit train``: 4 layers of width 128, a MoE FFN in each."""
+    from ..models import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
+    moe = dict(dim=128, hidden_dim=128 if preset in ("deepseek", "qwen_moe") else 256, **PRESETS[preset])
+    model = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256, moe=MoEConfig(**moe))
+    model.update(overrides)
+    return LMConfig(**model)
+
+
+def save_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, baseline: bool, dense_only: bool) -> None:
+    cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "baseline": baseline, "dense_only": dense_only}
+    atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
+
+
+def load_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a moekit run folder (no {CONFIG})")
+    try:
+        raw = json.loads(path.read_text())
+        return LMConfig.from_dict(raw["model"]), TrainConfig.from_dict(raw["train"]), raw
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid run config: {err}") from err
+
+
+def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
+    """(label, model config) of each model the run trains, in order."""
+    if raw.get("dense_only"):
+        return [("dense", model_cfg.dense_twin())]
+    runs = [("moe", model_cfg)]
+    if raw.get("baseline", True) and model_cfg.moe is not None:
+        runs.append(("dense", model_cfg.dense_twin()))
+    return runs
+
+
+def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,
+              baseline: bool = True, dense_only: bool = False, resume: bool = False, progress: bool = True,
+              stop_at: Optional[int] = None, plots: bool = True) -> dict:
+    """Train the run's models (resuming where a checkpoint exists) and write the comparison."""
+    run_dir = Path(run_dir)
+    if resume:
+        model_cfg, train_cfg, raw = load_run_config(run_dir)
+        tok = load_tokenizer(run_dir / TOKENIZER)
+    else:
+        if model_cfg is None or train_cfg is None:
+            raise ValueError("model_cfg and train_cfg are required for a new run")
+        if (run_dir / CONFIG).exists():
+            raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        raw = {"baseline": baseline, "dense_only": dense_only}
+        tok = None
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    if data.tokenizer.vocab_size != model_cfg.vocab_size:
+        if resume:
+            raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} != model vocab_size {model_cfg.vocab_size}")
+        model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+    if not resume:
+        data.tokenizer.save(run_dir / TOKENIZER)
+        save_run_config(run_dir, model_cfg, train_cfg, baseline=baseline, dense_only=dense_only)
+    summaries = {}
+    for label, cfg in sub_runs(raw, model_cfg):
+        sub = run_dir / label
+        if (sub / SUMMARY).exists() and resume:
+            summaries[label] = json.loads((sub / SUMMARY).read_text())
+            continue
+        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress)
+        res = trainer.fit(resume=resume and (sub / CHECKPOINT).exists(), stop_at=stop_at)
+        if "stopped_at" in res:
+            return {"stopped_at": res["stopped_at"], "label": label}
+        summaries[label] = res
+    comparison = {"summaries": summaries, "data": {"source": data.source, "domains": data.domains,
+                                                   "train_tokens": data.train_ids_N.numel(), "val_tokens": data.val_ids_N.numel(),
+                                                   "tokenizer": data.tokenizer.kind, "vocab_size": data.tokenizer.vocab_size}}
+    atomic_write_bytes(run_dir / COMPARISON, json.dumps(comparison, indent=2).encode())
+    if plots:
+        from .plots import plot_run
+
+        plot_run(run_dir)
+    return comparison

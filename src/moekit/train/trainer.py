@@ -1,0 +1,224 @@
+"""Train one language model (MoE or dense) with AdamW, a warm-up + cosine schedule, periodic
+validation per domain, JSON-lines metrics, and exact, atomic checkpoints.
+
+A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``metrics.jsonl``,
+``checkpoint.safetensors`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LMConfig, TrainConfig
+from ..data import TokenData, fixed_windows, random_batches, window
+from ..layer import after_optimizer_step
+from ..models import MoETransformer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely written."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def balance_of(tokens_per_expert: list) -> float:
+    """Max load over mean load, averaged over MoE layers (1.0 = perfectly balanced)."""
+    vals = [max(c) / (sum(c) / len(c)) for c in tokens_per_expert if sum(c) > 0]
+    return sum(vals) / len(vals) if vals else 1.0
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: torch.device, *, top_k: Optional[int] = None) -> dict:
+    """Validation loss overall and per domain, and the tokens each expert received."""
+    was_training = model.training
+    model.eval()
+    starts = fixed_windows(data.val_ids_N.numel(), cfg.seq_len, cfg.eval_windows)
+    n_dom = len(data.domains)
+    loss_sum = torch.zeros(n_dom, dtype=torch.float64)
+    count = torch.zeros(n_dom, dtype=torch.float64)
+    load = None
+    amp = autocast_dtype(cfg, device)
+    for i in range(0, starts.numel(), cfg.batch_size):
+        s = starts[i : i + cfg.batch_size]
+        x, y = window(data.val_ids_N, s, cfg.seq_len)
+        dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(x.to(device), top_k=top_k)
+        tok_loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu().double()
+        loss_sum += torch.zeros(n_dom, dtype=torch.float64).index_add_(0, dom.flatten(), tok_loss)
+        count += torch.bincount(dom.flatten(), minlength=n_dom).double()
+        layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
+        load = layer_counts if load is None else [a + b for a, b in zip(load, layer_counts)]
+    model.train(was_training)
+    res = {"val_loss": float(loss_sum.sum() / count.sum())}
+    for d, name in enumerate(data.domains):
+        if count[d] > 0:
+            res[f"val_loss_{name}"] = float(loss_sum[d] / count[d])
+    if load:
+        res["val_tokens_per_expert"] = [c.tolist() for c in load]
+    return res
+
+
+class Trainer:
+    """Trains ``model_cfg`` on ``data`` into ``run_dir``."""
+
+    def __init__(self, run_dir: Path, model_cfg: LMConfig, cfg: TrainConfig, data: TokenData, *, label: str = "moe",
+                 progress: bool = True):
+        self.dir = Path(run_dir)
+        self.model_cfg, self.cfg, self.data, self.label, self.progress = model_cfg, cfg, data, label, progress
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.model = MoETransformer(model_cfg).to(self.device)
+        self.opt = make_optimizer(self.model, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+
+    # -------------------------------------------------------------- state
+    def _rng(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "data": self.gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save(self, finished: bool = False) -> None:
+        meta = {"step": self.step, "label": self.label, "finished": finished}
+        save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+
+    def resume(self) -> None:
+        meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt)
+        self.step = int(meta.get("step", 0))
+        torch.set_rng_state(rng["torch"])
+        self.gen.set_state(rng["data"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows logged after the checkpoint (a crash between checkpoints)."""
+        path = self.dir / METRICS
+        if path.exists():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def _log(self, row: dict) -> None:
+        with open(self.dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -------------------------------------------------------------- loop
+    def fit(self, *, resume: bool = False, stop_at: Optional[int] = None) -> dict:
+        """Train to ``cfg.steps`` (or until ``stop_at``: checkpoint and return, as after Ctrl-C)."""
+        from tqdm.auto import tqdm
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        else:
+            (self.dir / METRICS).unlink(missing_ok=True)
+        cfg, model = self.cfg, self.model
+        batches = random_batches(self.data.train_ids_N, cfg.seq_len, cfg.batch_size, self.gen)
+        amp = autocast_dtype(cfg, self.device)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
+                   dynamic_ncols=True, leave=True)
+        t_train, n_timed = 0.0, 0
+        last_eval: dict = {}
+        try:
+            model.train()
+            while self.step < cfg.steps:
+                if stop_at is not None and self.step >= stop_at:
+                    self.save()
+                    bar.close()
+                    return {"stopped_at": self.step}
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, cfg)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                x, y = next(batches)
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                    out = model(x.to(self.device), y.to(self.device))
+                loss = out.loss + out.aux_loss
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                after_optimizer_step(model)
+                self.step += 1
+                loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
+                dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
+                dt = time.perf_counter() - t0
+                t_train += dt
+                n_timed += 1
+                row = {"step": self.step, "loss": float(out.loss), "aux_loss": float(out.aux_loss), "lr": lr,
+                       "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
+                if loads:
+                    row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_eval = evaluate(model, self.data, cfg, self.device)
+                    row.update(last_eval)
+                self._log(row)
+                post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                if loads:
+                    post["balance"] = f"{row['balance']:.2f}"
+                if "val_loss" in last_eval:
+                    post["val"] = f"{last_eval['val_loss']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.dir}") from None
+        bar.close()
+        self.save(finished=True)
+        counts = self.model.param_counts()
+        summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
+                   "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
+                   **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device)).items() if k.startswith("val_loss")}}
+        (self.dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoETransformer:
+    """The model of a finished (or checkpointed) sub-run, in eval mode."""
+    model = MoETransformer(model_cfg)
+    load_checkpoint(Path(run_dir) / CHECKPOINT, model)
+    return model.to(device).eval()
+
+
+__all__ = ["Trainer", "TrainingInterrupted", "CheckpointError", "evaluate", "lr_at", "load_trained"]
