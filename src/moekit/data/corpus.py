@@ -4,7 +4,7 @@
 * code: the standard library's own top-level ``.py`` modules.
 
 Documents keep their domain so that each token can be traced back to prose or code. The
-held-out split is fixed: every 10th document of each domain (by sorted name) is validation.
+held-out split is fixed: the last 10% of every document is validation.
 ``load_text_path`` reads users' own data instead (a text file or a folder of text files).
 """
 from __future__ import annotations
@@ -74,23 +74,16 @@ def load_text_path(path: str) -> list[Document]:
 
 
 def split_documents(docs: list[Document], val_fraction: float = 0.1) -> tuple[list[Document], list[Document]]:
-    """Fixed held-out split: walking each domain's documents in order, a document goes to
-    validation while that domain's validation text is under ``val_fraction`` of its text so far.
-    A single-document corpus is split by characters instead (its last ``val_fraction``)."""
-    if len(docs) == 1:
-        d = docs[0]
+    """Fixed held-out split: the last ``val_fraction`` of every document (cut at a line break)
+    is validation, so both splits hold every domain in its true proportions."""
+    train, val = [], []
+    for d in docs:
         cut = int(len(d.text) * (1 - val_fraction))
-        return [Document(d.name, d.domain, d.text[:cut])], [Document(d.name + ":val", d.domain, d.text[cut:])]
-    train, val, seen, held = [], [], {}, {}
-    for i, d in enumerate(docs):
-        seen[d.domain] = seen.get(d.domain, 0) + len(d.text)
-        if i > 0 and held.get(d.domain, 0) + len(d.text) <= val_fraction * seen[d.domain] * 1.5 and held.get(d.domain, 0) < val_fraction * seen[d.domain]:
-            held[d.domain] = held.get(d.domain, 0) + len(d.text)
-            val.append(d)
-        else:
-            train.append(d)
-    if not val:
-        val.append(train.pop())
+        nl = d.text.rfind("\n", 0, cut)
+        cut = nl + 1 if nl > cut // 2 else cut
+        train.append(Document(d.name, d.domain, d.text[:cut]))
+        if cut < len(d.text):
+            val.append(Document(d.name + ":val", d.domain, d.text[cut:]))
     return train, val
 
 

@@ -183,7 +183,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 t_train += dt
                 n_timed += 1
-                row = {"step": self.step, "loss": float(out.loss), "aux_loss": float(out.aux_loss), "lr": lr,
+                row = {"step": self.step, "loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr,
                        "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
                 if loads:
                     row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)

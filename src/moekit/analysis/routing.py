@@ -1,0 +1,290 @@
+"""Which experts take which tokens: collect the routing of a trained MoE model on fixed validation
+windows, and the pure statistics computed from it (load, domain preference, mutual information,
+characteristic tokens, dead and overloaded experts).
+
+Every statistic counts routed *slots*: a token sent to K experts counts once at each of them, and
+empty slots (the sentinel expert id E: dropped over capacity, not picked under expert choice) are
+left out. Without capacity limits the slot counts of a layer sum to tokens x K.
+
+Shape legend: T routed tokens (windows x sequence length), K slots per token, E routed experts,
+D domains, V vocabulary, N routed (non-empty) slots, B batch, S sequence length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.stream import TokenData, fixed_windows, window
+from ..layer import MoE
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class RoutingData:
+    """The routing of T validation tokens through every MoE layer of a model (CPU tensors)."""
+
+    layers: list  # block index of each MoE layer
+    num_experts: list  # E of each MoE layer
+    experts: list  # per MoE layer: experts_TK int64, E = empty slot
+    entropy: list  # per MoE layer: entropy_T float64, entropy (nats) of the token's routing distribution
+    token_T: Tensor  # int64 token id
+    domain_T: Tensor  # int64 index into ``domains``
+    domains: list  # domain names, e.g. ["prose", "code"]
+    windows: int  # validation windows routed
+    seq_len: int
+    top_k: int  # experts per token asked for (the layer's K may differ: expert choice uses K = E)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+@torch.no_grad()
+def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu",
+                    top_k: Optional[int] = None) -> RoutingData:
+    """Run ``model`` in eval mode on ``windows`` fixed validation windows and record each MoE layer's
+    expert per (token, slot), with the token id, domain and routing entropy of each token."""
+    if windows <= 0 or seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"windows, seq_len and batch_size must be positive; got {windows}, {seq_len}, {batch_size}")
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if data.val_ids_N.numel() < seq_len + 1:
+        raise ValueError(f"the validation stream ({data.val_ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})")
+    moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
+    if not moe_blocks:
+        raise ValueError("the model has no MoE layer")
+    was_training = model.training
+    model.eval()
+    starts = fixed_windows(data.val_ids_N.numel(), seq_len, windows)
+    entropies: list[list[Tensor]] = [[] for _ in moe_blocks]
+    experts: list[list[Tensor]] = [[] for _ in moe_blocks]
+    tokens, domains = [], []
+
+    def hook_for(i: int):
+        def hook(_module, _inputs, routing):
+            entropies[i].append(_entropy_nats(routing.probs_TE).cpu())
+        return hook
+
+    handles = [b.ffn.router.register_forward_hook(hook_for(i)) for i, b in enumerate(moe_blocks)]
+    try:
+        for i in range(0, starts.numel(), batch_size):
+            s_B = starts[i : i + batch_size]
+            x_BS, _ = window(data.val_ids_N, s_B, seq_len)
+            dom_BS, _ = window(data.val_domain_N.long(), s_B, seq_len)  # the domain of the routed (input) token
+            out = model(x_BS.to(device), top_k=top_k)
+            moe_out = [r for r in out.moe if r is not None]
+            for j, r in enumerate(moe_out):
+                experts[j].append(r.experts_TK.detach().cpu())
+            tokens.append(x_BS.reshape(-1))
+            domains.append(dom_BS.reshape(-1))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    k = top_k if top_k is not None else moe_blocks[0].ffn.cfg.top_k
+    return RoutingData(
+        layers=[b.layer for b in moe_blocks], num_experts=[b.ffn.cfg.num_experts for b in moe_blocks],
+        experts=[torch.cat(e) for e in experts], entropy=[torch.cat(h) for h in entropies],
+        token_T=torch.cat(tokens), domain_T=torch.cat(domains), domains=list(data.domains),
+        windows=int(starts.numel()), seq_len=seq_len, top_k=int(k))
+
+
+def _entropy_nats(probs_TE: Tensor) -> Tensor:
+    p = probs_TE.detach().double()
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- counting
+def routed_slots(experts_TK: Tensor, num_experts: int, *per_token_T: Tensor) -> tuple[Tensor, ...]:
+    """(expert_N, *values_N): every non-empty slot's expert and its token's values (token id, domain, ...)."""
+    K = experts_TK.shape[1]
+    keep_TK = experts_TK < num_experts
+    out = [experts_TK[keep_TK]]
+    for v_T in per_token_T:
+        out.append(v_T[:, None].expand(-1, K)[keep_TK])
+    return tuple(out)
+
+
+def expert_domain_counts(experts_TK: Tensor, domain_T: Tensor, num_experts: int, num_domains: int) -> Tensor:
+    """counts_ED (int64): routed slots of each expert from each domain."""
+    e_N, d_N = routed_slots(experts_TK, num_experts, domain_T.long())
+    return torch.bincount(e_N * num_domains + d_N, minlength=num_experts * num_domains).view(num_experts, num_domains)
+
+
+def expert_token_counts(experts_TK: Tensor, token_T: Tensor, num_experts: int, vocab_size: int) -> Tensor:
+    """counts_EV (int64): routed slots of each expert holding each token id."""
+    e_N, v_N = routed_slots(experts_TK, num_experts, token_T.long())
+    return torch.bincount(e_N * vocab_size + v_N, minlength=num_experts * vocab_size).view(num_experts, vocab_size)
+
+
+def load_share(counts_E: Tensor) -> Tensor:
+    """share_E: each expert's share of the layer's routed slots (zeros when nothing was routed)."""
+    total = counts_E.sum()
+    return counts_E.double() / total if total > 0 else torch.zeros_like(counts_E, dtype=torch.float64)
+
+
+def domain_share(counts_ED: Tensor) -> Tensor:
+    """share_ED: the domain mix of each expert's tokens (rows sum to 1; NaN for an expert with no tokens)."""
+    counts_E1 = counts_ED.sum(1, keepdim=True).double()
+    return counts_ED.double() / counts_E1  # 0/0 = NaN for dead experts
+
+
+def base_rate(counts_ED: Tensor) -> Tensor:
+    """rate_D: the domain mix of all routed slots of the layer."""
+    return load_share(counts_ED.sum(0))
+
+
+def specialisation(counts_ED: Tensor) -> Tensor:
+    """spec_ED = P(domain | expert) / P(domain): 1.0 = no preference, 2.0 = twice the base rate."""
+    rate_D = base_rate(counts_ED)
+    return domain_share(counts_ED) / rate_D  # NaN for dead experts, inf/NaN for an absent domain
+
+
+def dead_experts(counts_E: Tensor) -> list[int]:
+    """Experts that received no token."""
+    return [int(e) for e in (counts_E == 0).nonzero().flatten()]
+
+
+def overloaded_experts(counts_E: Tensor, factor: float = 2.0) -> list[int]:
+    """Experts that received more than ``factor`` times the mean load."""
+    mean = counts_E.double().mean()
+    return [int(e) for e in (counts_E.double() > factor * mean).nonzero().flatten()] if mean > 0 else []
+
+
+# ---------------------------------------------------------------------------------------------- information
+def _entropy_bits(counts: Tensor) -> float:
+    """Plug-in entropy (bits) of the distribution given by non-negative counts."""
+    c = counts[counts > 0].double()
+    n = c.sum()
+    if n <= 0:
+        return 0.0
+    return float((torch.log2(n) - (c * torch.log2(c)).sum() / n))
+
+
+def mutual_information(counts_ED: Tensor) -> dict:
+    """I(expert; domain) over routed slots, in bits, and normalised by H(domain).
+
+    ``normalised`` is 0 when routing is independent of the domain and 1 when the expert determines
+    the domain; it is None when there is a single domain (H(domain) = 0). ``bias_bits`` is the
+    expected plug-in value under independence, (E'-1)(D'-1) / (2 N ln 2), for E', D' the experts
+    and domains seen: measured values near it mean "no detectable dependence".
+    """
+    n = int(counts_ED.sum())
+    h_e, h_d, h_ed = _entropy_bits(counts_ED.sum(1)), _entropy_bits(counts_ED.sum(0)), _entropy_bits(counts_ED.flatten())
+    mi = max(0.0, h_e + h_d - h_ed)
+    e_seen, d_seen = int((counts_ED.sum(1) > 0).sum()), int((counts_ED.sum(0) > 0).sum())
+    bias = (e_seen - 1) * (d_seen - 1) / (2 * n * LN2) if n else 0.0
+    return {"mi_bits": mi, "domain_entropy_bits": h_d, "normalised": mi / h_d if h_d > 1e-12 else None,
+            "bias_bits": bias, "slots": n}
+
+
+def _mm_entropy_bits(key_N: Tensor) -> float:
+    """Miller-Madow bias-corrected entropy (bits) of the empirical distribution of ``key_N``."""
+    if key_N.numel() == 0:
+        return 0.0
+    _, c = torch.unique(key_N, return_counts=True)
+    return _entropy_bits(c) + (c.numel() - 1) / (2 * key_N.numel() * LN2)
+
+
+def conditional_mutual_information(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, num_experts: int,
+                                   num_domains: int) -> dict:
+    """I(expert; domain | token id) in bits: what the routing knows about the domain beyond the token
+    itself (i.e. from context), normalised by H(domain | token). Miller-Madow corrected, clipped at 0;
+    still only an estimate where many tokens are rare."""
+    e_N, d_N, v_N = routed_slots(experts_TK, num_experts, domain_T.long(), token_T.long())
+    E, D = num_experts, num_domains
+    h_ved = _mm_entropy_bits((v_N * E + e_N) * D + d_N)
+    h_ve = _mm_entropy_bits(v_N * E + e_N)
+    h_vd = _mm_entropy_bits(v_N * D + d_N)
+    h_v = _mm_entropy_bits(v_N)
+    cmi = max(0.0, h_ve + h_vd - h_ved - h_v)
+    h_d_given_v = max(0.0, h_vd - h_v)
+    return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v,
+            "normalised": min(1.0, cmi / h_d_given_v) if h_d_given_v > 1e-3 else None}
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def top_tokens_by_count(counts_EV: Tensor, n: int = 8) -> list[list[tuple[int, int]]]:
+    """Per expert: its ``n`` most frequent (token id, count), ties broken by the smaller id."""
+    out = []
+    ids_V = np.arange(counts_EV.shape[1])
+    for row_V in counts_EV.numpy():
+        order = np.lexsort((ids_V, -row_V))[:n]
+        out.append([(int(v), int(row_V[v])) for v in order if row_V[v] > 0])
+    return out
+
+
+def top_tokens_by_lift(counts_EV: Tensor, n: int = 8, min_count: int = 5) -> list[list[tuple[int, int, float]]]:
+    """Per expert: the ``n`` tokens it over-represents most, as (token id, count, lift) with
+    lift = P(token | expert) / P(token), among the tokens the expert received >= ``min_count`` times."""
+    c_EV = counts_EV.double().numpy()
+    c_E1, c_V, total = c_EV.sum(1, keepdims=True), c_EV.sum(0), c_EV.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift_EV = c_EV * total / (c_E1 * c_V)
+    out = []
+    ids_V = np.arange(c_EV.shape[1])
+    for e in range(c_EV.shape[0]):
+        ok_V = c_EV[e] >= max(1, min_count)
+        lift = np.where(ok_V, lift_EV[e], -np.inf)
+        order = np.lexsort((ids_V, -c_EV[e], -lift))[:n]
+        out.append([(int(v), int(c_EV[e, v]), float(lift_EV[e, v])) for v in order if ok_V[v]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _none_if_nan(x: float) -> Optional[float]:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def layer_table(experts_TK: Tensor, token_T: Tensor, domain_T: Tensor, num_experts: int, domains: list,
+                entropy_T: Optional[Tensor] = None, token_str: Optional[Callable[[int], str]] = None,
+                n_tokens: int = 8, min_count: int = 5, overload_factor: float = 2.0) -> dict:
+    """Every statistic of one MoE layer as plain JSON-ready Python values."""
+    E, D = num_experts, len(domains)
+    token_T, domain_T = token_T.long(), domain_T.long()
+    counts_ED = expert_domain_counts(experts_TK, domain_T, E, D)
+    counts_E = counts_ED.sum(1)
+    vocab = int(token_T.max()) + 1 if token_T.numel() else 1
+    counts_EV = expert_token_counts(experts_TK, token_T, E, vocab)
+    share_E, dom_ED, spec_ED, rate_D = load_share(counts_E), domain_share(counts_ED), specialisation(counts_ED), base_rate(counts_ED)
+    by_count, by_lift = top_tokens_by_count(counts_EV, n_tokens), top_tokens_by_lift(counts_EV, n_tokens, min_count)
+    name = token_str or str
+    experts = []
+    for e in range(E):
+        experts.append({
+            "expert": e, "tokens": int(counts_E[e]), "share": float(share_E[e]),
+            "domain_share": {d: _none_if_nan(float(dom_ED[e, i])) for i, d in enumerate(domains)},
+            "specialisation": {d: _none_if_nan(float(spec_ED[e, i])) for i, d in enumerate(domains)},
+            "top_tokens": [{"id": v, "token": name(v), "count": c} for v, c in by_count[e]],
+            "top_lift": [{"id": v, "token": name(v), "count": c, "lift": round(l, 4)} for v, c, l in by_lift[e]],
+        })
+    table = {
+        "num_experts": E, "routed_slots": int(counts_E.sum()), "empty_slots": int((experts_TK >= E).sum()),
+        "tokens": int(experts_TK.shape[0]), "slots_per_token": int(experts_TK.shape[1]),
+        "base_rate": {d: float(rate_D[i]) for i, d in enumerate(domains)},
+        "mi": mutual_information(counts_ED),
+        "mi_given_token": conditional_mutual_information(experts_TK, domain_T, token_T, E, D) if D > 1 else None,
+        "dead": dead_experts(counts_E), "overloaded": overloaded_experts(counts_E, overload_factor),
+        "overload_factor": overload_factor, "experts": experts,
+    }
+    if entropy_T is not None and entropy_T.numel():
+        h = entropy_T.double()
+        table["routing_entropy_nats"] = float(h.mean())
+        table["routing_entropy_normalised"] = float(h.mean() / math.log(E)) if E > 1 else 0.0
+        table["routing_entropy_by_domain"] = {d: float(h[domain_T == i].mean()) for i, d in enumerate(domains)
+                                              if bool((domain_T == i).any())}
+    return table
+
+
+def routing_table(routing: RoutingData, token_str: Optional[Callable[[int], str]] = None, n_tokens: int = 8,
+                  min_count: int = 5) -> list[dict]:
+    """:func:`layer_table` of every MoE layer of ``routing`` (with its block index under ``layer``)."""
+    out = []
+    for layer, E, experts_TK, entropy_T in zip(routing.layers, routing.num_experts, routing.experts, routing.entropy):
+        t = layer_table(experts_TK, routing.token_T, routing.domain_T, E, routing.domains, entropy_T, token_str,
+                        n_tokens, min_count)
+        out.append({"layer": layer, **t})
+    return out

@@ -1,0 +1,109 @@
+"""The MoE language model: causality, KV cache, parameter counting, dense twin, presets."""
+import pytest
+import torch
+
+from moekit import MoEConfig
+from moekit.config import LMConfig
+from moekit.models import PRESETS, KVCache, MoETransformer
+from moekit.train.run import default_model_config
+
+
+def tiny(**moe_kw):
+    moe = dict(dim=32, hidden_dim=48, num_experts=4, top_k=2)
+    moe.update(moe_kw)
+    return LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=40, moe=MoEConfig(**moe))
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    """Changing token j must leave the logits of positions < j unchanged (decoder-only)."""
+    m = MoETransformer(tiny()).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10:] = torch.randint(0, 50, (2, 6))
+    a, b = m(idx).logits, m(idx2).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_kv_cache_matches_full_recompute():
+    """Prefill + one-token steps with the KV cache give the same logits as the whole sequence at once."""
+    m = MoETransformer(tiny()).eval()
+    idx = torch.randint(0, 50, (3, 20))
+    full = m(idx).logits
+    cache = KVCache.empty(m.cfg, 3, "cpu", torch.float32)
+    parts = [m(idx[:, :8], cache=cache).logits]
+    parts.append(m(idx[:, 8:13], cache=cache).logits)  # a chunk after cached positions
+    for t in range(13, 20):
+        parts.append(m(idx[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_same_with_and_without_cache():
+    """generate() with the KV cache and without it give identical greedy output."""
+    m = MoETransformer(tiny())
+    prompt = torch.randint(0, 50, (2, 5))
+    a = m.generate(prompt, 25, temperature=0, use_cache=True)
+    b = m.generate(prompt, 25, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+    assert a.shape == (2, 30)
+    assert m.training, "generate restores the training mode"
+
+
+def test_generate_with_fewer_experts_and_sampling():
+    """top_k_experts=1 runs with one expert per token; top_p sampling is reproducible with a generator."""
+    m = MoETransformer(tiny())
+    p = torch.randint(0, 50, (1, 4))
+    g1 = m.generate(p, 10, temperature=1.0, top_p=0.9, top_k_experts=1, generator=torch.Generator().manual_seed(3))
+    g2 = m.generate(p, 10, temperature=1.0, top_p=0.9, top_k_experts=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(g1, g2)
+    out = m(p, top_k=1)
+    assert all(int(r.stats["tokens_per_expert"].sum()) == 4 for r in out.moe)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m.generate(p, 100)
+
+
+def test_param_counts_total_and_active():
+    """Active parameters count K/E of each MoE layer's experts; total counts everything once (tied embedding)."""
+    cfg = tiny()
+    m = MoETransformer(cfg)
+    c = m.param_counts()
+    assert c["total"] == sum(p.numel() for p in m.parameters())
+    expert = sum(p.numel() for moe in m.moe_layers for p in moe.experts.parameters())
+    assert c["active"] == c["total"] - expert + expert * 2 // 4
+
+
+def test_dense_twin_has_the_same_active_parameters_per_token():
+    """The dense baseline's FFN is as wide as K experts plus the shared ones (router weights aside)."""
+    for preset in PRESETS:
+        cfg = default_model_config(preset, vocab_size=100)
+        moe, dense = MoETransformer(cfg), MoETransformer(cfg.dense_twin())
+        router = sum(p.numel() for layer in moe.moe_layers for p in layer.router.parameters())
+        gate = sum(p.numel() for layer in moe.moe_layers if layer.shared_gate is not None for p in layer.shared_gate.parameters())
+        assert moe.param_counts()["active"] - router - gate == dense.param_counts()["active"], preset
+
+
+def test_moe_every_and_first_dense_layers():
+    """MoE FFNs only where configured (DeepSeekMoE keeps the first layers dense)."""
+    cfg = LMConfig(vocab_size=20, dim=16, n_layers=5, n_heads=2, moe_every=2, first_dense_layers=1,
+                   moe=MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=1))
+    m = MoETransformer(cfg)
+    assert [i for i, b in enumerate(m.blocks) if b.ffn.__class__.__name__ == "MoE"] == [1, 3]
+    out = m(torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6)))
+    assert [r is not None for r in out.moe] == [False, True, False, True, False]
+    assert out.loss.isfinite() and out.aux_loss > 0
+
+
+@pytest.mark.parametrize("bad,match", [(dict(dim=30, n_heads=4), "n_heads"), (dict(n_kv_heads=3), "n_kv_heads"),
+                                       (dict(vocab_size=0), "vocab_size")])
+def test_bad_lm_config(bad, match):
+    """LMConfig names the field it rejects."""
+    kw = dict(vocab_size=10, dim=32, n_layers=1, n_heads=4)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        LMConfig(**kw)
+
+
+def test_sequence_longer_than_context_is_an_error():
+    m = MoETransformer(tiny())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 41, dtype=torch.long))
