@@ -33,8 +33,23 @@ def _check_nonneg(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number >= 0; got {value!r}")
 
 
+class _DictMixin:
+    """to_dict / from_dict for the config dataclasses (unknown keys are an error, not ignored)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class MoEConfig:
+class MoEConfig(_DictMixin):
     """Everything one MoE layer needs. Defaults give a dropless top-2 SwiGLU layer (Mixtral-like)."""
 
     dim: int  # model width D: the layer maps (..., D) -> (..., D)
@@ -126,20 +141,10 @@ class MoEConfig:
         if self.overflow == "reroute" and self.router in ("expert_choice", "hash"):
             raise ValueError(f"overflow='reroute' needs a token-choice router with scores; got router {self.router!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass
-class LMConfig:
+class LMConfig(_DictMixin):
     """A MoE (or dense) decoder-only language model."""
 
     vocab_size: int = 4096  # tokens V
@@ -178,16 +183,6 @@ class LMConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LMConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
 
     def dense_twin(self) -> "LMConfig":
         """The dense baseline with the same active parameters per token: each MoE FFN becomes a
@@ -202,7 +197,7 @@ class LMConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_DictMixin):
     """One training run of one model (``moekit train`` runs the MoE and its dense twin)."""
 
     steps: int = 500  # optimizer steps
@@ -235,13 +230,3 @@ class TrainConfig:
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
             _check_nonneg(name, getattr(self, name))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**d)

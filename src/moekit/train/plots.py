@@ -13,6 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .trainer import METRICS  # noqa: E402
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def read_metrics(sub_dir: Path) -> list[dict]:
     path = Path(sub_dir) / METRICS
     if not path.exists():
@@ -34,11 +41,7 @@ def plot_val_loss(run_dir: Path) -> Path:
     ax.set_title("MoE vs. dense model of equal active parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = run_dir / "val_loss.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "val_loss.png")
 
 
 def plot_expert_load(run_dir: Path) -> Path:
@@ -57,11 +60,7 @@ def plot_expert_load(run_dir: Path) -> Path:
         ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")
     axes[0][0].set_title("share of routed tokens per expert over training")
-    out = run_dir / "expert_load.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "expert_load.png")
 
 
 def plot_tokens_per_expert(run_dir: Path) -> Path:
@@ -80,11 +79,7 @@ def plot_tokens_per_expert(run_dir: Path) -> Path:
     ax.set_ylabel("validation tokens routed")
     ax.set_title(f"tokens per expert at step {rows[-1]['step']}")
     ax.legend(fontsize=7, ncol=2)
-    out = run_dir / "tokens_per_expert.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "tokens_per_expert.png")
 
 
 def plot_run(run_dir: Path) -> list[Path]:
