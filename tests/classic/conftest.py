@@ -5,8 +5,17 @@ from __future__ import annotations
 import matplotlib
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_worker():
+    """Small fits run fastest single-threaded; BLAS/OpenMP threads only oversubscribe
+    the cores that pytest-xdist workers already share."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 def two_regimes(n: int, seed: int, noise: float = 0.2):

@@ -168,7 +168,12 @@ class CategoricalExperts(ExpertSet):
     def _fit_one(self, k: int, X: np.ndarray, y: np.ndarray, w: np.ndarray) -> Any:
         labels = np.unique(y)
         if labels.size < 2:
-            return ConstantProba(labels, np.ones(1))
+            # Many classifiers (e.g. LogisticRegression) refuse a single class; the
+            # expert then predicts that class with certainty.
+            try:
+                return fit_weighted(self.templates[k], X, y, w, self.seed, task="classification")
+            except ValueError:
+                return ConstantProba(labels, np.ones(1))
         return fit_weighted(self.templates[k], X, y, w, self.seed, task="classification")
 
     def _predict_with(self, est: Any, X: np.ndarray) -> np.ndarray:
