@@ -252,7 +252,8 @@ class _BaseMixture(BaseEstimator):
         For a hierarchical mixture these are the leaf probabilities
         ``g_j(x) g_{k|j}(x)``, leaf ``j * n_experts_per_group + k``.
         """
-        return self._gating.proba(self._validate_X(X))
+        X = self._validate_X(X)
+        return self._gating.proba(X)
 
     def predict_expert(self, X: Any) -> np.ndarray:
         """Index of the expert that owns each input (largest gate probability)."""

@@ -70,7 +70,8 @@ class _HierarchicalMixin:
 
     def group_proba(self, X: Any) -> np.ndarray:
         """Top-gate probability of each group, shape ``(n_samples, n_groups)``."""
-        return self._gating.group_proba(self._validate_X(X))  # type: ignore[attr-defined]
+        X = self._validate_X(X)  # type: ignore[attr-defined]
+        return self._gating.group_proba(X)  # type: ignore[attr-defined]
 
     def predict_group(self, X: Any) -> np.ndarray:
         """Index of the group that owns each input."""
