@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,12 @@ def fit_weighted(
     seed_estimator(est, seed)
     if supports_sample_weight(est):
         if isinstance(est, Pipeline):
-            return est.fit(X, y, **{key: w for key in _pipeline_weight_keys(est)})
+            with warnings.catch_warnings():
+                # A weighted StandardScaler can compute a variance of -1e-17 for a
+                # constant feature; it detects such features and uses scale 1 anyway.
+                warnings.filterwarnings("ignore", "invalid value encountered in sqrt",
+                                        RuntimeWarning, "sklearn.preprocessing._data")
+                return est.fit(X, y, **{key: w for key in _pipeline_weight_keys(est)})
         return est.fit(X, y, sample_weight=w)
     if np.allclose(w, w[0]):
         return est.fit(X, y)

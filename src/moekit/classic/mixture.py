@@ -26,7 +26,7 @@ _PARAMS_DOC = """
         n_experts: Number of experts; ``None`` means 2 for a single estimator
             and ``len(experts)`` for a list.
         gate: Classifier with ``predict_proba`` whose classes are the experts.
-            Default: multinomial logistic regression (``C=10``) on standardised
+            Default: multinomial logistic regression (``C=100``) on standardised
             inputs. Soft targets are fitted through sample weights; a gate
             without ``sample_weight`` is fitted to the most responsible expert.
         method: ``"em"`` (soft EM, Jordan & Jacobs 1994), ``"hard_em"``
