@@ -61,7 +61,7 @@ class _BaseMixture(BaseEstimator):
     def _structure(self) -> tuple[int, int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _n_from_experts(self, name: str, value: Any) -> int | None:
+    def _n_from_experts(self, name: str, value: Any, hint: str) -> int | None:
         """Number of experts implied by a list ``experts`` (None for one estimator)."""
         experts = self.experts
         if isinstance(experts, (list, tuple)):
@@ -71,7 +71,7 @@ class _BaseMixture(BaseEstimator):
             if value is not None and value != len(experts):
                 raise ValueError(
                     f"{name}={value} does not match the {len(experts)} estimators passed "
-                    f"in experts; leave {name}=None or pass {name}={len(experts)}."
+                    f"in experts; {hint}."
                 )
             return len(experts)
         return None
@@ -276,7 +276,7 @@ class _BaseMixture(BaseEstimator):
         return float(np.mean(logsumexp(self._joint(X, y), axis=1)))
 
 
-class _RegressorMixtureMixin:
+class _RegressorMixture(_BaseMixture):
     """Prediction for Gaussian mixtures of regression experts."""
 
     _task = "regression"
@@ -296,41 +296,38 @@ class _RegressorMixtureMixin:
             The predicted mean, shape ``(n_samples,)``, and with ``return_std`` a
             tuple ``(mean, std)``.
         """
-        X = self._validate_X(X)  # type: ignore[attr-defined]
-        g = self._gating.proba(X)  # type: ignore[attr-defined]
-        mu = self._expert_set.predict_all(X)  # type: ignore[attr-defined]
-        var = self._expert_set.var_  # type: ignore[attr-defined]
-        if self._pooling == "winner":  # type: ignore[attr-defined]
+        X = self._validate_X(X)
+        g = self._gating.proba(X)
+        mu = self._expert_set.predict_all(X)
+        var = self._expert_set.var_
+        if self._pooling == "winner":
             win = np.argmax(g, axis=1)
             mean = mu[np.arange(len(win)), win]
             std = np.sqrt(var[win])
         else:
-            if self._pooling == "stacking":  # type: ignore[attr-defined]
-                mean = np.asarray(
-                    self.stacker_.predict(stacking_features(g, mu)),  # type: ignore[attr-defined]
-                    dtype=float,
-                ).reshape(-1)
+            if self._pooling == "stacking":
+                mean = np.asarray(self.stacker_.predict(stacking_features(g, mu)), dtype=float)
+                mean = mean.reshape(-1)
             else:
                 mean = pool_average(g, mu)
             std = np.sqrt(np.maximum(mixture_variance(g, mu, var, mean), 0.0))
         return (mean, std) if return_std else mean
 
 
-class _ClassifierMixtureMixin:
+class _ClassifierMixture(_BaseMixture):
     """Prediction for mixtures of classification experts."""
 
     _task = "classification"
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities of the pooled experts, shape ``(n_samples, n_classes)``."""
-        X = self._validate_X(X)  # type: ignore[attr-defined]
-        g = self._gating.proba(X)  # type: ignore[attr-defined]
-        P = self._expert_set.predict_all(X)  # type: ignore[attr-defined]
-        if self._pooling == "winner":  # type: ignore[attr-defined]
+        X = self._validate_X(X)
+        g = self._gating.proba(X)
+        P = self._expert_set.predict_all(X)
+        if self._pooling == "winner":
             out = pool_winner(g, P)
-        elif self._pooling == "stacking":  # type: ignore[attr-defined]
-            out = proba_columns(self.stacker_, stacking_features(g, P),  # type: ignore[attr-defined]
-                                len(self.classes_))  # type: ignore[attr-defined]
+        elif self._pooling == "stacking":
+            out = proba_columns(self.stacker_, stacking_features(g, P), len(self.classes_))
         else:
             out = pool_average(g, P)
         total = out.sum(axis=1, keepdims=True)
@@ -339,5 +336,5 @@ class _ClassifierMixtureMixin:
     def predict(self, X: Any) -> np.ndarray:
         """Most probable class under the pooled prediction."""
         proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]  # type: ignore[attr-defined]
+        return self.classes_[np.argmax(proba, axis=1)]
 

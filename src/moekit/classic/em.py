@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
@@ -226,7 +225,7 @@ def responsibilities(joint: np.ndarray) -> np.ndarray:
     return np.exp(joint - logsumexp(joint, axis=1, keepdims=True))
 
 
-__all__: list[Any] = [
+__all__ = [
     "FitResult",
     "initial_labels",
     "one_hot",

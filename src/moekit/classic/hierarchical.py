@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 
-from ._base import _BaseMixture, _ClassifierMixtureMixin, _RegressorMixtureMixin
+from ._base import _BaseMixture, _ClassifierMixture, _RegressorMixture
 from ._validation import check_int
 
 _PARAMS_DOC = """
@@ -51,27 +51,29 @@ _PARAMS_DOC = """
         n_features_in_: Number of input features."""
 
 
-class _HierarchicalMixin:
+class _HierarchicalMixin(_BaseMixture):
     """Structure and inspection specific to the two-level tree."""
 
     def _structure(self) -> tuple[int, int]:
-        check_int(self.n_groups, "n_groups", 1)  # type: ignore[attr-defined]
-        check_int(self.n_experts_per_group, "n_experts_per_group", 1)  # type: ignore[attr-defined]
-        n_leaves = self.n_groups * self.n_experts_per_group  # type: ignore[attr-defined]
-        self._n_from_experts(  # type: ignore[attr-defined]
-            "n_groups * n_experts_per_group", n_leaves
+        check_int(self.n_groups, "n_groups", 1)
+        check_int(self.n_experts_per_group, "n_experts_per_group", 1)
+        n_leaves = self.n_groups * self.n_experts_per_group
+        self._n_from_experts(
+            "n_groups * n_experts_per_group",
+            n_leaves,
+            "pass one estimator per leaf, or a single estimator to clone",
         )
-        return int(self.n_groups), int(self.n_experts_per_group)  # type: ignore[attr-defined]
+        return int(self.n_groups), int(self.n_experts_per_group)
 
     def _set_gate_attributes(self) -> None:
-        gating = self._gating  # type: ignore[attr-defined]
+        gating = self._gating
         self.gate_ = gating.top_ if gating.n_groups > 1 else gating.groups_[0]
         self.group_gates_ = list(gating.groups_)
 
     def group_proba(self, X: Any) -> np.ndarray:
         """Top-gate probability of each group, shape ``(n_samples, n_groups)``."""
-        X = self._validate_X(X)  # type: ignore[attr-defined]
-        return self._gating.group_proba(X)  # type: ignore[attr-defined]
+        X = self._validate_X(X)
+        return self._gating.group_proba(X)
 
     def predict_group(self, X: Any) -> np.ndarray:
         """Index of the group that owns each input."""
@@ -79,7 +81,7 @@ class _HierarchicalMixin:
 
 
 class HierarchicalMixtureOfExpertsRegressor(
-    _HierarchicalMixin, _RegressorMixtureMixin, RegressorMixin, _BaseMixture
+    _HierarchicalMixin, RegressorMixin, _RegressorMixture
 ):
     __doc__ = (
         """Two-level hierarchical mixture of Gaussian regression experts (Jordan & Jacobs 1994).
@@ -129,7 +131,7 @@ class HierarchicalMixtureOfExpertsRegressor(
 
 
 class HierarchicalMixtureOfExpertsClassifier(
-    _HierarchicalMixin, _ClassifierMixtureMixin, ClassifierMixin, _BaseMixture
+    _HierarchicalMixin, ClassifierMixin, _ClassifierMixture
 ):
     __doc__ = (
         """Two-level hierarchical mixture of classification experts (Jordan & Jacobs 1994).

@@ -14,7 +14,7 @@ from typing import Any
 
 from sklearn.base import ClassifierMixin, RegressorMixin
 
-from ._base import _BaseMixture, _ClassifierMixtureMixin, _RegressorMixtureMixin
+from ._base import _BaseMixture, _ClassifierMixture, _RegressorMixture
 from ._validation import check_int
 
 _PARAMS_DOC = """
@@ -62,7 +62,7 @@ _VARIANCE_DOC = """
             fraction of the variance of ``y``."""
 
 
-class MixtureOfExpertsRegressor(_RegressorMixtureMixin, RegressorMixin, _BaseMixture):
+class MixtureOfExpertsRegressor(RegressorMixin, _RegressorMixture):
     __doc__ = (
         """Mixture of regression experts with Gaussian noise (Jacobs et al. 1991).
 
@@ -124,7 +124,7 @@ class MixtureOfExpertsRegressor(_RegressorMixtureMixin, RegressorMixin, _BaseMix
         return 1, _flat_size(self)
 
 
-class MixtureOfExpertsClassifier(_ClassifierMixtureMixin, ClassifierMixin, _BaseMixture):
+class MixtureOfExpertsClassifier(ClassifierMixin, _ClassifierMixture):
     __doc__ = (
         """Mixture of classification experts (Jacobs et al. 1991; Jordan & Jacobs 1994).
 
@@ -176,7 +176,10 @@ class MixtureOfExpertsClassifier(_ClassifierMixtureMixin, ClassifierMixin, _Base
 
 def _flat_size(model: _BaseMixture) -> int:
     check_int(model.n_experts, "n_experts", 1, allow_none=True)
-    from_list = model._n_from_experts("n_experts", model.n_experts)
+    n = model.n_experts
+    from_list = model._n_from_experts(
+        "n_experts", n, f"leave n_experts=None or give {n} estimators"
+    )
     if from_list is not None:
         return from_list
     return 2 if model.n_experts is None else int(model.n_experts)
