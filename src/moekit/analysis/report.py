@@ -25,7 +25,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
-from ..train.checkpoint import atomic_write_bytes  # noqa: E402
+from .._io import atomic_write_bytes  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
 from .routing import collect_routing, routing_table  # noqa: E402
 
@@ -69,7 +69,7 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     plot_domain_heatmap(layers, focus, report["base_rate"].get(focus, 0.5), out / DOMAIN_PNG)
     plot_load_heatmap(layers, out / LOAD_PNG)
     report["files"] = {name: str(out / name) for name in (DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML)}
-    atomic_write_bytes(out / REPORT_JSON, json.dumps(report, indent=2).encode())
+    atomic_write_bytes(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False).encode())
     atomic_write_bytes(out / REPORT_HTML, render_html(report, {DOMAIN_PNG: (out / DOMAIN_PNG).read_bytes(),
                                                                LOAD_PNG: (out / LOAD_PNG).read_bytes()}).encode())
     if not quiet:
@@ -143,29 +143,33 @@ def layer_reading(layer: dict, domains: list) -> str:
         parts.append(f"layer {L}: the data has a single domain, so there is no domain preference to measure")
     else:
         carried = f"routing carries {mi['normalised']:.2f} of the domain information ({mi['mi_bits']:.3f} of {mi['domain_entropy_bits']:.3f} bits)"
-        if mi["normalised"] < NO_PREFERENCE:
-            parts.append(f"layer {L}: no clear specialisation; {carried}")
+        noise = mi["mi_bits"] < 3 * mi["bias_bits"]  # independent routing would show about bias_bits
+        if mi["normalised"] < NO_PREFERENCE or noise:
+            note = f", within sampling noise (independent routing shows about {mi['bias_bits']:.3f} bits here)" if noise else ""
+            parts.append(f"layer {L}: no clear specialisation; {carried}{note}")
         else:
             strength = "a clear" if mi["normalised"] >= CLEAR else "a weak"
             leaning = []
             for d in domains:
                 ids = leaning_experts(layer, d)
                 if ids:
-                    leaning.append(f"{_names(ids)} take {_pct(_group_share(layer, ids, d))} {d} tokens against a base rate of {_pct(layer['base_rate'][d])}")
-            parts.append(f"layer {L}: {strength} domain preference; {carried}" + ("; " + "; ".join(leaning) if leaning else ""))
-        cond = layer.get("mi_given_token")
-        if cond and cond["normalised"] is not None:
-            if cond["normalised"] < NO_PREFERENCE and mi["normalised"] >= NO_PREFERENCE:
-                parts.append(f"given the token id it carries only {cond['normalised']:.2f} of the remaining domain information, "
-                             "so the preference is mostly which tokens each domain uses rather than context")
-            elif cond["normalised"] >= NO_PREFERENCE:
-                parts.append(f"given the token id it still carries {cond['normalised']:.2f} of the remaining domain information, "
-                             "so it also uses context")
+                    verb = "takes" if len(ids) == 1 else "take"
+                    leaning.append(f"{_names(ids)} {verb} {_pct(_group_share(layer, ids, d))} {d} tokens "
+                                   f"against a base rate of {_pct(layer['base_rate'][d])}")
+            parts.append(f"layer {L}: {strength} domain preference; {carried}" + "".join("; " + x for x in leaning))
+            cond = layer.get("mi_given_token")
+            if cond and cond["excess"] is not None:
+                given = (f"given the token id it carries {cond['normalised']:.2f} of the remaining domain information "
+                         f"against {cond['null_normalised']:.2f} with the domain labels shuffled per token")
+                if cond["excess"] < NO_PREFERENCE:
+                    parts.append(given + ", so the preference is mostly which tokens each domain uses, not context")
+                else:
+                    parts.append(given + ", so it also uses the context")
     E = layer["num_experts"]
     if layer["dead"]:
         parts.append(f"{_names(layer['dead'])} received no token")
     for e in layer["overloaded"]:
-        parts.append(f"expert {e} takes {_pct(layer['experts'][e]['share'])} of the routed slots (mean {_pct(1 / E)})")
+        parts.append(f"expert {e} takes {_pct(layer['experts'][e]['share'])} of the routed slots (mean {100 / E:.1f}%)")
     if "routing_entropy_normalised" in layer:
         parts.append(f"routing entropy is {layer['routing_entropy_normalised']:.2f} of its maximum log {E}")
     return "; ".join(parts) + "."
@@ -204,10 +208,12 @@ def text_table(report: dict) -> str:
     for layer in report["layers"]:
         mi, cond = layer["mi"], layer.get("mi_given_token") or {}
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        row = (f"{layer['layer']:>5} {mi['mi_bits']:>8.4f} {f(mi['normalised']):>6} {f(cond.get('normalised')):>6} "
+        row = (f"{layer['layer']:>5} {mi['mi_bits']:>8.4f} {f(mi['normalised']):>6} {f(cond.get('excess')):>6} "
                f"{f(layer.get('routing_entropy_normalised')):>6}  " + "".join(f"{_extreme(layer, d):<24}" for d in doms)
                + f"{','.join(map(str, layer['dead'])) or '-':<10} {','.join(map(str, layer['overloaded'])) or '-'}")
         lines.append(row)
+    lines.append("MI/H: I(expert; domain) / H(domain); MI|tok: the same given the token id, in excess of its value with "
+                 "labels shuffled per token; H/Hmax: routing entropy / log E; leaning: domain share (specialisation)")
     return "\n".join(lines)
 
 
@@ -226,8 +232,7 @@ def _matrix(layers: list, value) -> np.ndarray:
 def _heatmap(m_LE: np.ndarray, labels: list, norm, cmap: str, title: str, cbar: str, annot, path: Path) -> None:
     L, E = m_LE.shape
     fig, ax = plt.subplots(figsize=(min(20, 1.6 + 0.62 * E), 1.3 + 0.55 * L))
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("#d9d9d9")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(m_LE), cmap=cm, norm=norm, aspect="auto")
     ax.set_xticks(range(E), [str(e) for e in range(E)])
     ax.set_yticks(range(L), labels)
@@ -359,13 +364,14 @@ def _config_html(report: dict) -> str:
 
 def _summary_html(report: dict) -> str:
     head = ("<tr><th>layer</th><th>I(expert; domain) bits</th><th>H(domain) bits</th><th>normalised</th>"
-            "<th>independence bias</th><th>normalised, given token</th><th>routing entropy (nats)</th>"
+            "<th>independence bias</th><th>normalised, given token</th><th>same, labels shuffled per token</th><th>excess</th><th>routing entropy (nats)</th>"
             "<th>entropy / max</th><th>empty slots</th><th class=l>dead</th><th class=l>overloaded (&gt; 2x mean)</th></tr>")
     rows = []
     for layer in report["layers"]:
         mi, cond = layer["mi"], layer.get("mi_given_token") or {}
         rows.append(f"<tr><td>{layer['layer']}</td><td>{mi['mi_bits']:.4f}</td><td>{mi['domain_entropy_bits']:.4f}</td>"
                     f"<td>{_fmt(mi['normalised'], '.3f')}</td><td>{mi['bias_bits']:.5f}</td><td>{_fmt(cond.get('normalised'), '.3f')}</td>"
+                    f"<td>{_fmt(cond.get('null_normalised'), '.3f')}</td><td>{_fmt(cond.get('excess'), '.3f')}</td>"
                     f"<td>{_fmt(layer.get('routing_entropy_nats'), '.3f')}</td><td>{_fmt(layer.get('routing_entropy_normalised'), '.3f')}</td>"
                     f"<td>{layer['empty_slots']}</td><td class=l>{', '.join(map(str, layer['dead'])) or '-'}</td>"
                     f"<td class=l>{', '.join(map(str, layer['overloaded'])) or '-'}</td></tr>")
@@ -411,7 +417,9 @@ def render_html(report: dict, images: dict) -> str:
             "<p class=small>I(expert; domain) is computed over routed slots; normalised = I / H(domain) (0 = routing "
             "ignores the domain, 1 = the expert determines it). The independence bias is what the estimate shows on "
             "average when there is no dependence. 'Given token' is I(expert; domain | token id) / H(domain | token id), "
-            "Miller-Madow corrected: the domain information the routing has beyond the token itself.</p>",
+            "Miller-Madow corrected: the domain information the routing has beyond the token itself; as the estimate is "
+            "biased upwards by rare tokens, it is repeated with the domain labels shuffled among each token's occurrences, "
+            "and the excess over that is the part to read.</p>",
             "<h2>Domain preference</h2>", img(DOMAIN_PNG, "domain heatmap"),
             "<h2>Load</h2>", img(LOAD_PNG, "load heatmap"),
             "<h2>Experts per layer</h2>"]

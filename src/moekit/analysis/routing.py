@@ -189,21 +189,48 @@ def _mm_entropy_bits(key_N: Tensor) -> float:
     return _entropy_bits(c) + (c.numel() - 1) / (2 * key_N.numel() * LN2)
 
 
-def conditional_mutual_information(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, num_experts: int,
-                                   num_domains: int) -> dict:
-    """I(expert; domain | token id) in bits: what the routing knows about the domain beyond the token
-    itself (i.e. from context), normalised by H(domain | token). Miller-Madow corrected, clipped at 0;
-    still only an estimate where many tokens are rare."""
-    e_N, d_N, v_N = routed_slots(experts_TK, num_experts, domain_T.long(), token_T.long())
-    E, D = num_experts, num_domains
+def permute_within_groups(values_T: Tensor, groups_T: Tensor, generator: torch.Generator) -> Tensor:
+    """``values_T`` randomly permuted among the positions of the same group (each group keeps its values)."""
+    def grouped_order() -> Tensor:  # positions sorted by group, in random order within each group
+        jitter = torch.rand(groups_T.numel(), generator=generator, dtype=torch.float64) * 0.5
+        return torch.argsort(groups_T.double() + jitter)
+
+    out = torch.empty_like(values_T)
+    out[grouped_order()] = values_T[grouped_order()]
+    return out
+
+
+def _cmi_bits(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, E: int, D: int) -> tuple[float, float]:
+    """(I(expert; domain | token), H(domain | token)) in bits, Miller-Madow corrected."""
+    e_N, d_N, v_N = routed_slots(experts_TK, E, domain_T, token_T)
     h_ved = _mm_entropy_bits((v_N * E + e_N) * D + d_N)
     h_ve = _mm_entropy_bits(v_N * E + e_N)
     h_vd = _mm_entropy_bits(v_N * D + d_N)
     h_v = _mm_entropy_bits(v_N)
-    cmi = max(0.0, h_ve + h_vd - h_ved - h_v)
-    h_d_given_v = max(0.0, h_vd - h_v)
-    return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v,
-            "normalised": min(1.0, cmi / h_d_given_v) if h_d_given_v > 1e-3 else None}
+    return max(0.0, h_ve + h_vd - h_ved - h_v), max(0.0, h_vd - h_v)
+
+
+def conditional_mutual_information(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, num_experts: int,
+                                   num_domains: int, permutations: int = 3, seed: int = 0) -> dict:
+    """I(expert; domain | token id) in bits: what the routing knows about the domain beyond the token
+    itself (i.e. from context), normalised by H(domain | token).
+
+    Even Miller-Madow corrected, the estimate is biased upwards where many tokens are rare, so it
+    comes with ``null_normalised``: its mean after shuffling the domain labels among the occurrences
+    of each token (which keeps token/domain statistics and destroys any further dependence), and
+    ``excess`` = normalised - null, the number to read."""
+    domain_T, token_T = domain_T.long(), token_T.long()
+    cmi, h_d_given_v = _cmi_bits(experts_TK, domain_T, token_T, num_experts, num_domains)
+    if h_d_given_v <= 1e-3:
+        return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v, "normalised": None, "null_normalised": None,
+                "excess": None}
+    g = torch.Generator().manual_seed(seed)
+    nulls = [_cmi_bits(experts_TK, permute_within_groups(domain_T, token_T, g), token_T, num_experts, num_domains)[0]
+             for _ in range(permutations)]
+    norm = min(1.0, cmi / h_d_given_v)
+    null = min(1.0, sum(nulls) / len(nulls) / h_d_given_v) if nulls else 0.0
+    return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v, "normalised": norm, "null_normalised": null,
+            "excess": max(0.0, norm - null)}
 
 
 # ---------------------------------------------------------------------------------------------- tokens

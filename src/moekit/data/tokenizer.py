@@ -3,10 +3,10 @@ trained locally with the ``tokenizers`` library and cached by corpus fingerprint
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Union
+
+from .._io import atomic_write_text
 
 EOS = "<|eos|>"
 
@@ -30,7 +30,7 @@ class ByteTokenizer:
         return "<eos>" if i == 256 else bytes([i]).decode("latin-1")
 
     def save(self, path: Union[str, Path]) -> None:
-        _atomic_write_text(Path(path), json.dumps({"kind": "bytes"}))
+        atomic_write_text(Path(path), json.dumps({"kind": "bytes"}))
 
 
 class BPETokenizer:
@@ -68,7 +68,7 @@ class BPETokenizer:
         return self.tok.decode([int(i)]) if int(i) != self.eos_id else "<eos>"
 
     def save(self, path: Union[str, Path]) -> None:
-        _atomic_write_text(Path(path), self.tok.to_str())
+        atomic_write_text(Path(path), self.tok.to_str())
 
 
 Tokenizer = Union[ByteTokenizer, BPETokenizer]
@@ -88,11 +88,3 @@ def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     return BPETokenizer(HFTokenizer.from_str(text))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -7,13 +7,13 @@ save never leaves a half-written checkpoint behind. A missing or corrupt file ra
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from .._io import atomic_write_bytes
 
 OPTIM = "optim."
 RNG = "rng."
@@ -22,21 +22,6 @@ MODEL = "model."
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read (missing, truncated, corrupt, or for another model)."""
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from ..config import LMConfig, MoEConfig, TrainConfig
 from ..data import build_data, load_tokenizer
-from .checkpoint import atomic_write_bytes
+from .._io import atomic_write_bytes
 from .trainer import CHECKPOINT, SUMMARY, Trainer
 
 CONFIG = "config.json"
