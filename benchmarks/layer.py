@@ -93,18 +93,18 @@ def transformers_block(moe: MoE, impl: str):
     cfg = MixtralConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_local_experts=c.num_experts,
                         num_experts_per_tok=c.top_k)
     try:
-        cfg._experts_implementation = impl
-    except Exception:  # noqa: BLE001
-        pass
-    try:
         block = MixtralSparseMoeBlock(cfg)
+        block.experts.config._experts_implementation = impl
     except Exception:  # noqa: BLE001
         return None
+    with torch.no_grad():  # transformers leaves the expert tensors uninitialised (torch.empty)
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
     block = block.to(moe.experts.w_up.device, moe.experts.w_up.dtype)
 
     def fwd(x_TD):
         out = block(x_TD.unsqueeze(0))
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out).reshape(x_TD.shape)
 
     return fwd
 
