@@ -17,6 +17,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
+demo: install
+	$(VENV)/bin/moekit train --name demo$(if $(RUN_SUFFIX),-$(RUN_SUFFIX),)
+	$(VENV)/bin/moekit inspect --run runs/demo$(if $(RUN_SUFFIX),-$(RUN_SUFFIX),)
+
 bench: install
 	$(PY) benchmarks/layer.py
 
