@@ -140,7 +140,7 @@ def make_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a MoE LM and its dense twin on the embedded corpus")
     t.add_argument("--name", help="run name (default: a timestamp)")
     t.add_argument("--out", default="runs", help="folder that holds run folders")
-    t.add_argument("--preset", default="mixtral", help="mixtral (8 experts, top-2), switch (top-1), deepseek, qwen_moe")
+    t.add_argument("--preset", default="deepseek", help="deepseek (default: 16 fine-grained experts, top-4, 1 shared, sigmoid router), mixtral (8 experts, top-2), switch (top-1), qwen_moe")
     t.add_argument("--config", help="JSON file with {'model': {...}, 'train': {...}}")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")

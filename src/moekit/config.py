@@ -200,7 +200,7 @@ class LMConfig(_DictMixin):
 class TrainConfig(_DictMixin):
     """One training run of one model (``moekit train`` runs the MoE and its dense twin)."""
 
-    steps: int = 500  # optimizer steps
+    steps: int = 1000  # optimizer steps
     batch_size: int = 16  # sequences per step
     seq_len: int = 128  # tokens per sequence
     lr: float = 3e-3  # peak learning rate (AdamW)
@@ -219,7 +219,7 @@ class TrainConfig(_DictMixin):
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
     vocab_size: int = 4096  # BPE vocabulary size
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
-    code_chars: int = 1_500_000  # characters of stdlib code in the embedded corpus
+    code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size"):

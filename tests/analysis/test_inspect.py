@@ -30,7 +30,7 @@ def runs(tmp_path_factory):
     """A tiny MoE run and a tiny dense-only run, trained through the CLI (bytes tokenizer, 20 steps)."""
     root = tmp_path_factory.mktemp("inspect")
     common = ["--out", str(root), "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--seq-len", str(SEQ_LEN),
-              "--dim", "32", "--layers", "2", "--quiet", "--set", "train.code_chars=100000",
+              "--dim", "32", "--layers", "2", "--quiet", "--preset", "mixtral", "--set", "train.code_chars=100000",
               "--set", 'train.tokenizer="bytes"', "--set", "train.eval_windows=4", "--set", "model.max_seq_len=64",
               "--set", "model.ffn_hidden_dim=64"]
     with pytest.MonkeyPatch.context() as mp:

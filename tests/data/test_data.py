@@ -85,3 +85,15 @@ def test_batches_are_seeded_and_windows_fixed():
     b = next(random_batches(ids, 16, 4, torch.Generator().manual_seed(1)))
     assert torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])
     assert torch.equal(fixed_windows(1000, 16, 8), fixed_windows(1000, 16, 8))
+
+
+def test_balanced_windows_split_evenly_over_domains():
+    """Inspection windows are shared equally by a rare and a common domain."""
+    from moekit.data.stream import balanced_windows
+
+    dom = torch.cat([torch.zeros(500), torch.ones(9500)]).to(torch.uint8)
+    starts = balanced_windows(dom, 16, 10)
+    assert starts.numel() == 10
+    assert int((dom[starts] == 0).sum()) == 5 and int((dom[starts] == 1).sum()) == 5
+    assert torch.equal(starts, balanced_windows(dom, 16, 10))
+    assert balanced_windows(torch.zeros(100, dtype=torch.uint8), 16, 4).numel() == 4

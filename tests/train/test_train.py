@@ -110,7 +110,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert err.count("\n") == 1 and "corrupt" in err
     assert main(["train", "--out", str(tmp_path), "--name", "t", *TINY]) == 2, "an existing run is not overwritten"
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert main(["train", "--out", str(tmp_path), "--set", "model.moe.top_k=9"]) == 2
+    assert main(["train", "--out", str(tmp_path), "--set", "model.moe.top_k=99"]) == 2
     assert "top_k" in capsys.readouterr().err
 
 

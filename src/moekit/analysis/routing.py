@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.stream import TokenData, fixed_windows, window
+from ..data.stream import TokenData, balanced_windows, window
 from ..layer import MoE
 
 LN2 = math.log(2.0)
@@ -45,7 +45,8 @@ class RoutingData:
 @torch.no_grad()
 def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu",
                     top_k: Optional[int] = None) -> RoutingData:
-    """Run ``model`` in eval mode on ``windows`` fixed validation windows and record each MoE layer's
+    """Run ``model`` in eval mode on ``windows`` fixed validation windows (split evenly over the
+    domains, see :func:`moekit.data.stream.balanced_windows`) and record each MoE layer's
     expert per (token, slot), with the token id, domain and routing entropy of each token."""
     if windows <= 0 or seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"windows, seq_len and batch_size must be positive; got {windows}, {seq_len}, {batch_size}")
@@ -58,7 +59,7 @@ def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_si
         raise ValueError("the model has no MoE layer")
     was_training = model.training
     model.eval()
-    starts = fixed_windows(data.val_ids_N.numel(), seq_len, windows)
+    starts = balanced_windows(data.val_domain_N, seq_len, windows)
     entropies: list[list[Tensor]] = [[] for _ in moe_blocks]
     experts: list[list[Tensor]] = [[] for _ in moe_blocks]
     tokens, domains = [], []

@@ -1,7 +1,7 @@
 """The embedded corpus: text every Python installation carries, in two real domains.
 
 * prose: the documentation topics of ``pydoc_data.topics`` (the text of ``help('topic')``);
-* code: the standard library's own top-level ``.py`` modules.
+* code: the standard library's own ``.py`` modules (not its tests).
 
 Documents keep their domain so that each token can be traced back to prose or code. The
 held-out split is fixed: the last 10% of every document is validation.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +35,27 @@ def prose_documents() -> list[Document]:
     return [Document(f"pydoc:{k}", "prose", topics[k]) for k in sorted(topics)]
 
 
-def code_documents(max_chars: int = 1_500_000) -> list[Document]:
-    """Top-level stdlib modules in sorted order until ``max_chars`` characters."""
+def code_documents(max_chars: int = 6_000_000) -> list[Document]:
+    """Standard-library modules (tests and site-packages left out), in a fixed shuffled order
+    so that any budget spans the whole library, until ``max_chars`` characters."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    paths = sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+    random.Random(0).shuffle(paths)
     docs, total = [], 0
-    for path in sorted(stdlib.glob("*.py")):
+    for path in paths:
+        if total >= max_chars:
+            break
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if total >= max_chars:
-            break
-        docs.append(Document(f"stdlib:{path.name}", "code", text))
+        docs.append(Document(f"stdlib:{path.relative_to(stdlib).as_posix()}", "code", text))
         total += len(text)
     return docs
 
 
-def embedded_corpus(code_chars: int = 1_500_000) -> list[Document]:
+def embedded_corpus(code_chars: int = 6_000_000) -> list[Document]:
     """Prose and code documents, evenly interleaved so that both domains run through the stream."""
     prose, code = prose_documents(), code_documents(code_chars)
     keyed = [((i + 0.5) / len(prose), d) for i, d in enumerate(prose)] + [((j + 0.5) / len(code), d) for j, d in enumerate(code)]

@@ -56,7 +56,7 @@ def _stream(docs: list[Document], tok: Tokenizer, domains: list) -> tuple[Tensor
 
 
 def build_data(data_path: Optional[str] = None, tokenizer: str = "bpe", vocab_size: int = 4096,
-               code_chars: int = 1_500_000, tok: Optional[Tokenizer] = None) -> TokenData:
+               code_chars: int = 6_000_000, tok: Optional[Tokenizer] = None) -> TokenData:
     """Load the corpus (embedded, or ``data_path``), split it, tokenize it."""
     docs = load_text_path(data_path) if data_path else embedded_corpus(code_chars)
     train, val = split_documents(docs)
@@ -89,3 +89,22 @@ def fixed_windows(n_tokens: int, seq_len: int, max_windows: int) -> Tensor:
     if starts.numel() > max_windows:
         starts = starts[torch.linspace(0, starts.numel() - 1, max_windows).long()]
     return starts
+
+
+def balanced_windows(domain_N: Tensor, seq_len: int, windows: int) -> Tensor:
+    """Start offsets of ``windows`` windows split evenly over the domains (by the domain of each
+    window's first token), evenly spaced inside each domain: a rare domain (prose in the default
+    corpus) is measured as well as a common one. Falls back to :func:`fixed_windows` for one domain."""
+    n = domain_N.numel() - seq_len - 1
+    if n <= 0:
+        return fixed_windows(domain_N.numel(), seq_len, windows)
+    present = [d for d in domain_N[:n].unique().tolist()]
+    if len(present) <= 1:
+        return fixed_windows(domain_N.numel(), seq_len, windows)
+    starts = []
+    for i, d in enumerate(present):
+        share = windows // len(present) + (1 if i < windows % len(present) else 0)
+        cand = (domain_N[:n] == d).nonzero().flatten()
+        if share and cand.numel():
+            starts.append(cand[torch.linspace(0, cand.numel() - 1, share).long()])
+    return torch.cat(starts).sort().values

@@ -16,8 +16,9 @@ TOKENIZER = "tokenizer.json"
 COMPARISON = "comparison.json"
 
 
-def default_model_config(preset: str = "mixtral", **overrides) -> LMConfig:
-    """The small CPU model of ``moekit train``: 4 layers of width 128, a MoE FFN in each."""
+def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
+    """The small CPU model of ``moekit train``: 4 layers of width 128, a MoE FFN in each
+    (DeepSeekMoE layout by default: 16 experts of width 128, top-4, one shared expert)."""
     from ..models import PRESETS
 
     if preset not in PRESETS:
