@@ -120,7 +120,6 @@ def _reroute(experts_TK, weights_TK, experts_S, weights_S, probs_TE, capacity, p
     p_old_S = probs_TE.gather(1, experts_TK.clamp(max=E - 1)).reshape(-1)
     scale_S = weights_TK.reshape(-1) / p_old_S.clamp_min(torch.finfo(p_old_S.dtype).tiny)
     dropped_S = (experts_S == E) & (experts_TK.reshape(-1) < E)
-    token_S = torch.arange(T, device=dev).repeat_interleave(K)
     # each round handles slot k of every token at once, so one token never takes an expert twice
     for _ in range(E):
         if not dropped_S.any():

@@ -9,7 +9,6 @@ V vocabulary, T = B*S tokens.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LMConfig, MoEConfig
+from ..config import LMConfig
 from ..layer import FeedForward, MoE, MoEOutput
 
 
