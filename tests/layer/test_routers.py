@@ -245,3 +245,11 @@ def test_usage_stats_running_average():
     assert res.stats["dropped_fraction"] == 0
     ent = -(torch.softmax(x @ moe.router.linear.weight.t(), -1) * torch.log_softmax(x @ moe.router.linear.weight.t(), -1)).sum(-1).mean()
     torch.testing.assert_close(res.stats["router_entropy"], ent)
+
+
+def test_expert_choice_rejects_per_call_capacity_factor():
+    """Expert choice sets its capacity from the config or top_k; a per-call capacity_factor is an error, not ignored."""
+    moe = MoE(_cfg(router="expert_choice"))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe(torch.randn(8, 16), capacity_factor=2.0)
+    assert moe(torch.randn(16, 16), top_k=1).stats["tokens_per_expert"].tolist() == [2] * 8

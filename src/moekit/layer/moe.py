@@ -189,6 +189,9 @@ class MoE(nn.Module):
         return top_k
 
     def _capacity_factor(self, override) -> Optional[float]:
+        if override is not _UNSET and self.cfg.router == "expert_choice":
+            raise ValueError("capacity_factor cannot be overridden per call for router 'expert_choice': its capacity "
+                             "comes from cfg.capacity_factor, or from top_k when that is None (pass top_k=...)")
         if override is not _UNSET:
             if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float))
                                          or not override > 0 or not math.isfinite(override)):
