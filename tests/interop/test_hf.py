@@ -173,3 +173,44 @@ def test_export_rejects_incompatible(tmp_path):
         export_hf(m, tmp_path, "mixtral")
     with pytest.raises(UnsupportedModelError, match="unsupported family 'gpt2'"):
         export_hf(m, tmp_path, "gpt2")
+
+
+def _randomize(module, seed=0, std=0.05):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            p.normal_(0.0, std)
+    return module.eval()
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_deepseek_v3_block(norm):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from moekit.interop import deepseek_v3_moe
+
+    cfg = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4,
+                                        topk_group=2, num_experts_per_tok=3, n_shared_experts=2,
+                                        routed_scaling_factor=2.5, norm_topk_prob=norm)
+    block = _randomize(DeepseekV3MoE(cfg))
+    block.gate.e_score_correction_bias.normal_(0.0, 0.3)  # makes selection differ from the raw scores
+    moe = deepseek_v3_moe(block, cfg)
+    x = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        assert maxdiff(moe(x).out, block(x)) <= 1e-5
+
+
+def test_gpt_oss_block():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from moekit.interop import gpt_oss_moe
+
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                    swiglu_limit=0.08)  # a small limit so that the clamps are exercised
+    cfg._experts_implementation = "eager"
+    block = _randomize(GptOssMLP(cfg), std=0.1)
+    moe = gpt_oss_moe(block, cfg)
+    x = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        ref = block(x)[0]
+        assert maxdiff(moe(x).out, ref) <= 1e-5
