@@ -72,17 +72,19 @@ def test_load_export_roundtrip(family, tmp_path):
         assert maxdiff(back(x).logits, ref) <= TOL
 
 
-def test_tied_and_sparse_step(tmp_path):
+def test_tied_sparse_step_and_shards(tmp_path):
     hf = build("qwen3_moe", tie_word_embeddings=True, decoder_sparse_step=2)
     x = ids()
     with torch.no_grad():
         ref = hf(x).logits
-    mk = load_hf(hf)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    mk = load_hf(tmp_path / "sharded")
     assert mk.head is None and not mk.cfg.is_moe_layer(0) and mk.cfg.is_moe_layer(1)
     with torch.no_grad():
         assert maxdiff(mk(x).logits, ref) <= TOL
-    export_hf(mk, tmp_path, "qwen3_moe")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    export_hf(mk, tmp_path / "out", "qwen3_moe")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert maxdiff(back(x).logits, ref) <= TOL
 
@@ -123,6 +125,18 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedModelError, match="llama"):
         accelerate(transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)))
+
+
+def test_qwen2_without_qkv_bias(tmp_path):
+    hf = build("qwen2_moe", qkv_bias=False)
+    x = ids()
+    with torch.no_grad():
+        ref = hf(x).logits
+        mk = load_hf(hf)
+        assert not mk.cfg.attn_bias and maxdiff(mk(x).logits, ref) <= TOL
+        export_hf(mk, tmp_path, "qwen2_moe")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert maxdiff(back(x).logits, ref) <= TOL
 
 
 def test_unsupported_options():

@@ -134,8 +134,8 @@ def config_to_hf(cfg: LMConfig, family: str):
     want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
     if cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
-    if cfg.attn_bias != (family == "qwen2_moe"):
-        problems.append(f"attn_bias={cfg.attn_bias} ({family} needs {family == 'qwen2_moe'})")
+    if cfg.attn_bias and family != "qwen2_moe":
+        problems.append(f"attn_bias=True ({family} has no q/k/v bias)")
     if family in ("mixtral", "olmoe") and (cfg.moe_every != 1 or cfg.first_dense_layers != 0):
         problems.append(f"dense layers (moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers}): {family} has MoE in every layer")
     if family in ("qwen2_moe", "qwen3_moe") and (cfg.moe_every > 1 or cfg.first_dense_layers) and cfg.first_dense_layers != cfg.moe_every - 1:
@@ -160,7 +160,7 @@ def config_to_hf(cfg: LMConfig, family: str):
                      router_aux_loss_coef=0.0, use_sliding_window=False)
         if family == "qwen2_moe":
             extra.update(shared_expert_intermediate_size=m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim),
-                         qkv_bias=True)
+                         qkv_bias=cfg.attn_bias)
         else:
             extra.update(head_dim=cfg.dim // cfg.n_heads, attention_bias=False)
     return getattr(transformers, _CONFIG[family])(**common, **extra)
