@@ -233,3 +233,16 @@ def test_gpt_oss_block():
     with torch.no_grad():
         ref = block(x)[0]
         assert maxdiff(moe(x).out, ref) <= 1e-5
+
+
+def test_accelerate_router_jitter_in_training():
+    hf = build("mixtral", router_jitter_noise=0.2).train()
+    x = ids()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ref = hf(x).logits
+        accelerate(hf)
+        torch.manual_seed(5)
+        assert maxdiff(hf(x).logits, ref) <= TOL  # the same jitter draws
+        hf.eval()
+        assert maxdiff(hf(x).logits, ref) > TOL  # and no jitter in eval

@@ -449,9 +449,12 @@ class AcceleratedMoEBlock(nn.Module):
         self.moe_experts = SharedWeightExperts(hf_block.experts)
         self.top_k, self.renormalize, self.backend = top_k, renormalize, backend
         self.num_experts = self.moe_experts.num_experts
+        self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x_TD = hidden_states.reshape(-1, shape[-1])
         logits_TE = F.linear(x_TD, self.gate.weight)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
