@@ -6,8 +6,13 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="moekit.interop tests need Hugging Face transformers")
 
-from moekit.interop import (UnsupportedModelError, WeightMismatchError, accelerate, export_hf,  # noqa: E402
-                            load_hf)
+from moekit.interop import (
+    UnsupportedModelError,
+    WeightMismatchError,
+    accelerate,
+    export_hf,
+    load_hf,
+)
 
 TOL = 1e-4
 COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

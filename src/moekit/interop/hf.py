@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from ..config import LMConfig, MoEConfig
 from ..kernels import expert_ffn, resolve_backend
 from ..layer.dispatch import combine, dispatch, plan_dispatch
-from ..layer.experts import ACTIVATIONS, FeedForward
-from ..layer.moe import MoE
+from ..layer.experts import ACTIVATIONS
 from ..models.lm import MoETransformer
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
