@@ -162,6 +162,8 @@ class LMConfig(_DictMixin):
     first_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeekMoE)
     tie_embeddings: bool = True  # share the input embedding with the output projection
     init_std: float = 0.02  # std of the normal initialisation (GPT-2)
+    qk_norm: Optional[str] = None  # RMSNorm on queries and keys before rotary: None, "head" (per head, Qwen3-MoE) or "full" (whole projection, OLMoE)
+    attn_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -177,6 +179,7 @@ class LMConfig(_DictMixin):
             raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}); got {kv}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}")
+        _check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
 

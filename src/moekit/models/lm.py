@@ -66,14 +66,25 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.h, self.hk, self.dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=cfg.attn_bias)
         self.wo = nn.Linear(self.h * self.dh, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:  # "head": over each head's Dh (Qwen3-MoE); "full": over H*Dh / Hk*Dh (OLMoE)
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(self.h * self.dh if full else self.dh, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hk * self.dh if full else self.dh, cfg.norm_eps)
 
     def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
-        q = apply_rotary(q.view(B, S, self.h, self.dh).transpose(1, 2), cos, sin)
-        k = apply_rotary(k.view(B, S, self.hk, self.dh).transpose(1, 2), cos, sin)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, S, self.h, self.dh), k.view(B, S, self.hk, self.dh)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(B, S, self.hk, self.dh).transpose(1, 2)
         start = 0
         if cache is not None:

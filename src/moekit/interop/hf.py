@@ -1,0 +1,496 @@
+"""Hugging Face transformers interoperability: load, export and accelerate MoE causal LMs.
+
+Supported families (``model_type`` in config.json): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+Weight layouts (transformers 5): ``experts.gate_up_proj`` (E, 2F, D) holds [gate; up] rows and
+``experts.down_proj`` (E, D, F); moekit's ``GroupedExperts.w_up`` (E, D, 2F) holds [gate | up]
+columns and ``w_down`` (E, F, D): one transpose of the last two dims each way. q/k/v projections
+are concatenated (q heads, then k, then v) into moekit's fused ``wqkv``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import LMConfig, MoEConfig
+from ..kernels import expert_ffn, resolve_backend
+from ..layer.dispatch import combine, dispatch, plan_dispatch
+from ..layer.experts import ACTIVATIONS
+from ..models.lm import MoETransformer
+
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+_CAUSAL_LM = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_CONFIG = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
+           "olmoe": "OlmoeConfig"}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture (or one of its options) has no moekit equivalent."""
+
+
+class WeightMismatchError(ValueError):
+    """A tensor is missing, unexpected, or has the wrong shape."""
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{what}; moekit.interop supports model_type {', '.join(map(repr, SUPPORTED))} "
+                                 f"({', '.join(_CAUSAL_LM[f] for f in SUPPORTED)})")
+
+
+# ---------------------------------------------------------------------------------------- config
+def _get(c: dict, key: str, default=None):
+    v = c.get(key, default)
+    return default if v is None else v
+
+
+def _rope_theta(c: dict) -> float:
+    rp = c.get("rope_parameters") or {}
+    rs = c.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
+    if rope_type != "default":
+        raise _unsupported(f"rope_type {rope_type!r} (only the default rotary embedding is implemented)")
+    return float(rp.get("rope_theta") or c.get("rope_theta") or 10000.0)
+
+
+def config_from_hf(c: dict) -> tuple[str, LMConfig]:
+    """(family, LMConfig) for a transformers config dict (``config.to_dict()`` or config.json)."""
+    family = c.get("model_type")
+    if family not in SUPPORTED:
+        archs = c.get("architectures") or []
+        raise _unsupported(f"unsupported architecture model_type={family!r}" + (f" ({', '.join(archs)})" if archs else ""))
+    D, H = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim")
+    if head_dim is not None and head_dim * H != D:
+        raise _unsupported(f"head_dim={head_dim} with num_attention_heads*head_dim != hidden_size ({H}*{head_dim} != {D})")
+    if c.get("hidden_act", "silu") != "silu":
+        raise _unsupported(f"hidden_act={c.get('hidden_act')!r} (only 'silu', i.e. SwiGLU experts)")
+    if c.get("sliding_window") and (family == "mixtral" or c.get("use_sliding_window")):
+        raise _unsupported(f"sliding-window attention (sliding_window={c['sliding_window']})")
+    if family == "olmoe" and c.get("clip_qkv") is not None:
+        raise _unsupported(f"OLMoE clip_qkv={c['clip_qkv']}")
+    if family in ("olmoe", "qwen3_moe") and c.get("attention_bias"):
+        raise _unsupported(f"{family} attention_bias=True")
+    first_dense, every = 0, 1
+    if family in ("qwen2_moe", "qwen3_moe"):
+        if c.get("mlp_only_layers"):
+            raise _unsupported(f"mlp_only_layers={c['mlp_only_layers']}")
+        step = _get(c, "decoder_sparse_step", 1)
+        first_dense, every = step - 1, step  # HF: MoE where (i + 1) % step == 0
+    E = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
+    F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
+    moe = MoEConfig(
+        dim=D, hidden_dim=F_, num_experts=E, top_k=c["num_experts_per_tok"], expert="swiglu", router="topk",
+        renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
+        router_dtype="same", balance_loss_weight=0.0, z_loss_weight=0.0, router_jitter=0.0,
+        num_shared_experts=1 if family == "qwen2_moe" else 0,
+        shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
+        shared_expert_gate=family == "qwen2_moe",
+    )
+    cfg = LMConfig(
+        vocab_size=c["vocab_size"], dim=D, n_layers=c["num_hidden_layers"], n_heads=H,
+        n_kv_heads=_get(c, "num_key_value_heads", H), max_seq_len=_get(c, "max_position_embeddings", 4096),
+        rope_theta=_rope_theta(c), norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
+        ffn_hidden_dim=_get(c, "intermediate_size", F_), ffn_kind="swiglu", moe=moe, moe_every=every,
+        first_dense_layers=first_dense, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
+        attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
+    )
+    return family, cfg
+
+
+def config_to_hf(cfg: LMConfig, family: str):
+    """A transformers config object of ``family`` equivalent to ``cfg`` (raises where none is)."""
+    import transformers
+
+    if family not in SUPPORTED:
+        raise _unsupported(f"unsupported family {family!r}")
+    m = cfg.moe
+    if m is None:
+        raise _unsupported("a dense moekit model (cfg.moe is None) has no MoE family equivalent")
+    problems = []
+    if m.expert != "swiglu":
+        problems.append(f"expert={m.expert!r} (needs 'swiglu')")
+    if m.router != "topk" or m.num_groups is not None:
+        problems.append(f"router={m.router!r} (needs plain 'topk')")
+    if m.router_bias:
+        problems.append("router_bias=True")
+    if m.routed_scaling_factor != 1.0:
+        problems.append(f"routed_scaling_factor={m.routed_scaling_factor}")
+    if m.capacity_factor is not None or m.eval_capacity_factor is not None:
+        problems.append("a capacity factor (HF models are dropless)")
+    if family == "mixtral" and not m.renormalize:
+        problems.append("renormalize=False (Mixtral always renormalises the top-k weights)")
+    want_shared = family == "qwen2_moe"
+    if want_shared != bool(m.num_shared_experts) or (want_shared and not m.shared_expert_gate):
+        problems.append(f"shared experts ({m.num_shared_experts}, gate={m.shared_expert_gate}) "
+                        + ("(Qwen2-MoE needs one gated shared expert)" if want_shared else f"({family} has none)"))
+    want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
+    if cfg.qk_norm != want_norm:
+        problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
+    if cfg.attn_bias and family != "qwen2_moe":
+        problems.append(f"attn_bias=True ({family} has no q/k/v bias)")
+    if family in ("mixtral", "olmoe") and (cfg.moe_every != 1 or cfg.first_dense_layers != 0):
+        problems.append(f"dense layers (moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers}): {family} has MoE in every layer")
+    if family in ("qwen2_moe", "qwen3_moe") and (cfg.moe_every > 1 or cfg.first_dense_layers) and cfg.first_dense_layers != cfg.moe_every - 1:
+        problems.append(f"layer placement moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers} "
+                        "(Qwen's decoder_sparse_step needs first_dense_layers == moe_every - 1)")
+    if problems:
+        raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=m.top_k,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    if family == "mixtral":
+        extra = dict(num_local_experts=m.num_experts, intermediate_size=m.hidden_dim, router_jitter_noise=0.0,
+                     router_aux_loss_coef=0.0, sliding_window=None)
+    elif family == "olmoe":
+        extra = dict(num_experts=m.num_experts, intermediate_size=m.hidden_dim, norm_topk_prob=m.renormalize,
+                     router_aux_loss_coef=0.0, clip_qkv=None, attention_bias=False)
+    else:
+        extra = dict(num_experts=m.num_experts, moe_intermediate_size=m.hidden_dim, norm_topk_prob=m.renormalize,
+                     intermediate_size=cfg.ffn_hidden_dim, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+                     router_aux_loss_coef=0.0, use_sliding_window=False)
+        if family == "qwen2_moe":
+            extra.update(shared_expert_intermediate_size=m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim),
+                         qkv_bias=cfg.attn_bias)
+        else:
+            extra.update(head_dim=cfg.dim // cfg.n_heads, attention_bias=False)
+    return getattr(transformers, _CONFIG[family])(**common, **extra)
+
+
+# ---------------------------------------------------------------------------------------- weights
+_PER_EXPERT = {  # checkpoint (Hub / save_pretrained) names of expert e's gate, up, down projections
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _fuse_experts(sd: dict, cfg: LMConfig, family: str) -> dict:
+    """The checkpoint layout (per-expert 2-D tensors, Mixtral's ``block_sparse_moe``) turned into
+    the in-memory transformers 5 layout (fused ``experts.gate_up_proj`` / ``experts.down_proj``)."""
+    sd = dict(sd)
+    g, u, d = _PER_EXPERT[family]
+    E = cfg.moe.num_experts
+    for i in range(cfg.n_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        src = f"model.layers.{i}.block_sparse_moe."  # Mixtral checkpoints
+        if not any(k.startswith(src) for k in sd):
+            src = f"model.layers.{i}.mlp."
+        pre, dst = src + "experts.", f"model.layers.{i}.mlp.experts."
+        if pre + "gate_up_proj" in sd or not any(k.startswith(pre) for k in sd):
+            continue
+        names = [pre + f"{e}.{n}.weight" for e in range(E) for n in (g, u, d)]
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise WeightMismatchError(f"missing tensor(s) in the transformers checkpoint: {', '.join(missing[:8])}")
+        D, Fh = cfg.dim, cfg.moe.hidden_dim
+        for e in range(E):
+            for n, want in ((g, (Fh, D)), (u, (Fh, D)), (d, (D, Fh))):
+                key = pre + f"{e}.{n}.weight"
+                if tuple(sd[key].shape) != want:
+                    raise WeightMismatchError(f"tensor {key!r}: expected shape {want}, got {tuple(sd[key].shape)}")
+        sd[dst + "gate_up_proj"] = torch.stack([torch.cat([sd[pre + f"{e}.{g}.weight"], sd[pre + f"{e}.{u}.weight"]], 0)
+                                                for e in range(E)])
+        sd[dst + "down_proj"] = torch.stack([sd[pre + f"{e}.{d}.weight"] for e in range(E)])
+        for n in names:
+            del sd[n]
+        if src != f"model.layers.{i}.mlp." and src + "gate.weight" in sd:
+            sd[f"model.layers.{i}.mlp.gate.weight"] = sd.pop(src + "gate.weight")
+    return sd
+
+
+def _split_experts(sd: dict, family: str) -> dict:
+    """Inverse of :func:`_fuse_experts`: the per-expert checkpoint layout transformers' loader expects."""
+    g, u, d = _PER_EXPERT[family]
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".experts.gate_up_proj"):
+            pre = k[: -len("gate_up_proj")]
+            for e, w in enumerate(v):
+                gw, uw = w.chunk(2, dim=0)
+                out[pre + f"{e}.{g}.weight"], out[pre + f"{e}.{u}.weight"] = gw, uw
+        elif k.endswith(".experts.down_proj"):
+            pre = k[: -len("down_proj")]
+            for e, w in enumerate(v):
+                out[pre + f"{e}.{d}.weight"] = w
+        else:
+            out[k] = v
+    if family == "mixtral":
+        out = {k.replace(".mlp.", ".block_sparse_moe.") if ".mlp.gate." in k or ".mlp.experts." in k else k: v
+               for k, v in out.items()}
+    return out
+
+
+def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
+    """moekit state dict from a transformers one (keys without a "model." prefix error out by name)."""
+    out, used = {}, set()
+
+    def take(key: str) -> Tensor:
+        if key not in sd:
+            hint = " (block_sparse_moe.gate.weight in Mixtral checkpoints)" if key.endswith(".mlp.gate.weight") else ""
+            raise WeightMismatchError(f"missing tensor {key!r}{hint} in the transformers checkpoint")
+        used.add(key)
+        return sd[key]
+
+    out["embed.weight"] = take("model.embed_tokens.weight")
+    out["norm.weight"] = take("model.norm.weight")
+    if not cfg.tie_embeddings:
+        out["head.weight"] = take("lm_head.weight")
+    elif "lm_head.weight" in sd:
+        used.add("lm_head.weight")
+    for i in range(cfg.n_layers):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        a = p + "self_attn."
+        out[q + "attn.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"], 0)
+        if cfg.attn_bias:
+            out[q + "attn.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"], 0)
+        out[q + "attn.wo.weight"] = take(a + "o_proj.weight")
+        if cfg.qk_norm:
+            out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
+            out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            out[q + "ffn.router.linear.weight"] = take(m + "gate.weight")
+            out[q + "ffn.experts.w_up"] = take(m + "experts.gate_up_proj").transpose(1, 2)
+            out[q + "ffn.experts.w_down"] = take(m + "experts.down_proj").transpose(1, 2)
+            if cfg.moe.num_shared_experts:
+                s = m + "shared_expert."
+                out[q + "ffn.shared.w_up"] = torch.cat([take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1)
+                out[q + "ffn.shared.w_down"] = take(s + "down_proj.weight").t()
+                if cfg.moe.shared_expert_gate:
+                    out[q + "ffn.shared_gate.weight"] = take(m + "shared_expert_gate.weight")
+        else:
+            out[q + "ffn.w_up"] = torch.cat([take(m + "gate_proj.weight").t(), take(m + "up_proj.weight").t()], 1)
+            out[q + "ffn.w_down"] = take(m + "down_proj.weight").t()
+    extra = sorted(k for k in set(sd) - used if not k.endswith(("rotary_emb.inv_freq",)))
+    if extra:
+        raise WeightMismatchError(f"unexpected tensor(s) in the transformers checkpoint: {', '.join(extra[:8])}"
+                                  + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+    return out
+
+
+def _moekit_to_hf(model: MoETransformer) -> dict:
+    cfg = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["head.weight"]
+    h, hk, dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
+    for i in range(cfg.n_layers):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[p + "input_layernorm.weight"] = sd[q + "attn_norm.weight"]
+        out[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
+        a = p + "self_attn."
+        for n, t in zip("qkv", sd[q + "attn.wqkv.weight"].split([h * dh, hk * dh, hk * dh], 0)):
+            out[a + f"{n}_proj.weight"] = t
+        if cfg.attn_bias:
+            for n, t in zip("qkv", sd[q + "attn.wqkv.bias"].split([h * dh, hk * dh, hk * dh], 0)):
+                out[a + f"{n}_proj.bias"] = t
+        out[a + "o_proj.weight"] = sd[q + "attn.wo.weight"]
+        if cfg.qk_norm:
+            out[a + "q_norm.weight"] = sd[q + "attn.q_norm.weight"]
+            out[a + "k_norm.weight"] = sd[q + "attn.k_norm.weight"]
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            out[m + "gate.weight"] = sd[q + "ffn.router.linear.weight"]
+            out[m + "experts.gate_up_proj"] = sd[q + "ffn.experts.w_up"].transpose(1, 2)
+            out[m + "experts.down_proj"] = sd[q + "ffn.experts.w_down"].transpose(1, 2)
+            if cfg.moe.num_shared_experts:
+                g, u = sd[q + "ffn.shared.w_up"].chunk(2, dim=1)
+                out[m + "shared_expert.gate_proj.weight"] = g.t()
+                out[m + "shared_expert.up_proj.weight"] = u.t()
+                out[m + "shared_expert.down_proj.weight"] = sd[q + "ffn.shared.w_down"].t()
+                out[m + "shared_expert_gate.weight"] = sd[q + "ffn.shared_gate.weight"]
+        else:
+            g, u = sd[q + "ffn.w_up"].chunk(2, dim=1)
+            out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = g.t(), u.t()
+            out[m + "down_proj.weight"] = sd[q + "ffn.w_down"].t()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _load_state(model: MoETransformer, sd: dict) -> None:
+    expected = model.state_dict()
+    for k, v in sd.items():
+        if k not in expected:
+            raise WeightMismatchError(f"tensor {k!r} has no place in the moekit model")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightMismatchError(f"tensor {k!r}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}")
+    missing = sorted(k for k in expected if k not in sd and not k.endswith(("expert_usage", "steps_unused")))
+    if missing:
+        raise WeightMismatchError(f"missing tensor(s) for the moekit model: {', '.join(missing)}")
+    model.load_state_dict(sd, strict=False)
+
+
+def _read_folder(path: str) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path!r} has no config.json (expected a save_pretrained folder)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    _check_family(config)  # before reading any weights
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path!r} has no *.safetensors weights")
+    sd = {}
+    for n in files:
+        sd.update(load_file(os.path.join(path, n)))
+    return config, sd
+
+
+def load_hf(source, *, dtype: Optional[torch.dtype] = None) -> MoETransformer:
+    """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
+    output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode,
+    with auxiliary-loss weights 0 and no router jitter, so its logits equal transformers'."""
+    if isinstance(source, (str, os.PathLike)):
+        config, sd = _read_folder(os.fspath(source))
+    elif isinstance(source, nn.Module) and hasattr(source, "config"):
+        config = source.config.to_dict()
+        _check_family(config)
+        sd = {k: v.detach() for k, v in source.state_dict().items()}
+    else:
+        raise TypeError(f"load_hf expects a folder path or a transformers model; got {type(source).__name__}")
+    family, cfg = config_from_hf(config)
+    model = MoETransformer(cfg)
+    new = _hf_to_moekit(_fuse_experts(sd, cfg, family), cfg)
+    _load_state(model, new)
+    if dtype is None:
+        dtype = next(iter(new.values())).dtype
+    return model.to(dtype).eval()
+
+
+def _check_family(config: dict) -> None:
+    if config.get("model_type") not in SUPPORTED:
+        config_from_hf(config)  # raises the named error
+
+
+def export_hf(model: MoETransformer, path: Union[str, os.PathLike], family: str) -> str:
+    """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained(path)``
+    loads as ``family`` ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") with the same logits."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, MoETransformer):
+        raise TypeError(f"export_hf expects a moekit MoETransformer; got {type(model).__name__}")
+    hf_cfg = config_to_hf(model.cfg, family)
+    for moe in model.moe_layers:
+        if moe.router.num_disabled:
+            raise _unsupported("a model with disabled experts (call enable_experts() first)")
+        if not hasattr(moe.experts, "w_up"):
+            raise _unsupported("heterogeneous experts (ModuleListExperts)")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    hf_cfg.architectures = [_CAUSAL_LM[family]]
+    hf_cfg.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_cfg.save_pretrained(path)
+    sd = {k: v.contiguous() for k, v in _split_experts(_moekit_to_hf(model), family).items()}
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+# ---------------------------------------------------------------------------------------- accelerate
+class SharedWeightExperts(nn.Module):
+    """Stacked SwiGLU experts computed by moekit's backends on *views* of transformers' fused
+    tensors: ``w_up = gate_up_proj.transpose(1, 2)`` (E, D, 2F), ``w_down = down_proj.transpose(1, 2)``
+    (E, F, D). The transformers experts module stays registered (same state-dict keys, same
+    Parameters); nothing is copied."""
+
+    def __init__(self, hf_experts: nn.Module, kind: str = "swiglu"):
+        super().__init__()
+        self.hf = hf_experts
+        self.kind = kind
+        self.num_experts = hf_experts.gate_up_proj.shape[0]
+
+    @property
+    def w_up(self) -> Tensor:
+        return self.hf.gate_up_proj.transpose(1, 2)
+
+    @property
+    def w_down(self) -> Tensor:
+        return self.hf.down_proj.transpose(1, 2)
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        w_up, w_down = self.w_up, self.w_down
+        if w_up.dtype != x_RD.dtype:
+            w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
+        return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+
+
+class AcceleratedMoEBlock(nn.Module):
+    """Drop-in for a transformers sparse MoE block: routing as transformers does it (softmax over
+    experts in fp32, top-k, optional renormalisation), dispatch/combine and the expert FFNs by
+    moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
+    original modules, so the state-dict keys and Parameters are unchanged."""
+
+    def __init__(self, hf_block: nn.Module, top_k: int, renormalize: bool, backend: str = "auto"):
+        super().__init__()
+        self.gate = hf_block.gate
+        self.experts = hf_block.experts
+        self.shared_expert = getattr(hf_block, "shared_expert", None)
+        self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
+        self.moe_experts = SharedWeightExperts(hf_block.experts)
+        self.top_k, self.renormalize, self.backend = top_k, renormalize, backend
+        self.num_experts = self.moe_experts.num_experts
+        self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x_TD = hidden_states.reshape(-1, shape[-1])
+        logits_TE = F.linear(x_TD, self.gate.weight)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        weights_TK = weights_TK.to(x_TD.dtype)
+        plan = plan_dispatch(experts_TK, self.num_experts)
+        y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device))
+        out_TD = combine(y_RD, plan, weights_TK).to(x_TD.dtype)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
+            out_TD = out_TD + shared
+        return out_TD.reshape(shape)
+
+
+def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace, in place, every sparse MoE block of a transformers Mixtral / Qwen2-MoE / Qwen3-MoE /
+    OLMoE model with an :class:`AcceleratedMoEBlock` sharing its weights. Returns the model."""
+    config = getattr(hf_model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED:
+        raise _unsupported(f"cannot accelerate model_type={family!r} ({type(hf_model).__name__})")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise _unsupported(f"hidden_act={config.hidden_act!r} (only 'silu')")
+    renorm = True if family == "mixtral" else bool(getattr(config, "norm_topk_prob", False))
+    replaced = 0
+    for module in list(hf_model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, AcceleratedMoEBlock):
+                continue
+            experts = getattr(child, "experts", None)
+            if hasattr(child, "gate") and experts is not None and hasattr(experts, "gate_up_proj"):
+                setattr(module, name, AcceleratedMoEBlock(child, config.num_experts_per_tok, renorm, backend))
+                replaced += 1
+    if replaced == 0 and not any(isinstance(m, AcceleratedMoEBlock) for m in hf_model.modules()):
+        raise WeightMismatchError(f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}")
+    return hf_model
