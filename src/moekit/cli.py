@@ -184,6 +184,9 @@ def main(argv: Optional[list] = None) -> int:
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)
+        print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
