@@ -92,8 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out) / name
         try:
-            comparison = run_train(run_dir, model_cfg, train_cfg, baseline=not args.no_baseline, dense_only=args.dense,
-                                   progress=not args.quiet)
+            comparison = run_train(run_dir, None if args.init_from else model_cfg, train_cfg, baseline=not args.no_baseline,
+                                   dense_only=args.dense, progress=not args.quiet, init_from=args.init_from)
         except TrainingInterrupted as err:
             print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
             return 130
@@ -144,6 +144,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON file with {'model': {...}, 'train': {...}}")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--init-from", metavar="HF_DIR", help="fine-tune a Hugging Face MoE checkpoint folder (Mixtral, "
+                   "Qwen2-MoE, Qwen3-MoE, OLMoE) with its tokenizer.json; model flags are ignored, no dense baseline")
     t.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     t.add_argument("--dense", action="store_true", help="train only the dense model")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

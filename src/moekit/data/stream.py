@@ -49,7 +49,7 @@ def _stream(docs: list[Document], tok: Tokenizer, domains: list) -> tuple[Tensor
     encoded = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
     ids, dom = [], []
     for d, e in zip(docs, encoded):
-        e = e + [tok.eos_id]
+        e = e + ([tok.eos_id] if tok.eos_id is not None else [])
         ids.append(torch.tensor(e, dtype=torch.int64))
         dom.append(torch.full((len(e),), domains.index(d.domain), dtype=torch.uint8))
     return torch.cat(ids), torch.cat(dom)

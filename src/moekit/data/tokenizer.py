@@ -9,6 +9,7 @@ from typing import Iterable, Union
 from .._io import atomic_write_text
 
 EOS = "<|eos|>"
+OTHER_EOS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>")  # Hugging Face tokenizers
 
 
 class ByteTokenizer:
@@ -34,14 +35,15 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE trained on the corpus itself (deterministic for a given corpus)."""
+    """A byte-level BPE trained on the corpus itself (deterministic for a given corpus), or any
+    ``tokenizers`` tokenizer such as a Hugging Face checkpoint's ``tokenizer.json``."""
 
     kind = "bpe"
 
     def __init__(self, tok) -> None:
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
-        self.eos_id = tok.token_to_id(EOS)
+        self.eos_id = next((tok.token_to_id(t) for t in (EOS, *OTHER_EOS) if tok.token_to_id(t) is not None), None)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
@@ -62,7 +64,7 @@ class BPETokenizer:
         return [e.ids for e in self.tok.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode([int(i) for i in ids if int(i) != self.eos_id])
+        return self.tok.decode([int(i) for i in ids if int(i) != self.eos_id], skip_special_tokens=False)
 
     def token_str(self, i: int) -> str:
         return self.tok.decode([int(i)]) if int(i) != self.eos_id else "<eos>"

@@ -29,8 +29,10 @@ def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
     return LMConfig(**model)
 
 
-def save_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, baseline: bool, dense_only: bool) -> None:
-    cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "baseline": baseline, "dense_only": dense_only}
+def save_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, baseline: bool, dense_only: bool,
+                    init_from: Optional[str] = None) -> None:
+    cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "baseline": baseline, "dense_only": dense_only,
+           "init_from": init_from}
     atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
 
 
@@ -45,6 +47,26 @@ def load_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
         raise ValueError(f"{path} is not a valid run config: {err}") from err
 
 
+def _hf_start(path: str):
+    """(model config, weights, tokenizer) to fine-tune a Hugging Face checkpoint folder. Its
+    load-balancing loss is kept: moekit sums the Switch loss over layers where transformers
+    averages it, so each layer gets router_aux_loss_coef / (number of MoE layers)."""
+    import dataclasses
+
+    from ..generate import hf_tokenizer, is_hf_folder
+    from ..interop import load_hf
+
+    if not is_hf_folder(path):
+        raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint folder (config.json with model_type)")
+    hf_cfg = json.loads((Path(path) / "config.json").read_text())
+    model = load_hf(str(path))
+    cfg = model.cfg
+    n_moe = max(1, len(model.moe_layers))
+    coef = float(hf_cfg.get("router_aux_loss_coef", 0.0) or 0.0)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, balance_loss_weight=coef / n_moe))
+    return cfg, model.state_dict(), hf_tokenizer(path)
+
+
 def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
     """(label, model config) of each model the run trains, in order."""
     if raw.get("dense_only"):
@@ -57,35 +79,42 @@ def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
 
 def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,
               baseline: bool = True, dense_only: bool = False, resume: bool = False, progress: bool = True,
-              stop_at: Optional[int] = None, plots: bool = True) -> dict:
-    """Train the run's models (resuming where a checkpoint exists) and write the comparison."""
+              stop_at: Optional[int] = None, plots: bool = True, init_from: Optional[str] = None) -> dict:
+    """Train the run's models (resuming where a checkpoint exists) and write the comparison.
+    ``init_from``: fine-tune a Hugging Face checkpoint folder (its tokenizer, no dense baseline)."""
     run_dir = Path(run_dir)
+    init_state = None
     if resume:
         model_cfg, train_cfg, raw = load_run_config(run_dir)
         tok = load_tokenizer(run_dir / TOKENIZER)
     else:
-        if model_cfg is None or train_cfg is None:
-            raise ValueError("model_cfg and train_cfg are required for a new run")
+        if train_cfg is None or (model_cfg is None and init_from is None):
+            raise ValueError("train_cfg and model_cfg (or init_from) are required for a new run")
         if (run_dir / CONFIG).exists():
             raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+        tok = None
+        if init_from is not None:
+            model_cfg, init_state, tok = _hf_start(init_from)
+            baseline, dense_only = False, False
         run_dir.mkdir(parents=True, exist_ok=True)
         raw = {"baseline": baseline, "dense_only": dense_only}
-        tok = None
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
-        if resume:
-            raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} != model vocab_size {model_cfg.vocab_size}")
-        model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+        if resume or init_state is not None:
+            if data.tokenizer.vocab_size > model_cfg.vocab_size:
+                raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}")
+        else:
+            model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     if not resume:
         data.tokenizer.save(run_dir / TOKENIZER)
-        save_run_config(run_dir, model_cfg, train_cfg, baseline=baseline, dense_only=dense_only)
+        save_run_config(run_dir, model_cfg, train_cfg, baseline=baseline, dense_only=dense_only, init_from=init_from)
     summaries = {}
     for label, cfg in sub_runs(raw, model_cfg):
         sub = run_dir / label
         if (sub / SUMMARY).exists() and resume:
             summaries[label] = json.loads((sub / SUMMARY).read_text())
             continue
-        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress)
+        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state)
         res = trainer.fit(resume=resume and (sub / CHECKPOINT).exists(), stop_at=stop_at)
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "label": label}

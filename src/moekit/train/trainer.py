@@ -94,7 +94,7 @@ class Trainer:
     """Trains ``model_cfg`` on ``data`` into ``run_dir``."""
 
     def __init__(self, run_dir: Path, model_cfg: LMConfig, cfg: TrainConfig, data: TokenData, *, label: str = "moe",
-                 progress: bool = True):
+                 progress: bool = True, init_state: Optional[dict] = None):
         self.dir = Path(run_dir)
         self.model_cfg, self.cfg, self.data, self.label, self.progress = model_cfg, cfg, data, label, progress
         self.device = torch.device(cfg.device)
@@ -103,7 +103,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(model_cfg).to(self.device)
+        self.model = MoETransformer(model_cfg)
+        if init_state is not None:  # fine-tuning: start from given weights
+            self.model.load_state_dict(init_state)
+        self.model = self.model.to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
