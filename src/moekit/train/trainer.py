@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,32 @@ SUMMARY = "summary.json"
 
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the checkpoint is safely written."""
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during a training step takes effect once the step is complete and logged, so the
+    checkpoint and the metrics agree; a second Ctrl-C stops at once (the last checkpoint is kept)."""
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        self.requested, self._old = False, None
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            pass
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise _HardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _HardInterrupt(KeyboardInterrupt):
+    pass
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -161,48 +188,54 @@ class Trainer:
         t_train, n_timed = 0.0, 0
         last_eval: dict = {}
         try:
-            model.train()
-            while self.step < cfg.steps:
-                if stop_at is not None and self.step >= stop_at:
-                    self.save()
-                    bar.close()
-                    return {"stopped_at": self.step}
-                t0 = time.perf_counter()
-                lr = lr_at(self.step, cfg)
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
-                x, y = next(batches)
-                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                    out = model(x.to(self.device), y.to(self.device))
-                loss = out.loss + out.aux_loss
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                after_optimizer_step(model)
-                self.step += 1
-                loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
-                dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
-                dt = time.perf_counter() - t0
-                t_train += dt
-                n_timed += 1
-                row = {"step": self.step, "loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr,
-                       "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
-                if loads:
-                    row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    last_eval = evaluate(model, self.data, cfg, self.device)
-                    row.update(last_eval)
-                self._log(row)
-                post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-                if loads:
-                    post["balance"] = f"{row['balance']:.2f}"
-                if "val_loss" in last_eval:
-                    post["val"] = f"{last_eval['val_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save()
+            with _DeferredInterrupt() as interrupt:
+                model.train()
+                while self.step < cfg.steps:
+                    if stop_at is not None and self.step >= stop_at:
+                        self.save()
+                        bar.close()
+                        return {"stopped_at": self.step}
+                    t0 = time.perf_counter()
+                    lr = lr_at(self.step, cfg)
+                    for g in self.opt.param_groups:
+                        g["lr"] = lr
+                    x, y = next(batches)
+                    with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                        out = model(x.to(self.device), y.to(self.device))
+                    loss = out.loss + out.aux_loss
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    after_optimizer_step(model)
+                    self.step += 1
+                    loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
+                    dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
+                    dt = time.perf_counter() - t0
+                    t_train += dt
+                    n_timed += 1
+                    row = {"step": self.step, "loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr,
+                           "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
+                    if loads:
+                        row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        last_eval = evaluate(model, self.data, cfg, self.device)
+                        row.update(last_eval)
+                    self._log(row)
+                    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                    if loads:
+                        post["balance"] = f"{row['balance']:.2f}"
+                    if "val_loss" in last_eval:
+                        post["val"] = f"{last_eval['val_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                    if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                        self.save()
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+        except _HardInterrupt:
+            bar.close()
+            raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; the last checkpoint in {self.dir} is kept") from None
         except KeyboardInterrupt:
             bar.close()
             self.save()
