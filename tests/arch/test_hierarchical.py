@@ -26,20 +26,20 @@ def _ref(m, x):
     for t in range(x.shape[0]):
         p = m.primary(x[t]).softmax(-1)
         wg, ig = p.topk(m.top_k_groups)
-        wg = wg / wg.sum()
+        wg = wg / wg.sum() if m.renormalize else wg
         for a, g in zip(wg, ig.tolist()):
             q = m.group_gates[g](x[t]).softmax(-1)
             we, ie = q.topk(m.top_k_experts)
-            we = we / we.sum()
+            we = we / we.sum() if m.renormalize else we
             for b, j in zip(we, ie.tolist()):
                 out[t] += a * b * m.experts.experts[g * m.experts_per_group + j](x[t:t + 1])[0]
     return out
 
 
-@pytest.mark.parametrize("kg,ke", [(1, 1), (1, 2), (2, 2)])
-def test_matches_reference(kg, ke):
+@pytest.mark.parametrize("kg,ke,renormalize", [(1, 1, True), (1, 2, True), (2, 2, True), (1, 2, False), (2, 3, False)])
+def test_matches_reference(kg, ke, renormalize):
     G, Eg, D = 3, 4, 6
-    m = HierarchicalMoE(D, 8, G, Eg, kg, ke, experts=[Counting(D) for _ in range(G * Eg)]).double()
+    m = HierarchicalMoE(D, 8, G, Eg, kg, ke, experts=[Counting(D) for _ in range(G * Eg)], renormalize=renormalize).double()
     x = torch.randn(10, D, dtype=torch.float64)
     torch.testing.assert_close(m(x).out, _ref(m, x))
 
@@ -97,6 +97,14 @@ def test_losses_at_both_levels_and_gradients():
             assert gate.weight.grad.abs().sum() > 0
     rows = m.experts.w_up.grad.flatten(1).abs().sum(1) > 0
     assert (rows == (used > 0)).all()  # exactly the experts that ran get gradients
+
+
+def test_top1_primary_gate_learns_only_without_renormalisation():
+    x = torch.randn(32, 8)
+    for renorm, learns in ((True, False), (False, True)):
+        m = HierarchicalMoE(8, 8, 2, 2, 1, 1, importance_loss_weight=0.0, balance_loss_weight=0.0, renormalize=renorm)
+        m(x).out.sum().backward()
+        assert (m.primary.weight.grad.abs().sum() > 1e-4) == learns  # w / w = 1 leaves only rounding noise
 
 
 def test_bad_arguments():

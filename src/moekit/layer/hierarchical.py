@@ -7,7 +7,9 @@ group's own gate picks ``top_k_experts`` of its Eg experts:
     y = sum_{g in top groups} Gp(x)_g * sum_{j in top experts of g} Gg(x)_j * E_{g,j}(x)
 
 Both gates are ``softmax(KeepTopK(x W))`` (the paper's gating without noise), i.e. the top-k
-softmax probabilities renormalised over the kept ones. Only the chosen branches run: a group's
+softmax probabilities renormalised over the kept ones; with ``renormalize=False`` the weights are
+the raw softmax probabilities (Switch, Fedus et al. 2021). A top-1 gate needs the latter to learn
+from the task loss: renormalised, its single weight is the constant 1. Only the chosen branches run: a group's
 gate is evaluated only on the tokens that picked the group, and an expert only on its rows (the
 flattened (token, expert) slots go through moekit's dispatch / experts / combine path, so the
 stacked experts run one grouped pass).
@@ -39,11 +41,12 @@ from .experts import ACTIVATIONS, GroupedExperts, ModuleListExperts
 from .moe import MoEOutput
 
 
-def _keep_top_k(logits_NX: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(softmax probs, top-k ids, renormalised top-k weights) of gate logits, in fp32 or wider."""
+def _keep_top_k(logits_NX: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(softmax probs, top-k ids, top-k weights) of gate logits, in fp32 or wider; the weights
+    renormalised over the kept k, or the raw probabilities."""
     probs = logits_NX.to(torch.promote_types(logits_NX.dtype, torch.float32)).softmax(-1)
     w, idx = probs.topk(k, dim=-1)
-    return probs, idx, w / w.sum(-1, keepdim=True)
+    return probs, idx, (w / w.sum(-1, keepdim=True) if renormalize else w)
 
 
 class HierarchicalMoE(nn.Module):
@@ -61,6 +64,8 @@ class HierarchicalMoE(nn.Module):
             losses, applied at both levels.
         experts: optional list of G*Eg modules (N, D) -> (N, D) replacing the stacked FFNs;
             expert (g, j) is ``experts[g * Eg + j]``.
+        renormalize: weights renormalised over the kept top-k at each level (True, the paper) or
+            the raw softmax probabilities (False; use it when a level keeps only 1 choice).
         backend: expert compute backend.
 
     Example::
@@ -73,7 +78,8 @@ class HierarchicalMoE(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, num_groups: int, experts_per_group: int, top_k_groups: int = 1,
                  top_k_experts: int = 2, expert: str = "swiglu", importance_loss_weight: float = 1e-2,
-                 balance_loss_weight: float = 1e-2, experts: Optional[Sequence[nn.Module]] = None, backend: str = "auto"):
+                 balance_loss_weight: float = 1e-2, experts: Optional[Sequence[nn.Module]] = None, renormalize: bool = True,
+                 backend: str = "auto"):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_groups", num_groups),
                         ("experts_per_group", experts_per_group), ("top_k_groups", top_k_groups), ("top_k_experts", top_k_experts)):
@@ -91,7 +97,7 @@ class HierarchicalMoE(nn.Module):
         self.dim, self.num_groups, self.experts_per_group = dim, num_groups, experts_per_group
         self.top_k_groups, self.top_k_experts = top_k_groups, top_k_experts
         self.importance_loss_weight, self.balance_loss_weight = importance_loss_weight, balance_loss_weight
-        self.backend = backend
+        self.backend, self.renormalize = backend, renormalize
         E = num_groups * experts_per_group
         self.primary = nn.Linear(dim, num_groups, bias=False)
         self.group_gates = nn.ModuleList([nn.Linear(dim, experts_per_group, bias=False) for _ in range(num_groups)])
@@ -113,7 +119,7 @@ class HierarchicalMoE(nn.Module):
         x_TD = x.reshape(-1, self.dim)
         T, G, Eg, Kg, Ke = x_TD.shape[0], self.num_groups, self.experts_per_group, self.top_k_groups, self.top_k_experts
         E = G * Eg
-        gp_probs_TG, groups_TKg, gp_w_TKg = _keep_top_k(self.primary(x_TD), Kg)
+        gp_probs_TG, groups_TKg, gp_w_TKg = _keep_top_k(self.primary(x_TD), Kg, self.renormalize)
 
         experts_TKgKe = torch.full((T, Kg, Ke), E, dtype=torch.int64, device=x.device)
         weights_TKgKe = x_TD.new_zeros((T, Kg, Ke), dtype=gp_w_TKg.dtype)
@@ -123,7 +129,7 @@ class HierarchicalMoE(nn.Module):
             tok_P, slot_P = (groups_TKg == g).nonzero(as_tuple=True)
             if tok_P.numel() == 0:
                 continue
-            probs_PEg, idx_PKe, w_PKe = _keep_top_k(self.group_gates[g](x_TD[tok_P]), Ke)
+            probs_PEg, idx_PKe, w_PKe = _keep_top_k(self.group_gates[g](x_TD[tok_P]), Ke, self.renormalize)
             w_PKe = w_PKe * gp_w_TKg[tok_P, slot_P, None]  # Gp(x)_g * Gg(x)_j
             experts_TKgKe = experts_TKgKe.index_put((tok_P, slot_P), g * Eg + idx_PKe)
             weights_TKgKe = weights_TKgKe.index_put((tok_P, slot_P), w_PKe)
