@@ -101,11 +101,11 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
-        for k, mk in ((1, "o-"), (2, "s-")):
+        for k, mk, dy in ((1, "o-", -10), (2, "s-", 5)):
             pts = [(f / 1e6, a) for kk, cf, a, f in rows if kk == k]
             ax.plot(*zip(*pts), mk, label=f"k={k}")
             for (f, a), cf in zip(pts, (0.25, 0.5, 1.0, 1.5)):
-                ax.annotate(f"C={cf}", (f, a), fontsize=7, xytext=(3, -9), textcoords="offset points")
+                ax.annotate(f"C={cf}", (f, a), fontsize=7, xytext=(3, dy), textcoords="offset points")
         ax.set_xlabel("MFLOPs per image (dense parts + kept expert slots)")
         ax.set_ylabel("test accuracy")
         ax.set_title("V-MoE on digits: inference k / capacity sweep (BPR)", fontsize=9)
