@@ -87,7 +87,7 @@ def main():
             net = Net(kind)
             opt = torch.optim.Adam(net.parameters(), lr=3e-3)
             g = torch.Generator().manual_seed(seed)
-            for step in range(args.steps):
+            for _ in range(args.steps):
                 idx = torch.randint(0, len(xtr), (128,), generator=g)
                 out, aux, _ = net(xtr[idx])
                 loss = F.mse_loss(out, ytr[idx]) + aux

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from moekit.models.vit import ViTConfig, VisionTransformer
+from moekit.models.vit import VisionTransformer, ViTConfig
 
 
 def data(seed: int):

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from moekit import SoftMoE
-from moekit.layer.experts import ACTIVATIONS
 
 
 def _moe(**kw):

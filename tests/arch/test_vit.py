@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig
-from moekit.models.vit import ViTConfig, VisionTransformer, patchify
+from moekit.models.vit import VisionTransformer, ViTConfig, patchify
 
 
 def _bpr_moe(top_k):

@@ -29,7 +29,7 @@ Kg groups per token, Ke experts per chosen group, K = Kg*Ke slots per token.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +78,7 @@ class HierarchicalMoE(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, num_groups: int, experts_per_group: int, top_k_groups: int = 1,
                  top_k_experts: int = 2, expert: str = "swiglu", importance_loss_weight: float = 1e-2,
-                 balance_loss_weight: float = 1e-2, experts: Optional[Sequence[nn.Module]] = None, renormalize: bool = True,
+                 balance_loss_weight: float = 1e-2, experts: Sequence[nn.Module] | None = None, renormalize: bool = True,
                  backend: str = "auto"):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_groups", num_groups),

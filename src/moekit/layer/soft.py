@@ -19,7 +19,6 @@ M = E*S slots, R = B*M rows handed to the experts (expert-major).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,8 @@ class SoftMoEOutput:
     aux_loss: Tensor  # scalar 0: Soft MoE needs no balancing loss
     losses: dict = field(default_factory=dict)  # empty
     stats: dict = field(default_factory=dict)  # slot_entropy (mean dispatch entropy), combine_entropy, tokens_per_slot
-    dispatch_BNM: Optional[Tensor] = None  # dispatch weights (columns sum to 1 over tokens)
-    combine_BNM: Optional[Tensor] = None  # combine weights (rows sum to 1 over slots)
+    dispatch_BNM: Tensor | None = None  # dispatch weights (columns sum to 1 over tokens)
+    combine_BNM: Tensor | None = None  # combine weights (rows sum to 1 over slots)
 
 
 class SoftMoE(nn.Module):
@@ -91,7 +90,7 @@ class SoftMoE(nn.Module):
             raise TypeError("x must be a floating-point torch.Tensor")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, tokens, dim={self.dim}); got {tuple(x.shape)}")
-        B, N, D = x.shape
+        B, _, D = x.shape
         E, S = self.num_experts, self.slots_per_expert
         logits_BNM = self.logits(x)
         logits_BNM = logits_BNM.to(torch.promote_types(logits_BNM.dtype, torch.float32))  # softmaxes in fp32 or wider

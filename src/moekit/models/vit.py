@@ -16,19 +16,16 @@ patch, D model width, H heads, Dh head width, K classes.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig, _DictMixin
-from ..layer import FeedForward, MoE, MoEOutput
+from ..layer import FeedForward, MoE
 from ..layer.experts import GATED
 from ..layer.moe import _UNSET
-from ..layer.soft import SoftMoE, SoftMoEOutput
+from ..layer.soft import SoftMoE
 
 FFN_KINDS = ("dense", "moe", "soft")
 
@@ -47,11 +44,11 @@ class ViTConfig(_DictMixin):
     mlp_hidden: int = 128  # hidden width of the dense MLPs
     mlp_kind: str = "gelu"  # activation of the dense MLPs (ViT: GELU)
     ffn: str = "moe"  # the MLP of every moe_every-th block: "moe" (V-MoE), "soft" (Soft MoE) or "dense"
-    moe: Optional[MoEConfig] = None  # the sparse MoE layer (ffn="moe"); None: 8 GELU experts, top-2, BPR, capacity 1.0
+    moe: MoEConfig | None = None  # the sparse MoE layer (ffn="moe"); None: 8 GELU experts, top-2, BPR, capacity 1.0
     moe_every: int = 2  # an MoE MLP in every n-th block, the last block included (V-MoE: every other block)
     soft_experts: int = 8  # ffn="soft": experts E
     soft_slots_per_expert: int = 1  # ffn="soft": slots S per expert
-    soft_hidden: Optional[int] = None  # ffn="soft": expert hidden width (None: mlp_hidden)
+    soft_hidden: int | None = None  # ffn="soft": expert hidden width (None: mlp_hidden)
     dropout: float = 0.0  # dropout on the attention/MLP outputs
 
     def __post_init__(self) -> None:
@@ -142,7 +139,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
-    def forward(self, x_BCHW: Tensor, *, top_k: Optional[int] = None, capacity_factor=_UNSET) -> ViTOutput:
+    def forward(self, x_BCHW: Tensor, *, top_k: int | None = None, capacity_factor=_UNSET) -> ViTOutput:
         if x_BCHW.dim() == 3:
             x_BCHW = x_BCHW.unsqueeze(1)
         x_BND = self.embed(patchify(x_BCHW, self.cfg.patch_size)) + self.pos_ND
