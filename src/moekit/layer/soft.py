@@ -35,7 +35,7 @@ class SoftMoEOutput:
     out: Tensor  # (B, N, D)
     aux_loss: Tensor  # scalar 0: Soft MoE needs no balancing loss
     losses: dict = field(default_factory=dict)  # empty
-    stats: dict = field(default_factory=dict)  # slot_entropy (mean dispatch entropy), combine_entropy, tokens_per_slot
+    stats: dict = field(default_factory=dict)  # dispatch_entropy, combine_entropy (mean, nats), tokens_per_expert (slot rows)
     dispatch_BNM: Tensor | None = None  # dispatch weights (columns sum to 1 over tokens)
     combine_BNM: Tensor | None = None  # combine weights (rows sum to 1 over slots)
 
