@@ -3,6 +3,10 @@ from .dispatch import DispatchPlan, apply_capacity, combine, dispatch, expert_ca
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .moe import MoE, MoEOutput, after_optimizer_step
 from .router import ROUTERS, Router, Routing, build_router
+from .hierarchical import HierarchicalMoE
+from .multigate import MultiGateMoE, MultiGateOutput
+from .soft import SoftMoE, SoftMoEOutput
 
 __all__ = ["MoE", "MoEOutput", "after_optimizer_step", "Router", "Routing", "ROUTERS", "build_router", "FeedForward", "GroupedExperts",
-           "ModuleListExperts", "DispatchPlan", "plan_dispatch", "dispatch", "combine", "apply_capacity", "expert_capacity"]
+           "ModuleListExperts", "DispatchPlan", "plan_dispatch", "dispatch", "combine", "apply_capacity", "expert_capacity",
+           "SoftMoE", "SoftMoEOutput", "MultiGateMoE", "MultiGateOutput", "HierarchicalMoE"]

@@ -1,0 +1,119 @@
+"""Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+
+Instead of routing each token to a few experts, every expert gets ``S`` *slots*, and every slot
+is a convex combination of all the tokens of the sequence:
+
+    logits_BNM = scale * l2norm(x_BND) @ l2norm(Phi_DM)        (M = E*S slots; Phi's columns normalised)
+    dispatch_BNM = softmax over tokens N (each slot's column sums to 1)
+    combine_BNM  = softmax over slots M (each token's row sums to 1)
+    slots_BMD = dispatch_BNM^T @ x_BND ;  expert e runs its S slots ;  out_BND = combine_BNM @ y_BMD
+
+Fully differentiable, no token dropping, no load-balancing loss (``aux_loss`` is 0).
+
+**Not causal**: every slot mixes all tokens of the sequence, so a token's output depends on the
+later tokens. Use it for encoders (ViTs, classification), not for autoregressive decoding.
+
+Shape legend: B batch, N tokens per sequence, D model width, E experts, S slots per expert,
+M = E*S slots, R = B*M rows handed to the experts (expert-major).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels import resolve_backend
+from .experts import ACTIVATIONS, GroupedExperts
+
+
+@dataclass
+class SoftMoEOutput:
+    """What one Soft MoE call returns."""
+
+    out: Tensor  # (B, N, D)
+    aux_loss: Tensor  # scalar 0: Soft MoE needs no balancing loss
+    losses: dict = field(default_factory=dict)  # empty
+    stats: dict = field(default_factory=dict)  # dispatch_entropy, combine_entropy (mean, nats), tokens_per_expert (slot rows)
+    dispatch_BNM: Tensor | None = None  # dispatch weights (columns sum to 1 over tokens)
+    combine_BNM: Tensor | None = None  # combine weights (rows sum to 1 over slots)
+
+
+class SoftMoE(nn.Module):
+    """A Soft MoE layer mapping (B, N, D) -> (B, N, D).
+
+    Args:
+        dim: model width D.
+        hidden_dim: each expert's hidden width F.
+        num_experts: experts E.
+        slots_per_expert: slots S per expert (the paper uses 1 or a few; M = E*S slots per sequence).
+        expert: expert FFN kind ("swiglu", "geglu", "gelu", "relu").
+        normalize: L2-normalise tokens and slot parameters, with a learned scale (the paper's
+            recipe for stable training at large D); False uses the raw dot product ``x @ Phi``.
+        backend: expert compute backend ("auto", "loop", "grouped", "triton").
+
+    Example::
+
+        moe = SoftMoE(dim=64, hidden_dim=128, num_experts=8, slots_per_expert=2)
+        res = moe(torch.randn(4, 16, 64))     # res.out: (4, 16, 64)
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1,
+                 expert: str = "swiglu", normalize: bool = True, backend: str = "auto"):
+        super().__init__()
+        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts), ("slots_per_expert", slots_per_expert)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+        if expert not in ACTIVATIONS:
+            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {expert!r}")
+        self.dim, self.num_experts, self.slots_per_expert = dim, num_experts, slots_per_expert
+        self.normalize, self.backend = normalize, backend
+        M = num_experts * slots_per_expert
+        self.phi_DM = nn.Parameter(torch.randn(dim, M) / dim ** 0.5)  # slot parameters, LeCun normal
+        self.scale = nn.Parameter(torch.ones(()))  # learned temperature of the normalised logits
+        self.experts = GroupedExperts(num_experts, dim, hidden_dim, expert)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_experts * self.slots_per_expert
+
+    def logits(self, x_BND: Tensor) -> Tensor:
+        """Token-slot logits (B, N, M)."""
+        phi_DM = self.phi_DM.to(x_BND.dtype)
+        if self.normalize:
+            return self.scale * (F.normalize(x_BND, dim=-1) @ F.normalize(phi_DM, dim=0))
+        return x_BND @ phi_DM
+
+    def forward(self, x: Tensor) -> SoftMoEOutput:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("x must be a floating-point torch.Tensor")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (batch, tokens, dim={self.dim}); got {tuple(x.shape)}")
+        B, _, D = x.shape
+        E, S = self.num_experts, self.slots_per_expert
+        logits_BNM = self.logits(x)
+        logits_BNM = logits_BNM.to(torch.promote_types(logits_BNM.dtype, torch.float32))  # softmaxes in fp32 or wider
+        dispatch_BNM = logits_BNM.softmax(dim=1)  # over tokens: each slot is a convex mix of the tokens
+        combine_BNM = logits_BNM.softmax(dim=2)  # over slots: each output is a convex mix of the slots
+        slots_BMD = dispatch_BNM.transpose(1, 2).to(x.dtype) @ x
+        # rows in expert order: slot m belongs to expert m // S
+        x_RD = slots_BMD.view(B, E, S, D).transpose(0, 1).reshape(E * B * S, D)
+        counts_E = torch.full((E,), B * S, dtype=torch.int64, device=x.device)
+        y_RD = self.experts(x_RD, counts_E, resolve_backend(self.backend, x.device))
+        y_BMD = y_RD.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)
+        out_BND = combine_BNM.to(x.dtype) @ y_BMD
+        with torch.no_grad():
+            stats = {
+                "dispatch_entropy": -torch.special.xlogy(dispatch_BNM, dispatch_BNM).sum(1).mean(),
+                "combine_entropy": -torch.special.xlogy(combine_BNM, combine_BNM).sum(2).mean(),
+                "tokens_per_expert": counts_E,  # slot rows each expert computed (always equal)
+            }
+        return SoftMoEOutput(out_BND, x.new_zeros((), dtype=torch.float32), {}, stats, dispatch_BNM, combine_BNM)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.experts.hidden_dim}, experts={self.num_experts}, "
+                f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}")
+
+
+__all__ = ["SoftMoE", "SoftMoEOutput"]
