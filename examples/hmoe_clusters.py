@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from moekit import FeedForward, HierarchicalMoE, MoE, MoEConfig
 
@@ -78,6 +79,7 @@ def main():
     t0 = time.time()
     results = {k: [] for k in ("hier 1x2", "hier 2x1", "flat", "dense")}
     purity = []
+    bar = tqdm(total=args.seeds * len(results), desc="hierarchical MoE runs", dynamic_ncols=True, leave=False)
     for seed in range(args.seeds):
         sample = make_task(seed)
         xtr, ytr, _ = sample(8000, 1)
@@ -101,6 +103,8 @@ def main():
                     group = res.experts_TK[:, 0] // SUB
                     joint = torch.zeros(G, G).index_put_((cte, group), torch.ones(len(cte)), accumulate=True)
                     purity.append((joint.max(1).values.sum() / joint.sum()).item())
+            bar.update(1)
+    bar.close()
     print(f"{args.seeds} seeds x {args.steps} steps, batch 128, {time.time() - t0:.0f}s\n")
     print("| model | active expert width / token | test MSE |\n|---|---|---|")
     for kind, width in (("hier 1x2", "2 x 32"), ("hier 2x1", "2 x 32"), ("flat", "2 x 32"), ("dense", "64")):

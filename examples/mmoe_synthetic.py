@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 
 from moekit import MultiGateMoE
@@ -64,12 +65,18 @@ def main():
     log_every = 50
     t0 = time.time()
     table, curves, params = {}, {}, {}
+    bar = tqdm(total=len(corrs) * len(MODELS) * args.seeds, desc="MMoE synthetic runs", dynamic_ncols=True, leave=False)
     for corr in corrs:
         for name in MODELS:
-            res = [run(name, corr, s, args.steps, args.batch, args.n_train, log_every) for s in range(args.seeds)]
+            res = []
+            for s in range(args.seeds):
+                bar.set_postfix(corr=corr, model=name, seed=s, refresh=False)
+                res.append(run(name, corr, s, args.steps, args.batch, args.n_train, log_every))
+                bar.update(1)
             table[corr, name] = torch.tensor([r[0] for r in res])
             curves[corr, name] = torch.tensor([r[1] for r in res]).mean(0)
             params[name] = res[0][2]
+    bar.close()
     print(f"{args.seeds} seeds x {args.steps} steps (batch {args.batch}, {args.n_train} training examples), "
           f"{time.time() - t0:.0f}s\n")
     print("| model | params | " + " | ".join(f"test MSE, corr {c}" for c in corrs) + " |")

@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -46,6 +47,7 @@ def train(cfg: ViTConfig, xtr, ytr, epochs: int, seed: int, lr: float = 3e-3, sh
     steps = epochs * ((len(xtr) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc=f"train ViT ({cfg.ffn})", dynamic_ncols=True, leave=False)
     for ep in range(epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=g)
@@ -62,8 +64,11 @@ def train(cfg: ViTConfig, xtr, ytr, epochs: int, seed: int, lr: float = 3e-3, sh
             opt.step()
             sched.step()
             tot += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=ep + 1, loss=f"{loss.item():.3f}", refresh=False)
         if (ep + 1) % 10 == 0:
             log(f"epoch {ep + 1:3d}  train loss {tot / len(xtr):.4f}")
+    bar.close()
     return model
 
 
