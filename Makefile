@@ -17,9 +17,11 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: install
-	$(VENV)/bin/moekit train --name demo$(if $(RUN_SUFFIX),-$(RUN_SUFFIX),)
-	$(VENV)/bin/moekit inspect --run runs/demo$(if $(RUN_SUFFIX),-$(RUN_SUFFIX),)
+	$(VENV)/bin/moekit train --name $(DEMO_RUN)
+	$(VENV)/bin/moekit inspect --run runs/$(DEMO_RUN)
 
 bench: install
 	$(PY) benchmarks/layer.py
