@@ -48,6 +48,7 @@ def plot_expert_load(run_dir: Path) -> Path:
     rows = [r for r in read_metrics(run_dir / "moe") if "tokens_per_expert" in r]
     if not rows:
         return None
+    rows = rows[:: max(1, len(rows) // 200)]  # at most ~200 points: a readable plot, a small file
     n_layers = len(rows[0]["tokens_per_expert"])
     fig, axes = plt.subplots(n_layers, 1, figsize=(6.4, 1.6 * n_layers + 0.6), sharex=True, squeeze=False)
     steps = [r["step"] for r in rows]
@@ -55,7 +56,8 @@ def plot_expert_load(run_dir: Path) -> Path:
         counts = [r["tokens_per_expert"][layer] for r in rows]
         shares = [[c / max(1, sum(cs)) for c in cs] for cs in counts]
         ax = axes[layer][0]
-        ax.stackplot(steps, list(zip(*shares)), linewidth=0)
+        E = len(shares[0])
+        ax.stackplot(steps, list(zip(*shares)), linewidth=0, colors=[plt.cm.tab20(e % 20) for e in range(E)])
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")

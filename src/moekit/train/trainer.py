@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -184,7 +185,7 @@ class Trainer:
         amp = autocast_dtype(cfg, self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
-                   dynamic_ncols=True, leave=True)
+                   dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         t_train, n_timed = 0.0, 0
         last_eval: dict = {}
         try:
