@@ -251,3 +251,22 @@ def test_accelerate_router_jitter_in_training():
         assert maxdiff(hf(x).logits, ref) <= TOL  # the same jitter draws
         hf.eval()
         assert maxdiff(hf(x).logits, ref) > TOL  # and no jitter in eval
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_accelerated_model_keeps_state_dict_save_and_router_logits(family, tmp_path):
+    """After accelerate(): the same state-dict keys, save_pretrained/from_pretrained round-trips, and the
+    load-balancing loss from output_router_logits equals transformers' (its router hooks still fire)."""
+    import copy
+
+    ref = build(family)
+    acc = accelerate(copy.deepcopy(ref))
+    assert set(acc.state_dict()) == set(ref.state_dict())
+    x = ids()
+    r_ref = ref(x, labels=x, output_router_logits=True)
+    r_acc = acc(x, labels=x, output_router_logits=True)
+    assert maxdiff(r_acc.logits, r_ref.logits) <= TOL
+    assert float(r_acc.aux_loss) == pytest.approx(float(r_ref.aux_loss), abs=1e-5)
+    acc.save_pretrained(tmp_path / "acc")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "acc").eval()
+    assert maxdiff(back(x).logits, r_ref.logits) <= TOL

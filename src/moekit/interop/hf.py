@@ -14,7 +14,6 @@ import os
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
@@ -414,7 +413,7 @@ class SharedWeightExperts(nn.Module):
 
     def __init__(self, hf_experts: nn.Module, kind: str = "swiglu"):
         super().__init__()
-        self.hf = hf_experts
+        object.__setattr__(self, "hf", hf_experts)  # a reference, not a submodule: no duplicate state-dict keys
         self.kind = kind
         self.num_experts = hf_experts.gate_up_proj.shape[0]
 
@@ -434,9 +433,9 @@ class SharedWeightExperts(nn.Module):
 
 
 class AcceleratedMoEBlock(nn.Module):
-    """Drop-in for a transformers sparse MoE block: routing as transformers does it (softmax over
-    experts in fp32, top-k, optional renormalisation), dispatch/combine and the expert FFNs by
-    moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
+    """Drop-in for a transformers sparse MoE block: routing by transformers' own router module
+    (so output_router_logits and its load-balancing loss keep working), dispatch/combine and the
+    expert FFNs by moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
     original modules, so the state-dict keys and Parameters are unchanged."""
 
     def __init__(self, hf_block: nn.Module, top_k: int, renormalize: bool, backend: str = "auto"):
@@ -455,11 +454,9 @@ class AcceleratedMoEBlock(nn.Module):
         if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x_TD = hidden_states.reshape(-1, shape[-1])
-        logits_TE = F.linear(x_TD, self.gate.weight)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        # transformers' own router module (softmax, top-k, norm_topk_prob): calling it keeps the hooks
+        # that collect router logits for output_router_logits / the load-balancing loss
+        _, weights_TK, experts_TK = self.gate(x_TD)
         weights_TK = weights_TK.to(x_TD.dtype)
         plan = plan_dispatch(experts_TK, self.num_experts)
         y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device))
