@@ -161,7 +161,7 @@ class MoE(nn.Module):
         names += ["load"] if self.cfg.router == "noisy_topk" else []
         stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device), "dropped_fraction": zero,
                  "router_entropy": zero, "expert_usage": self.expert_usage.clone()}
-        return MoEOutput(x.new_zeros(*lead, self.cfg.dim), zero, {n: zero for n in names}, stats)
+        return MoEOutput(x * 0, zero, {n: zero for n in names}, stats)  # x * 0 keeps x's graph for backward
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         if not isinstance(x, Tensor):
