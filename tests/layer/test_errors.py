@@ -266,3 +266,12 @@ def test_surgery_argument_errors():
     with pytest.raises(ValueError, match="expert"):
         MoE.from_dense(FeedForward(D, F_, "relu"), cfg())
     assert moe.num_experts == 4, "failed add_experts calls must not change the layer"
+
+
+def test_empty_batch_backward_works():
+    """A batch with no tokens gives an empty output whose backward runs (gradient accumulation loops may hit one)."""
+    moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2))
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    res = moe(x)
+    (res.out.sum() + res.aux_loss).backward()
+    assert res.out.shape == (2, 0, 8) and x.grad.shape == (2, 0, 8)
