@@ -438,14 +438,14 @@ class AcceleratedMoEBlock(nn.Module):
     expert FFNs by moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
     original modules, so the state-dict keys and Parameters are unchanged."""
 
-    def __init__(self, hf_block: nn.Module, top_k: int, renormalize: bool, backend: str = "auto"):
+    def __init__(self, hf_block: nn.Module, backend: str = "auto"):
         super().__init__()
         self.gate = hf_block.gate
         self.experts = hf_block.experts
         self.shared_expert = getattr(hf_block, "shared_expert", None)
         self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
         self.moe_experts = SharedWeightExperts(hf_block.experts)
-        self.top_k, self.renormalize, self.backend = top_k, renormalize, backend
+        self.backend = backend
         self.num_experts = self.moe_experts.num_experts
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
 
@@ -478,7 +478,6 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
         raise _unsupported(f"cannot accelerate model_type={family!r} ({type(hf_model).__name__})")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act={config.hidden_act!r} (only 'silu')")
-    renorm = True if family == "mixtral" else bool(getattr(config, "norm_topk_prob", False))
     replaced = 0
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
@@ -486,7 +485,7 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
                 continue
             experts = getattr(child, "experts", None)
             if hasattr(child, "gate") and experts is not None and hasattr(experts, "gate_up_proj"):
-                setattr(module, name, AcceleratedMoEBlock(child, config.num_experts_per_tok, renorm, backend))
+                setattr(module, name, AcceleratedMoEBlock(child, backend))
                 replaced += 1
     if replaced == 0 and not any(isinstance(m, AcceleratedMoEBlock) for m in hf_model.modules()):
         raise WeightMismatchError(f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}")

@@ -150,7 +150,7 @@ class MoE(nn.Module):
             w = getattr(cfg, LOSS_WEIGHTS[name])
             if w:
                 aux = aux + w * value
-        stats = self._stats(routing, plan.counts_E)
+        stats = self._stats(routing, plan.counts_E, losses["entropy"])
         return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
 
     def _empty_output(self, x: Tensor, lead) -> MoEOutput:
@@ -214,7 +214,7 @@ class MoE(nn.Module):
         out.update(r.losses)
         return out
 
-    def _stats(self, r: Routing, counts_E: Tensor) -> dict:
+    def _stats(self, r: Routing, counts_E: Tensor, entropy: Tensor) -> dict:
         routed = (r.experts_TK < self.cfg.num_experts).sum()
         kept = counts_E.sum()
         with torch.no_grad():
@@ -226,7 +226,7 @@ class MoE(nn.Module):
             return {
                 "tokens_per_expert": counts_E.detach(),
                 "dropped_fraction": 1.0 - kept.float() / routed.clamp_min(1).float(),
-                "router_entropy": L.routing_entropy(r.probs_TE.detach()),
+                "router_entropy": entropy.detach(),
                 "expert_usage": self.expert_usage.clone(),
             }
 
