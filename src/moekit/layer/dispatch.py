@@ -214,3 +214,18 @@ def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
         y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
     y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
     return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+
+class LocalDispatcher:
+    """Dispatch and combine on one process. An expert-parallel dispatcher
+    (:class:`moekit.parallel.AllToAllDispatcher`) has the same two methods."""
+
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, DispatchPlan]:
+        """``(x_RD, rows per expert, handle for combine)``."""
+        return dispatch(x_TD, plan), plan.counts_E, plan
+
+    def combine(self, y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
+        return combine(y_RD, plan, weights_TK)
+
+
+LOCAL = LocalDispatcher()

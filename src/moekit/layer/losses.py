@@ -1,7 +1,9 @@
 """Auxiliary routing losses: pure functions of a :class:`~moekit.layer.router.Routing`.
 
 Shape legend: T tokens, E routed experts, K slots per token. An empty slot has expert id E.
-All losses are unweighted scalars; the layer multiplies each by its configured weight.
+All losses are unweighted scalars; the layer multiplies each by its configured weight. Each is
+a function of sums over tokens (``*_from_stats``, ``*_per_token``, ``importance_E``), so that under
+expert/data parallelism the layer all-reduces the sums and gets the loss of the global batch.
 """
 from __future__ import annotations
 
@@ -28,38 +30,61 @@ def slot_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
     return counts[:num_experts]
 
 
+def balance_from_stats(counts_E: Tensor, mean_probs_E: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i from the routed-slot counts and the mean router probabilities."""
+    E = mean_probs_E.shape[-1]
+    counts_E = counts_E.to(mean_probs_E.dtype)
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    return E * (f_E * mean_probs_E).sum()
+
+
+def sq_load_from_stats(mean_probs_E: Tensor) -> Tensor:
+    """E * sum_i P_i^2 from the mean router probabilities."""
+    return mean_probs_E.shape[-1] * (mean_probs_E**2).sum()
+
+
+def importance_E(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
+    """Summed gate weight of each expert over the batch (E,); empty slots are not counted."""
+    imp = torch.zeros(num_experts + 1, dtype=weights_TK.dtype, device=weights_TK.device)
+    return imp.scatter_add(0, experts_TK.reshape(-1), weights_TK.reshape(-1))[:num_experts]
+
+
 def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     """E * sum_i f_i * P_i (Switch Transformer, Fedus et al. 2021; GShard, Lepikhin et al. 2020).
 
     f_i: fraction of routed slots sent to expert i (not differentiable); P_i: mean router
     probability of expert i. Equals 1 when both are uniform.
     """
-    E = probs_TE.shape[-1]
-    counts_E = slot_counts(experts_TK, E).to(probs_TE.dtype)
-    f_E = counts_E / counts_E.sum().clamp_min(1.0)
-    return E * (f_E * probs_TE.mean(0)).sum()
+    return balance_from_stats(slot_counts(experts_TK, probs_TE.shape[-1]), probs_TE.mean(0))
 
 
 def sq_load_loss(probs_TE: Tensor) -> Tensor:
     """E * sum_i P_i^2 with P_i the mean router probability: a differentiable squared
     load-fraction penalty, minimal (= 1) when the soft load is uniform."""
-    E = probs_TE.shape[-1]
-    return E * (probs_TE.mean(0) ** 2).sum()
+    return sq_load_from_stats(probs_TE.mean(0))
 
 
 def importance_loss(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Tensor:
     """CV^2 of each expert's summed gate weight over the batch (Shazeer et al. 2017)."""
-    imp = torch.zeros(num_experts + 1, dtype=weights_TK.dtype, device=weights_TK.device)
-    imp = imp.scatter_add(0, experts_TK.reshape(-1), weights_TK.reshape(-1))
-    return cv_squared(imp[:num_experts])
+    return cv_squared(importance_E(experts_TK, weights_TK, num_experts))
+
+
+def z_per_token(logits_TE: Tensor) -> Tensor:
+    """logsumexp(logits)^2 of each token (T,), in fp32 or wider."""
+    return torch.logsumexp(_fp32_or_wider(logits_TE), dim=-1) ** 2
+
+
+def entropy_per_token(probs_TE: Tensor) -> Tensor:
+    """Entropy (nats) of each token's routing distribution (T,), in fp32 or wider."""
+    p = _fp32_or_wider(probs_TE)
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)."""
-    return (torch.logsumexp(_fp32_or_wider(logits_TE), dim=-1) ** 2).mean()
+    return z_per_token(logits_TE).mean()
 
 
 def routing_entropy(probs_TE: Tensor) -> Tensor:
     """Mean over tokens of the entropy (nats) of the routing distribution."""
-    p = _fp32_or_wider(probs_TE)
-    return -torch.special.xlogy(p, p).sum(-1).mean()
+    return entropy_per_token(probs_TE).mean()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import MoEConfig
 from ..kernels import resolve_backend
 from . import losses as L
-from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
+from .dispatch import LOCAL, apply_capacity, expert_capacity, plan_dispatch
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
 
@@ -87,6 +87,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_usage", torch.full((E,), 1.0 / E))  # running share of routed slots
         self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # optimizer steps since last token
         self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64), persistent=False)  # tokens this step
+        # Set by moekit.parallel.apply_expert_parallel: the expert-parallel group whose dispatcher
+        # moves slots to the ranks holding their experts, and which all-reduces routing statistics.
+        self.parallel = None
 
     @property
     def num_experts(self) -> int:
@@ -116,42 +119,54 @@ class MoE(nn.Module):
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
         if x_TD.shape[0] == 0:
+            if self.parallel is not None:
+                raise ValueError("an expert-parallel MoE needs at least one token on every rank; got an empty batch")
             return self._empty_output(x, lead)
 
-        routing = self.router(x_TD, k, token_ids)
-        T, E = x_TD.shape[0], cfg.num_experts
-        experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
-        K = experts_TK.shape[1]
-
-        factor = self._capacity_factor(capacity_factor)
-        max_rows = None
-        if routing.capacity is not None:  # expert choice enforces its own capacity
-            max_rows = E * routing.capacity
-        elif factor is not None:
-            C = expert_capacity(T, K, E - self.router.num_disabled, factor, cfg.min_capacity)
-            experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=routing.probs_TE,
-                                                    overflow=cfg.overflow, priority=cfg.capacity_priority)
-            max_rows = E * C
-        plan = plan_dispatch(experts_TK, E, max_rows=max_rows, has_empty=routing.has_empty or factor is not None)
+        group = self.parallel
+        routing = self.router(x_TD, k, token_ids, group=group)
+        experts_TK, weights_TK, max_rows = self._apply_capacity(routing, self._capacity_factor(capacity_factor))
+        has_empty = routing.has_empty or max_rows is not None
+        plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
 
         backend = resolve_backend(cfg.backend, x.device) if isinstance(self.experts, GroupedExperts) else "loop"
-        x_RD = dispatch(x_TD, plan)
-        y_RD = self.experts(x_RD, plan.counts_E, backend)
-        out_TD = combine(y_RD, plan, weights_TK)
+        dispatcher = LOCAL if group is None else group.dispatcher
+        x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
+        y_RD = self.experts(x_RD, rows_per_expert, backend)
+        out_TD = dispatcher.combine(y_RD, handle, weights_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             out_TD = out_TD + shared_TD
 
-        losses = self._losses(routing)
+        losses, stats = self._losses_and_stats(routing, plan.counts_E)
         aux = x_TD.new_zeros((), dtype=torch.float32)
         for name, value in losses.items():
             w = getattr(cfg, LOSS_WEIGHTS[name])
             if w:
                 aux = aux + w * value
-        stats = self._stats(routing, plan.counts_E, losses["entropy"])
         return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
+
+    def _apply_capacity(self, r: Routing, factor: Optional[float]) -> tuple[Tensor, Tensor, Optional[int]]:
+        """(experts_TK, weights_TK, max_rows) after the capacity limit. Under expert/data parallelism
+        the limit is decided on all ranks' slots together (the global batch, as one process would)."""
+        E = self.cfg.num_experts
+        if r.capacity is not None:  # expert choice enforces its own capacity
+            return r.experts_TK, r.weights_TK, E * r.capacity
+        if factor is None:
+            return r.experts_TK, r.weights_TK, None
+        g, T = self.parallel, r.experts_TK.shape[0]
+        experts_TK, weights_TK, probs_TE, start = r.experts_TK, r.weights_TK, r.probs_TE, 0
+        if g is not None:  # other ranks' rows are constants; the local rows keep their graph
+            experts_TK, start = g.gather_rows(experts_TK)
+            weights_TK, _ = g.gather_rows(weights_TK)
+            probs_TE = g.gather_rows(probs_TE)[0] if self.cfg.overflow == "reroute" else None
+        K = experts_TK.shape[1]
+        C = expert_capacity(experts_TK.shape[0], K, E - self.router.num_disabled, factor, self.cfg.min_capacity)
+        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE,
+                                                overflow=self.cfg.overflow, priority=self.cfg.capacity_priority)
+        return experts_TK[start : start + T], weights_TK[start : start + T], E * C
 
     def _empty_output(self, x: Tensor, lead) -> MoEOutput:
         """A batch with no tokens: an empty output, zero losses (no NaN from averaging nothing)."""
@@ -201,34 +216,48 @@ class MoE(nn.Module):
             return self.cfg.eval_capacity_factor
         return self.cfg.capacity_factor if self.cfg.router != "expert_choice" else None
 
-    def _losses(self, r: Routing) -> dict:
-        E = self.cfg.num_experts
-        out = {
-            "balance": L.load_balancing_loss(r.probs_TE, r.experts_TK),
-            "sq_load": L.sq_load_loss(r.probs_TE),
-            "importance": L.importance_loss(r.experts_TK, r.weights_TK, E),
-            "entropy": L.routing_entropy(r.probs_TE),
-        }
+    def _losses_and_stats(self, r: Routing, kept_E: Tensor) -> tuple[dict, dict]:
+        """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
+        the sums are all-reduced first, so both describe the global batch on every rank."""
+        E, g = self.cfg.num_experts, self.parallel
+        wide = torch.promote_types(r.probs_TE.dtype, torch.float32)
+        sums = {"probs": r.probs_TE.to(wide).sum(0), "importance": L.importance_E(r.experts_TK, r.weights_TK, E).to(wide),
+                "entropy": L.entropy_per_token(r.probs_TE).sum().reshape(1).to(wide)}
         if self.router.learned:
-            out["z"] = L.z_loss(r.logits_TE)
-        out.update(r.losses)
-        return out
-
-    def _stats(self, r: Routing, counts_E: Tensor, entropy: Tensor) -> dict:
-        routed = (r.experts_TK < self.cfg.num_experts).sum()
-        kept = counts_E.sum()
+            sums["z"] = L.z_per_token(r.logits_TE).sum().reshape(1).to(wide)
+        if r.load_E is not None:
+            sums["load"] = r.load_E.to(wide)
+        counts = {"routed": L.slot_counts(r.experts_TK, E), "kept": kept_E,
+                  "tokens": torch.full((1,), r.experts_TK.shape[0], dtype=torch.int64, device=kept_E.device)}
+        if g is not None:
+            sums, counts = g.all_sum_dict(sums), g.all_sum_dict(counts)
+        T = counts["tokens"].to(wide)[0]
+        mean_probs_E = sums["probs"] / T
+        losses = dict(r.losses)
+        losses.update({
+            "balance": L.balance_from_stats(counts["routed"], mean_probs_E),
+            "sq_load": L.sq_load_from_stats(mean_probs_E),
+            "importance": L.cv_squared(sums["importance"]),
+            "entropy": sums["entropy"][0] / T,
+        })
+        if "z" in sums:
+            losses["z"] = sums["z"][0] / T
+        if "load" in sums:
+            losses["load"] = L.cv_squared(sums["load"])
+        kept = counts["kept"]
         with torch.no_grad():
             if self.training:
                 cfg = self.cfg
-                share = counts_E.float() / kept.clamp_min(1).float()
+                share = kept.float() / kept.sum().clamp_min(1).float()
                 self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
-                self.step_counts.add_(counts_E)
-            return {
-                "tokens_per_expert": counts_E.detach(),
-                "dropped_fraction": 1.0 - kept.float() / routed.clamp_min(1).float(),
-                "router_entropy": entropy.detach(),
+                self.step_counts.add_(kept)
+            stats = {
+                "tokens_per_expert": kept.detach(),
+                "dropped_fraction": 1.0 - kept.sum().float() / counts["routed"].sum().clamp_min(1).float(),
+                "router_entropy": losses["entropy"].detach(),
                 "expert_usage": self.expert_usage.clone(),
             }
+        return losses, stats
 
     @torch.no_grad()
     def after_optimizer_step(self) -> list[int]:
@@ -249,6 +278,8 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
+            if self.parallel is not None:  # every rank moves its bias by the global load
+                self.router.load_E.copy_(self.parallel.all_sum(self.router.load_E))
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery

@@ -32,6 +32,7 @@ class Routing:
     losses: dict = field(default_factory=dict)  # router-specific unweighted losses
     has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
     capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
+    load_E: Optional[Tensor] = None  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
 
 
 def _dtype(name: str, x: Tensor) -> torch.dtype:
@@ -100,8 +101,14 @@ class Router(nn.Module):
         self.disabled_E.copy_(mask_E)
         self.num_disabled = int(mask_E.sum())
 
-    def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None) -> Routing:
+    def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None, group=None) -> Routing:
+        """``group``: under expert/data parallelism, the object whose ``gather_rows`` collects all
+        ranks' rows (used by routers whose choice depends on the whole batch: expert choice)."""
+        if group is not None and self.batch_dependent:
+            return self.route(x_TD, top_k, token_ids_T, group=group)
         return self.route(x_TD, top_k, token_ids_T)
+
+    batch_dependent = False  # True when a token's routing depends on the other tokens of the batch
 
     def route(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor]) -> Routing:
         raise NotImplementedError
@@ -180,15 +187,16 @@ class NoisyTopKRouter(Router):
         experts_TK = experts_TK1[:, :top_k]
         weights_TK = top_TK1[:, :top_k].softmax(-1)
         probs_TE = noisy_TE.softmax(-1)
-        losses = {}
+        losses, load_E = {}, None
         if kp1 > top_k:  # with k = E every expert is chosen: the load is not random
             in_topk_TE = noisy_TE >= top_TK1[:, top_k - 1 : top_k]
             thresh_TE = torch.where(in_topk_TE, top_TK1[:, top_k : top_k + 1], top_TK1[:, top_k - 1 : top_k])
             normal = torch.distributions.Normal(torch.zeros((), dtype=dt, device=x_TD.device), torch.ones((), dtype=dt, device=x_TD.device))
             prob_TE = normal.cdf((clean_TE - thresh_TE) / std_TE)
             prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
-            losses["load"] = cv_squared(prob_TE.sum(0))
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses)
+            load_E = prob_TE.sum(0)
+            losses["load"] = cv_squared(load_E)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E)
 
 
 class RandomSecondRouter(Router):
@@ -218,21 +226,26 @@ class ExpertChoiceRouter(Router):
     C = ceil(T * c / E) with c = ``capacity_factor`` (default: ``top_k``, the average number of
     experts per token). Scores are the softmax over experts; a token may get 0..E experts. The
     result uses K = E slots per token, slot e meaning expert e, empty where e did not pick it.
-    Not causal: a token's routing depends on the other tokens in the batch.
+    Not causal: a token's routing depends on the other tokens in the batch. With a ``group``
+    (expert/data parallelism) the experts choose among all ranks' tokens, as one process would.
     """
 
-    def route(self, x_TD, top_k, token_ids_T=None):
+    batch_dependent = True
+
+    def route(self, x_TD, top_k, token_ids_T=None, group=None):
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         factor = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else top_k
         if not self.training and self.cfg.eval_capacity_factor is not None:
             factor = self.cfg.eval_capacity_factor
-        C = min(T, max(1, math.ceil(T * factor / E)))
-        chosen_EC = probs_TE.t().topk(C, dim=-1).indices  # (E, C) token ids
-        picked_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
+        all_TE, start = (probs_TE.detach(), 0) if group is None else group.gather_rows(probs_TE.detach())
+        T_all = all_TE.shape[0]
+        C = min(T_all, max(1, math.ceil(T_all * factor / E)))
+        chosen_EC = all_TE.t().topk(C, dim=-1).indices  # (E, C) token ids
+        picked_TE = torch.zeros(T_all, E, dtype=torch.bool, device=x_TD.device)
         picked_TE.scatter_(0, chosen_EC.t(), True)
-        picked_TE &= ~self.disabled_E
+        picked_TE = picked_TE[start : start + T] & ~self.disabled_E
         arange_E = torch.arange(E, device=x_TD.device).expand(T, E)
         experts_TK = torch.where(picked_TE, arange_E, E)
         weights_TK = probs_TE * picked_TE
