@@ -75,9 +75,11 @@ def z_per_token(logits_TE: Tensor) -> Tensor:
 
 
 def entropy_per_token(probs_TE: Tensor) -> Tensor:
-    """Entropy (nats) of each token's routing distribution (T,), in fp32 or wider."""
+    """Entropy (nats) of each token's routing distribution (T,), in fp32 or wider. The log is
+    clamped so that experts with probability exactly 0 (disabled, or -inf logits) give a zero
+    gradient instead of 0 * log(0) = NaN."""
     p = _fp32_or_wider(probs_TE)
-    return -torch.special.xlogy(p, p).sum(-1)
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

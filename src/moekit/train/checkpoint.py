@@ -24,8 +24,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read (missing, truncated, corrupt, or for another model)."""
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
@@ -47,15 +46,22 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, rng: Optional[dict] = None, meta: Optional[dict] = None) -> None:
-    """Save everything needed to continue training exactly."""
+def save_checkpoint(path: Union[str, Path], model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
+                    *, rng: Optional[dict] = None, meta: Optional[dict] = None, model_state: Optional[dict] = None,
+                    optimizer_state: Optional[dict] = None) -> None:
+    """Save everything needed to continue training exactly. ``model_state`` / ``optimizer_state``
+    replace the modules' own state dicts (an expert-parallel run passes the gathered, unsharded
+    ones, so the file is the same as a single process would write)."""
     from safetensors.torch import save
 
-    tensors = {MODEL + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model_state is None:
+        model_state = model.state_dict()
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
+    tensors = {MODEL + k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     info = {"meta": meta or {}}
-    if optimizer is not None:
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    if optimizer_state is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         tensors.update(opt_tensors)
         info["optimizer"] = opt_meta
     for name, state in (rng or {}).items():
@@ -81,18 +87,28 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:
     return tensors, info
 
 
-def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[dict, dict]:
-    """Load weights (and optimizer state) in place; returns (meta, rng states)."""
+def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    *, parallel=None) -> tuple[dict, dict]:
+    """Load weights (and optimizer state) in place; returns (meta, rng states). ``parallel``: the
+    model's :class:`~moekit.parallel.ExpertParallel` handle; each rank keeps its own experts of
+    the (always unsharded) file, whatever expert-parallel size wrote it."""
     tensors, info = read_checkpoint(path)
     model_sd = {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
     try:
-        model.load_state_dict(model_sd)
-    except RuntimeError as err:
+        if parallel is not None:
+            parallel.load_full_state_dict(model_sd)
+        else:
+            model.load_state_dict(model_sd)
+    except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0][:300]}") from err
     if optimizer is not None:
         if "optimizer" not in info:
             raise CheckpointError(f"checkpoint {path} has no optimizer state to resume from")
         opt_t = {k: v for k, v in tensors.items() if k.startswith(OPTIM)}
-        optimizer.load_state_dict(_unflatten_optimizer(opt_t, info["optimizer"]))
+        opt_sd = _unflatten_optimizer(opt_t, info["optimizer"])
+        if parallel is not None:
+            parallel.load_full_optimizer_state_dict(optimizer, opt_sd)
+        else:
+            optimizer.load_state_dict(opt_sd)
     rng = {k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)}
     return info.get("meta", {}), rng

@@ -1,0 +1,471 @@
+"""Expert parallelism on ``torch.distributed`` (GShard, Lepikhin et al. 2020), combined with data
+parallelism on a (dp, ep) device mesh.
+
+The experts of every MoE layer are split over the P ranks of an expert-parallel (EP) group: EP
+rank p holds experts [p*El, (p+1)*El). Each rank routes its own tokens, exchanges per-expert
+counts, sends each routed slot's row to the rank holding its expert with one uneven
+``all_to_all_single``, runs its local experts with the same grouped path as one process, and
+sends the results back to be combined. The model code stays single-device:
+:func:`apply_expert_parallel` shards an already built model.
+
+What is global by default (``statistics="global"``: as one process would compute it on the
+concatenated batch of all ranks): the balance / importance / load / z / entropy losses, the
+stats (tokens per expert, dropped fraction, entropy, usage), the capacity limit with its drops
+and re-routing, expert choice's token selection and the sigmoid router's bias update. What stays
+per rank: router randomness (noisy gating, jitter, GShard's random second expert).
+
+Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
+mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
+averages replicated parameters over all W ranks. An expert's gradient on its holder already sums
+the contributions of every rank of its EP group (the all-to-all's backward carries them back),
+so it is summed over the expert's DP replicas and divided by W, not averaged over DP alone
+(that would leave it P times too large).
+
+Shape legend: T local tokens, D width, E experts, P EP ranks, El = E / P experts per rank,
+R rows of the local dispatch plan, N rows received by this rank's experts.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layer.dispatch import DispatchPlan, combine, dispatch
+from ..layer.experts import GroupedExperts
+from ..layer.moe import MoE
+
+STATISTICS = ("global", "expert", "local")
+
+
+class ExpertParallelError(RuntimeError):
+    """A collective failed: a peer rank raised, died or did not answer within the timeout."""
+
+
+def _check(what: str, fn, *args, **kwargs):
+    """Run a collective; turn a backend failure into one clear error naming the rank."""
+    try:
+        return fn(*args, **kwargs)
+    except ExpertParallelError:
+        raise
+    except RuntimeError as err:
+        msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        raise ExpertParallelError(f"{what} failed on rank {rank}: a peer rank stopped, crashed or did not answer "
+                                  f"within the process-group timeout ({msg})") from err
+
+
+# ---------------------------------------------------------------------------- autograd collectives
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends the row gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x_ND, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
+        _check("expert-parallel all-to-all", dist.all_to_all_single, out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        out_splits, in_splits = ctx.splits
+        gx = g_ND.new_empty((sum(in_splits), *g_ND.shape[1:]))
+        _check("expert-parallel all-to-all (backward)", dist.all_to_all_single, gx, g_ND.contiguous(), in_splits, out_splits,
+               group=ctx.group)
+        return gx, None, None, None
+
+
+class _AllSum(torch.autograd.Function):
+    """All-reduce (sum) of a statistic that every rank of the group then uses the same way.
+
+    The exact adjoint is an all-reduce of the group's gradients; since they are identical on every
+    rank it equals ``grad * group_size``, computed without communicating."""
+
+    @staticmethod
+    def forward(ctx, v, group, size):
+        ctx.size = size
+        out = v.clone()
+        _check("all-reduce of routing statistics", dist.all_reduce, out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.size, None, None
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """What :meth:`AllToAllDispatcher.combine` needs from the matching dispatch."""
+
+    plan: DispatchPlan
+    x_ND: Tensor  # the rows this rank's experts received (in local-expert order)
+    inverse_N: Tensor  # row of the received order for each row in local-expert order
+    send: list  # rows sent to each EP rank
+    recv: list  # rows received from each EP rank
+    n_send: int
+
+
+class AllToAllDispatcher:
+    """The local dispatcher's ``dispatch``/``combine`` pair over an EP group: the experts see
+    ``(x rows of their El experts in expert order, rows per local expert)``."""
+
+    def __init__(self, group, num_experts: int):
+        self.group = group
+        self.P = dist.get_world_size(group)
+        self.El = num_experts // self.P
+
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, _Handle]:
+        P, El = self.P, self.El
+        x_RD = dispatch(x_TD, plan)
+        counts_E = plan.counts_E
+        recv_PL = torch.empty_like(counts_E)
+        _check("expert-parallel count exchange", dist.all_to_all_single, recv_PL, counts_E, group=self.group)
+        host = torch.cat([counts_E.view(P, El).sum(1), recv_PL]).tolist()  # one host sync: split sizes
+        send, recv_host = host[:P], host[P:]
+        recv = [sum(recv_host[p * El : (p + 1) * El]) for p in range(P)]
+        n_send, N = sum(send), sum(recv)
+        x_ND = _AllToAll.apply(x_RD[:n_send], recv, send, self.group)  # rows by (source rank, local expert)
+        # reorder to (local expert, source rank) so each expert's rows are contiguous
+        C_PL = recv_PL.view(P, El)
+        lens_LP = C_PL.t().reshape(-1)
+        src_start_LP = (C_PL.reshape(-1).cumsum(0) - C_PL.reshape(-1)).view(P, El).t().reshape(-1)
+        dst_start_LP = lens_LP.cumsum(0) - lens_LP
+        perm_N = torch.repeat_interleave(src_start_LP - dst_start_LP, lens_LP, output_size=N)
+        perm_N = perm_N + torch.arange(N, device=perm_N.device)
+        inverse_N = torch.empty_like(perm_N).scatter_(0, perm_N, torch.arange(N, device=perm_N.device))
+        x_ND = x_ND[perm_N]
+        return x_ND, C_PL.sum(0), _Handle(plan, x_ND, inverse_N, send, recv, n_send)
+
+    def combine(self, y_ND: Tensor, h: _Handle, weights_TK: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            # Every rank must run the same collectives in backward. A rank whose experts got no
+            # rows may get an output with no graph (or none back to the received rows); tie it to
+            # them, and make it require grad, so its backward all-to-alls run like everyone else's.
+            if h.x_ND.requires_grad and y_ND.shape[0] == 0:
+                y_ND = y_ND + h.x_ND.sum() * 0
+            if not y_ND.requires_grad:
+                y_ND = y_ND.detach().requires_grad_()
+        y_back = _AllToAll.apply(y_ND[h.inverse_N], h.send, h.recv, self.group)
+        R = h.plan.order_R.numel()
+        y_RD = F.pad(y_back, (0, 0, 0, R - h.n_send)) if R > h.n_send else y_back
+        return combine(y_RD, h.plan, weights_TK)
+
+
+class _LayerGroup:
+    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, and the
+    statistics group's row gather and differentiable sums."""
+
+    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int):
+        self.dispatcher, self.stats_group, self.stats_size = dispatcher, stats_group, stats_size
+
+    def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
+        """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
+        itself (they keep their graph); the others are constants."""
+        if self.stats_size == 1:
+            return t, 0
+        g, W = self.stats_group, self.stats_size
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.empty_like(n) for _ in range(W)]
+        _check("row-count gather", dist.all_gather, sizes, n, group=g)
+        sizes = torch.cat(sizes).tolist()
+        pad = max(sizes) - t.shape[0]
+        mine = F.pad(t.detach(), (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t.detach().contiguous()
+        parts = [torch.empty_like(mine) for _ in range(W)]
+        _check("routing gather", dist.all_gather, parts, mine, group=g)
+        me = dist.get_rank(g)
+        rows = [t if i == me else parts[i][: sizes[i]] for i in range(W)]
+        return torch.cat(rows), sum(sizes[:me])
+
+    def all_sum(self, v: Tensor) -> Tensor:
+        if self.stats_size == 1:
+            return v
+        if v.requires_grad:
+            return _AllSum.apply(v, self.stats_group, self.stats_size)
+        out = v.clone()
+        _check("all-reduce of routing statistics", dist.all_reduce, out, group=self.stats_group)
+        return out
+
+    def all_sum_dict(self, sums: dict) -> dict:
+        """One all-reduce for a dict of same-dtype tensors."""
+        keys = list(sums)
+        flat = self.all_sum(torch.cat([sums[k].reshape(-1) for k in keys]))
+        return dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
+
+
+# ---------------------------------------------------------------------------- mesh and setup
+def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL
+    on CUDA), with a collective timeout so a dead peer becomes an error, not a hang.
+    Returns ``(rank, world_size, device)``; a no-op when already initialised."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError("expert parallelism needs a torchrun launch: torchrun --nproc-per-node N -m moekit train ...")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def make_mesh(expert_parallel: int, device_type: str = "cpu"):
+    """A (dp, ep) :class:`~torch.distributed.device_mesh.DeviceMesh` over all ranks: EP groups are
+    consecutive ranks (one node when EP fits in it), DP runs across them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
+    W = dist.get_world_size()
+    if isinstance(expert_parallel, bool) or not isinstance(expert_parallel, int) or expert_parallel < 1:
+        raise ValueError(f"expert_parallel must be a positive integer; got {expert_parallel!r}")
+    if W % expert_parallel:
+        raise ValueError(f"expert_parallel={expert_parallel} must divide the world size {W}")
+    return init_device_mesh(device_type, (W // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _validate(model: nn.Module, ep: int, statistics: str) -> None:
+    """Everything that can be checked before any communication."""
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {', '.join(map(repr, STATISTICS))}; got {statistics!r}")
+    for name, moe in _moe_layers(model):
+        where = f"MoE layer {name or '(root)'}"
+        if moe.parallel is not None:
+            raise ValueError(f"{where} is already expert-parallel")
+        if not isinstance(moe.experts, GroupedExperts):
+            raise ValueError(f"{where}: expert parallelism needs the stacked FFN experts, not a heterogeneous expert list")
+        if moe.cfg.num_experts % ep:
+            raise ValueError(f"{where} has num_experts={moe.cfg.num_experts}, which the expert-parallel size {ep} must divide")
+        if moe.cfg.revive_after is not None:
+            raise ValueError(f"{where}: revive_after (dead-expert revival) is not supported with expert parallelism")
+
+
+def _fingerprint(model: nn.Module, ep: int) -> str:
+    h = hashlib.sha256(str(ep).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+class ExpertParallel:
+    """The expert × data parallel layout of one model (made by :func:`apply_expert_parallel`):
+    its groups, which parameters are expert shards, and the collectives training needs."""
+
+    def __init__(self, model: nn.Module, mesh, statistics: str):
+        self.model, self.mesh, self.statistics = model, mesh, statistics
+        self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp")
+        self.ep_size, self.dp_size = mesh.size(1), mesh.size(0)
+        self.ep_rank, self.dp_rank = mesh.get_local_rank("ep"), mesh.get_local_rank("dp")
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.expert_params: dict[str, int] = {}  # name -> number of experts in the full tensor
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ gradients
+    def _bucketed_all_reduce(self, tensors: list[Tensor], group, scale: float, what: str) -> None:
+        by_dtype: dict = {}
+        for t in tensors:
+            by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        for ts in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            if group is not None:
+                _check(what, dist.all_reduce, flat, group=group)
+            flat.mul_(scale)
+            for t, chunk in zip(ts, flat.split([t.numel() for t in ts])):
+                t.copy_(chunk.view_as(t))
+
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        """After ``backward``: average replicated parameters' gradients over all ranks, and sum
+        each expert's gradient over its DP replicas then divide by the world size (see the module
+        docstring). Missing gradients count as zero so every rank runs the same collectives."""
+        dense, experts = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            (experts if name in self.expert_params else dense).append(p.grad)
+        W = self.world_size
+        if dense:
+            self._bucketed_all_reduce(dense, dist.group.WORLD if W > 1 else None, 1.0 / W, "gradient all-reduce")
+        if experts:
+            self._bucketed_all_reduce(experts, self.dp_group if self.dp_size > 1 else None, 1.0 / W, "expert gradient all-reduce")
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip by the norm of the whole (unsharded) model's gradient, as one process would.
+        Call after :meth:`sync_gradients`. Returns the total norm before clipping."""
+        dense_sq = torch.zeros((), dtype=torch.float64)
+        expert_sq = torch.zeros((), dtype=torch.float64)
+        grads = []
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if name in self.expert_params:
+                expert_sq += sq
+            else:
+                dense_sq += sq
+        if self.ep_size > 1:
+            dev = grads[0].device if grads else torch.device("cpu")
+            expert_sq = expert_sq.to(dev)
+            _check("gradient-norm all-reduce", dist.all_reduce, expert_sq, group=self.ep_group)
+            expert_sq = expert_sq.cpu()
+        total = (dense_sq + expert_sq).sqrt().float()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total
+
+    # ------------------------------------------------------------------ small collectives
+    def mean(self, value: float) -> float:
+        """Mean of a Python number over all ranks (for logging)."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        _check("metric all-reduce", dist.all_reduce, t)
+        return float(t) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
+        t = torch.tensor([int(bool(flag))], device=self._device())
+        _check("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
+    def barrier(self) -> None:
+        _check("barrier", dist.barrier)
+
+    def _device(self) -> torch.device:
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ checkpoints (resharding)
+    def _gather_experts(self, t: Tensor) -> Tensor:
+        if self.ep_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.ep_size)]
+        _check("expert gather for a checkpoint", dist.all_gather, parts, t.contiguous(), group=self.ep_group)
+        return torch.cat(parts)
+
+    def _shard(self, name: str, t: Tensor) -> Tensor:
+        E = self.expert_params[name]
+        if t.dim() == 0 or t.shape[0] != E:
+            raise ValueError(f"{name}: expected a tensor for all {E} experts (first dimension {E}); got shape {tuple(t.shape)}")
+        El = E // self.ep_size
+        return t[self.ep_rank * El : (self.ep_rank + 1) * El]
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The single-process state dict (experts gathered over the EP group; collective: call on
+        every rank). It loads into an unsharded model as is."""
+        sd = self.model.state_dict()
+        return {k: self._gather_experts(v) if k in self.expert_params else v for k, v in sd.items()}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict) -> None:
+        """Load a single-process state dict (from any EP size), keeping this rank's experts."""
+        self.model.load_state_dict({k: self._shard(k, v) if k in self.expert_params else v for k, v in sd.items()})
+
+    def _optimizer_expert_index(self, opt: torch.optim.Optimizer) -> dict[int, str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for g in opt.param_groups for p in g["params"]]
+        return {i: names[id(p)] for i, p in enumerate(params) if names.get(id(p)) in self.expert_params}
+
+    @torch.no_grad()
+    def full_optimizer_state_dict(self, opt: torch.optim.Optimizer) -> dict:
+        """The optimizer state as a single process would hold it (collective)."""
+        sd = opt.state_dict()
+        idx = self._optimizer_expert_index(opt)
+        state = {}
+        for i, st in sd["state"].items():
+            name = idx.get(i)
+            state[i] = {k: self._gather_experts(v) if name and torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
+        idx = self._optimizer_expert_index(opt)
+        state = {}
+        for i, st in sd["state"].items():
+            name = idx.get(int(i))
+            state[i] = {k: self._shard(name, v) if name and torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
+        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optional[int] = None,
+                          statistics: str = "global", sync_init: bool = True) -> ExpertParallel:
+    """Shard the experts of every :class:`~moekit.MoE` layer of a built model over the EP dimension
+    of ``mesh`` (a (dp, ep) mesh from :func:`make_mesh`; or pass ``expert_parallel`` to make one).
+
+    Args:
+        model: the single-device model, built identically on every rank.
+        statistics: where routing statistics and capacity are decided: "global" (all ranks: the
+            same as one process on the global batch), "expert" (within each EP group, GShard's
+            groups), or "local" (each rank alone; no extra communication).
+        sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
+
+    Returns:
+        The :class:`ExpertParallel` handle: call ``sync_gradients()`` after every backward.
+        A model without MoE layers gets plain data parallelism.
+    """
+    ep = expert_parallel if mesh is None else mesh.size(1)
+    if mesh is None and expert_parallel is None:
+        raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
+    if not dist.is_initialized():
+        raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
+    if dist.get_world_size() % ep:
+        raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
+    _validate(model, ep, statistics)
+    if mesh is None:
+        mesh = make_mesh(ep, _device_type(model))
+    elif tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
+        raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
+    # first communication: every rank must hold the same model and layout
+    prints = [None] * dist.get_world_size()
+    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep))
+    if len(set(prints)) > 1:
+        bad = [r for r, p in enumerate(prints) if p != prints[0]]
+        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes) or expert-parallel size "
+                         f"than rank 0: build the same model on every rank")
+    handle = ExpertParallel(model, mesh, statistics)
+    if sync_init:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                _check("initial broadcast", dist.broadcast, t.data, src=0)
+    stats_group, stats_size = {
+        "global": (dist.group.WORLD, handle.world_size),
+        "expert": (handle.ep_group, handle.ep_size),
+        "local": (None, 1),
+    }[statistics]
+    for name, moe in _moe_layers(model):
+        E = moe.cfg.num_experts
+        El = E // ep
+        lo = handle.ep_rank * El
+        experts = moe.experts
+        with torch.no_grad():
+            experts.w_up = nn.Parameter(experts.w_up[lo : lo + El].clone())
+            experts.w_down = nn.Parameter(experts.w_down[lo : lo + El].clone())
+        experts.num_experts = El
+        prefix = f"{name}.experts." if name else "experts."
+        handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
+        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size)
+    return handle
+
+
+def _device_type(model: nn.Module) -> str:
+    p = next(iter(model.parameters()), None)
+    return p.device.type if p is not None else "cpu"

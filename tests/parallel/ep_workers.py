@@ -1,0 +1,219 @@
+"""Worker functions run in real gloo process groups by test_expert_parallel.py (spawned processes
+import this module by name, so it must not be a test module itself).
+
+Every worker compares the expert-parallel model on its slice of a global batch with the
+single-process model on the whole batch, built on every rank from the same seed."""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+from moekit.config import LMConfig
+from moekit.layer import after_optimizer_step
+from moekit.models import MoETransformer
+from moekit.parallel import ExpertParallelError, apply_expert_parallel, make_mesh
+
+TOL = 1e-9  # float64 everywhere, router included
+
+
+def init(rank: int, world: int, store: str, timeout_s: float = float(os.environ.get("EP_TIMEOUT", 60))) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def close(a, b, what, tol=TOL):
+    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)
+    assert err <= tol * scale, f"rank {dist.get_rank()}: {what} differs by {err:.3g} (scale {scale:.3g})"
+
+
+def _skew(moe: MoE, dead: list[int]) -> None:
+    """Make some experts unreachable, so they receive no tokens at all."""
+    with torch.no_grad():
+        if moe.router.learned:
+            moe.router.linear.weight[dead] = 0.0
+            if moe.router.linear.bias is not None:
+                moe.router.linear.bias[dead] = -1e4
+            else:
+                moe.router.linear.weight[dead, 0] = -50.0
+
+
+SCENARIOS = {
+    "topk": dict(top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01, importance_loss_weight=0.1, sq_load_loss_weight=0.1,
+                 entropy_loss_weight=0.01),
+    "drop": dict(top_k=2, capacity_factor=1.0, balance_loss_weight=0.1),
+    "reroute": dict(top_k=2, capacity_factor=1.0, overflow="reroute", capacity_priority="score", balance_loss_weight=0.1),
+    "expert_choice": dict(router="expert_choice", top_k=2, balance_loss_weight=0.1),
+    "sigmoid": dict(router="sigmoid", top_k=3, num_groups=4, topk_groups=2, bias_update_rate=0.01, num_shared_experts=1),
+    "noisy_eval": dict(router="noisy_topk", top_k=2, load_loss_weight=0.1, importance_loss_weight=0.1),
+    "shared_gate": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True, renormalize=True),
+}
+
+
+def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[str]) -> None:
+    """Forward outputs, losses, stats and every parameter's gradient equal the single-process
+    model's on the global batch."""
+    init(rank, world, store)
+    T, D = 10 + 3 * rank, 16  # uneven token counts per rank
+    sizes = [10 + 3 * r for r in range(world)]
+    for name in names:
+        torch.manual_seed(1)
+        cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=8, router_bias=name != "expert_choice", router_dtype="float64",
+                        **SCENARIOS[name])
+        ref = MoE(cfg).double()
+        _skew(ref, [5, 6, 7] if name != "expert_choice" else [])
+        x = torch.randn(sum(sizes), D, dtype=torch.float64)
+        tgt = torch.randn_like(x)
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        if name == "noisy_eval":
+            ref.eval(), moe.eval()
+        lo = sum(sizes[:rank])
+        r = ref(x)
+        # the objective of a data-parallel run: mean over ranks of (local mean task loss + aux)
+        ref_loss = sum((r.out[sum(sizes[:q]) : sum(sizes[: q + 1])] * tgt[sum(sizes[:q]) : sum(sizes[: q + 1])]).mean()
+                       for q in range(world)) / world + r.aux_loss
+        ref_loss.backward()
+        h = apply_expert_parallel(moe, expert_parallel=ep)
+        o = moe(x[lo : lo + T])
+        ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()
+        h.sync_gradients()
+        what = f"[{name}, ep={ep}, world={world}]"
+        close(o.out, r.out[lo : lo + T], f"{what} output")
+        close(o.aux_loss, r.aux_loss, f"{what} aux loss")
+        for k in r.losses:
+            close(o.losses[k], r.losses[k], f"{what} loss {k}", tol=1e-8)
+        assert torch.equal(o.stats["tokens_per_expert"], r.stats["tokens_per_expert"]), f"{what} tokens_per_expert"
+        close(o.stats["dropped_fraction"], r.stats["dropped_fraction"], f"{what} dropped_fraction")
+        if name in ("topk", "drop", "reroute", "sigmoid"):
+            assert (r.stats["tokens_per_expert"] == 0).sum() >= 3, f"{what}: the skew must leave experts without tokens"
+        if name == "drop":
+            assert float(r.stats["dropped_fraction"]) > 0, f"{what}: capacity must drop slots"
+        El, e0 = 8 // ep, h.ep_rank * (8 // ep)
+        mine = dict(moe.named_parameters())
+        for pname, p in ref.named_parameters():
+            want = p.grad[e0 : e0 + El] if pname in h.expert_params else p.grad
+            close(mine[pname].grad, want, f"{what} gradient of {pname}", tol=1e-8)
+        if name == "sigmoid":
+            after_optimizer_step(ref), after_optimizer_step(moe)
+            assert torch.equal(moe.router.bias_E, ref.router.bias_E), f"{what} sigmoid bias update"
+            assert bool(moe.router.bias_E.abs().sum() > 0)
+        moe.parallel = None  # the next scenario builds a fresh pair
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _lm_cfg() -> LMConfig:
+    moe = MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, capacity_factor=1.5, balance_loss_weight=0.01,
+                    z_loss_weight=1e-3, num_shared_experts=1, router_dtype="float64")
+    return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, moe=moe)
+
+
+def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> None:
+    """EP x DP: one AdamW step with clipping equals the single-process step; checkpoints gathered
+    from the EP run equal the single-process state and reshard into another EP size."""
+    from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+
+    init(rank, world, store)
+    torch.manual_seed(3)
+    ref = MoETransformer(_lm_cfg()).double()
+    model = MoETransformer(_lm_cfg()).double()
+    model.load_state_dict(ref.state_dict())
+    B = 2 * world
+    idx = torch.randint(0, 64, (B, 12))
+    tgt = torch.randint(0, 64, (B, 12))
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    out = ref(idx, tgt)
+    (out.loss + out.aux_loss).backward()
+    gn_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    opt_ref.step()
+
+    mesh = make_mesh(ep, "cpu")
+    h = apply_expert_parallel(model, mesh)
+    assert (h.ep_size, h.dp_size) == (ep, world // ep)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    b = B // world
+    o = model(idx[rank * b : (rank + 1) * b], tgt[rank * b : (rank + 1) * b])
+    (o.loss + o.aux_loss).backward()
+    h.sync_gradients()
+    gn = h.clip_grad_norm_(0.5)
+    close(gn, gn_ref, "total gradient norm", tol=1e-6)  # the LM computes rotary angles in fp32
+    opt.step()
+    full = h.full_state_dict()
+    for k, v in ref.state_dict().items():
+        close(full[k], v, f"parameter {k} after one AdamW step", tol=1e-7)
+    # checkpoint written by rank 0 from the EP run loads into a single-process model
+    path = os.path.join(ckpt_dir, "ep.safetensors")
+    opt_full = h.full_optimizer_state_dict(opt)
+    if rank == 0:
+        save_checkpoint(path, model, model_state=full, optimizer_state=opt_full)
+    dist.barrier()
+    single = MoETransformer(_lm_cfg()).double()
+    single_opt = torch.optim.AdamW(single.parameters(), lr=1e-2)
+    load_checkpoint(path, single, single_opt)
+    probe = torch.randint(0, 64, (2, 12))
+    single.eval(), ref.eval()
+    close(single(probe).logits, ref(probe).logits, "single-process model from an EP checkpoint")
+    for i, st in opt_ref.state_dict()["state"].items():
+        close(single_opt.state_dict()["state"][i]["exp_avg"], st["exp_avg"], f"optimizer state {i}")
+    # and back into an EP model of another EP size: same outputs on the same global batch
+    other = 1 if ep > 1 else world
+    model2 = MoETransformer(_lm_cfg()).double()
+    h2 = apply_expert_parallel(model2, expert_parallel=other, sync_init=False)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_checkpoint(path, model2, opt2, parallel=h2)
+    model2.eval()
+    pb = torch.randint(0, 64, (world, 12))
+    close(model2(pb[rank : rank + 1]).logits, ref(pb).logits[rank : rank + 1], f"EP={other} model from an EP={ep} checkpoint")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def bad_setup(rank: int, world: int, store: str, case: str, out_dir: str) -> None:
+    """Setup errors are clear and raised on every rank."""
+    init(rank, world, store, timeout_s=30)
+    E = {"indivisible": 7, "mismatch": 8 if rank == 0 else 16, "world": 8}[case]
+    ep = {"indivisible": 2, "mismatch": 2, "world": 4}[case]
+    moe = MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=E, top_k=2))
+    try:
+        apply_expert_parallel(moe, expert_parallel=ep)
+        msg = "no error"
+    except ValueError as err:
+        msg = str(err)
+    with open(os.path.join(out_dir, f"{case}.{rank}"), "w") as f:
+        f.write(msg)
+    dist.destroy_process_group()
+
+
+def fails_mid_step(rank: int, world: int, store: str, out_dir: str, timeout_s: float, mode: str) -> None:
+    """Rank 1 dies abruptly (or hangs) after its forward pass; rank 0 must fail with a clear error
+    within a bounded time, not hang."""
+    init(rank, world, store, timeout_s=timeout_s)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2))
+    apply_expert_parallel(moe, expert_parallel=world)
+    x = torch.randn(6, 8)
+    o = moe(x)
+    if rank == 1:
+        if mode == "hangs":
+            time.sleep(timeout_s * 3)
+        os._exit(3)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(3):  # backward, then more steps: the dead peer must surface as an error
+            o.out.sum().backward()
+            o = moe(x)
+        msg = "no error"
+    except ExpertParallelError as err:
+        msg = f"ExpertParallelError after {time.perf_counter() - t0:.1f}s: {err}"
+    except Exception as err:  # noqa: BLE001 - recorded for the test to show
+        msg = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, f"{mode}.{rank}"), "w") as f:
+        f.write(msg)
+    os._exit(0)
