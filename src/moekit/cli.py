@@ -23,6 +23,7 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "threads": ("train", "threads"), "tokenizer": ("train", "tokenizer"), "eval_every": ("train", "eval_every"),
     "dim": ("model", "dim"), "layers": ("model", "n_layers"), "experts": ("model", "moe.num_experts"),
     "top_k": ("model", "moe.top_k"), "router": ("model", "moe.router"),
+    "expert_parallel": ("train", "expert_parallel"),
 }
 
 
@@ -81,11 +82,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        print(f"resuming {run_dir}")
+        _main_print(f"resuming {run_dir}")
         try:
-            comparison = run_train(run_dir, resume=True, progress=not args.quiet)
+            comparison = run_train(run_dir, resume=True, progress=not args.quiet, expert_parallel=args.expert_parallel,
+                                   stop_at=args.stop_at)
         except TrainingInterrupted as err:
-            print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
+            _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
             return 130
     else:
         model_cfg, train_cfg = build_configs(args)
@@ -93,12 +95,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) / name
         try:
             comparison = run_train(run_dir, None if args.init_from else model_cfg, train_cfg, baseline=not args.no_baseline,
-                                   dense_only=args.dense, progress=not args.quiet, init_from=args.init_from)
+                                   dense_only=args.dense, progress=not args.quiet, init_from=args.init_from,
+                                   stop_at=args.stop_at)
         except TrainingInterrupted as err:
-            print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
+            _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
             return 130
-    print_summary(run_dir, comparison)
+    if "stopped_at" in comparison:
+        _main_print(f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
+                    f"Continue with: moekit train --resume {run_dir}")
+        return 0
+    if _rank() == 0:
+        print_summary(run_dir, comparison)
     return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _main_print(msg: str) -> None:
+    if _rank() == 0:
+        print(msg)
 
 
 def print_summary(run_dir: Path, comparison: dict) -> None:
@@ -149,9 +168,13 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     t.add_argument("--dense", action="store_true", help="train only the dense model")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume")
+    helps = {"expert_parallel": "split each MoE layer's experts over N ranks (launch with torchrun --nproc-per-node; "
+                                "remaining ranks are data parallel); with --resume, continue on another layout"}
     for flag in TRAIN_SHORTCUTS:
         typ = {"lr": float}.get(flag, str if flag in ("device", "data", "tokenizer", "router") else int)
-        t.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
+        t.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=helps.get(flag))
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample text from a trained run (or a Hugging Face folder)")
@@ -180,15 +203,30 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     from .train.checkpoint import CheckpointError
 
+    from .parallel import ExpertParallelError
+
     args = make_parser().parse_args(argv)
+    where = f" (rank {_rank()})" if "WORLD_SIZE" in __import__("os").environ else ""
     try:
         return args.func(args)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
-        print(f"moekit {args.command}: error: {err}", file=sys.stderr)
+        print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except ExpertParallelError as err:
+        print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)
         print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

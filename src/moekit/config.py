@@ -223,11 +223,15 @@ class TrainConfig(_DictMixin):
     vocab_size: int = 4096  # BPE vocabulary size
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
+    expert_parallel: int = 1  # ranks each MoE layer's experts are split over (launch with torchrun; the rest is data parallel)
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size",
+                     "expert_parallel"):
             _check_positive(name, getattr(self, name), integer=True)
         _check_positive("lr", self.lr)
+        _check_positive("dist_timeout_s", self.dist_timeout_s)
         _check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         _check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):

@@ -341,6 +341,12 @@ class ExpertParallel:
         _check("metric all-reduce", dist.all_reduce, t)
         return float(t) / self.world_size
 
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum of a tensor over all ranks (a copy, on ``t``'s device)."""
+        out = t.to(self._device(), copy=True)
+        _check("all-reduce", dist.all_reduce, out)
+        return out.to(t.device)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
         t = torch.tensor([int(bool(flag))], device=self._device())

@@ -2,7 +2,9 @@
 same tokens, same steps) into one run folder, then compare them and plot."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -77,11 +79,21 @@ def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
     return runs
 
 
+def distributed_launch() -> bool:
+    """True when this process was started by torchrun (or another launcher) with several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,
               baseline: bool = True, dense_only: bool = False, resume: bool = False, progress: bool = True,
-              stop_at: Optional[int] = None, plots: bool = True, init_from: Optional[str] = None) -> dict:
+              stop_at: Optional[int] = None, plots: bool = True, init_from: Optional[str] = None,
+              expert_parallel: Optional[int] = None) -> dict:
     """Train the run's models (resuming where a checkpoint exists) and write the comparison.
-    ``init_from``: fine-tune a Hugging Face checkpoint folder (its tokenizer, no dense baseline)."""
+    ``init_from``: fine-tune a Hugging Face checkpoint folder (its tokenizer, no dense baseline).
+
+    Under ``torchrun`` every rank calls this: the MoE's experts are split over
+    ``train.expert_parallel`` ranks (``expert_parallel`` overrides it, e.g. to resume on another
+    layout; checkpoints are unsharded), the rest is data parallel, and rank 0 writes the files."""
     run_dir = Path(run_dir)
     init_state = None
     if resume:
@@ -93,19 +105,29 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
         if (run_dir / CONFIG).exists():
             raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
         tok = None
+        raw = {"baseline": baseline, "dense_only": dense_only}
+    if expert_parallel is not None:
+        train_cfg = dataclasses.replace(train_cfg, expert_parallel=expert_parallel)
+    distributed, device, is_main = _setup_distributed(train_cfg)
+    if not resume:
         if init_from is not None:
             model_cfg, init_state, tok = _hf_start(init_from)
             baseline, dense_only = False, False
-        run_dir.mkdir(parents=True, exist_ok=True)
-        raw = {"baseline": baseline, "dense_only": dense_only}
+            raw = {"baseline": False, "dense_only": False}
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed and not is_main:
+        _barrier()  # rank 0 builds (and caches) the tokenizer first
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    if distributed and is_main:
+        _barrier()
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
         if resume or init_state is not None:
             if data.tokenizer.vocab_size > model_cfg.vocab_size:
                 raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}")
         else:
             model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
-    if not resume:
+    if not resume and is_main:
         data.tokenizer.save(run_dir / TOKENIZER)
         save_run_config(run_dir, model_cfg, train_cfg, baseline=baseline, dense_only=dense_only, init_from=init_from)
     summaries = {}
@@ -114,7 +136,8 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
         if (sub / SUMMARY).exists() and resume:
             summaries[label] = json.loads((sub / SUMMARY).read_text())
             continue
-        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state)
+        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state,
+                          distributed=distributed, device=device)
         res = trainer.fit(resume=resume and (sub / CHECKPOINT).exists(), stop_at=stop_at)
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "label": label}
@@ -122,9 +145,42 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
     comparison = {"summaries": summaries, "data": {"source": data.source, "domains": data.domains,
                                                    "train_tokens": data.train_ids_N.numel(), "val_tokens": data.val_ids_N.numel(),
                                                    "tokenizer": data.tokenizer.kind, "vocab_size": data.tokenizer.vocab_size}}
+    if not is_main:
+        return comparison
     atomic_write_bytes(run_dir / COMPARISON, json.dumps(comparison, indent=2).encode())
     if plots:
         from .plots import plot_run
 
         plot_run(run_dir)
     return comparison
+
+
+def _setup_distributed(cfg: TrainConfig):
+    """(distributed, device, is_main). Joins torchrun's process group when launched by it; asks
+    for torchrun when expert parallelism is requested without it."""
+    import torch
+
+    if not distributed_launch():
+        if cfg.expert_parallel > 1:
+            raise ValueError(f"expert_parallel={cfg.expert_parallel} needs one process per rank: launch with "
+                             f"torchrun --nproc-per-node {cfg.expert_parallel} -m moekit train ...")
+        return False, torch.device(cfg.device), True
+    from ..parallel import init_distributed
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world % cfg.expert_parallel:
+        raise ValueError(f"expert_parallel={cfg.expert_parallel} must divide the number of ranks ({world})")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
+    rank, _, device = init_distributed(cfg.device, cfg.dist_timeout_s)
+    return True, device, rank == 0
+
+
+def _barrier() -> None:
+    from ..parallel.expert_parallel import _check
+
+    import torch.distributed as dist
+
+    _check("barrier", dist.barrier)

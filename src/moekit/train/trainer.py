@@ -34,10 +34,11 @@ class TrainingInterrupted(Exception):
 
 class _DeferredInterrupt:
     """Ctrl-C during a training step takes effect once the step is complete and logged, so the
-    checkpoint and the metrics agree; a second Ctrl-C stops at once (the last checkpoint is kept)."""
+    checkpoint and the metrics agree; a second Ctrl-C (a second or more later) stops at once (the
+    last checkpoint is kept). Under torchrun the ranks agree on stopping at the same step."""
 
     def __enter__(self) -> "_DeferredInterrupt":
-        self.requested, self._old = False, None
+        self.requested, self._old, self._first = False, None, 0.0
         try:
             self._old = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
@@ -45,9 +46,13 @@ class _DeferredInterrupt:
         return self
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:
+        now = time.monotonic()
+        # a repeat within a second is the same Ctrl-C delivered twice (torchrun forwards the
+        # terminal's SIGINT to workers that already got it)
+        if self.requested and now - self._first > 1.0:
             raise _HardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def __exit__(self, *exc) -> None:
         if self._old is not None:
@@ -87,11 +92,18 @@ def balance_of(tokens_per_expert: list) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: torch.device, *, top_k: Optional[int] = None) -> dict:
-    """Validation loss overall and per domain, and the tokens each expert received."""
+def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: torch.device, *, top_k: Optional[int] = None,
+             parallel=None) -> dict:
+    """Validation loss overall and per domain, and the tokens each expert received. With an
+    expert-parallel ``parallel`` handle every batch of windows is split over the ranks (the
+    window count is rounded down to a multiple of the world size) and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     starts = fixed_windows(data.val_ids_N.numel(), cfg.seq_len, cfg.eval_windows)
+    if parallel is not None:
+        starts = starts[: starts.numel() // parallel.world_size * parallel.world_size]
+        if starts.numel() == 0:
+            raise ValueError(f"eval_windows={cfg.eval_windows} gives fewer validation windows than ranks ({parallel.world_size})")
     n_dom = len(data.domains)
     loss_sum = torch.zeros(n_dom, dtype=torch.float64)
     count = torch.zeros(n_dom, dtype=torch.float64)
@@ -99,6 +111,8 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: t
     amp = autocast_dtype(cfg, device)
     for i in range(0, starts.numel(), cfg.batch_size):
         s = starts[i : i + cfg.batch_size]
+        if parallel is not None:
+            s = s.tensor_split(parallel.world_size)[parallel.rank]
         x, y = window(data.val_ids_N, s, cfg.seq_len)
         dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -109,6 +123,8 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: t
         layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
         load = layer_counts if load is None else [a + b for a, b in zip(load, layer_counts)]
     model.train(was_training)
+    if parallel is not None:
+        loss_sum, count = parallel.sum(loss_sum), parallel.sum(count)  # tokens_per_expert is global already
     res = {"val_loss": float(loss_sum.sum() / count.sum())}
     for d, name in enumerate(data.domains):
         if count[d] > 0:
@@ -122,10 +138,11 @@ class Trainer:
     """Trains ``model_cfg`` on ``data`` into ``run_dir``."""
 
     def __init__(self, run_dir: Path, model_cfg: LMConfig, cfg: TrainConfig, data: TokenData, *, label: str = "moe",
-                 progress: bool = True, init_state: Optional[dict] = None):
+                 progress: bool = True, init_state: Optional[dict] = None, distributed: bool = False,
+                 device: Optional[torch.device] = None):
         self.dir = Path(run_dir)
-        self.model_cfg, self.cfg, self.data, self.label, self.progress = model_cfg, cfg, data, label, progress
-        self.device = torch.device(cfg.device)
+        self.model_cfg, self.cfg, self.data, self.label = model_cfg, cfg, data, label
+        self.device = device if device is not None else torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
         if cfg.threads:
@@ -135,6 +152,15 @@ class Trainer:
         if init_state is not None:  # fine-tuning: start from given weights
             self.model.load_state_dict(init_state)
         self.model = self.model.to(self.device)
+        self.par = None  # the expert x data parallel handle under torchrun
+        if distributed:
+            from ..parallel import apply_expert_parallel
+
+            self.par = apply_expert_parallel(self.model, expert_parallel=cfg.expert_parallel)
+            if cfg.batch_size % self.par.world_size:
+                raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({self.par.world_size})")
+        self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
+        self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
@@ -148,16 +174,26 @@ class Trainer:
 
     def save(self, finished: bool = False) -> None:
         meta = {"step": self.step, "label": self.label, "finished": finished}
-        save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+        if self.par is None:
+            save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+            return
+        # expert-parallel: gather the experts (collective), the main rank writes the unsharded file
+        model_state, opt_state = self.par.full_state_dict(), self.par.full_optimizer_state_dict(self.opt)
+        if self.main:
+            meta["expert_parallel"] = self.par.ep_size
+            save_checkpoint(self.dir / CHECKPOINT, None, model_state=model_state, optimizer_state=opt_state,
+                            rng=self._rng(), meta=meta)
+        self.par.barrier()
 
     def resume(self) -> None:
-        meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt)
+        meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, parallel=self.par)
         self.step = int(meta.get("step", 0))
         torch.set_rng_state(rng["torch"])
         self.gen.set_state(rng["data"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self._truncate_metrics(self.step)
+        if self.main:
+            self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows logged after the checkpoint (a crash between checkpoints)."""
@@ -167,6 +203,8 @@ class Trainer:
             path.write_text("".join(r + "\n" for r in rows))
 
     def _log(self, row: dict) -> None:
+        if not self.main:
+            return
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -178,10 +216,13 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
-        else:
+        elif self.main:
             (self.dir / METRICS).unlink(missing_ok=True)
-        cfg, model = self.cfg, self.model
+        cfg, model, par = self.cfg, self.model, self.par
+        # every rank draws the same global batch and keeps its slice: the run equals one process's
         batches = random_batches(self.data.train_ids_N, cfg.seq_len, cfg.batch_size, self.gen)
+        share = cfg.batch_size // (par.world_size if par else 1)
+        lo = share * (par.rank if par else 0)
         amp = autocast_dtype(cfg, self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
@@ -201,11 +242,16 @@ class Trainer:
                     for g in self.opt.param_groups:
                         g["lr"] = lr
                     x, y = next(batches)
+                    x, y = x[lo : lo + share], y[lo : lo + share]
                     with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                         out = model(x.to(self.device), y.to(self.device))
                     loss = out.loss + out.aux_loss
                     loss.backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                    if par is not None:
+                        par.sync_gradients()
+                        gnorm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                    else:
+                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
                     after_optimizer_step(model)
@@ -215,12 +261,13 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     t_train += dt
                     n_timed += 1
-                    row = {"step": self.step, "loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "lr": lr,
+                    task_loss = out.loss.item() if par is None else par.mean(out.loss.item())
+                    row = {"step": self.step, "loss": task_loss, "aux_loss": out.aux_loss.item(), "lr": lr,
                            "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
                     if loads:
                         row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        last_eval = evaluate(model, self.data, cfg, self.device)
+                        last_eval = evaluate(model, self.data, cfg, self.device, parallel=par)
                         row.update(last_eval)
                     self._log(row)
                     post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
@@ -232,7 +279,7 @@ class Trainer:
                     bar.update(1)
                     if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                         self.save()
-                    if interrupt.requested:
+                    if interrupt.requested if par is None else par.any(interrupt.requested):  # all ranks stop together
                         raise KeyboardInterrupt
         except _HardInterrupt:
             bar.close()
@@ -243,11 +290,17 @@ class Trainer:
             raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.dir}") from None
         bar.close()
         self.save(finished=True)
-        counts = self.model.param_counts()
+        if self.par is None:
+            counts = self.model.param_counts()
+        else:  # the sharded model holds only its experts: count the whole model, built without memory
+            with torch.device("meta"):
+                counts = MoETransformer(self.model_cfg).param_counts()
         summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
                    "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
-                   **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device)).items() if k.startswith("val_loss")}}
-        (self.dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+                   **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
+                      if k.startswith("val_loss")}}
+        if self.main:
+            (self.dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
 
 

@@ -1,0 +1,93 @@
+"""`moekit train` under torchrun with expert parallelism (real processes, gloo on CPU): the run
+equals the single-process run, and its unsharded checkpoints resume on another layout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+TINY = ["--tokenizer", "bytes", "--set", "train.code_chars=100000", "--dim", "64", "--layers", "2", "--set", "model.n_heads=2",
+        "--seq-len", "32", "--batch-size", "8", "--eval-every", "4", "--set", "train.eval_windows=8",
+        "--set", "train.checkpoint_every=100", "--quiet"]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ, MOEKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def moekit(tmp_path, *args, nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "moekit", *args]
+    else:
+        cmd = [sys.executable, "-m", "moekit", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(run: Path, label: str = "moe") -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / label / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(run: Path, label: str = "moe") -> dict:
+    return json.loads((run / label / "summary.json").read_text())
+
+
+def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
+    ep = moekit(tmp_path, "train", "--name", "ep", "--out", "runs", "--steps", "8", "--expert-parallel", "2", *TINY, nproc=2)
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    one = moekit(tmp_path, "train", "--name", "one", "--out", "runs", "--steps", "8", *TINY)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for label in ("moe", "dense"):  # the dense twin runs data parallel
+        a, b = _losses(runs / "ep", label), _losses(runs / "one", label)
+        assert len(a) == len(b) == 8
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (label, a, b)
+        sa, sb = _summary(runs / "ep", label), _summary(runs / "one", label)
+        assert abs(sa["val_loss"] - sb["val_loss"]) < 1e-4
+        assert sa["params_total"] == sb["params_total"]
+    assert "dense - MoE validation loss" in ep.stdout and ep.stdout.count("run folder") == 1  # rank 0 prints once
+    # the EP run's checkpoint is unsharded: a single process generates from it
+    gen = moekit(tmp_path, "generate", "--run", "runs/ep", "--prompt", "def ", "--max-new-tokens", "5")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+
+
+def test_stop_under_expert_parallel_then_resume_on_one_process_is_exact(tmp_path):
+    args = ["--steps", "10", "--no-baseline", *TINY]
+    stop = moekit(tmp_path, "train", "--name", "r", "--out", "runs", "--expert-parallel", "2", "--stop-at", "4", *args, nproc=2)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert "stopped at step 4" in stop.stdout
+    resumed = moekit(tmp_path, "train", "--resume", "runs/r", "--expert-parallel", "1", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = moekit(tmp_path, "train", "--name", "s", "--out", "runs", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = _losses(tmp_path / "runs/r"), _losses(tmp_path / "runs/s")
+    assert len(a) == len(b) == 10
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    # and a single-process checkpoint resumes under expert parallelism
+    stop1 = moekit(tmp_path, "train", "--name", "q", "--out", "runs", "--stop-at", "6", *args)
+    assert stop1.returncode == 0, stop1.stderr[-3000:]
+    res2 = moekit(tmp_path, "train", "--resume", "runs/q", "--expert-parallel", "2", "--quiet", nproc=2)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    c = _losses(tmp_path / "runs/q")
+    assert max(abs(x - y) for x, y in zip(c, b)) < 1e-4, (c, b)
+
+
+def test_expert_parallel_without_torchrun_is_a_clear_error(tmp_path):
+    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "2", *TINY)
+    assert res.returncode == 2
+    assert "torchrun --nproc-per-node 2" in res.stderr
+
+
+def test_world_size_that_expert_parallel_does_not_divide_is_a_clear_error(tmp_path):
+    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "3", *TINY, nproc=2)
+    assert res.returncode != 0
+    assert "expert_parallel=3 must divide the number of ranks (2)" in res.stderr
