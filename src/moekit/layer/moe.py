@@ -284,6 +284,9 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ expert surgery
     def _require_grouped(self, what: str) -> GroupedExperts:
+        if self.parallel is not None:
+            raise ValueError(f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
+                             "change the single-process model, then apply expert parallelism again")
         if not isinstance(self.experts, GroupedExperts):
             raise TypeError(f"{what} needs the stacked FFN experts, not a heterogeneous expert list")
         return self.experts

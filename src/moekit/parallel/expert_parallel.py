@@ -311,28 +311,22 @@ class ExpertParallel:
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the norm of the whole (unsharded) model's gradient, as one process would.
         Call after :meth:`sync_gradients`. Returns the total norm before clipping."""
-        dense_sq = torch.zeros((), dtype=torch.float64)
-        expert_sq = torch.zeros((), dtype=torch.float64)
-        grads = []
+        grads, dense_sq, expert_sq = [], [], []
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
             grads.append(p.grad)
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if name in self.expert_params:
-                expert_sq += sq
-            else:
-                dense_sq += sq
-        if self.ep_size > 1:
-            dev = grads[0].device if grads else torch.device("cpu")
-            expert_sq = expert_sq.to(dev)
+            (expert_sq if name in self.expert_params else dense_sq).append(p.grad.detach().double().pow(2).sum())
+        dev = grads[0].device if grads else torch.device("cpu")
+        dense_sq = torch.stack(dense_sq).sum() if dense_sq else torch.zeros((), dtype=torch.float64, device=dev)
+        expert_sq = torch.stack(expert_sq).sum() if expert_sq else torch.zeros((), dtype=torch.float64, device=dev)
+        if self.ep_size > 1:  # the EP group's shards make up all experts; DP replicas are equal after the sync
             _check("gradient-norm all-reduce", dist.all_reduce, expert_sq, group=self.ep_group)
-            expert_sq = expert_sq.cpu()
         total = (dense_sq + expert_sq).sqrt().float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.device, g.dtype))
-        return total
+            g.mul_(coef.to(g.dtype))
+        return total.cpu()
 
     # ------------------------------------------------------------------ small collectives
     def mean(self, value: float) -> float:
