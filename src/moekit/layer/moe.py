@@ -320,6 +320,8 @@ class MoE(nn.Module):
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
         """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
         a copy of the most used live expert plus noise, and reset its router row."""
+        if self.parallel is not None:
+            self._require_grouped("revive_dead_experts")  # raises: a sharded layer cannot copy across ranks
         dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
         live = ~dead & ~self.router.disabled_E
         if not bool(dead.any()) or not bool(live.any()):
