@@ -456,9 +456,10 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         El = E // ep
         lo = handle.ep_rank * El
         experts = moe.experts
-        with torch.no_grad():
-            experts.w_up = nn.Parameter(experts.w_up[lo : lo + El].clone())
-            experts.w_down = nn.Parameter(experts.w_down[lo : lo + El].clone())
+        with torch.no_grad():  # the shards keep the full tensors' requires_grad (frozen experts stay frozen)
+            for pname in ("w_up", "w_down"):
+                full = getattr(experts, pname)
+                setattr(experts, pname, nn.Parameter(full[lo : lo + El].clone(), requires_grad=full.requires_grad))
         experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})

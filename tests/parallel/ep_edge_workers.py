@@ -1,0 +1,56 @@
+"""Edge cases of expert parallelism, run in real gloo process groups by test_ep_edge_cases.py
+(spawned processes import this module by name, so it must not be a test module itself).
+
+Each worker writes one line per rank to ``out_dir`` (``<case>.<rank>``) starting with "ok" or with
+what went wrong, so a failure on any rank shows in the test's message."""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+from moekit.parallel import apply_expert_parallel
+
+from ep_workers import close, init
+
+
+def _record(out_dir: str, case: str, fn) -> None:
+    try:
+        fn()
+        msg = "ok"
+    except Exception as err:  # noqa: BLE001 - written for the test to show
+        msg = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+    with open(os.path.join(out_dir, f"{case}.{dist.get_rank()}"), "w") as f:
+        f.write(msg)
+
+
+def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Experts frozen before sharding stay frozen: no gradient, nothing for an optimizer to move;
+    the router still trains exactly as one process would."""
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        torch.manual_seed(0)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64")
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        for m in (ref, moe):
+            m.experts.requires_grad_(False)
+        x = torch.randn(12, 8, dtype=torch.float64)
+        r = ref(x)
+        (r.out.sum() / world + r.aux_loss).backward()
+        h = apply_expert_parallel(moe, expert_parallel=world)
+        assert not moe.experts.w_up.requires_grad and not moe.experts.w_down.requires_grad, "sharding unfroze the experts"
+        lo = 12 // world * rank
+        o = moe(x[lo : lo + 12 // world])
+        (o.out.sum() + o.aux_loss).backward()
+        h.sync_gradients()
+        assert moe.experts.w_up.grad is None and moe.experts.w_down.grad is None, "frozen experts got a gradient"
+        close(moe.router.linear.weight.grad, ref.router.linear.weight.grad, "router gradient")
+
+    _record(out_dir, "frozen", check)
+    dist.destroy_process_group()

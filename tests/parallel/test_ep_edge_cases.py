@@ -1,0 +1,28 @@
+"""Edge cases of expert parallelism in real gloo process groups (see ep_edge_workers.py)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import ep_edge_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def spawn(fn, world: int, tmp_path, *args) -> None:
+    store = str(tmp_path / f"store-{fn.__name__}-{time.monotonic_ns()}")
+    tmp.start_processes(fn, args=(world, store, str(tmp_path), *args), nprocs=world, join=True, start_method="spawn")
+
+
+def results(tmp_path, case: str, world: int) -> None:
+    for rank in range(world):
+        msg = (tmp_path / f"{case}.{rank}").read_text()
+        assert msg == "ok", f"{case}, rank {rank}: {msg}"
+
+
+def test_frozen_experts_stay_frozen_when_sharded(tmp_path):
+    spawn(W.frozen_experts, 2, tmp_path)
+    results(tmp_path, "frozen", 2)
