@@ -54,3 +54,31 @@ def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
 
     _record(out_dir, "frozen", check)
     dist.destroy_process_group()
+
+
+def sigmoid_bias_replicated(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Under statistics="expert" or "local" the sigmoid router's bias (replicated state) still
+    moves by the global load: it stays equal on every rank and equals one process's."""
+    init(rank, world, store, timeout_s=20)
+    for statistics, ep in (("local", world), ("expert", 1)):
+        def check():
+            torch.manual_seed(0)
+            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router="sigmoid", bias_update_rate=0.1,
+                            router_dtype="float64")
+            ref = MoE(cfg).double()
+            moe = MoE(cfg).double()
+            moe.load_state_dict(ref.state_dict())
+            h = apply_expert_parallel(moe, expert_parallel=ep, statistics=statistics)
+            x = torch.randn(world * 6, 8, dtype=torch.float64)
+            x[6:, 0] += 3.0  # the ranks see different loads
+            for _ in range(3):
+                ref(x), moe(x[rank * 6 : rank * 6 + 6])
+                ref.after_optimizer_step(), moe.after_optimizer_step()
+            biases = [torch.empty_like(moe.router.bias_E) for _ in range(world)]
+            dist.all_gather(biases, moe.router.bias_E)
+            assert all(torch.equal(b, biases[0]) for b in biases), f"the bias differs between ranks: {biases}"
+            assert torch.equal(moe.router.bias_E, ref.router.bias_E), (moe.router.bias_E, ref.router.bias_E)
+            h.sync_gradients()
+
+        _record(out_dir, f"bias-{statistics}", check)
+    dist.destroy_process_group()

@@ -26,3 +26,9 @@ def results(tmp_path, case: str, world: int) -> None:
 def test_frozen_experts_stay_frozen_when_sharded(tmp_path):
     spawn(W.frozen_experts, 2, tmp_path)
     results(tmp_path, "frozen", 2)
+
+
+def test_sigmoid_router_bias_stays_replicated_whatever_the_statistics(tmp_path):
+    spawn(W.sigmoid_bias_replicated, 2, tmp_path)
+    for statistics in ("local", "expert"):
+        results(tmp_path, f"bias-{statistics}", 2)

@@ -278,8 +278,8 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
-            if self.parallel is not None:  # every rank moves its bias by the global load
-                self.router.load_E.copy_(self.parallel.all_sum(self.router.load_E))
+            if self.parallel is not None:  # every rank moves its (replicated) bias by the global load
+                self.router.load_E.copy_(self.parallel.world_sum(self.router.load_E))
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery

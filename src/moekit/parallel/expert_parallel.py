@@ -11,8 +11,9 @@ sends the results back to be combined. The model code stays single-device:
 What is global by default (``statistics="global"``: as one process would compute it on the
 concatenated batch of all ranks): the balance / importance / load / z / entropy losses, the
 stats (tokens per expert, dropped fraction, entropy, usage), the capacity limit with its drops
-and re-routing, expert choice's token selection and the sigmoid router's bias update. What stays
-per rank: router randomness (noisy gating, jitter, GShard's random second expert).
+and re-routing, expert choice's token selection. Always global, whatever ``statistics``: the
+sigmoid router's bias update (the bias is replicated state, so every rank must move it alike).
+What stays per rank: router randomness (noisy gating, jitter, GShard's random second expert).
 
 Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
 mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
@@ -157,11 +158,12 @@ class AllToAllDispatcher:
 
 
 class _LayerGroup:
-    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, and the
-    statistics group's row gather and differentiable sums."""
+    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, the
+    statistics group's row gather and differentiable sums, and a sum over all ranks."""
 
-    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int):
+    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int, world_size: int):
         self.dispatcher, self.stats_group, self.stats_size = dispatcher, stats_group, stats_size
+        self.world_size = world_size
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
@@ -188,6 +190,14 @@ class _LayerGroup:
             return _AllSum.apply(v, self.stats_group, self.stats_size)
         out = v.clone()
         _check("all-reduce of routing statistics", dist.all_reduce, out, group=self.stats_group)
+        return out
+
+    def world_sum(self, v: Tensor) -> Tensor:
+        """Sum over all ranks (not differentiable): for replicated state, which every rank must
+        update alike whatever the statistics group."""
+        out = v.clone()
+        if self.world_size > 1:
+            _check("all-reduce over all ranks", dist.all_reduce, out)
         return out
 
     def all_sum_dict(self, sums: dict) -> dict:
@@ -415,7 +425,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         model: the single-device model, built identically on every rank.
         statistics: where routing statistics and capacity are decided: "global" (all ranks: the
             same as one process on the global batch), "expert" (within each EP group, GShard's
-            groups), or "local" (each rank alone; no extra communication).
+            groups), or "local" (each rank alone). The sigmoid router's bias update uses the
+            global load in every case, so the replicated bias stays equal on all ranks.
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
 
     Returns:
@@ -463,7 +474,7 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
-        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size)
+        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size, handle.world_size)
     return handle
 
 
