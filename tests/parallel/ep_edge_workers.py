@@ -82,3 +82,35 @@ def sigmoid_bias_replicated(rank: int, world: int, store: str, out_dir: str) -> 
 
         _record(out_dir, f"bias-{statistics}", check)
     dist.destroy_process_group()
+
+
+MISMATCHES = ("capacity_factor", "router_kind", "statistics", "sync_init")
+
+
+def mismatched_settings(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Settings that decide which collectives a forward runs must agree on every rank: a
+    difference is a clear error on every rank at setup, not a hang until the timeout."""
+    init(rank, world, store, timeout_s=10)
+    for case in MISMATCHES:
+        def check():
+            kw, apply_kw = dict(top_k=2), {}
+            if case == "capacity_factor":
+                kw["capacity_factor"] = 1.0 if rank == 0 else None
+            if case == "router_kind":  # same parameters, but expert choice gathers rows
+                kw["router"] = "topk" if rank == 0 else "expert_choice"
+            if case == "statistics":
+                apply_kw["statistics"] = "global" if rank == 0 else "local"
+            if case == "sync_init":
+                apply_kw["sync_init"] = rank == 0
+            moe = MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4, **kw))
+            try:
+                apply_expert_parallel(moe, expert_parallel=world, **apply_kw)
+            except ValueError as err:
+                assert "built a different model" in str(err), err
+                return
+            o = moe(torch.randn(6, 8))
+            (o.out.sum() + o.aux_loss).backward()
+            raise AssertionError("no setup error")
+
+        _record(out_dir, f"mismatch-{case}", check)
+    dist.destroy_process_group()

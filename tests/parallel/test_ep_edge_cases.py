@@ -32,3 +32,9 @@ def test_sigmoid_router_bias_stays_replicated_whatever_the_statistics(tmp_path):
     spawn(W.sigmoid_bias_replicated, 2, tmp_path)
     for statistics in ("local", "expert"):
         results(tmp_path, f"bias-{statistics}", 2)
+
+
+def test_settings_that_differ_between_ranks_are_a_clear_setup_error(tmp_path):
+    spawn(W.mismatched_settings, 2, tmp_path)
+    for case in W.MISMATCHES:
+        results(tmp_path, f"mismatch-{case}", 2)

@@ -263,10 +263,14 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
             raise ValueError(f"{where}: revive_after (dead-expert revival) is not supported with expert parallelism")
 
 
-def _fingerprint(model: nn.Module, ep: int) -> str:
-    h = hashlib.sha256(str(ep).encode())
+def _fingerprint(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> str:
+    """What every rank must agree on: the layout, the tensors, and each MoE layer's config (it
+    decides which collectives a forward runs: capacity, expert choice and re-routing gather rows)."""
+    h = hashlib.sha256(f"{ep}:{statistics}:{sync_init};".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    for name, moe in _moe_layers(model):
+        h.update(f"{name}:{moe.cfg!r};".encode())
     return h.hexdigest()[:16]
 
 
@@ -447,11 +451,12 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
     # first communication: every rank must hold the same model and layout
     prints = [None] * dist.get_world_size()
-    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep))
+    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
-        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes) or expert-parallel size "
-                         f"than rank 0: build the same model on every rank")
+        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
+                         f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
+                         f"build the same model with the same settings on every rank")
     handle = ExpertParallel(model, mesh, statistics)
     if sync_init:
         with torch.no_grad():
