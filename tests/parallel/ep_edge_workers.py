@@ -114,3 +114,63 @@ def mismatched_settings(rank: int, world: int, store: str, out_dir: str) -> None
 
         _record(out_dir, f"mismatch-{case}", check)
     dist.destroy_process_group()
+
+
+def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
+    """A rank with no tokens joins the collectives (no lone error that leaves the others hanging):
+    the layer equals one process on the other ranks' tokens, and validation splits its windows
+    unevenly over the ranks instead of dropping some, so it equals the single-process value."""
+    from moekit.config import LMConfig, TrainConfig
+    from moekit.data import TokenData
+    from moekit.models import MoETransformer
+    from moekit.train.trainer import evaluate
+
+    init(rank, world, store, timeout_s=20)
+    sizes = [7] + [0] * (world - 1)
+    for name, kw in (("capacity", dict(capacity_factor=1.0, overflow="reroute")), ("expert_choice", dict(router="expert_choice"))):
+        def layer():
+            torch.manual_seed(1)
+            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1, **kw)
+            ref = MoE(cfg).double()
+            moe = MoE(cfg).double()
+            moe.load_state_dict(ref.state_dict())
+            x = torch.randn(sum(sizes), 8, dtype=torch.float64)
+            r = ref(x)
+            (r.out.sum() / world + r.aux_loss).backward()
+            h = apply_expert_parallel(moe, expert_parallel=world)
+            lo = sum(sizes[:rank])
+            o = moe(x[lo : lo + sizes[rank]])
+            assert o.out.shape == (sizes[rank], 8)
+            (o.out.sum() + o.aux_loss).backward()
+            h.sync_gradients()
+            close(o.out, r.out[lo : lo + sizes[rank]], "output")
+            close(o.aux_loss, r.aux_loss, "aux loss")
+            assert torch.equal(o.stats["tokens_per_expert"], r.stats["tokens_per_expert"])
+            close(moe.router.linear.weight.grad, ref.router.linear.weight.grad, "router gradient")
+            e0 = h.ep_rank * (4 // world)
+            close(moe.experts.w_up.grad, ref.experts.w_up.grad[e0 : e0 + 4 // world], "expert gradient")
+
+        _record(out_dir, f"empty-{name}", layer)
+
+    def validation():
+        moe_cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64")
+        torch.manual_seed(2)
+        ref = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
+        model = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
+        model.load_state_dict(ref.state_dict())
+        h = apply_expert_parallel(model, expert_parallel=world)
+        g = torch.Generator().manual_seed(0)
+        val = torch.randint(0, 32, (60,), generator=g)
+        data = TokenData(None, ["prose", "code"], val, torch.zeros(60, dtype=torch.uint8), val,
+                         (torch.arange(60) % 3 == 0).to(torch.uint8), "test")
+        cfg = TrainConfig(batch_size=4, seq_len=8, eval_windows=5)  # batches of 4 and 1 windows
+        want = evaluate(ref, data, cfg, torch.device("cpu"))
+        got = evaluate(model, data, cfg, torch.device("cpu"), parallel=h)
+        assert got.keys() == want.keys(), (got.keys(), want.keys())
+        for k in want:
+            if k.startswith("val_loss"):
+                assert abs(got[k] - want[k]) < 1e-6, (k, got[k], want[k])
+        assert got["val_tokens_per_expert"] == want["val_tokens_per_expert"]
+
+    _record(out_dir, "empty-validation", validation)
+    dist.destroy_process_group()

@@ -38,3 +38,9 @@ def test_settings_that_differ_between_ranks_are_a_clear_setup_error(tmp_path):
     spawn(W.mismatched_settings, 2, tmp_path)
     for case in W.MISMATCHES:
         results(tmp_path, f"mismatch-{case}", 2)
+
+
+def test_a_rank_without_tokens_joins_in_and_validation_uses_every_window(tmp_path):
+    spawn(W.empty_rank, 2, tmp_path)
+    for case in ("capacity", "expert_choice", "validation"):
+        results(tmp_path, f"empty-{case}", 2)
