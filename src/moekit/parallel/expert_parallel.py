@@ -442,6 +442,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"expert_parallel must be a positive integer; got {ep!r}")
     if dist.get_world_size() % ep:
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
