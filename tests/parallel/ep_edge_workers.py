@@ -174,3 +174,33 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
 
     _record(out_dir, "empty-validation", validation)
     dist.destroy_process_group()
+
+
+def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int) -> None:
+    """Gradient accumulation: a backward per micro-batch, then one sync_gradients per optimizer
+    step, equals one process accumulating the same global micro-batches."""
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        torch.manual_seed(0)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64",
+                        balance_loss_weight=0.1)
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        h = apply_expert_parallel(moe, expert_parallel=ep)
+        micro = [torch.randn(world * 5, 8, dtype=torch.float64) for _ in range(2)]
+        for x in micro:
+            r = ref(x)
+            ((r.out**2).sum() / (world * 2) + r.aux_loss / 2).backward()
+            o = moe(x[rank * 5 : rank * 5 + 5])
+            ((o.out**2).sum() / 2 + o.aux_loss / 2).backward()
+        h.sync_gradients()
+        e0, El = h.ep_rank * (4 // ep), 4 // ep
+        mine = dict(moe.named_parameters())
+        for name, p in ref.named_parameters():
+            want = p.grad[e0 : e0 + El] if name in h.expert_params else p.grad
+            close(mine[name].grad, want, f"gradient of {name}")
+
+    _record(out_dir, f"accumulation-{ep}", check)
+    dist.destroy_process_group()

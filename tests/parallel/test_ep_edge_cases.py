@@ -44,3 +44,8 @@ def test_a_rank_without_tokens_joins_in_and_validation_uses_every_window(tmp_pat
     spawn(W.empty_rank, 2, tmp_path)
     for case in ("capacity", "expert_choice", "validation"):
         results(tmp_path, f"empty-{case}", 2)
+
+
+def test_gradient_accumulation_with_one_sync_per_step(tmp_path):
+    spawn(W.accumulation, 2, tmp_path, 2)
+    results(tmp_path, "accumulation-2", 2)

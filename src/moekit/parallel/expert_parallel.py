@@ -305,9 +305,11 @@ class ExpertParallel:
 
     @torch.no_grad()
     def sync_gradients(self) -> None:
-        """After ``backward``: average replicated parameters' gradients over all ranks, and sum
-        each expert's gradient over its DP replicas then divide by the world size (see the module
-        docstring). Missing gradients count as zero so every rank runs the same collectives."""
+        """Once per optimizer step, after the (last micro-batch's) ``backward``: average replicated
+        parameters' gradients over all ranks, and sum each expert's gradient over its DP replicas
+        then divide by the world size (see the module docstring). Missing gradients count as zero
+        so every rank runs the same collectives. Not after every micro-batch: unlike an average,
+        the expert sync applied to already synced gradients would shrink them P-fold."""
         dense, experts = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -434,7 +436,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
 
     Returns:
-        The :class:`ExpertParallel` handle: call ``sync_gradients()`` after every backward.
+        The :class:`ExpertParallel` handle: call ``sync_gradients()`` once per optimizer step,
+        after the last backward (under gradient accumulation, after the last micro-batch's).
         A model without MoE layers gets plain data parallelism.
     """
     ep = expert_parallel if mesh is None else mesh.size(1)
