@@ -185,8 +185,8 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
 def bad_setup(rank: int, world: int, store: str, case: str, out_dir: str) -> None:
     """Setup errors are clear and raised on every rank."""
     init(rank, world, store, timeout_s=30)
-    E = {"indivisible": 7, "mismatch": 8 if rank == 0 else 16, "world": 8}[case]
-    ep = {"indivisible": 2, "mismatch": 2, "world": 4}[case]
+    E = {"indivisible": 7, "mismatch": 8 if rank == 0 else 16, "world": 8, "zero": 8}[case]
+    ep = {"indivisible": 2, "mismatch": 2, "world": 4, "zero": 0}[case]
     moe = MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=E, top_k=2))
     try:
         apply_expert_parallel(moe, expert_parallel=ep)

@@ -40,6 +40,7 @@ def test_ep2_step_and_checkpoint_into_ep_world(tmp_path):
     ("indivisible", "num_experts=7, which the expert-parallel size 2 must divide"),
     ("world", "expert_parallel=4 must divide the world size 2"),
     ("mismatch", "built a different model"),
+    ("zero", "expert_parallel must be a positive integer; got 0"),
 ])
 def test_setup_errors_are_clear_on_every_rank(tmp_path, case, expect):
     spawn(W.bad_setup, 2, tmp_path, case, str(tmp_path))

@@ -11,15 +11,21 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+import moekit as moekit_pkg
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 TINY = ["--tokenizer", "bytes", "--set", "train.code_chars=100000", "--dim", "64", "--layers", "2", "--set", "model.n_heads=2",
-        "--seq-len", "32", "--batch-size", "8", "--eval-every", "4", "--set", "train.eval_windows=8",
+        "--seq-len", "32", "--batch-size", "8", "--eval-every", "4", "--set", "train.eval_windows=7",
         "--set", "train.checkpoint_every=100", "--quiet"]
+SRC = Path(moekit_pkg.__file__).resolve().parents[1]  # the moekit under test
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, MOEKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    # the subprocesses run in tmp_path: an inherited relative PYTHONPATH (PYTHONPATH=src) would not
+    # find this checkout there, and they would silently import whatever moekit is installed
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MOEKIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=path)
     env.pop("WORLD_SIZE", None)
     return env
 

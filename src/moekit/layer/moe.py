@@ -118,9 +118,7 @@ class MoE(nn.Module):
             if tuple(token_ids.shape) != tuple(lead):
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
-        if x_TD.shape[0] == 0:
-            if self.parallel is not None:
-                raise ValueError("an expert-parallel MoE needs at least one token on every rank; got an empty batch")
+        if x_TD.shape[0] == 0 and self.parallel is None:  # an expert-parallel rank still joins the collectives
             return self._empty_output(x, lead)
 
         group = self.parallel
@@ -231,7 +229,7 @@ class MoE(nn.Module):
                   "tokens": torch.full((1,), r.experts_TK.shape[0], dtype=torch.int64, device=kept_E.device)}
         if g is not None:
             sums, counts = g.all_sum_dict(sums), g.all_sum_dict(counts)
-        T = counts["tokens"].to(wide)[0]
+        T = counts["tokens"].to(wide)[0].clamp_min(1)  # 0 only when every rank's batch is empty
         mean_probs_E = sums["probs"] / T
         losses = dict(r.losses)
         losses.update({
@@ -278,8 +276,8 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
-            if self.parallel is not None:  # every rank moves its bias by the global load
-                self.router.load_E.copy_(self.parallel.all_sum(self.router.load_E))
+            if self.parallel is not None:  # every rank moves its (replicated) bias by the global load
+                self.router.load_E.copy_(self.parallel.world_sum(self.router.load_E))
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery

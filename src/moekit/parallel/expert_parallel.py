@@ -11,8 +11,9 @@ sends the results back to be combined. The model code stays single-device:
 What is global by default (``statistics="global"``: as one process would compute it on the
 concatenated batch of all ranks): the balance / importance / load / z / entropy losses, the
 stats (tokens per expert, dropped fraction, entropy, usage), the capacity limit with its drops
-and re-routing, expert choice's token selection and the sigmoid router's bias update. What stays
-per rank: router randomness (noisy gating, jitter, GShard's random second expert).
+and re-routing, expert choice's token selection. Always global, whatever ``statistics``: the
+sigmoid router's bias update (the bias is replicated state, so every rank must move it alike).
+What stays per rank: router randomness (noisy gating, jitter, GShard's random second expert).
 
 Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
 mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
@@ -157,11 +158,12 @@ class AllToAllDispatcher:
 
 
 class _LayerGroup:
-    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, and the
-    statistics group's row gather and differentiable sums."""
+    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, the
+    statistics group's row gather and differentiable sums, and a sum over all ranks."""
 
-    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int):
+    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int, world_size: int):
         self.dispatcher, self.stats_group, self.stats_size = dispatcher, stats_group, stats_size
+        self.world_size = world_size
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
@@ -188,6 +190,14 @@ class _LayerGroup:
             return _AllSum.apply(v, self.stats_group, self.stats_size)
         out = v.clone()
         _check("all-reduce of routing statistics", dist.all_reduce, out, group=self.stats_group)
+        return out
+
+    def world_sum(self, v: Tensor) -> Tensor:
+        """Sum over all ranks (not differentiable): for replicated state, which every rank must
+        update alike whatever the statistics group."""
+        out = v.clone()
+        if self.world_size > 1:
+            _check("all-reduce over all ranks", dist.all_reduce, out)
         return out
 
     def all_sum_dict(self, sums: dict) -> dict:
@@ -253,10 +263,14 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
             raise ValueError(f"{where}: revive_after (dead-expert revival) is not supported with expert parallelism")
 
 
-def _fingerprint(model: nn.Module, ep: int) -> str:
-    h = hashlib.sha256(str(ep).encode())
+def _fingerprint(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> str:
+    """What every rank must agree on: the layout, the tensors, and each MoE layer's config (it
+    decides which collectives a forward runs: capacity, expert choice and re-routing gather rows)."""
+    h = hashlib.sha256(f"{ep}:{statistics}:{sync_init};".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    for name, moe in _moe_layers(model):
+        h.update(f"{name}:{moe.cfg!r};".encode())
     return h.hexdigest()[:16]
 
 
@@ -291,9 +305,11 @@ class ExpertParallel:
 
     @torch.no_grad()
     def sync_gradients(self) -> None:
-        """After ``backward``: average replicated parameters' gradients over all ranks, and sum
-        each expert's gradient over its DP replicas then divide by the world size (see the module
-        docstring). Missing gradients count as zero so every rank runs the same collectives."""
+        """Once per optimizer step, after the (last micro-batch's) ``backward``: average replicated
+        parameters' gradients over all ranks, and sum each expert's gradient over its DP replicas
+        then divide by the world size (see the module docstring). Missing gradients count as zero
+        so every rank runs the same collectives. Not after every micro-batch: unlike an average,
+        the expert sync applied to already synced gradients would shrink them P-fold."""
         dense, experts = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -415,11 +431,13 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         model: the single-device model, built identically on every rank.
         statistics: where routing statistics and capacity are decided: "global" (all ranks: the
             same as one process on the global batch), "expert" (within each EP group, GShard's
-            groups), or "local" (each rank alone; no extra communication).
+            groups), or "local" (each rank alone). The sigmoid router's bias update uses the
+            global load in every case, so the replicated bias stays equal on all ranks.
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
 
     Returns:
-        The :class:`ExpertParallel` handle: call ``sync_gradients()`` after every backward.
+        The :class:`ExpertParallel` handle: call ``sync_gradients()`` once per optimizer step,
+        after the last backward (under gradient accumulation, after the last micro-batch's).
         A model without MoE layers gets plain data parallelism.
     """
     ep = expert_parallel if mesh is None else mesh.size(1)
@@ -427,6 +445,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+        raise ValueError(f"expert_parallel must be a positive integer; got {ep!r}")
     if dist.get_world_size() % ep:
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
@@ -436,11 +456,12 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
     # first communication: every rank must hold the same model and layout
     prints = [None] * dist.get_world_size()
-    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep))
+    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
-        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes) or expert-parallel size "
-                         f"than rank 0: build the same model on every rank")
+        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
+                         f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
+                         f"build the same model with the same settings on every rank")
     handle = ExpertParallel(model, mesh, statistics)
     if sync_init:
         with torch.no_grad():
@@ -456,13 +477,14 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         El = E // ep
         lo = handle.ep_rank * El
         experts = moe.experts
-        with torch.no_grad():
-            experts.w_up = nn.Parameter(experts.w_up[lo : lo + El].clone())
-            experts.w_down = nn.Parameter(experts.w_down[lo : lo + El].clone())
+        with torch.no_grad():  # the shards keep the full tensors' requires_grad (frozen experts stay frozen)
+            for pname in ("w_up", "w_down"):
+                full = getattr(experts, pname)
+                setattr(experts, pname, nn.Parameter(full[lo : lo + El].clone(), requires_grad=full.requires_grad))
         experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
-        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size)
+        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size, handle.world_size)
     return handle
 
 

@@ -95,15 +95,12 @@ def balance_of(tokens_per_expert: list) -> float:
 def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: torch.device, *, top_k: Optional[int] = None,
              parallel=None) -> dict:
     """Validation loss overall and per domain, and the tokens each expert received. With an
-    expert-parallel ``parallel`` handle every batch of windows is split over the ranks (the
-    window count is rounded down to a multiple of the world size) and the sums are all-reduced."""
+    expert-parallel ``parallel`` handle every batch of windows is split over the ranks (some may
+    get none: they still join the collectives) and the sums are all-reduced, so the result is
+    the single-process one."""
     was_training = model.training
     model.eval()
     starts = fixed_windows(data.val_ids_N.numel(), cfg.seq_len, cfg.eval_windows)
-    if parallel is not None:
-        starts = starts[: starts.numel() // parallel.world_size * parallel.world_size]
-        if starts.numel() == 0:
-            raise ValueError(f"eval_windows={cfg.eval_windows} gives fewer validation windows than ranks ({parallel.world_size})")
     n_dom = len(data.domains)
     loss_sum = torch.zeros(n_dom, dtype=torch.float64)
     count = torch.zeros(n_dom, dtype=torch.float64)

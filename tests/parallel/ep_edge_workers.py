@@ -1,0 +1,206 @@
+"""Edge cases of expert parallelism, run in real gloo process groups by test_ep_edge_cases.py
+(spawned processes import this module by name, so it must not be a test module itself).
+
+Each worker writes one line per rank to ``out_dir`` (``<case>.<rank>``) starting with "ok" or with
+what went wrong, so a failure on any rank shows in the test's message."""
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+from moekit.parallel import apply_expert_parallel
+
+from ep_workers import close, init
+
+
+def _record(out_dir: str, case: str, fn) -> None:
+    try:
+        fn()
+        msg = "ok"
+    except Exception as err:  # noqa: BLE001 - written for the test to show
+        msg = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+    with open(os.path.join(out_dir, f"{case}.{dist.get_rank()}"), "w") as f:
+        f.write(msg)
+
+
+def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Experts frozen before sharding stay frozen: no gradient, nothing for an optimizer to move;
+    the router still trains exactly as one process would."""
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        torch.manual_seed(0)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64")
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        for m in (ref, moe):
+            m.experts.requires_grad_(False)
+        x = torch.randn(12, 8, dtype=torch.float64)
+        r = ref(x)
+        (r.out.sum() / world + r.aux_loss).backward()
+        h = apply_expert_parallel(moe, expert_parallel=world)
+        assert not moe.experts.w_up.requires_grad and not moe.experts.w_down.requires_grad, "sharding unfroze the experts"
+        lo = 12 // world * rank
+        o = moe(x[lo : lo + 12 // world])
+        (o.out.sum() + o.aux_loss).backward()
+        h.sync_gradients()
+        assert moe.experts.w_up.grad is None and moe.experts.w_down.grad is None, "frozen experts got a gradient"
+        close(moe.router.linear.weight.grad, ref.router.linear.weight.grad, "router gradient")
+
+    _record(out_dir, "frozen", check)
+    dist.destroy_process_group()
+
+
+def sigmoid_bias_replicated(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Under statistics="expert" or "local" the sigmoid router's bias (replicated state) still
+    moves by the global load: it stays equal on every rank and equals one process's."""
+    init(rank, world, store, timeout_s=20)
+    for statistics, ep in (("local", world), ("expert", 1)):
+        def check():
+            torch.manual_seed(0)
+            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router="sigmoid", bias_update_rate=0.1,
+                            router_dtype="float64")
+            ref = MoE(cfg).double()
+            moe = MoE(cfg).double()
+            moe.load_state_dict(ref.state_dict())
+            h = apply_expert_parallel(moe, expert_parallel=ep, statistics=statistics)
+            x = torch.randn(world * 6, 8, dtype=torch.float64)
+            x[6:, 0] += 3.0  # the ranks see different loads
+            for _ in range(3):
+                ref(x), moe(x[rank * 6 : rank * 6 + 6])
+                ref.after_optimizer_step(), moe.after_optimizer_step()
+            biases = [torch.empty_like(moe.router.bias_E) for _ in range(world)]
+            dist.all_gather(biases, moe.router.bias_E)
+            assert all(torch.equal(b, biases[0]) for b in biases), f"the bias differs between ranks: {biases}"
+            assert torch.equal(moe.router.bias_E, ref.router.bias_E), (moe.router.bias_E, ref.router.bias_E)
+            h.sync_gradients()
+
+        _record(out_dir, f"bias-{statistics}", check)
+    dist.destroy_process_group()
+
+
+MISMATCHES = ("capacity_factor", "router_kind", "statistics", "sync_init")
+
+
+def mismatched_settings(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Settings that decide which collectives a forward runs must agree on every rank: a
+    difference is a clear error on every rank at setup, not a hang until the timeout."""
+    init(rank, world, store, timeout_s=10)
+    for case in MISMATCHES:
+        def check():
+            kw, apply_kw = dict(top_k=2), {}
+            if case == "capacity_factor":
+                kw["capacity_factor"] = 1.0 if rank == 0 else None
+            if case == "router_kind":  # same parameters, but expert choice gathers rows
+                kw["router"] = "topk" if rank == 0 else "expert_choice"
+            if case == "statistics":
+                apply_kw["statistics"] = "global" if rank == 0 else "local"
+            if case == "sync_init":
+                apply_kw["sync_init"] = rank == 0
+            moe = MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4, **kw))
+            try:
+                apply_expert_parallel(moe, expert_parallel=world, **apply_kw)
+            except ValueError as err:
+                assert "built a different model" in str(err), err
+                return
+            o = moe(torch.randn(6, 8))
+            (o.out.sum() + o.aux_loss).backward()
+            raise AssertionError("no setup error")
+
+        _record(out_dir, f"mismatch-{case}", check)
+    dist.destroy_process_group()
+
+
+def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
+    """A rank with no tokens joins the collectives (no lone error that leaves the others hanging):
+    the layer equals one process on the other ranks' tokens, and validation splits its windows
+    unevenly over the ranks instead of dropping some, so it equals the single-process value."""
+    from moekit.config import LMConfig, TrainConfig
+    from moekit.data import TokenData
+    from moekit.models import MoETransformer
+    from moekit.train.trainer import evaluate
+
+    init(rank, world, store, timeout_s=20)
+    sizes = [7] + [0] * (world - 1)
+    for name, kw in (("capacity", dict(capacity_factor=1.0, overflow="reroute")), ("expert_choice", dict(router="expert_choice"))):
+        def layer():
+            torch.manual_seed(1)
+            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1, **kw)
+            ref = MoE(cfg).double()
+            moe = MoE(cfg).double()
+            moe.load_state_dict(ref.state_dict())
+            x = torch.randn(sum(sizes), 8, dtype=torch.float64)
+            r = ref(x)
+            (r.out.sum() / world + r.aux_loss).backward()
+            h = apply_expert_parallel(moe, expert_parallel=world)
+            lo = sum(sizes[:rank])
+            o = moe(x[lo : lo + sizes[rank]])
+            assert o.out.shape == (sizes[rank], 8)
+            (o.out.sum() + o.aux_loss).backward()
+            h.sync_gradients()
+            close(o.out, r.out[lo : lo + sizes[rank]], "output")
+            close(o.aux_loss, r.aux_loss, "aux loss")
+            assert torch.equal(o.stats["tokens_per_expert"], r.stats["tokens_per_expert"])
+            close(moe.router.linear.weight.grad, ref.router.linear.weight.grad, "router gradient")
+            e0 = h.ep_rank * (4 // world)
+            close(moe.experts.w_up.grad, ref.experts.w_up.grad[e0 : e0 + 4 // world], "expert gradient")
+
+        _record(out_dir, f"empty-{name}", layer)
+
+    def validation():
+        moe_cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64")
+        torch.manual_seed(2)
+        ref = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
+        model = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
+        model.load_state_dict(ref.state_dict())
+        h = apply_expert_parallel(model, expert_parallel=world)
+        g = torch.Generator().manual_seed(0)
+        val = torch.randint(0, 32, (60,), generator=g)
+        data = TokenData(None, ["prose", "code"], val, torch.zeros(60, dtype=torch.uint8), val,
+                         (torch.arange(60) % 3 == 0).to(torch.uint8), "test")
+        cfg = TrainConfig(batch_size=4, seq_len=8, eval_windows=5)  # batches of 4 and 1 windows
+        want = evaluate(ref, data, cfg, torch.device("cpu"))
+        got = evaluate(model, data, cfg, torch.device("cpu"), parallel=h)
+        assert got.keys() == want.keys(), (got.keys(), want.keys())
+        for k in want:
+            if k.startswith("val_loss"):
+                assert abs(got[k] - want[k]) < 1e-6, (k, got[k], want[k])
+        assert got["val_tokens_per_expert"] == want["val_tokens_per_expert"]
+
+    _record(out_dir, "empty-validation", validation)
+    dist.destroy_process_group()
+
+
+def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int) -> None:
+    """Gradient accumulation: a backward per micro-batch, then one sync_gradients per optimizer
+    step, equals one process accumulating the same global micro-batches."""
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        torch.manual_seed(0)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64",
+                        balance_loss_weight=0.1)
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        h = apply_expert_parallel(moe, expert_parallel=ep)
+        micro = [torch.randn(world * 5, 8, dtype=torch.float64) for _ in range(2)]
+        for x in micro:
+            r = ref(x)
+            ((r.out**2).sum() / (world * 2) + r.aux_loss / 2).backward()
+            o = moe(x[rank * 5 : rank * 5 + 5])
+            ((o.out**2).sum() / 2 + o.aux_loss / 2).backward()
+        h.sync_gradients()
+        e0, El = h.ep_rank * (4 // ep), 4 // ep
+        mine = dict(moe.named_parameters())
+        for name, p in ref.named_parameters():
+            want = p.grad[e0 : e0 + El] if name in h.expert_params else p.grad
+            close(mine[name].grad, want, f"gradient of {name}")
+
+    _record(out_dir, f"accumulation-{ep}", check)
+    dist.destroy_process_group()

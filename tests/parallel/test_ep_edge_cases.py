@@ -1,0 +1,51 @@
+"""Edge cases of expert parallelism in real gloo process groups (see ep_edge_workers.py)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import ep_edge_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def spawn(fn, world: int, tmp_path, *args) -> None:
+    store = str(tmp_path / f"store-{fn.__name__}-{time.monotonic_ns()}")
+    tmp.start_processes(fn, args=(world, store, str(tmp_path), *args), nprocs=world, join=True, start_method="spawn")
+
+
+def results(tmp_path, case: str, world: int) -> None:
+    for rank in range(world):
+        msg = (tmp_path / f"{case}.{rank}").read_text()
+        assert msg == "ok", f"{case}, rank {rank}: {msg}"
+
+
+def test_frozen_experts_stay_frozen_when_sharded(tmp_path):
+    spawn(W.frozen_experts, 2, tmp_path)
+    results(tmp_path, "frozen", 2)
+
+
+def test_sigmoid_router_bias_stays_replicated_whatever_the_statistics(tmp_path):
+    spawn(W.sigmoid_bias_replicated, 2, tmp_path)
+    for statistics in ("local", "expert"):
+        results(tmp_path, f"bias-{statistics}", 2)
+
+
+def test_settings_that_differ_between_ranks_are_a_clear_setup_error(tmp_path):
+    spawn(W.mismatched_settings, 2, tmp_path)
+    for case in W.MISMATCHES:
+        results(tmp_path, f"mismatch-{case}", 2)
+
+
+def test_a_rank_without_tokens_joins_in_and_validation_uses_every_window(tmp_path):
+    spawn(W.empty_rank, 2, tmp_path)
+    for case in ("capacity", "expert_choice", "validation"):
+        results(tmp_path, f"empty-{case}", 2)
+
+
+def test_gradient_accumulation_with_one_sync_per_step(tmp_path):
+    spawn(W.accumulation, 2, tmp_path, 2)
+    results(tmp_path, "accumulation-2", 2)
