@@ -176,9 +176,10 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int) -> None:
+def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int, sync_each: bool = False) -> None:
     """Gradient accumulation: a backward per micro-batch, then one sync_gradients per optimizer
-    step, equals one process accumulating the same global micro-batches."""
+    step (or one after every micro-batch), equals one process accumulating the same global
+    micro-batches."""
     init(rank, world, store, timeout_s=20)
 
     def check():
@@ -195,12 +196,15 @@ def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int) -> No
             ((r.out**2).sum() / (world * 2) + r.aux_loss / 2).backward()
             o = moe(x[rank * 5 : rank * 5 + 5])
             ((o.out**2).sum() / 2 + o.aux_loss / 2).backward()
-        h.sync_gradients()
+            if sync_each:
+                h.sync_gradients()
+        if not sync_each:
+            h.sync_gradients()
         e0, El = h.ep_rank * (4 // ep), 4 // ep
         mine = dict(moe.named_parameters())
         for name, p in ref.named_parameters():
             want = p.grad[e0 : e0 + El] if name in h.expert_params else p.grad
             close(mine[name].grad, want, f"gradient of {name}")
 
-    _record(out_dir, f"accumulation-{ep}", check)
+    _record(out_dir, f"accumulation-{ep}{'-each' if sync_each else ''}", check)
     dist.destroy_process_group()

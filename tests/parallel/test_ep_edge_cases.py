@@ -46,6 +46,7 @@ def test_a_rank_without_tokens_joins_in_and_validation_uses_every_window(tmp_pat
         results(tmp_path, f"empty-{case}", 2)
 
 
-def test_gradient_accumulation_with_one_sync_per_step(tmp_path):
-    spawn(W.accumulation, 2, tmp_path, 2)
-    results(tmp_path, "accumulation-2", 2)
+@pytest.mark.parametrize("sync_each", [False, True])
+def test_gradient_accumulation_with_one_sync_per_step_or_per_micro_batch(tmp_path, sync_each):
+    spawn(W.accumulation, 2, tmp_path, 2, sync_each)
+    results(tmp_path, f"accumulation-2{'-each' if sync_each else ''}", 2)

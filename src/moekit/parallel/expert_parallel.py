@@ -17,10 +17,13 @@ What stays per rank: router randomness (noisy gating, jitter, GShard's random se
 
 Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
 mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
-averages replicated parameters over all W ranks. An expert's gradient on its holder already sums
-the contributions of every rank of its EP group (the all-to-all's backward carries them back),
-so it is summed over the expert's DP replicas and divided by W, not averaged over DP alone
-(that would leave it P times too large).
+averages replicated parameters over all W ranks. An expert's gradient on its holder sums the
+contributions of every rank of its EP group (the all-to-all's backward carries them back), so
+the dispatcher scales the gradient reaching the experts by 1/P (and the gradient leaving them
+for the tokens by P, so the tokens' gradients are unchanged); the sync then averages experts
+over their DP replicas. Without the 1/P the experts' gradients would be P times too large, the
+classic bug; with it both syncs are plain averages, so calling the sync after every micro-batch
+(as with DDP) or once per step gives the same result.
 
 Shape legend: T local tokens, D width, E experts, P EP ranks, El = E / P experts per rank,
 R rows of the local dispatch plan, N rows received by this rank's experts.
@@ -79,6 +82,19 @@ class _AllToAll(torch.autograd.Function):
         _check("expert-parallel all-to-all (backward)", dist.all_to_all_single, gx, g_ND.contiguous(), in_splits, out_splits,
                group=ctx.group)
         return gx, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
 
 
 class _AllSum(torch.autograd.Function):
@@ -140,6 +156,8 @@ class AllToAllDispatcher:
         perm_N = perm_N + torch.arange(N, device=perm_N.device)
         inverse_N = torch.empty_like(perm_N).scatter_(0, perm_N, torch.arange(N, device=perm_N.device))
         x_ND = x_ND[perm_N]
+        if P > 1:  # undo combine's 1/P on the way back to the tokens (see the module docstring)
+            x_ND = _ScaleGrad.apply(x_ND, float(P))
         return x_ND, C_PL.sum(0), _Handle(plan, x_ND, inverse_N, send, recv, n_send)
 
     def combine(self, y_ND: Tensor, h: _Handle, weights_TK: Tensor) -> Tensor:
@@ -151,6 +169,8 @@ class AllToAllDispatcher:
                 y_ND = y_ND + h.x_ND.sum() * 0
             if not y_ND.requires_grad:
                 y_ND = y_ND.detach().requires_grad_()
+            if self.P > 1:  # the experts' gradients sum P ranks' tokens: make them a mean
+                y_ND = _ScaleGrad.apply(y_ND, 1.0 / self.P)
         y_back = _AllToAll.apply(y_ND[h.inverse_N], h.send, h.recv, self.group)
         R = h.plan.order_R.numel()
         y_RD = F.pad(y_back, (0, 0, 0, R - h.n_send)) if R > h.n_send else y_back
@@ -305,11 +325,11 @@ class ExpertParallel:
 
     @torch.no_grad()
     def sync_gradients(self) -> None:
-        """Once per optimizer step, after the (last micro-batch's) ``backward``: average replicated
-        parameters' gradients over all ranks, and sum each expert's gradient over its DP replicas
-        then divide by the world size (see the module docstring). Missing gradients count as zero
-        so every rank runs the same collectives. Not after every micro-batch: unlike an average,
-        the expert sync applied to already synced gradients would shrink them P-fold."""
+        """After ``backward``: average replicated parameters' gradients over all ranks and each
+        expert's gradient over its DP replicas (the 1/P of the EP group is applied in the backward,
+        see the module docstring). Missing gradients count as zero so every rank runs the same
+        collectives. With gradient accumulation, call it after the last micro-batch (cheapest) or
+        after every one: both give the same gradients."""
         dense, experts = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -321,7 +341,8 @@ class ExpertParallel:
         if dense:
             self._bucketed_all_reduce(dense, dist.group.WORLD if W > 1 else None, 1.0 / W, "gradient all-reduce")
         if experts:
-            self._bucketed_all_reduce(experts, self.dp_group if self.dp_size > 1 else None, 1.0 / W, "expert gradient all-reduce")
+            self._bucketed_all_reduce(experts, self.dp_group if self.dp_size > 1 else None, 1.0 / self.dp_size,
+                                      "expert gradient all-reduce")
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -436,8 +457,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
 
     Returns:
-        The :class:`ExpertParallel` handle: call ``sync_gradients()`` once per optimizer step,
-        after the last backward (under gradient accumulation, after the last micro-batch's).
+        The :class:`ExpertParallel` handle: call ``sync_gradients()`` after the backward of each
+        optimizer step (under gradient accumulation after the last micro-batch, or after each).
         A model without MoE layers gets plain data parallelism.
     """
     ep = expert_parallel if mesh is None else mesh.size(1)
