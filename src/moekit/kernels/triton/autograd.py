@@ -1,0 +1,144 @@
+"""The expert FFN as one ``torch.autograd.Function`` over the grouped kernels of :mod:`.gemm`.
+
+Forward (two launches, plus the tile table):
+    pre_RH, h_RF = up(x_TD[token_idx_R] @ w_up[e])             gather fused into the A loads
+    y_SD[out_idx_R] = scale_R * (h_RF @ w_down[e])              scale and scatter in the epilogue
+Saved: x_TD, the weights, scale_R, the index tensors and pre_RH; not h_RF, not y.
+
+Backward (four launches):
+    d_pre_RH, h_RF, ds_R = down_bwd(g_SD[out_idx_R] @ w_down[e]^T)   act backward, h recompute,
+                                                                   ds_R = rowsum(dh_unscaled * h)
+    dx_RD  = d_pre_RH @ w_up[e]^T      (then summed into x_TD's rows when gathered)
+    dW_up[e]   = x[rows_e]^T @ d_pre[rows_e]
+    dW_down[e] = h[rows_e]^T @ (scale * g)[rows_e]
+
+Shape legend: T source rows, R rows in expert order, S output rows, D model width, F expert
+width, H = F or 2F, E experts.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .activations import act_kind
+from .gemm import INTERPRETED, config_for, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
+from .schedule import TileTable, tile_table
+
+
+def _as_index(idx: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if idx is None:
+        return None
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise ValueError(f"index tensors must be 1-D int32/int64; got {tuple(idx.shape)} {idx.dtype}")
+    return idx.to(device=device, dtype=torch.int32).contiguous()
+
+
+class _TritonExpertFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E, token_idx_R, out_idx_R, num_rows,
+                num_out_rows, act_code, gated, cfg):
+        tiles = tile_table(counts_E, num_rows, cfg["BLOCK_M"])
+        needs_grad = any(ctx.needs_input_grad[:4])
+        pre_RH, h_RF = grouped_up(x_TD, token_idx_R, w_up_EDH, tiles, act_code, gated, num_rows, needs_grad, cfg)
+        D = w_down_EFD.shape[-1]
+        y_SD = x_TD.new_zeros(num_out_rows, D)  # rows no tile writes (padding, unscattered) stay zero
+        grouped_mm(h_RF, None, w_down_EFD, tiles, y_SD, scale_R, out_idx_R, cfg)
+        if needs_grad:
+            ctx.save_for_backward(x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
+                                  tiles.expert_N, tiles.start_N, tiles.end_N, tiles.starts_E, tiles.ends_E)
+            ctx.act_code, ctx.gated, ctx.cfg, ctx.block_m = act_code, gated, cfg, tiles.block_m
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        (x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
+         expert_N, start_N, end_N, starts_E, ends_E) = ctx.saved_tensors
+        tiles = TileTable(expert_N, start_N, end_N, starts_E, ends_E, ctx.block_m)
+        cfg = ctx.cfg
+        need_x, need_up, need_down, need_s = ctx.needs_input_grad[:4]
+        need_s = need_s and scale_R is not None
+        d_pre_RH, h_RF, ds_R = grouped_down_bwd(
+            g_SD, out_idx_R, w_down_EFD, pre_RH, scale_R, tiles, ctx.act_code, ctx.gated,
+            store_h=need_down, store_ds=need_s, cfg=cfg,
+        )
+        dx = dw_up = dw_down = ds = None
+        if need_x:
+            R, D = pre_RH.shape[0], x_TD.shape[1]
+            dx_RD = x_TD.new_zeros(R, D)  # padding rows get no gradient
+            grouped_mm(d_pre_RH, None, w_up_EDH.transpose(1, 2), tiles, dx_RD, None, None, cfg)
+            if token_idx_R is None:
+                dx = dx_RD
+            else:  # the gathered rows' gradients summed into their source rows
+                dx = torch.zeros_like(x_TD).index_add_(0, token_idx_R.long(), dx_RD)
+        if need_up:
+            dw_up = grouped_wgrad(x_TD, token_idx_R, d_pre_RH, None, None, tiles, w_up_EDH.dtype, cfg)
+        if need_down:
+            dw_down = grouped_wgrad(h_RF, None, g_SD, out_idx_R, scale_R, tiles, w_down_EFD.dtype, cfg)
+        if need_s:
+            ds = ds_R.to(scale_R.dtype)
+        return dx, dw_up, dw_down, ds, None, None, None, None, None, None, None, None
+
+
+def triton_moe_ffn(
+    x_TD: Tensor,
+    counts_E: Tensor,
+    w_up_EDH: Tensor,
+    w_down_EFD: Tensor,
+    act: Callable[[Tensor], Tensor],
+    *,
+    token_idx_R: Optional[Tensor] = None,
+    scale_R: Optional[Tensor] = None,
+    out_idx_R: Optional[Tensor] = None,
+    num_out_rows: Optional[int] = None,
+    config: Optional[dict] = None,
+) -> Tensor:
+    """The expert FFN with the optional fused gather, row scale and scatter:
+
+        y[out_idx_R[r]] = scale_R[r] * act(x[token_idx_R[r]] @ w_up[e(r)]) @ w_down[e(r)]
+
+    for the rows ``r < sum(counts_E)`` (rows sorted by expert as in the backend contract). With
+    no ``token_idx_R`` row r reads ``x[r]`` (R = x's rows); with no ``out_idx_R`` it writes
+    ``y[r]`` (S = R). Output rows nothing is written to are zero; ``out_idx_R`` must not repeat a
+    row among the real rows. Index tensors must hold valid rows for every row, padding included.
+    Differentiable in ``x_TD``, both weights and ``scale_R``.
+    """
+    kind = act_kind(act)
+    dev = x_TD.device
+    if dev.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"moekit's Triton kernels need a CUDA device (or TRITON_INTERPRET=1); input is on {dev}")
+    if x_TD.dim() != 2 or w_up_EDH.dim() != 3 or w_down_EFD.dim() != 3:
+        raise ValueError("expected x (T, D), w_up (E, D, H), w_down (E, F, D)")
+    if not (x_TD.dtype == w_up_EDH.dtype == w_down_EFD.dtype):
+        raise ValueError(f"x, w_up and w_down must share a dtype; got {x_TD.dtype}, {w_up_EDH.dtype}, {w_down_EFD.dtype}")
+    E, D, H = w_up_EDH.shape
+    F = w_down_EFD.shape[1]
+    if x_TD.shape[1] != D or w_down_EFD.shape != (E, F, D) or H != (2 * F if kind.gated else F):
+        raise ValueError(
+            f"shapes do not fit: x {tuple(x_TD.shape)}, w_up {tuple(w_up_EDH.shape)}, w_down {tuple(w_down_EFD.shape)} "
+            f"({'gated: H = 2F' if kind.gated else 'H = F'})"
+        )
+    if counts_E.numel() != E:
+        raise ValueError(f"counts_E has {counts_E.numel()} entries for {E} experts")
+    token_idx_R = _as_index(token_idx_R, dev)
+    out_idx_R = _as_index(out_idx_R, dev)
+    R = token_idx_R.numel() if token_idx_R is not None else x_TD.shape[0]
+    if out_idx_R is not None and out_idx_R.numel() != R:
+        raise ValueError(f"out_idx_R has {out_idx_R.numel()} rows, expected R = {R}")
+    if scale_R is not None and scale_R.shape != (R,):
+        raise ValueError(f"scale_R must have shape ({R},); got {tuple(scale_R.shape)}")
+    if num_out_rows is None:
+        num_out_rows = R
+    elif out_idx_R is None and num_out_rows != R:
+        raise ValueError("num_out_rows differs from R but no out_idx_R says where rows go")
+    return _TritonExpertFFN.apply(
+        x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E.to(dev), token_idx_R, out_idx_R, R, num_out_rows,
+        kind.code, kind.gated, config_for(config),
+    )
+
+
+def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """The backend contract of :mod:`moekit.kernels` (same results and gradients as ``loop_ffn``;
+    rows past ``sum(counts_E)`` come back as zeros)."""
+    return triton_moe_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)

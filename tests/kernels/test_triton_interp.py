@@ -1,0 +1,239 @@
+"""moekit's Triton kernels under Triton's CPU interpreter, against the loop reference: forward
+and every gradient (x, w_up, w_down, routing weights), for each activation and dtype, with
+empty experts, padding rows, ragged tiles, K=1 and K=8 routing, E=1 and E=128, and the fused
+gather / row scale / scatter switched on and off.
+
+TRITON_INTERPRET=1 must be set before ``triton.jit`` decorates the kernels, i.e. before the
+first import of ``moekit.kernels.triton`` in this process (each pytest-xdist worker is its
+own process and collects this module before running any test; nothing else imports the
+kernels on CPU). It stays set for the rest of the process: Triton's interpreter reads it again
+while it runs.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from moekit.kernels import expert_ffn  # noqa: E402
+from moekit.kernels.reference import loop_ffn  # noqa: E402
+from moekit.kernels.triton import INTERPRETED, triton_ffn, triton_moe_ffn  # noqa: E402
+from moekit.kernels.triton.schedule import max_tiles, tile_table  # noqa: E402
+from moekit.layer.dispatch import combine, dispatch, plan_dispatch  # noqa: E402
+from moekit.layer.experts import ACTIVATIONS, GATED, GroupedExperts  # noqa: E402
+
+if not INTERPRETED:
+    pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def _close(got, ref, dtype, what):
+    """Max-abs error relative to the reference's largest entry."""
+    got, ref = got.double(), ref.double()
+    err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-6)
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e} ({dtype})"
+
+
+def _weights(E, D, F, kind, dtype):
+    H = 2 * F if GATED[kind] else F
+    w_up = torch.randn(E, D, H, dtype=torch.float64) / D**0.5
+    w_down = torch.randn(E, F, D, dtype=torch.float64) / F**0.5
+    return w_up.to(dtype), w_down.to(dtype)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _check_ffn(x_RD, counts_E, w_up, w_down, kind, dtype):
+    """triton_ffn == loop_ffn (evaluated in fp64 on the same rounded inputs), forward and grads."""
+    act = ACTIVATIONS[kind]
+    x, wu, wd = _leaf(x_RD), _leaf(w_up), _leaf(w_down)
+    y = triton_ffn(x, counts_E, wu, wd, act)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    gx, gu, gd = torch.autograd.grad(y, (x, wu, wd), g.to(dtype))
+    xr, wur, wdr = (_leaf(t.double()) for t in (x_RD, w_up, w_down))
+    yr = loop_ffn(xr, counts_E, wur, wdr, act)
+    if yr.requires_grad:
+        rx, ru, rd = torch.autograd.grad(yr, (xr, wur, wdr), g.to(dtype).double())
+    else:  # no real rows: the reference returns constant zeros
+        rx, ru, rd = (torch.zeros_like(t) for t in (xr, wur, wdr))
+    assert y.dtype == dtype and y.shape == yr.shape
+    for name, a, b in [("y", y, yr), ("dx", gx, rx), ("dw_up", gu, ru), ("dw_down", gd, rd)]:
+        _close(a, b, dtype, name)
+    valid = int(counts_E.sum())
+    assert (y[valid:] == 0).all() and (gx[valid:] == 0).all()  # padding rows: zero out, zero grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", list(ACTIVATIONS))
+def test_matches_loop_ffn(kind, dtype):
+    """Every activation and dtype: an empty expert, ragged tiles (R=43, blocks of 16), 4 padding rows."""
+    E, D, F = 4, 24, 20
+    counts_E = torch.tensor([17, 0, 3, 19])
+    x = torch.randn(43, D, dtype=torch.float64).to(dtype)
+    _check_ffn(x, counts_E, *_weights(E, D, F, kind, dtype), kind, dtype)
+
+
+def _counts_from_routing(T, K, E, drop):
+    """Counts for T tokens routed to K distinct random experts each, ``drop`` slots emptied."""
+    experts_TK = torch.rand(T, E).argsort(-1)[:, :K]
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+    for _ in range(drop):  # an emptied slot leaves a padding row at the end
+        busy = (counts_E > 0).nonzero().reshape(-1)
+        counts_E[busy[torch.randint(len(busy), ())]] -= 1
+    return counts_E, T * K
+
+
+@pytest.mark.parametrize("T,K,E,drop,kind", [
+    (23, 1, 1, 0, "swiglu"),  # one expert, K=1
+    (37, 1, 6, 5, "gelu"),  # K=1, padding
+    (7, 8, 8, 0, "swiglu"),  # K=8 of 8: every expert busy, R=56
+    (6, 8, 16, 3, "geglu"),  # K=8 of 16, padding
+    (9, 2, 128, 2, "relu"),  # E=128, most experts empty
+    (5, 1, 3, 5, "swiglu"),  # every row padding: no real tile at all
+])
+def test_routing_shapes(T, K, E, drop, kind):
+    counts_E, R = _counts_from_routing(T, K, E, drop)
+    D, F = (16, 16) if E > 16 else (32, 24)
+    x = torch.randn(R, D, dtype=torch.float64)
+    _check_ffn(x, counts_E, *_weights(E, D, F, kind, torch.float64), kind, torch.float64)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_fused_gather_scale_scatter(gather, scale, scatter):
+    """y[out_idx[r]] = s[r] * ffn(x[token_idx[r]]) against gather -> loop_ffn -> scale -> scatter,
+    with grads for x, both weights and s; slots emptied by a capacity sort last as padding."""
+    T, K, E, D, F, dtype = 11, 3, 5, 16, 24, torch.float64
+    kind = "swiglu" if scale else "gelu"
+    experts_TK = torch.rand(T, E).argsort(-1)[:, :K]
+    experts_TK[torch.rand(T, K) < 0.2] = E  # empty slots
+    plan = plan_dispatch(experts_TK, E, has_empty=True)
+    R, S = plan.order_R.numel(), T * K
+    x_TD = torch.randn(T, D, dtype=dtype)
+    x_src = x_TD if gather else x_TD[plan.token_R]  # without the fused gather: already gathered rows
+    s_R = torch.rand(R, dtype=dtype)
+    w_up, w_down = _weights(E, D, F, kind, dtype)
+
+    x, wu, wd, s = _leaf(x_src), _leaf(w_up), _leaf(w_down), _leaf(s_R)
+    y = triton_moe_ffn(
+        x, plan.counts_E, wu, wd, ACTIVATIONS[kind],
+        token_idx_R=plan.token_R if gather else None, scale_R=s if scale else None,
+        out_idx_R=plan.order_R if scatter else None, num_out_rows=S if scatter else None,
+    )
+    xr, wur, wdr, sr = (_leaf(t) for t in (x_src, w_up, w_down, s_R))
+    y_ref = loop_ffn(xr[plan.token_R] if gather else xr, plan.counts_E, wur, wdr, ACTIVATIONS[kind])
+    if scale:
+        y_ref = y_ref * sr[:, None]
+    if scatter:
+        y_ref = y_ref.new_zeros(S, D).index_copy(0, plan.order_R, y_ref)
+    g = torch.randn_like(y_ref)
+    inputs, ref_inputs = [x, wu, wd], [xr, wur, wdr]
+    if scale:
+        inputs.append(s), ref_inputs.append(sr)
+    grads = torch.autograd.grad(y, inputs, g)
+    ref_grads = torch.autograd.grad(y_ref, ref_inputs, g)
+    _close(y, y_ref, dtype, "y")
+    for name, a, b in zip(["dx", "dw_up", "dw_down", "ds"], grads, ref_grads):
+        _close(a, b, dtype, name)
+
+
+def test_fused_path_makes_combine_a_sum_over_k():
+    """Gather + routing-weight scale + scatter to slot order: moekit's dispatch -> experts ->
+    combine becomes one call and a plain sum over K (fp32, all gradients)."""
+    T, K, E, D, F, dtype = 13, 2, 4, 16, 16, torch.float32
+    kind = "swiglu"
+    experts_TK = torch.rand(T, E).argsort(-1)[:, :K]
+    experts_TK[3, 1] = E  # one empty slot
+    weights_TK = torch.rand(T, K, dtype=dtype)
+    plan = plan_dispatch(experts_TK, E, has_empty=True)
+    w_up, w_down = _weights(E, D, F, kind, dtype)
+    x_TD = torch.randn(T, D, dtype=dtype)
+
+    x, wu, wd, w = _leaf(x_TD), _leaf(w_up), _leaf(w_down), _leaf(weights_TK)
+    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, ACTIVATIONS[kind], token_idx_R=plan.token_R,
+                          scale_R=w.reshape(-1)[plan.order_R], out_idx_R=plan.order_R, num_out_rows=T * K)
+    out = y_SD.view(T, K, D).sum(1)
+    xr, wur, wdr, wr = (_leaf(t) for t in (x_TD, w_up, w_down, weights_TK))
+    ref = combine(loop_ffn(dispatch(xr, plan), plan.counts_E, wur, wdr, ACTIVATIONS[kind]), plan, wr)
+    g = torch.randn_like(ref)
+    for name, a, b in zip(["out", "dx", "dw_up", "dw_down", "dweights"],
+                          (out, *torch.autograd.grad(out, (x, wu, wd, w), g)),
+                          (ref, *torch.autograd.grad(ref, (xr, wur, wdr, wr), g))):
+        _close(a, b, dtype, name)
+
+
+def test_partial_requires_grad_and_no_grad():
+    """Only the weights need grads; then no grads at all (inference keeps no pre-activation)."""
+    E, D, F, kind = 3, 16, 16, "geglu"
+    counts_E = torch.tensor([4, 9, 0])
+    x = torch.randn(15, D, dtype=torch.float64)
+    w_up, w_down = _weights(E, D, F, kind, torch.float64)
+    wu, wd = _leaf(w_up), _leaf(w_down)
+    y = triton_ffn(x, counts_E, wu, wd, ACTIVATIONS[kind])
+    gu, gd = torch.autograd.grad(y.square().sum(), (wu, wd))
+    wur, wdr = _leaf(w_up), _leaf(w_down)
+    ru, rd = torch.autograd.grad(loop_ffn(x, counts_E, wur, wdr, ACTIVATIONS[kind]).square().sum(), (wur, wdr))
+    _close(gu, ru, torch.float64, "dw_up")
+    _close(gd, rd, torch.float64, "dw_down")
+    with torch.no_grad():
+        y0 = triton_ffn(x, counts_E, w_up, w_down, ACTIVATIONS[kind])
+    assert not y0.requires_grad
+    _close(y0, y.detach(), torch.float64, "no_grad y")
+
+
+def test_expert_ffn_and_grouped_experts_route_to_triton():
+    """expert_ffn(..., backend='triton') and GroupedExperts(backend='triton') run these kernels."""
+    experts = GroupedExperts(4, 16, 16, "swiglu").double()
+    counts_E = torch.tensor([5, 0, 6, 2])
+    x = torch.randn(14, 16, dtype=torch.float64)
+    ref = loop_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"])
+    _close(expert_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"], "triton"), ref, torch.float64, "expert_ffn")
+    _close(experts(x, counts_E, backend="triton"), ref, torch.float64, "GroupedExperts")
+
+
+def test_unknown_activation_and_bad_shapes_raise():
+    x, counts_E = torch.randn(4, 16), torch.tensor([2, 2])
+    w_up, w_down = torch.randn(2, 16, 32), torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match="activations"):
+        triton_ffn(x, counts_E, w_up, w_down, torch.tanh)
+    with pytest.raises(ValueError, match="activations"):
+        triton_ffn(x, counts_E, w_up, w_down, lambda h: h)
+    with pytest.raises(ValueError, match="H = F"):
+        triton_ffn(x, counts_E, w_up, w_down, ACTIVATIONS["relu"])  # non-gated needs H == F
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_tile_table_covers_each_expert_once(block_m):
+    counts_E = torch.tensor([0, 17, 1, 0, 32, 5])
+    R = int(counts_E.sum()) + 3
+    t = tile_table(counts_E, R, block_m)
+    assert t.num_tiles == max_tiles(R, 6, block_m)
+    covered = torch.zeros(R, dtype=torch.int64)
+    owner = torch.full((R,), -1)
+    for e, lo, hi in zip(t.expert_N.tolist(), t.start_N.tolist(), t.end_N.tolist()):
+        rows = torch.arange(lo, min(lo + block_m, hi))
+        covered[rows] += 1
+        owner[rows] = e
+    ends = counts_E.cumsum(0)
+    assert (covered[: ends[-1]] == 1).all() and (covered[ends[-1]:] == 0).all()
+    assert (owner[: ends[-1]] == torch.repeat_interleave(torch.arange(6), counts_E)).all()
+
+
+def test_auto_backend_on_cpu_stays_grouped():
+    """Triton importable (even interpreted) does not make 'auto' pick it on CPU, and 'triton' on
+    a CPU input is still refused by resolve_backend."""
+    from moekit.kernels import resolve_backend, triton_available
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "grouped"
+    assert triton_available() == torch.cuda.is_available()
+    with pytest.raises(ValueError, match="triton"):
+        resolve_backend("triton", cpu)
