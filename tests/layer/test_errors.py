@@ -5,6 +5,7 @@ Shape legend: T tokens, D model width, E experts.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -175,7 +176,10 @@ def test_cfg_type():
 
 
 def test_backend_triton_on_cpu():
-    """backend='triton' with a CPU input raises ValueError naming backend (and suggests 'auto')."""
+    """backend='triton' with a CPU input raises ValueError naming backend (and suggests 'auto'),
+    unless Triton's CPU interpreter is on (a pytest-xdist worker that ran the interpreter tests)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: the triton backend runs on the CPU")
     moe = MoE(cfg(backend="triton"))
     with pytest.raises(ValueError, match=r"backend.*triton"):
         moe(torch.randn(3, D))

@@ -11,6 +11,8 @@ output (R, H) to the down projection's input (R, F).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .grouped import grouped_ffn, grouped_mm_supported
@@ -19,9 +21,14 @@ from .reference import loop_ffn
 __all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available"]
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available() -> bool:
-    """True when moekit's Triton kernels can run here (Triton installed and a CUDA device)."""
-    if not torch.cuda.is_available():
+    """True when moekit's Triton kernels can run here: Triton installed and a CUDA device, or
+    Triton's CPU interpreter switched on (``TRITON_INTERPRET=1``, for tests)."""
+    if not (torch.cuda.is_available() or _interpreting()):
         return False
     try:
         from . import triton as _moekit_triton  # noqa: F401
@@ -36,7 +43,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         # The Triton kernels are verified under the interpreter only, never yet on a GPU: until a
         # GPU run checks and times them, "auto" keeps the grouped_mm path; "triton" opts in.
         return "grouped"
-    if backend == "triton" and not (device.type == "cuda" and triton_available()):
+    if backend == "triton" and not ((device.type == "cuda" or _interpreting()) and triton_available()):
         raise ValueError(
             "backend='triton' needs a CUDA device and moekit's Triton kernels (pip install triton); "
             f"input is on {device}. Use backend='auto' to fall back to 'grouped'."

@@ -78,6 +78,22 @@ class GroupedExperts(nn.Module):
             w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
         return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
 
+    def fused(self, x_TD: Tensor, plan, weights_TK: Tensor) -> Tensor:
+        """Dispatch, experts and combine in moekit's Triton kernels (ScatterMoE-style): the token
+        gather is fused into the up projection's loads and the routing weight and scatter to slot
+        order into the down projection's epilogue, so neither ``x_RD`` nor the per-slot expert
+        outputs are kept; the K slots of each token are then summed. ``plan``: a DispatchPlan."""
+        from ..kernels.triton import triton_moe_ffn
+
+        w_up, w_down = self.w_up, self.w_down
+        if w_up.dtype != x_TD.dtype:
+            w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)
+        T, K = plan.num_tokens, plan.top_k
+        scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
+        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], token_idx_R=plan.token_R,
+                              scale_R=scale_R, out_idx_R=plan.order_R, num_out_rows=T * K)
+        return y_SD.view(T, K, -1).sum(1)
+
     def expert(self, e: int) -> FeedForward:
         """A dense copy of expert ``e``."""
         ffn = FeedForward(self.dim, self.hidden_dim, self.kind).to(self.w_up.device, self.w_up.dtype)

@@ -128,10 +128,13 @@ class MoE(nn.Module):
         plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
 
         backend = resolve_backend(cfg.backend, x.device) if isinstance(self.experts, GroupedExperts) else "loop"
-        dispatcher = LOCAL if group is None else group.dispatcher
-        x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
-        y_RD = self.experts(x_RD, rows_per_expert, backend)
-        out_TD = dispatcher.combine(y_RD, handle, weights_TK)
+        if backend == "triton" and group is None:  # gather, experts and weighted scatter in fused kernels
+            out_TD = self.experts.fused(x_TD, plan, weights_TK)
+        else:
+            dispatcher = LOCAL if group is None else group.dispatcher
+            x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
+            y_RD = self.experts(x_RD, rows_per_expert, backend)
+            out_TD = dispatcher.combine(y_RD, handle, weights_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
