@@ -87,10 +87,11 @@ def timeit(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes/s of a large copy, counting bytes read + written (device-to-device on CUDA, clone on CPU)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), device, reps=10 if device.type == "cuda" else 3, warmup=2) \
-        if device.type == "cuda" else timeit(lambda: src.clone(), device, reps=3, warmup=1)
-    del src, dst
+    if device.type == "cuda":
+        dst = torch.empty_like(src)
+        t = timeit(lambda: dst.copy_(src), device, reps=10)
+    else:
+        t = timeit(src.clone, device, reps=3, warmup=1)
     return 2 * nbytes / t
 
 
@@ -288,7 +289,7 @@ def bench_shape(name, dtype_name, device, reps, backends, peers, emit_row):
                     emit(f"| {label} | FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped | | | |"
                          + (" | |" if cuda else ""))
                     continue
-                fn = (lambda m: lambda xx: m(xx).out)(moe)
+                fn = lambda xx, m=moe: m(xx).out
                 params = list(moe.parameters())
             t_f, t_fb, mem = measure(label, fn, params)
         except Exception as err:  # noqa: BLE001 - a failing implementation never gets a timing row
@@ -306,7 +307,7 @@ def bench_shape(name, dtype_name, device, reps, backends, peers, emit_row):
 # ----------------------------------------------------------------------------- decode
 def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, bandwidth):
     """Forward-only µs per call at few tokens, next to the weight-read floor for that batch."""
-    T_full, D, F_, E, K = SHAPES[name]
+    _, D, F_, E, K = SHAPES[name]
     dtype = DTYPES[dtype_name]
     tol = TOL[dtype]
     torch.manual_seed(0)
@@ -321,7 +322,7 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
         try:
             moe = new_moe(D, F_, E, K, b, dtype, device)
             ok, err, which = check_against(moe, ref, xc, gc_, tol)
-            fns[label] = (lambda m: lambda xx: m(xx).out)(moe) if ok else \
+            fns[label] = (lambda xx, m=moe: m(xx).out) if ok else \
                 f"FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped"
         except Exception as e:  # noqa: BLE001
             fns[label] = f"FAIL: {type(e).__name__}: {str(e)[:150]}"
@@ -353,7 +354,7 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
                 continue
             try:
                 with torch.no_grad():
-                    cells.append(f"{timeit(lambda: fn(x), device, reps) * 1e6:.0f}")
+                    cells.append(f"{timeit(lambda f=fn, xx=x: f(xx), device, reps) * 1e6:.0f}")
             except Exception as e:  # noqa: BLE001
                 cells.append(f"FAIL: {type(e).__name__}: {str(e)[:80]}")
         emit(f"| {T} | {hit} | {floor * 1e6:.0f} | " + " | ".join(cells) + " |")
