@@ -40,6 +40,22 @@ from .schedule import TileTable
 
 
 @triton.jit
+def _row_index(idx_ptr, rows, mask, USE: tl.constexpr):
+    """int64 row numbers: ``idx[rows]`` when a gather/scatter index is in use, else ``rows``."""
+    if USE:
+        return tl.load(idx_ptr + rows, mask=mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M: tl.constexpr):
+    """The expert (int64), rows and row mask of row tile ``pid_t`` (call once it is known to be real)."""
+    e = tl.load(tile_expert_ptr + pid_t).to(tl.int64)
+    rows_M = tl.load(tile_start_ptr + pid_t) + tl.arange(0, BLOCK_M)
+    return e, rows_M, rows_M < row_hi
+
+
+@triton.jit
 def _up_kernel(
     x_ptr, idx_ptr, w_ptr, pre_ptr, h_ptr,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr,
@@ -56,13 +72,8 @@ def _up_kernel(
     row_hi = tl.load(tile_end_ptr + pid_t)
     if row_lo >= row_hi:  # a spare tile past the real tile count
         return
-    e = tl.load(tile_expert_ptr + pid_t).to(tl.int64)
-    rows_M = row_lo + tl.arange(0, BLOCK_M)
-    mask_M = rows_M < row_hi
-    if GATHER:
-        src_M = tl.load(idx_ptr + rows_M, mask=mask_M, other=0).to(tl.int64)
-    else:
-        src_M = rows_M.to(tl.int64)
+    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
+    src_M = _row_index(idx_ptr, rows_M, mask_M, GATHER)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < F
     w_base = w_ptr + e * stride_we
@@ -110,13 +121,8 @@ def _mm_kernel(
     row_hi = tl.load(tile_end_ptr + pid_t)
     if row_lo >= row_hi:
         return
-    e = tl.load(tile_expert_ptr + pid_t).to(tl.int64)
-    rows_M = row_lo + tl.arange(0, BLOCK_M)
-    mask_M = rows_M < row_hi
-    if A_GATHER:
-        src_M = tl.load(a_idx_ptr + rows_M, mask=mask_M, other=0).to(tl.int64)
-    else:
-        src_M = rows_M.to(tl.int64)
+    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
+    src_M = _row_index(a_idx_ptr, rows_M, mask_M, A_GATHER)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < N
     b_base = b_ptr + e * stride_be
@@ -134,10 +140,7 @@ def _mm_kernel(
         # round the product first, as the reference scales the projection's (rounded) output
         s_M = tl.load(scale_ptr + rows_M, mask=mask_M, other=0.0).to(ACC_DTYPE)
         acc = acc.to(out_dtype).to(ACC_DTYPE) * s_M[:, None]
-    if SCATTER:
-        dst_M = tl.load(out_idx_ptr + rows_M, mask=mask_M, other=0).to(tl.int64)
-    else:
-        dst_M = rows_M.to(tl.int64)
+    dst_M = _row_index(out_idx_ptr, rows_M, mask_M, SCATTER)
     tl.store(out_ptr + dst_M[:, None] * stride_om + cols_N[None, :] * stride_on, acc.to(out_dtype),
              mask=mask_M[:, None] & mask_N[None, :])
 
@@ -160,14 +163,9 @@ def _down_bwd_kernel(
     row_hi = tl.load(tile_end_ptr + pid_t)
     if row_lo >= row_hi:
         return
-    e = tl.load(tile_expert_ptr + pid_t).to(tl.int64)
-    rows_M = row_lo + tl.arange(0, BLOCK_M)
-    mask_M = rows_M < row_hi
+    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
     rows64_M = rows_M.to(tl.int64)
-    if G_GATHER:  # the forward scattered row r to out row dst[r]: read its gradient there
-        src_M = tl.load(g_idx_ptr + rows_M, mask=mask_M, other=0).to(tl.int64)
-    else:
-        src_M = rows64_M
+    src_M = _row_index(g_idx_ptr, rows_M, mask_M, G_GATHER)  # the forward scattered row r to dst[r]: read there
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < F
     w_base = w_ptr + e * stride_we
@@ -234,14 +232,8 @@ def _wgrad_kernel(
     for r0 in range(row_lo, row_hi, BLOCK_R):  # no rows: the loop is empty and dW[e] = 0
         rows_R = r0 + tl.arange(0, BLOCK_R)
         mask_R = rows_R < row_hi
-        if A_GATHER:
-            a_src_R = tl.load(a_idx_ptr + rows_R, mask=mask_R, other=0).to(tl.int64)
-        else:
-            a_src_R = rows_R.to(tl.int64)
-        if B_GATHER:
-            b_src_R = tl.load(b_idx_ptr + rows_R, mask=mask_R, other=0).to(tl.int64)
-        else:
-            b_src_R = rows_R.to(tl.int64)
+        a_src_R = _row_index(a_idx_ptr, rows_R, mask_R, A_GATHER)
+        b_src_R = _row_index(b_idx_ptr, rows_R, mask_R, B_GATHER)
         a_t = tl.load(a_ptr + a_src_R[None, :] * stride_am + ps_P[:, None] * stride_ap,
                       mask=mask_P[:, None] & mask_R[None, :], other=0.0)  # (BLOCK_P, BLOCK_R)
         b = tl.load(b_ptr + b_src_R[:, None] * stride_bm + qs_Q[None, :] * stride_bq,
