@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -110,8 +111,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", "0"))
 
 
@@ -206,7 +205,7 @@ def main(argv: Optional[list] = None) -> int:
     from .parallel import ExpertParallelError
 
     args = make_parser().parse_args(argv)
-    where = f" (rank {_rank()})" if "WORLD_SIZE" in __import__("os").environ else ""
+    where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
     try:
         return args.func(args)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:

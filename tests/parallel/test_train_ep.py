@@ -97,3 +97,10 @@ def test_world_size_that_expert_parallel_does_not_divide_is_a_clear_error(tmp_pa
     res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "3", *TINY, nproc=2)
     assert res.returncode != 0
     assert "expert_parallel=3 must divide the number of ranks (2)" in res.stderr
+
+
+def test_batch_size_the_ranks_do_not_divide_is_a_clear_error(tmp_path):
+    args = [a if a != "8" else "7" for a in TINY]  # --batch-size 7 on 2 ranks
+    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "2", *args, nproc=2)
+    assert res.returncode != 0
+    assert "batch_size=7 must be divisible by the number of ranks (2)" in res.stderr

@@ -4,8 +4,9 @@ from .expert_parallel import (
     ExpertParallel,
     ExpertParallelError,
     apply_expert_parallel,
+    barrier,
     init_distributed,
     make_mesh,
 )
 
-__all__ = ["AllToAllDispatcher", "ExpertParallel", "ExpertParallelError", "apply_expert_parallel", "init_distributed", "make_mesh"]
+__all__ = ["AllToAllDispatcher", "ExpertParallel", "ExpertParallelError", "apply_expert_parallel", "barrier", "init_distributed", "make_mesh"]

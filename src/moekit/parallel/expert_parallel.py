@@ -228,6 +228,11 @@ class _LayerGroup:
 
 
 # ---------------------------------------------------------------------------- mesh and setup
+def barrier() -> None:
+    """Wait for every rank (under the process-group timeout)."""
+    _check("barrier", dist.barrier)
+
+
 def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL
     on CUDA), with a collective timeout so a dead peer becomes an error, not a hang.
@@ -385,7 +390,7 @@ class ExpertParallel:
         return bool(t)
 
     def barrier(self) -> None:
-        _check("barrier", dist.barrier)
+        barrier()
 
     def _device(self) -> torch.device:
         p = next(iter(self.model.parameters()), None)

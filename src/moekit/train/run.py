@@ -116,11 +116,13 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
             raw = {"baseline": False, "dense_only": False}
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        from ..parallel import barrier
     if distributed and not is_main:
-        _barrier()  # rank 0 builds (and caches) the tokenizer first
+        barrier()  # rank 0 builds (and caches) the tokenizer first
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
     if distributed and is_main:
-        _barrier()
+        barrier()
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
         if resume or init_state is not None:
             if data.tokenizer.vocab_size > model_cfg.vocab_size:
@@ -170,17 +172,7 @@ def _setup_distributed(cfg: TrainConfig):
     world = int(os.environ["WORLD_SIZE"])
     if world % cfg.expert_parallel:
         raise ValueError(f"expert_parallel={cfg.expert_parallel} must divide the number of ranks ({world})")
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
     rank, _, device = init_distributed(cfg.device, cfg.dist_timeout_s)
     return True, device, rank == 0
-
-
-def _barrier() -> None:
-    from ..parallel.expert_parallel import _check
-
-    import torch.distributed as dist
-
-    _check("barrier", dist.barrier)

@@ -151,11 +151,13 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.par = None  # the expert x data parallel handle under torchrun
         if distributed:
+            import torch.distributed as dist
+
             from ..parallel import apply_expert_parallel
 
+            if cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
+                raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
             self.par = apply_expert_parallel(self.model, expert_parallel=cfg.expert_parallel)
-            if cfg.batch_size % self.par.world_size:
-                raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({self.par.world_size})")
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
