@@ -64,6 +64,13 @@ def _check(what: str, fn, *args, **kwargs):
                                   f"within the process-group timeout ({msg})") from err
 
 
+def _summed(t: Tensor, what: str, group=None) -> Tensor:
+    """A copy of ``t`` summed over the ranks of ``group`` (all ranks when None)."""
+    out = t.clone()
+    _check(what, dist.all_reduce, out, group=group)
+    return out
+
+
 # ---------------------------------------------------------------------------- autograd collectives
 class _AllToAll(torch.autograd.Function):
     """Uneven all-to-all of rows; the backward sends the row gradients back the same way."""
@@ -106,9 +113,7 @@ class _AllSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, group, size):
         ctx.size = size
-        out = v.clone()
-        _check("all-reduce of routing statistics", dist.all_reduce, out, group=group)
-        return out
+        return _summed(v, "all-reduce of routing statistics", group)
 
     @staticmethod
     def backward(ctx, g):
@@ -208,17 +213,12 @@ class _LayerGroup:
             return v
         if v.requires_grad:
             return _AllSum.apply(v, self.stats_group, self.stats_size)
-        out = v.clone()
-        _check("all-reduce of routing statistics", dist.all_reduce, out, group=self.stats_group)
-        return out
+        return _summed(v, "all-reduce of routing statistics", self.stats_group)
 
     def world_sum(self, v: Tensor) -> Tensor:
         """Sum over all ranks (not differentiable): for replicated state, which every rank must
         update alike whatever the statistics group."""
-        out = v.clone()
-        if self.world_size > 1:
-            _check("all-reduce over all ranks", dist.all_reduce, out)
-        return out
+        return _summed(v, "all-reduce over all ranks") if self.world_size > 1 else v.clone()
 
     def all_sum_dict(self, sums: dict) -> dict:
         """One all-reduce for a dict of same-dtype tensors."""
@@ -379,9 +379,7 @@ class ExpertParallel:
 
     def sum(self, t: Tensor) -> Tensor:
         """Sum of a tensor over all ranks (a copy, on ``t``'s device)."""
-        out = t.to(self._device(), copy=True)
-        _check("all-reduce", dist.all_reduce, out)
-        return out.to(t.device)
+        return _summed(t.to(self._device()), "all-reduce").to(t.device)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
