@@ -145,9 +145,11 @@ def test_fused_gather_scale_scatter(gather, scale, scatter):
         _close(a, b, dtype, name)
 
 
-def test_fused_path_makes_combine_a_sum_over_k():
+@pytest.mark.parametrize("slot_mode", [True, False])
+def test_fused_path_makes_combine_a_sum_over_k(slot_mode):
     """Gather + routing-weight scale + scatter to slot order: moekit's dispatch -> experts ->
-    combine becomes one call and a plain sum over K (fp32, all gradients)."""
+    combine becomes one call and a plain sum over K (fp32, all gradients), in slot mode (top_k:
+    the input gradient summed per token in the kernel's slot order) and with an explicit gather."""
     T, K, E, D, F, dtype = 13, 2, 4, 16, 16, torch.float32
     kind = "swiglu"
     experts_TK = torch.rand(T, E).argsort(-1)[:, :K]
@@ -158,8 +160,9 @@ def test_fused_path_makes_combine_a_sum_over_k():
     x_TD = torch.randn(T, D, dtype=dtype)
 
     x, wu, wd, w = _leaf(x_TD), _leaf(w_up), _leaf(w_down), _leaf(weights_TK)
-    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, ACTIVATIONS[kind], token_idx_R=plan.token_R,
-                          scale_R=w.reshape(-1)[plan.order_R], out_idx_R=plan.order_R, num_out_rows=T * K)
+    routing = dict(top_k=K) if slot_mode else dict(token_idx_R=plan.token_R, num_out_rows=T * K)
+    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, ACTIVATIONS[kind], scale_R=w.reshape(-1)[plan.order_R],
+                          out_idx_R=plan.order_R, **routing)
     out = y_SD.view(T, K, D).sum(1)
     xr, wur, wdr, wr = (_leaf(t) for t in (x_TD, w_up, w_down, weights_TK))
     ref = combine(loop_ffn(dispatch(xr, plan), plan.counts_E, wur, wdr, ACTIVATIONS[kind]), plan, wr)
@@ -197,6 +200,21 @@ def test_expert_ffn_and_grouped_experts_route_to_triton():
     ref = loop_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"])
     _close(expert_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"], "triton"), ref, torch.float64, "expert_ffn")
     _close(experts(x, counts_E, backend="triton"), ref, torch.float64, "GroupedExperts")
+
+
+def test_slot_mode_bad_arguments_raise():
+    x, counts_E = torch.randn(4, 16), torch.tensor([3, 5])
+    w_up, w_down = torch.randn(2, 16, 32), torch.randn(2, 16, 16)
+    act = ACTIVATIONS["swiglu"]
+    slots = torch.arange(8)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        triton_moe_ffn(x, counts_E, w_up, w_down, act, out_idx_R=slots, top_k=0)
+    with pytest.raises(ValueError, match="needs out_idx_R"):
+        triton_moe_ffn(x, counts_E, w_up, w_down, act, top_k=2)
+    with pytest.raises(ValueError, match="no token_idx_R"):
+        triton_moe_ffn(x, counts_E, w_up, w_down, act, out_idx_R=slots, token_idx_R=slots // 2, top_k=2)
+    with pytest.raises(ValueError, match="T \\* top_k = 8"):
+        triton_moe_ffn(x, counts_E, w_up, w_down, act, out_idx_R=slots, top_k=2, num_out_rows=9)
 
 
 def test_unknown_activation_and_bad_shapes_raise():
@@ -256,11 +274,13 @@ def test_moe_layer_with_the_fused_triton_path_equals_the_loop(extra):
     fast = MoE(MoEConfig(**cfg, backend="triton")).double()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 7, 16, dtype=torch.float64)
-    a, b = ref(x), fast(x)
+    xa, xb = _leaf(x), _leaf(x)
+    a, b = ref(xa), fast(xb)
     _close(b.out, a.out, torch.float64, "output")
     g = torch.randn_like(a.out)
     ((a.out * g).sum() + a.aux_loss).backward()
     ((b.out * g).sum() + b.aux_loss).backward()
+    _close(xb.grad, xa.grad, torch.float64, "input gradient")
     mine = dict(fast.named_parameters())
     for name, p in ref.named_parameters():
         _close(mine[name].grad, p.grad, torch.float64, f"gradient of {name}")

@@ -90,8 +90,8 @@ class GroupedExperts(nn.Module):
             w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)
         T, K = plan.num_tokens, plan.top_k
         scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
-        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], token_idx_R=plan.token_R,
-                              scale_R=scale_R, out_idx_R=plan.order_R, num_out_rows=T * K)
+        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], scale_R=scale_R,
+                              out_idx_R=plan.order_R, top_k=K)
         return y_SD.view(T, K, -1).sum(1)
 
     def expert(self, e: int) -> FeedForward:

@@ -8,7 +8,8 @@ Saved: x_TD, the weights, scale_R, the index tensors and pre_RH; not h_RF, not y
 Backward (four launches):
     d_pre_RH, h_RF, ds_R = down_bwd(g_SD[out_idx_R] @ w_down[e]^T)   act backward, h recompute,
                                                                    ds_R = rowsum(dh_unscaled * h)
-    dx_RD  = d_pre_RH @ w_up[e]^T      (then summed into x_TD's rows when gathered)
+    dx     = d_pre_RH @ w_up[e]^T      slot mode: scattered to slot order, summed over K
+                                       (deterministic); any other gather: index_add_ into x_TD
     dW_up[e]   = x[rows_e]^T @ d_pre[rows_e]
     dW_down[e] = h[rows_e]^T @ (scale * g)[rows_e]
 
@@ -38,7 +39,7 @@ def _as_index(idx: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 class _TritonExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E, token_idx_R, out_idx_R, num_rows,
-                num_out_rows, act_code, gated, cfg):
+                num_out_rows, act_code, gated, top_k, cfg):
         tiles = tile_table(counts_E, num_rows, cfg["BLOCK_M"])
         needs_grad = any(ctx.needs_input_grad[:4])
         pre_RH, h_RF = grouped_up(x_TD, token_idx_R, w_up_EDH, tiles, act_code, gated, num_rows, needs_grad, cfg)
@@ -48,7 +49,7 @@ class _TritonExpertFFN(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
                                   tiles.expert_N, tiles.start_N, tiles.end_N, tiles.starts_E, tiles.ends_E)
-            ctx.act_code, ctx.gated, ctx.cfg, ctx.block_m = act_code, gated, cfg, tiles.block_m
+            ctx.act_code, ctx.gated, ctx.cfg, ctx.block_m, ctx.top_k = act_code, gated, cfg, tiles.block_m, top_k
         return y_SD
 
     @staticmethod
@@ -65,20 +66,32 @@ class _TritonExpertFFN(torch.autograd.Function):
         )
         dx = dw_up = dw_down = ds = None
         if need_x:
-            R, D = pre_RH.shape[0], x_TD.shape[1]
-            dx_RD = x_TD.new_zeros(R, D)  # padding rows get no gradient
-            grouped_mm(d_pre_RH, None, w_up_EDH.transpose(1, 2), tiles, dx_RD, None, None, cfg)
-            if token_idx_R is None:
-                dx = dx_RD
-            else:  # the gathered rows' gradients summed into their source rows
-                dx = torch.zeros_like(x_TD).index_add_(0, token_idx_R.long(), dx_RD)
+            dx = _input_grad(d_pre_RH, w_up_EDH, x_TD, token_idx_R, out_idx_R, ctx.top_k, tiles, cfg)
         if need_up:
             dw_up = grouped_wgrad(x_TD, token_idx_R, d_pre_RH, None, None, tiles, w_up_EDH.dtype, cfg)
         if need_down:
             dw_down = grouped_wgrad(h_RF, None, g_SD, out_idx_R, scale_R, tiles, w_down_EFD.dtype, cfg)
         if need_s:
             ds = ds_R.to(scale_R.dtype)
-        return dx, dw_up, dw_down, ds, None, None, None, None, None, None, None, None
+        return dx, dw_up, dw_down, ds, None, None, None, None, None, None, None, None, None
+
+
+def _input_grad(d_pre_RH, w_up_EDH, x_TD, token_idx_R, out_idx_R, top_k, tiles, cfg):
+    """``dx = d_pre @ w_up[e]^T`` summed into the source rows. In slot mode (row r is slot
+    ``out_idx_R[r]`` of token ``out_idx_R[r] // top_k``) the rows are scattered to slot order in
+    the kernel's epilogue and each token's K slots summed: a fixed-order sum, no atomics."""
+    w_t = w_up_EDH.transpose(1, 2)
+    T, D = x_TD.shape
+    if top_k is not None:
+        dx_SD = x_TD.new_zeros(T * top_k, D)  # slots no row came from (dropped) get zero
+        grouped_mm(d_pre_RH, None, w_t, tiles, dx_SD, None, out_idx_R, cfg)
+        return dx_SD.view(T, top_k, D).sum(1)
+    dx_RD = x_TD.new_zeros(d_pre_RH.shape[0], D)  # padding rows get no gradient
+    grouped_mm(d_pre_RH, None, w_t, tiles, dx_RD, None, None, cfg)
+    if token_idx_R is None:
+        return dx_RD
+    # an arbitrary gather: index_add_ (atomic, so not bitwise reproducible on CUDA)
+    return torch.zeros_like(x_TD).index_add_(0, token_idx_R.long(), dx_RD)
 
 
 def triton_moe_ffn(
@@ -92,6 +105,7 @@ def triton_moe_ffn(
     scale_R: Optional[Tensor] = None,
     out_idx_R: Optional[Tensor] = None,
     num_out_rows: Optional[int] = None,
+    top_k: Optional[int] = None,
     config: Optional[dict] = None,
 ) -> Tensor:
     """The expert FFN with the optional fused gather, row scale and scatter:
@@ -103,6 +117,11 @@ def triton_moe_ffn(
     ``y[r]`` (S = R). Output rows nothing is written to are zero; ``out_idx_R`` must not repeat a
     row among the real rows. Index tensors must hold valid rows for every row, padding included.
     Differentiable in ``x_TD``, both weights and ``scale_R``.
+
+    Slot mode (the MoE layer's case): give ``top_k`` and ``out_idx_R`` (slot ids ``t*K + k``) and
+    no ``token_idx_R``; row r then reads ``x[out_idx_R[r] // top_k]`` and writes slot
+    ``out_idx_R[r]`` of the ``T*K`` output rows, and the input gradient is summed per token in a
+    fixed order (deterministic), instead of the atomic ``index_add_`` a general gather needs.
     """
     kind = act_kind(act)
     dev = x_TD.device
@@ -121,6 +140,16 @@ def triton_moe_ffn(
         )
     if counts_E.numel() != E:
         raise ValueError(f"counts_E has {counts_E.numel()} entries for {E} experts")
+    if top_k is not None:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int; got {top_k!r}")
+        if out_idx_R is None or token_idx_R is not None:
+            raise ValueError("top_k (slot mode) needs out_idx_R (slot ids) and no token_idx_R: rows read x[slot // top_k]")
+        T = x_TD.shape[0]
+        if num_out_rows is not None and num_out_rows != T * top_k:
+            raise ValueError(f"in slot mode num_out_rows must be T * top_k = {T * top_k}; got {num_out_rows}")
+        num_out_rows = T * top_k
+        token_idx_R = torch.div(out_idx_R, top_k, rounding_mode="floor")
     token_idx_R = _as_index(token_idx_R, dev)
     out_idx_R = _as_index(out_idx_R, dev)
     R = token_idx_R.numel() if token_idx_R is not None else x_TD.shape[0]
@@ -134,7 +163,7 @@ def triton_moe_ffn(
         raise ValueError("num_out_rows differs from R but no out_idx_R says where rows go")
     return _TritonExpertFFN.apply(
         x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E.to(dev), token_idx_R, out_idx_R, R, num_out_rows,
-        kind.code, kind.gated, config_for(config),
+        kind.code, kind.gated, top_k, config_for(config),
     )
 
 
