@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from .activations import act_kind
-from .gemm import INTERPRETED, config_for, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
+from . import tune
+from .config import candidates, check_config, default_config, heuristic_config
+from .gemm import INTERPRETED, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
 from .schedule import TileTable, tile_table
 
 
@@ -161,10 +163,43 @@ def triton_moe_ffn(
         num_out_rows = R
     elif out_idx_R is None and num_out_rows != R:
         raise ValueError("num_out_rows differs from R but no out_idx_R says where rows go")
-    return _TritonExpertFFN.apply(
-        x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E.to(dev), token_idx_R, out_idx_R, R, num_out_rows,
-        kind.code, kind.gated, top_k, config_for(config),
-    )
+    counts_E = counts_E.to(dev)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w_up_EDH, w_down_EFD, scale_R))
+
+    def call(inputs, cfg):
+        return _TritonExpertFFN.apply(*inputs, counts_E, token_idx_R, out_idx_R, R, num_out_rows,
+                                      kind.code, kind.gated, top_k, cfg)
+
+    def trial(cfg):  # one timed call for the tuner, on detached copies (the caller's graph is untouched)
+        with torch.enable_grad() if train else torch.no_grad():
+            ins = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                   for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)]
+            y = call(ins, cfg)
+            if train:
+                torch.autograd.grad(y, [t for t in ins if t is not None and t.requires_grad], torch.ones_like(y))
+
+    flags = (f"{'gather' if token_idx_R is not None else ''}{'scale' if scale_R is not None else ''}"
+             f"{'scatter' if out_idx_R is not None else ''}{f'k{top_k}' if top_k else ''}")
+    cfg = _choose_config(config, dev, x_TD.dtype, R, E, D, F, kind, flags, train, trial)
+    return call((x_TD, w_up_EDH, w_down_EFD, scale_R), cfg)
+
+
+def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) -> dict:
+    """The caller's config over the defaults; else a tuned one (measured now if new); else the
+    heuristic for this many rows per expert. See :mod:`.config` and :mod:`.tune`."""
+    if config is not None:
+        check_config(config)
+        return {**(default_config(True) if INTERPRETED else heuristic_config(R, E)), **config}
+    if not tune.autotune_enabled(dev, INTERPRETED):
+        return default_config(True) if INTERPRETED else heuristic_config(R, E)
+    key = tune.shape_key(dev, dtype, num_rows=R, num_experts=E, dim=D, hidden=F, act_code=kind.code,
+                         gated=kind.gated, flags=flags, train=train)
+    chosen = tune.tuner().lookup(key)
+    if chosen is None:
+        if tune.capturing(dev):  # no timing inside a CUDA graph capture
+            return heuristic_config(R, E)
+        chosen = tune.tuner().tune(key, trial, candidates(R, E), dev)
+    return chosen
 
 
 def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:

@@ -35,7 +35,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .activations import act_bwd, act_fwd
-from .config import default_config
 from .schedule import TileTable
 
 
@@ -267,16 +266,6 @@ def _launch_opts(cfg: dict) -> dict:
 def _dummy(ref: Tensor) -> Tensor:
     """A placeholder pointer for an operand a constexpr switch leaves unread."""
     return ref.new_empty(1)
-
-
-def config_for(cfg: Optional[dict]) -> dict:
-    out = default_config(INTERPRETED)
-    if cfg:
-        unknown = set(cfg) - set(out)
-        if unknown:
-            raise ValueError(f"unknown Triton config keys {sorted(unknown)}; known: {sorted(out)}")
-        out.update(cfg)
-    return out
 
 
 def grouped_up(x_TD: Tensor, idx_R: Optional[Tensor], w_up_EDH: Tensor, tiles: TileTable, act_code: int,
