@@ -246,14 +246,56 @@ def test_tile_table_covers_each_expert_once(block_m):
 
 
 def test_auto_backend_on_cpu_stays_grouped():
-    """'auto' never picks the Triton kernels (not yet checked on a GPU); on a CPU input the
+    """'auto' picks the Triton kernels only on CUDA (after their self-check); on a CPU input the
     'triton' backend is accepted only under the interpreter (this module's process)."""
     from moekit.kernels import resolve_backend, triton_available
 
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "grouped"
+    assert resolve_backend("auto", cpu, torch.float32) == "grouped"
     assert triton_available()  # interpreted here
     assert resolve_backend("triton", cpu) == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_check_passes_and_is_cached(dtype):
+    """The check 'auto' runs before trusting the kernels on a device passes here (interpreted),
+    once per (device, dtype)."""
+    from moekit.kernels import _TRITON_VERIFIED, triton_verified
+    from moekit.kernels.triton.check import self_check
+
+    self_check(torch.device("cpu"), dtype)  # raises on a mismatch
+    assert triton_verified(torch.device("cpu"), dtype)
+    assert _TRITON_VERIFIED[("cpu", dtype)] is True
+
+
+def test_failed_self_check_warns_once_and_falls_back():
+    from moekit.kernels import _TRITON_VERIFIED, triton_verified
+
+    _TRITON_VERIFIED.pop(("cpu", torch.int32), None)
+    with pytest.warns(RuntimeWarning, match="failed their self-check.*uses 'grouped'"):
+        assert not triton_verified(torch.device("cpu"), torch.int32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not triton_verified(torch.device("cpu"), torch.int32)  # cached: no second warning
+
+
+def test_fused_path_computes_in_the_autocast_dtype():
+    """Under autocast the fused kernels get autocast's dtype, as a matmul would (here fp16 on
+    CPU): the same bits as feeding fp16 rows without autocast."""
+    experts = GroupedExperts(4, 16, 16, "swiglu")
+    T, K = 9, 2
+    experts_TK = torch.rand(T, 4).argsort(-1)[:, :K]
+    plan = plan_dispatch(experts_TK, 4)
+    w_TK = torch.rand(T, K)
+    x = torch.randn(T, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = experts.fused(x, plan, w_TK)
+        got_rows = experts(x[plan.token_R], plan.counts_E, backend="triton")
+    assert got.dtype == torch.float16 and got_rows.dtype == torch.float16
+    assert torch.equal(got, experts.fused(x.half(), plan, w_TK))
+    assert torch.equal(got_rows, experts(x[plan.token_R].half(), plan.counts_E, backend="triton"))
 
 
 @pytest.mark.parametrize("extra", [

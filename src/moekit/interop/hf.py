@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
-from ..kernels import expert_ffn, resolve_backend
+from ..kernels import compute_dtype, expert_ffn, resolve_backend
 from ..layer.dispatch import combine, dispatch, plan_dispatch
 from ..layer.experts import ACTIVATIONS
 from ..models.lm import MoETransformer
@@ -459,7 +459,7 @@ class AcceleratedMoEBlock(nn.Module):
         _, weights_TK, experts_TK = self.gate(x_TD)
         weights_TK = weights_TK.to(x_TD.dtype)
         plan = plan_dispatch(experts_TK, self.num_experts)
-        y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device))
+        y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD)))
         out_TD = combine(y_RD, plan, weights_TK).to(x_TD.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)

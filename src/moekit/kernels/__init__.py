@@ -12,13 +12,15 @@ output (R, H) to the down projection's input (R, F).
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Optional
 
 import torch
 
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
-__all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available"]
+__all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "triton_verified", "compute_dtype"]
 
 
 def _interpreting() -> bool:
@@ -37,11 +39,44 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` into the concrete one to run: ``auto`` picks the fastest correct path."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's for x's device when it is on, else x's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+_TRITON_VERIFIED: dict = {}  # (device, dtype) -> whether the self-check passed in this process
+
+
+def triton_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether moekit's Triton kernels pass their self-check (:mod:`.triton.check`) on this
+    device in this dtype; run once per (device, dtype) and process. A failure warns once."""
+    key = (str(device), dtype)
+    if key not in _TRITON_VERIFIED:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # cannot check inside a CUDA graph capture (the check reads results back)
+        try:
+            from .triton.check import self_check
+
+            self_check(device, dtype)
+            _TRITON_VERIFIED[key] = True
+        except Exception as err:  # noqa: BLE001 - compile errors, resource limits, wrong results
+            warnings.warn(f"moekit: the Triton kernels failed their self-check on {device} in {dtype} "
+                          f"({type(err).__name__}: {err}); backend='auto' uses 'grouped' there", RuntimeWarning, stacklevel=3)
+            _TRITON_VERIFIED[key] = False
+    return _TRITON_VERIFIED[key]
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Turn ``backend`` into the concrete one to run. ``auto``: the fused Triton kernels on CUDA
+    when Triton is installed and the kernels pass a one-time self-check in this dtype
+    (:func:`triton_verified`); ``grouped`` everywhere else, and under ``torch.compile`` (the
+    kernels are not registered as compilable custom ops)."""
     if backend == "auto":
-        # The Triton kernels are verified under the interpreter only, never yet on a GPU: until a
-        # GPU run checks and times them, "auto" keeps the grouped_mm path; "triton" opts in.
+        if (device.type == "cuda" and dtype is not None and not torch.compiler.is_compiling()
+                and triton_available() and triton_verified(device, dtype)):
+            return "triton"
         return "grouped"
     if backend == "triton" and not ((device.type == "cuda" or _interpreting()) and triton_available()):
         raise ValueError(

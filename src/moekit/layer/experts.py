@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import expert_ffn
+from ..kernels import compute_dtype, expert_ffn
 from ..kernels.reference import per_expert
 
 GATED = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
@@ -73,6 +73,8 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(_init_uniform_(torch.empty(num_experts, hidden_dim, dim), hidden_dim))
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        if backend == "triton":  # Triton kernels are not autocast-aware: cast as a matmul would be
+            x_RD = x_RD.to(compute_dtype(x_RD))
         w_up, w_down = self.w_up, self.w_down
         if w_up.dtype != x_RD.dtype:  # e.g. under autocast the rows arrive in bf16
             w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
@@ -85,6 +87,7 @@ class GroupedExperts(nn.Module):
         outputs are kept; the K slots of each token are then summed. ``plan``: a DispatchPlan."""
         from ..kernels.triton import triton_moe_ffn
 
+        x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
         w_up, w_down = self.w_up, self.w_down
         if w_up.dtype != x_TD.dtype:
             w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)

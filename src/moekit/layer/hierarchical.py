@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..kernels import resolve_backend
+from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import ACTIVATIONS, GroupedExperts, ModuleListExperts
@@ -139,7 +139,7 @@ class HierarchicalMoE(nn.Module):
         experts_TK = experts_TKgKe.view(T, Kg * Ke)
         weights_TK = weights_TKgKe.view(T, Kg * Ke)
         plan = plan_dispatch(experts_TK, E)
-        backend = resolve_backend(self.backend, x.device) if isinstance(self.experts, GroupedExperts) else "loop"
+        backend = resolve_backend(self.backend, x.device, compute_dtype(x)) if isinstance(self.experts, GroupedExperts) else "loop"
         y_RD = self.experts(dispatch(x_TD, plan), plan.counts_E, backend)
         out_TD = combine(y_RD, plan, weights_TK)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from ..kernels import resolve_backend
+from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from .dispatch import LOCAL, apply_capacity, expert_capacity, plan_dispatch
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
@@ -127,7 +127,7 @@ class MoE(nn.Module):
         has_empty = routing.has_empty or max_rows is not None
         plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
 
-        backend = resolve_backend(cfg.backend, x.device) if isinstance(self.experts, GroupedExperts) else "loop"
+        backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
         if backend == "triton" and group is None:  # gather, experts and weighted scatter in fused kernels
             out_TD = self.experts.fused(x_TD, plan, weights_TK)
         else:

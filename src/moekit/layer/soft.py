@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import resolve_backend
+from ..kernels import compute_dtype, resolve_backend
 from .experts import ACTIVATIONS, GroupedExperts
 
 
@@ -100,7 +100,7 @@ class SoftMoE(nn.Module):
         # rows in expert order: slot m belongs to expert m // S
         x_RD = slots_BMD.view(B, E, S, D).transpose(0, 1).reshape(E * B * S, D)
         counts_E = torch.full((E,), B * S, dtype=torch.int64, device=x.device)
-        y_RD = self.experts(x_RD, counts_E, resolve_backend(self.backend, x.device))
+        y_RD = self.experts(x_RD, counts_E, resolve_backend(self.backend, x.device, compute_dtype(x_RD)))
         y_BMD = y_RD.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)
         out_BND = combine_BNM.to(x.dtype) @ y_BMD
         with torch.no_grad():
