@@ -11,6 +11,8 @@ The code is moekit's own; no kernel was copied from those projects.
   GEMM with row scale and scatter, the down projection's backward with the activation
   backward and routing-weight gradient in its epilogue, per-expert weight gradients).
 * :mod:`.schedule`: the row-tile table, built on the device from ``counts_E`` (no host sync).
+* :mod:`.routing`: ``routing_plan``, ``plan_dispatch``'s stable sort of the slots by expert as
+  a fused counting-sort kernel (one launch for decode-sized batches, no host sync).
 * :mod:`.activations`: SwiGLU, GEGLU, GELU, ReLU forward and backward for the epilogues.
 * :mod:`.autograd`: ``triton_ffn`` (the backend contract, like ``loop_ffn``) and
   ``triton_moe_ffn`` (with the optional gather, scale and scatter).
@@ -23,5 +25,6 @@ compiled or run on a GPU, and nothing about their speed is known; block sizes ar
 from .activations import act_kind
 from .autograd import triton_ffn, triton_moe_ffn
 from .gemm import INTERPRETED
+from .routing import routing_plan
 
-__all__ = ["triton_ffn", "triton_moe_ffn", "act_kind", "INTERPRETED"]
+__all__ = ["triton_ffn", "triton_moe_ffn", "routing_plan", "act_kind", "INTERPRETED"]
