@@ -125,12 +125,16 @@ class MoE(nn.Module):
         routing = self.router(x_TD, k, token_ids, group=group)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, self._capacity_factor(capacity_factor))
         has_empty = routing.has_empty or max_rows is not None
-        plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
-
         backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
-        if backend == "triton" and group is None:  # gather, experts and weighted scatter in fused kernels
+        if backend == "triton" and group is None:
+            # routing metadata by a counting-sort kernel (no host sync; the router's ids are valid),
+            # then gather, experts and weighted scatter in the fused kernels
+            from ..kernels.triton import routing_plan
+
+            plan = routing_plan(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty, validate=False)
             out_TD = self.experts.fused(x_TD, plan, weights_TK)
         else:
+            plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
             dispatcher = LOCAL if group is None else group.dispatcher
             x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
             y_RD = self.experts(x_RD, rows_per_expert, backend)
