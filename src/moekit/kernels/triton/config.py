@@ -24,6 +24,12 @@ CUDA_CONFIG: dict = {
     "WGRAD_BLOCK_P": 64,  # weight-gradient tile: rows of dW[e]
     "WGRAD_BLOCK_Q": 64,  # weight-gradient tile: columns of dW[e]
     "WGRAD_BLOCK_R": 32,  # weight-gradient reduction step over the expert's rows
+    # The down projection's backward keeps ~5 (M, N) fp32 tiles live in its epilogue (gradient,
+    # pre-activations, activation, h): its own narrower columns and more warps keep it from
+    # spilling (benchmarks/compile_sm90.py: 64x64 tiles on 4 warps use 249 registers, 128x128 on 8
+    # warps spill 1.2 KB of stack; 64x64 and 128x32 on 8 warps use 125).
+    "DBWD_BLOCK_N": 64,
+    "DBWD_num_warps": 8,
     "num_warps": 4,
     "num_stages": 3,
     # fp32 inputs: "ieee" matches torch's default (TF32 off); "tf32" trades accuracy for speed.
@@ -40,12 +46,16 @@ INTERPRET_CONFIG: dict = {
     "WGRAD_BLOCK_P": 16,
     "WGRAD_BLOCK_Q": 16,
     "WGRAD_BLOCK_R": 16,
+    "DBWD_BLOCK_N": 16,
 }
 
 
 def _cfg(m, n, k, warps, stages, p=64, q=64, r=32) -> dict:
+    """A candidate; the down projection's backward gets at most 16 fp32 values per thread per tile."""
+    dbwd_warps = 8 if m >= 64 else 4
+    dbwd_n = max(16, min(n, 16 * 32 * dbwd_warps // m))
     return {**CUDA_CONFIG, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
-            "WGRAD_BLOCK_P": p, "WGRAD_BLOCK_Q": q, "WGRAD_BLOCK_R": r}
+            "WGRAD_BLOCK_P": p, "WGRAD_BLOCK_Q": q, "WGRAD_BLOCK_R": r, "DBWD_BLOCK_N": dbwd_n, "DBWD_num_warps": dbwd_warps}
 
 
 # What the tuner tries on CUDA, by rows per busy expert (the tile table's M dimension). Wider
@@ -100,7 +110,7 @@ def check_config(cfg: dict) -> None:
     unknown = set(cfg) - KNOWN_KEYS
     if unknown:
         raise ValueError(f"unknown Triton config keys {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "WGRAD_BLOCK_P", "WGRAD_BLOCK_Q", "WGRAD_BLOCK_R"):
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "WGRAD_BLOCK_P", "WGRAD_BLOCK_Q", "WGRAD_BLOCK_R", "DBWD_BLOCK_N"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or v < 16 or v & (v - 1)):
             raise ValueError(f"Triton config {key} must be a power of two >= 16 (tl.dot's smallest tile); got {v!r}")

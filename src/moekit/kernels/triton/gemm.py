@@ -322,7 +322,8 @@ def grouped_down_bwd(g_SD: Tensor, g_idx_R: Optional[Tensor], w_down_EFD: Tensor
     R, H = pre_RH.shape
     d_pre_RH = pre_RH.new_empty(R, H)
     h_RF = pre_RH.new_empty(R, F) if store_h else None
-    n_col = triton.cdiv(F, cfg["BLOCK_N"])
+    block_n = cfg["DBWD_BLOCK_N"]
+    n_col = triton.cdiv(F, block_n)
     acc_torch = torch.float64 if pre_RH.dtype == torch.float64 else torch.float32
     ds_RN = pre_RH.new_zeros(R, max(n_col, 1), dtype=acc_torch) if store_ds else None
     if tiles.num_tiles and F:
@@ -340,7 +341,8 @@ def grouped_down_bwd(g_SD: Tensor, g_idx_R: Optional[Tensor], w_down_EFD: Tensor
             ACT=act_code, GATED=gated, G_GATHER=g_idx_R is not None, SCALE=scale_R is not None,
             STORE_H=store_h, STORE_DS=store_ds,
             ACC_DTYPE=_acc_dtype(pre_RH.dtype), PRECISION=cfg["input_precision"],
-            BLOCK_M=tiles.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch_opts(cfg),
+            BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["DBWD_num_warps"], num_stages=cfg["num_stages"],
         )
     ds_R = ds_RN.sum(1) if store_ds else None  # a fixed-order sum: deterministic, no atomics
     return d_pre_RH, h_RF, ds_R
