@@ -305,7 +305,24 @@ def bench_shape(name, dtype_name, device, reps, backends, peers, emit_row):
 
 
 # ----------------------------------------------------------------------------- decode
-def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, bandwidth):
+def graph_replay(fn, x):
+    """``fn(x)`` captured once in a CUDA graph (after warm-up calls on a side stream, which also
+    tune and self-check the kernels); returns the graph's replay. Raises if ``fn`` is not
+    capturable (a host sync or a data-dependent shape)."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        graph.static_out = fn(static_x)  # kept alive with the graph
+    return graph.replay
+
+
+def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, bandwidth, graphs=True):
     """Forward-only µs per call at few tokens, next to the weight-read floor for that batch."""
     _, D, F_, E, K = SHAPES[name]
     dtype = DTYPES[dtype_name]
@@ -339,6 +356,17 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
         fns[label] = fn if fn is not None else why
         labels.append(label)
 
+    if device.type == "cuda" and graphs:  # moekit rows again as one replayed CUDA graph (no launch overhead)
+        for b in backends:
+            fn = fns[f"moekit {b}"]
+            if callable(fn):
+                def graphed(xx, f=fn):
+                    return f(xx)
+                graphed.graph = True
+                fn = graphed
+            fns[f"moekit {b} (CUDA graph)"] = fn
+            labels.append(f"moekit {b} (CUDA graph)")
+
     emit("| T | experts hit | floor µs | " + " | ".join(labels) + " |")
     emit("|---|---|---|" + "---|" * len(labels))
     bytes_per_expert = 3 * D * F_ * torch.tensor([], dtype=dtype).element_size()
@@ -353,8 +381,9 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
                 cells.append(fn if T == min(token_counts) else "")
                 continue
             try:
+                call = graph_replay(fn, x) if getattr(fn, "graph", None) else (lambda f=fn, xx=x: f(xx))
                 with torch.no_grad():
-                    cells.append(f"{timeit(lambda f=fn, xx=x: f(xx), device, reps) * 1e6:.0f}")
+                    cells.append(f"{timeit(call, device, reps) * 1e6:.0f}")
             except Exception as e:  # noqa: BLE001
                 cells.append(f"FAIL: {type(e).__name__}: {str(e)[:80]}")
         emit(f"| {T} | {hit} | {floor * 1e6:.0f} | " + " | ".join(cells) + " |")
@@ -374,6 +403,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--decode", default=None, help="comma list of token counts: forward-only decode table instead")
+    ap.add_argument("--no-graphs", action="store_true", help="decode: skip the CUDA-graph rows of moekit's backends")
     ap.add_argument("--markdown", default=None, help="append the tables (with date, device, versions, command) here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -408,7 +438,7 @@ def main(argv=None):
                 emit()
                 emit(f"#### decode, shape {shape} (D={D} F={F_} E={E} K={K}), {dt}, forward µs per call (median)")
                 emit()
-                decode_shape(shape, dt, device, args.reps, backends, peers, token_counts, bw)
+                decode_shape(shape, dt, device, args.reps, backends, peers, token_counts, bw, graphs=not args.no_graphs)
         return
 
     for shape in args.shapes.split(","):
