@@ -326,3 +326,31 @@ def test_moe_layer_with_the_fused_triton_path_equals_the_loop(extra):
     mine = dict(fast.named_parameters())
     for name, p in ref.named_parameters():
         _close(mine[name].grad, p.grad, torch.float64, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("D,F,E,K", [(64, 48, 8, 2), (32, 64, 16, 4)])
+def test_fused_path_keeps_less_for_backward_than_the_dense_chain(D, F, E, K):
+    """The issue's memory target: the fused layer (router included) keeps no more activation
+    memory for backward than the same-FLOPs dense chain x_(TK)D -> SwiGLU -> W2 (which keeps its
+    (TK, 2F) pre-activation, (TK, F) activation and product, and its (TK, D) output): no
+    gathered (TK, D) input copy and no (TK, D) expert output is saved. The grouped path keeps both."""
+    from moekit import MoE, MoEConfig
+    from moekit.analysis.saved import saved_activation_bytes
+
+    T = 48
+    kept = {}
+    for backend in ("grouped", "triton"):
+        moe = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, backend=backend))
+        x = torch.randn(T, D, requires_grad=True)
+        kept[backend] = saved_activation_bytes(lambda: moe(x).out, [x, *moe.parameters(), *moe.buffers()])
+    xd = torch.randn(T * K, D, requires_grad=True)
+    w1, w2 = torch.randn(D, 2 * F, requires_grad=True), torch.randn(F, D, requires_grad=True)
+
+    def dense():
+        g, u = (xd @ w1).chunk(2, -1)
+        return (torch.nn.functional.silu(g) * u) @ w2
+
+    kept["dense"] = saved_activation_bytes(dense, [xd, w1, w2])
+    assert kept["dense"] == T * K * (4 * F + D) * 4  # the counter sees exactly the chain's tensors
+    assert kept["triton"] <= 0.75 * kept["dense"], kept
+    assert kept["triton"] < kept["grouped"] - T * K * D * 4, kept  # at least the (TK, D) copy less
