@@ -212,3 +212,56 @@ def test_noisy_topk_load_gradient_reaches_noise_weights():
     r.losses["load"].backward()
     assert moe.router.linear.weight.grad.abs().sum() > 0
     assert moe.router.noise.weight.grad.abs().sum() > 0
+
+
+def test_eval_defers_losses_and_stats_until_read():
+    """In eval mode the losses and stats are computed on first access (decoding never reads
+    them, so it launches none of their ops) and equal what a training-mode call computes."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moekit import MoE, MoEConfig
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2, z_loss_weight=1e-3, balance_loss_weight=0.01))
+    x = torch.randn(2, 5, 16)
+    train = moe.train()(x)
+    moe.eval()
+    with CountOps() as bare:
+        res = moe(x)
+    assert "deferred=True" in repr(res)
+    with CountOps() as read:
+        aux = res.aux_loss
+    assert "deferred=False" in repr(res)
+    assert sum(read.n.values()) >= 20 and sum(bare.n.values()) > 0  # the work moved, it did not vanish
+    torch.testing.assert_close(res.out, train.out)
+    torch.testing.assert_close(aux, train.aux_loss)
+    assert set(res.losses) == set(train.losses)
+    for name in train.losses:
+        torch.testing.assert_close(res.losses[name], train.losses[name])
+    for name in ("tokens_per_expert", "dropped_fraction", "router_entropy"):
+        torch.testing.assert_close(res.stats[name], train.stats[name])
+
+
+def test_lm_aux_loss_sums_the_layers_on_access():
+    from moekit.config import LMConfig
+    from moekit.models.lm import MoETransformer
+
+    torch.manual_seed(0)
+    lm = MoETransformer(LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
+                                 moe=dict(dim=32, num_experts=4, top_k=2, hidden_dim=32)))
+    idx = torch.randint(0, 50, (2, 8))
+    out = lm.eval()(idx)
+    expected = sum(r.aux_loss for r in out.moe if r is not None)
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert out.aux_loss is out.aux_loss  # cached

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,16 +33,50 @@ LOSS_WEIGHTS = {
 }
 
 
-@dataclass
 class MoEOutput:
-    """What one MoE call returns."""
+    """What one MoE call returns.
 
-    out: Tensor  # (..., D)
-    aux_loss: Tensor  # scalar: weighted sum of the enabled auxiliary losses
-    losses: dict  # name -> unweighted scalar tensor
-    stats: dict  # tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,)
-    experts_TK: Optional[Tensor] = None  # the slots' experts after capacity (E = empty), for analysis
-    weights_TK: Optional[Tensor] = None  # their combine weights
+    ``aux_loss``, ``losses`` and ``stats`` may be deferred: a layer in eval mode (not expert
+    parallel) computes them on first access, so inference that never reads them (decoding)
+    launches none of their ~50 small ops. Training computes them during the call.
+    """
+
+    __slots__ = ("out", "experts_TK", "weights_TK", "_aux_loss", "_losses", "_stats", "_pending")
+
+    def __init__(self, out: Tensor, aux_loss: Optional[Tensor] = None, losses: Optional[dict] = None,
+                 stats: Optional[dict] = None, experts_TK: Optional[Tensor] = None, weights_TK: Optional[Tensor] = None,
+                 *, pending=None):
+        self.out = out  # (..., D)
+        self.experts_TK = experts_TK  # the slots' experts after capacity (E = empty), for analysis
+        self.weights_TK = weights_TK  # their combine weights
+        self._aux_loss, self._losses, self._stats = aux_loss, losses, stats
+        self._pending = pending  # () -> (aux_loss, losses, stats), run once on first access
+
+    def _resolve(self) -> None:
+        if self._pending is not None:
+            self._aux_loss, self._losses, self._stats = self._pending()
+            self._pending = None
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Scalar: the weighted sum of the enabled auxiliary losses."""
+        self._resolve()
+        return self._aux_loss
+
+    @property
+    def losses(self) -> dict:
+        """Name -> unweighted scalar tensor."""
+        self._resolve()
+        return self._losses
+
+    @property
+    def stats(self) -> dict:
+        """tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,)."""
+        self._resolve()
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"MoEOutput(out={tuple(self.out.shape)}, deferred={self._pending is not None})"
 
 
 _UNSET = object()
@@ -145,13 +178,21 @@ class MoE(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             out_TD = out_TD + shared_TD
 
-        losses, stats = self._losses_and_stats(routing, plan.counts_E)
-        aux = x_TD.new_zeros((), dtype=torch.float32)
-        for name, value in losses.items():
-            w = getattr(cfg, LOSS_WEIGHTS[name])
-            if w:
-                aux = aux + w * value
-        return MoEOutput(out_TD.reshape(*lead, cfg.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
+        out = out_TD.reshape(*lead, cfg.dim).to(x.dtype)
+        training = self.training
+
+        def losses_and_stats():
+            losses, stats = self._losses_and_stats(routing, plan.counts_E, training)
+            aux = x_TD.new_zeros((), dtype=torch.float32)
+            for name, value in losses.items():
+                w = getattr(cfg, LOSS_WEIGHTS[name])
+                if w:
+                    aux = aux + w * value
+            return aux, losses, stats
+
+        if training or group is not None:  # usage bookkeeping and collectives happen in the call
+            return MoEOutput(out, *losses_and_stats(), experts_TK, weights_TK)
+        return MoEOutput(out, experts_TK=experts_TK, weights_TK=weights_TK, pending=losses_and_stats)
 
     def _apply_capacity(self, r: Routing, factor: Optional[float]) -> tuple[Tensor, Tensor, Optional[int]]:
         """(experts_TK, weights_TK, max_rows) after the capacity limit. Under expert/data parallelism
@@ -221,7 +262,7 @@ class MoE(nn.Module):
             return self.cfg.eval_capacity_factor
         return self.cfg.capacity_factor if self.cfg.router != "expert_choice" else None
 
-    def _losses_and_stats(self, r: Routing, kept_E: Tensor) -> tuple[dict, dict]:
+    def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
         the sums are all-reduced first, so both describe the global batch on every rank."""
         E, g = self.cfg.num_experts, self.parallel
@@ -251,7 +292,7 @@ class MoE(nn.Module):
             losses["load"] = L.cv_squared(sums["load"])
         kept = counts["kept"]
         with torch.no_grad():
-            if self.training:
+            if training:
                 cfg = self.cfg
                 share = kept.float() / kept.sum().clamp_min(1).float()
                 self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)

@@ -9,6 +9,8 @@ V vocabulary, T = B*S tokens.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -121,8 +123,17 @@ class Block(nn.Module):
 class LMOutput:
     logits: Tensor  # (B, S, V)
     loss: Optional[Tensor]  # mean next-token cross-entropy (when targets are given)
-    aux_loss: Tensor  # sum over MoE layers of their weighted auxiliary losses
     moe: list  # per layer: MoEOutput or None (dense layer)
+
+    @functools.cached_property
+    def aux_loss(self) -> Tensor:
+        """Sum over MoE layers of their weighted auxiliary losses (summed on first access, so
+        decoding, which never reads it, leaves the layers' deferred losses uncomputed)."""
+        aux = self.logits.new_zeros((), dtype=torch.float32)
+        for res in self.moe:
+            if res is not None:
+                aux = aux + res.aux_loss
+        return aux
 
 
 class MoETransformer(nn.Module):
@@ -168,13 +179,10 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x = self.embed(idx_BS)
-        aux = x.new_zeros((), dtype=torch.float32)
         moe_out = []
         for block in self.blocks:
             x, res = block(x, cos, sin, cache, idx_BS, top_k)
             moe_out.append(res)
-            if res is not None:
-                aux = aux + res.aux_loss
         if cache is not None:
             cache.length += S
         x = self.norm(x)
@@ -182,7 +190,7 @@ class MoETransformer(nn.Module):
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
-        return LMOutput(logits, loss, aux, moe_out)
+        return LMOutput(logits, loss, moe_out)
 
     def param_counts(self) -> dict:
         """Total parameters and those active for one token (routed experts counted at K/E)."""
