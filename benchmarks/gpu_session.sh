@@ -20,6 +20,7 @@ mkdir -p "$OUT"
 MD="$OUT/results.md"
 LOG="$OUT/log.txt"
 unset TRITON_INTERPRET                      # compiled kernels, never the interpreter
+export MOEKIT_TRITON_CACHE="$OUT/triton-tuning.json"   # the tuner's choices and timings come back with $OUT
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 L="$PY benchmarks/layer.py --device cuda --markdown $MD"
 
@@ -36,16 +37,17 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # 1. Correctness gate for the (never yet compiled) Triton kernels: fp32 and bf16 on `small`,
 #    checked against `grouped` (output, x grad, all weight grads) before any timing; a
 #    disagreement prints a FAIL row. Also compiles the kernels once (Triton's disk cache).
-step 100 "triton correctness + first timing, small, fp32+bf16" \
+step 150 "triton correctness + first timing (+ tuning compiles), small, fp32+bf16" \
     --shapes small --dtypes fp32,bf16 --backends loop,grouped,triton --peers "" --reps 10
 
 # 2. Training-shaped layer, bf16 fwd+bwd, all backends and peers: ratio to the same-FLOPs
 #    dense chain, peak and activation memory. Few reps on the big shapes (each fwd+bwd is
 #    10-300 ms), more on `small` (0.5 ms).
-step 270 "fwd+bwd bf16, mixtral/qwen3moe/olmoe" --shapes mixtral,qwen3moe,olmoe --dtypes bf16 --reps 5
+step 250 "fwd+bwd bf16, mixtral/qwen3moe/olmoe" --shapes mixtral,qwen3moe,olmoe --dtypes bf16 --reps 5
 step 60  "fwd+bwd bf16, small" --shapes small --dtypes bf16 --reps 20
 
-# 3. Decode: forward only at 1, 8, 64 tokens vs the weight-read floor (experts hit x 3DF bytes /
+# 3. Decode: forward only at 1, 8, 64 tokens (eager, and moekit's rows again as a replayed CUDA
+#    graph) vs the weight-read floor (experts hit x 3DF bytes /
 #    copy bandwidth measured in the same run), against the anchors 25/170/390 us (qwen3moe) and
 #    235 us (mixtral, T=1).
 step 90 "decode bf16, qwen3moe + mixtral" --shapes qwen3moe,mixtral --dtypes bf16 --decode 1,8,64 --reps 20

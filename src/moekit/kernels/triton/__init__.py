@@ -16,11 +16,14 @@ The code is moekit's own; no kernel was copied from those projects.
 * :mod:`.activations`: SwiGLU, GEGLU, GELU, ReLU forward and backward for the epilogues.
 * :mod:`.autograd`: ``triton_ffn`` (the backend contract, like ``loop_ffn``) and
   ``triton_moe_ffn`` (with the optional gather, scale and scatter).
-* :mod:`.config`: default block sizes, and the marked place for ``triton.autotune`` on CUDA.
+* :mod:`.config`: launch configs (heuristic by rows per expert, tuning candidates, validation);
+  :mod:`.tune`: the measured choice per shape bucket, cached on disk.
+* :mod:`.check`: the self-check ``backend="auto"`` runs once per (device, dtype).
 
-Status: verified for correctness only under Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-fp64/fp32/fp16) against ``moekit.kernels.reference.loop_ffn``. The kernels have not yet been
-compiled or run on a GPU, and nothing about their speed is known; block sizes are untuned.
+Status: verified for correctness under Triton's CPU interpreter (``TRITON_INTERPRET=1``,
+fp64/fp32/fp16) against ``moekit.kernels.reference.loop_ffn``, and compiled for sm_90 without a
+GPU (``benchmarks/compile_sm90.py``). Never run on a GPU: nothing about their speed is known and
+the tuning candidates are unmeasured. See docs/kernels.md.
 """
 from .activations import act_kind
 from .autograd import triton_ffn, triton_moe_ffn
