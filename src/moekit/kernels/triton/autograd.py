@@ -157,8 +157,10 @@ def triton_moe_ffn(
     R = token_idx_R.numel() if token_idx_R is not None else x_TD.shape[0]
     if out_idx_R is not None and out_idx_R.numel() != R:
         raise ValueError(f"out_idx_R has {out_idx_R.numel()} rows, expected R = {R}")
-    if scale_R is not None and scale_R.shape != (R,):
-        raise ValueError(f"scale_R must have shape ({R},); got {tuple(scale_R.shape)}")
+    if scale_R is not None:
+        if scale_R.shape != (R,):
+            raise ValueError(f"scale_R must have shape ({R},); got {tuple(scale_R.shape)}")
+        scale_R = scale_R.contiguous()  # the kernels read scale_ptr + row (no stride)
     if num_out_rows is None:
         num_out_rows = R
     elif out_idx_R is None and num_out_rows != R:
