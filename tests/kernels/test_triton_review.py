@@ -108,3 +108,47 @@ def test_self_check_leaves_global_state_alone(tmp_path):
     finally:
         tune.set_autotune(None)
         tune.reset_tuner(None)
+
+
+@pytest.fixture
+def fresh_tuner(tmp_path):
+    from moekit.kernels.triton import tune
+
+    t = tune.reset_tuner(tmp_path / "tuning.json", reps=1)
+    tune.set_autotune(True)
+    yield t
+    tune.set_autotune(None)
+    tune.reset_tuner(None)
+
+
+def _slot_call(plan, x, w_up, w_down, weights_TK):
+    return triton_moe_ffn(x, plan.counts_E, w_up, w_down, ACT, scale_R=weights_TK.reshape(-1)[plan.order_R],
+                          out_idx_R=plan.order_R, top_k=plan.top_k)
+
+
+def _reference_grads(plan, x_TD, w_up, w_down, weights_TK):
+    leaves = [_leaf(t) for t in (x_TD, w_up, w_down, weights_TK)]
+    ref = combine(loop_ffn(dispatch(leaves[0], plan), plan.counts_E, leaves[1], leaves[2], ACT), plan, leaves[3])
+    ref.sum().backward()
+    return ref, [t.grad for t in leaves]
+
+
+def test_autotune_inside_a_non_reentrant_checkpoint(fresh_tuner):
+    """The tuner's trial calls (forward + backward on detached copies) run inside the caller's
+    forward; under torch.utils.checkpoint(use_reentrant=False) their saved tensors must not go
+    through the checkpoint's hooks (the trial's backward then tried to recompute the caller's
+    region and every candidate 'failed')."""
+    from torch.utils.checkpoint import checkpoint
+
+    problem = _problem(dtype=torch.float32)
+    plan = problem[0]
+    leaves = [_leaf(t) for t in problem[1:]]
+    out = checkpoint(lambda x, wu, wd, w: _slot_call(plan, x, wu, wd, w).view(-1, plan.top_k, x.shape[1]).sum(1),
+                     *leaves, use_reentrant=False)
+    out.sum().backward()
+    assert fresh_tuner.tuned_here == 1
+    ref, grads = _reference_grads(*problem)
+    torch.testing.assert_close(out, ref.to(out.dtype))
+    for got, want in zip((t.grad for t in leaves), grads):
+        torch.testing.assert_close(got, want)
+

@@ -173,7 +173,9 @@ def triton_moe_ffn(
                                       kind.code, kind.gated, top_k, cfg)
 
     def trial(cfg):  # one timed call for the tuner, on detached copies (the caller's graph is untouched)
-        with torch.enable_grad() if train else torch.no_grad():
+        # identity hooks: the trial's saved tensors bypass an enclosing activation checkpoint's
+        # hooks (whose unpack would recompute the caller's region inside this backward)
+        with torch.enable_grad() if train else torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             ins = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
                    for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)]
             y = call(ins, cfg)
@@ -202,6 +204,10 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
             return heuristic_config(R, E)
         chosen = tune.tuner().tune(key, trial, candidates(R, E), dev)
     return chosen
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
