@@ -152,3 +152,28 @@ def test_autotune_inside_a_non_reentrant_checkpoint(fresh_tuner):
     for got, want in zip((t.grad for t in leaves), grads):
         torch.testing.assert_close(got, want)
 
+
+def test_stale_cached_config_is_retuned(fresh_tuner):
+    """A cache entry written by an older moekit (here: without the down-projection backward's
+    DBWD_* keys, added after the tuner) or an invalid one is measured again, not launched."""
+    import json
+
+    from moekit.kernels.triton import tune
+
+    problem = _problem(dtype=torch.float32)
+    leaves = [_leaf(t) for t in problem[1:]]
+    _slot_call(problem[0], *leaves).sum().backward()
+    assert fresh_tuner.tuned_here == 1
+    data = json.loads(fresh_tuner.path.read_text())
+    (key, entry), = data["entries"].items()
+    for k in ("DBWD_BLOCK_N", "DBWD_num_warps"):
+        entry["config"].pop(k)
+    fresh_tuner.path.write_text(json.dumps(data))
+
+    for stale in (entry["config"], {**entry["config"], "DBWD_BLOCK_N": 16, "DBWD_num_warps": 4, "BLOCK_M": 24}):
+        data["entries"][key]["config"] = stale
+        fresh_tuner.path.write_text(json.dumps(data))
+        t = tune.reset_tuner(fresh_tuner.path, reps=1)
+        leaves = [_leaf(t) for t in problem[1:]]
+        _slot_call(problem[0], *leaves).sum().backward()
+        assert t.tuned_here == 1

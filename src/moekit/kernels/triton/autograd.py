@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .activations import act_kind
 from . import tune
-from .config import candidates, check_config, default_config, heuristic_config
+from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
 from .gemm import INTERPRETED, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
 from .schedule import TileTable, tile_table
 
@@ -199,6 +199,8 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
     key = tune.shape_key(dev, dtype, num_rows=R, num_experts=E, dim=D, hidden=F, act_code=kind.code,
                          gated=kind.gated, flags=flags, train=train)
     chosen = tune.tuner().lookup(key)
+    if chosen is not None and not _usable(chosen):
+        chosen = None  # e.g. written by an older moekit with other keys: measure again
     if chosen is None:
         if tune.capturing(dev):  # no timing inside a CUDA graph capture
             return heuristic_config(R, E)
@@ -208,6 +210,17 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _usable(cfg: dict) -> bool:
+    """Whether a cached config has exactly the current keys and valid block sizes."""
+    if set(cfg) != KNOWN_KEYS:
+        return False
+    try:
+        check_config(cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
