@@ -177,3 +177,14 @@ def test_stale_cached_config_is_retuned(fresh_tuner):
         leaves = [_leaf(t) for t in problem[1:]]
         _slot_call(problem[0], *leaves).sum().backward()
         assert t.tuned_here == 1
+
+
+def test_double_backward_raises_instead_of_dropping_the_term():
+    """The kernels' backward is not differentiable: a gradient penalty built with
+    create_graph=True must raise, not be silently treated as a constant."""
+    plan, x_TD, w_up, w_down, weights_TK = _problem()
+    x, wu, wd = _leaf(x_TD), _leaf(w_up), _leaf(w_down)
+    y = triton_moe_ffn(x, plan.counts_E, wu, wd, ACT, out_idx_R=plan.order_R, top_k=plan.top_k)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (y.sum() + gx.pow(2).sum()).backward()

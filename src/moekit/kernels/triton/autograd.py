@@ -55,6 +55,7 @@ class _TritonExpertFFN(torch.autograd.Function):
         return y_SD
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward builds no graph: raise on double backward
     def backward(ctx, g_SD):
         (x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
          expert_N, start_N, end_N, starts_E, ends_E) = ctx.saved_tensors
