@@ -188,3 +188,19 @@ def test_double_backward_raises_instead_of_dropping_the_term():
     (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         (y.sum() + gx.pow(2).sum()).backward()
+
+
+def test_tuners_sharing_a_cache_file_keep_each_others_entries(tmp_path):
+    """Two processes (here two Tuner objects) that loaded the cache before either measured: the
+    second save must not drop the first one's entry (a read-merge-replace, not a blind replace)."""
+    import json
+
+    from moekit.kernels.triton.tune import Tuner
+
+    path = tmp_path / "tuning.json"
+    a, b = Tuner(path, reps=1), Tuner(path, reps=1)
+    assert a.lookup("A") is None and b.lookup("B") is None  # both have read the (absent) file
+    cpu = torch.device("cpu")
+    a.tune("A", lambda cfg: None, [{"BLOCK_M": 16}], cpu)
+    b.tune("B", lambda cfg: None, [{"BLOCK_M": 32}], cpu)
+    assert set(json.loads(path.read_text())["entries"]) == {"A", "B"}
