@@ -204,3 +204,22 @@ def test_tuners_sharing_a_cache_file_keep_each_others_entries(tmp_path):
     a.tune("A", lambda cfg: None, [{"BLOCK_M": 16}], cpu)
     b.tune("B", lambda cfg: None, [{"BLOCK_M": 32}], cpu)
     assert set(json.loads(path.read_text())["entries"]) == {"A", "B"}
+
+
+def test_autocast_leaves_float64_alone_as_matmul_does():
+    """Autocast does not cast float64 (torch keeps a float64 matmul in float64); the fused path
+    must not round float64 rows to autocast's dtype either."""
+    from moekit.kernels import compute_dtype
+    from moekit.layer.experts import GroupedExperts
+
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert compute_dtype(x) == (x @ x.T).dtype == torch.float64
+        assert compute_dtype(x.float()) == torch.float16
+    experts = GroupedExperts(3, 16, 16, "swiglu").double()
+    plan = plan_dispatch(torch.rand(5, 3).argsort(-1)[:, :2], 3)
+    w_TK = torch.rand(5, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = experts.fused(x, plan, w_TK)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, experts.fused(x, plan, w_TK))
