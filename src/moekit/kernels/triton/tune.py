@@ -37,6 +37,8 @@ def set_autotune(enabled: Optional[bool]) -> None:
 
 
 def autotune_enabled(device: torch.device, interpreted: bool) -> bool:
+    """Whether calls on ``device`` tune: :func:`set_autotune`'s choice, else on for compiled
+    kernels on CUDA unless ``MOEKIT_TRITON_AUTOTUNE=0``."""
     if _ENABLED is not None:
         return _ENABLED
     if interpreted or device.type != "cuda":
@@ -166,4 +168,5 @@ def reset_tuner(path: Optional[Path] = None, reps: int = 5) -> Tuner:
 
 
 def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (no timing then)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
