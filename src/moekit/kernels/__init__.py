@@ -40,8 +40,9 @@ def triton_available() -> bool:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the expert matmuls run in: autocast's for x's device when it is on, else x's."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    """The dtype the expert matmuls run in: autocast's for x's device when it is on, else x's
+    (float64 included: autocast leaves float64 matmuls in float64)."""
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

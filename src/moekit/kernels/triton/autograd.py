@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .activations import act_kind
 from . import tune
-from .config import candidates, check_config, default_config, heuristic_config
+from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
 from .gemm import INTERPRETED, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
 from .schedule import TileTable, tile_table
 
@@ -55,6 +55,7 @@ class _TritonExpertFFN(torch.autograd.Function):
         return y_SD
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward builds no graph: raise on double backward
     def backward(ctx, g_SD):
         (x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
          expert_N, start_N, end_N, starts_E, ends_E) = ctx.saved_tensors
@@ -157,8 +158,10 @@ def triton_moe_ffn(
     R = token_idx_R.numel() if token_idx_R is not None else x_TD.shape[0]
     if out_idx_R is not None and out_idx_R.numel() != R:
         raise ValueError(f"out_idx_R has {out_idx_R.numel()} rows, expected R = {R}")
-    if scale_R is not None and scale_R.shape != (R,):
-        raise ValueError(f"scale_R must have shape ({R},); got {tuple(scale_R.shape)}")
+    if scale_R is not None:
+        if scale_R.shape != (R,):
+            raise ValueError(f"scale_R must have shape ({R},); got {tuple(scale_R.shape)}")
+        scale_R = scale_R.contiguous()  # the kernels read scale_ptr + row (no stride)
     if num_out_rows is None:
         num_out_rows = R
     elif out_idx_R is None and num_out_rows != R:
@@ -171,7 +174,9 @@ def triton_moe_ffn(
                                       kind.code, kind.gated, top_k, cfg)
 
     def trial(cfg):  # one timed call for the tuner, on detached copies (the caller's graph is untouched)
-        with torch.enable_grad() if train else torch.no_grad():
+        # identity hooks: the trial's saved tensors bypass an enclosing activation checkpoint's
+        # hooks (whose unpack would recompute the caller's region inside this backward)
+        with torch.enable_grad() if train else torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             ins = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
                    for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)]
             y = call(ins, cfg)
@@ -195,11 +200,28 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
     key = tune.shape_key(dev, dtype, num_rows=R, num_experts=E, dim=D, hidden=F, act_code=kind.code,
                          gated=kind.gated, flags=flags, train=train)
     chosen = tune.tuner().lookup(key)
+    if chosen is not None and not _usable(chosen):
+        chosen = None  # e.g. written by an older moekit with other keys: measure again
     if chosen is None:
         if tune.capturing(dev):  # no timing inside a CUDA graph capture
             return heuristic_config(R, E)
         chosen = tune.tuner().tune(key, trial, candidates(R, E), dev)
     return chosen
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _usable(cfg: dict) -> bool:
+    """Whether a cached config has exactly the current keys and valid block sizes."""
+    if set(cfg) != KNOWN_KEYS:
+        return False
+    try:
+        check_config(cfg)
+    except ValueError:
+        return False
+    return True
 
 
 def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:

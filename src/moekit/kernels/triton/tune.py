@@ -37,6 +37,8 @@ def set_autotune(enabled: Optional[bool]) -> None:
 
 
 def autotune_enabled(device: torch.device, interpreted: bool) -> bool:
+    """Whether calls on ``device`` tune: :func:`set_autotune`'s choice, else on for compiled
+    kernels on CUDA unless ``MOEKIT_TRITON_AUTOTUNE=0``."""
     if _ENABLED is not None:
         return _ENABLED
     if interpreted or device.type != "cuda":
@@ -97,13 +99,17 @@ class Tuner:
         if self._loaded:
             return
         self._loaded = True
+        self.entries.update(self._read())
+
+    def _read(self) -> dict[str, dict]:
+        """The entries in the cache file now ({} when absent or unreadable: re-measured, never fatal)."""
         if self.path is None or not self.path.exists():
-            return
+            return {}
         try:
             data = json.loads(self.path.read_text())
-            self.entries.update({k: v for k, v in data.get("entries", {}).items() if isinstance(v, dict)})
-        except (OSError, ValueError):  # an unreadable cache is re-measured, never fatal
-            pass
+            return {k: v for k, v in data.get("entries", {}).items() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError):
+            return {}
 
     def lookup(self, key: str) -> Optional[dict]:
         self._load()
@@ -128,8 +134,11 @@ class Tuner:
         return dict(best)
 
     def _save(self) -> None:
+        """Merge this process's entries into the file as it is now (another process may have
+        added some since we read it) and replace it atomically."""
         if self.path is None:
             return
+        self.entries = {**self._read(), **self.entries}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".triton-tuning-", suffix=".json")
@@ -159,4 +168,5 @@ def reset_tuner(path: Optional[Path] = None, reps: int = 5) -> Tuner:
 
 
 def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (no timing then)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
