@@ -47,11 +47,29 @@ def _row_index(idx_ptr, rows, mask, USE: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M: tl.constexpr):
-    """The expert (int64), rows and row mask of row tile ``pid_t`` (call once it is known to be real)."""
+def _tile_rows(tile_expert_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M: tl.constexpr):
+    """The expert (int64), rows and row mask of row tile ``pid_t``, and whether it is a spare
+    tile past the real tile count (its program returns at once)."""
+    row_lo = tl.load(tile_start_ptr + pid_t)
+    row_hi = tl.load(tile_end_ptr + pid_t)
     e = tl.load(tile_expert_ptr + pid_t).to(tl.int64)
-    rows_M = tl.load(tile_start_ptr + pid_t) + tl.arange(0, BLOCK_M)
-    return e, rows_M, rows_M < row_hi
+    rows_M = row_lo + tl.arange(0, BLOCK_M)
+    return e, rows_M, rows_M < row_hi, row_lo >= row_hi
+
+
+@triton.jit
+def _rows_dot(acc, a_ptr, src_M, mask_M, stride_am, stride_ak, b_base, stride_bk, stride_bn, cols_N, mask_N, K,
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + a[src_M, :K] @ b[:K, cols_N]`` in BLOCK_K steps; masked rows and columns read as 0."""
+    for k0 in range(0, K, BLOCK_K):
+        ks_K = k0 + tl.arange(0, BLOCK_K)
+        mask_K = ks_K < K
+        a = tl.load(a_ptr + src_M[:, None] * stride_am + ks_K[None, :] * stride_ak,
+                    mask=mask_M[:, None] & mask_K[None, :], other=0.0)
+        b = tl.load(b_base + ks_K[:, None] * stride_bk + cols_N[None, :] * stride_bn,
+                    mask=mask_K[:, None] & mask_N[None, :], other=0.0)
+        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -67,11 +85,9 @@ def _up_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_lo = tl.load(tile_start_ptr + pid_t)
-    row_hi = tl.load(tile_end_ptr + pid_t)
-    if row_lo >= row_hi:  # a spare tile past the real tile count
+    e, rows_M, mask_M, spare = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
+    if spare:
         return
-    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
     src_M = _row_index(idx_ptr, rows_M, mask_M, GATHER)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < F
@@ -116,24 +132,14 @@ def _mm_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_lo = tl.load(tile_start_ptr + pid_t)
-    row_hi = tl.load(tile_end_ptr + pid_t)
-    if row_lo >= row_hi:
+    e, rows_M, mask_M, spare = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
+    if spare:
         return
-    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
     src_M = _row_index(a_idx_ptr, rows_M, mask_M, A_GATHER)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < N
-    b_base = b_ptr + e * stride_be
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        ks_K = k0 + tl.arange(0, BLOCK_K)
-        mask_K = ks_K < K
-        a = tl.load(a_ptr + src_M[:, None] * stride_am + ks_K[None, :] * stride_ak,
-                    mask=mask_M[:, None] & mask_K[None, :], other=0.0)
-        b = tl.load(b_base + ks_K[:, None] * stride_bk + cols_N[None, :] * stride_bn,
-                    mask=mask_K[:, None] & mask_N[None, :], other=0.0)
-        acc = tl.dot(a, b, acc=acc, input_precision=PRECISION)
+    acc = _rows_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), a_ptr, src_M, mask_M, stride_am, stride_ak,
+                    b_ptr + e * stride_be, stride_bk, stride_bn, cols_N, mask_N, K, PRECISION, BLOCK_K)
     out_dtype = out_ptr.dtype.element_ty
     if SCALE:
         # round the product first, as the reference scales the projection's (rounded) output
@@ -158,26 +164,16 @@ def _down_bwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_lo = tl.load(tile_start_ptr + pid_t)
-    row_hi = tl.load(tile_end_ptr + pid_t)
-    if row_lo >= row_hi:
+    e, rows_M, mask_M, spare = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
+    if spare:
         return
-    e, rows_M, mask_M = _tile_rows(tile_expert_ptr, tile_start_ptr, pid_t, row_hi, BLOCK_M)
     rows64_M = rows_M.to(tl.int64)
     src_M = _row_index(g_idx_ptr, rows_M, mask_M, G_GATHER)  # the forward scattered row r to dst[r]: read there
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_N = cols_N < F
-    w_base = w_ptr + e * stride_we
-    # dh_unscaled = g[src] @ w_down[e]^T, (BLOCK_M, BLOCK_N) over F
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, D, BLOCK_K):
-        ks_K = k0 + tl.arange(0, BLOCK_K)
-        mask_K = ks_K < D
-        g = tl.load(g_ptr + src_M[:, None] * stride_gm + ks_K[None, :] * stride_gk,
-                    mask=mask_M[:, None] & mask_K[None, :], other=0.0)
-        w_t = tl.load(w_base + ks_K[:, None] * stride_wd + cols_N[None, :] * stride_wf,
-                      mask=mask_K[:, None] & mask_N[None, :], other=0.0)
-        acc = tl.dot(g, w_t, acc=acc, input_precision=PRECISION)
+    # dh_unscaled = g[src] @ w_down[e]^T, (BLOCK_M, BLOCK_N) over F, reduced over D
+    acc = _rows_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), g_ptr, src_M, mask_M, stride_gm, stride_gk,
+                    w_ptr + e * stride_we, stride_wd, stride_wf, cols_N, mask_N, D, PRECISION, BLOCK_K)
     io_dtype = pre_ptr.dtype.element_ty
     out_mask = mask_M[:, None] & mask_N[None, :]
     # recompute h = act(pre) (* up) from the saved pre-activation, rounded as in the forward
