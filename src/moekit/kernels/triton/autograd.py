@@ -192,11 +192,12 @@ def triton_moe_ffn(
 def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) -> dict:
     """The caller's config over the defaults; else a tuned one (measured now if new); else the
     heuristic for this many rows per expert. See :mod:`.config` and :mod:`.tune`."""
+    untuned = default_config(True) if INTERPRETED else heuristic_config(R, E)
     if config is not None:
         check_config(config)
-        return {**(default_config(True) if INTERPRETED else heuristic_config(R, E)), **config}
+        return {**untuned, **config}
     if not tune.autotune_enabled(dev, INTERPRETED):
-        return default_config(True) if INTERPRETED else heuristic_config(R, E)
+        return untuned
     key = tune.shape_key(dev, dtype, num_rows=R, num_experts=E, dim=D, hidden=F, act_code=kind.code,
                          gated=kind.gated, flags=flags, train=train)
     chosen = tune.tuner().lookup(key)
@@ -204,7 +205,7 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
         chosen = None  # e.g. written by an older moekit with other keys: measure again
     if chosen is None:
         if tune.capturing(dev):  # no timing inside a CUDA graph capture
-            return heuristic_config(R, E)
+            return untuned
         chosen = tune.tuner().tune(key, trial, candidates(R, E), dev)
     return chosen
 
