@@ -11,59 +11,87 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import LMConfig, TrainConfig
+from .config import LMConfig, TrainConfig, check_device_available
 
 TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
     "lr": ("train", "lr"), "seed": ("train", "seed"), "device": ("train", "device"), "data": ("train", "data"),
     "threads": ("train", "threads"), "tokenizer": ("train", "tokenizer"), "eval_every": ("train", "eval_every"),
     "dim": ("model", "dim"), "layers": ("model", "n_layers"), "experts": ("model", "moe.num_experts"),
-    "top_k": ("model", "moe.top_k"), "router": ("model", "moe.router"),
+    "top_k_experts": ("model", "moe.top_k"), "router": ("model", "moe.router"),
     "expert_parallel": ("train", "expert_parallel"),
 }
+SECTIONS = {"model": LMConfig, "train": TrainConfig}
+RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
+DEFAULT_PRESET = "deepseek"
 
 
-def _parse_value(text: str) -> Any:
+def _load_config_file(path: Path) -> dict:
+    """The ``--config`` JSON file: an object with optional 'model' and 'train' objects."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file: {path}")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: the top level must be an object like "
+                         f'{{"model": {{...}}, "train": {{...}}}}; got {type(loaded).__name__}')
+    unknown = sorted(set(loaded) - set(SECTIONS) - set(RUN_KEYS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown key(s) {', '.join(map(repr, unknown))}; expected 'model' and 'train'")
+    if loaded.get("init_from"):
+        raise ValueError(f"--config {path}: init_from is given with --init-from HF_DIR, not in a config file")
+    for section in SECTIONS:
+        if not isinstance(loaded.get(section, {}), dict):
+            raise ValueError(f"--config {path}: {section!r} must be an object of fields; got {loaded[section]!r}")
+    return loaded
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
+def _set_dotted(section: str, d: dict, dotted: str, text: str) -> None:
+    """``d[a][b]... = value`` for ``section.a.b``, the text converted to the field's declared type."""
+    cls, keys = SECTIONS[section], dotted.split(".")
+    for i, k in enumerate(keys[:-1]):
+        where = f"{section}.{'.'.join(keys[: i + 1])}"
+        base = cls.field_types().get(k)
+        base = typing.get_args(base)[0] if typing.get_origin(base) is typing.Union else base
+        if not (isinstance(base, type) and hasattr(base, "field_types")):
+            raise ValueError(f"{where} is not a config section")
         if not isinstance(d.get(k), dict):
-            raise ValueError(f"--set {dotted}: {k!r} is not a config section")
-        d = d[k]
-    d[keys[-1]] = value
+            raise ValueError(f"{where} is None here (a dense model); give it fields first, e.g. "
+                             f"{where}='{{\"dim\": 128, \"hidden_dim\": 128}}'")
+        d, cls = d[k], base
+    d[keys[-1]] = cls.parse_field(keys[-1], text, label=f"{section}.{dotted}")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
-    """Preset -> config file -> shortcut flags -> --set overrides, validated at the end."""
+    """Preset -> config file -> shortcut flags -> --set overrides, validated at the end. Every
+    value is converted to its field's declared type, or rejected naming the field."""
     from .train.run import default_model_config
 
-    cfg = {"model": default_model_config(args.preset).to_dict(), "train": TrainConfig().to_dict()}
+    cfg = {"model": default_model_config(args.preset or DEFAULT_PRESET).to_dict(), "train": TrainConfig().to_dict()}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file: {path}")
-        loaded = json.loads(path.read_text())
-        for section in ("model", "train"):
+        loaded = _load_config_file(Path(args.config))
+        for section in SECTIONS:
             for k, v in loaded.get(section, {}).items():
                 if section == "model" and k == "moe" and isinstance(v, dict) and isinstance(cfg["model"].get("moe"), dict):
                     cfg["model"]["moe"].update(v)
                 else:
                     cfg[section][k] = v
+        args.no_baseline = args.no_baseline or loaded.get("baseline", True) is False
+        args.dense = args.dense or loaded.get("dense_only", False) is True
     for flag, (section, dotted) in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            _set_dotted(cfg[section], dotted, value)
+            _set_dotted(section, cfg[section], dotted, str(value))
     if args.dim is not None and isinstance(cfg["model"].get("moe"), dict):
         cfg["model"]["moe"]["dim"] = args.dim
     for item in args.set or []:
@@ -73,8 +101,57 @@ def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
         section, _, dotted = key.partition(".")
         if section not in cfg or not dotted:
             raise ValueError(f"--set key must start with 'model.' or 'train.'; got {key!r}")
-        _set_dotted(cfg[section], dotted, _parse_value(value))
+        try:
+            _set_dotted(section, cfg[section], dotted, value)
+        except ValueError as err:
+            raise ValueError(f"--set {item}: {err}") from None
     return LMConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
+
+
+def describe_config(model_cfg: LMConfig, train_cfg: TrainConfig) -> str:
+    """Every field of the resolved config as ``section.field = value  # what it means``: each
+    line's left part is a valid ``--set`` argument."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, obj) -> None:
+        comments = type(obj).field_comments()
+        for name in type(obj).field_types():
+            value = getattr(obj, name)
+            if hasattr(value, "field_types"):
+                rows.append((f"# {prefix}{name}: {comments.get(name, '')}", ""))
+                walk(f"{prefix}{name}.", value)
+            else:
+                rows.append((f"{prefix}{name}={_show(value)}", comments.get(name, "")))
+
+    walk("model.", model_cfg)
+    walk("train.", train_cfg)
+    width = max(len(left) for left, c in rows if c)
+    return "\n".join(f"{left:<{width}}  # {c}" if c else left for left, c in rows)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _resume_changes(args: argparse.Namespace) -> dict:
+    """The train fields a ``--resume`` command line changes; ValueError for any other setting."""
+    from .train.run import RESUME_CHANGES
+
+    fixed = [f"--{f.replace('_', '-')}" for f in TRAIN_SHORTCUTS
+             if getattr(args, f, None) is not None and f not in RESUME_CHANGES]
+    fixed += [flag for flag, given in (("--set", args.set), ("--config", args.config), ("--preset", args.preset),
+                                       ("--name", args.name), ("--init-from", args.init_from), ("--dense", args.dense),
+                                       ("--no-baseline", args.no_baseline), ("--out", args.out != "runs"),
+                                       ("--print-config", args.print_config)) if given]
+    if fixed:
+        raise ValueError(f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
+                         f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
+                         f"--stop-at, --quiet, --restart-missing)")
+    return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,24 +160,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        _main_print(f"resuming {run_dir}")
-        try:
-            comparison = run_train(run_dir, resume=True, progress=not args.quiet, expert_parallel=args.expert_parallel,
-                                   stop_at=args.stop_at)
-        except TrainingInterrupted as err:
-            _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
-            return 130
+        changes = _resume_changes(args)
+        _main_print(f"resuming {run_dir}" + (f" with {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else ""))
+        call = dict(resume=True, changes=changes, restart_missing=args.restart_missing)
     else:
         model_cfg, train_cfg = build_configs(args)
+        if args.print_config:
+            cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
+            print(json.dumps(cfg, indent=2) if args.print_config == "json" else describe_config(model_cfg, train_cfg))
+            return 0
+        if args.restart_missing:
+            raise ValueError("--restart-missing applies to --resume only")
         name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"--name must be a plain folder name (no '/'); got {name!r}")
         run_dir = Path(args.out) / name
-        try:
-            comparison = run_train(run_dir, None if args.init_from else model_cfg, train_cfg, baseline=not args.no_baseline,
-                                   dense_only=args.dense, progress=not args.quiet, init_from=args.init_from,
-                                   stop_at=args.stop_at)
-        except TrainingInterrupted as err:
-            _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
-            return 130
+        call = dict(model_cfg=None if args.init_from else model_cfg, train_cfg=train_cfg, baseline=not args.no_baseline,
+                    dense_only=args.dense, init_from=args.init_from)
+    try:
+        comparison = run_train(run_dir, progress=not args.quiet, stop_at=args.stop_at, **call)
+    except TrainingInterrupted as err:
+        _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
+        return 128 + err.signum if getattr(err, "signum", None) else 130
     if "stopped_at" in comparison:
         _main_print(f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
                     f"Continue with: moekit train --resume {run_dir}")
@@ -137,6 +218,8 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_text
 
+    _check_sampling(args)
+    check_device_available("--device", args.device)
     text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k_experts=args.top_k_experts, seed=args.seed, model=args.model,
                          use_cache=not args.no_cache, device=args.device)
@@ -144,24 +227,90 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
+    if args.top_k_experts is not None and args.top_k_experts <= 0:
+        raise ValueError(f"--top-k-experts must be a positive integer; got {args.top_k_experts}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .analysis import inspect_run
 
+    check_device_available("--device", args.device)
+    if args.top_k_experts is not None and args.top_k_experts <= 0:
+        raise ValueError(f"--top-k-experts must be a positive integer; got {args.top_k_experts}")
     inspect_run(args.run, out_dir=args.out, windows=args.windows, device=args.device, top_k=args.top_k_experts)
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shortcut_help(flag: str) -> str:
+    """The help of a shortcut flag: its field's comment and default (from the default preset)."""
+    from .train.run import default_model_config
+
+    section, dotted = TRAIN_SHORTCUTS[flag]
+    obj = default_model_config(DEFAULT_PRESET) if section == "model" else TrainConfig()
+    for key in dotted.split(".")[:-1]:
+        obj = getattr(obj, key)
+    name = dotted.split(".")[-1]
+    comment = type(obj).field_comments().get(name, "")
+    default = _show(getattr(obj, name))
+    if section == "model":
+        default += f" with --preset {DEFAULT_PRESET}"
+    return f"{comment} (= --set {section}.{dotted}; default: {default})"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"moekit {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts for PyTorch")
+    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts for PyTorch", formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a MoE LM and its dense twin on the embedded corpus")
+    t = sub.add_parser("train", help="train a MoE LM and its dense twin on the embedded corpus",
+                       formatter_class=_HelpFormatter,
+                       description="Train a MoE LM and its dense twin (same active parameters per token) into RUN "
+                                   "= OUT/NAME. Config: --preset, then --config, then the flags, then --set; "
+                                   "`--print-config` lists every field with its meaning.")
     t.add_argument("--name", help="run name (default: a timestamp)")
     t.add_argument("--out", default="runs", help="folder that holds run folders")
-    t.add_argument("--preset", default="deepseek", help="deepseek (default: 16 fine-grained experts, top-4, 1 shared, sigmoid router), mixtral (8 experts, top-2), switch (top-1), qwen_moe")
-    t.add_argument("--config", help="JSON file with {'model': {...}, 'train': {...}}")
-    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--preset", default=None, choices=("deepseek", "mixtral", "switch", "qwen_moe"),
+                   help="model layout: deepseek (default: 16 fine-grained experts, top-4, 1 shared, sigmoid router), "
+                        "mixtral (8 experts, top-2), switch (top-1), qwen_moe")
+    t.add_argument("--config", metavar="FILE", help='JSON file {"model": {...}, "train": {...}} (a run\'s config.json works)')
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, converted to its type (repeatable; e.g. "
+                        "--set model.moe.renormalize=false --set model.moe.capacity_factor=none)")
+    t.add_argument("--print-config", nargs="?", const="text", choices=("text", "json"), default=None,
+                   help="print the resolved config (text: every field with its meaning; json: a --config file) and exit")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly (also after Ctrl-C, SIGTERM or a crash); "
+                   "with --steps N, extend a finished run to N steps")
+    t.add_argument("--restart-missing", action="store_true",
+                   help="with --resume: train a model whose checkpoint is missing again from step 0 (else refused)")
     t.add_argument("--init-from", metavar="HF_DIR", help="fine-tune a Hugging Face MoE checkpoint folder (Mixtral, "
                    "Qwen2-MoE, Qwen3-MoE, OLMoE) with its tokenizer.json; model flags are ignored, no dense baseline")
     t.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
@@ -169,46 +318,53 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume")
-    helps = {"expert_parallel": "split each MoE layer's experts over N ranks (launch with torchrun --nproc-per-node; "
-                                "remaining ranks are data parallel); with --resume, continue on another layout"}
+    extra = {"expert_parallel": "; launch with torchrun --nproc-per-node, remaining ranks are data parallel; "
+                                "with --resume, continue on another layout"}
+    types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str}
     for flag in TRAIN_SHORTCUTS:
-        typ = {"lr": float}.get(flag, str if flag in ("device", "data", "tokenizer", "router") else int)
-        t.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=helps.get(flag))
+        names = ["--" + flag.replace("_", "-")] + (["--top-k"] if flag == "top_k_experts" else [])
+        t.add_argument(*names, dest=flag, type=types.get(flag, int), default=None,
+                       help=_shortcut_help(flag) + extra.get(flag, ""))
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="sample text from a trained run (or a Hugging Face folder)")
-    g.add_argument("--run", required=True)
-    g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=120)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.95)
+    g = sub.add_parser("generate", help="sample text from a trained run (or a Hugging Face folder)",
+                       formatter_class=_HelpFormatter)
+    g.add_argument("--run", required=True, help="a run folder (RUN) or a Hugging Face checkpoint folder")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate (capped by the model's context)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens with this probability")
     g.add_argument("--top-k-experts", type=int, default=None, help="experts per token at inference (default: as trained)")
-    g.add_argument("--model", default="moe", choices=("moe", "dense"))
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--model", default="moe", choices=("moe", "dense"), help="which model of the run")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (no KV cache)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="which experts take which tokens: tables, heatmaps, HTML report")
-    i.add_argument("--run", required=True)
+    i = sub.add_parser("inspect", help="which experts take which tokens: tables, heatmaps, HTML report",
+                       formatter_class=_HelpFormatter)
+    i.add_argument("--run", required=True, help="a run folder with a MoE model")
     i.add_argument("--out", default=None, help="output folder (default: RUN/inspect)")
     i.add_argument("--windows", type=int, default=64, help="validation sequences to route")
-    i.add_argument("--top-k-experts", type=int, default=None)
-    i.add_argument("--device", default="cpu")
+    i.add_argument("--top-k-experts", type=int, default=None, help="experts per token (default: as trained)")
+    i.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     i.set_defaults(func=cmd_inspect)
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .train.checkpoint import CheckpointError
-
     from .parallel import ExpertParallelError
+    from .train.checkpoint import CheckpointError
+    from .train.lock import RunLockedError
 
     args = make_parser().parse_args(argv)
     where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
+    old_format = warnings.formatwarning
+    warnings.formatwarning = lambda msg, *a, **k: f"moekit {args.command}: warning: {msg}\n"  # one line, no source
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+    except (CheckpointError, RunLockedError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
+            TypeError) as err:
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except ExpertParallelError as err:
@@ -218,6 +374,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = old_format
         _close_process_group()
 
 

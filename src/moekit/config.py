@@ -2,8 +2,13 @@
 bad value fails where it is written, naming the field and what was expected."""
 from __future__ import annotations
 
-import math
 import dataclasses
+import functools
+import inspect
+import json
+import math
+import re
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
@@ -33,8 +38,120 @@ def _check_nonneg(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number >= 0; got {value!r}")
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_NONE = ("none", "null")
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """(X, True) for Optional[X], (hint, False) otherwise."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _type_name(hint: Any) -> str:
+    base, optional = _unwrap_optional(hint)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    name = names.get(base) or f"a config section ({getattr(base, '__name__', base)})"
+    return name + (" or none" if optional else "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    base, optional = _unwrap_optional(hint)
+    if value is None:
+        return optional
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is str:
+        return isinstance(value, str)
+    return isinstance(value, base)
+
+
+def check_device(name: str, value: str) -> None:
+    """A device string torch understands ("cpu", "cuda", "cuda:1", "mps", ...). Whether the
+    device exists here is checked where it is used."""
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {value!r}") from err
+
+
+def check_device_available(name: str, value: str) -> None:
+    """``value`` is a device string torch understands and that device exists on this machine."""
+    import torch
+
+    check_device(name, value)
+    kind = torch.device(value).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r} but CUDA is not available here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={value!r} but MPS is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps") and not hasattr(torch, kind):
+        raise ValueError(f"{name}={value!r}: this torch has no {kind!r} backend; use --device cpu")
+
+
 class _DictMixin:
-    """to_dict / from_dict for the config dataclasses (unknown keys are an error, not ignored)."""
+    """to_dict / from_dict for the config dataclasses (unknown keys are an error, not ignored),
+    the declared type of every field checked on construction, and the typed parsing of the
+    command line's ``--set field=text``."""
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        """Field name -> its resolved type hint (``Optional[float]``, ``MoEConfig``, ...)."""
+        return _resolved_hints(cls)
+
+    @classmethod
+    def field_comments(cls) -> dict[str, str]:
+        """Field name -> the comment written after it in this module (what the field means)."""
+        return _field_comments(cls)
+
+    def _check_types(self) -> None:
+        for name, hint in self.field_types().items():
+            value = getattr(self, name)
+            if not _matches(value, hint):
+                raise ValueError(f"{name} must be {_type_name(hint)}; got {value!r} ({type(value).__name__})")
+
+    @classmethod
+    def parse_field(cls, name: str, text: str, label: Optional[str] = None) -> Any:
+        """The value of field ``name`` written as ``text`` on the command line, converted to the
+        field's declared type (``"False"`` -> False, ``"none"`` -> None, ``"0.5"`` -> 0.5);
+        ValueError naming the field (as ``label``, default ``name``) and the text when it is not one."""
+        hints, label = cls.field_types(), label or name
+        if name not in hints:
+            raise ValueError(f"unknown {cls.__name__} field {label!r} (`moekit train --print-config` lists them)")
+        base, optional = _unwrap_optional(hints[name])
+        low = text.strip().lower()
+        if optional and low in _NONE:
+            return None
+        try:
+            if base is bool:
+                if low in _TRUE or low in _FALSE:
+                    return low in _TRUE
+                raise ValueError
+            if base is int:
+                return int(text)
+            if base is float:
+                return float(text)
+            if base is str:
+                return json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
+            if isinstance(base, type) and issubclass(base, _DictMixin):
+                value = json.loads(text)
+                if isinstance(value, dict):
+                    return value
+                raise ValueError
+        except (ValueError, json.JSONDecodeError):
+            pass
+        extra = (f"; set its fields one by one ({label}.FIELD=VALUE) or give a JSON object"
+                 if isinstance(base, type) and issubclass(base, _DictMixin) else "")
+        raise ValueError(f"{label} must be {_type_name(hints[name])}; got {text!r}{extra}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +163,22 @@ class _DictMixin:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(cls: type) -> dict[str, str]:
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+(?:=.*?)?\s+#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
 
 
 @dataclass
@@ -93,6 +226,7 @@ class MoEConfig(_DictMixin):
     check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
 
     def __post_init__(self) -> None:
+        self._check_types()
         _check_positive("dim", self.dim, integer=True)
         _check_positive("hidden_dim", self.hidden_dim, integer=True)
         _check_positive("num_experts", self.num_experts, integer=True)
@@ -168,6 +302,7 @@ class LMConfig(_DictMixin):
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        self._check_types()
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden_dim", "moe_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -227,6 +362,7 @@ class TrainConfig(_DictMixin):
     dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size",
                      "expert_parallel"):
             _check_positive(name, getattr(self, name), integer=True)
@@ -234,6 +370,7 @@ class TrainConfig(_DictMixin):
         _check_positive("dist_timeout_s", self.dist_timeout_s)
         _check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         _check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        check_device("device", self.device)
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
             _check_nonneg(name, getattr(self, name))
 

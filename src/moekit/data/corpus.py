@@ -74,8 +74,24 @@ def load_text_path(path: str) -> list[Document]:
     for f in files:
         rel = f.relative_to(p) if p.is_dir() else Path(f.name)
         domain = rel.parts[0] if len(rel.parts) > 1 else "text"
-        docs.append(Document(str(f), domain, f.read_text(encoding="utf-8", errors="replace")))
+        docs.append(Document(str(f), domain, _read_text(f)))
+    if not any(d.text.strip() for d in docs):
+        raise ValueError(f"--data: {path} holds no text (the file{'s are' if len(docs) > 1 else ' is'} empty)")
     return docs
+
+
+def _read_text(path: Path, max_binary: float = 0.3) -> str:
+    """A file's text as UTF-8 (undecodable bytes replaced), with a warning when it looks binary:
+    more than ``max_binary`` of its characters are NUL, control or undecodable."""
+    import warnings
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text:
+        bad = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
+        if bad > max_binary * len(text):
+            warnings.warn(f"--data: {path} does not look like text ({bad / len(text):.0%} of it is binary or "
+                          f"undecodable as UTF-8); training on it anyway", stacklevel=2)
+    return text
 
 
 def split_documents(docs: list[Document], val_fraction: float = 0.1) -> tuple[list[Document], list[Document]]:

@@ -2,16 +2,19 @@
 same tokens, same steps) into one run folder, then compare them and plot."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Optional
 
-from ..config import LMConfig, MoEConfig, TrainConfig
+from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
 from .._io import atomic_write_bytes
-from .trainer import CHECKPOINT, SUMMARY, Trainer
+from .checkpoint import CheckpointError
+from .lock import RunLock
+from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -84,59 +87,77 @@ def distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+RESUME_CHANGES = ("steps", "expert_parallel", "device", "threads")  # train fields a --resume may change
+
+
 def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,
               baseline: bool = True, dense_only: bool = False, resume: bool = False, progress: bool = True,
               stop_at: Optional[int] = None, plots: bool = True, init_from: Optional[str] = None,
-              expert_parallel: Optional[int] = None) -> dict:
+              expert_parallel: Optional[int] = None, changes: Optional[dict] = None,
+              restart_missing: bool = False) -> dict:
     """Train the run's models (resuming where a checkpoint exists) and write the comparison.
     ``init_from``: fine-tune a Hugging Face checkpoint folder (its tokenizer, no dense baseline).
+
+    Everything is validated before the run folder is created, and the folder is locked for the
+    whole run (one writer: a second process gets :class:`~moekit.train.lock.RunLockedError`).
+
+    Resuming (``resume=True``) continues the run as configured; ``changes`` may set the train
+    fields in :data:`RESUME_CHANGES` (``{"steps": 2000}`` extends a finished run: the cosine
+    schedule is recomputed for the new length, so the learning rate rises from the old schedule's
+    floor to the new schedule's value at the current step). A model whose checkpoint is missing
+    although it has trained is refused unless ``restart_missing`` (then it starts over).
 
     Under ``torchrun`` every rank calls this: the MoE's experts are split over
     ``train.expert_parallel`` ranks (``expert_parallel`` overrides it, e.g. to resume on another
     layout; checkpoints are unsharded), the rest is data parallel, and rank 0 writes the files."""
     run_dir = Path(run_dir)
-    init_state = None
+    _check_folder_path(run_dir)
+    init_state, tok = None, None
     if resume:
         model_cfg, train_cfg, raw = load_run_config(run_dir)
         tok = load_tokenizer(run_dir / TOKENIZER)
+        train_cfg = _apply_resume_changes(train_cfg, {**(changes or {}),
+                                                      **({} if expert_parallel is None else {"expert_parallel": expert_parallel})})
     else:
         if train_cfg is None or (model_cfg is None and init_from is None):
             raise ValueError("train_cfg and model_cfg (or init_from) are required for a new run")
-        if (run_dir / CONFIG).exists():
-            raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
-        tok = None
+        if changes:
+            raise ValueError("changes apply to a resumed run only")
+        _check_new_run(run_dir)
+        if expert_parallel is not None:
+            train_cfg = dataclasses.replace(train_cfg, expert_parallel=expert_parallel)
         raw = {"baseline": baseline, "dense_only": dense_only}
-    if expert_parallel is not None:
-        train_cfg = dataclasses.replace(train_cfg, expert_parallel=expert_parallel)
     distributed, device, is_main = _setup_distributed(train_cfg)
-    if not resume:
-        if init_from is not None:
-            model_cfg, init_state, tok = _hf_start(init_from)
-            baseline, dense_only = False, False
-            raw = {"baseline": False, "dense_only": False}
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        from ..parallel import barrier
-    if distributed and not is_main:
-        barrier()  # rank 0 builds (and caches) the tokenizer first
-    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
-    if distributed and is_main:
-        barrier()
-    if data.tokenizer.vocab_size != model_cfg.vocab_size:
-        if resume or init_state is not None:
-            if data.tokenizer.vocab_size > model_cfg.vocab_size:
-                raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}")
-        else:
-            model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
-    if not resume and is_main:
-        data.tokenizer.save(run_dir / TOKENIZER)
-        save_run_config(run_dir, model_cfg, train_cfg, baseline=baseline, dense_only=dense_only, init_from=init_from)
+    if init_from is not None and not resume:
+        model_cfg, init_state, tok = _hf_start(init_from)
+        raw = {"baseline": False, "dense_only": False}
+    data, model_cfg = _prepare_data(train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None)
+    lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
+    with lock:
+        if resume:
+            _check_resumable(run_dir, raw, model_cfg, train_cfg, restart_missing, is_main)
+            if is_main and changes:
+                save_run_config(run_dir, model_cfg, train_cfg, **_run_flags(raw))
+        elif is_main:
+            _check_new_run(run_dir)  # again, under the lock: another process may have started it meanwhile
+            data.tokenizer.save(run_dir / TOKENIZER)
+            save_run_config(run_dir, model_cfg, train_cfg, baseline=raw["baseline"], dense_only=raw["dense_only"],
+                            init_from=init_from)
+        return _train_sub_runs(run_dir, raw, model_cfg, train_cfg, data, resume=resume, progress=progress,
+                               stop_at=stop_at, plots=plots, init_state=init_state, distributed=distributed,
+                               device=device, is_main=is_main)
+
+
+def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, data, *, resume: bool,
+                    progress: bool, stop_at: Optional[int], plots: bool, init_state: Optional[dict], distributed: bool,
+                    device, is_main: bool) -> dict:
+    """Train (or continue) each model of the run in turn, then write the comparison and plots."""
     summaries = {}
     for label, cfg in sub_runs(raw, model_cfg):
         sub = run_dir / label
-        if (sub / SUMMARY).exists() and resume:
-            summaries[label] = json.loads((sub / SUMMARY).read_text())
+        done = _finished_summary(sub, train_cfg.steps) if resume else None
+        if done is not None:
+            summaries[label] = done
             continue
         trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state,
                           distributed=distributed, device=device)
@@ -157,11 +178,111 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
     return comparison
 
 
+def _run_flags(raw: dict) -> dict:
+    return {"baseline": raw.get("baseline", True), "dense_only": raw.get("dense_only", False),
+            "init_from": raw.get("init_from")}
+
+
+def _check_folder_path(run_dir: Path) -> None:
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{p} is a file; the run folder {run_dir} needs a folder there (check --out and --name)")
+
+
+def _check_new_run(run_dir: Path) -> None:
+    if (run_dir / CONFIG).exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
+
+
+def _apply_resume_changes(train_cfg: TrainConfig, changes: dict) -> TrainConfig:
+    """The run's train config with the fields a resume may change replaced (others: ValueError)."""
+    bad = sorted(set(changes) - set(RESUME_CHANGES))
+    if bad:
+        raise ValueError(f"a resumed run keeps its settings; {', '.join('train.' + b for b in bad)} cannot change "
+                         f"(a resume may change: {', '.join(RESUME_CHANGES)})")
+    return dataclasses.replace(train_cfg, **changes) if changes else train_cfg
+
+
+def _trained_steps(sub: Path) -> int:
+    """Steps recorded in a sub-run's metrics (0 when it never logged one)."""
+    path = sub / METRICS
+    if not path.is_file():
+        return 0
+    last = 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            continue  # a torn line: the trainer drops it on resume
+    return last
+
+
+def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, restart_missing: bool,
+                     verbose: bool = True) -> None:
+    """Refuse to silently restart a model whose checkpoint is gone, or to shorten a run below
+    what was already trained."""
+    for label, _ in sub_runs(raw, model_cfg):
+        sub = run_dir / label
+        trained = max(_trained_steps(sub), _summary_steps(sub))
+        if trained and not (sub / CHECKPOINT).exists() and _finished_summary(sub, train_cfg.steps) is None:
+            if not restart_missing:
+                raise CheckpointError(f"{sub / CHECKPOINT} is missing, but {label} has trained {trained} steps "
+                                      f"(deleted, or killed before its first checkpoint): restore the file, or pass "
+                                      f"--restart-missing to train {label} again from step 0")
+            if verbose:
+                print(f"{label}: no checkpoint; training it again from step 0 (--restart-missing)")
+        if trained > train_cfg.steps:
+            raise ValueError(f"steps={train_cfg.steps} is below the {trained} steps {label} has already trained")
+
+
+def _summary_steps(sub: Path) -> int:
+    try:
+        return int(json.loads((sub / SUMMARY).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _finished_summary(sub: Path, steps: int) -> Optional[dict]:
+    """The summary of a sub-run that has trained ``steps`` steps or more, else None."""
+    if _summary_steps(sub) < steps:
+        return None
+    return json.loads((sub / SUMMARY).read_text())
+
+
+def _prepare_data(train_cfg: TrainConfig, model_cfg: LMConfig, tok, distributed: bool, is_main: bool, *,
+                  fixed_vocab: bool):
+    """(data, model config with the tokenizer's vocabulary) after checking that they fit together:
+    the vocabulary, the sequence length and the size of both splits."""
+    if distributed:
+        from ..parallel import barrier
+    if distributed and not is_main:
+        barrier()  # rank 0 builds (and caches) the tokenizer first
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    if distributed and is_main:
+        barrier()
+    if data.tokenizer.vocab_size != model_cfg.vocab_size:
+        if fixed_vocab:
+            if data.tokenizer.vocab_size > model_cfg.vocab_size:
+                raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}")
+        else:
+            model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+    if train_cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} "
+                         f"(lower --seq-len or set model.max_seq_len)")
+    need = train_cfg.seq_len + 2
+    for split, ids in (("training", data.train_ids_N), ("validation", data.val_ids_N)):
+        if ids.numel() < need:
+            raise ValueError(f"the {split} split of {train_cfg.data or 'the corpus'} has {ids.numel()} tokens; "
+                             f"seq_len={train_cfg.seq_len} needs at least {need} (more --data, or a lower --seq-len)")
+    return data, model_cfg
+
+
 def _setup_distributed(cfg: TrainConfig):
     """(distributed, device, is_main). Joins torchrun's process group when launched by it; asks
     for torchrun when expert parallelism is requested without it."""
     import torch
 
+    check_device_available("device", cfg.device)
     if not distributed_launch():
         if cfg.expert_parallel > 1:
             raise ValueError(f"expert_parallel={cfg.expert_parallel} needs one process per rank: launch with "
@@ -172,7 +293,5 @@ def _setup_distributed(cfg: TrainConfig):
     world = int(os.environ["WORLD_SIZE"])
     if world % cfg.expert_parallel:
         raise ValueError(f"expert_parallel={cfg.expert_parallel} must divide the number of ranks ({world})")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
     rank, _, device = init_distributed(cfg.device, cfg.dist_timeout_s)
     return True, device, rank == 0
