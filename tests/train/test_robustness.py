@@ -1,4 +1,5 @@
-"""Training survives what happens to real runs: damaged checkpoints. Real files; tiny models, few steps."""
+"""Training survives what happens to real runs: damaged checkpoints, kills during a write. Real
+files; tiny models, few steps."""
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from moekit.cli import main
 from moekit.train import CheckpointError, load_checkpoint, save_checkpoint
 from moekit.train.checkpoint import CHECKSUMS, read_checkpoint
-from moekit.train.trainer import CHECKPOINT
+from moekit.train.trainer import CHECKPOINT, METRICS
 
 TINY = ["--steps", "12", "--eval-every", "6", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2",
         "--quiet", "--tokenizer", "bytes", "--threads", "1", "--set", "train.code_chars=150000",
@@ -37,6 +38,10 @@ def stopped_run(tmp_path_factory):
 def run(stopped_run, tmp_path):
     """A private copy of the stopped run."""
     return shutil.copytree(stopped_run, tmp_path / "run")
+
+
+def rows(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ damaged checkpoints
@@ -73,3 +78,34 @@ def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
     # and other tools read what moekit writes
     save_checkpoint(tmp_path / "new.safetensors", model, meta={"step": 1})
     assert torch.equal(load_file(str(tmp_path / "new.safetensors"))["model.weight"], model.weight)
+
+
+# ------------------------------------------------------------------ kills during a write
+def test_torn_metrics_line_is_dropped_with_a_warning_on_resume(run):
+    """A kill while a metrics row was being written leaves a torn last line: resume drops it with a
+    warning naming the file, rewrites the file atomically (a new file renamed over the old one) and finishes."""
+    metrics = run / "moe" / METRICS
+    with open(metrics, "a") as f:
+        f.write('{"step": 6, "loss": 5.4, "aux_lo')
+    inode = metrics.stat().st_ino
+    with open(metrics) as held:  # a reader of the old file (a plot, `tail -f`) keeps a whole file
+        with pytest.warns(UserWarning, match="dropped 1 unreadable line") as rec:
+            assert main(["train", "--resume", str(run), "--quiet"]) == 0
+        assert held.read().endswith('"aux_lo'), "the old file was replaced, not rewritten in place"
+    assert str(metrics) in str(rec[0].message)
+    assert metrics.stat().st_ino != inode
+    assert [r["step"] for r in rows(metrics)] == list(range(1, 13))
+    assert not list((run / "moe").glob("*.tmp"))
+
+
+def test_stale_temporary_checkpoint_is_removed_on_resume(run):
+    """A kill during a checkpoint write leaves `checkpoint.safetensors.<random>.tmp`: resume removes
+    it (and other files of the folder stay)."""
+    ckpt = run / "moe" / CHECKPOINT
+    stale = run / "moe" / (CHECKPOINT + ".k3x_9q2a.tmp")
+    stale.write_bytes(ckpt.read_bytes()[:1000])
+    keep = run / "moe" / "notes.tmp"
+    keep.write_text("mine")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert not stale.exists() and keep.read_text() == "mine"
+    assert read_checkpoint(ckpt)[1]["meta"] == {"step": 12, "label": "moe", "finished": True}

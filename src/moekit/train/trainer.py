@@ -11,6 +11,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,7 @@ from ..config import LMConfig, TrainConfig
 from ..data import TokenData, fixed_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
+from .._io import atomic_write_text, remove_stale_temporaries
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -195,11 +197,30 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric rows logged after the checkpoint (a crash between checkpoints)."""
+        """Drop metric rows logged after the checkpoint (a crash between checkpoints), and rows that
+        are not readable JSON (a kill during a write tears the last one), with a warning; the
+        file is rewritten atomically."""
         path = self.dir / METRICS
-        if path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        if not path.exists():
+            return
+        rows, unreadable = [], []
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_step = row["step"] if isinstance(row, dict) else None
+            except (ValueError, KeyError):
+                row_step = None
+            if not isinstance(row_step, int):
+                unreadable.append(i)
+            elif row_step <= step:
+                rows.append(line)
+        if unreadable:
+            lines = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
+            warnings.warn(f"moekit: {path}: dropped {len(unreadable)} unreadable line(s) (line {lines}; a write cut "
+                          "short by a kill leaves a torn last line)", stacklevel=2)
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _log(self, row: dict) -> None:
         if not self.main:
@@ -213,6 +234,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # writes a kill cut short before their rename (no other process writes here)
+            for name in (CHECKPOINT, METRICS, SUMMARY):
+                remove_stale_temporaries(self.dir / name)
         if resume:
             self.resume()
         elif self.main:
@@ -299,7 +323,7 @@ class Trainer:
                    **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
                       if k.startswith("val_loss")}}
         if self.main:
-            (self.dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
 
