@@ -203,6 +203,7 @@ def main(argv: Optional[list] = None) -> int:
     from .train.checkpoint import CheckpointError
 
     from .parallel import ExpertParallelError
+    from .train.trainer import TrainingDiverged
 
     args = make_parser().parse_args(argv)
     where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
@@ -211,7 +212,7 @@ def main(argv: Optional[list] = None) -> int:
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
-    except ExpertParallelError as err:
+    except (ExpertParallelError, TrainingDiverged) as err:
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)

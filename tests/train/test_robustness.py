@@ -1,5 +1,5 @@
-"""Training survives what happens to real runs: damaged checkpoints, kills during a write. Real
-files; tiny models, few steps."""
+"""Training survives what happens to real runs: damaged checkpoints, divergence, kills during a
+write. Real files; tiny models, few steps."""
 import json
 import os
 import shutil
@@ -10,7 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moekit.cli import main
-from moekit.train import CheckpointError, load_checkpoint, save_checkpoint
+from moekit.config import LMConfig, MoEConfig, TrainConfig
+from moekit.data import build_data
+from moekit.train import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from moekit.train.checkpoint import CHECKSUMS, read_checkpoint
 from moekit.train.trainer import CHECKPOINT, METRICS
 
@@ -44,7 +46,12 @@ def rows(path):
     return [json.loads(ln) for ln in path.read_text().splitlines()]
 
 
-# ------------------------------------------------------------------ damaged checkpoints
+def weights_finite(path):
+    tensors, _ = read_checkpoint(path)
+    return all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point())
+
+
+# ------------------------------------------------------------------ damaged checkpoints, divergence
 def test_corrupt_tensor_data_fails_resume_naming_the_file(run, capsys):
     """4 KB overwritten in the middle of a checkpoint's tensor data: resume stops with one line naming the file."""
     ckpt = run / "moe" / CHECKPOINT
@@ -78,6 +85,55 @@ def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
     # and other tools read what moekit writes
     save_checkpoint(tmp_path / "new.safetensors", model, meta={"step": 1})
     assert torch.equal(load_file(str(tmp_path / "new.safetensors"))["model.weight"], model.weight)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run, capsys):
+    """An absurd learning rate after the step-5 checkpoint: the CLI stops with one line naming the step,
+    nothing non-finite is written, and the step-5 checkpoint stays on disk unchanged."""
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["lr"] = 1e30
+    (run / "config.json").write_text(json.dumps(cfg))
+    ckpt = run / "moe" / CHECKPOINT
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not finite" in err and "step" in err and "(step 5)" in err, err
+    assert ckpt.read_bytes() == before, "the last good checkpoint is kept as it was"
+    assert read_checkpoint(ckpt)[1]["meta"]["step"] == 5 and weights_finite(ckpt)
+    assert not (run / "moe" / "summary.json").exists() and not (run / "dense").exists()
+
+
+def tiny_trainer(path, steps=12):
+    model = LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                     moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
+    train = TrainConfig(steps=steps, batch_size=4, seq_len=32, eval_every=6, eval_windows=8, tokenizer="bytes",
+                        code_chars=60_000, checkpoint_every=5, warmup_steps=2)
+    data = build_data(None, "bytes", 257, 60_000)
+    return Trainer(path, model, train, data, progress=False)
+
+
+def test_nan_weight_stops_at_that_step_and_no_non_finite_checkpoint_is_written(tmp_path):
+    """A NaN in a weight: the next step stops with TrainingDiverged naming it, unapplied; saving
+    weights that are not finite is refused, so the file on disk stays the last good one."""
+    tr = tiny_trainer(tmp_path / "moe")
+    assert tr.fit(stop_at=3) == {"stopped_at": 3}
+    ckpt = tmp_path / "moe" / CHECKPOINT
+    good = ckpt.read_bytes()
+    name, p = next((n, p) for n, p in tr.model.named_parameters() if p.dim() == 2)
+    with torch.no_grad():
+        p[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"step 4: the loss is nan.*\(step 3\)"):
+        tr.fit()
+    assert tr.step == 3 and ckpt.read_bytes() == good
+    with pytest.raises(TrainingDiverged, match=f"not finite \\({name}\\)"):
+        tr.save()
+    with torch.no_grad():
+        p[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="no checkpoint written"):
+        tr.save()
+    assert ckpt.read_bytes() == good and weights_finite(ckpt)
+    assert not list((tmp_path / "moe").glob("*.tmp"))
 
 
 # ------------------------------------------------------------------ kills during a write

@@ -3,6 +3,10 @@ validation per domain, JSON-lines metrics, and exact, atomic checkpoints.
 
 A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``metrics.jsonl``,
 ``checkpoint.safetensors`` and ``summary.json``.
+
+A loss or gradient norm that is not finite stops training before the step is applied, with
+:class:`TrainingDiverged`; a checkpoint is never written with non-finite weights, so the last good
+one stays on disk.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ SUMMARY = "summary.json"
 
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the checkpoint is safely written."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite (or the weights did): training stopped
+    before applying the step, and the last checkpoint, written before, is kept."""
 
 
 class _DeferredInterrupt:
@@ -165,6 +174,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none written)
 
     # -------------------------------------------------------------- state
     def _rng(self) -> dict:
@@ -173,10 +183,24 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return f"no checkpoint was written in {self.dir}"
+        return f"the last checkpoint (step {self.saved_step}) in {self.dir} is kept"
+
     def save(self, finished: bool = False) -> None:
+        """Write the checkpoint (collective under torchrun); TrainingDiverged instead if a weight is
+        not finite, so the checkpoint on disk stays the last good one."""
+        bad = next((k for k, v in self.model.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if self.par.any(bad is not None) if self.par is not None else bad is not None:
+            where = f" ({bad})" if bad is not None else " (on another rank)"
+            raise TrainingDiverged(f"{self.label}: the weights after step {self.step} are not finite{where}; "
+                                   f"no checkpoint written; {self._kept()}")
         meta = {"step": self.step, "label": self.label, "finished": finished}
         if self.par is None:
             save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+            self.saved_step = self.step
             return
         # expert-parallel: gather the experts (collective), the main rank writes the unsharded file
         model_state, opt_state = self.par.full_state_dict(), self.par.full_optimizer_state_dict(self.opt)
@@ -185,10 +209,12 @@ class Trainer:
             save_checkpoint(self.dir / CHECKPOINT, None, model_state=model_state, optimizer_state=opt_state,
                             rng=self._rng(), meta=meta)
         self.par.barrier()
+        self.saved_step = self.step
 
     def resume(self) -> None:
         meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, parallel=self.par)
         self.step = int(meta.get("step", 0))
+        self.saved_step = self.step
         torch.set_rng_state(rng["torch"])
         self.gen.set_state(rng["data"])
         if "cuda" in rng and self.device.type == "cuda":
@@ -248,6 +274,8 @@ class Trainer:
         lo = share * (par.rank if par else 0)
         amp = autocast_dtype(cfg, self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        # without clipping, an infinite bound still returns the norm (to check and log) and leaves the gradients as they are
+        clip = cfg.grad_clip or math.inf
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
                    dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         t_train, n_timed = 0.0, 0
@@ -272,9 +300,10 @@ class Trainer:
                     loss.backward()
                     if par is not None:
                         par.sync_gradients()
-                        gnorm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                        gnorm = par.clip_grad_norm_(clip)
                     else:
-                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    self._check_finite(loss.detach().item(), float(gnorm))
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
                     after_optimizer_step(model)
@@ -306,11 +335,14 @@ class Trainer:
                         raise KeyboardInterrupt
         except _HardInterrupt:
             bar.close()
-            raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; the last checkpoint in {self.dir} is kept") from None
+            raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}") from None
         except KeyboardInterrupt:
             bar.close()
             self.save()
             raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.dir}") from None
+        except TrainingDiverged:
+            bar.close()
+            raise
         bar.close()
         self.save(finished=True)
         if self.par is None:
@@ -326,6 +358,14 @@ class Trainer:
             atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
+    def _check_finite(self, loss: float, gnorm: float) -> None:
+        """TrainingDiverged (on every rank) unless this step's loss and gradient norm are finite."""
+        bad = [f"{what} is {v}" for what, v in (("the loss", loss), ("the gradient norm", gnorm)) if not math.isfinite(v)]
+        if self.par.any(bool(bad)) if self.par is not None else bad:
+            what = " and ".join(bad) if bad else "another rank's loss or gradient norm is not finite"
+            raise TrainingDiverged(f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
+                                   f"applying the step (lower train.lr or check the data); {self._kept()}")
+
 
 def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoETransformer:
     """The model of a finished (or checkpointed) sub-run, in eval mode."""
@@ -334,4 +374,4 @@ def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoE
     return model.to(device).eval()
 
 
-__all__ = ["Trainer", "TrainingInterrupted", "CheckpointError", "evaluate", "lr_at", "load_trained"]
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "CheckpointError", "evaluate", "lr_at", "load_trained"]
