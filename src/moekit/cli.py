@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    stop_at=args.stop_at)
         except TrainingInterrupted as err:
             _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
-            return 130
+            return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     else:
         model_cfg, train_cfg = build_configs(args)
         name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    stop_at=args.stop_at)
         except TrainingInterrupted as err:
             _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
-            return 130
+            return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     if "stopped_at" in comparison:
         _main_print(f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
                     f"Continue with: moekit train --resume {run_dir}")

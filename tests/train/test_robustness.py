@@ -1,8 +1,12 @@
-"""Training survives what happens to real runs: damaged checkpoints, divergence, kills during a
-write. Real files; tiny models, few steps."""
+"""Training survives what happens to real runs: damaged checkpoints, divergence, SIGTERM, kills
+during a write. Real files, real subprocesses, real signals; tiny models, few steps."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -134,6 +138,50 @@ def test_nan_weight_stops_at_that_step_and_no_non_finite_checkpoint_is_written(t
         tr.save()
     assert ckpt.read_bytes() == good and weights_finite(ckpt)
     assert not list((tmp_path / "moe").glob("*.tmp"))
+
+
+# ------------------------------------------------------------------ SIGTERM
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """`docker stop` / a scheduler's SIGTERM: the step finishes, a checkpoint is written, exit 143;
+    --resume then completes the run with the same per-step losses as an uninterrupted one."""
+    args = ["train", "--out", str(tmp_path), *TINY]
+    args[args.index("12")] = "40"
+    assert main([*args, "--name", "ref"]) == 0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *args, "--name", "cut"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "moe" / METRICS
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "SIGTERM" in out and "checkpoint saved" in out and "--resume" in out, out
+    label = "dense" if (tmp_path / "cut" / "dense" / CHECKPOINT).exists() else "moe"
+    _, info = read_checkpoint(tmp_path / "cut" / label / CHECKPOINT)
+    step = info["meta"]["step"]
+    assert 3 <= step < 40 and len(rows(tmp_path / "cut" / label / METRICS)) == step, "checkpoint and metrics agree"
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    for sub in ("moe", "dense"):
+        cut, ref = rows(tmp_path / "cut" / sub / METRICS), rows(tmp_path / "ref" / sub / METRICS)
+        assert [r["loss"] for r in cut] == [r["loss"] for r in ref], sub
+        assert [r["step"] for r in cut] == list(range(1, 41))
+
+
+def test_stop_signal_handlers_are_restored(tmp_path):
+    """Training installs its SIGINT / SIGTERM handlers only while it runs."""
+    def mine(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        sigint = signal.getsignal(signal.SIGINT)
+        tr = tiny_trainer(tmp_path / "moe", steps=2)
+        tr.fit()
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ------------------------------------------------------------------ kills during a write

@@ -4,9 +4,11 @@ validation per domain, JSON-lines metrics, and exact, atomic checkpoints.
 A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``metrics.jsonl``,
 ``checkpoint.safetensors`` and ``summary.json``.
 
-A loss or gradient norm that is not finite stops training before the step is applied, with
-:class:`TrainingDiverged`; a checkpoint is never written with non-finite weights, so the last good
-one stays on disk.
+Stopping: Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) both finish the
+current step, write a checkpoint and raise :class:`TrainingInterrupted` (the CLI exits with
+128 + the signal number: 130 after Ctrl-C, 143 after SIGTERM). A loss or gradient norm that is
+not finite stops training before the step is applied, with :class:`TrainingDiverged`; a
+checkpoint is never written with non-finite weights, so the last good one stays on disk.
 """
 from __future__ import annotations
 
@@ -35,7 +37,14 @@ SUMMARY = "summary.json"
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely written."""
+    """Raised after Ctrl-C or SIGTERM once the checkpoint is safely written. ``signum``: the
+    signal that stopped training (None: another rank's); ``exit_code``: 128 + it, the shell's
+    convention (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + (signum if signum is not None else signal.SIGINT)
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,31 +52,40 @@ class TrainingDiverged(RuntimeError):
     before applying the step, and the last checkpoint, written before, is kept."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _DeferredInterrupt:
-    """Ctrl-C during a training step takes effect once the step is complete and logged, so the
-    checkpoint and the metrics agree; a second Ctrl-C (a second or more later) stops at once (the
-    last checkpoint is kept). Under torchrun the ranks agree on stopping at the same step."""
+    """Ctrl-C or SIGTERM during a training step takes effect once the step is complete and
+    logged, so the checkpoint and the metrics agree; a second signal (a second or more later)
+    stops at once (the last checkpoint is kept). Under torchrun the ranks agree on stopping at the
+    same step. The previous handlers are restored on exit."""
 
     def __enter__(self) -> "_DeferredInterrupt":
-        self.requested, self._old, self._first = False, None, 0.0
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-            pass
+        self.requested, self.signum, self._old, self._first = False, None, {}, 0.0
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals cannot reach us anyway
+                pass
         return self
 
     def _handler(self, signum, frame) -> None:
         now = time.monotonic()
-        # a repeat within a second is the same Ctrl-C delivered twice (torchrun forwards the
+        # a repeat within a second is the same signal delivered twice (torchrun forwards the
         # terminal's SIGINT to workers that already got it)
         if self.requested and now - self._first > 1.0:
             raise _HardInterrupt
         if not self.requested:
-            self.requested, self._first = True, now
+            self.requested, self.signum, self._first = True, signum, now
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "another rank"
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 class _HardInterrupt(KeyboardInterrupt):
@@ -280,8 +298,8 @@ class Trainer:
                    dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         t_train, n_timed = 0.0, 0
         last_eval: dict = {}
-        try:
-            with _DeferredInterrupt() as interrupt:
+        with _DeferredInterrupt() as interrupt:  # also covers the checkpoint written on the way out
+            try:
                 model.train()
                 while self.step < cfg.steps:
                     if stop_at is not None and self.step >= stop_at:
@@ -333,29 +351,38 @@ class Trainer:
                         self.save()
                     if interrupt.requested if par is None else par.any(interrupt.requested):  # all ranks stop together
                         raise KeyboardInterrupt
-        except _HardInterrupt:
+            except _HardInterrupt:
+                bar.close()
+                raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}",
+                                          interrupt.signum) from None
+            except KeyboardInterrupt:
+                bar.close()
+                try:
+                    self.save()
+                except _HardInterrupt:  # a second signal while saving: the atomic write leaves the old file
+                    raise TrainingInterrupted(f"stopped at once while saving step {self.step}; {self._kept()}",
+                                              interrupt.signum) from None
+                raise TrainingInterrupted(f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}",
+                                          interrupt.signum) from None
+            except TrainingDiverged:
+                bar.close()
+                raise
             bar.close()
-            raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}") from None
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.dir}") from None
-        except TrainingDiverged:
-            bar.close()
-            raise
-        bar.close()
-        self.save(finished=True)
-        if self.par is None:
-            counts = self.model.param_counts()
-        else:  # the sharded model holds only its experts: count the whole model, built without memory
-            with torch.device("meta"):
-                counts = MoETransformer(self.model_cfg).param_counts()
-        summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
-                   "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
-                   **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
-                      if k.startswith("val_loss")}}
-        if self.main:
-            atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
+            self.save(finished=True)
+            if self.par is None:
+                counts = self.model.param_counts()
+            else:  # the sharded model holds only its experts: count the whole model, built without memory
+                with torch.device("meta"):
+                    counts = MoETransformer(self.model_cfg).param_counts()
+            summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
+                       "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
+                       **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
+                          if k.startswith("val_loss")}}
+            if self.main:
+                atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
+            if interrupt.requested if par is None else par.any(interrupt.requested):  # a signal after the last step
+                raise TrainingInterrupted(f"interrupted ({interrupt.name}) after {self.label} finished; "
+                                          f"its checkpoint is saved in {self.dir}", interrupt.signum)
         return summary
 
     def _check_finite(self, loss: float, gnorm: float) -> None:
