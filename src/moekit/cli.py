@@ -181,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         comparison = run_train(run_dir, progress=not args.quiet, stop_at=args.stop_at, **call)
     except TrainingInterrupted as err:
         _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
-        return 128 + err.signum if getattr(err, "signum", None) else 130
+        return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     if "stopped_at" in comparison:
         _main_print(f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
                     f"Continue with: moekit train --resume {run_dir}")
@@ -210,7 +210,7 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
         print(f"{label:<6} {r['params_total']:>13,} {r['params_active']:>13,} {r['val_loss']:>9.4f} {doms} {r['tokens_per_s'] or 0:>9.0f}")
     if "moe" in s and "dense" in s:
         d = s["dense"]["val_loss"] - s["moe"]["val_loss"]
-        verdict = "MoE is better" if d > 0 else "dense is better"
+        verdict = "not comparable: a loss is not finite" if not math.isfinite(d) else "MoE is better" if d > 0 else "dense is better"
         print(f"dense - MoE validation loss: {d:+.4f} nats/token ({verdict})")
     print(f"plots: {', '.join(p.name for p in sorted(run_dir.glob('*.png')))}")
 
@@ -356,6 +356,7 @@ def main(argv: Optional[list] = None) -> int:
     from .parallel import ExpertParallelError
     from .train.checkpoint import CheckpointError
     from .train.lock import RunLockedError
+    from .train.trainer import TrainingDiverged
 
     args = make_parser().parse_args(argv)
     where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
@@ -367,7 +368,7 @@ def main(argv: Optional[list] = None) -> int:
             TypeError) as err:
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
-    except ExpertParallelError as err:
+    except (ExpertParallelError, TrainingDiverged) as err:
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, remove_stale_temporaries
 from .checkpoint import CheckpointError
 from .lock import RunLock
 from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer
@@ -134,6 +134,9 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
     data, model_cfg = _prepare_data(train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None)
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:
+        if is_main:  # under the lock no other process is writing: temporaries left here are a killed write's
+            for name in (CONFIG, TOKENIZER, COMPARISON):
+                remove_stale_temporaries(run_dir / name)
         if resume:
             _check_resumable(run_dir, raw, model_cfg, train_cfg, restart_missing, is_main)
             if is_main and changes:

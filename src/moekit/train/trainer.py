@@ -3,6 +3,12 @@ validation per domain, JSON-lines metrics, and exact, atomic checkpoints.
 
 A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``metrics.jsonl``,
 ``checkpoint.safetensors`` and ``summary.json``.
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) both finish the
+current step, write a checkpoint and raise :class:`TrainingInterrupted` (the CLI exits with
+128 + the signal number: 130 after Ctrl-C, 143 after SIGTERM). A loss or gradient norm that is
+not finite stops training before the step is applied, with :class:`TrainingDiverged`; a
+checkpoint is never written with non-finite weights, so the last good one stays on disk.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +28,7 @@ from ..config import LMConfig, TrainConfig
 from ..data import TokenData, fixed_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
+from .._io import atomic_write_text, remove_stale_temporaries
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -29,34 +37,55 @@ SUMMARY = "summary.json"
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely written."""
+    """Raised after Ctrl-C or SIGTERM once the checkpoint is safely written. ``signum``: the
+    signal that stopped training (None: another rank's); ``exit_code``: 128 + it, the shell's
+    convention (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + (signum if signum is not None else signal.SIGINT)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite (or the weights did): training stopped
+    before applying the step, and the last checkpoint, written before, is kept."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _DeferredInterrupt:
-    """Ctrl-C during a training step takes effect once the step is complete and logged, so the
-    checkpoint and the metrics agree; a second Ctrl-C (a second or more later) stops at once (the
-    last checkpoint is kept). Under torchrun the ranks agree on stopping at the same step."""
+    """Ctrl-C or SIGTERM during a training step takes effect once the step is complete and
+    logged, so the checkpoint and the metrics agree; a second signal (a second or more later)
+    stops at once (the last checkpoint is kept). Under torchrun the ranks agree on stopping at the
+    same step. The previous handlers are restored on exit."""
 
     def __enter__(self) -> "_DeferredInterrupt":
-        self.requested, self._old, self._first = False, None, 0.0
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-            pass
+        self.requested, self.signum, self._old, self._first = False, None, {}, 0.0
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals cannot reach us anyway
+                pass
         return self
 
     def _handler(self, signum, frame) -> None:
         now = time.monotonic()
-        # a repeat within a second is the same Ctrl-C delivered twice (torchrun forwards the
+        # a repeat within a second is the same signal delivered twice (torchrun forwards the
         # terminal's SIGINT to workers that already got it)
         if self.requested and now - self._first > 1.0:
             raise _HardInterrupt
         if not self.requested:
-            self.requested, self._first = True, now
+            self.requested, self.signum, self._first = True, signum, now
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "another rank"
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 class _HardInterrupt(KeyboardInterrupt):
@@ -163,6 +192,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none written)
 
     # -------------------------------------------------------------- state
     def _rng(self) -> dict:
@@ -171,10 +201,24 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return f"no checkpoint was written in {self.dir}"
+        return f"the last checkpoint (step {self.saved_step}) in {self.dir} is kept"
+
     def save(self, finished: bool = False) -> None:
+        """Write the checkpoint (collective under torchrun); TrainingDiverged instead if a weight is
+        not finite, so the checkpoint on disk stays the last good one."""
+        bad = next((k for k, v in self.model.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if self.par.any(bad is not None) if self.par is not None else bad is not None:
+            where = f" ({bad})" if bad is not None else " (on another rank)"
+            raise TrainingDiverged(f"{self.label}: the weights after step {self.step} are not finite{where}; "
+                                   f"no checkpoint written; {self._kept()}")
         meta = {"step": self.step, "label": self.label, "finished": finished}
         if self.par is None:
             save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+            self.saved_step = self.step
             return
         # expert-parallel: gather the experts (collective), the main rank writes the unsharded file
         model_state, opt_state = self.par.full_state_dict(), self.par.full_optimizer_state_dict(self.opt)
@@ -183,10 +227,12 @@ class Trainer:
             save_checkpoint(self.dir / CHECKPOINT, None, model_state=model_state, optimizer_state=opt_state,
                             rng=self._rng(), meta=meta)
         self.par.barrier()
+        self.saved_step = self.step
 
     def resume(self) -> None:
         meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, parallel=self.par)
         self.step = int(meta.get("step", 0))
+        self.saved_step = self.step
         torch.set_rng_state(rng["torch"])
         self.gen.set_state(rng["data"])
         if "cuda" in rng and self.device.type == "cuda":
@@ -195,11 +241,30 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric rows logged after the checkpoint (a crash between checkpoints)."""
+        """Drop metric rows logged after the checkpoint (a crash between checkpoints), and rows that
+        are not readable JSON (a kill during a write tears the last one), with a warning; the
+        file is rewritten atomically."""
         path = self.dir / METRICS
-        if path.exists():
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        if not path.exists():
+            return
+        rows, unreadable = [], []
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_step = row["step"] if isinstance(row, dict) else None
+            except (ValueError, KeyError):
+                row_step = None
+            if not isinstance(row_step, int):
+                unreadable.append(i)
+            elif row_step <= step:
+                rows.append(line)
+        if unreadable:
+            lines = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
+            warnings.warn(f"moekit: {path}: dropped {len(unreadable)} unreadable line(s) (line {lines}; a write cut "
+                          "short by a kill leaves a torn last line)", stacklevel=2)
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _log(self, row: dict) -> None:
         if not self.main:
@@ -213,6 +278,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.main:  # writes a kill cut short before their rename (no other process writes here)
+            for name in (CHECKPOINT, METRICS, SUMMARY):
+                remove_stale_temporaries(self.dir / name)
         if resume:
             self.resume()
         elif self.main:
@@ -224,12 +292,14 @@ class Trainer:
         lo = share * (par.rank if par else 0)
         amp = autocast_dtype(cfg, self.device)
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        # without clipping, an infinite bound still returns the norm (to check and log) and leaves the gradients as they are
+        clip = cfg.grad_clip or math.inf
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
                    dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
         t_train, n_timed = 0.0, 0
         last_eval: dict = {}
-        try:
-            with _DeferredInterrupt() as interrupt:
+        with _DeferredInterrupt() as interrupt:  # also covers the checkpoint written on the way out
+            try:
                 model.train()
                 while self.step < cfg.steps:
                     if stop_at is not None and self.step >= stop_at:
@@ -248,9 +318,10 @@ class Trainer:
                     loss.backward()
                     if par is not None:
                         par.sync_gradients()
-                        gnorm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                        gnorm = par.clip_grad_norm_(clip)
                     else:
-                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    self._check_finite(loss.detach().item(), float(gnorm))
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)
                     after_optimizer_step(model)
@@ -280,27 +351,47 @@ class Trainer:
                         self.save()
                     if interrupt.requested if par is None else par.any(interrupt.requested):  # all ranks stop together
                         raise KeyboardInterrupt
-        except _HardInterrupt:
+            except _HardInterrupt:
+                bar.close()
+                raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}",
+                                          interrupt.signum) from None
+            except KeyboardInterrupt:
+                bar.close()
+                try:
+                    self.save()
+                except _HardInterrupt:  # a second signal while saving: the atomic write leaves the old file
+                    raise TrainingInterrupted(f"stopped at once while saving step {self.step}; {self._kept()}",
+                                              interrupt.signum) from None
+                raise TrainingInterrupted(f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}",
+                                          interrupt.signum) from None
+            except TrainingDiverged:
+                bar.close()
+                raise
             bar.close()
-            raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; the last checkpoint in {self.dir} is kept") from None
-        except KeyboardInterrupt:
-            bar.close()
-            self.save()
-            raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.dir}") from None
-        bar.close()
-        self.save(finished=True)
-        if self.par is None:
-            counts = self.model.param_counts()
-        else:  # the sharded model holds only its experts: count the whole model, built without memory
-            with torch.device("meta"):
-                counts = MoETransformer(self.model_cfg).param_counts()
-        summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
-                   "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
-                   **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
-                      if k.startswith("val_loss")}}
-        if self.main:
-            (self.dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+            self.save(finished=True)
+            if self.par is None:
+                counts = self.model.param_counts()
+            else:  # the sharded model holds only its experts: count the whole model, built without memory
+                with torch.device("meta"):
+                    counts = MoETransformer(self.model_cfg).param_counts()
+            summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
+                       "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
+                       **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
+                          if k.startswith("val_loss")}}
+            if self.main:
+                atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
+            if interrupt.requested if par is None else par.any(interrupt.requested):  # a signal after the last step
+                raise TrainingInterrupted(f"interrupted ({interrupt.name}) after {self.label} finished; "
+                                          f"its checkpoint is saved in {self.dir}", interrupt.signum)
         return summary
+
+    def _check_finite(self, loss: float, gnorm: float) -> None:
+        """TrainingDiverged (on every rank) unless this step's loss and gradient norm are finite."""
+        bad = [f"{what} is {v}" for what, v in (("the loss", loss), ("the gradient norm", gnorm)) if not math.isfinite(v)]
+        if self.par.any(bool(bad)) if self.par is not None else bad:
+            what = " and ".join(bad) if bad else "another rank's loss or gradient norm is not finite"
+            raise TrainingDiverged(f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
+                                   f"applying the step (lower train.lr or check the data); {self._kept()}")
 
 
 def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoETransformer:
@@ -310,4 +401,4 @@ def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoE
     return model.to(device).eval()
 
 
-__all__ = ["Trainer", "TrainingInterrupted", "CheckpointError", "evaluate", "lr_at", "load_trained"]
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "CheckpointError", "evaluate", "lr_at", "load_trained"]
