@@ -270,3 +270,35 @@ def test_accelerated_model_keeps_state_dict_save_and_router_logits(family, tmp_p
     acc.save_pretrained(tmp_path / "acc")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "acc").eval()
     assert maxdiff(back(x).logits, r_ref.logits) <= TOL
+
+
+def _eager_bf16(family, **overrides):
+    hf = build(family, **overrides)
+    hf.set_experts_implementation("eager")
+    return hf.to(torch.bfloat16)
+
+
+def _assert_bf16_close(got, ref):
+    """bf16 agreement: at most 1% of the elements differ, by at most one rounding step of the
+    largest output (before routing weights were combined in transformers' order, ~half differed)."""
+    assert got.dtype == ref.dtype == torch.bfloat16
+    mismatched = (got != ref).float().mean().item()
+    assert mismatched <= 0.01, mismatched
+    assert maxdiff(got.float(), ref.float()) <= 2.0**-8 * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}),
+                                              ("qwen3_moe", {"num_experts_per_tok": 3})])
+def test_accelerate_bf16_matches_eager(family, overrides):
+    """In bf16 the accelerated block equals transformers' eager block (routing weights multiplied in
+    the router's dtype, each product rounded, a token's slots summed in ascending expert id)."""
+    import copy
+
+    ref = _eager_bf16(family, **overrides)
+    acc = accelerate(copy.deepcopy(ref), backend="grouped")
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = ids(B=2, S=16)
+    with torch.no_grad():
+        for i in range(2):
+            _assert_bf16_close(acc.model.layers[i].mlp(h), ref.model.layers[i].mlp(h))
+        _assert_bf16_close(acc(x).logits, ref(x).logits)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
 from ..kernels import compute_dtype, expert_ffn, resolve_backend
-from ..layer.dispatch import combine, dispatch, plan_dispatch
+from ..layer.dispatch import dispatch, plan_dispatch
 from ..layer.experts import ACTIVATIONS
 from ..models.lm import MoETransformer
 
@@ -432,6 +432,24 @@ class SharedWeightExperts(nn.Module):
         return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
 
 
+def _combine_as_transformers(y_RD: Tensor, plan, weights_TK: Tensor, experts_TK: Tensor, dtype: torch.dtype) -> Tensor:
+    """``out_TD = sum_k w[t, k] * y[slot (t, k)]`` in transformers' eager order of operations, so
+    that bf16 outputs agree bit for bit: each slot's product is taken in the routing weights' own
+    dtype promotion (Mixtral's router returns fp32 weights, the Qwen/OLMoE routers cast them to the
+    hidden dtype), rounded to the hidden dtype, and a token's slots are added one at a time in
+    ascending expert id, as transformers' per-expert ``index_add_`` loop does."""
+    T, K = plan.num_tokens, plan.top_k
+    y_TKD = y_RD[plan.inverse_S].view(T, K, -1)  # slot order (dropless: every slot has a row)
+    c_TKD = (y_TKD * weights_TK.unsqueeze(-1)).to(dtype)
+    if K > 1:
+        by_expert_TK = experts_TK.argsort(dim=-1, stable=True)
+        c_TKD = c_TKD.gather(1, by_expert_TK.unsqueeze(-1).expand_as(c_TKD))
+    out_TD = c_TKD[:, 0]
+    for k in range(1, K):
+        out_TD = out_TD + c_TKD[:, k]
+    return out_TD
+
+
 class AcceleratedMoEBlock(nn.Module):
     """Drop-in for a transformers sparse MoE block: routing by transformers' own router module
     (so output_router_logits and its load-balancing loss keep working), dispatch/combine and the
@@ -457,10 +475,9 @@ class AcceleratedMoEBlock(nn.Module):
         # transformers' own router module (softmax, top-k, norm_topk_prob): calling it keeps the hooks
         # that collect router logits for output_router_logits / the load-balancing loss
         _, weights_TK, experts_TK = self.gate(x_TD)
-        weights_TK = weights_TK.to(x_TD.dtype)
         plan = plan_dispatch(experts_TK, self.num_experts)
         y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD)))
-        out_TD = combine(y_RD, plan, weights_TK).to(x_TD.dtype)
+        out_TD = _combine_as_transformers(y_RD, plan, weights_TK, experts_TK, x_TD.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
