@@ -302,3 +302,26 @@ def test_accelerate_bf16_matches_eager(family, overrides):
         for i in range(2):
             _assert_bf16_close(acc.model.layers[i].mlp(h), ref.model.layers[i].mlp(h))
         _assert_bf16_close(acc(x).logits, ref(x).logits)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_accelerate_activations(family, act):
+    """Every ACT2FN activation (transformers' own test configs use gelu) runs accelerated, equal to
+    transformers' eager experts in fp32 and in bf16."""
+    import copy
+
+    ref = build(family, hidden_act=act)
+    ref.set_experts_implementation("eager")
+    acc = accelerate(copy.deepcopy(ref), backend="grouped")
+    x = ids()
+    with torch.no_grad():
+        assert maxdiff(acc(x).logits, ref(x).logits) <= TOL
+        ref, acc = ref.to(torch.bfloat16), acc.to(torch.bfloat16)
+        _assert_bf16_close(acc(x).logits, ref(x).logits)
+    assert type(acc.model.layers[0].mlp.experts.act_fn).__name__ == type(transformers.activations.ACT2FN[act]).__name__
+
+
+def test_accelerate_triton_needs_a_fused_activation():
+    with pytest.raises(ValueError, match="triton.*hidden_act='gelu_new'.*'grouped'"):
+        accelerate(build("olmoe", hidden_act="gelu_new"), backend="triton")

@@ -405,16 +405,45 @@ def export_hf(model: MoETransformer, path: Union[str, os.PathLike], family: str)
 
 
 # ---------------------------------------------------------------------------------------- accelerate
-class SharedWeightExperts(nn.Module):
-    """Stacked SwiGLU experts computed by moekit's backends on *views* of transformers' fused
-    tensors: ``w_up = gate_up_proj.transpose(1, 2)`` (E, D, 2F), ``w_down = down_proj.transpose(1, 2)``
-    (E, F, D). The transformers experts module stays registered (same state-dict keys, same
-    Parameters); nothing is copied."""
+# transformers activations (``hidden_act``) whose gated unit ``act(gate) * up`` is one of moekit's
+# own expert kinds, computed by the same function (so the Triton kernels can fuse it too)
+_NATIVE_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
 
-    def __init__(self, hf_experts: nn.Module, kind: str = "swiglu"):
+
+class _GatedActivation:
+    """``act(gate) * up`` on the [gate | up] columns with transformers' own activation module
+    (the experts' ``act_fn``, i.e. ``ACT2FN[hidden_act]``): any activation transformers offers."""
+
+    def __init__(self, act_fn: nn.Module):
+        self.act_fn = act_fn
+
+    def __call__(self, h_RH: Tensor) -> Tensor:
+        gate, up = h_RH.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+class SharedWeightExperts(nn.Module):
+    """Stacked gated experts ``(act(x W_gate) * x W_up) W_down`` computed by moekit's backends on
+    *views* of transformers' fused tensors: ``w_up = gate_up_proj.transpose(1, 2)`` (E, D, 2F),
+    ``w_down = down_proj.transpose(1, 2)`` (E, F, D). The transformers experts module stays
+    registered (same state-dict keys, same Parameters); nothing is copied.
+
+    ``hidden_act``: the model's activation name. silu/swish and gelu_pytorch_tanh use moekit's
+    SwiGLU/GeGLU (all backends); any other uses the experts' own ``act_fn`` module (the ``loop``
+    and ``grouped`` backends; ``auto`` then never picks ``triton``)."""
+
+    def __init__(self, hf_experts: nn.Module, hidden_act: str = "silu"):
         super().__init__()
         object.__setattr__(self, "hf", hf_experts)  # a reference, not a submodule: no duplicate state-dict keys
-        self.kind = kind
+        self.hidden_act = hidden_act
+        self.kind = _NATIVE_GATED.get(hidden_act)  # moekit's expert kind, or None
+        if self.kind is not None:
+            self.act = ACTIVATIONS[self.kind]
+        elif isinstance(getattr(hf_experts, "act_fn", None), nn.Module):
+            self.act = _GatedActivation(hf_experts.act_fn)
+        else:
+            raise _unsupported(f"hidden_act={hidden_act!r} with an experts module without act_fn "
+                               f"({type(hf_experts).__name__})")
         self.num_experts = hf_experts.gate_up_proj.shape[0]
 
     @property
@@ -426,10 +455,12 @@ class SharedWeightExperts(nn.Module):
         return self.hf.down_proj.transpose(1, 2)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        if backend == "triton" and self.kind is None:  # reached through "auto": the kernels have no such activation
+            backend = "grouped"
         w_up, w_down = self.w_up, self.w_down
         if w_up.dtype != x_RD.dtype:
             w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
-        return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+        return expert_ffn(x_RD, counts_E, w_up, w_down, self.act, backend)
 
 
 def _combine_as_transformers(y_RD: Tensor, plan, weights_TK: Tensor, experts_TK: Tensor, dtype: torch.dtype) -> Tensor:
@@ -456,13 +487,13 @@ class AcceleratedMoEBlock(nn.Module):
     expert FFNs by moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
     original modules, so the state-dict keys and Parameters are unchanged."""
 
-    def __init__(self, hf_block: nn.Module, backend: str = "auto"):
+    def __init__(self, hf_block: nn.Module, backend: str = "auto", hidden_act: str = "silu"):
         super().__init__()
         self.gate = hf_block.gate
         self.experts = hf_block.experts
         self.shared_expert = getattr(hf_block, "shared_expert", None)
         self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
-        self.moe_experts = SharedWeightExperts(hf_block.experts)
+        self.moe_experts = SharedWeightExperts(hf_block.experts, hidden_act)
         self.backend = backend
         self.num_experts = self.moe_experts.num_experts
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
@@ -493,8 +524,10 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
         raise _unsupported(f"cannot accelerate model_type={family!r} ({type(hf_model).__name__})")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise _unsupported(f"hidden_act={config.hidden_act!r} (only 'silu')")
+    hidden_act = getattr(config, "hidden_act", "silu")
+    if backend == "triton" and hidden_act not in _NATIVE_GATED:
+        raise ValueError(f"backend='triton' fuses the activations {', '.join(map(repr, _NATIVE_GATED))}; this model has "
+                         f"hidden_act={hidden_act!r}: use backend='grouped' (or 'auto')")
     replaced = 0
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
@@ -502,7 +535,7 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
                 continue
             experts = getattr(child, "experts", None)
             if hasattr(child, "gate") and experts is not None and hasattr(experts, "gate_up_proj"):
-                setattr(module, name, AcceleratedMoEBlock(child, backend))
+                setattr(module, name, AcceleratedMoEBlock(child, backend, hidden_act))
                 replaced += 1
     if replaced == 0 and not any(isinstance(m, AcceleratedMoEBlock) for m in hf_model.modules()):
         raise WeightMismatchError(f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}")
