@@ -325,3 +325,36 @@ def test_accelerate_activations(family, act):
 def test_accelerate_triton_needs_a_fused_activation():
     with pytest.raises(ValueError, match="triton.*hidden_act='gelu_new'.*'grouped'"):
         accelerate(build("olmoe", hidden_act="gelu_new"), backend="triton")
+
+
+def test_set_experts_implementation_after_accelerate():
+    """A later set_experts_implementation() is honoured (with a warning): the blocks run transformers'
+    original block with that implementation; accelerate() again returns to moekit's path."""
+    import copy
+    import warnings
+
+    ref = build("mixtral").to(torch.bfloat16)
+    ref.set_experts_implementation("eager")
+    acc = accelerate(copy.deepcopy(ref), backend="loop")
+    calls = []
+    acc.model.layers[0].mlp.experts.register_forward_hook(lambda *a: calls.append(1))
+    x = ids()
+    with torch.no_grad():
+        want = ref(x).logits
+        acc(x)
+        assert not calls  # moekit's path: transformers' experts module is not called
+        acc.set_experts_implementation("grouped_mm")
+        with pytest.warns(UserWarning, match="set to 'grouped_mm' after accelerate"):
+            acc(x)
+        assert calls
+        ref.set_experts_implementation("grouped_mm")
+        assert torch.equal(acc(x).logits, ref(x).logits)  # transformers' grouped_mm path, bit for bit
+        acc.set_experts_implementation("eager")
+        with pytest.warns(UserWarning, match="'eager'"):
+            assert torch.equal(acc(x).logits, want)
+        calls.clear()
+        accelerate(acc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            acc(x)
+        assert not calls

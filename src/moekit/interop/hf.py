@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -485,10 +486,17 @@ class AcceleratedMoEBlock(nn.Module):
     """Drop-in for a transformers sparse MoE block: routing by transformers' own router module
     (so output_router_logits and its load-balancing loss keep working), dispatch/combine and the
     expert FFNs by moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
-    original modules, so the state-dict keys and Parameters are unchanged."""
+    original modules, so the state-dict keys and Parameters are unchanged.
+
+    transformers' experts-implementation switch stays live: when the model's
+    ``config._experts_implementation`` differs from what it was at :func:`accelerate` time (a later
+    ``model.set_experts_implementation("eager")``, say), the block warns and from then on runs the
+    original transformers block, which honours whatever implementation is set; ``accelerate(model)``
+    again returns to moekit's path."""
 
     def __init__(self, hf_block: nn.Module, backend: str = "auto", hidden_act: str = "silu"):
         super().__init__()
+        object.__setattr__(self, "original", hf_block)  # a reference, not a submodule (its modules are ours)
         self.gate = hf_block.gate
         self.experts = hf_block.experts
         self.shared_expert = getattr(hf_block, "shared_expert", None)
@@ -497,8 +505,23 @@ class AcceleratedMoEBlock(nn.Module):
         self.backend = backend
         self.num_experts = self.moe_experts.num_experts
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
+        self.accelerated_implementation = self.experts_implementation()  # moekit runs while this is the setting
+        self._handed_back_to: Optional[str] = None
+
+    def experts_implementation(self) -> Optional[str]:
+        """transformers' current experts implementation for this block (None if the model has none)."""
+        return getattr(getattr(self.experts, "config", None), "_experts_implementation", None)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        impl = self.experts_implementation()
+        if impl != self.accelerated_implementation or self._handed_back_to is not None:  # handed back until accelerate()
+            if impl != self._handed_back_to:
+                warnings.warn(f"moekit.interop.accelerate: the experts implementation was set to {impl!r} after "
+                              f"accelerate() (was {self.accelerated_implementation!r}); the MoE blocks run transformers' "
+                              f"{impl!r} path again. Call accelerate(model) to return to moekit's.", UserWarning, stacklevel=2)
+                self._handed_back_to = impl
+            self.original.train(self.training)
+            return self.original(hidden_states)
         shape = hidden_states.shape
         if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -519,7 +542,9 @@ class AcceleratedMoEBlock(nn.Module):
 
 def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace, in place, every sparse MoE block of a transformers Mixtral / Qwen2-MoE / Qwen3-MoE /
-    OLMoE model with an :class:`AcceleratedMoEBlock` sharing its weights. Returns the model."""
+    OLMoE model with an :class:`AcceleratedMoEBlock` sharing its weights. Returns the model. On an
+    accelerated model it switches the blocks back to moekit's path (after a
+    ``set_experts_implementation``) with ``backend``."""
     config = getattr(hf_model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
@@ -531,7 +556,9 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
     replaced = 0
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, AcceleratedMoEBlock):
+            if isinstance(child, AcceleratedMoEBlock):  # again: back to moekit's path, with this backend
+                child.accelerated_implementation, child._handed_back_to = child.experts_implementation(), None
+                child.backend = backend
                 continue
             experts = getattr(child, "experts", None)
             if hasattr(child, "gate") and experts is not None and hasattr(experts, "gate_up_proj"):
