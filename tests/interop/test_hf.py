@@ -267,6 +267,9 @@ def test_accelerated_model_keeps_state_dict_save_and_router_logits(family, tmp_p
     r_acc = acc(x, labels=x, output_router_logits=True)
     assert maxdiff(r_acc.logits, r_ref.logits) <= TOL
     assert float(r_acc.aux_loss) == pytest.approx(float(r_ref.aux_loss), abs=1e-5)
+    assert len(r_acc.router_logits) == len(r_ref.router_logits) == 2  # output_router_logits is preserved
+    for got, want in zip(r_acc.router_logits, r_ref.router_logits):
+        assert got.shape == want.shape and maxdiff(got, want) <= 1e-5
     acc.save_pretrained(tmp_path / "acc")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "acc").eval()
     assert maxdiff(back(x).logits, r_ref.logits) <= TOL
