@@ -19,19 +19,20 @@ COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention
               num_experts_per_tok=2, max_position_embeddings=64)
 
 
-def _configs():
+def _configs(**extra):
+    common = {**COMMON, **extra}
     return {
-        "mixtral": transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, rope_theta=1e6),
-        "qwen2_moe": transformers.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24,
+        "mixtral": transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, rope_theta=1e6),
+        "qwen2_moe": transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24,
                                                  shared_expert_intermediate_size=40, num_experts=4, norm_topk_prob=False),
-        "qwen3_moe": transformers.Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
+        "qwen3_moe": transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
                                                  num_experts=6, norm_topk_prob=True),
-        "olmoe": transformers.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=4, norm_topk_prob=False),
+        "olmoe": transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=4, norm_topk_prob=False),
     }
 
 
 def build(family, seed=0, **overrides):
-    cfg = _configs()[family]
+    cfg = _configs(**{k: overrides.pop(k) for k in ("num_hidden_layers",) if k in overrides})[family]  # constructor-only
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
@@ -361,3 +362,45 @@ def test_set_experts_implementation_after_accelerate():
             warnings.simplefilter("error")
             acc(x)
         assert not calls
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"router_aux_loss_coef": 0.02}),
+    ("qwen2_moe", {"router_aux_loss_coef": 0.03, "num_hidden_layers": 4, "decoder_sparse_step": 2}),  # 2 MoE of 4 layers
+    ("qwen3_moe", {"router_aux_loss_coef": 0.05, "num_experts_per_tok": 3}),
+    ("olmoe", {}),  # router_aux_loss_coef from the config class's default (0.01)
+])
+def test_training_losses_equal_transformers(family, overrides, tmp_path):
+    """load_hf(..., training_losses=True) (what `moekit train --init-from` fine-tunes) adds exactly
+    transformers' router_aux_loss_coef * aux_loss (output_router_logits=True): same value, same
+    gradient on every router, no other auxiliary term."""
+    hf = build(family, **overrides).train()
+    with torch.no_grad():  # a skewed router, so that the balance loss is far from its uniform value
+        for layer in hf.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.add_(0.3 * torch.randn_like(layer.mlp.gate.weight))
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if family == "olmoe":
+        del cfg["router_aux_loss_coef"]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    coef = hf.config.router_aux_loss_coef
+    mk = load_hf(tmp_path, training_losses=True).train()
+    assert mk.cfg.moe.z_loss_weight == 0 and mk.cfg.balance_pooling == "model"
+    x = ids(B=3, S=16)
+    ref = hf(x, output_router_logits=True)
+    want = coef * ref.aux_loss
+    got = mk(x)
+    assert maxdiff(got.logits, ref.logits) <= TOL
+    assert got.aux_loss.item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
+    assert sum(r.aux_loss.item() for r in got.moe if r is not None) == 0.0  # nothing per layer
+    want.backward()
+    got.aux_loss.backward()
+    moe_layers = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")]
+    assert len(moe_layers) == len(mk.moe_layers) == len(ref.router_logits)
+    for i in moe_layers:
+        g_ref = hf.model.layers[i].mlp.gate.weight.grad
+        g_mk = mk.blocks[i].ffn.router.linear.weight.grad
+        assert maxdiff(g_mk, g_ref) <= 1e-5 * g_ref.abs().max().item() + 1e-9, i
+    # without training_losses: no auxiliary loss at all (logits only)
+    assert float(load_hf(tmp_path)(x).aux_loss) == 0.0

@@ -58,8 +58,32 @@ def _rope_theta(c: dict) -> float:
     return float(rp.get("rope_theta") or c.get("rope_theta") or 10000.0)
 
 
-def config_from_hf(c: dict) -> tuple[str, LMConfig]:
-    """(family, LMConfig) for a transformers config dict (``config.to_dict()`` or config.json)."""
+def _router_aux_loss_coef(c: dict, family: str) -> float:
+    """The checkpoint's ``router_aux_loss_coef`` (transformers' default for the family when absent)."""
+    coef = c.get("router_aux_loss_coef")
+    if coef is None:
+        try:
+            import transformers
+        except ImportError as err:
+            raise _unsupported("config.json has no router_aux_loss_coef and transformers (for its default) is "
+                               "not installed") from err
+        coef = getattr(transformers, _CONFIG[family])().router_aux_loss_coef
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+        raise ValueError(f"router_aux_loss_coef must be a finite number >= 0; got {coef!r}")
+    return float(coef)
+
+
+def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMConfig]:
+    """(family, LMConfig) for a transformers config dict (``config.to_dict()`` or config.json).
+
+    Auxiliary-loss weights are 0 unless ``training_losses``: then the model trains with the
+    checkpoint's own auxiliary loss as transformers computes it (``output_router_logits=True``):
+    ``router_aux_loss_coef * load_balancing_loss_func(...)``, the Switch balance loss on slot counts
+    and router probabilities pooled over the MoE layers. moekit's pooled loss
+    (``balance_pooling="model"``) is normalised to 1 for uniform routing, transformers' to
+    ``top_k``, so the weight is ``router_aux_loss_coef * top_k``. No other term (z-loss, ...):
+    these families' transformers models add none.
+    """
     family = c.get("model_type")
     if family not in SUPPORTED:
         archs = c.get("architectures") or []
@@ -84,10 +108,13 @@ def config_from_hf(c: dict) -> tuple[str, LMConfig]:
         first_dense, every = step - 1, step  # HF: MoE where (i + 1) % step == 0
     E = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
+    K = c["num_experts_per_tok"]
     moe = MoEConfig(
-        dim=D, hidden_dim=F_, num_experts=E, top_k=c["num_experts_per_tok"], expert="swiglu", router="topk",
+        dim=D, hidden_dim=F_, num_experts=E, top_k=K, expert="swiglu", router="topk",
         renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
-        router_dtype="same", balance_loss_weight=0.0, z_loss_weight=0.0, router_jitter=0.0,
+        router_dtype="same", z_loss_weight=0.0, router_jitter=0.0,
+        balance_loss_weight=_router_aux_loss_coef(c, family) * K if training_losses else 0.0,
+        sq_load_loss_weight=0.0, importance_loss_weight=0.0, load_loss_weight=0.0, entropy_loss_weight=0.0,
         num_shared_experts=1 if family == "qwen2_moe" else 0,
         shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
         shared_expert_gate=family == "qwen2_moe",
@@ -100,6 +127,7 @@ def config_from_hf(c: dict) -> tuple[str, LMConfig]:
         first_dense_layers=first_dense, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
         attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
+        balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
     )
     return family, cfg
 
@@ -356,10 +384,12 @@ def _read_folder(path: str) -> tuple[dict, dict]:
     return config, sd
 
 
-def load_hf(source, *, dtype: Optional[torch.dtype] = None) -> MoETransformer:
+def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: bool = False) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
     output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode,
-    with auxiliary-loss weights 0 and no router jitter, so its logits equal transformers'."""
+    with no router jitter, so its logits equal transformers'. Auxiliary-loss weights are 0, or with
+    ``training_losses`` the checkpoint's own (its ``aux_loss`` term then equals transformers'
+    ``router_aux_loss_coef * aux_loss`` with ``output_router_logits=True``; see :func:`config_from_hf`)."""
     if isinstance(source, (str, os.PathLike)):
         config, sd = _read_folder(os.fspath(source))
     elif isinstance(source, nn.Module) and hasattr(source, "config"):
@@ -368,7 +398,7 @@ def load_hf(source, *, dtype: Optional[torch.dtype] = None) -> MoETransformer:
         sd = {k: v.detach() for k, v in source.state_dict().items()}
     else:
         raise TypeError(f"load_hf expects a folder path or a transformers model; got {type(source).__name__}")
-    family, cfg = config_from_hf(config)
+    family, cfg = config_from_hf(config, training_losses=training_losses)
     model = MoETransformer(cfg)
     new = _hf_to_moekit(_fuse_experts(sd, cfg, family), cfg)
     _load_state(model, new)
