@@ -267,7 +267,7 @@ def test_accelerated_model_keeps_state_dict_save_and_router_logits(family, tmp_p
     r_ref = ref(x, labels=x, output_router_logits=True)
     r_acc = acc(x, labels=x, output_router_logits=True)
     assert maxdiff(r_acc.logits, r_ref.logits) <= TOL
-    assert float(r_acc.aux_loss) == pytest.approx(float(r_ref.aux_loss), abs=1e-5)
+    assert r_acc.aux_loss.item() == pytest.approx(r_ref.aux_loss.item(), abs=1e-5)
     assert len(r_acc.router_logits) == len(r_ref.router_logits) == 2  # output_router_logits is preserved
     for got, want in zip(r_acc.router_logits, r_ref.router_logits):
         assert got.shape == want.shape and maxdiff(got, want) <= 1e-5
@@ -404,3 +404,14 @@ def test_training_losses_equal_transformers(family, overrides, tmp_path):
         assert maxdiff(g_mk, g_ref) <= 1e-5 * g_ref.abs().max().item() + 1e-9, i
     # without training_losses: no auxiliary loss at all (logits only)
     assert float(load_hf(tmp_path)(x).aux_loss) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.01", float("nan")])
+def test_training_losses_bad_coefficient(bad, tmp_path):
+    build("mixtral").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["router_aux_loss_coef"] = bad
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="router_aux_loss_coef must be a finite number >= 0"):
+        load_hf(tmp_path, training_losses=True)
+    load_hf(tmp_path)  # not read without training_losses
