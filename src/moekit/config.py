@@ -298,6 +298,7 @@ class LMConfig(_DictMixin):
     init_std: float = 0.02  # std of the normal initialisation (GPT-2)
     qk_norm: Optional[str] = None  # RMSNorm on queries and keys before rotary: None, "head" (per head, Qwen3-MoE) or "full" (whole projection, OLMoE)
     attn_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2-MoE)
+    balance_pooling: str = "layer"  # balance loss: "layer" (each MoE layer's own, summed) or "model" (one loss on slot counts and router probabilities pooled over the MoE layers, transformers' convention; weight moe.balance_loss_weight)
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -315,6 +316,7 @@ class LMConfig(_DictMixin):
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}")
         _check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
+        _check_choice("balance_pooling", self.balance_pooling, ("layer", "model"))
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
 

@@ -39,15 +39,22 @@ def test_init_from_fine_tunes_the_checkpoint_with_its_balance_loss(hf_dir, tmp_p
     run = tmp_path / "runs" / "ft"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["init_from"] == str(path) and not cfg["baseline"]
-    assert cfg["model"]["moe"]["balance_loss_weight"] == pytest.approx(0.02 / 2)
+    # transformers' balance loss pooled over the layers, weighed by router_aux_loss_coef * top_k (moekit's
+    # normalisation is 1/top_k of transformers'); no z-loss (transformers' Mixtral has none)
+    assert cfg["model"]["balance_pooling"] == "model"
+    assert cfg["model"]["moe"]["balance_loss_weight"] == pytest.approx(0.02 * 2)
+    assert cfg["model"]["moe"]["z_loss_weight"] == 0
     assert not (run / "dense").exists()
     rows = [json.loads(ln) for ln in (run / "moe" / "metrics.jsonl").read_text().splitlines()]
     # the first step's loss is transformers' own loss of the checkpoint on the trainer's first batch
     data = build_data(None, "bpe", 4096, 60_000, tok=tok)
     x, y = next(random_batches(data.train_ids_N, 32, 4, torch.Generator().manual_seed(0 + 1)))
     with torch.no_grad():
-        hf_loss = torch.nn.functional.cross_entropy(hf_model(x).logits.flatten(0, 1), y.flatten())
+        ref = hf_model(x, output_router_logits=True)
+        hf_loss = torch.nn.functional.cross_entropy(ref.logits.flatten(0, 1), y.flatten())
     assert rows[0]["loss"] == pytest.approx(float(hf_loss), abs=1e-4)
+    # and its auxiliary loss is transformers' router_aux_loss_coef * aux_loss on that batch
+    assert rows[0]["aux_loss"] == pytest.approx(0.02 * float(ref.aux_loss), abs=1e-5)
     assert rows[0]["aux_loss"] > 0 and rows[-1]["loss"] < rows[0]["loss"]
     assert main(["train", "--resume", str(run)]) == 0
 

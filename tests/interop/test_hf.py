@@ -19,19 +19,20 @@ COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention
               num_experts_per_tok=2, max_position_embeddings=64)
 
 
-def _configs():
+def _configs(**extra):
+    common = {**COMMON, **extra}
     return {
-        "mixtral": transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4, rope_theta=1e6),
-        "qwen2_moe": transformers.Qwen2MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24,
+        "mixtral": transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, rope_theta=1e6),
+        "qwen2_moe": transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24,
                                                  shared_expert_intermediate_size=40, num_experts=4, norm_topk_prob=False),
-        "qwen3_moe": transformers.Qwen3MoeConfig(**COMMON, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
+        "qwen3_moe": transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
                                                  num_experts=6, norm_topk_prob=True),
-        "olmoe": transformers.OlmoeConfig(**COMMON, intermediate_size=24, num_experts=4, norm_topk_prob=False),
+        "olmoe": transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=4, norm_topk_prob=False),
     }
 
 
 def build(family, seed=0, **overrides):
-    cfg = _configs()[family]
+    cfg = _configs(**{k: overrides.pop(k) for k in ("num_hidden_layers",) if k in overrides})[family]  # constructor-only
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
@@ -266,7 +267,151 @@ def test_accelerated_model_keeps_state_dict_save_and_router_logits(family, tmp_p
     r_ref = ref(x, labels=x, output_router_logits=True)
     r_acc = acc(x, labels=x, output_router_logits=True)
     assert maxdiff(r_acc.logits, r_ref.logits) <= TOL
-    assert float(r_acc.aux_loss) == pytest.approx(float(r_ref.aux_loss), abs=1e-5)
+    assert r_acc.aux_loss.item() == pytest.approx(r_ref.aux_loss.item(), abs=1e-5)
+    assert len(r_acc.router_logits) == len(r_ref.router_logits) == 2  # output_router_logits is preserved
+    for got, want in zip(r_acc.router_logits, r_ref.router_logits):
+        assert got.shape == want.shape and maxdiff(got, want) <= 1e-5
     acc.save_pretrained(tmp_path / "acc")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "acc").eval()
     assert maxdiff(back(x).logits, r_ref.logits) <= TOL
+
+
+def _eager_bf16(family, **overrides):
+    hf = build(family, **overrides)
+    hf.set_experts_implementation("eager")
+    return hf.to(torch.bfloat16)
+
+
+def _assert_bf16_close(got, ref):
+    """bf16 agreement: at most 1% of the elements differ, by at most one rounding step of the
+    largest output (before routing weights were combined in transformers' order, ~half differed)."""
+    assert got.dtype == ref.dtype == torch.bfloat16
+    mismatched = (got != ref).float().mean().item()
+    assert mismatched <= 0.01, mismatched
+    assert maxdiff(got.float(), ref.float()) <= 2.0**-8 * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}),
+                                              ("qwen3_moe", {"num_experts_per_tok": 3})])
+def test_accelerate_bf16_matches_eager(family, overrides):
+    """In bf16 the accelerated block equals transformers' eager block (routing weights multiplied in
+    the router's dtype, each product rounded, a token's slots summed in ascending expert id)."""
+    import copy
+
+    ref = _eager_bf16(family, **overrides)
+    acc = accelerate(copy.deepcopy(ref), backend="grouped")
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = ids(B=2, S=16)
+    with torch.no_grad():
+        for i in range(2):
+            _assert_bf16_close(acc.model.layers[i].mlp(h), ref.model.layers[i].mlp(h))
+        _assert_bf16_close(acc(x).logits, ref(x).logits)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_accelerate_activations(family, act):
+    """Every ACT2FN activation (transformers' own test configs use gelu) runs accelerated, equal to
+    transformers' eager experts in fp32 and in bf16."""
+    import copy
+
+    ref = build(family, hidden_act=act)
+    ref.set_experts_implementation("eager")
+    acc = accelerate(copy.deepcopy(ref), backend="grouped")
+    x = ids()
+    with torch.no_grad():
+        assert maxdiff(acc(x).logits, ref(x).logits) <= TOL
+        ref, acc = ref.to(torch.bfloat16), acc.to(torch.bfloat16)
+        _assert_bf16_close(acc(x).logits, ref(x).logits)
+    assert type(acc.model.layers[0].mlp.experts.act_fn).__name__ == type(transformers.activations.ACT2FN[act]).__name__
+
+
+def test_accelerate_triton_needs_a_fused_activation():
+    with pytest.raises(ValueError, match="triton.*hidden_act='gelu_new'.*'grouped'"):
+        accelerate(build("olmoe", hidden_act="gelu_new"), backend="triton")
+
+
+def test_set_experts_implementation_after_accelerate():
+    """A later set_experts_implementation() is honoured (with a warning): the blocks run transformers'
+    original block with that implementation; accelerate() again returns to moekit's path."""
+    import copy
+    import warnings
+
+    ref = build("mixtral").to(torch.bfloat16)
+    ref.set_experts_implementation("eager")
+    acc = accelerate(copy.deepcopy(ref), backend="loop")
+    calls = []
+    acc.model.layers[0].mlp.experts.register_forward_hook(lambda *a: calls.append(1))
+    x = ids()
+    with torch.no_grad():
+        want = ref(x).logits
+        acc(x)
+        assert not calls  # moekit's path: transformers' experts module is not called
+        acc.set_experts_implementation("grouped_mm")
+        with pytest.warns(UserWarning, match="set to 'grouped_mm' after accelerate"):
+            acc(x)
+        assert calls
+        ref.set_experts_implementation("grouped_mm")
+        assert torch.equal(acc(x).logits, ref(x).logits)  # transformers' grouped_mm path, bit for bit
+        acc.set_experts_implementation("eager")
+        with pytest.warns(UserWarning, match="'eager'"):
+            assert torch.equal(acc(x).logits, want)
+        calls.clear()
+        accelerate(acc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            acc(x)
+        assert not calls
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"router_aux_loss_coef": 0.02}),
+    ("qwen2_moe", {"router_aux_loss_coef": 0.03, "num_hidden_layers": 4, "decoder_sparse_step": 2}),  # 2 MoE of 4 layers
+    ("qwen3_moe", {"router_aux_loss_coef": 0.05, "num_experts_per_tok": 3}),
+    ("olmoe", {}),  # router_aux_loss_coef from the config class's default (0.01)
+])
+def test_training_losses_equal_transformers(family, overrides, tmp_path):
+    """load_hf(..., training_losses=True) (what `moekit train --init-from` fine-tunes) adds exactly
+    transformers' router_aux_loss_coef * aux_loss (output_router_logits=True): same value, same
+    gradient on every router, no other auxiliary term."""
+    hf = build(family, **overrides).train()
+    with torch.no_grad():  # a skewed router, so that the balance loss is far from its uniform value
+        for layer in hf.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.add_(0.3 * torch.randn_like(layer.mlp.gate.weight))
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if family == "olmoe":
+        del cfg["router_aux_loss_coef"]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    coef = hf.config.router_aux_loss_coef
+    mk = load_hf(tmp_path, training_losses=True).train()
+    assert mk.cfg.moe.z_loss_weight == 0 and mk.cfg.balance_pooling == "model"
+    x = ids(B=3, S=16)
+    ref = hf(x, output_router_logits=True)
+    want = coef * ref.aux_loss
+    got = mk(x)
+    assert maxdiff(got.logits, ref.logits) <= TOL
+    assert got.aux_loss.item() == pytest.approx(want.item(), abs=1e-5, rel=1e-5)
+    assert sum(r.aux_loss.item() for r in got.moe if r is not None) == 0.0  # nothing per layer
+    want.backward()
+    got.aux_loss.backward()
+    moe_layers = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")]
+    assert len(moe_layers) == len(mk.moe_layers) == len(ref.router_logits)
+    for i in moe_layers:
+        g_ref = hf.model.layers[i].mlp.gate.weight.grad
+        g_mk = mk.blocks[i].ffn.router.linear.weight.grad
+        assert maxdiff(g_mk, g_ref) <= 1e-5 * g_ref.abs().max().item() + 1e-9, i
+    # without training_losses: no auxiliary loss at all (logits only)
+    assert float(load_hf(tmp_path)(x).aux_loss) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.01", float("nan")])
+def test_training_losses_bad_coefficient(bad, tmp_path):
+    build("mixtral").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["router_aux_loss_coef"] = bad
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="router_aux_loss_coef must be a finite number >= 0"):
+        load_hf(tmp_path, training_losses=True)
+    load_hf(tmp_path)  # not read without training_losses

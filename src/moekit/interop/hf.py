@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
 from ..kernels import compute_dtype, expert_ffn, resolve_backend
-from ..layer.dispatch import combine, dispatch, plan_dispatch
+from ..layer.dispatch import dispatch, plan_dispatch
 from ..layer.experts import ACTIVATIONS
 from ..models.lm import MoETransformer
 
@@ -57,8 +58,32 @@ def _rope_theta(c: dict) -> float:
     return float(rp.get("rope_theta") or c.get("rope_theta") or 10000.0)
 
 
-def config_from_hf(c: dict) -> tuple[str, LMConfig]:
-    """(family, LMConfig) for a transformers config dict (``config.to_dict()`` or config.json)."""
+def _router_aux_loss_coef(c: dict, family: str) -> float:
+    """The checkpoint's ``router_aux_loss_coef`` (transformers' default for the family when absent)."""
+    coef = c.get("router_aux_loss_coef")
+    if coef is None:
+        try:
+            import transformers
+        except ImportError as err:
+            raise _unsupported("config.json has no router_aux_loss_coef and transformers (for its default) is "
+                               "not installed") from err
+        coef = getattr(transformers, _CONFIG[family])().router_aux_loss_coef
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
+        raise ValueError(f"router_aux_loss_coef must be a finite number >= 0; got {coef!r}")
+    return float(coef)
+
+
+def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMConfig]:
+    """(family, LMConfig) for a transformers config dict (``config.to_dict()`` or config.json).
+
+    Auxiliary-loss weights are 0 unless ``training_losses``: then the model trains with the
+    checkpoint's own auxiliary loss as transformers computes it (``output_router_logits=True``):
+    ``router_aux_loss_coef * load_balancing_loss_func(...)``, the Switch balance loss on slot counts
+    and router probabilities pooled over the MoE layers. moekit's pooled loss
+    (``balance_pooling="model"``) is normalised to 1 for uniform routing, transformers' to
+    ``top_k``, so the weight is ``router_aux_loss_coef * top_k``. No other term (z-loss, ...):
+    these families' transformers models add none.
+    """
     family = c.get("model_type")
     if family not in SUPPORTED:
         archs = c.get("architectures") or []
@@ -83,10 +108,13 @@ def config_from_hf(c: dict) -> tuple[str, LMConfig]:
         first_dense, every = step - 1, step  # HF: MoE where (i + 1) % step == 0
     E = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
+    K = c["num_experts_per_tok"]
     moe = MoEConfig(
-        dim=D, hidden_dim=F_, num_experts=E, top_k=c["num_experts_per_tok"], expert="swiglu", router="topk",
+        dim=D, hidden_dim=F_, num_experts=E, top_k=K, expert="swiglu", router="topk",
         renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
-        router_dtype="same", balance_loss_weight=0.0, z_loss_weight=0.0, router_jitter=0.0,
+        router_dtype="same", z_loss_weight=0.0, router_jitter=0.0,
+        balance_loss_weight=_router_aux_loss_coef(c, family) * K if training_losses else 0.0,
+        sq_load_loss_weight=0.0, importance_loss_weight=0.0, load_loss_weight=0.0, entropy_loss_weight=0.0,
         num_shared_experts=1 if family == "qwen2_moe" else 0,
         shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
         shared_expert_gate=family == "qwen2_moe",
@@ -99,6 +127,7 @@ def config_from_hf(c: dict) -> tuple[str, LMConfig]:
         first_dense_layers=first_dense, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
         attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
+        balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
     )
     return family, cfg
 
@@ -355,10 +384,12 @@ def _read_folder(path: str) -> tuple[dict, dict]:
     return config, sd
 
 
-def load_hf(source, *, dtype: Optional[torch.dtype] = None) -> MoETransformer:
+def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: bool = False) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
     output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode,
-    with auxiliary-loss weights 0 and no router jitter, so its logits equal transformers'."""
+    with no router jitter, so its logits equal transformers'. Auxiliary-loss weights are 0, or with
+    ``training_losses`` the checkpoint's own (its ``aux_loss`` term then equals transformers'
+    ``router_aux_loss_coef * aux_loss`` with ``output_router_logits=True``; see :func:`config_from_hf`)."""
     if isinstance(source, (str, os.PathLike)):
         config, sd = _read_folder(os.fspath(source))
     elif isinstance(source, nn.Module) and hasattr(source, "config"):
@@ -367,7 +398,7 @@ def load_hf(source, *, dtype: Optional[torch.dtype] = None) -> MoETransformer:
         sd = {k: v.detach() for k, v in source.state_dict().items()}
     else:
         raise TypeError(f"load_hf expects a folder path or a transformers model; got {type(source).__name__}")
-    family, cfg = config_from_hf(config)
+    family, cfg = config_from_hf(config, training_losses=training_losses)
     model = MoETransformer(cfg)
     new = _hf_to_moekit(_fuse_experts(sd, cfg, family), cfg)
     _load_state(model, new)
@@ -405,16 +436,45 @@ def export_hf(model: MoETransformer, path: Union[str, os.PathLike], family: str)
 
 
 # ---------------------------------------------------------------------------------------- accelerate
-class SharedWeightExperts(nn.Module):
-    """Stacked SwiGLU experts computed by moekit's backends on *views* of transformers' fused
-    tensors: ``w_up = gate_up_proj.transpose(1, 2)`` (E, D, 2F), ``w_down = down_proj.transpose(1, 2)``
-    (E, F, D). The transformers experts module stays registered (same state-dict keys, same
-    Parameters); nothing is copied."""
+# transformers activations (``hidden_act``) whose gated unit ``act(gate) * up`` is one of moekit's
+# own expert kinds, computed by the same function (so the Triton kernels can fuse it too)
+_NATIVE_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
 
-    def __init__(self, hf_experts: nn.Module, kind: str = "swiglu"):
+
+class _GatedActivation:
+    """``act(gate) * up`` on the [gate | up] columns with transformers' own activation module
+    (the experts' ``act_fn``, i.e. ``ACT2FN[hidden_act]``): any activation transformers offers."""
+
+    def __init__(self, act_fn: nn.Module):
+        self.act_fn = act_fn
+
+    def __call__(self, h_RH: Tensor) -> Tensor:
+        gate, up = h_RH.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+class SharedWeightExperts(nn.Module):
+    """Stacked gated experts ``(act(x W_gate) * x W_up) W_down`` computed by moekit's backends on
+    *views* of transformers' fused tensors: ``w_up = gate_up_proj.transpose(1, 2)`` (E, D, 2F),
+    ``w_down = down_proj.transpose(1, 2)`` (E, F, D). The transformers experts module stays
+    registered (same state-dict keys, same Parameters); nothing is copied.
+
+    ``hidden_act``: the model's activation name. silu/swish and gelu_pytorch_tanh use moekit's
+    SwiGLU/GeGLU (all backends); any other uses the experts' own ``act_fn`` module (the ``loop``
+    and ``grouped`` backends; ``auto`` then never picks ``triton``)."""
+
+    def __init__(self, hf_experts: nn.Module, hidden_act: str = "silu"):
         super().__init__()
         object.__setattr__(self, "hf", hf_experts)  # a reference, not a submodule: no duplicate state-dict keys
-        self.kind = kind
+        self.hidden_act = hidden_act
+        self.kind = _NATIVE_GATED.get(hidden_act)  # moekit's expert kind, or None
+        if self.kind is not None:
+            self.act = ACTIVATIONS[self.kind]
+        elif isinstance(getattr(hf_experts, "act_fn", None), nn.Module):
+            self.act = _GatedActivation(hf_experts.act_fn)
+        else:
+            raise _unsupported(f"hidden_act={hidden_act!r} with an experts module without act_fn "
+                               f"({type(hf_experts).__name__})")
         self.num_experts = hf_experts.gate_up_proj.shape[0]
 
     @property
@@ -426,30 +486,72 @@ class SharedWeightExperts(nn.Module):
         return self.hf.down_proj.transpose(1, 2)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        if backend == "triton" and self.kind is None:  # reached through "auto": the kernels have no such activation
+            backend = "grouped"
         w_up, w_down = self.w_up, self.w_down
         if w_up.dtype != x_RD.dtype:
             w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
-        return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+        return expert_ffn(x_RD, counts_E, w_up, w_down, self.act, backend)
+
+
+def _combine_as_transformers(y_RD: Tensor, plan, weights_TK: Tensor, experts_TK: Tensor, dtype: torch.dtype) -> Tensor:
+    """``out_TD = sum_k w[t, k] * y[slot (t, k)]`` in transformers' eager order of operations, so
+    that bf16 outputs agree bit for bit: each slot's product is taken in the routing weights' own
+    dtype promotion (Mixtral's router returns fp32 weights, the Qwen/OLMoE routers cast them to the
+    hidden dtype), rounded to the hidden dtype, and a token's slots are added one at a time in
+    ascending expert id, as transformers' per-expert ``index_add_`` loop does."""
+    T, K = plan.num_tokens, plan.top_k
+    y_TKD = y_RD[plan.inverse_S].view(T, K, -1)  # slot order (dropless: every slot has a row)
+    c_TKD = (y_TKD * weights_TK.unsqueeze(-1)).to(dtype)
+    if K > 1:
+        by_expert_TK = experts_TK.argsort(dim=-1, stable=True)
+        c_TKD = c_TKD.gather(1, by_expert_TK.unsqueeze(-1).expand_as(c_TKD))
+    out_TD = c_TKD[:, 0]
+    for k in range(1, K):
+        out_TD = out_TD + c_TKD[:, k]
+    return out_TD
 
 
 class AcceleratedMoEBlock(nn.Module):
     """Drop-in for a transformers sparse MoE block: routing by transformers' own router module
     (so output_router_logits and its load-balancing loss keep working), dispatch/combine and the
     expert FFNs by moekit. ``gate``, ``experts`` and (Qwen2-MoE) ``shared_expert``/``shared_expert_gate`` are the
-    original modules, so the state-dict keys and Parameters are unchanged."""
+    original modules, so the state-dict keys and Parameters are unchanged.
 
-    def __init__(self, hf_block: nn.Module, backend: str = "auto"):
+    transformers' experts-implementation switch stays live: when the model's
+    ``config._experts_implementation`` differs from what it was at :func:`accelerate` time (a later
+    ``model.set_experts_implementation("eager")``, say), the block warns and from then on runs the
+    original transformers block, which honours whatever implementation is set; ``accelerate(model)``
+    again returns to moekit's path."""
+
+    def __init__(self, hf_block: nn.Module, backend: str = "auto", hidden_act: str = "silu"):
         super().__init__()
+        object.__setattr__(self, "original", hf_block)  # a reference, not a submodule (its modules are ours)
         self.gate = hf_block.gate
         self.experts = hf_block.experts
         self.shared_expert = getattr(hf_block, "shared_expert", None)
         self.shared_expert_gate = getattr(hf_block, "shared_expert_gate", None)
-        self.moe_experts = SharedWeightExperts(hf_block.experts)
+        self.moe_experts = SharedWeightExperts(hf_block.experts, hidden_act)
         self.backend = backend
         self.num_experts = self.moe_experts.num_experts
         self.jitter_noise = float(getattr(hf_block, "jitter_noise", 0.0) or 0.0)  # Mixtral, training only
+        self.accelerated_implementation = self.experts_implementation()  # moekit runs while this is the setting
+        self._handed_back_to: Optional[str] = None
+
+    def experts_implementation(self) -> Optional[str]:
+        """transformers' current experts implementation for this block (None if the model has none)."""
+        return getattr(getattr(self.experts, "config", None), "_experts_implementation", None)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        impl = self.experts_implementation()
+        if impl != self.accelerated_implementation or self._handed_back_to is not None:  # handed back until accelerate()
+            if impl != self._handed_back_to:
+                warnings.warn(f"moekit.interop.accelerate: the experts implementation was set to {impl!r} after "
+                              f"accelerate() (was {self.accelerated_implementation!r}); the MoE blocks run transformers' "
+                              f"{impl!r} path again. Call accelerate(model) to return to moekit's.", UserWarning, stacklevel=2)
+                self._handed_back_to = impl
+            self.original.train(self.training)
+            return self.original(hidden_states)
         shape = hidden_states.shape
         if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -457,10 +559,9 @@ class AcceleratedMoEBlock(nn.Module):
         # transformers' own router module (softmax, top-k, norm_topk_prob): calling it keeps the hooks
         # that collect router logits for output_router_logits / the load-balancing loss
         _, weights_TK, experts_TK = self.gate(x_TD)
-        weights_TK = weights_TK.to(x_TD.dtype)
         plan = plan_dispatch(experts_TK, self.num_experts)
         y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD)))
-        out_TD = combine(y_RD, plan, weights_TK).to(x_TD.dtype)
+        out_TD = _combine_as_transformers(y_RD, plan, weights_TK, experts_TK, x_TD.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
@@ -471,21 +572,27 @@ class AcceleratedMoEBlock(nn.Module):
 
 def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace, in place, every sparse MoE block of a transformers Mixtral / Qwen2-MoE / Qwen3-MoE /
-    OLMoE model with an :class:`AcceleratedMoEBlock` sharing its weights. Returns the model."""
+    OLMoE model with an :class:`AcceleratedMoEBlock` sharing its weights. Returns the model. On an
+    accelerated model it switches the blocks back to moekit's path (after a
+    ``set_experts_implementation``) with ``backend``."""
     config = getattr(hf_model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED:
         raise _unsupported(f"cannot accelerate model_type={family!r} ({type(hf_model).__name__})")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise _unsupported(f"hidden_act={config.hidden_act!r} (only 'silu')")
+    hidden_act = getattr(config, "hidden_act", "silu")
+    if backend == "triton" and hidden_act not in _NATIVE_GATED:
+        raise ValueError(f"backend='triton' fuses the activations {', '.join(map(repr, _NATIVE_GATED))}; this model has "
+                         f"hidden_act={hidden_act!r}: use backend='grouped' (or 'auto')")
     replaced = 0
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, AcceleratedMoEBlock):
+            if isinstance(child, AcceleratedMoEBlock):  # again: back to moekit's path, with this backend
+                child.accelerated_implementation, child._handed_back_to = child.experts_implementation(), None
+                child.backend = backend
                 continue
             experts = getattr(child, "experts", None)
             if hasattr(child, "gate") and experts is not None and hasattr(experts, "gate_up_proj"):
-                setattr(module, name, AcceleratedMoEBlock(child, backend))
+                setattr(module, name, AcceleratedMoEBlock(child, backend, hidden_act))
                 replaced += 1
     if replaced == 0 and not any(isinstance(m, AcceleratedMoEBlock) for m in hf_model.modules()):
         raise WeightMismatchError(f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}")

@@ -31,7 +31,12 @@ def slot_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
 
 
 def balance_from_stats(counts_E: Tensor, mean_probs_E: Tensor) -> Tensor:
-    """E * sum_i f_i * P_i from the routed-slot counts and the mean router probabilities."""
+    """E * sum_i f_i * P_i from the routed-slot counts and the mean router probabilities
+    (Switch Transformer, Fedus et al. 2021), with f_i = counts_E[i] / sum(counts_E) the share of
+    routed *slots*: 1 for uniform routing at any top_k. Hugging Face transformers'
+    ``load_balancing_loss_func`` divides the counts by the tokens instead (f sums to top_k), so
+    its value is ``top_k`` times this one; it also pools counts and probabilities over all layers
+    before the product (moekit: ``LMConfig.balance_pooling="model"``)."""
     E = mean_probs_E.shape[-1]
     counts_E = counts_E.to(mean_probs_E.dtype)
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
@@ -53,7 +58,9 @@ def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     """E * sum_i f_i * P_i (Switch Transformer, Fedus et al. 2021; GShard, Lepikhin et al. 2020).
 
     f_i: fraction of routed slots sent to expert i (not differentiable); P_i: mean router
-    probability of expert i. Equals 1 when both are uniform.
+    probability of expert i. Equals 1 when both are uniform. transformers' Mixtral / Qwen-MoE /
+    OLMoE ``aux_loss`` of one layer is ``top_k`` times this (it counts f_i per token, not per
+    slot; see :func:`balance_from_stats`).
     """
     return balance_from_stats(slot_counts(experts_TK, probs_TE.shape[-1]), probs_TE.mean(0))
 

@@ -71,7 +71,8 @@ class MoEOutput:
 
     @property
     def stats(self) -> dict:
-        """tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,)."""
+        """tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,), routed_per_expert (E,),
+        mean_router_probs (E,) (differentiable)."""
         self._resolve()
         return self._stats
 
@@ -303,6 +304,9 @@ class MoE(nn.Module):
                 "router_entropy": losses["entropy"].detach(),
                 "expert_usage": self.expert_usage.clone(),
             }
+        # for a balance loss pooled over layers (LMConfig.balance_pooling="model"): routed slots and the
+        # mean router probabilities of the (global) batch, the latter differentiable
+        stats.update(routed_per_expert=counts["routed"], mean_router_probs=mean_probs_E)
         return losses, stats
 
     @torch.no_grad()

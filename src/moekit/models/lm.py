@@ -9,11 +9,12 @@ V vocabulary, T = B*S tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import LMConfig
 from ..layer import FeedForward, MoE, MoEOutput
+from ..layer.losses import balance_from_stats
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +111,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg.moe) if cfg.is_moe_layer(layer) else FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_kind)
+        if cfg.is_moe_layer(layer):  # a balance loss pooled over layers is the model's, not the layer's
+            moe_cfg = cfg.moe if cfg.balance_pooling == "layer" else dataclasses.replace(cfg.moe, balance_loss_weight=0.0)
+            self.ffn = MoE(moe_cfg)
+        else:
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_kind)
 
     def forward(self, x: Tensor, cos, sin, cache, token_ids, top_k) -> tuple[Tensor, Optional[MoEOutput]]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
@@ -119,20 +125,50 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
+def pooled_balance_loss(moe: Sequence[Optional[MoEOutput]]) -> Optional[Tensor]:
+    """The Switch balance loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021) with ``f`` and ``P``
+    pooled over the MoE layers: ``f_i`` is expert i's share of all layers' routed slots and
+    ``P_i`` its router probability averaged over all layers' tokens. Differentiable through the
+    probabilities only, as the per-layer loss. None when no MoE layer saw a token.
+
+    transformers' ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) pools the
+    same way over the concatenated router logits of all layers but divides the counts by the
+    tokens instead of the slots, so its ``aux_loss`` is ``top_k`` times this value.
+    """
+    counts, probs = [], []
+    for res in moe:
+        if res is not None and "mean_router_probs" in res.stats:  # an empty batch has none
+            counts.append(res.stats["routed_per_expert"])
+            probs.append(res.stats["mean_router_probs"])
+    if not counts:
+        return None
+    return balance_from_stats(torch.stack(counts).sum(0), torch.stack(probs).mean(0))
+
+
 @dataclass
 class LMOutput:
     logits: Tensor  # (B, S, V)
     loss: Optional[Tensor]  # mean next-token cross-entropy (when targets are given)
     moe: list  # per layer: MoEOutput or None (dense layer)
+    pooled_balance_weight: Optional[float] = None  # balance_pooling="model": weight of the pooled balance loss (None: per layer)
+
+    @functools.cached_property
+    def pooled_balance_loss(self) -> Optional[Tensor]:
+        """The unweighted balance loss pooled over the MoE layers (:func:`pooled_balance_loss`)
+        when the model pools it (``LMConfig.balance_pooling="model"``), else None."""
+        return None if self.pooled_balance_weight is None else pooled_balance_loss(self.moe)
 
     @functools.cached_property
     def aux_loss(self) -> Tensor:
-        """Sum over MoE layers of their weighted auxiliary losses (summed on first access, so
-        decoding, which never reads it, leaves the layers' deferred losses uncomputed)."""
+        """Sum over MoE layers of their weighted auxiliary losses, plus the weighted pooled balance
+        loss when the model pools it (summed on first access, so decoding, which never reads it,
+        leaves the layers' deferred losses uncomputed)."""
         aux = self.logits.new_zeros((), dtype=torch.float32)
         for res in self.moe:
             if res is not None:
                 aux = aux + res.aux_loss
+        if self.pooled_balance_weight and self.pooled_balance_loss is not None:
+            aux = aux + self.pooled_balance_weight * self.pooled_balance_loss
         return aux
 
 
@@ -190,7 +226,8 @@ class MoETransformer(nn.Module):
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
-        return LMOutput(logits, loss, moe_out)
+        pooled = self.cfg.moe.balance_loss_weight if self.cfg.moe is not None and self.cfg.balance_pooling == "model" else None
+        return LMOutput(logits, loss, moe_out, pooled)
 
     def param_counts(self) -> dict:
         """Total parameters and those active for one token (routed experts counted at K/E)."""

@@ -53,23 +53,17 @@ def load_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
 
 
 def _hf_start(path: str):
-    """(model config, weights, tokenizer) to fine-tune a Hugging Face checkpoint folder. Its
-    load-balancing loss is kept: moekit sums the Switch loss over layers where transformers
-    averages it, so each layer gets router_aux_loss_coef / (number of MoE layers)."""
-    import dataclasses
-
+    """(model config, weights, tokenizer) to fine-tune a Hugging Face checkpoint folder, with the
+    checkpoint's own auxiliary loss as transformers trains it (``output_router_logits=True``):
+    ``router_aux_loss_coef`` times the balance loss pooled over the MoE layers, and no other term
+    (see :func:`moekit.interop.config_from_hf`)."""
     from ..generate import hf_tokenizer, is_hf_folder
     from ..interop import load_hf
 
     if not is_hf_folder(path):
         raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint folder (config.json with model_type)")
-    hf_cfg = json.loads((Path(path) / "config.json").read_text())
-    model = load_hf(str(path))
-    cfg = model.cfg
-    n_moe = max(1, len(model.moe_layers))
-    coef = float(hf_cfg.get("router_aux_loss_coef", 0.0) or 0.0)
-    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, balance_loss_weight=coef / n_moe))
-    return cfg, model.state_dict(), hf_tokenizer(path)
+    model = load_hf(str(path), training_losses=True)
+    return model.cfg, model.state_dict(), hf_tokenizer(path)
 
 
 def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
