@@ -14,7 +14,7 @@ import torch
 from moekit.analysis import inspect_run, layer_table, routing_table
 from moekit.analysis.report import layer_reading, show_token
 from moekit.analysis.routing import (
-    collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
+    available_windows, collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
     mutual_information, overloaded_experts, permute_within_groups, specialisation, top_tokens_by_count, top_tokens_by_lift,
 )
 from moekit.cli import main
@@ -239,6 +239,45 @@ def test_cli_inspect_dense_only_run_is_a_one_line_error(runs, cache_env, capsys)
     assert "\n" not in err and "needs a MoE run" in err
     with pytest.raises(ValueError, match="needs a MoE run"):
         inspect_run(runs["dense"])
+
+
+def _val_tokens(run) -> int:
+    from moekit.data import build_data, load_tokenizer
+    from moekit.train.run import load_run_config
+
+    _, train_cfg, _ = load_run_config(run)
+    tok = load_tokenizer(run / "tokenizer.json")
+    return build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok).val_ids_N.numel()
+
+
+def test_windows_beyond_the_validation_split_are_capped_with_a_note(runs, cache_env, tmp_path, capsys):
+    most = available_windows(_val_tokens(runs["moe"]), SEQ_LEN)
+    assert most == (_val_tokens(runs["moe"]) - 1) // SEQ_LEN
+    rep = inspect_run(runs["moe"], out_dir=tmp_path, windows=most + 40)
+    assert rep["windows"] == most and rep["windows_requested"] == most + 40
+    assert rep["tokens"] == most * SEQ_LEN
+    err = capsys.readouterr().err
+    assert f"windows {most + 40} is more than the validation split holds" in err and f"all {most} " in err
+
+
+def test_collect_routing_refuses_more_windows_than_the_split_holds(runs, cache_env):
+    from moekit.data import build_data
+    from moekit.generate import load_run_model
+    from moekit.train.run import load_run_config
+
+    _, train_cfg, _ = load_run_config(runs["moe"])
+    model, tok = load_run_model(str(runs["moe"]), "moe")
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    most = available_windows(data.val_ids_N.numel(), 16)
+    with pytest.raises(ValueError, match=f"windows must be at most {most} .*got {most + 1}$"):
+        collect_routing(model, data, windows=most + 1, seq_len=16, batch_size=2)
+
+
+@pytest.mark.parametrize("bad", ["0", "-3"])
+def test_cli_inspect_non_positive_windows_is_a_one_line_error(runs, cache_env, capsys, bad):
+    assert main(["inspect", "--run", str(runs["moe"]), "--windows", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"windows must be a positive integer; got {bad}" in err
 
 
 def test_missing_run_folder(tmp_path, capsys):

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,7 +28,7 @@ from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
-from .routing import collect_routing, routing_table  # noqa: E402
+from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
 NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisation"
@@ -40,7 +41,9 @@ MIN_TOKENS = 20  # experts with fewer tokens are greyed out in the domain heatma
 def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, windows: int = 64,
                 device: str = "cpu", top_k: Optional[int] = None, *, quiet: bool = False) -> dict:
     """Route ``windows`` validation windows through the run's MoE model, write the report files
-    (to ``RUN/inspect`` or ``out_dir``), print a short table, and return the report as a dict."""
+    (to ``RUN/inspect`` or ``out_dir``), print a short table, and return the report as a dict.
+    ``windows`` beyond the non-overlapping windows the validation split holds is capped to
+    them, with a note on stderr (``report["windows_requested"]`` keeps the request)."""
     run_dir = Path(run)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
@@ -52,7 +55,12 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     model, tok = load_run_model(str(run_dir), "moe", device)
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
     seq_len = min(train_cfg.seq_len, model_cfg.max_seq_len)
-    routing = collect_routing(model, data, windows, seq_len, train_cfg.batch_size, device, top_k=top_k)
+    most = available_windows(data.val_ids_N.numel(), seq_len)
+    if windows > most > 0:
+        if not quiet:
+            print(f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
+                  f"{most} non-overlapping windows of {seq_len} tokens", file=sys.stderr)
+    routing = collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
     layers = routing_table(routing, token_str=tok.token_str)
 
     report = {

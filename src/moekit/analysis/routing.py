@@ -42,18 +42,30 @@ class RoutingData:
 
 
 # ---------------------------------------------------------------------------------------------- collection
+def available_windows(val_tokens: int, seq_len: int) -> int:
+    """How many non-overlapping windows of ``seq_len`` input tokens (each with its next token)
+    a validation stream of ``val_tokens`` tokens holds: the most :func:`collect_routing` routes."""
+    return max(0, (val_tokens - 1) // seq_len) if seq_len > 0 else 0
+
+
 @torch.no_grad()
 def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu",
                     top_k: Optional[int] = None) -> RoutingData:
     """Run ``model`` in eval mode on ``windows`` fixed validation windows (split evenly over the
     domains, see :func:`moekit.data.stream.balanced_windows`) and record each MoE layer's
-    expert per (token, slot), with the token id, domain and routing entropy of each token."""
+    expert per (token, slot), with the token id, domain and routing entropy of each token.
+    ``windows`` may be at most :func:`available_windows` of the validation stream: more would
+    count the same tokens several times (and grow memory with no new information)."""
     if windows <= 0 or seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"windows, seq_len and batch_size must be positive; got {windows}, {seq_len}, {batch_size}")
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     if data.val_ids_N.numel() < seq_len + 1:
         raise ValueError(f"the validation stream ({data.val_ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})")
+    most = available_windows(data.val_ids_N.numel(), seq_len)
+    if windows > most:
+        raise ValueError(f"windows must be at most {most} (the non-overlapping windows of {seq_len} tokens in the "
+                         f"{data.val_ids_N.numel():,}-token validation stream); got {windows}")
     moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
     if not moe_blocks:
         raise ValueError("the model has no MoE layer")
