@@ -27,7 +27,8 @@ def read_metrics(sub_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_val_loss(run_dir: Path) -> Path:
+def val_loss_figure(run_dir: Path):
+    """The validation-loss figure of a run folder (a matplotlib Figure; the caller closes it)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, style in (("moe", "-"), ("dense", "--")):
         rows = [r for r in read_metrics(run_dir / label) if "val_loss" in r]
@@ -41,10 +42,15 @@ def plot_val_loss(run_dir: Path) -> Path:
     ax.set_title("MoE vs. dense model of equal active parameters")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, run_dir / "val_loss.png")
+    return fig
 
 
-def plot_expert_load(run_dir: Path) -> Path:
+def plot_val_loss(run_dir: Path) -> Path:
+    return _save(val_loss_figure(run_dir), run_dir / "val_loss.png")
+
+
+def expert_load_figure(run_dir: Path):
+    """The expert-load-over-training figure of a run folder, or None without MoE load metrics."""
     rows = [r for r in read_metrics(run_dir / "moe") if "tokens_per_expert" in r]
     if not rows:
         return None
@@ -62,7 +68,12 @@ def plot_expert_load(run_dir: Path) -> Path:
         ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")
     axes[0][0].set_title("share of routed tokens per expert over training")
-    return _save(fig, run_dir / "expert_load.png")
+    return fig
+
+
+def plot_expert_load(run_dir: Path) -> Path:
+    fig = expert_load_figure(run_dir)
+    return None if fig is None else _save(fig, run_dir / "expert_load.png")
 
 
 def plot_tokens_per_expert(run_dir: Path) -> Path:
