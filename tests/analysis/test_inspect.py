@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from moekit.analysis import inspect_run, layer_table, routing_table
-from moekit.analysis.report import layer_reading, show_token
+from moekit.analysis.report import capacity_text, layer_reading, show_token, trained_steps
 from moekit.analysis.routing import (
     available_windows, collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
     mutual_information, overloaded_experts, permute_within_groups, specialisation, top_tokens_by_count, top_tokens_by_lift,
@@ -27,7 +28,8 @@ WINDOWS, SEQ_LEN = 8, 32
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny MoE run and a tiny dense-only run, trained through the CLI (bytes tokenizer, 20 steps)."""
+    """A tiny MoE run, a tiny dense-only run (bytes tokenizer, 20 steps) and a MoE run stopped at
+    step 10 of 30, trained through the CLI."""
     root = tmp_path_factory.mktemp("inspect")
     common = ["--out", str(root), "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--seq-len", str(SEQ_LEN),
               "--dim", "32", "--layers", "2", "--quiet", "--preset", "mixtral", "--set", "train.code_chars=100000",
@@ -37,7 +39,8 @@ def runs(tmp_path_factory):
         mp.setenv("MOEKIT_CACHE", str(root / "cache"))
         assert main(["train", "--name", "moe", "--no-baseline", "--set", "model.moe.hidden_dim=32", *common]) == 0
         assert main(["train", "--name", "dense", "--dense", *common]) == 0
-        yield {"moe": root / "moe", "dense": root / "dense", "root": root}
+        assert main(["train", "--name", "stopped", "--no-baseline", *common, "--steps", "30", "--stop-at", "10"]) == 0
+        yield {"moe": root / "moe", "dense": root / "dense", "stopped": root / "stopped", "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +215,44 @@ def test_inspect_run_writes_the_report(report, runs):
         assert sum(x["share"] for x in layer["experts"]) == pytest.approx(1.0)
         assert 0.0 <= layer["mi"]["normalised"] <= 1.0
     assert saved["config"]["params"]["total"] > saved["config"]["params"]["active"] > 0
-    assert saved["reading"].startswith("Measured on") and "layer 1" in saved["reading"]
+    assert saved["reading"][0].startswith("Measured on") and saved["reading"][2].startswith("layer 1:")
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     assert "layer 0" in page and "specialisation" in page
+
+
+def _run_table(page: str) -> str:
+    return page[page.index("<h2>Run</h2>"):page.index("<h2>Layers</h2>")]
+
+
+def test_html_reading_has_one_paragraph_per_layer(report, runs):
+    page = (runs["moe"] / "inspect" / "report.html").read_text()
+    block = page[page.index("<div class=reading>"):]
+    block = block[:block.index("</div>")]
+    paragraphs = re.findall(r"<p>(.*?)</p>", block)
+    assert len(paragraphs) == 1 + len(report["layers"])
+    assert paragraphs[0].startswith("Measured on")
+    assert [p.split(":")[0] for p in paragraphs[1:]] == [f"layer {layer['layer']}" for layer in report["layers"]]
+
+
+def test_html_names_an_absent_capacity_factor_dropless(report, runs):
+    assert report["config"]["capacity_factor"] is None
+    table = _run_table((runs["moe"] / "inspect" / "report.html").read_text())
+    assert "None" not in table
+    assert "none (dropless), in training and evaluation" in table
+    assert capacity_text("topk", 2, 1.25, None) == "1.25, in training and evaluation"
+    assert capacity_text("switch", 1, 1.25, 2.0) == "1.25 in training, 2 in evaluation"
+    assert capacity_text("topk", 2, None, 2.0) == "none (dropless) in training, 2 in evaluation"
+    assert capacity_text("expert_choice", 2, None, None).startswith("2 (top-k, expert choice)")
+
+
+def test_stopped_run_reports_the_steps_actually_trained(runs, cache_env, tmp_path):
+    rep = inspect_run(runs["stopped"], out_dir=tmp_path, windows=2, quiet=True)
+    assert rep["config"]["steps"] == 10 and rep["config"]["target_steps"] == 30
+    table = _run_table((tmp_path / "report.html").read_text())
+    assert "10 of 30 steps (stopped early" in table and "<td class=l>30 steps" not in table
+    assert trained_steps(runs["moe"] / "moe") == 20  # a finished run: all its steps
 
 
 def test_inspect_run_out_dir_and_stdout(runs, cache_env, tmp_path, capsys):

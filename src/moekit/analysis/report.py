@@ -22,12 +22,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
+from ..train.plots import read_metrics  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
+from ..train.trainer import CHECKPOINT  # noqa: E402
 from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
@@ -105,7 +108,8 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
         "num_experts": moe.num_experts, "top_k": moe.top_k, "router": moe.router, "expert_hidden_dim": moe.hidden_dim,
         "num_shared_experts": moe.num_shared_experts, "capacity_factor": moe.capacity_factor,
         "eval_capacity_factor": moe.eval_capacity_factor, "params": model.param_counts(),
-        "steps": train_cfg.steps, "tokenizer": train_cfg.tokenizer, "seq_len": train_cfg.seq_len,
+        "steps": trained_steps(Path(run_dir) / "moe"), "target_steps": train_cfg.steps,
+        "tokenizer": train_cfg.tokenizer, "seq_len": train_cfg.seq_len,
         "data": train_cfg.data or "embedded",
     }
     comp = Path(run_dir) / COMPARISON
@@ -116,6 +120,36 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
         except (json.JSONDecodeError, AttributeError):
             pass
     return out
+
+
+def trained_steps(sub_dir: Path) -> Optional[int]:
+    """The optimizer steps behind a sub-run's checkpoint (the weights inspected), read from the
+    checkpoint's metadata without loading its tensors; else the last step of its metrics; else None."""
+    try:
+        with safe_open(str(Path(sub_dir) / CHECKPOINT), framework="pt") as f:
+            step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
+        if isinstance(step, int):
+            return step
+    except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint: fall back to the metrics
+        pass
+    try:
+        steps = [r["step"] for r in read_metrics(sub_dir) if isinstance(r.get("step"), int)]
+    except (json.JSONDecodeError, OSError):
+        return None
+    return steps[-1] if steps else None
+
+
+def capacity_text(router: str, top_k: int, capacity_factor: Optional[float], eval_capacity_factor: Optional[float]) -> str:
+    """The capacity setting in words: ``None`` is dropless (for expert choice: top_k slots per token on average)."""
+    def one(cf):
+        if cf is not None:
+            return f"{cf:g}"
+        return f"{top_k:g} (top-k, expert choice)" if router == "expert_choice" else "none (dropless)"
+
+    train = one(capacity_factor)
+    if eval_capacity_factor is None or eval_capacity_factor == capacity_factor:
+        return f"{train}, in training and evaluation"
+    return f"{train} in training, {one(eval_capacity_factor)} in evaluation"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -183,14 +217,14 @@ def layer_reading(layer: dict, domains: list) -> str:
     return "; ".join(parts) + "."
 
 
-def reading(report: dict) -> str:
-    """The report's one-paragraph reading: the sample, then a sentence per layer."""
+def reading(report: dict) -> list[str]:
+    """The report's reading as paragraphs: the sample first, then one per layer."""
     rates = ", ".join(f"{d} {_pct(r)}" for d, r in report["base_rate"].items())
     intro = (f"Measured on {report['tokens']:,} validation tokens ({report['windows']} windows of {report['seq_len']}; {rates}), "
              f"routing each to {report['top_k']} of {report['config']['num_experts']} experts.")
     if report["tokens"] < 2000:
         intro += " That is a small sample: treat small differences as noise."
-    return " ".join([intro] + [layer_reading(layer, report["domains"]) for layer in report["layers"]])
+    return [intro] + [layer_reading(layer, report["domains"]) for layer in report["layers"]]
 
 
 # ---------------------------------------------------------------------------------------------- text table
@@ -311,7 +345,7 @@ th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}
 th{background:#f4f4f4}td.l,th.l{text-align:left}
 tr.dead td{color:#999;background:#f7f7f7}tr.over td{font-weight:bold}
 code{background:#f3f3f3;padding:0 2px;margin-right:3px;border-radius:2px;white-space:pre}
-.reading{background:#f8f8ff;border-left:4px solid #88a;padding:.6em 1em;line-height:1.45}
+.reading{background:#f8f8ff;border-left:4px solid #88a;padding:.1em 1em;line-height:1.45}
 img{max-width:100%;border:1px solid #eee}.small{color:#666;font-size:.85em}
 """
 
@@ -350,6 +384,14 @@ def _kv_table(rows: list) -> str:
                                for k, v in rows) + "</table>"
 
 
+def _steps_text(steps: Optional[int], target: Optional[int]) -> str:
+    if steps is None:
+        return f"unknown steps (target {target})"
+    if target is not None and steps < target:
+        return f"{steps:,} of {target:,} steps (stopped early; moekit train --resume continues)"
+    return f"{steps:,} steps"
+
+
 def _config_html(report: dict) -> str:
     c = report["config"]
     p = c["params"]
@@ -360,9 +402,10 @@ def _config_html(report: dict) -> str:
                         + (f" + {c['num_shared_experts']} shared" if c["num_shared_experts"] else "")),
             ("top-k", f"{c['top_k']} (this report: {report['top_k']})"),
             ("router", c["router"]),
-            ("capacity factor", f"train {c['capacity_factor']}, eval {c['eval_capacity_factor']}"),
+            ("capacity factor", capacity_text(c["router"], c["top_k"], c["capacity_factor"], c["eval_capacity_factor"])),
             ("parameters", f"{p['total']:,} total, {p['active']:,} active per token"),
-            ("training", f"{c['steps']} steps, {c['tokenizer']} tokenizer, sequence length {c['seq_len']}, data {c['data']}")]
+            ("training", f"{_steps_text(c.get('steps'), c.get('target_steps'))}, {c['tokenizer']} tokenizer, "
+                         f"sequence length {c['seq_len']}, data {c['data']}")]
     if c.get("val_loss"):
         rows.append(("validation loss", ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in c["val_loss"].items())))
     rows.append(("sample", f"{report['tokens']:,} tokens = {report['windows']} validation windows x {report['seq_len']}"))
@@ -419,7 +462,7 @@ def render_html(report: dict, images: dict) -> str:
     domains, focus = report["domains"], focus_domain(report["domains"])
     title = f"Expert specialisation: {Path(report['run']).name}"
     body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p class=reading>{html.escape(report['reading'])}</p>",
+            "<div class=reading>" + "".join(f"<p>{html.escape(par)}</p>" for par in report["reading"]) + "</div>",
             "<h2>Run</h2>", _config_html(report),
             "<h2>Layers</h2>", _summary_html(report),
             "<p class=small>I(expert; domain) is computed over routed slots; normalised = I / H(domain) (0 = routing "
