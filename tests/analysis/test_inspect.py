@@ -121,11 +121,57 @@ def test_top_tokens_ordering_by_count_and_lift():
     assert by_count[0] == [(5, 6), (7, 6), (9, 1)]
     assert by_count[1] == [(5, 30), (8, 5)]
     assert top_tokens_by_count(counts_EV, n=1)[0] == [(5, 6)]
-    by_lift = top_tokens_by_lift(counts_EV, n=8, min_count=5)
-    # token 7 only ever goes to expert 0: lift = (6/13) / (6/48); token 5 is mostly expert 1's; 9 is too rare
+    by_lift = top_tokens_by_lift(counts_EV, n=8, min_count=5, prior=0)
+    # token 7 only ever goes to expert 0: plain lift = (6/13) / (6/48); token 5 is mostly expert 1's; 9 is too rare
     assert [v for v, _, _ in by_lift[0]] == [7, 5]
     assert by_lift[0][0][2] == pytest.approx((6 / 13) / (6 / 48))
     assert [v for v, _, _ in by_lift[1]] == [8, 5]
+    # smoothed: 7 stays first, its lift pulled towards 1 by 5 pseudo-occurrences at expert 0's share 13/48
+    r = 13 / 48
+    assert top_tokens_by_lift(counts_EV, min_count=5)[0][0][2] == pytest.approx((6 + 5 * r) / (6 + 5) / r)
+
+
+def _synthetic_routing():
+    """K = 1, E = 4. Expert 0 takes token 10 (200 occurrences) 90% of the time and token 11 (60)
+    always; token 12 (once) and token 13 (5 times) also only went to expert 0; tokens 20-29 (100
+    each) are spread evenly over all four experts."""
+    tokens, experts = [], []
+    for v, n, to0 in ((10, 200, 180), (11, 60, 60), (12, 1, 1), (13, 5, 5)):
+        tokens += [v] * n
+        experts += [0] * to0 + [1 + i % 3 for i in range(n - to0)]
+    for v in range(20, 30):
+        tokens += [v] * 100
+        experts += [i % 4 for i in range(100)]
+    return torch.tensor(tokens), torch.tensor(experts)[:, None]
+
+
+def test_smoothed_lift_ranks_truly_specialised_tokens_above_rare_ones():
+    token_T, experts_TK = _synthetic_routing()
+    counts_EV = expert_token_counts(experts_TK, token_T, 4, 30)
+    # plain lift: every token only ever seen at expert 0 ties at the ceiling, 12 and 13 ahead of 10
+    plain = top_tokens_by_lift(counts_EV, n=4, min_count=1, prior=0)[0]
+    assert [v for v, _, _ in plain] == [11, 13, 12, 10] and plain[0][2] == plain[1][2] == plain[2][2]
+    # smoothed: the frequent, truly specialised tokens first; the one seen once last; no ties
+    smooth = top_tokens_by_lift(counts_EV, n=4, min_count=1)[0]
+    assert [v for v, _, _ in smooth] == [11, 10, 13, 12]
+    lifts = [x for _, _, x in smooth]
+    assert lifts == sorted(lifts, reverse=True) and len(set(lifts)) == 4 and lifts[0] < plain[0][2]
+    # the same through layer_table (token occurrences from token_T) with the default minimum count
+    table = layer_table(experts_TK, token_T, torch.zeros_like(token_T), 4, ["prose"])
+    assert [t["id"] for t in table["experts"][0]["top_lift"]][:3] == [11, 10, 13]
+    json.dumps(table, allow_nan=False)
+
+
+def test_smoothed_lift_counts_token_occurrences_with_top2():
+    # K = 2: token 1 (40 occurrences) always goes to experts {0, 1}, token 2 (40) to {2, 3}, token 3 to {0, 3}
+    token_T = torch.tensor([1] * 40 + [2] * 40 + [3] * 40)
+    experts_TK = torch.tensor([[0, 1]] * 40 + [[2, 3]] * 40 + [[0, 3]] * 40)
+    counts_EV = expert_token_counts(experts_TK, token_T, 4, 4)
+    occ_V = torch.bincount(token_T, minlength=4)
+    lift = {v: x for v, _, x in top_tokens_by_lift(counts_EV, min_count=1, occurrences_V=occ_V, prior=0)[0]}
+    assert lift[1] == pytest.approx(1 / (80 / 120)) and lift[3] == pytest.approx(1.5)  # expert 0 takes 2/3 of tokens
+    with pytest.raises(ValueError, match="prior must be >= 0"):
+        top_tokens_by_lift(counts_EV, prior=-1)
 
 
 def test_conditional_mi_separates_token_identity_from_context():

@@ -370,7 +370,7 @@ def show_token(s: str) -> str:
 def _tokens_html(items: list, lift: bool = False) -> str:
     cells = []
     for t in items:
-        extra = f" {t['lift']:.1f}x" if lift else f" {t['count']}"
+        extra = f" {t['lift']:.1f}x ({t['count']})" if lift else f" {t['count']}"
         cells.append(f"<code>{show_token(t['token'])}</code><span class=small>{extra}</span>")
     return " ".join(cells) or "-"
 
@@ -432,7 +432,8 @@ def _summary_html(report: dict) -> str:
 def _layer_html(layer: dict, domains: list, focus: str) -> str:
     head = ("<tr><th>expert</th><th>tokens</th><th>share</th>" + "".join(f"<th>{html.escape(d)} %</th>" for d in domains)
             + "".join(f"<th>spec. {html.escape(d)}</th>" for d in domains)
-            + "<th class=l>top tokens (count)</th><th class=l>top tokens by lift (&ge; 5 here)</th></tr>")
+            + "<th class=l>top tokens (count)</th>"
+            f"<th class=l>top tokens by smoothed lift (count here, &ge; {layer.get('lift_min_count', 5)})</th></tr>")
     rows = []
     for x in layer["experts"]:
         cls = "dead" if x["tokens"] == 0 else "over" if x["expert"] in layer["overloaded"] else ""
@@ -449,7 +450,10 @@ def _layer_html(layer: dict, domains: list, focus: str) -> str:
     empty = f", {layer['empty_slots']:,} empty" if layer["empty_slots"] else ""
     cap = (f"<p class=small>{layer['routed_slots']:,} routed slots ({layer['tokens']:,} tokens x {layer['slots_per_token']}{empty}); "
            f"I(expert; domain) = {mi['mi_bits']:.4f} bits, normalised {_fmt(mi['normalised'], '.3f')}; "
-           f"specialisation = P(domain | expert) / P(domain), 1.00 = no preference.</p>")
+           f"specialisation = P(domain | expert) / P(domain), 1.00 = no preference; lift = the share of a token's "
+           f"occurrences routed to the expert over the expert's share of all occurrences, smoothed with "
+           f"{layer.get('lift_prior', 0):g} pseudo-occurrences at the expert's share so that rare tokens rank below "
+           f"frequent ones with the same preference.</p>")
     return f"<h3>layer {layer['layer']}</h3>{cap}<table>{head}{''.join(rows)}</table>"
 
 
