@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moekit.analysis import inspect_run, layer_table, routing_table
-from moekit.analysis.report import capacity_text, layer_reading, show_token, trained_steps
+from moekit.analysis.report import capacity_text, id_list, layer_reading, show_token, text_table, trained_steps
 from moekit.analysis.routing import (
     available_windows, collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
     mutual_information, overloaded_experts, permute_within_groups, specialisation, top_tokens_by_count, top_tokens_by_lift,
@@ -219,6 +219,28 @@ def test_layer_table_is_json_ready_and_reading_follows_the_numbers():
     table = {"layer": 0, **layer_table(mixed_TK, token_T, domain_T, E, DOMAINS)}
     assert table["mi"]["normalised"] == pytest.approx(0.0, abs=1e-9)
     assert "no clear specialisation" in layer_reading(table, DOMAINS)
+
+
+def test_text_table_columns_align_with_long_dead_lists():
+    E = 64
+    domain_T = torch.tensor([CODE, PROSE] * 100)
+    token_T = torch.arange(200) % 11
+    few_TK = torch.where(domain_T == CODE, 0, 1)[:, None]  # experts 2..63 dead
+    many_TK = (torch.arange(200) % E)[:, None]  # every expert used
+    layers = [{"layer": 0, **layer_table(few_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 0.2))},
+              {"layer": 1, **layer_table(many_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 4.0))}]
+    layers[1]["overloaded"] = list(range(0, 60, 2))  # a long overloaded list as well
+    rep = {"run": "synthetic", "tokens": 200, "windows": 4, "seq_len": 50, "top_k": 1, "config": {"num_experts": E},
+           "base_rate": {"prose": 0.5, "code": 0.5}, "domains": DOMAINS, "layers": layers}
+    head, *rows = text_table(rep).splitlines()[2:5]
+    assert len(rows) == 2 and all(len(r) <= len(head) + 24 for r in rows)
+    for name in ("most prose-leaning", "most code-leaning", "dead", "overloaded"):  # left-aligned columns
+        at = head.index(name)
+        for r in rows:
+            assert r[at - 1] == " " and r[at] != " ", f"column {name!r} misaligned in {r!r}"
+    assert "2,3,4" in rows[0] and "more" in rows[0] and "+" in rows[0]
+    assert id_list(list(range(2, 64))) == "2,3,4,5,6 +57 more" and id_list([]) == "-" and id_list([3, 7]) == "3,7"
+    assert len(id_list(list(range(100, 140)))) <= 18
 
 
 def test_show_token_is_visible_and_escaped():

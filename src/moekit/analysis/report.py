@@ -38,6 +38,7 @@ NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisati
 CLEAR = 0.20  # ... at or above this as "clear"
 LEANING = 1.25  # an expert "leans" to a domain at this specialisation (and a meaningful load)
 MIN_TOKENS = 20  # experts with fewer tokens are greyed out in the domain heatmap
+ID_LIST_WIDTH = 18  # the text table's dead / overloaded columns shorten longer lists
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -238,22 +239,42 @@ def _extreme(layer: dict, domain: str) -> str:
     return f"e{x['expert']} {_pct(x['domain_share'][domain])} ({x['specialisation'][domain]:.2f}x)"
 
 
+def id_list(ids: list, width: int = ID_LIST_WIDTH) -> str:
+    """Expert ids as ``3,7,12``; a list longer than ``width`` characters keeps the ids that fit
+    and counts the rest (``0,1,2,3 +28 more``); ``-`` for none."""
+    full = ",".join(map(str, ids))
+    if len(full) <= width:
+        return full or "-"
+    for m in range(len(ids) - 1, 0, -1):
+        text = ",".join(map(str, ids[:m])) + f" +{len(ids) - m} more"
+        if len(text) <= width:
+            return text
+    return f"{len(ids)} experts"
+
+
 def text_table(report: dict) -> str:
-    """The short per-layer table printed to stdout."""
+    """The short per-layer table printed to stdout: columns sized to their widest cell (long
+    dead / overloaded lists shortened by :func:`id_list`), so every row lines up."""
     doms = report["domains"]
     lines = [f"moekit inspect: {report['run']}: {report['tokens']:,} tokens ({report['windows']} windows x {report['seq_len']}), "
              f"top-{report['top_k']} of {report['config']['num_experts']} experts",
              "base rate: " + ", ".join(f"{d} {100 * r:.1f}%" for d, r in report["base_rate"].items())]
-    head = f"{'layer':>5} {'MI bits':>8} {'MI/H':>6} {'MI|tok':>6} {'H/Hmax':>6}  " + "".join(
-        f"{'most ' + d + '-leaning':<24}" for d in doms) + f"{'dead':<10} overloaded"
-    lines.append(head)
+    cols = ([("layer", ">"), ("MI bits", ">"), ("MI/H", ">"), ("MI|tok", ">"), ("H/Hmax", ">")]
+            + [(f"most {d}-leaning", "<") for d in doms] + [("dead", "<"), ("overloaded", "<")])
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = []
     for layer in report["layers"]:
         mi, cond = layer["mi"], layer.get("mi_given_token") or {}
-        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        row = (f"{layer['layer']:>5} {mi['mi_bits']:>8.4f} {f(mi['normalised']):>6} {f(cond.get('excess')):>6} "
-               f"{f(layer.get('routing_entropy_normalised')):>6}  " + "".join(f"{_extreme(layer, d):<24}" for d in doms)
-               + f"{','.join(map(str, layer['dead'])) or '-':<10} {','.join(map(str, layer['overloaded'])) or '-'}")
-        lines.append(row)
+        rows.append([str(layer["layer"]), f"{mi['mi_bits']:.4f}", f(mi["normalised"]), f(cond.get("excess")),
+                     f(layer.get("routing_entropy_normalised"))] + [_extreme(layer, d) for d in doms]
+                    + [id_list(layer["dead"]), id_list(layer["overloaded"])])
+    widths = [max([len(name)] + [len(r[i]) for r in rows]) for i, (name, _) in enumerate(cols)]
+
+    def line(cells: list) -> str:
+        return "  ".join(f"{c:{align}{w}}" for c, (_, align), w in zip(cells, cols, widths)).rstrip()
+
+    lines.append(line([name for name, _ in cols]))
+    lines += [line(r) for r in rows]
     lines.append("MI/H: I(expert; domain) / H(domain); MI|tok: the same given the token id, in excess of its value with "
                  "labels shuffled per token; H/Hmax: routing entropy / log E; leaning: domain share (specialisation)")
     return "\n".join(lines)
