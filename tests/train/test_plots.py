@@ -21,7 +21,7 @@ TINY = ["--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Real tiny runs through the CLI: MoE + dense with one evaluation each (10 steps, 16 experts),
-    a dense-only run, and a MoE-only run with 32 experts."""
+    a dense-only run, a MoE-only run with 32 experts, and a config without MoE layers."""
     root = tmp_path_factory.mktemp("plots")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEKIT_CACHE", str(root / "cache"))
@@ -30,7 +30,9 @@ def runs(tmp_path_factory):
         assert main(["train", "--name", "dense", "--dense", "--steps", "10", "--eval-every", "5", *out, *TINY]) == 0
         assert main(["train", "--name", "wide", "--no-baseline", "--steps", "4", "--eval-every", "2", "--experts", "32",
                      "--top-k", "2", *out, *TINY]) == 0
-    yield {name: root / name for name in ("short", "dense", "wide")}
+        assert main(["train", "--name", "nomoe", "--steps", "4", "--eval-every", "2", "--set", "model.moe=null",
+                     *out, *TINY[:-2]]) == 0
+    yield {name: root / name for name in ("short", "dense", "wide", "nomoe")}
 
 
 def _finite_points(line) -> int:
@@ -116,6 +118,18 @@ def test_dense_only_run_is_not_labelled_moe(runs):
         plt.close(fig)
     paths = plot_run(runs["dense"])
     assert [p.name for p in paths] == ["val_loss.png"]
+
+
+def test_a_model_without_moe_layers_is_not_labelled_moe(runs):
+    """``--set model.moe=null`` trains a dense model in the run's ``moe`` folder: plotted as dense."""
+    assert (runs["nomoe"] / "moe").is_dir()
+    fig = val_loss_figure(runs["nomoe"])
+    try:
+        texts = _texts(fig)
+        assert not [t for t in texts if "moe" in t.lower()], texts
+        assert "validation loss: dense model" in texts
+    finally:
+        plt.close(fig)
 
 
 def test_moe_only_run_is_not_called_a_comparison(runs):

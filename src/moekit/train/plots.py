@@ -20,6 +20,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from .trainer import METRICS  # noqa: E402
 
+CONFIG = "config.json"  # the run folder's config (moekit.train.run.CONFIG)
+
 MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
 DOMAIN_LINES = (":", "-.", (0, (5, 2)), (0, (3, 1, 1, 1)))  # one line style per domain (cycled)
 LEGEND_MAX_EXPERTS = 20  # up to this many experts get a legend of distinct colours; more get a colourbar
@@ -46,6 +48,15 @@ def _finite_series(rows: list, key: str) -> tuple[list, list]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def _has_moe_layers(run_dir: Path) -> bool:
+    """Whether the run's ``moe`` sub-run is a MoE model (a config with ``model.moe`` null trains a
+    dense model under that label)."""
+    try:
+        return json.loads((Path(run_dir) / CONFIG).read_text())["model"].get("moe") is not None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
 def val_loss_figure(run_dir: Path):
     """The validation-loss figure of a run folder (a matplotlib Figure; the caller closes it), or
     None when no model was evaluated. Every series carries markers, so a run evaluated once or
@@ -55,6 +66,8 @@ def val_loss_figure(run_dir: Path):
     present = []
     for label, name, colour, marker in MODELS:
         rows = [r for r in read_metrics(run_dir / label) if "val_loss" in r]
+        if label == "moe" and not _has_moe_layers(run_dir):
+            name = "dense"
         if rows:
             present.append((name, colour, marker, rows))
     if not present:
