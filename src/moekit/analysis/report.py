@@ -60,10 +60,9 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
     seq_len = min(train_cfg.seq_len, model_cfg.max_seq_len)
     most = available_windows(data.val_ids_N.numel(), seq_len)
-    if windows > most > 0:
-        if not quiet:
-            print(f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
-                  f"{most} non-overlapping windows of {seq_len} tokens", file=sys.stderr)
+    if windows > most > 0 and not quiet:
+        print(f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
+              f"{most} non-overlapping windows of {seq_len} tokens", file=sys.stderr)
     routing = collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
     layers = routing_table(routing, token_str=tok.token_str)
 

@@ -18,9 +18,8 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .run import CONFIG  # noqa: E402
 from .trainer import METRICS  # noqa: E402
-
-CONFIG = "config.json"  # the run folder's config (moekit.train.run.CONFIG)
 
 MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
 DOMAIN_LINES = (":", "-.", (0, (5, 2)), (0, (3, 1, 1, 1)))  # one line style per domain (cycled)
