@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from moekit.analysis import inspect_run, layer_table, routing_table
-from moekit.analysis.report import layer_reading, show_token
+from moekit.analysis.report import capacity_text, id_list, layer_reading, show_token, text_table, trained_steps
 from moekit.analysis.routing import (
-    collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
+    available_windows, collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
     mutual_information, overloaded_experts, permute_within_groups, specialisation, top_tokens_by_count, top_tokens_by_lift,
 )
 from moekit.cli import main
@@ -27,7 +28,8 @@ WINDOWS, SEQ_LEN = 8, 32
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny MoE run and a tiny dense-only run, trained through the CLI (bytes tokenizer, 20 steps)."""
+    """A tiny MoE run, a tiny dense-only run (bytes tokenizer, 20 steps) and a MoE run stopped at
+    step 10 of 30, trained through the CLI."""
     root = tmp_path_factory.mktemp("inspect")
     common = ["--out", str(root), "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--seq-len", str(SEQ_LEN),
               "--dim", "32", "--layers", "2", "--quiet", "--preset", "mixtral", "--set", "train.code_chars=100000",
@@ -37,7 +39,8 @@ def runs(tmp_path_factory):
         mp.setenv("MOEKIT_CACHE", str(root / "cache"))
         assert main(["train", "--name", "moe", "--no-baseline", "--set", "model.moe.hidden_dim=32", *common]) == 0
         assert main(["train", "--name", "dense", "--dense", *common]) == 0
-        yield {"moe": root / "moe", "dense": root / "dense", "root": root}
+        assert main(["train", "--name", "stopped", "--no-baseline", *common, "--steps", "30", "--stop-at", "10"]) == 0
+        yield {"moe": root / "moe", "dense": root / "dense", "stopped": root / "stopped", "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +121,57 @@ def test_top_tokens_ordering_by_count_and_lift():
     assert by_count[0] == [(5, 6), (7, 6), (9, 1)]
     assert by_count[1] == [(5, 30), (8, 5)]
     assert top_tokens_by_count(counts_EV, n=1)[0] == [(5, 6)]
-    by_lift = top_tokens_by_lift(counts_EV, n=8, min_count=5)
-    # token 7 only ever goes to expert 0: lift = (6/13) / (6/48); token 5 is mostly expert 1's; 9 is too rare
+    by_lift = top_tokens_by_lift(counts_EV, n=8, min_count=5, prior=0)
+    # token 7 only ever goes to expert 0: plain lift = (6/13) / (6/48); token 5 is mostly expert 1's; 9 is too rare
     assert [v for v, _, _ in by_lift[0]] == [7, 5]
     assert by_lift[0][0][2] == pytest.approx((6 / 13) / (6 / 48))
     assert [v for v, _, _ in by_lift[1]] == [8, 5]
+    # smoothed: 7 stays first, its lift pulled towards 1 by 5 pseudo-occurrences at expert 0's share 13/48
+    r = 13 / 48
+    assert top_tokens_by_lift(counts_EV, min_count=5)[0][0][2] == pytest.approx((6 + 5 * r) / (6 + 5) / r)
+
+
+def _synthetic_routing():
+    """K = 1, E = 4. Expert 0 takes token 10 (200 occurrences) 90% of the time and token 11 (60)
+    always; token 12 (once) and token 13 (5 times) also only went to expert 0; tokens 20-29 (100
+    each) are spread evenly over all four experts."""
+    tokens, experts = [], []
+    for v, n, to0 in ((10, 200, 180), (11, 60, 60), (12, 1, 1), (13, 5, 5)):
+        tokens += [v] * n
+        experts += [0] * to0 + [1 + i % 3 for i in range(n - to0)]
+    for v in range(20, 30):
+        tokens += [v] * 100
+        experts += [i % 4 for i in range(100)]
+    return torch.tensor(tokens), torch.tensor(experts)[:, None]
+
+
+def test_smoothed_lift_ranks_truly_specialised_tokens_above_rare_ones():
+    token_T, experts_TK = _synthetic_routing()
+    counts_EV = expert_token_counts(experts_TK, token_T, 4, 30)
+    # plain lift: every token only ever seen at expert 0 ties at the ceiling, 12 and 13 ahead of 10
+    plain = top_tokens_by_lift(counts_EV, n=4, min_count=1, prior=0)[0]
+    assert [v for v, _, _ in plain] == [11, 13, 12, 10] and plain[0][2] == plain[1][2] == plain[2][2]
+    # smoothed: the frequent, truly specialised tokens first; the one seen once last; no ties
+    smooth = top_tokens_by_lift(counts_EV, n=4, min_count=1)[0]
+    assert [v for v, _, _ in smooth] == [11, 10, 13, 12]
+    lifts = [x for _, _, x in smooth]
+    assert lifts == sorted(lifts, reverse=True) and len(set(lifts)) == 4 and lifts[0] < plain[0][2]
+    # the same through layer_table (token occurrences from token_T) with the default minimum count
+    table = layer_table(experts_TK, token_T, torch.zeros_like(token_T), 4, ["prose"])
+    assert [t["id"] for t in table["experts"][0]["top_lift"]][:3] == [11, 10, 13]
+    json.dumps(table, allow_nan=False)
+
+
+def test_smoothed_lift_counts_token_occurrences_with_top2():
+    # K = 2: token 1 (40 occurrences) always goes to experts {0, 1}, token 2 (40) to {2, 3}, token 3 to {0, 3}
+    token_T = torch.tensor([1] * 40 + [2] * 40 + [3] * 40)
+    experts_TK = torch.tensor([[0, 1]] * 40 + [[2, 3]] * 40 + [[0, 3]] * 40)
+    counts_EV = expert_token_counts(experts_TK, token_T, 4, 4)
+    occ_V = torch.bincount(token_T, minlength=4)
+    lift = {v: x for v, _, x in top_tokens_by_lift(counts_EV, min_count=1, occurrences_V=occ_V, prior=0)[0]}
+    assert lift[1] == pytest.approx(1 / (80 / 120)) and lift[3] == pytest.approx(1.5)  # expert 0 takes 2/3 of tokens
+    with pytest.raises(ValueError, match="prior must be >= 0"):
+        top_tokens_by_lift(counts_EV, prior=-1)
 
 
 def test_conditional_mi_separates_token_identity_from_context():
@@ -172,6 +221,28 @@ def test_layer_table_is_json_ready_and_reading_follows_the_numbers():
     assert "no clear specialisation" in layer_reading(table, DOMAINS)
 
 
+def test_text_table_columns_align_with_long_dead_lists():
+    E = 64
+    domain_T = torch.tensor([CODE, PROSE] * 100)
+    token_T = torch.arange(200) % 11
+    few_TK = torch.where(domain_T == CODE, 0, 1)[:, None]  # experts 2..63 dead
+    many_TK = (torch.arange(200) % E)[:, None]  # every expert used
+    layers = [{"layer": 0, **layer_table(few_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 0.2))},
+              {"layer": 1, **layer_table(many_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 4.0))}]
+    layers[1]["overloaded"] = list(range(0, 60, 2))  # a long overloaded list as well
+    rep = {"run": "synthetic", "tokens": 200, "windows": 4, "seq_len": 50, "top_k": 1, "config": {"num_experts": E},
+           "base_rate": {"prose": 0.5, "code": 0.5}, "domains": DOMAINS, "layers": layers}
+    head, *rows = text_table(rep).splitlines()[2:5]
+    assert len(rows) == 2 and all(len(r) <= len(head) + 24 for r in rows)
+    for name in ("most prose-leaning", "most code-leaning", "dead", "overloaded"):  # left-aligned columns
+        at = head.index(name)
+        for r in rows:
+            assert r[at - 1] == " " and r[at] != " ", f"column {name!r} misaligned in {r!r}"
+    assert "2,3,4" in rows[0] and "more" in rows[0] and "+" in rows[0]
+    assert id_list(list(range(2, 64))) == "2,3,4,5,6 +57 more" and id_list([]) == "-" and id_list([3, 7]) == "3,7"
+    assert len(id_list(list(range(100, 140)))) <= 18
+
+
 def test_show_token_is_visible_and_escaped():
     assert show_token("<b>&") == "&lt;b&gt;&amp;"
     assert show_token(" x\n\t\x01") == "␣x\\n\\t\\x01"
@@ -212,11 +283,44 @@ def test_inspect_run_writes_the_report(report, runs):
         assert sum(x["share"] for x in layer["experts"]) == pytest.approx(1.0)
         assert 0.0 <= layer["mi"]["normalised"] <= 1.0
     assert saved["config"]["params"]["total"] > saved["config"]["params"]["active"] > 0
-    assert saved["reading"].startswith("Measured on") and "layer 1" in saved["reading"]
+    assert saved["reading"][0].startswith("Measured on") and saved["reading"][2].startswith("layer 1:")
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     assert "layer 0" in page and "specialisation" in page
+
+
+def _run_table(page: str) -> str:
+    return page[page.index("<h2>Run</h2>"):page.index("<h2>Layers</h2>")]
+
+
+def test_html_reading_has_one_paragraph_per_layer(report, runs):
+    page = (runs["moe"] / "inspect" / "report.html").read_text()
+    block = page[page.index("<div class=reading>"):]
+    block = block[:block.index("</div>")]
+    paragraphs = re.findall(r"<p>(.*?)</p>", block)
+    assert len(paragraphs) == 1 + len(report["layers"])
+    assert paragraphs[0].startswith("Measured on")
+    assert [p.split(":")[0] for p in paragraphs[1:]] == [f"layer {layer['layer']}" for layer in report["layers"]]
+
+
+def test_html_names_an_absent_capacity_factor_dropless(report, runs):
+    assert report["config"]["capacity_factor"] is None
+    table = _run_table((runs["moe"] / "inspect" / "report.html").read_text())
+    assert "None" not in table
+    assert "none (dropless), in training and evaluation" in table
+    assert capacity_text("topk", 2, 1.25, None) == "1.25, in training and evaluation"
+    assert capacity_text("switch", 1, 1.25, 2.0) == "1.25 in training, 2 in evaluation"
+    assert capacity_text("topk", 2, None, 2.0) == "none (dropless) in training, 2 in evaluation"
+    assert capacity_text("expert_choice", 2, None, None).startswith("2 (top-k, expert choice)")
+
+
+def test_stopped_run_reports_the_steps_actually_trained(runs, cache_env, tmp_path):
+    rep = inspect_run(runs["stopped"], out_dir=tmp_path, windows=2, quiet=True)
+    assert rep["config"]["steps"] == 10 and rep["config"]["target_steps"] == 30
+    table = _run_table((tmp_path / "report.html").read_text())
+    assert "10 of 30 steps (stopped early" in table and "<td class=l>30 steps" not in table
+    assert trained_steps(runs["moe"] / "moe") == 20  # a finished run: all its steps
 
 
 def test_inspect_run_out_dir_and_stdout(runs, cache_env, tmp_path, capsys):
@@ -239,6 +343,45 @@ def test_cli_inspect_dense_only_run_is_a_one_line_error(runs, cache_env, capsys)
     assert "\n" not in err and "needs a MoE run" in err
     with pytest.raises(ValueError, match="needs a MoE run"):
         inspect_run(runs["dense"])
+
+
+def _val_tokens(run) -> int:
+    from moekit.data import build_data, load_tokenizer
+    from moekit.train.run import load_run_config
+
+    _, train_cfg, _ = load_run_config(run)
+    tok = load_tokenizer(run / "tokenizer.json")
+    return build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok).val_ids_N.numel()
+
+
+def test_windows_beyond_the_validation_split_are_capped_with_a_note(runs, cache_env, tmp_path, capsys):
+    most = available_windows(_val_tokens(runs["moe"]), SEQ_LEN)
+    assert most == (_val_tokens(runs["moe"]) - 1) // SEQ_LEN
+    rep = inspect_run(runs["moe"], out_dir=tmp_path, windows=most + 40)
+    assert rep["windows"] == most and rep["windows_requested"] == most + 40
+    assert rep["tokens"] == most * SEQ_LEN
+    err = capsys.readouterr().err
+    assert f"windows {most + 40} is more than the validation split holds" in err and f"all {most} " in err
+
+
+def test_collect_routing_refuses_more_windows_than_the_split_holds(runs, cache_env):
+    from moekit.data import build_data
+    from moekit.generate import load_run_model
+    from moekit.train.run import load_run_config
+
+    _, train_cfg, _ = load_run_config(runs["moe"])
+    model, tok = load_run_model(str(runs["moe"]), "moe")
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    most = available_windows(data.val_ids_N.numel(), 16)
+    with pytest.raises(ValueError, match=f"windows must be at most {most} .*got {most + 1}$"):
+        collect_routing(model, data, windows=most + 1, seq_len=16, batch_size=2)
+
+
+@pytest.mark.parametrize("bad", ["0", "-3"])
+def test_cli_inspect_non_positive_windows_is_a_one_line_error(runs, cache_env, capsys, bad):
+    assert main(["inspect", "--run", str(runs["moe"]), "--windows", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"windows must be a positive integer; got {bad}" in err
 
 
 def test_missing_run_folder(tmp_path, capsys):

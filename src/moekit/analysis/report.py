@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,26 +22,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
+from ..train.plots import read_metrics  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
-from .routing import collect_routing, routing_table  # noqa: E402
+from ..train.trainer import CHECKPOINT  # noqa: E402
+from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
 NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisation"
 CLEAR = 0.20  # ... at or above this as "clear"
 LEANING = 1.25  # an expert "leans" to a domain at this specialisation (and a meaningful load)
 MIN_TOKENS = 20  # experts with fewer tokens are greyed out in the domain heatmap
+ID_LIST_WIDTH = 18  # the text table's dead / overloaded columns shorten longer lists
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, windows: int = 64,
                 device: str = "cpu", top_k: Optional[int] = None, *, quiet: bool = False) -> dict:
     """Route ``windows`` validation windows through the run's MoE model, write the report files
-    (to ``RUN/inspect`` or ``out_dir``), print a short table, and return the report as a dict."""
+    (to ``RUN/inspect`` or ``out_dir``), print a short table, and return the report as a dict.
+    ``windows`` beyond the non-overlapping windows the validation split holds is capped to
+    them, with a note on stderr (``report["windows_requested"]`` keeps the request)."""
     run_dir = Path(run)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
@@ -52,7 +59,11 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     model, tok = load_run_model(str(run_dir), "moe", device)
     data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
     seq_len = min(train_cfg.seq_len, model_cfg.max_seq_len)
-    routing = collect_routing(model, data, windows, seq_len, train_cfg.batch_size, device, top_k=top_k)
+    most = available_windows(data.val_ids_N.numel(), seq_len)
+    if windows > most > 0 and not quiet:
+        print(f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
+              f"{most} non-overlapping windows of {seq_len} tokens", file=sys.stderr)
+    routing = collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
     layers = routing_table(routing, token_str=tok.token_str)
 
     report = {
@@ -97,7 +108,8 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
         "num_experts": moe.num_experts, "top_k": moe.top_k, "router": moe.router, "expert_hidden_dim": moe.hidden_dim,
         "num_shared_experts": moe.num_shared_experts, "capacity_factor": moe.capacity_factor,
         "eval_capacity_factor": moe.eval_capacity_factor, "params": model.param_counts(),
-        "steps": train_cfg.steps, "tokenizer": train_cfg.tokenizer, "seq_len": train_cfg.seq_len,
+        "steps": trained_steps(Path(run_dir) / "moe"), "target_steps": train_cfg.steps,
+        "tokenizer": train_cfg.tokenizer, "seq_len": train_cfg.seq_len,
         "data": train_cfg.data or "embedded",
     }
     comp = Path(run_dir) / COMPARISON
@@ -108,6 +120,36 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
         except (json.JSONDecodeError, AttributeError):
             pass
     return out
+
+
+def trained_steps(sub_dir: Path) -> Optional[int]:
+    """The optimizer steps behind a sub-run's checkpoint (the weights inspected), read from the
+    checkpoint's metadata without loading its tensors; else the last step of its metrics; else None."""
+    try:
+        with safe_open(str(Path(sub_dir) / CHECKPOINT), framework="pt") as f:
+            step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
+        if isinstance(step, int):
+            return step
+    except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint: fall back to the metrics
+        pass
+    try:
+        steps = [r["step"] for r in read_metrics(sub_dir) if isinstance(r.get("step"), int)]
+    except (json.JSONDecodeError, OSError):
+        return None
+    return steps[-1] if steps else None
+
+
+def capacity_text(router: str, top_k: int, capacity_factor: Optional[float], eval_capacity_factor: Optional[float]) -> str:
+    """The capacity setting in words: ``None`` is dropless (for expert choice: top_k slots per token on average)."""
+    def one(cf):
+        if cf is not None:
+            return f"{cf:g}"
+        return f"{top_k:g} (top-k, expert choice)" if router == "expert_choice" else "none (dropless)"
+
+    train = one(capacity_factor)
+    if eval_capacity_factor is None or eval_capacity_factor == capacity_factor:
+        return f"{train}, in training and evaluation"
+    return f"{train} in training, {one(eval_capacity_factor)} in evaluation"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -175,14 +217,14 @@ def layer_reading(layer: dict, domains: list) -> str:
     return "; ".join(parts) + "."
 
 
-def reading(report: dict) -> str:
-    """The report's one-paragraph reading: the sample, then a sentence per layer."""
+def reading(report: dict) -> list[str]:
+    """The report's reading as paragraphs: the sample first, then one per layer."""
     rates = ", ".join(f"{d} {_pct(r)}" for d, r in report["base_rate"].items())
     intro = (f"Measured on {report['tokens']:,} validation tokens ({report['windows']} windows of {report['seq_len']}; {rates}), "
              f"routing each to {report['top_k']} of {report['config']['num_experts']} experts.")
     if report["tokens"] < 2000:
         intro += " That is a small sample: treat small differences as noise."
-    return " ".join([intro] + [layer_reading(layer, report["domains"]) for layer in report["layers"]])
+    return [intro] + [layer_reading(layer, report["domains"]) for layer in report["layers"]]
 
 
 # ---------------------------------------------------------------------------------------------- text table
@@ -196,22 +238,42 @@ def _extreme(layer: dict, domain: str) -> str:
     return f"e{x['expert']} {_pct(x['domain_share'][domain])} ({x['specialisation'][domain]:.2f}x)"
 
 
+def id_list(ids: list, width: int = ID_LIST_WIDTH) -> str:
+    """Expert ids as ``3,7,12``; a list longer than ``width`` characters keeps the ids that fit
+    and counts the rest (``0,1,2,3 +28 more``); ``-`` for none."""
+    full = ",".join(map(str, ids))
+    if len(full) <= width:
+        return full or "-"
+    for m in range(len(ids) - 1, 0, -1):
+        text = ",".join(map(str, ids[:m])) + f" +{len(ids) - m} more"
+        if len(text) <= width:
+            return text
+    return f"{len(ids)} experts"
+
+
 def text_table(report: dict) -> str:
-    """The short per-layer table printed to stdout."""
+    """The short per-layer table printed to stdout: columns sized to their widest cell (long
+    dead / overloaded lists shortened by :func:`id_list`), so every row lines up."""
     doms = report["domains"]
     lines = [f"moekit inspect: {report['run']}: {report['tokens']:,} tokens ({report['windows']} windows x {report['seq_len']}), "
              f"top-{report['top_k']} of {report['config']['num_experts']} experts",
              "base rate: " + ", ".join(f"{d} {100 * r:.1f}%" for d, r in report["base_rate"].items())]
-    head = f"{'layer':>5} {'MI bits':>8} {'MI/H':>6} {'MI|tok':>6} {'H/Hmax':>6}  " + "".join(
-        f"{'most ' + d + '-leaning':<24}" for d in doms) + f"{'dead':<10} overloaded"
-    lines.append(head)
+    cols = ([("layer", ">"), ("MI bits", ">"), ("MI/H", ">"), ("MI|tok", ">"), ("H/Hmax", ">")]
+            + [(f"most {d}-leaning", "<") for d in doms] + [("dead", "<"), ("overloaded", "<")])
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = []
     for layer in report["layers"]:
         mi, cond = layer["mi"], layer.get("mi_given_token") or {}
-        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        row = (f"{layer['layer']:>5} {mi['mi_bits']:>8.4f} {f(mi['normalised']):>6} {f(cond.get('excess')):>6} "
-               f"{f(layer.get('routing_entropy_normalised')):>6}  " + "".join(f"{_extreme(layer, d):<24}" for d in doms)
-               + f"{','.join(map(str, layer['dead'])) or '-':<10} {','.join(map(str, layer['overloaded'])) or '-'}")
-        lines.append(row)
+        rows.append([str(layer["layer"]), f"{mi['mi_bits']:.4f}", f(mi["normalised"]), f(cond.get("excess")),
+                     f(layer.get("routing_entropy_normalised"))] + [_extreme(layer, d) for d in doms]
+                    + [id_list(layer["dead"]), id_list(layer["overloaded"])])
+    widths = [max([len(name)] + [len(r[i]) for r in rows]) for i, (name, _) in enumerate(cols)]
+
+    def line(cells: list) -> str:
+        return "  ".join(f"{c:{align}{w}}" for c, (_, align), w in zip(cells, cols, widths)).rstrip()
+
+    lines.append(line([name for name, _ in cols]))
+    lines += [line(r) for r in rows]
     lines.append("MI/H: I(expert; domain) / H(domain); MI|tok: the same given the token id, in excess of its value with "
                  "labels shuffled per token; H/Hmax: routing entropy / log E; leaning: domain share (specialisation)")
     return "\n".join(lines)
@@ -303,7 +365,7 @@ th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}
 th{background:#f4f4f4}td.l,th.l{text-align:left}
 tr.dead td{color:#999;background:#f7f7f7}tr.over td{font-weight:bold}
 code{background:#f3f3f3;padding:0 2px;margin-right:3px;border-radius:2px;white-space:pre}
-.reading{background:#f8f8ff;border-left:4px solid #88a;padding:.6em 1em;line-height:1.45}
+.reading{background:#f8f8ff;border-left:4px solid #88a;padding:.1em 1em;line-height:1.45}
 img{max-width:100%;border:1px solid #eee}.small{color:#666;font-size:.85em}
 """
 
@@ -328,7 +390,7 @@ def show_token(s: str) -> str:
 def _tokens_html(items: list, lift: bool = False) -> str:
     cells = []
     for t in items:
-        extra = f" {t['lift']:.1f}x" if lift else f" {t['count']}"
+        extra = f" {t['lift']:.1f}x ({t['count']})" if lift else f" {t['count']}"
         cells.append(f"<code>{show_token(t['token'])}</code><span class=small>{extra}</span>")
     return " ".join(cells) or "-"
 
@@ -342,6 +404,14 @@ def _kv_table(rows: list) -> str:
                                for k, v in rows) + "</table>"
 
 
+def _steps_text(steps: Optional[int], target: Optional[int]) -> str:
+    if steps is None:
+        return f"unknown steps (target {target})"
+    if target is not None and steps < target:
+        return f"{steps:,} of {target:,} steps (stopped early; moekit train --resume continues)"
+    return f"{steps:,} steps"
+
+
 def _config_html(report: dict) -> str:
     c = report["config"]
     p = c["params"]
@@ -352,9 +422,10 @@ def _config_html(report: dict) -> str:
                         + (f" + {c['num_shared_experts']} shared" if c["num_shared_experts"] else "")),
             ("top-k", f"{c['top_k']} (this report: {report['top_k']})"),
             ("router", c["router"]),
-            ("capacity factor", f"train {c['capacity_factor']}, eval {c['eval_capacity_factor']}"),
+            ("capacity factor", capacity_text(c["router"], c["top_k"], c["capacity_factor"], c["eval_capacity_factor"])),
             ("parameters", f"{p['total']:,} total, {p['active']:,} active per token"),
-            ("training", f"{c['steps']} steps, {c['tokenizer']} tokenizer, sequence length {c['seq_len']}, data {c['data']}")]
+            ("training", f"{_steps_text(c.get('steps'), c.get('target_steps'))}, {c['tokenizer']} tokenizer, "
+                         f"sequence length {c['seq_len']}, data {c['data']}")]
     if c.get("val_loss"):
         rows.append(("validation loss", ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in c["val_loss"].items())))
     rows.append(("sample", f"{report['tokens']:,} tokens = {report['windows']} validation windows x {report['seq_len']}"))
@@ -381,7 +452,8 @@ def _summary_html(report: dict) -> str:
 def _layer_html(layer: dict, domains: list, focus: str) -> str:
     head = ("<tr><th>expert</th><th>tokens</th><th>share</th>" + "".join(f"<th>{html.escape(d)} %</th>" for d in domains)
             + "".join(f"<th>spec. {html.escape(d)}</th>" for d in domains)
-            + "<th class=l>top tokens (count)</th><th class=l>top tokens by lift (&ge; 5 here)</th></tr>")
+            + "<th class=l>top tokens (count)</th>"
+            f"<th class=l>top tokens by smoothed lift (count here, &ge; {layer.get('lift_min_count', 5)})</th></tr>")
     rows = []
     for x in layer["experts"]:
         cls = "dead" if x["tokens"] == 0 else "over" if x["expert"] in layer["overloaded"] else ""
@@ -398,7 +470,10 @@ def _layer_html(layer: dict, domains: list, focus: str) -> str:
     empty = f", {layer['empty_slots']:,} empty" if layer["empty_slots"] else ""
     cap = (f"<p class=small>{layer['routed_slots']:,} routed slots ({layer['tokens']:,} tokens x {layer['slots_per_token']}{empty}); "
            f"I(expert; domain) = {mi['mi_bits']:.4f} bits, normalised {_fmt(mi['normalised'], '.3f')}; "
-           f"specialisation = P(domain | expert) / P(domain), 1.00 = no preference.</p>")
+           f"specialisation = P(domain | expert) / P(domain), 1.00 = no preference; lift = the share of a token's "
+           f"occurrences routed to the expert over the expert's share of all occurrences, smoothed with "
+           f"{layer.get('lift_prior', 0):g} pseudo-occurrences at the expert's share so that rare tokens rank below "
+           f"frequent ones with the same preference.</p>")
     return f"<h3>layer {layer['layer']}</h3>{cap}<table>{head}{''.join(rows)}</table>"
 
 
@@ -411,7 +486,7 @@ def render_html(report: dict, images: dict) -> str:
     domains, focus = report["domains"], focus_domain(report["domains"])
     title = f"Expert specialisation: {Path(report['run']).name}"
     body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p class=reading>{html.escape(report['reading'])}</p>",
+            "<div class=reading>" + "".join(f"<p>{html.escape(par)}</p>" for par in report["reading"]) + "</div>",
             "<h2>Run</h2>", _config_html(report),
             "<h2>Layers</h2>", _summary_html(report),
             "<p class=small>I(expert; domain) is computed over routed slots; normalised = I / H(domain) (0 = routing "

@@ -23,6 +23,7 @@ from ..data.stream import TokenData, balanced_windows, window
 from ..layer import MoE
 
 LN2 = math.log(2.0)
+LIFT_PRIOR = 5.0  # pseudo-occurrences at the expert's overall rate that smooth each token's lift
 
 
 @dataclass
@@ -42,18 +43,30 @@ class RoutingData:
 
 
 # ---------------------------------------------------------------------------------------------- collection
+def available_windows(val_tokens: int, seq_len: int) -> int:
+    """How many non-overlapping windows of ``seq_len`` input tokens (each with its next token)
+    a validation stream of ``val_tokens`` tokens holds: the most :func:`collect_routing` routes."""
+    return max(0, (val_tokens - 1) // seq_len) if seq_len > 0 else 0
+
+
 @torch.no_grad()
 def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu",
                     top_k: Optional[int] = None) -> RoutingData:
     """Run ``model`` in eval mode on ``windows`` fixed validation windows (split evenly over the
     domains, see :func:`moekit.data.stream.balanced_windows`) and record each MoE layer's
-    expert per (token, slot), with the token id, domain and routing entropy of each token."""
+    expert per (token, slot), with the token id, domain and routing entropy of each token.
+    ``windows`` may be at most :func:`available_windows` of the validation stream: more would
+    count the same tokens several times (and grow memory with no new information)."""
     if windows <= 0 or seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"windows, seq_len and batch_size must be positive; got {windows}, {seq_len}, {batch_size}")
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     if data.val_ids_N.numel() < seq_len + 1:
         raise ValueError(f"the validation stream ({data.val_ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})")
+    most = available_windows(data.val_ids_N.numel(), seq_len)
+    if windows > most:
+        raise ValueError(f"windows must be at most {most} (the non-overlapping windows of {seq_len} tokens in the "
+                         f"{data.val_ids_N.numel():,}-token validation stream); got {windows}")
     moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
     if not moe_blocks:
         raise ValueError("the model has no MoE layer")
@@ -245,17 +258,33 @@ def top_tokens_by_count(counts_EV: Tensor, n: int = 8) -> list[list[tuple[int, i
     return out
 
 
-def top_tokens_by_lift(counts_EV: Tensor, n: int = 8, min_count: int = 5) -> list[list[tuple[int, int, float]]]:
-    """Per expert: the ``n`` tokens it over-represents most, as (token id, count, lift) with
-    lift = P(token | expert) / P(token), among the tokens the expert received >= ``min_count`` times."""
+def top_tokens_by_lift(counts_EV: Tensor, n: int = 8, min_count: int = 5, occurrences_V: Optional[Tensor] = None,
+                       prior: float = LIFT_PRIOR) -> list[list[tuple[int, int, float]]]:
+    """Per expert: the ``n`` tokens it over-represents most, as (token id, count, lift), among the
+    tokens the expert received >= ``min_count`` times; ties go to the larger count, then the smaller id.
+
+    lift = P~(expert | token) / P(expert), where P(expert) is the expert's share of all token
+    occurrences and P~(expert | token) the share of the token's occurrences routed to it, smoothed
+    towards P(expert) by ``prior`` pseudo-occurrences (additive smoothing): (c + prior * P(expert))
+    / (occurrences + prior). A token seen a few times cannot reach the ceiling 1 / P(expert) that
+    every token sent only to this expert would share unsmoothed (top-k routing decided by the token
+    alone makes most of them so), so the ranking weighs how often a preference was seen.
+    ``prior=0`` gives the plain lift.
+
+    ``occurrences_V``: how often each token occurred (default: its routed slots, exact for K = 1).
+    """
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0; got {prior}")
     c_EV = counts_EV.double().numpy()
-    c_E1, c_V, total = c_EV.sum(1, keepdims=True), c_EV.sum(0), c_EV.sum()
+    occ_V = c_EV.sum(0) if occurrences_V is None else occurrences_V.double().numpy()[: c_EV.shape[1]]
+    total = occ_V.sum()
+    rate_E1 = c_EV.sum(1, keepdims=True) / total if total > 0 else np.zeros((c_EV.shape[0], 1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        lift_EV = c_EV * total / (c_E1 * c_V)
+        lift_EV = (c_EV + prior * rate_E1) / (occ_V + prior) / rate_E1
     out = []
     ids_V = np.arange(c_EV.shape[1])
     for e in range(c_EV.shape[0]):
-        ok_V = c_EV[e] >= max(1, min_count)
+        ok_V = (c_EV[e] >= max(1, min_count)) & np.isfinite(lift_EV[e])
         lift = np.where(ok_V, lift_EV[e], -np.inf)
         order = np.lexsort((ids_V, -c_EV[e], -lift))[:n]
         out.append([(int(v), int(c_EV[e, v]), float(lift_EV[e, v])) for v in order if ok_V[v]])
@@ -269,16 +298,19 @@ def _none_if_nan(x: float) -> Optional[float]:
 
 def layer_table(experts_TK: Tensor, token_T: Tensor, domain_T: Tensor, num_experts: int, domains: list,
                 entropy_T: Optional[Tensor] = None, token_str: Optional[Callable[[int], str]] = None,
-                n_tokens: int = 8, min_count: int = 5, overload_factor: float = 2.0) -> dict:
-    """Every statistic of one MoE layer as plain JSON-ready Python values."""
+                n_tokens: int = 8, min_count: int = 5, overload_factor: float = 2.0, lift_prior: float = LIFT_PRIOR) -> dict:
+    """Every statistic of one MoE layer as plain JSON-ready Python values (``top_lift``: see
+    :func:`top_tokens_by_lift`; ``lift_prior`` its smoothing)."""
     E, D = num_experts, len(domains)
     token_T, domain_T = token_T.long(), domain_T.long()
     counts_ED = expert_domain_counts(experts_TK, domain_T, E, D)
     counts_E = counts_ED.sum(1)
     vocab = int(token_T.max()) + 1 if token_T.numel() else 1
     counts_EV = expert_token_counts(experts_TK, token_T, E, vocab)
+    occurrences_V = torch.bincount(token_T, minlength=vocab)
     share_E, dom_ED, spec_ED, rate_D = load_share(counts_E), domain_share(counts_ED), specialisation(counts_ED), base_rate(counts_ED)
-    by_count, by_lift = top_tokens_by_count(counts_EV, n_tokens), top_tokens_by_lift(counts_EV, n_tokens, min_count)
+    by_count = top_tokens_by_count(counts_EV, n_tokens)
+    by_lift = top_tokens_by_lift(counts_EV, n_tokens, min_count, occurrences_V, lift_prior)
     name = token_str or str
     experts = []
     for e in range(E):
@@ -296,7 +328,7 @@ def layer_table(experts_TK: Tensor, token_T: Tensor, domain_T: Tensor, num_exper
         "mi": mutual_information(counts_ED),
         "mi_given_token": conditional_mutual_information(experts_TK, domain_T, token_T, E, D) if D > 1 else None,
         "dead": dead_experts(counts_E), "overloaded": overloaded_experts(counts_E, overload_factor),
-        "overload_factor": overload_factor, "experts": experts,
+        "overload_factor": overload_factor, "lift_min_count": min_count, "lift_prior": lift_prior, "experts": experts,
     }
     if entropy_T is not None and entropy_T.numel():
         h = entropy_T.double()

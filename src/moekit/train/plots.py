@@ -1,20 +1,34 @@
 """PNG plots of a run folder: validation loss of MoE vs. dense, expert load over training per
-layer, and the final tokens-per-expert histogram."""
+layer, and the final tokens-per-expert histogram.
+
+Shape legend: E experts, S logged steps.
+"""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
+from .run import CONFIG  # noqa: E402
 from .trainer import METRICS  # noqa: E402
+
+MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
+DOMAIN_LINES = (":", "-.", (0, (5, 2)), (0, (3, 1, 1, 1)))  # one line style per domain (cycled)
+LEGEND_MAX_EXPERTS = 20  # up to this many experts get a legend of distinct colours; more get a colourbar
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -27,42 +41,128 @@ def read_metrics(sub_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_val_loss(run_dir: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, style in (("moe", "-"), ("dense", "--")):
+def _finite_series(rows: list, key: str) -> tuple[list, list]:
+    """(steps, values) of the rows whose ``key`` is a finite number (NaN, None and absent are left out)."""
+    pts = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _has_moe_layers(run_dir: Path) -> bool:
+    """Whether the run's ``moe`` sub-run is a MoE model (a config with ``model.moe`` null trains a
+    dense model under that label)."""
+    try:
+        return json.loads((Path(run_dir) / CONFIG).read_text())["model"].get("moe") is not None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
+def val_loss_figure(run_dir: Path):
+    """The validation-loss figure of a run folder (a matplotlib Figure; the caller closes it), or
+    None when no model was evaluated. Every series carries markers, so a run evaluated once or
+    twice still shows its points; a domain with no finite value, or one identical to the overall
+    curve (the only domain evaluated), is not drawn and gets no legend entry."""
+    run_dir = Path(run_dir)
+    present = []
+    for label, name, colour, marker in MODELS:
         rows = [r for r in read_metrics(run_dir / label) if "val_loss" in r]
-        if not rows:
-            continue
-        ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], style, marker="o", ms=3, label=f"{label} (all)")
-        for dom in sorted({k[len("val_loss_"):] for r in rows for k in r if k.startswith("val_loss_")}):
-            ax.plot([r["step"] for r in rows], [r.get(f"val_loss_{dom}") for r in rows], style, alpha=0.45, label=f"{label} ({dom})")
+        if label == "moe" and not _has_moe_layers(run_dir):
+            name = "dense"
+        if rows:
+            present.append((name, colour, marker, rows))
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    domains = sorted({k[len("val_loss_"):] for *_, rows in present for r in rows for k in r if k.startswith("val_loss_")})
+    for name, colour, marker, rows in present:
+        steps, loss = _finite_series(rows, "val_loss")
+        every = max(1, len(steps) // 40)
+        series = {dom: _finite_series(rows, f"val_loss_{dom}") for dom in domains}
+        series = {dom: pts for dom, pts in series.items() if pts[0]}
+        same = [dom for dom, (d_steps, d_loss) in series.items()
+                if d_steps == steps and all(math.isclose(a, b) for a, b in zip(d_loss, loss))]
+        only = f" ({same[0]} only)" if len(series) == 1 and same else ""
+        ax.plot(steps, loss, "-", color=colour, marker=marker, ms=4, markevery=every, label=f"{name}, all{only}")
+        for i, dom in enumerate(domains):
+            if dom not in series or dom in same:
+                continue
+            d_steps, d_loss = series[dom]
+            ax.plot(d_steps, d_loss, linestyle=DOMAIN_LINES[i % len(DOMAIN_LINES)], color=colour, alpha=0.6, marker=marker,
+                    ms=3.5, mfc="none", markevery=every, label=f"{name}, {dom}")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("MoE vs. dense model of equal active parameters")
+    names = [name for name, *_ in present]
+    ax.set_title("validation loss: MoE vs. dense model of equal active parameters" if len(names) > 1
+                 else f"validation loss: {names[0]} model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, run_dir / "val_loss.png")
+    return fig
 
 
-def plot_expert_load(run_dir: Path) -> Path:
-    rows = [r for r in read_metrics(run_dir / "moe") if "tokens_per_expert" in r]
+def plot_val_loss(run_dir: Path) -> Optional[Path]:
+    fig = val_loss_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir) / "val_loss.png")
+
+
+def expert_colours(num_experts: int) -> list:
+    """One colour per expert: distinct qualitative colours up to :data:`LEGEND_MAX_EXPERTS`
+    (tab10, then tab20), else viridis in expert order (read with a colourbar)."""
+    if num_experts <= 10:
+        return [plt.cm.tab10(e) for e in range(num_experts)]
+    if num_experts <= LEGEND_MAX_EXPERTS:
+        return [plt.cm.tab20(e) for e in range(num_experts)]
+    return [plt.cm.viridis(e / max(1, num_experts - 1)) for e in range(num_experts)]
+
+
+def expert_load_figure(run_dir: Path):
+    """The expert-load-over-training figure of a run folder, or None without MoE load metrics:
+    per layer, each expert's share of the routed slots stacked in expert order (expert 0 at the
+    bottom), with a legend of experts (up to :data:`LEGEND_MAX_EXPERTS`) or a colourbar keyed by
+    expert index (more)."""
+    rows = [r for r in read_metrics(Path(run_dir) / "moe") if "tokens_per_expert" in r]
     if not rows:
         return None
     rows = rows[:: max(1, len(rows) // 200)]  # at most ~200 points: a readable plot, a small file
     n_layers = len(rows[0]["tokens_per_expert"])
-    fig, axes = plt.subplots(n_layers, 1, figsize=(6.4, 1.6 * n_layers + 0.6), sharex=True, squeeze=False)
+    E = max(len(cs) for cs in rows[0]["tokens_per_expert"])
+    colours = expert_colours(E)
+    height = 1.6 * n_layers + 0.8
+    fig, axes = plt.subplots(n_layers, 1, figsize=(7.6, height), sharex=True, squeeze=False, layout="constrained")
     steps = [r["step"] for r in rows]
     for layer in range(n_layers):
-        counts = [r["tokens_per_expert"][layer] for r in rows]
-        shares = [[c / max(1, sum(cs)) for c in cs] for cs in counts]
+        counts_SE = [r["tokens_per_expert"][layer] for r in rows]
+        shares_ES = list(zip(*[[c / max(1, sum(cs)) for c in cs] for cs in counts_SE]))
         ax = axes[layer][0]
-        E = len(shares[0])
-        ax.stackplot(steps, list(zip(*shares)), linewidth=0, colors=[plt.cm.tab20(e % 20) for e in range(E)])
+        if len(steps) > 1:
+            ax.stackplot(steps, shares_ES, colors=colours[: len(shares_ES)], edgecolor="white", linewidth=0.25)
+        else:  # a single logged step: one stacked bar instead of a zero-width area
+            bottom = 0.0
+            for e, share in enumerate(shares_ES):
+                ax.bar(steps, share, bottom=bottom, color=colours[e], edgecolor="white", linewidth=0.25, width=0.8)
+                bottom += share[0]
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")
-    axes[0][0].set_title("share of routed tokens per expert over training")
-    return _save(fig, run_dir / "expert_load.png")
+    axes[0][0].set_title(f"share of routed tokens per expert over training ({E} experts, expert 0 at the bottom)",
+                         fontsize=10)
+    if E <= LEGEND_MAX_EXPERTS:
+        rows_fit = max(4, int(height * 5.5))
+        handles = [Patch(facecolor=colours[e], label=f"expert {e}") for e in reversed(range(E))]  # top of the stack first
+        fig.legend(handles=handles, loc="outside right upper", fontsize=7, ncol=math.ceil(E / rows_fit),
+                   title="expert", title_fontsize=8, frameon=False)
+    else:
+        cmap = ListedColormap(colours)
+        norm = BoundaryNorm([e - 0.5 for e in range(E + 1)], E)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[a[0] for a in axes], fraction=0.04, pad=0.02)
+        step = max(1, math.ceil(E / 16))
+        bar.set_ticks(list(range(0, E, step)))
+        bar.set_label("expert (stacked bottom to top in this order)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return fig
+
+
+def plot_expert_load(run_dir: Path) -> Optional[Path]:
+    fig = expert_load_figure(run_dir)
+    return None if fig is None else _save(fig, Path(run_dir) / "expert_load.png")
 
 
 def plot_tokens_per_expert(run_dir: Path) -> Path:
