@@ -345,7 +345,7 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter)
     i.add_argument("--run", required=True, help="a run folder with a MoE model")
     i.add_argument("--out", default=None, help="output folder (default: RUN/inspect)")
-    i.add_argument("--windows", type=int, default=64, help="validation sequences to route")
+    i.add_argument("--windows", type=int, default=64, help="validation sequences to route (at most the split's non-overlapping windows)")
     i.add_argument("--top-k-experts", type=int, default=None, help="experts per token (default: as trained)")
     i.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     i.set_defaults(func=cmd_inspect)

@@ -251,3 +251,10 @@ def test_a_deleted_checkpoint_is_refused_unless_asked(tmp_path, capsys):
     assert len(rows(run / "moe" / METRICS)) == 4, "the refused resume changed nothing"
     assert main(["train", "--resume", str(run), "--restart-missing"]) == 0
     assert [r["step"] for r in rows(run / "moe" / METRICS)] == list(range(1, 7))
+
+
+def test_a_config_without_moe_layers_is_trained_and_labelled_as_the_dense_model(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--name", "n", *TINY, "--steps", "2", "--set", "model.moe=none"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "n" / "dense" / "checkpoint.safetensors").exists() and not (tmp_path / "n" / "moe").exists()
+    assert "\ndense " in out and "\nmoe " not in out

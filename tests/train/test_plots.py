@@ -121,8 +121,8 @@ def test_dense_only_run_is_not_labelled_moe(runs):
 
 
 def test_a_model_without_moe_layers_is_not_labelled_moe(runs):
-    """``--set model.moe=null`` trains a dense model in the run's ``moe`` folder: plotted as dense."""
-    assert (runs["nomoe"] / "moe").is_dir()
+    """``--set model.moe=null`` trains a dense model (in the run's ``dense`` folder): plotted as dense."""
+    assert (runs["nomoe"] / "dense").is_dir() and not (runs["nomoe"] / "moe").exists()
     fig = val_loss_figure(runs["nomoe"])
     try:
         texts = _texts(fig)

@@ -68,7 +68,7 @@ def _hf_start(path: str):
 
 def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
     """(label, model config) of each model the run trains, in order."""
-    if raw.get("dense_only"):
+    if raw.get("dense_only") or model_cfg.moe is None:  # a config without MoE layers is the dense model
         return [("dense", model_cfg.dense_twin())]
     runs = [("moe", model_cfg)]
     if raw.get("baseline", True) and model_cfg.moe is not None:
