@@ -203,15 +203,18 @@ class MoE(nn.Module):
         if factor is None:
             return r.experts_TK, r.weights_TK, None
         g, T = self.parallel, r.experts_TK.shape[0]
+        by_score = self.cfg.capacity_priority == "score"
         experts_TK, weights_TK, probs_TE, start = r.experts_TK, r.weights_TK, r.probs_TE, 0
+        scores_TK = r.priority_scores_TK.detach() if by_score else None  # router scores, not renormalised weights
         if g is not None:  # other ranks' rows are constants; the local rows keep their graph
             experts_TK, start = g.gather_rows(experts_TK)
             weights_TK, _ = g.gather_rows(weights_TK)
             probs_TE = g.gather_rows(probs_TE)[0] if self.cfg.overflow == "reroute" else None
+            scores_TK = g.gather_rows(scores_TK)[0] if by_score else None
         K = experts_TK.shape[1]
         C = expert_capacity(experts_TK.shape[0], K, E - self.router.num_disabled, factor, self.cfg.min_capacity)
-        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE,
-                                                overflow=self.cfg.overflow, priority=self.cfg.capacity_priority)
+        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow=self.cfg.overflow,
+                                                priority=self.cfg.capacity_priority, scores_TK=scores_TK)
         return experts_TK[start : start + T], weights_TK[start : start + T], E * C
 
     def _empty_output(self, x: Tensor, lead) -> MoEOutput:

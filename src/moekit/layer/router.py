@@ -5,6 +5,12 @@ expert id and a combine weight. A slot that carries no token (dropped by GShard'
 routing, not chosen by any expert under expert choice, over capacity) holds the sentinel
 expert id ``E`` and weight 0, so every later stage works on fixed shapes.
 
+Besides the combine weight, each slot carries the router's *score* of its expert before any
+renormalisation or scaling (the softmax probability; the sigmoid affinity for DeepSeek-V3
+routing). Capacity with ``capacity_priority="score"`` ranks tokens by their best score (V-MoE's
+batch prioritized routing, Riquelme et al. 2021): the renormalised weight cannot serve, being the
+constant 1 at top-1 and p1 / (p1 + p2) at top-2.
+
 Shape legend: T tokens, D model width, E routed experts, K slots per token, G expert groups.
 """
 from __future__ import annotations
@@ -33,17 +39,16 @@ class Routing:
     has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
     capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
     load_E: Optional[Tensor] = None  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
+    scores_TK: Optional[Tensor] = None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
+
+    @property
+    def priority_scores_TK(self) -> Tensor:
+        """What ``capacity_priority="score"`` ranks by: ``scores_TK``, or the weights for a router without scores."""
+        return self.weights_TK if self.scores_TK is None else self.scores_TK
 
 
 def _dtype(name: str, x: Tensor) -> torch.dtype:
     return x.dtype if name == "same" else getattr(torch, name)
-
-
-def _topk_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    vals_TK, idx_TK = probs_TE.topk(k, dim=-1)
-    if renormalize:
-        vals_TK = vals_TK / vals_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(vals_TK.dtype).tiny)
-    return vals_TK, idx_TK
 
 
 def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
@@ -142,11 +147,10 @@ class TopKRouter(Router):
         sel_TE = probs_TE
         if self.cfg.num_groups is not None:
             sel_TE = probs_TE.masked_fill(~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0)
-        vals_TK, experts_TK = sel_TE.topk(top_k, dim=-1)
-        weights_TK = probs_TE.gather(1, experts_TK)
-        if self.cfg.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        experts_TK = sel_TE.topk(top_k, dim=-1).indices
+        scores_TK = probs_TE.gather(1, experts_TK)
+        weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True) if self.cfg.renormalize else scores_TK
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
 
 class SwitchRouter(TopKRouter):
@@ -155,8 +159,8 @@ class SwitchRouter(TopKRouter):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        weights_TK, experts_TK = probs_TE.topk(top_k, dim=-1)  # never renormalised: keeps the router's gradient
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        scores_TK, experts_TK = probs_TE.topk(top_k, dim=-1)  # never renormalised: keeps the router's gradient
+        return Routing(experts_TK, scores_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
 
 class NoisyTopKRouter(Router):
@@ -187,6 +191,7 @@ class NoisyTopKRouter(Router):
         experts_TK = experts_TK1[:, :top_k]
         weights_TK = top_TK1[:, :top_k].softmax(-1)
         probs_TE = noisy_TE.softmax(-1)
+        scores_TK = probs_TE.gather(1, experts_TK)  # the (noisy) router probability, before KeepTopK's renormalisation
         losses, load_E = {}, None
         if kp1 > top_k:  # with k = E every expert is chosen: the load is not random
             in_topk_TE = noisy_TE >= top_TK1[:, top_k - 1 : top_k]
@@ -196,7 +201,8 @@ class NoisyTopKRouter(Router):
             prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
             load_E = prob_TE.sum(0)
             losses["load"] = cv_squared(load_E)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E,
+                       scores_TK=scores_TK)
 
 
 class RandomSecondRouter(Router):
@@ -210,14 +216,16 @@ class RandomSecondRouter(Router):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        weights_TK, experts_TK = _topk_weights(probs_TE, top_k, renormalize=True)
+        scores_TK, experts_TK = probs_TE.topk(top_k, dim=-1)
+        weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
-            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
         keep_TK = torch.rand_like(weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
         keep_TK[:, 0] = True
         experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
-        weights_TK = weights_TK * keep_TK
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True)
+        weights_TK, scores_TK = weights_TK * keep_TK, scores_TK * keep_TK
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True,
+                       scores_TK=scores_TK)
 
 
 class ExpertChoiceRouter(Router):
@@ -264,7 +272,8 @@ class HashRouter(Router):
     """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models").
 
     A fixed hash of the token id picks the expert; nothing is learned. With K > 1 the token goes
-    to K consecutive experts after its hash, each with weight 1/K. Needs ``token_ids``.
+    to K consecutive experts after its hash, each with weight 1/K. Needs ``token_ids``. It has no
+    scores, so ``capacity_priority="score"`` keeps token order.
     """
 
     learned = False
@@ -313,14 +322,13 @@ class SigmoidRouter(Router):
             sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
         sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(1, experts_TK)
-        if self.cfg.renormalize:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        scores_TK = scores_TE.gather(1, experts_TK)  # the sigmoid affinities: capacity priority ranks by these
+        weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.training:
             with torch.no_grad():
                 self.load_E += slot_counts(experts_TK, self.num_experts).float()
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: Optional[Tensor] = None) -> None:
