@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -109,6 +110,10 @@ class MoE(nn.Module):
         else:
             self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
         self.router = build_router(cfg)
+        why = self.router.constant_weight(cfg.top_k)
+        if why is not None:
+            warnings.warn(f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
+                          f"from the auxiliary losses: {why}", UserWarning, stacklevel=2)
         self.shared: Optional[FeedForward] = None
         self.shared_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts:

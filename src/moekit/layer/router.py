@@ -118,6 +118,12 @@ class Router(nn.Module):
     def route(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor]) -> Routing:
         raise NotImplementedError
 
+    def constant_weight(self, top_k: int) -> Optional[str]:
+        """Why every combine weight is the same constant at this ``top_k`` (so the router gets no
+        gradient from the layer's output, only from the auxiliary losses), with the way out; None
+        when the weights depend on the router's scores. :class:`~moekit.MoE` warns at construction."""
+        return None
+
     @torch.no_grad()
     def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
         """Re-initialise (or copy from rows ``src``) the router rows of experts ``idx``."""
@@ -138,8 +144,15 @@ class TopKRouter(Router):
     ``renormalize=False``: softmax over all experts, then the top-k probabilities are the weights
     (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021). ``renormalize=True``: the top-k
     probabilities renormalised to sum to 1, i.e. top-k then softmax (Mixtral, Jiang et al. 2024).
-    With k = 1 and no renormalisation this is Switch routing.
+    With k = 1 and no renormalisation this is Switch routing; with k = 1 and renormalisation the
+    one weight is p / p = 1 and the router learns nothing from the output (the layer warns).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1 and self.cfg.renormalize:
+            return ("renormalize=True makes every weight p / p = 1; use renormalize=False (Switch routing: the weight "
+                    "is the softmax probability) or top_k >= 2")
+        return None
 
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
@@ -156,6 +169,9 @@ class TopKRouter(Router):
 class SwitchRouter(TopKRouter):
     """Switch routing (Fedus et al. 2021): top-1, weight = the expert's softmax probability."""
 
+    def constant_weight(self, top_k):
+        return None  # never renormalised
+
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
@@ -169,7 +185,14 @@ class NoisyTopKRouter(Router):
     ``H = x W_g + N(0, 1) * softplus(x W_noise)`` in training (no noise in eval); the weights are
     softmax over the top-k of H. Adds the paper's smooth load estimator to ``losses["load"]``:
     P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i), load_i = sum_x P(x, i), loss CV(load)^2.
+    At k = 1 the one weight is the softmax of one value, 1: the gate learns only from the losses
+    (the paper uses k >= 2; the layer warns).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1:
+            return "the weight is the softmax over the one kept noisy logit, always 1; use top_k >= 2 (as Shazeer et al. 2017) or router='switch'"
+        return None
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
@@ -301,8 +324,16 @@ class SigmoidRouter(Router):
     ``s = sigmoid(logits)``; experts are *selected* on ``s + b`` (optionally only inside each
     token's best groups); the weights are the selected ``s`` (renormalised, times the routed
     scaling factor), so the bias ``b`` never enters the gradient. After each training step
-    :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``.
+    :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``. At k = 1 with
+    ``renormalize=True`` the one weight is s / s = 1 and the router learns nothing from the output
+    (the layer warns): use ``renormalize=False`` there (weight = s).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1 and self.cfg.renormalize:
+            return ("renormalize=True makes every weight s / s = 1; use renormalize=False (the weight is the sigmoid "
+                    "score s) or top_k >= 2")
+        return None
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
