@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -81,6 +83,16 @@ class MoEOutput:
 
 
 _UNSET = object()
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["moekit"], torch))
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised here that points at the first caller outside moekit and
+    torch (the user's ``MoE(cfg)``, ``MoEFeedForward(cfg)`` or model constructor)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class MoE(nn.Module):
@@ -111,9 +123,9 @@ class MoE(nn.Module):
             self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
         self.router = build_router(cfg)
         why = self.router.constant_weight(cfg.top_k)
-        if why is not None:
+        if why is not None and cfg.num_experts > 1:  # one expert: nothing to route, nothing to learn
             warnings.warn(f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
-                          f"from the auxiliary losses: {why}", UserWarning, stacklevel=2)
+                          f"from the auxiliary losses: {why}", UserWarning, stacklevel=_user_stacklevel())
         self.shared: Optional[FeedForward] = None
         self.shared_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts:
