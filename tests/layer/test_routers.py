@@ -297,16 +297,18 @@ def test_constant_top1_weight_warns_at_construction_and_is_true(router, k, renor
 
 def test_constant_weight_warning_points_at_the_user_code():
     """A UserWarning naming the router and the remedy, attributed to the caller's line also when
-    the layer is built inside moekit (a model); none for a single expert."""
+    the layer is built inside moekit (the drop-in module, a model); none for a single expert."""
     import warnings
 
+    from moekit import MoEFeedForward
     from moekit.config import LMConfig
     from moekit.models.lm import MoETransformer
 
     with pytest.warns(UserWarning, match=r"router 'sigmoid' with top_k=1 gets no gradient.*renormalize=False") as rec:
         MoE(_cfg(router="sigmoid", top_k=1))
+        MoEFeedForward(_cfg(router="sigmoid", top_k=1))
         MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, moe=_cfg(router="sigmoid", top_k=1)))
-    assert [w.filename for w in rec] == [__file__] * 2
+    assert [w.filename for w in rec] == [__file__] * 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoE(_cfg(num_experts=1, top_k=1))
