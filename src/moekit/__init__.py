@@ -1,6 +1,6 @@
 """moekit: Mixture-of-Experts layers, models and tools for PyTorch."""
 from .config import MoEConfig
-from .layer import FeedForward, HierarchicalMoE, MoE, MoEOutput, MultiGateMoE, SoftMoE
+from .layer import FeedForward, HierarchicalMoE, MoE, MoEFeedForward, MoEOutput, MultiGateMoE, SoftMoE, aux_loss
 
 __version__ = "0.1.0"
-__all__ = ["MoE", "MoEConfig", "MoEOutput", "FeedForward", "__version__", "SoftMoE", "MultiGateMoE", "HierarchicalMoE"]
+__all__ = ["MoE", "MoEConfig", "MoEOutput", "MoEFeedForward", "aux_loss", "FeedForward", "__version__", "SoftMoE", "MultiGateMoE", "HierarchicalMoE"]

@@ -191,12 +191,12 @@ class MoEConfig(_DictMixin):
     top_k: int = 2  # experts per token K (for expert_choice: average experts per token)
     expert: str = "swiglu"  # expert FFN: "swiglu" (default), "geglu", "gelu", "relu"
     router: str = "topk"  # "topk", "noisy_topk", "switch", "expert_choice", "hash", "random", "sigmoid"
-    renormalize: bool = True  # topk weights renormalised over the chosen K (Mixtral); False = raw softmax probs (GShard/Switch)
+    renormalize: bool = True  # topk/sigmoid weights renormalised over the chosen K (Mixtral, DeepSeek-V3); False = raw softmax probs / sigmoid scores (GShard/Switch). At top_k=1, True makes every weight 1: the router gets no gradient from the output (MoE warns)
     capacity_factor: Optional[float] = None  # None = dropless; else capacity C = ceil(cf * T * K / E) slots per expert
     eval_capacity_factor: Optional[float] = None  # capacity factor in eval mode (None: same as capacity_factor)
     min_capacity: int = 1  # lower bound on C when a capacity factor is set
     overflow: str = "drop"  # tokens over capacity: "drop" (output 0, the residual carries them) or "reroute" to next-best expert with room
-    capacity_priority: str = "order"  # who keeps a slot when an expert overflows: "order" (top-1 choices first, then token order) or "score" (highest gate weight first, V-MoE batch prioritized routing)
+    capacity_priority: str = "order"  # who keeps a slot when an expert overflows: "order" (top-1 choices first, then token order) or "score" (highest top-1 router probability first, the softmax probability or sigmoid score before renormalisation: V-MoE batch prioritized routing, Riquelme et al. 2021)
     num_shared_experts: int = 0  # experts every token uses (DeepSeekMoE), computed as one dense FFN
     shared_hidden_dim: Optional[int] = None  # hidden width of each shared expert (None: hidden_dim)
     shared_expert_gate: bool = False  # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)

@@ -424,3 +424,174 @@ def test_moe_capacity_router_gets_gradients(overflow):
     g_up = moe.experts.w_up.grad
     assert torch.all(g_up[used_E].flatten(1).abs().sum(-1) > 0)
     assert torch.all(g_up[~used_E] == 0)
+
+
+# ----------------------------------------------------------------------------- batch prioritized routing
+# V-MoE (Riquelme et al. 2021): under capacity, the tokens whose best router probability is highest
+# keep their slot first. The priority is the router's own score of the chosen expert (the softmax
+# probability; the sigmoid affinity for DeepSeek-V3 routing), never the renormalised combine weight,
+# which is the constant 1 at top-1 and p1 / (p1 + p2) at top-2.
+def reference_routing(moe: MoE, x_TD: torch.Tensor, k: int):
+    """Capacity-free routing recomputed from the router's parameters (eval mode, no noise):
+    (experts_TK, weights_TK, scores_TK) with scores_TK the softmax probability / sigmoid score of
+    each chosen expert before renormalisation."""
+    cfg, router = moe.cfg, moe.router
+    logits_TE = x_TD @ router.linear.weight.t() + router.linear.bias
+    if cfg.router == "sigmoid":
+        p_TE = logits_TE.sigmoid()
+        experts_TK = (p_TE + router.bias_E.to(p_TE.dtype)).topk(k, dim=-1).indices  # selection on s + b
+    else:
+        p_TE = logits_TE.softmax(-1)
+        experts_TK = p_TE.topk(k, dim=-1).indices
+    scores_TK = p_TE.gather(1, experts_TK)
+    renorm = cfg.renormalize if cfg.router in ("topk", "sigmoid") else cfg.router in ("noisy_topk", "random")
+    weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True) if renorm else scores_TK
+    return experts_TK, weights_TK, scores_TK
+
+
+def prio_moe(router: str, k: int, renormalize: bool, overflow: str = "drop") -> MoE:
+    cfg = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=k, router=router, renormalize=renormalize,
+                    router_bias=True, router_dtype="same", capacity_factor=0.5, capacity_priority="score",
+                    overflow=overflow, balance_loss_weight=0.0, z_loss_weight=0.0)
+    moe = skewed_moe(cfg, skew=2.0).double()
+    if router == "sigmoid":  # a balancing bias, so the selection (on s + b) differs from the score order
+        with torch.no_grad():
+            moe.router.bias_E.copy_(0.3 * torch.randn(4))
+    return moe
+
+
+def order_kept(experts_TK: torch.Tensor, C: int, E: int) -> torch.Tensor:
+    keep_TK, _ = ref_drop(experts_TK, torch.zeros(experts_TK.shape), C, E, "order")
+    return torch.where(keep_TK, experts_TK, E)
+
+
+TOP1_CASES = [("topk", True), ("topk", False), ("switch", False), ("noisy_topk", True), ("sigmoid", True),
+              ("sigmoid", False)]
+
+
+@pytest.mark.filterwarnings("ignore:moekit.*no gradient")
+@pytest.mark.parametrize("router,renormalize", TOP1_CASES)
+def test_score_priority_top1_keeps_the_tokens_with_the_highest_router_probability(router, renormalize):
+    """Top-1 under capacity with capacity_priority='score': at every expert the kept tokens are
+    exactly the C with the highest router probability (softmax, or sigmoid score), whatever
+    ``renormalize`` does to the combine weight; not the first C in token order. Output and gradients
+    equal a reference MoE on those slots."""
+    T, E = 40, 4
+    moe = prio_moe(router, 1, renormalize).eval()
+    C = expert_capacity(T, 1, E, 0.5, 1)
+    for seed in range(3):
+        x_TD = torch.randn(T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        res = moe(x_TD)
+        with torch.no_grad():
+            experts_TK, _, scores_TK = reference_routing(moe, x_TD, 1)
+        chosen_T, p_T = experts_TK[:, 0], scores_TK[:, 0]
+        kept_T = res.experts_TK[:, 0]
+        assert int((kept_T == E).sum()) > 0, "setup must drop tokens"
+        assert not torch.equal(res.experts_TK, order_kept(experts_TK, C, E)), "setup must differ from token order"
+        for e in range(E):
+            mine_M = (chosen_T == e).nonzero().flatten()
+            want = set(mine_M[p_T[mine_M].argsort(descending=True)[:C]].tolist())
+            assert set((kept_T == e).nonzero().flatten().tolist()) == want, (seed, e)
+        # output and gradients against the reference MoE on the slots kept by the reference rule
+        keep_TK = torch.zeros_like(experts_TK, dtype=torch.bool)
+        for e in range(E):
+            mine_M = (chosen_T == e).nonzero().flatten()
+            keep_TK[mine_M[p_T[mine_M].argsort(descending=True)[:C]], 0] = True
+        _, weights_TK, _ = reference_routing(moe, x_TD, 1)
+        want_TD = moe_reference(x_TD, torch.where(keep_TK, experts_TK, E), weights_TK * keep_TK,
+                                moe.experts.w_up, moe.experts.w_down, moe.cfg.expert)
+        torch.testing.assert_close(res.out, want_TD)
+        g_TD = torch.randn_like(want_TD)
+        params = [x_TD, moe.router.linear.weight, moe.router.linear.bias, moe.experts.w_up, moe.experts.w_down]
+        got = torch.autograd.grad((res.out * g_TD).sum(), params, allow_unused=True)
+        want = torch.autograd.grad((want_TD * g_TD).sum(), params, allow_unused=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a))
+
+
+TOP2_CASES = [("topk", True), ("topk", False), ("noisy_topk", True), ("sigmoid", True), ("sigmoid", False),
+              ("random", True)]
+
+
+@pytest.mark.parametrize("router,renormalize", TOP2_CASES)
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+def test_score_priority_top2_ranks_by_router_probability(router, renormalize, overflow):
+    """Top-2 under capacity with capacity_priority='score' keeps exactly the slots of the V-MoE walk
+    (all first choices before any second choice; within a choice, descending top router
+    probability, computed here from softmax(logits) / sigmoid(logits)), not by the renormalised
+    weight p1 / (p1 + p2); output and gradients equal a reference MoE on those slots."""
+    T, E, K = 40, 4, 2
+    moe = prio_moe(router, K, renormalize, overflow).eval()
+    C = expert_capacity(T, K, E, 0.5, 1)
+    differs = 0
+    for seed in range(3):
+        x_TD = torch.randn(T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        res = moe(x_TD)
+        experts_TK, weights_TK, scores_TK = reference_routing(moe, x_TD, K)
+        if overflow == "drop":
+            keep_TK, kept_E = ref_drop(experts_TK, scores_TK, C, E, "score")
+            new_experts_TK, new_weights_TK = torch.where(keep_TK, experts_TK, E), weights_TK * keep_TK
+            assert torch.equal(res.stats["tokens_per_expert"], kept_E)
+        else:  # the reroute result on top of the reference drop walk, with the priority from the router scores
+            with torch.no_grad():
+                p_TE = (x_TD @ moe.router.linear.weight.t() + moe.router.linear.bias)
+                p_TE = p_TE.sigmoid() / p_TE.sigmoid().sum(-1, keepdim=True) if router == "sigmoid" else p_TE.softmax(-1)
+            new_experts_TK, _ = apply_capacity(experts_TK.detach(), weights_TK.detach(), C, E, probs_TE=p_TE,
+                                               overflow="reroute", priority="score", scores_TK=scores_TK.detach())
+            keep_TK, _ = ref_drop(experts_TK, scores_TK, C, E, "score")  # reroute leaves the walk's kept slots alone
+            assert torch.equal(torch.where(keep_TK, res.experts_TK, E), torch.where(keep_TK, experts_TK, E))
+        assert torch.equal(res.experts_TK, new_experts_TK), seed
+        differs += not torch.equal(res.experts_TK, order_kept(experts_TK, C, E))
+        if overflow == "drop":
+            want_TD = moe_reference(x_TD, new_experts_TK, new_weights_TK, moe.experts.w_up, moe.experts.w_down,
+                                    moe.cfg.expert)
+            torch.testing.assert_close(res.out, want_TD)
+            g_TD = torch.randn_like(want_TD)
+            params = [x_TD, moe.router.linear.weight, moe.router.linear.bias, moe.experts.w_up, moe.experts.w_down]
+            got = torch.autograd.grad((res.out * g_TD).sum(), params)
+            want = torch.autograd.grad((want_TD * g_TD).sum(), params)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+    assert differs, "setup must make score priority differ from token order"
+
+
+def test_score_priority_random_router_in_training():
+    """GShard's random second-expert dispatch (training) with score priority: the priority is the
+    token's top-1 probability (its first slot is always kept), the coin flips come from the seed."""
+    T, E, K = 40, 4, 2
+    moe = prio_moe("random", K, True).train()
+    C = expert_capacity(T, K, E, 0.5, 1)
+    x_TD = torch.randn(T, 8, dtype=torch.float64)
+    torch.manual_seed(7)
+    r = moe.router(x_TD, K)
+    torch.manual_seed(7)
+    res = moe(x_TD)
+    experts_TK, _, scores_TK = reference_routing(moe, x_TD, K)
+    assert torch.equal(r.experts_TK[:, 0], experts_TK[:, 0])
+    keep_TK, kept_E = ref_drop(r.experts_TK, scores_TK * (r.experts_TK < E), C, E, "score")
+    assert torch.equal(res.experts_TK, torch.where(keep_TK, r.experts_TK, E))
+    assert not torch.equal(res.experts_TK, order_kept(r.experts_TK, C, E))
+
+
+def test_apply_capacity_ranks_by_scores_not_weights():
+    """apply_capacity(priority='score') ranks by ``scores_TK`` when given: renormalised top-1
+    weights are all 1, the scores still order the tokens."""
+    E, C = 2, 2
+    experts_TK = torch.tensor([[0], [0], [0], [0]])
+    weights_TK = torch.ones(4, 1)
+    scores_TK = torch.tensor([[0.3], [0.9], [0.5], [0.7]])
+    new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, priority="score", scores_TK=scores_TK)
+    assert new_experts_TK.flatten().tolist() == [2, 0, 2, 0]
+    assert new_weights_TK.flatten().tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_score_priority_hash_router_is_token_order():
+    """The hash router has no scores (every weight is 1/K): 'score' priority is token order."""
+    T, E = 32, 4
+    kw = dict(dim=8, hidden_dim=16, num_experts=E, top_k=1, router="hash", capacity_factor=0.5)
+    ids = torch.randint(0, 1000, (T,))
+    x_TD = torch.randn(T, 8)
+    a = MoE(MoEConfig(**kw, capacity_priority="score"))
+    b = MoE(MoEConfig(**kw, capacity_priority="order"))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x_TD, token_ids=ids).experts_TK, b(x_TD, token_ids=ids).experts_TK)

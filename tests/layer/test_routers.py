@@ -253,3 +253,62 @@ def test_expert_choice_rejects_per_call_capacity_factor():
     with pytest.raises(ValueError, match="capacity_factor"):
         moe(torch.randn(8, 16), capacity_factor=2.0)
     assert moe(torch.randn(16, 16), top_k=1).stats["tokens_per_expert"].tolist() == [2] * 8
+
+
+# ----------------------------------------------------------------------------- constant top-1 weights
+# A renormalised top-1 weight is p / p = 1 (s / s = 1 for the sigmoid router; noisy top-k's softmax
+# over one kept logit is 1): the router then gets no gradient from the layer's output. The layer
+# warns at construction, the way a user would want to hear about it.
+WARN_CASES = [  # (router, top_k, renormalize, warns)
+    ("topk", 1, True, True), ("topk", 1, False, False), ("topk", 2, True, False), ("topk", 2, False, False),
+    ("sigmoid", 1, True, True), ("sigmoid", 1, False, False), ("sigmoid", 2, True, False), ("sigmoid", 3, False, False),
+    ("noisy_topk", 1, True, True), ("noisy_topk", 1, False, True), ("noisy_topk", 2, True, False),
+    ("switch", 1, True, False), ("switch", 1, False, False), ("random", 2, True, False), ("hash", 1, True, False),
+    ("expert_choice", 1, True, False),
+]
+
+
+@pytest.mark.parametrize("router,k,renormalize,warns", WARN_CASES)
+def test_constant_top1_weight_warns_at_construction_and_is_true(router, k, renormalize, warns):
+    """The warning fires exactly when the router's weights carry no gradient from the output
+    (checked on the router's parameters: ~0 when it warns, clearly nonzero otherwise)."""
+    import warnings
+
+    cfg = _cfg(router=router, top_k=k, renormalize=renormalize, balance_loss_weight=0.0, z_loss_weight=0.0,
+               router_dtype="same")  # float64 throughout: 1 - p / p is exactly 0, not float32 rounding (~1e-8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moe = MoE(cfg).double()
+    mine = [w for w in caught if "no gradient" in str(w.message)]
+    assert len(mine) == int(warns), [str(w.message) for w in caught]
+    if warns:
+        w = mine[0]
+        assert issubclass(w.category, UserWarning) and w.filename == __file__, "the warning points at the caller's line"
+        assert f"router {router!r}" in str(w.message) and "top_k" in str(w.message)
+        assert "renormalize=False" in str(w.message) or router == "noisy_topk"
+    if not moe.router.learned:
+        return
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (moe(x, token_ids=torch.arange(64)).out * torch.randn(64, 16, dtype=torch.float64)).sum().backward()
+    g = moe.router.linear.weight.grad
+    size = 0.0 if g is None else float(g.abs().max())
+    assert (size < 1e-10) if warns else (size > 1e-4), size
+
+
+def test_constant_weight_warning_points_at_the_user_code():
+    """A UserWarning naming the router and the remedy, attributed to the caller's line also when
+    the layer is built inside moekit (the drop-in module, a model); none for a single expert."""
+    import warnings
+
+    from moekit import MoEFeedForward
+    from moekit.config import LMConfig
+    from moekit.models.lm import MoETransformer
+
+    with pytest.warns(UserWarning, match=r"router 'sigmoid' with top_k=1 gets no gradient.*renormalize=False") as rec:
+        MoE(_cfg(router="sigmoid", top_k=1))
+        MoEFeedForward(_cfg(router="sigmoid", top_k=1))
+        MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, moe=_cfg(router="sigmoid", top_k=1)))
+    assert [w.filename for w in rec] == [__file__] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoE(_cfg(num_experts=1, top_k=1))

@@ -49,17 +49,18 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float
     return min(num_tokens, max(min_capacity, math.ceil(round(factor * num_tokens * top_k / num_experts, 9))))
 
 
-def _priority_S(weights_TK: Tensor, priority: str) -> Tensor:
+def _priority_S(scores_TK: Tensor, priority: str) -> Tensor:
     """Rank of each slot in the order experts accept them: all first choices before any second
-    choice (GShard); within a choice, token order ("order") or descending top gate weight
-    ("score": batch prioritized routing, Riquelme et al. 2021)."""
-    T, K = weights_TK.shape
+    choice (GShard); within a choice, token order ("order") or descending best router score
+    ("score": batch prioritized routing, Riquelme et al. 2021, whose priority is the token's top-1
+    router probability; ties keep token order)."""
+    T, K = scores_TK.shape
     if priority == "order":
-        rank_T = torch.arange(T, device=weights_TK.device)
+        rank_T = torch.arange(T, device=scores_TK.device)
     else:
-        by_score_T = weights_TK.detach().amax(-1).argsort(descending=True, stable=True)
-        rank_T = torch.empty_like(by_score_T).scatter_(0, by_score_T, torch.arange(T, device=weights_TK.device))
-    k_K = torch.arange(K, device=weights_TK.device)
+        by_score_T = scores_TK.detach().amax(-1).argsort(descending=True, stable=True)
+        rank_T = torch.empty_like(by_score_T).scatter_(0, by_score_T, torch.arange(T, device=scores_TK.device))
+    k_K = torch.arange(K, device=scores_TK.device)
     return (k_K[None, :] * T + rank_T[:, None]).reshape(-1)
 
 
@@ -86,9 +87,15 @@ def apply_capacity(
     probs_TE: Optional[Tensor] = None,
     overflow: str = "drop",
     priority: str = "order",
+    scores_TK: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Limit every expert to ``capacity`` slots.
 
+    Slots are accepted all first choices first, then all second choices, ...; within a choice in
+    token order (``priority="order"``) or by descending ``scores_TK.amax(-1)`` (``"score"``: V-MoE's
+    batch prioritized routing, Riquelme et al. 2021). ``scores_TK`` is the router's score of each
+    slot's expert before renormalisation (:attr:`Routing.scores_TK`; default ``weights_TK``, which
+    is the same only for weights that are not renormalised: a renormalised top-1 weight is always 1).
     Over-capacity slots become empty (expert id E, weight 0): the token's MoE output for that
     slot is zero and the residual connection carries it. With ``overflow="reroute"`` each dropped
     slot is offered, in rounds, to its token's next-best expert (by ``probs_TE``) that still has
@@ -99,7 +106,7 @@ def apply_capacity(
     T, K = experts_TK.shape
     E = num_experts
     experts_S = experts_TK.reshape(-1)
-    prio_S = _priority_S(weights_TK, priority)
+    prio_S = _priority_S(weights_TK if scores_TK is None else scores_TK, priority)
     keep_S = (_positions(experts_S, prio_S, E) < capacity) & (experts_S < E)
     new_experts_S = torch.where(keep_S, experts_S, E)
     new_weights_S = weights_TK.reshape(-1) * keep_S

@@ -1,8 +1,9 @@
 """The MoE layer: router -> capacity -> dispatch -> experts -> combine (+ shared experts).
 
-A drop-in replacement for a Transformer feed-forward block (Shazeer et al. 2017; GShard,
-Lepikhin et al. 2020; Switch, Fedus et al. 2021). Auxiliary losses and routing statistics are
-returned with the output, never kept in globals.
+The sparse form of a Transformer feed-forward block (Shazeer et al. 2017; GShard, Lepikhin et
+al. 2020; Switch, Fedus et al. 2021). Auxiliary losses and routing statistics are returned with
+the output, never kept in globals; :class:`MoEFeedForward` is the drop-in module that returns
+just the tensor and keeps them on the layer until :func:`aux_loss` collects them.
 
 Shape legend: T tokens (all leading dims flattened), D model width, E routed experts,
 K slots per token, R rows handed to the experts.
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -81,6 +85,16 @@ class MoEOutput:
 
 
 _UNSET = object()
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["moekit"], torch))
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised here that points at the first caller outside moekit and
+    torch (the user's ``MoE(cfg)``, ``MoEFeedForward(cfg)`` or model constructor)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class MoE(nn.Module):
@@ -110,6 +124,10 @@ class MoE(nn.Module):
         else:
             self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
         self.router = build_router(cfg)
+        why = self.router.constant_weight(cfg.top_k)
+        if why is not None and cfg.num_experts > 1:  # one expert: nothing to route, nothing to learn
+            warnings.warn(f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
+                          f"from the auxiliary losses: {why}", UserWarning, stacklevel=_user_stacklevel())
         self.shared: Optional[FeedForward] = None
         self.shared_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts:
@@ -204,15 +222,18 @@ class MoE(nn.Module):
         if factor is None:
             return r.experts_TK, r.weights_TK, None
         g, T = self.parallel, r.experts_TK.shape[0]
+        by_score = self.cfg.capacity_priority == "score"
         experts_TK, weights_TK, probs_TE, start = r.experts_TK, r.weights_TK, r.probs_TE, 0
+        scores_TK = r.priority_scores_TK.detach() if by_score else None  # router scores, not renormalised weights
         if g is not None:  # other ranks' rows are constants; the local rows keep their graph
             experts_TK, start = g.gather_rows(experts_TK)
             weights_TK, _ = g.gather_rows(weights_TK)
             probs_TE = g.gather_rows(probs_TE)[0] if self.cfg.overflow == "reroute" else None
+            scores_TK = g.gather_rows(scores_TK)[0] if by_score else None
         K = experts_TK.shape[1]
         C = expert_capacity(experts_TK.shape[0], K, E - self.router.num_disabled, factor, self.cfg.min_capacity)
-        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE,
-                                                overflow=self.cfg.overflow, priority=self.cfg.capacity_priority)
+        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow=self.cfg.overflow,
+                                                priority=self.cfg.capacity_priority, scores_TK=scores_TK)
         return experts_TK[start : start + T], weights_TK[start : start + T], E * C
 
     def _empty_output(self, x: Tensor, lead) -> MoEOutput:
@@ -454,3 +475,129 @@ def after_optimizer_step(model: nn.Module) -> dict:
             if r:
                 revived[name] = r
     return revived
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread (activation checkpointing then
+    re-runs forwards: not new calls)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class _Call:
+    """One MoEFeedForward call whose auxiliary loss has not been collected yet."""
+
+    __slots__ = ("output", "trainable", "backpropagated")
+
+    def __init__(self, output: MoEOutput, trainable: bool):
+        self.output = output
+        self.trainable = trainable  # made in training mode with autograd: its loss may still be backpropagated
+        self.backpropagated = False
+
+    def mark_backpropagated(self, grad: Tensor) -> None:
+        self.backpropagated = True
+
+
+class MoEFeedForward(nn.Module):
+    """The drop-in form of :class:`MoE`: ``forward(x)`` returns the output tensor, shaped like ``x``,
+    as a Transformer feed-forward block does (Shazeer et al. 2017; Switch, Fedus et al. 2021), so it
+    fits ``nn.Sequential`` or any block that computes ``x + self.ffn(x)``.
+
+    The auxiliary losses and statistics the MoE returns with its output are kept aside:
+    ``last`` is the :class:`MoEOutput` of the most recent call (``last.aux_loss``, ``last.losses``,
+    ``last.stats``), and :func:`aux_loss` collects the weighted auxiliary loss of every call since
+    the previous collection, in every such layer of a model, to be added to the training loss::
+
+        model = nn.Sequential(nn.Linear(64, 512), MoEFeedForward(MoEConfig(dim=512, hidden_dim=1024)), nn.Linear(512, 10))
+        loss = F.cross_entropy(model(x), y) + moekit.aux_loss(model)
+        loss.backward()
+
+    What is kept until collected: every call's loss (a layer used twice in a forward counts twice,
+    two forwards before one backward count both), except that at the layer's next call it forgets
+    the calls whose loss can no longer be trained on: those a backward pass has already gone
+    through, and those made in eval mode or without autograd (of these only the last is kept, for
+    reading). So a loop that never collects, or an evaluation loop, does not pile up graphs.
+    Re-runs of the forward inside a backward pass (non-reentrant activation checkpointing) are not
+    new calls; reentrant checkpointing runs the forward without autograd, so its loss would carry
+    no gradient: use ``use_reentrant=False``. The kept outputs are left out of ``copy.deepcopy``
+    and pickling.
+
+    Args:
+        cfg: the layer's :class:`~moekit.MoEConfig`, or an already built :class:`MoE` to wrap
+            (e.g. ``MoE.from_dense(ffn, cfg)``).
+        experts: heterogeneous expert modules, as for :class:`MoE` (only with a config).
+    """
+
+    def __init__(self, cfg: Union[MoEConfig, MoE], experts: Optional[Sequence[nn.Module]] = None):
+        super().__init__()
+        if isinstance(cfg, MoE):
+            if experts is not None:
+                raise ValueError("experts cannot be given with an already built MoE: pass them to MoE(cfg, experts)")
+            self.moe = cfg
+        elif isinstance(cfg, MoEConfig):
+            self.moe = MoE(cfg, experts)
+        else:
+            raise TypeError(f"cfg must be a MoEConfig or a MoE; got {type(cfg).__name__}")
+        self.last: Optional[MoEOutput] = None
+        self._uncollected: list[_Call] = []
+
+    @property
+    def cfg(self) -> MoEConfig:
+        return self.moe.cfg
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        """Args:
+            x: (..., dim) input.
+            **kwargs: ``top_k``, ``token_ids``, ``capacity_factor``, as for :meth:`MoE.forward`.
+
+        Returns:
+            (..., dim) output; the call's :class:`MoEOutput` is in ``self.last``.
+        """
+        res = self.moe(x, **kwargs)
+        if _in_backward():
+            return res.out
+        self._uncollected = [c for c in self._uncollected if c.trainable and not c.backpropagated]
+        call = _Call(res, self.training and res.out.requires_grad)
+        if call.trainable and not torch.compiler.is_compiling():
+            res.out.register_hook(call.mark_backpropagated)
+        self._uncollected.append(call)
+        self.last = res
+        return res.out
+
+    def pop_aux_loss(self) -> Optional[Tensor]:
+        """The summed aux loss of this layer's calls since the last collection (None if none), forgotten here."""
+        calls, self._uncollected = self._uncollected, []
+        total = None
+        for c in calls:
+            total = c.output.aux_loss if total is None else total + c.output.aux_loss
+        return total
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["last"], state["_uncollected"] = None, []  # outputs hold autograd graphs and closures
+        return state
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Collect the auxiliary losses of the :class:`MoEFeedForward` layers in ``model``.
+
+    Returns the sum of ``aux_loss`` (the weighted balance / z / ... losses, see :class:`MoEOutput`)
+    over every call of every such layer since the previous collection, and forgets them: a second
+    collection without a new forward returns 0, so nothing is counted twice. Call it once per
+    forward, before backward, and add it to the loss. A model without such layers gives 0.
+
+    Returns:
+        scalar float32 tensor (on the model's device).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    total = None
+    for m in model.modules():
+        if isinstance(m, MoEFeedForward):
+            part = m.pop_aux_loss()
+            if part is not None:
+                total = part if total is None else total + part.to(total.device)
+    if total is None:
+        ref = next(model.parameters(), None)
+        total = torch.zeros((), dtype=torch.float32, device=None if ref is None else ref.device)
+    return total

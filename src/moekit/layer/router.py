@@ -5,6 +5,12 @@ expert id and a combine weight. A slot that carries no token (dropped by GShard'
 routing, not chosen by any expert under expert choice, over capacity) holds the sentinel
 expert id ``E`` and weight 0, so every later stage works on fixed shapes.
 
+Besides the combine weight, each slot carries the router's *score* of its expert before any
+renormalisation or scaling (the softmax probability; the sigmoid affinity for DeepSeek-V3
+routing). Capacity with ``capacity_priority="score"`` ranks tokens by their best score (V-MoE's
+batch prioritized routing, Riquelme et al. 2021): the renormalised weight cannot serve, being the
+constant 1 at top-1 and p1 / (p1 + p2) at top-2.
+
 Shape legend: T tokens, D model width, E routed experts, K slots per token, G expert groups.
 """
 from __future__ import annotations
@@ -33,17 +39,16 @@ class Routing:
     has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
     capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
     load_E: Optional[Tensor] = None  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
+    scores_TK: Optional[Tensor] = None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
+
+    @property
+    def priority_scores_TK(self) -> Tensor:
+        """What ``capacity_priority="score"`` ranks by: ``scores_TK``, or the weights for a router without scores."""
+        return self.weights_TK if self.scores_TK is None else self.scores_TK
 
 
 def _dtype(name: str, x: Tensor) -> torch.dtype:
     return x.dtype if name == "same" else getattr(torch, name)
-
-
-def _topk_weights(probs_TE: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    vals_TK, idx_TK = probs_TE.topk(k, dim=-1)
-    if renormalize:
-        vals_TK = vals_TK / vals_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(vals_TK.dtype).tiny)
-    return vals_TK, idx_TK
 
 
 def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
@@ -113,6 +118,12 @@ class Router(nn.Module):
     def route(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor]) -> Routing:
         raise NotImplementedError
 
+    def constant_weight(self, top_k: int) -> Optional[str]:
+        """Why every combine weight is the same constant at this ``top_k`` (so the router gets no
+        gradient from the layer's output, only from the auxiliary losses), with the way out; None
+        when the weights depend on the router's scores. :class:`~moekit.MoE` warns at construction."""
+        return None
+
     @torch.no_grad()
     def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
         """Re-initialise (or copy from rows ``src``) the router rows of experts ``idx``."""
@@ -133,8 +144,15 @@ class TopKRouter(Router):
     ``renormalize=False``: softmax over all experts, then the top-k probabilities are the weights
     (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021). ``renormalize=True``: the top-k
     probabilities renormalised to sum to 1, i.e. top-k then softmax (Mixtral, Jiang et al. 2024).
-    With k = 1 and no renormalisation this is Switch routing.
+    With k = 1 and no renormalisation this is Switch routing; with k = 1 and renormalisation the
+    one weight is p / p = 1 and the router learns nothing from the output (the layer warns).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1 and self.cfg.renormalize:
+            return ("renormalize=True makes every weight p / p = 1; use renormalize=False (Switch routing: the weight "
+                    "is the softmax probability) or top_k >= 2")
+        return None
 
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
@@ -142,21 +160,23 @@ class TopKRouter(Router):
         sel_TE = probs_TE
         if self.cfg.num_groups is not None:
             sel_TE = probs_TE.masked_fill(~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0)
-        vals_TK, experts_TK = sel_TE.topk(top_k, dim=-1)
-        weights_TK = probs_TE.gather(1, experts_TK)
-        if self.cfg.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        experts_TK = sel_TE.topk(top_k, dim=-1).indices
+        scores_TK = probs_TE.gather(1, experts_TK)
+        weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True) if self.cfg.renormalize else scores_TK
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
 
 class SwitchRouter(TopKRouter):
     """Switch routing (Fedus et al. 2021): top-1, weight = the expert's softmax probability."""
 
+    def constant_weight(self, top_k):
+        return None  # never renormalised
+
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        weights_TK, experts_TK = probs_TE.topk(top_k, dim=-1)  # never renormalised: keeps the router's gradient
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        scores_TK, experts_TK = probs_TE.topk(top_k, dim=-1)  # never renormalised: keeps the router's gradient
+        return Routing(experts_TK, scores_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
 
 class NoisyTopKRouter(Router):
@@ -165,7 +185,14 @@ class NoisyTopKRouter(Router):
     ``H = x W_g + N(0, 1) * softplus(x W_noise)`` in training (no noise in eval); the weights are
     softmax over the top-k of H. Adds the paper's smooth load estimator to ``losses["load"]``:
     P(x, i) = Phi((clean_i - kth_excluding_i(H)) / std_i), load_i = sum_x P(x, i), loss CV(load)^2.
+    At k = 1 the one weight is the softmax of one value, 1: the gate learns only from the losses
+    (the paper uses k >= 2; the layer warns).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1:
+            return "the weight is the softmax over the one kept noisy logit, always 1; use top_k >= 2 (as Shazeer et al. 2017) or router='switch'"
+        return None
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
@@ -187,6 +214,7 @@ class NoisyTopKRouter(Router):
         experts_TK = experts_TK1[:, :top_k]
         weights_TK = top_TK1[:, :top_k].softmax(-1)
         probs_TE = noisy_TE.softmax(-1)
+        scores_TK = probs_TE.gather(1, experts_TK)  # the (noisy) router probability, before KeepTopK's renormalisation
         losses, load_E = {}, None
         if kp1 > top_k:  # with k = E every expert is chosen: the load is not random
             in_topk_TE = noisy_TE >= top_TK1[:, top_k - 1 : top_k]
@@ -196,7 +224,8 @@ class NoisyTopKRouter(Router):
             prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
             load_E = prob_TE.sum(0)
             losses["load"] = cv_squared(load_E)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E,
+                       scores_TK=scores_TK)
 
 
 class RandomSecondRouter(Router):
@@ -210,14 +239,16 @@ class RandomSecondRouter(Router):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        weights_TK, experts_TK = _topk_weights(probs_TE, top_k, renormalize=True)
+        scores_TK, experts_TK = probs_TE.topk(top_k, dim=-1)
+        weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
-            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
         keep_TK = torch.rand_like(weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
         keep_TK[:, 0] = True
         experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
-        weights_TK = weights_TK * keep_TK
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True)
+        weights_TK, scores_TK = weights_TK * keep_TK, scores_TK * keep_TK
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True,
+                       scores_TK=scores_TK)
 
 
 class ExpertChoiceRouter(Router):
@@ -264,7 +295,8 @@ class HashRouter(Router):
     """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models").
 
     A fixed hash of the token id picks the expert; nothing is learned. With K > 1 the token goes
-    to K consecutive experts after its hash, each with weight 1/K. Needs ``token_ids``.
+    to K consecutive experts after its hash, each with weight 1/K. Needs ``token_ids``. It has no
+    scores, so ``capacity_priority="score"`` keeps token order.
     """
 
     learned = False
@@ -292,8 +324,16 @@ class SigmoidRouter(Router):
     ``s = sigmoid(logits)``; experts are *selected* on ``s + b`` (optionally only inside each
     token's best groups); the weights are the selected ``s`` (renormalised, times the routed
     scaling factor), so the bias ``b`` never enters the gradient. After each training step
-    :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``.
+    :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``. At k = 1 with
+    ``renormalize=True`` the one weight is s / s = 1 and the router learns nothing from the output
+    (the layer warns): use ``renormalize=False`` there (weight = s).
     """
+
+    def constant_weight(self, top_k):
+        if top_k == 1 and self.cfg.renormalize:
+            return ("renormalize=True makes every weight s / s = 1; use renormalize=False (the weight is the sigmoid "
+                    "score s) or top_k >= 2")
+        return None
 
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
@@ -313,14 +353,13 @@ class SigmoidRouter(Router):
             sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
         sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(1, experts_TK)
-        if self.cfg.renormalize:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        scores_TK = scores_TE.gather(1, experts_TK)  # the sigmoid affinities: capacity priority ranks by these
+        weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.training:
             with torch.no_grad():
                 self.load_E += slot_counts(experts_TK, self.num_experts).float()
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: Optional[Tensor] = None) -> None:
