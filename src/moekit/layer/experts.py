@@ -7,7 +7,7 @@ H up-projection width (2F for gated units, else F), E experts.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,13 @@ GATED = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
 
 
 def _swiglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    half = h.shape[-1] // 2  # two slices launch fewer ops than chunk (it matters when decoding)
+    return F.silu(h[..., :half]) * h[..., half:]
 
 
 def _geglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    half = h.shape[-1] // 2
+    return F.gelu(h[..., :half], approximate="tanh") * h[..., half:]
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -79,6 +79,20 @@ class GroupedExperts(nn.Module):
         if w_up.dtype != x_RD.dtype:  # e.g. under autocast the rows arrive in bf16
             w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
         return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+
+    def few_slots(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None) -> Tensor:
+        """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, reading only the chosen
+        experts' weights (the decode path, :mod:`moekit.kernels.slots`; forward only, so
+        ``into_TD``, e.g. the shared experts' output, may be updated in place)."""
+        from ..kernels.slots import slot_ffn
+
+        x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
+        w_up, w_down = self.w_up, self.w_down
+        if w_up.dtype != x_TD.dtype:
+            w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)
+        if into_TD is not None and into_TD.dtype != x_TD.dtype:
+            into_TD = into_TD.to(x_TD.dtype)
+        return slot_ffn(x_TD, experts_TK, weights_TK, w_up, w_down, ACTIVATIONS[self.kind], into_TD)
 
     def fused(self, x_TD: Tensor, plan, weights_TK: Tensor) -> Tensor:
         """Dispatch, experts and combine in moekit's Triton kernels (ScatterMoE-style): the token

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from ..kernels import compute_dtype, resolve_backend
+from ..kernels.slots import SMALL_SLOTS
 from . import losses as L
 from .dispatch import LOCAL, apply_capacity, expert_capacity, plan_dispatch
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
@@ -178,7 +179,13 @@ class MoE(nn.Module):
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, self._capacity_factor(capacity_factor))
         has_empty = routing.has_empty or max_rows is not None
         backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
-        if backend == "triton" and group is None:
+        few_slots = (backend == "grouped" and group is None and max_rows is None and not torch.is_grad_enabled()
+                     and experts_TK.numel() <= SMALL_SLOTS)
+        plan = None
+        shared_TD = self._shared(x_TD)
+        if few_slots:  # decoding: only the chosen experts' weights, added to the shared experts' output in place
+            out_TD = self.experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD)
+        elif backend == "triton" and group is None:
             # routing metadata by a counting-sort kernel (no host sync; the router's ids are valid),
             # then gather, experts and weighted scatter in the fused kernels
             from ..kernels.triton import routing_plan
@@ -191,17 +198,15 @@ class MoE(nn.Module):
             x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
             y_RD = self.experts(x_RD, rows_per_expert, backend)
             out_TD = dispatcher.combine(y_RD, handle, weights_TK)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        if shared_TD is not None and not few_slots:
             out_TD = out_TD + shared_TD
 
         out = out_TD.reshape(*lead, cfg.dim).to(x.dtype)
         training = self.training
 
         def losses_and_stats():
-            losses, stats = self._losses_and_stats(routing, plan.counts_E, training)
+            kept_E = plan.counts_E if plan is not None else L.slot_counts(experts_TK, cfg.num_experts)
+            losses, stats = self._losses_and_stats(routing, kept_E, training)
             aux = x_TD.new_zeros((), dtype=torch.float32)
             for name, value in losses.items():
                 w = getattr(cfg, LOSS_WEIGHTS[name])
@@ -212,6 +217,15 @@ class MoE(nn.Module):
         if training or group is not None:  # usage bookkeeping and collectives happen in the call
             return MoEOutput(out, *losses_and_stats(), experts_TK, weights_TK)
         return MoEOutput(out, experts_TK=experts_TK, weights_TK=weights_TK, pending=losses_and_stats)
+
+    def _shared(self, x_TD: Tensor) -> Optional[Tensor]:
+        """The shared experts' output (DeepSeekMoE), gated per token (Qwen2-MoE); None without them."""
+        if self.shared is None:
+            return None
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return shared_TD
 
     def _apply_capacity(self, r: Routing, factor: Optional[float]) -> tuple[Tensor, Tensor, Optional[int]]:
         """(experts_TK, weights_TK, max_rows) after the capacity limit. Under expert/data parallelism

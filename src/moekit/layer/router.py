@@ -115,6 +115,11 @@ class Router(nn.Module):
 
     batch_dependent = False  # True when a token's routing depends on the other tokens of the batch
 
+    def _scaled(self, weights_TK: Tensor) -> Tensor:
+        """The routed weights times ``routed_scaling_factor`` (DeepSeek-V3); no op launched at 1."""
+        factor = self.cfg.routed_scaling_factor
+        return weights_TK if factor == 1.0 else weights_TK * factor
+
     def route(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor]) -> Routing:
         raise NotImplementedError
 
@@ -163,7 +168,7 @@ class TopKRouter(Router):
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
         scores_TK = probs_TE.gather(1, experts_TK)
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True) if self.cfg.renormalize else scores_TK
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
 
 
 class SwitchRouter(TopKRouter):
@@ -224,7 +229,7 @@ class NoisyTopKRouter(Router):
             prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
             load_E = prob_TE.sum(0)
             losses["load"] = cv_squared(load_E)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, clean_TE, probs_TE, losses, load_E=load_E,
+        return Routing(experts_TK, self._scaled(weights_TK), clean_TE, probs_TE, losses, load_E=load_E,
                        scores_TK=scores_TK)
 
 
@@ -242,12 +247,12 @@ class RandomSecondRouter(Router):
         scores_TK, experts_TK = probs_TE.topk(top_k, dim=-1)
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
-            return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
+            return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
         keep_TK = torch.rand_like(weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
         keep_TK[:, 0] = True
         experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
         weights_TK, scores_TK = weights_TK * keep_TK, scores_TK * keep_TK
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True,
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, has_empty=True,
                        scores_TK=scores_TK)
 
 
@@ -280,7 +285,7 @@ class ExpertChoiceRouter(Router):
         arange_E = torch.arange(E, device=x_TD.device).expand(T, E)
         experts_TK = torch.where(picked_TE, arange_E, E)
         weights_TK = probs_TE * picked_TE
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, has_empty=True, capacity=C)
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, has_empty=True, capacity=C)
 
 
 def _mix64(h: Tensor) -> Tensor:
@@ -315,7 +320,7 @@ class HashRouter(Router):
         weights_TK = torch.full((T, top_k), 1.0 / top_k, device=x_TD.device, dtype=torch.float32)
         probs_TE = torch.zeros(T, E, device=x_TD.device).scatter_(1, experts_TK, 1.0 / top_k)
         logits_TE = torch.zeros(T, E, device=x_TD.device)
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE)
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE)
 
 
 class SigmoidRouter(Router):
@@ -351,7 +356,8 @@ class SigmoidRouter(Router):
         sel_TE = scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
         if self.cfg.num_groups is not None:
             sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
-        sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
+        if self.num_disabled:
+            sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
         scores_TK = scores_TE.gather(1, experts_TK)  # the sigmoid affinities: capacity priority ranks by these
         weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
@@ -359,7 +365,7 @@ class SigmoidRouter(Router):
         if self.training:
             with torch.no_grad():
                 self.load_E += slot_counts(experts_TK, self.num_experts).float()
-        return Routing(experts_TK, weights_TK * self.cfg.routed_scaling_factor, logits_TE, probs_TE, scores_TK=scores_TK)
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: Optional[Tensor] = None) -> None:
