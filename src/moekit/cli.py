@@ -27,7 +27,7 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "threads": ("train", "threads"), "tokenizer": ("train", "tokenizer"), "eval_every": ("train", "eval_every"),
     "dim": ("model", "dim"), "layers": ("model", "n_layers"), "experts": ("model", "moe.num_experts"),
     "top_k_experts": ("model", "moe.top_k"), "router": ("model", "moe.router"),
-    "expert_parallel": ("train", "expert_parallel"),
+    "expert_parallel": ("train", "expert_parallel"), "compile": ("train", "compile"),
 }
 SECTIONS = {"model": LMConfig, "train": TrainConfig}
 RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
@@ -150,7 +150,7 @@ def _resume_changes(args: argparse.Namespace) -> dict:
     if fixed:
         raise ValueError(f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
                          f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
-                         f"--stop-at, --quiet, --restart-missing)")
+                         f"--compile, --stop-at, --quiet, --restart-missing)")
     return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
 
 
@@ -316,12 +316,17 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     t.add_argument("--dense", action="store_true", help="train only the dense model")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model for the training steps (= --set train.compile=true; faster after "
+                        "the first steps: see benchmarks/RESULTS.md)")
     t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume")
     extra = {"expert_parallel": "; launch with torchrun --nproc-per-node, remaining ranks are data parallel; "
                                 "with --resume, continue on another layout"}
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str}
     for flag in TRAIN_SHORTCUTS:
+        if flag == "compile":  # a switch, added above
+            continue
         names = ["--" + flag.replace("_", "-")] + (["--top-k"] if flag == "top_k_experts" else [])
         t.add_argument(*names, dest=flag, type=types.get(flag, int), default=None,
                        help=_shortcut_help(flag) + extra.get(flag, ""))

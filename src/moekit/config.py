@@ -355,6 +355,7 @@ class TrainConfig(_DictMixin):
     seed: int = 0  # seeds model init, data order and routing noise
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 on CUDA, none on CPU)
+    compile: bool = False  # torch.compile the model for the training steps (inductor; the first steps compile, then faster)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
     vocab_size: int = 4096  # BPE vocabulary size

@@ -258,3 +258,18 @@ def test_a_config_without_moe_layers_is_trained_and_labelled_as_the_dense_model(
     out = capsys.readouterr().out
     assert (tmp_path / "n" / "dense" / "checkpoint.safetensors").exists() and not (tmp_path / "n" / "moe").exists()
     assert "\ndense " in out and "\nmoe " not in out
+
+
+def test_compile_trains_like_eager_and_its_checkpoint_resumes_eagerly(tmp_path):
+    """--compile runs the training steps through torch.compile: the same losses as eager (to float
+    rounding), a checkpoint with the model's own keys, and a resume without --compile continues it."""
+    args = ["train", "--out", str(tmp_path), *TINY, "--no-baseline", "--steps", "3"]
+    assert main([*args, "--name", "eager"]) == 0
+    assert main([*args, "--name", "compiled", "--compile"]) == 0
+    eager, compiled = rows(tmp_path / "eager" / "moe" / METRICS), rows(tmp_path / "compiled" / "moe" / METRICS)
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
+    keys = read_checkpoint(tmp_path / "compiled" / "moe" / "checkpoint.safetensors")[0]
+    assert not [k for k in keys if "_orig_mod" in k]
+    assert main(["train", "--resume", str(tmp_path / "compiled"), "--steps", "4"]) == 0
+    assert len(rows(tmp_path / "compiled" / "moe" / METRICS)) == 4

@@ -170,7 +170,7 @@ def plan_dispatch(experts_TK: Tensor, num_experts: int, *, max_rows: Optional[in
 def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S: int) -> Tensor:
     """Rows back in slot order (S, D); slots that got no row are zero."""
     if inverse_S is not None:
-        return y_RD[inverse_S]
+        return y_RD.index_select(0, inverse_S)
     return y_RD.new_zeros(S, y_RD.shape[-1]).index_copy(0, order_R, y_RD)
 
 
@@ -183,7 +183,7 @@ class _GatherSlots(torch.autograd.Function):
     def forward(ctx, x_TD, order_R, inverse_S, K):
         ctx.save_for_backward(order_R, inverse_S)
         ctx.K, ctx.T = K, x_TD.shape[0]
-        return x_TD[torch.div(order_R, K, rounding_mode="floor")]
+        return x_TD.index_select(0, torch.div(order_R, K, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, g_RD):
@@ -203,7 +203,7 @@ class _ScatterSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_SD):
         (order_R,) = ctx.saved_tensors
-        return g_SD[order_R], None, None, None
+        return g_SD.index_select(0, order_R), None, None, None
 
 
 def dispatch(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
@@ -220,7 +220,16 @@ def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
     if plan.has_empty:
         y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
     y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
-    return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+    return weighted_sum(weights_TK.to(y_TKD.dtype), y_TKD)
+
+
+def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
+    """``sum_k weights_TK[t, k] * y_TKD[t, k]``. In float32 a broadcast multiply and sum beats the
+    batched (T,1,K) x (T,K,D) matmul on the CPU (0.52 vs 1.52 ms at T=2048, K=2, D=128, 1 thread);
+    in 16-bit floats the matmul wins (0.57 vs 1.03 ms): elementwise bf16 math is slow there."""
+    if y_TKD.dtype == torch.float32 or y_TKD.dtype == torch.float64:
+        return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)
+    return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
 
 
 class LocalDispatcher:

@@ -81,7 +81,7 @@ def distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-RESUME_CHANGES = ("steps", "expert_parallel", "device", "threads")  # train fields a --resume may change
+RESUME_CHANGES = ("steps", "expert_parallel", "device", "threads", "compile")  # train fields a --resume may change
 
 
 def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,

@@ -190,6 +190,10 @@ class Trainer:
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
+        if cfg.compile and self.par is not None:
+            raise ValueError("compile=True is not supported with expert or data parallelism yet; train without --compile")
+        # the training steps run the compiled module; weights, checkpoints and evaluation use the model itself
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none written)
@@ -313,7 +317,7 @@ class Trainer:
                     x, y = next(batches)
                     x, y = x[lo : lo + share], y[lo : lo + share]
                     with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                        out = model(x.to(self.device), y.to(self.device))
+                        out = self.step_model(x.to(self.device), y.to(self.device))
                     loss = out.loss + out.aux_loss
                     loss.backward()
                     if par is not None:
