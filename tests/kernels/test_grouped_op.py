@@ -78,7 +78,8 @@ def test_op_gradients_match_a_per_group_loop(dtype, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_wgrad_op_takes_any_gradient_layout(dtype):
-    """The weight-gradient op alone: per-group a^T @ g, with g expanded, transposed or sliced."""
+    """The weight-gradient op alone: per-group a^T @ g, with g expanded, transposed or sliced, and a
+    column-major a whose transpose alone grouped_mm would refuse."""
     a = torch.randn(R, D).to(dtype)
     offs = torch.tensor(OFFS, dtype=torch.int32)
     base = torch.randn(R, N).to(dtype)
@@ -88,11 +89,13 @@ def test_wgrad_op_takes_any_gradient_layout(dtype):
         "column slice": torch.randn(R, N + 3).to(dtype)[:, 1 : N + 1],  # odd leading stride, misaligned pointer
         "contiguous": base,
     }
-    for name, g in layouts.items():
+    cases = [(name, a, g) for name, g in layouts.items()]
+    cases.append(("contiguous", torch.randn(D, R).to(dtype).t(), base))  # a column-major, leading stride R
+    for name, a, g in cases:
         got = _grouped_mm_wgrad_op(a, g, offs)
         want = torch.stack([torch.mm(a[s:e].double().t(), g[s:e].double())
                             for s, e in zip([0] + OFFS[:-1], OFFS)])
-        close(got, want, dtype, f"wgrad with a {name} gradient")
+        close(got, want, dtype, f"wgrad with a {name} gradient, a strides {a.stride()}")
         assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[4], torch.zeros_like(got[4]))
 
 

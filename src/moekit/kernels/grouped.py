@@ -69,7 +69,7 @@ if _HAS_GROUPED_MM:
     @torch.library.custom_op("moekit::grouped_mm_wgrad", mutates_args=())
     def _grouped_mm_wgrad_op(a_RD: Tensor, g_RN: Tensor, offs_E: Tensor) -> Tensor:
         """Per-group a^T @ g: (R, D), (R, N) -> (E, D, N)."""
-        return F.grouped_mm(_mm_operand(a_RD.t()), _mm_operand(g_RN), offs=offs_E)
+        return F.grouped_mm(_mm_operand(a_RD).t(), _mm_operand(g_RN), offs=offs_E)
 
     @_grouped_mm_wgrad_op.register_fake
     def _(a_RD, g_RN, offs_E):
@@ -86,7 +86,6 @@ if _HAS_GROUPED_MM:
         return ga, gb, None
 
     _grouped_mm_op.register_autograd(_backward, setup_context=_setup)
-
 
     class _GradForGroupedMM(torch.autograd.Function):
         """Identity whose backward hands on a gradient ``F.grouped_mm``'s own backward accepts
