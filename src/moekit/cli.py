@@ -220,10 +220,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_sampling(args)
     check_device_available("--device", args.device)
+    stats = []
     text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k_experts=args.top_k_experts, seed=args.seed, model=args.model,
-                         use_cache=not args.no_cache, device=args.device)
-    print(text)
+                         use_cache=not args.no_cache, device=args.device, on_stats=stats.append)
+    print(text, flush=True)
+    print(f"moekit generate: {stats[0].line()}", file=sys.stderr, flush=True)  # stdout holds only the text
     return 0
 
 

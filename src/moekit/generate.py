@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -46,16 +48,51 @@ def load_run_model(run: str, model: str = "moe", device: str = "cpu"):
     return load_trained(run_dir / model, available[model], device), tok
 
 
+@dataclass(frozen=True)
+class GenerationStats:
+    """How long one :func:`generate_text` call took to decode (model loading and tokenizing excluded)."""
+
+    new_tokens: int  # tokens generated after the prompt
+    seconds: float  # wall time of the decoding loop (device synchronised on CUDA)
+    use_cache: bool  # whether the KV cache was on
+    prompt_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def line(self) -> str:
+        """``120 tokens in 0.85 s (141 tokens/s, KV cache on)``."""
+        rate = f"{self.tokens_per_s:.0f} tokens/s" if self.new_tokens and self.seconds > 0 else "no tokens"
+        return (f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''} in {self.seconds:.2f} s "
+                f"({rate}, KV cache {'on' if self.use_cache else 'off'})")
+
+
 def generate_text(run: str, prompt: str, *, max_new_tokens: int = 120, temperature: float = 0.8, top_p: float = 0.95,
                   top_k_experts: Optional[int] = None, seed: int = 0, model: str = "moe", use_cache: bool = True,
-                  device: str = "cpu") -> str:
-    """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy)."""
+                  device: str = "cpu", on_stats: Optional[Callable[[GenerationStats], None]] = None) -> str:
+    """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
+
+    ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
+    before the text is returned."""
     net, tok = load_run_model(run, model, device)
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
     if room <= 0:
         raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {net.cfg.max_seq_len}")
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = net.generate(torch.tensor([ids], device=device), min(max_new_tokens, room), temperature=temperature,
+    idx = torch.tensor([ids], device=device)
+    _sync(idx.device)
+    t0 = time.perf_counter()
+    out = net.generate(idx, min(max_new_tokens, room), temperature=temperature,
                        top_p=top_p, top_k_experts=top_k_experts, use_cache=use_cache, generator=gen)
+    _sync(idx.device)
+    seconds = time.perf_counter() - t0
+    if on_stats is not None:
+        on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids)))
     return tok.decode(out[0].tolist())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -103,6 +103,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert capsys.readouterr().out == a, "greedy output is the same with and without the KV cache"
     assert a.startswith("def ")
     assert main(gen + ["--top-k-experts", "1", "--model", "dense"]) == 0
+    capsys.readouterr()  # its text and its speed line (stderr)
 
     (run / "moe" / "checkpoint.safetensors").write_bytes(b"garbage")
     assert main(gen) == 2
