@@ -23,7 +23,7 @@ def reference(x_TD, experts_TK, weights_TK, w_up, w_down, act):
     return out
 
 
-@pytest.mark.parametrize("form", ["_host_loop", "_reduce_form", "_gathered_bmm"])
+@pytest.mark.parametrize("form", ["_host_loop", "_all_experts", "_reduce_form", "_gathered_bmm"])
 @pytest.mark.parametrize("T", [1, 3, 9])
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 def test_every_form_equals_the_slot_by_slot_reference(form, T, kind):

@@ -24,6 +24,11 @@ import torch
 from torch import Tensor
 
 SMALL_SLOTS = 64  # at most this many routed slots per call take this path (measured: benchmarks/RESULTS.md)
+# CPU eager, T > 1: every expert on every token in two batched matmuls (E/K times the FLOPs, ~10 ops)
+# beats one matmul pair per chosen expert (~10 ops each) while all experts' weights are at most T x
+# this many bytes. Measured at 1 thread (D, F, E) = (128,128,16), (128,128,64), (256,128,32),
+# (512,256,16), T = 2..16: the crossover sat at 2.5-4 MiB per token; see benchmarks/RESULTS.md.
+ALL_EXPERTS_BYTES_PER_TOKEN = 3 * 2**20
 
 
 def slot_ffn(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
@@ -32,6 +37,9 @@ def slot_ffn(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Ten
     added to ``into_TD`` (in place, when given: e.g. the shared experts' output)."""
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         out_TD = into_TD if into_TD is not None else x_TD.new_zeros(x_TD.shape[0], w_down_EFD.shape[-1])
+        expert_bytes = (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
+        if x_TD.shape[0] > 1 and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN:
+            return out_TD.add_(_all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act))
         return _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD)
     form = _reduce_form if x_TD.device.type == "cpu" else _gathered_bmm
     y_TD = form(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act)
@@ -64,6 +72,15 @@ def _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD: 
         y_ND = act(x_TD[t_idx] @ w_up_EDH[e]) @ w_down_EFD[e]
         out_TD.index_add_(0, t_idx, y_ND * w_TK[t_idx, k_idx].unsqueeze(-1))
     return out_TD
+
+
+def _all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act) -> Tensor:
+    """Every expert on every token, each output weighted by the token's routing weight for that
+    expert (0 where not chosen): few, large ops, for small T and small experts."""
+    E, T = w_up_EDH.shape[0], x_TD.shape[0]
+    w_TE = x_TD.new_zeros(T, E + 1).scatter_add_(1, experts_TK, weights_TK.to(x_TD.dtype))[:, :E]  # id E: empty slot
+    a_ETF = act(torch.matmul(x_TD, w_up_EDH)) * w_TE.t().unsqueeze(-1)
+    return torch.bmm(a_ETF, w_down_EFD).sum(0)
 
 
 def _reduce_form(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act) -> Tensor:
