@@ -223,9 +223,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stats = []
     text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k_experts=args.top_k_experts, seed=args.seed, model=args.model,
-                         use_cache=not args.no_cache, device=args.device, on_stats=stats.append)
+                         use_cache=not args.no_cache, device=args.device, on_stats=stats.append, compile=args.compile)
     print(text, flush=True)
-    print(f"moekit generate: {stats[0].line()}", file=sys.stderr, flush=True)  # stdout holds only the text
+    note = "; torch.compile, its compilation included" if args.compile else ""
+    print(f"moekit generate: {stats[0].line()}{note}", file=sys.stderr, flush=True)  # stdout holds only the text
     return 0
 
 
@@ -345,6 +346,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="moe", choices=("moe", "dense"), help="which model of the run")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (no KV cache)")
+    g.add_argument("--compile", action="store_true", help="decode with torch.compile and a static KV cache (the first "
+                   "token waits for the compilation, then faster: see benchmarks/RESULTS.md)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.set_defaults(func=cmd_generate)
 

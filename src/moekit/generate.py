@@ -70,7 +70,8 @@ class GenerationStats:
 
 def generate_text(run: str, prompt: str, *, max_new_tokens: int = 120, temperature: float = 0.8, top_p: float = 0.95,
                   top_k_experts: Optional[int] = None, seed: int = 0, model: str = "moe", use_cache: bool = True,
-                  device: str = "cpu", on_stats: Optional[Callable[[GenerationStats], None]] = None) -> str:
+                  device: str = "cpu", on_stats: Optional[Callable[[GenerationStats], None]] = None,
+                  compile: bool = False) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
@@ -85,7 +86,7 @@ def generate_text(run: str, prompt: str, *, max_new_tokens: int = 120, temperatu
     _sync(idx.device)
     t0 = time.perf_counter()
     out = net.generate(idx, min(max_new_tokens, room), temperature=temperature,
-                       top_p=top_p, top_k_experts=top_k_experts, use_cache=use_cache, generator=gen)
+                       top_p=top_p, top_k_experts=top_k_experts, use_cache=use_cache, generator=gen, compile=compile)
     _sync(idx.device)
     seconds = time.perf_counter() - t0
     if on_stats is not None:

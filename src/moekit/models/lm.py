@@ -79,7 +79,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.h * self.dh if full else self.dh, cfg.norm_eps)
             self.k_norm = RMSNorm(self.hk * self.dh if full else self.dh, cfg.norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], layer: int,
+                positions_S: Optional[Tensor] = None) -> Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
         if self.qk_norm == "full":
@@ -90,6 +91,8 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(B, S, self.hk, self.dh).transpose(1, 2)
+        if positions_S is not None:  # static cache (compiled decoding): fixed shapes, positions as data
+            return self._attend_static(q, k, v, cache, layer, positions_S)
         start = 0
         if cache is not None:
             start = cache.length
@@ -101,6 +104,17 @@ class Attention(nn.Module):
             mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(start == 0 and S > 1),
                                            enable_gqa=self.hk != self.h)
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
+
+    def _attend_static(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, positions_S: Tensor) -> Tensor:
+        """Write k, v at ``positions_S`` and attend over the whole cache, masking positions after
+        each query's own: every shape is fixed, so one compiled graph serves every decode step."""
+        B, _, S, _ = q.shape
+        cache.k[layer].index_copy_(2, positions_S, k)
+        cache.v[layer].index_copy_(2, positions_S, v)
+        k_all, v_all = cache.k[layer], cache.v[layer]
+        mask_SL = torch.arange(k_all.shape[2], device=q.device)[None, :] <= positions_S[:, None]
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_SL, enable_gqa=self.hk != self.h)
         return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
 
 
@@ -117,8 +131,8 @@ class Block(nn.Module):
         else:
             self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_kind)
 
-    def forward(self, x: Tensor, cos, sin, cache, token_ids, top_k) -> tuple[Tensor, Optional[MoEOutput]]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer)
+    def forward(self, x: Tensor, cos, sin, cache, token_ids, top_k, positions_S=None) -> tuple[Tensor, Optional[MoEOutput]]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, positions_S)
         if isinstance(self.ffn, MoE):
             res = self.ffn(self.ffn_norm(x), top_k=top_k, token_ids=token_ids)
             return x + res.out, res
@@ -229,6 +243,17 @@ class MoETransformer(nn.Module):
         pooled = self.cfg.moe.balance_loss_weight if self.cfg.moe is not None and self.cfg.balance_pooling == "model" else None
         return LMOutput(logits, loss, moe_out, pooled)
 
+    def decode_step(self, idx_BS: Tensor, cache: KVCache, positions_S: Tensor, top_k: Optional[int] = None) -> Tensor:
+        """Logits (B, S, V) of ``idx_BS`` at ``positions_S`` of a full-size ``cache`` (updated in
+        place; ``cache.length`` is the caller's). The shapes do not depend on the position, so
+        ``torch.compile`` of this method compiles once for decoding (gpt-fast's static cache)."""
+        cos, sin = self.rope_cos[positions_S], self.rope_sin[positions_S]
+        x = self.embed(idx_BS)
+        for block in self.blocks:
+            x, _ = block(x, cos, sin, cache, idx_BS, top_k, positions_S)
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+
     def param_counts(self) -> dict:
         """Total parameters and those active for one token (routed experts counted at K/E)."""
         total = sum(p.numel() for p in self.parameters())
@@ -244,8 +269,15 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx_BS: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k_experts: Optional[int] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Sample continuations. temperature 0 is greedy; top_p is nucleus sampling (Holtzman et al. 2020)."""
+                 top_k_experts: Optional[int] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
+                 compile: bool = False) -> Tensor:
+        """Sample continuations. temperature 0 is greedy; top_p is nucleus sampling (Holtzman et al. 2020).
+
+        ``compile=True`` decodes with :meth:`decode_step` under ``torch.compile`` (a static KV
+        cache, compiled once per model, batch size and ``top_k_experts``; the prompt is run
+        eagerly); it needs the KV cache. Greedy tokens are the same as without it."""
+        if compile and not use_cache:
+            raise ValueError("compile=True decodes with the static KV cache: it needs use_cache=True")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0; got {temperature}")
         if not 0 < top_p <= 1:
@@ -259,13 +291,25 @@ class MoETransformer(nn.Module):
         cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype) if use_cache else None
         out = idx_BS
         step_in = idx_BS
-        for _ in range(max_new_tokens):
-            logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1].float()
+        step = self._compiled_decode_step() if compile else None
+        for i in range(max_new_tokens):
+            if step is not None:
+                pos = torch.arange(out.shape[1] - step_in.shape[1], out.shape[1], device=p.device)
+                logits = (step if i else self.decode_step)(step_in, cache, pos, top_k_experts)[:, -1].float()
+            else:
+                logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1].float()
             nxt = sample_next(logits, temperature, top_p, generator)
             out = torch.cat([out, nxt], dim=1)
             step_in = nxt
         self.train(was_training)
         return out
+
+    def _compiled_decode_step(self):
+        """``torch.compile`` of :meth:`decode_step`, made once per model (kept outside the module's
+        state: a plain attribute, not saved, not copied by ``state_dict``)."""
+        if getattr(self, "_decode_step_compiled", None) is None:
+            object.__setattr__(self, "_decode_step_compiled", torch.compile(self.decode_step, fullgraph=True))
+        return self._decode_step_compiled
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
