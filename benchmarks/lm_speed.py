@@ -24,8 +24,9 @@ so drift on a shared machine hits all alike; medians over the repetitions, after
   (prefill of the prompt included). moekit: ``model.generate(ids, n, temperature=0)``;
   transformers: ``model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True)``.
 
-``--compile`` adds rows for moekit's two models wrapped in ``torch.compile(model)`` for the
-training step (transformers' models stay eager); a model that fails to compile gets a FAIL row.
+``--compile`` adds rows for moekit's two models under torch.compile: ``torch.compile(model)`` for
+the training step, ``generate(..., compile=True)`` (static KV cache, ``decode_step`` compiled)
+for decoding; transformers' models stay eager; a model that fails to compile gets a FAIL row.
 
     PYTHONPATH=src python benchmarks/lm_speed.py                       # 1 thread, train and decode
     PYTHONPATH=src python benchmarks/lm_speed.py --reps 2 --warmup 1 --new-tokens 8    # smoke run
@@ -163,7 +164,7 @@ def attach_steps(e: Entry, compiled: bool = False) -> None:
             return loss.detach()
 
         def decode(ids, n):
-            return model.generate(ids, n, temperature=0)
+            return model.generate(ids, n, temperature=0, compile=compiled)
     else:
         def step(batch):
             ids = batch[:, :-1]
@@ -266,7 +267,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,8", help="decode batch sizes (comma list)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--prompt-len", type=int, default=8, help="random prompt tokens before decoding")
-    ap.add_argument("--compile", action="store_true", help="also time moekit's models under torch.compile (training)")
+    ap.add_argument("--compile", action="store_true", help="also time moekit's models under torch.compile (training and decoding)")
     ap.add_argument("--hf-experts", default=None,
                     help="transformers' experts implementation for Qwen2-MoE (eager, grouped_mm, ...; default: transformers')")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers pair")
@@ -300,7 +301,7 @@ def main(argv=None) -> None:
     for e in entries:
         attach_steps(e)
     compiled = []
-    if args.compile and "train" in what:
+    if args.compile:
         for e in entries[:2]:
             c = Entry(e.label + " (torch.compile)", e.family, e.kind, copy.deepcopy(e.model), e.total, e.active)
             attach_steps(c, compiled=True)
@@ -336,7 +337,7 @@ def main(argv=None) -> None:
         gc.collect()
     if "decode" in what:
         for b in batches:
-            measure_decode(entries, args, b)
+            measure_decode(entries + compiled, args, b)
             gc.collect()
 
     cols = (["train"] if "train" in what else []) + ([f"decode{b}" for b in batches] if "decode" in what else [])
@@ -366,11 +367,14 @@ def main(argv=None) -> None:
             emit(f"| {label} | " + " | ".join(ratio(by[a].results.get(c), by[b].results.get(c)) for c in cols) + " |")
     if compiled:
         cm, cd = compiled
-        emit(f"| moekit MoE / moekit dense, both torch.compile | {ratio(cm.results.get('train'), cd.results.get('train'))}"
-             + " | -" * (len(cols) - 1) + " |")
-        for c, e in zip(compiled, entries[:2]):
-            emit(f"| {e.label}: torch.compile / eager | {ratio(c.results.get('train'), e.results.get('train'))}"
-                 + " | -" * (len(cols) - 1) + " |")
+        emit("| moekit MoE / moekit dense, both torch.compile | "
+             + " | ".join(ratio(cm.results.get(c), cd.results.get(c)) for c in cols) + " |")
+        emit("| moekit MoE torch.compile / transformers MoE | "
+             + " | ".join(ratio(cm.results.get(c), by[("transformers", "moe")].results.get(c))
+                          if ("transformers", "moe") in by else "-" for c in cols) + " |")
+        for c_e, e in zip(compiled, entries[:2]):
+            emit(f"| {e.label}: torch.compile / eager | "
+                 + " | ".join(ratio(c_e.results.get(c), e.results.get(c)) for c in cols) + " |")
     print(f"\n({time.perf_counter() - t_start:.0f} s of measurement)", file=sys.stderr)
 
 
