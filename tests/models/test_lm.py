@@ -144,3 +144,27 @@ def test_decode_step_logits_equal_the_forward_at_every_position():
         first = model.decode_step(ids[:, :4], cache, torch.arange(4))  # a prompt, then one token at a time
         rest = [model.decode_step(ids[:, i : i + 1], cache, torch.tensor([i])) for i in range(4, 9)]
     torch.testing.assert_close(torch.cat([first, *rest], 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["default", "hash", "qwen", "untied_qknorm", "dense"])
+def test_meta_built_model_materialises_to_the_same_init(variant):
+    """MoETransformer built under torch.device("meta") then materialize_() equals the model built
+    directly from the same seed: every parameter, every buffer, and the random state after."""
+    from moekit.train.run import default_model_config
+
+    cfg = {"default": default_model_config(), "hash": default_model_config(moe=MoEConfig(dim=128, hidden_dim=64, router="hash")),
+           "qwen": default_model_config("qwen_moe"), "untied_qknorm": default_model_config(tie_embeddings=False, qk_norm="head"),
+           "dense": default_model_config().dense_twin()}[variant]
+    torch.manual_seed(11)
+    ref = MoETransformer(cfg)
+    after = torch.get_rng_state()
+    torch.manual_seed(11)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.materialize_("cpu")
+    assert torch.equal(torch.get_rng_state(), after)
+    for (n, a), (_, b) in zip(model.state_dict(keep_vars=True).items(), ref.state_dict(keep_vars=True).items()):
+        assert torch.equal(a, b), n
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), n

@@ -224,3 +224,35 @@ def fails_mid_step(rank: int, world: int, store: str, out_dir: str, timeout_s: f
     with open(os.path.join(out_dir, f"{mode}.{rank}"), "w") as f:
         f.write(msg)
     os._exit(0)
+
+
+def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list[int]) -> None:
+    """A model built on the meta device, sharded, then materialised holds exactly the
+    single-process model's values (its slice of every expert tensor), for every layout; its
+    buffers are the constructor's and the random state after it is the same as after one process."""
+    init(rank, world, store)
+    try:
+        cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
+                       moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1))
+        for ep in eps:
+            torch.manual_seed(7)
+            ref = MoETransformer(cfg)
+            after_ref = torch.get_rng_state()
+            torch.manual_seed(7)
+            with torch.device("meta"):
+                model = MoETransformer(cfg)
+            par = apply_expert_parallel(model, expert_parallel=ep)
+            model.materialize_("cpu", par.expert_shards())
+            assert torch.equal(torch.get_rng_state(), after_ref), "the random state after init differs"
+            full = ref.state_dict()
+            for name, t in model.state_dict().items():
+                want = full[name]
+                if name in par.expert_params:
+                    El = want.shape[0] // ep
+                    want = want[par.ep_rank * El : (par.ep_rank + 1) * El]
+                    assert t.shape[0] == El, (name, tuple(t.shape))
+                assert torch.equal(t, want), f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+            for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
+                assert torch.equal(b, b_ref), f"rank {rank}: buffer {name}"
+    finally:
+        dist.destroy_process_group()

@@ -79,3 +79,10 @@ def test_apply_needs_an_initialised_process_group():
     with pytest.raises(ValueError, match="torchrun"):
         apply_expert_parallel(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), expert_parallel=2)
 
+
+
+@pytest.mark.parametrize("world, eps", [(2, [2, 1]), (4, [4, 2])])
+def test_meta_built_sharded_model_gets_the_single_process_init_on_every_layout(tmp_path, world, eps):
+    """No rank builds the whole model (meta device, then only its shards are allocated), and the
+    values equal one process's: EP=2 and EP=1 (data parallel) on 2 ranks, EP=4 and EP=2 x DP=2 on 4."""
+    spawn(W.meta_init_equals_single_process, world, tmp_path, eps)

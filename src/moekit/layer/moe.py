@@ -144,6 +144,14 @@ class MoE(nn.Module):
         # moves slots to the ranks holding their experts, and which all-reduces routing statistics.
         self.parallel = None
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The routing bookkeeping as at construction (after ``to_empty`` of a meta-built layer)."""
+        self.expert_usage.fill_(1.0 / self.expert_usage.numel())
+        self.steps_unused.zero_()
+        self.step_counts.zero_()
+        self.router.reset_buffers()
+
     @property
     def num_experts(self) -> int:
         return self.cfg.num_experts

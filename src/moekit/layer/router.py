@@ -101,6 +101,12 @@ class Router(nn.Module):
             logits_TE = logits_TE.masked_fill(self.disabled_E, float("-inf"))
         return logits_TE
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """No expert disabled (and, in subclasses, their own state as at construction)."""
+        self.disabled_E.zero_()
+        self.num_disabled = 0
+
     def set_disabled(self, mask_E: Tensor) -> None:
         """Mask experts out of routing (True = disabled)."""
         self.disabled_E.copy_(mask_E)
@@ -349,6 +355,12 @@ class SigmoidRouter(Router):
     def reset_rows(self, idx: Tensor, src: Optional[Tensor] = None) -> None:
         super().reset_rows(idx, src)
         self.bias_E[idx] = 0.0 if src is None else self.bias_E[src]
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        super().reset_buffers()
+        self.bias_E.zero_()
+        self.load_E.zero_()
 
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)

@@ -14,7 +14,7 @@ import functools
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -190,31 +190,63 @@ class MoETransformer(nn.Module):
     """Decoder-only language model with MoE feed-forward layers."""
 
     def __init__(self, cfg: LMConfig):
+        """Built under ``torch.device("meta")`` the model holds no memory until
+        :meth:`materialize_`; either way its initial weights depend only on the CPU random state
+        when construction starts (the submodules' own construction-time draws are undone), so a
+        model materialised later, or sharded first, gets exactly the same values."""
         super().__init__()
         self.cfg = cfg
+        rng = torch.get_rng_state()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
+        torch.set_rng_state(rng)
+        if not self.embed.weight.is_meta:
+            self.reset_buffers()
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers)."""
+    def materialize_(self, device: Union[str, torch.device] = "cpu", expert_shards: Optional[dict] = None) -> "MoETransformer":
+        """Allocate a model built on the meta device (after any sharding) and initialise it as
+        :meth:`__init__` would have, from the CPU random state it was built with. ``expert_shards``:
+        parameter name -> (full first dimension, first row held here) for tensors holding a slice
+        of the experts (expert parallelism: ``ExpertParallel.expert_shards()``); each full tensor
+        is drawn once (one at a time) and only the local rows kept, so every layout gets the
+        single-process values."""
+        self.to_empty(device=device)
+        self.reset_buffers()
+        self.reset_parameters(expert_shards)
+        return self
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The non-learned state: rotary tables and each MoE layer's routing bookkeeping."""
+        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for moe in self.moe_layers:
+            moe.reset_buffers()
+
+    @torch.no_grad()
+    def reset_parameters(self, expert_shards: Optional[dict] = None) -> None:
+        """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers).
+        Parameters are drawn in order from the CPU generator, each as its full tensor (see
+        :meth:`materialize_` for ``expert_shards``), then moved to the parameter's device."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("w_down", "wo.weight")):
-                p.normal_(0.0, out_std)
-            elif p.dim() >= 2:
-                p.normal_(0.0, std)
-            else:
+                continue
+            if not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
                 p.zero_()
+                continue
+            full, lo = (expert_shards or {}).get(name, (p.shape[0], 0))
+            w = torch.empty((full, *p.shape[1:]), dtype=p.dtype).normal_(0.0, out_std if name.endswith(("w_down", "wo.weight")) else std)
+            p.copy_(w[lo : lo + p.shape[0]])
 
     @property
     def moe_layers(self) -> list[MoE]:

@@ -315,6 +315,12 @@ class ExpertParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def expert_shards(self) -> dict[str, tuple[int, int]]:
+        """Parameter name -> (experts in the full tensor, first expert held here): what
+        :meth:`~moekit.models.MoETransformer.materialize_` needs to initialise a meta-built model
+        exactly as one process would."""
+        return {name: (E, self.ep_rank * (E // self.ep_size)) for name, E in self.expert_params.items()}
+
     # ------------------------------------------------------------------ gradients
     def _bucketed_all_reduce(self, tensors: list[Tensor], group, scale: float, what: str) -> None:
         by_dtype: dict = {}
@@ -457,7 +463,10 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
             same as one process on the global batch), "expert" (within each EP group, GShard's
             groups), or "local" (each rank alone). The sigmoid router's bias update uses the
             global load in every case, so the replicated bias stays equal on all ranks.
-        sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal.
+        sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal
+            (skipped for a model built on the meta device: no rank holds the full model, and
+            ``MoETransformer.materialize_(device, handle.expert_shards())`` initialises every
+            layout with the single-process values).
 
     Returns:
         The :class:`ExpertParallel` handle: call ``sync_gradients()`` after the backward of each
@@ -487,7 +496,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
                          f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
                          f"build the same model with the same settings on every rank")
     handle = ExpertParallel(model, mesh, statistics)
-    if sync_init:
+    on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 _check("initial broadcast", dist.broadcast, t.data, src=0)

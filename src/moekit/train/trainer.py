@@ -174,19 +174,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = MoETransformer(model_cfg)
-        if init_state is not None:  # fine-tuning: start from given weights
-            self.model.load_state_dict(init_state)
-        self.model = self.model.to(self.device)
         self.par = None  # the expert x data parallel handle under torchrun
         if distributed:
-            import torch.distributed as dist
-
-            from ..parallel import apply_expert_parallel
-
-            if cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
-                raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
-            self.par = apply_expert_parallel(self.model, expert_parallel=cfg.expert_parallel)
+            self.model, self.par = self._build_sharded(model_cfg, init_state)
+        else:
+            self.model = MoETransformer(model_cfg)
+            if init_state is not None:  # fine-tuning: start from given weights
+                self.model.load_state_dict(init_state)
+            self.model = self.model.to(self.device)
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
@@ -197,6 +192,24 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none written)
+
+    def _build_sharded(self, model_cfg: LMConfig, init_state: Optional[dict]):
+        """Under torchrun: the model built on the meta device, its experts split over the
+        expert-parallel ranks, then allocated and initialised per rank (the single-process values,
+        one full tensor at a time), so no rank ever holds the whole model."""
+        import torch.distributed as dist
+
+        from ..parallel import apply_expert_parallel
+
+        if self.cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
+            raise ValueError(f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
+        with torch.device("meta"):
+            model = MoETransformer(model_cfg)
+        par = apply_expert_parallel(model, expert_parallel=self.cfg.expert_parallel)
+        model.materialize_(self.device, par.expert_shards())
+        if init_state is not None:  # fine-tuning: start from given weights
+            par.load_full_state_dict(init_state)
+        return model, par
 
     # -------------------------------------------------------------- state
     def _rng(self) -> dict:
