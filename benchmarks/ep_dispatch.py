@@ -184,7 +184,7 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
             "rows_local": meter.rows_local, "rows_dispatched": meter.rows_dispatched,
             "kept_slots": kept, "dropped_fraction": float(res.stats["dropped_fraction"]),
         })
-        moe.parallel = None
+
     if world > 1:
         records.append({"latency_s": latency_floor()})
         per_rank = [None] * world

@@ -6,8 +6,8 @@ puts the results back in slot order and sums them with the routing weights. Capa
 (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021) are applied beforehand by
 ``apply_capacity``, which turns overflowing slots into empty ones or re-routes them.
 
-An expert-parallel dispatcher provides the same ``dispatch``/``combine`` pair over an
-all-to-all; the experts see the same ``(x_RD, counts_E)`` either way.
+Under expert parallelism, module hooks on the experts (``moekit.parallel``) carry the rows to the
+ranks holding their experts and back; the experts see the same ``(x_RD, counts_E)`` either way.
 
 Shape legend: T tokens, D model width, E experts, K slots per token, S = T*K slots,
 R rows handed to the experts (R = S, or E*C under a capacity C).
@@ -230,18 +230,3 @@ def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
     if y_TKD.dtype == torch.float32 or y_TKD.dtype == torch.float64:
         return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)
     return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-
-
-class LocalDispatcher:
-    """Dispatch and combine on one process. An expert-parallel dispatcher
-    (:class:`moekit.parallel.AllToAllDispatcher`) has the same two methods."""
-
-    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, DispatchPlan]:
-        """``(x_RD, rows per expert, handle for combine)``."""
-        return dispatch(x_TD, plan), plan.counts_E, plan
-
-    def combine(self, y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
-        return combine(y_RD, plan, weights_TK)
-
-
-LOCAL = LocalDispatcher()

@@ -24,7 +24,8 @@ from ..config import MoEConfig
 from ..kernels import compute_dtype, resolve_backend
 from ..kernels.slots import SMALL_SLOTS
 from . import losses as L
-from .dispatch import LOCAL, apply_capacity, expert_capacity, plan_dispatch
+from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
+from .group import LOCAL_GROUP, LocalGroup
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
 
@@ -140,9 +141,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_usage", torch.full((E,), 1.0 / E))  # running share of routed slots
         self.register_buffer("steps_unused", torch.zeros(E, dtype=torch.int64))  # optimizer steps since last token
         self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64), persistent=False)  # tokens this step
-        # Set by moekit.parallel.apply_expert_parallel: the expert-parallel group whose dispatcher
-        # moves slots to the ranks holding their experts, and which all-reduces routing statistics.
-        self.parallel = None
+        # where routing statistics are summed: this process (the default), or every rank once
+        # moekit.parallel.apply_expert_parallel has replaced it (it also hooks the experts' all-to-all)
+        self.group: LocalGroup = LOCAL_GROUP
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -179,21 +180,21 @@ class MoE(nn.Module):
             if tuple(token_ids.shape) != tuple(lead):
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
-        if x_TD.shape[0] == 0 and self.parallel is None:  # an expert-parallel rank still joins the collectives
+        local = not self.group.spans_ranks  # else every rank must run the same collectives
+        if x_TD.shape[0] == 0 and local:
             return self._empty_output(x, lead)
 
-        group = self.parallel
-        routing = self.router(x_TD, k, token_ids, group=group)
+        routing = self.router(x_TD, k, token_ids, group=self.group)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, self._capacity_factor(capacity_factor))
         has_empty = routing.has_empty or max_rows is not None
         backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
-        few_slots = (backend == "grouped" and group is None and max_rows is None and not torch.is_grad_enabled()
+        few_slots = (backend == "grouped" and local and max_rows is None and not torch.is_grad_enabled()
                      and experts_TK.numel() <= SMALL_SLOTS)
         plan = None
         shared_TD = self._shared(x_TD)
         if few_slots:  # decoding: only the chosen experts' weights, added to the shared experts' output in place
             out_TD = self.experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD)
-        elif backend == "triton" and group is None:
+        elif backend == "triton" and local:
             # routing metadata by a counting-sort kernel (no host sync; the router's ids are valid),
             # then gather, experts and weighted scatter in the fused kernels
             from ..kernels.triton import routing_plan
@@ -202,10 +203,10 @@ class MoE(nn.Module):
             out_TD = self.experts.fused(x_TD, plan, weights_TK)
         else:
             plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
-            dispatcher = LOCAL if group is None else group.dispatcher
-            x_RD, rows_per_expert, handle = dispatcher.dispatch(x_TD, plan)
-            y_RD = self.experts(x_RD, rows_per_expert, backend)
-            out_TD = dispatcher.combine(y_RD, handle, weights_TK)
+            # under expert parallelism the experts' module hooks move the rows to the ranks holding
+            # their experts and back (moekit.parallel): the layer sees the same (x_RD, counts_E) -> y_RD
+            y_RD = self.experts(dispatch(x_TD, plan), plan.counts_E, backend)
+            out_TD = combine(y_RD, plan, weights_TK)
         if shared_TD is not None and not few_slots:
             out_TD = out_TD + shared_TD
 
@@ -222,7 +223,7 @@ class MoE(nn.Module):
                     aux = aux + w * value
             return aux, losses, stats
 
-        if training or group is not None:  # usage bookkeeping and collectives happen in the call
+        if training or not local:  # usage bookkeeping and collectives happen in the call
             return MoEOutput(out, *losses_and_stats(), experts_TK, weights_TK)
         return MoEOutput(out, experts_TK=experts_TK, weights_TK=weights_TK, pending=losses_and_stats)
 
@@ -243,15 +244,13 @@ class MoE(nn.Module):
             return r.experts_TK, r.weights_TK, E * r.capacity
         if factor is None:
             return r.experts_TK, r.weights_TK, None
-        g, T = self.parallel, r.experts_TK.shape[0]
+        g, T = self.group, r.experts_TK.shape[0]
         by_score = self.cfg.capacity_priority == "score"
-        experts_TK, weights_TK, probs_TE, start = r.experts_TK, r.weights_TK, r.probs_TE, 0
-        scores_TK = r.priority_scores_TK.detach() if by_score else None  # router scores, not renormalised weights
-        if g is not None:  # other ranks' rows are constants; the local rows keep their graph
-            experts_TK, start = g.gather_rows(experts_TK)
-            weights_TK, _ = g.gather_rows(weights_TK)
-            probs_TE = g.gather_rows(probs_TE)[0] if self.cfg.overflow == "reroute" else None
-            scores_TK = g.gather_rows(scores_TK)[0] if by_score else None
+        # all ranks' rows (one process: its own); other ranks' rows are constants, the local rows keep their graph
+        experts_TK, start = g.gather_rows(r.experts_TK)
+        weights_TK, _ = g.gather_rows(r.weights_TK)
+        probs_TE = g.gather_rows(r.probs_TE)[0] if self.cfg.overflow == "reroute" else None
+        scores_TK = g.gather_rows(r.priority_scores_TK.detach())[0] if by_score else None  # router scores, not renormalised weights
         K = experts_TK.shape[1]
         C = expert_capacity(experts_TK.shape[0], K, E - self.router.num_disabled, factor, self.cfg.min_capacity)
         experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow=self.cfg.overflow,
@@ -309,7 +308,7 @@ class MoE(nn.Module):
     def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
         the sums are all-reduced first, so both describe the global batch on every rank."""
-        E, g = self.cfg.num_experts, self.parallel
+        E, g = self.cfg.num_experts, self.group
         wide = torch.promote_types(r.probs_TE.dtype, torch.float32)
         sums = {"probs": r.probs_TE.to(wide).sum(0), "importance": L.importance_E(r.experts_TK, r.weights_TK, E).to(wide),
                 "entropy": L.entropy_per_token(r.probs_TE).sum().reshape(1).to(wide)}
@@ -319,8 +318,7 @@ class MoE(nn.Module):
             sums["load"] = r.load_E.to(wide)
         counts = {"routed": L.slot_counts(r.experts_TK, E), "kept": kept_E,
                   "tokens": torch.full((1,), r.experts_TK.shape[0], dtype=torch.int64, device=kept_E.device)}
-        if g is not None:
-            sums, counts = g.all_sum_dict(sums), g.all_sum_dict(counts)
+        sums, counts = g.all_sum_dict(sums), g.all_sum_dict(counts)
         T = counts["tokens"].to(wide)[0].clamp_min(1)  # 0 only when every rank's batch is empty
         mean_probs_E = sums["probs"] / T
         losses = dict(r.losses)
@@ -371,13 +369,12 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
-            if self.parallel is not None:  # every rank moves its (replicated) bias by the global load
-                self.router.load_E.copy_(self.parallel.world_sum(self.router.load_E))
+            self.router.load_E.copy_(self.group.world_sum(self.router.load_E))  # every rank moves its replicated bias alike
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery
     def _require_grouped(self, what: str) -> GroupedExperts:
-        if self.parallel is not None:
+        if self.group.spans_ranks:
             raise ValueError(f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
                              "change the single-process model, then apply expert parallelism again")
         if not isinstance(self.experts, GroupedExperts):
@@ -413,7 +410,7 @@ class MoE(nn.Module):
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
         """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
         a copy of the most used live expert plus noise, and reset its router row."""
-        if self.parallel is not None:
+        if self.group.spans_ranks:
             self._require_grouped("revive_dead_experts")  # raises: a sharded layer cannot copy across ranks
         dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
         live = ~dead & ~self.router.disabled_E

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
+from .group import LOCAL_GROUP
 from .losses import cv_squared, slot_counts
 
 
@@ -113,10 +114,10 @@ class Router(nn.Module):
         self.num_disabled = int(mask_E.sum())
 
     def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None, group=None) -> Routing:
-        """``group``: under expert/data parallelism, the object whose ``gather_rows`` collects all
-        ranks' rows (used by routers whose choice depends on the whole batch: expert choice)."""
-        if group is not None and self.batch_dependent:
-            return self.route(x_TD, top_k, token_ids_T, group=group)
+        """``group``: the layer's :class:`~moekit.layer.group.LocalGroup` (or its expert-parallel
+        replacement), whose ``gather_rows`` routers that choose over the whole batch use (expert choice)."""
+        if self.batch_dependent:
+            return self.route(x_TD, top_k, token_ids_T, group=group or LOCAL_GROUP)
         return self.route(x_TD, top_k, token_ids_T)
 
     batch_dependent = False  # True when a token's routing depends on the other tokens of the batch
@@ -281,7 +282,7 @@ class ExpertChoiceRouter(Router):
         factor = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else top_k
         if not self.training and self.cfg.eval_capacity_factor is not None:
             factor = self.cfg.eval_capacity_factor
-        all_TE, start = (probs_TE.detach(), 0) if group is None else group.gather_rows(probs_TE.detach())
+        all_TE, start = (group or LOCAL_GROUP).gather_rows(probs_TE.detach())
         T_all = all_TE.shape[0]
         C = min(T_all, max(1, math.ceil(T_all * factor / E)))
         chosen_EC = all_TE.t().topk(C, dim=-1).indices  # (E, C) token ids

@@ -1,6 +1,6 @@
 """Expert parallelism (all-to-all token dispatch) combined with data parallelism, on torch.distributed."""
 from .expert_parallel import (
-    AllToAllDispatcher,
+    ExpertAllToAll,
     ExpertParallel,
     ExpertParallelError,
     apply_expert_parallel,
@@ -9,4 +9,4 @@ from .expert_parallel import (
     make_mesh,
 )
 
-__all__ = ["AllToAllDispatcher", "ExpertParallel", "ExpertParallelError", "apply_expert_parallel", "barrier", "init_distributed", "make_mesh"]
+__all__ = ["ExpertAllToAll", "ExpertParallel", "ExpertParallelError", "apply_expert_parallel", "barrier", "init_distributed", "make_mesh"]

@@ -6,7 +6,11 @@ rank p holds experts [p*El, (p+1)*El). Each rank routes its own tokens, exchange
 counts, sends each routed slot's row to the rank holding its expert with one uneven
 ``all_to_all_single``, runs its local experts with the same grouped path as one process, and
 sends the results back to be combined. The model code stays single-device:
-:func:`apply_expert_parallel` shards an already built model.
+:func:`apply_expert_parallel` shards a built model (or one built on the meta device, then
+materialised per rank), puts the all-to-all on each layer's experts as module hooks
+(:class:`ExpertAllToAll`), and gives each layer the :class:`~moekit.layer.group.LocalGroup`
+replacement through which its routing statistics become global: the layer has no parallel
+branches.
 
 What is global by default (``statistics="global"``: as one process would compute it on the
 concatenated batch of all ranks): the balance / importance / load / z / entropy losses, the
@@ -19,7 +23,7 @@ Gradients: the training objective is the mean over ranks of each rank's loss (ea
 mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
 averages replicated parameters over all W ranks. An expert's gradient on its holder sums the
 contributions of every rank of its EP group (the all-to-all's backward carries them back), so
-the dispatcher scales the gradient reaching the experts by 1/P (and the gradient leaving them
+the all-to-all hooks scale the gradient reaching the experts by 1/P (and the gradient leaving them
 for the tokens by P, so the tokens' gradients are unchanged); the sync then averages experts
 over their DP replicas. Without the 1/P the experts' gradients would be P times too large, the
 classic bug; with it both syncs are plain averages, so calling the sync after every micro-batch
@@ -40,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer.dispatch import DispatchPlan, combine, dispatch
 from ..layer.experts import GroupedExperts
+from ..layer.group import LocalGroup
 from ..layer.moe import MoE
 
 STATISTICS = ("global", "expert", "local")
@@ -122,29 +126,53 @@ class _AllSum(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class _Handle:
-    """What :meth:`AllToAllDispatcher.combine` needs from the matching dispatch."""
+    """What the experts' forward hook needs from the matching pre-hook."""
 
-    plan: DispatchPlan
     x_ND: Tensor  # the rows this rank's experts received (in local-expert order)
     inverse_N: Tensor  # row of the received order for each row in local-expert order
     send: list  # rows sent to each EP rank
     recv: list  # rows received from each EP rank
     n_send: int
+    R: int  # rows the layer handed to the experts (sum(counts_E) of them real)
 
 
-class AllToAllDispatcher:
-    """The local dispatcher's ``dispatch``/``combine`` pair over an EP group: the experts see
-    ``(x rows of their El experts in expert order, rows per local expert)``."""
+class ExpertAllToAll:
+    """Expert parallelism as module hooks on a layer's experts (GShard's all-to-all dispatch).
+
+    The layer calls its experts as ``experts(x_RD, counts_E, backend)`` with the rows in global
+    expert order. The pre-hook sends each expert's rows to the rank holding it (one uneven
+    all-to-all after exchanging the counts) and hands the experts the rows of their El local
+    experts, grouped by expert; the forward hook sends the results back the same way, so the layer
+    gets ``y_RD`` in its own order. The layer's code is the single-process code."""
 
     def __init__(self, group, num_experts: int):
         self.group = group
         self.P = dist.get_world_size(group)
         self.El = num_experts // self.P
+        self._handles: list[_Handle] = []  # a stack: pre-hook pushes, forward hook pops
+        self._removables: list = []
 
-    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, _Handle]:
+    def attach(self, experts: nn.Module) -> None:
+        self._removables = [experts.register_forward_pre_hook(self._before),
+                            experts.register_forward_hook(self._after)]
+
+    def detach(self) -> None:
+        for h in self._removables:
+            h.remove()
+        self._removables = []
+
+    def _before(self, module: nn.Module, args: tuple) -> tuple:
+        x_RD, counts_E, *rest = args
+        x_ND, counts_El, handle = self.dispatch(x_RD, counts_E)
+        self._handles.append(handle)
+        return (x_ND, counts_El, *rest)
+
+    def _after(self, module: nn.Module, args: tuple, y_ND: Tensor) -> Tensor:
+        return self.combine(y_ND, self._handles.pop())
+
+    def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _Handle]:
+        """(rows of this rank's experts in local-expert order, rows per local expert, handle)."""
         P, El = self.P, self.El
-        x_RD = dispatch(x_TD, plan)
-        counts_E = plan.counts_E
         recv_PL = torch.empty_like(counts_E)
         _check("expert-parallel count exchange", dist.all_to_all_single, recv_PL, counts_E, group=self.group)
         host = torch.cat([counts_E.view(P, El).sum(1), recv_PL]).tolist()  # one host sync: split sizes
@@ -163,9 +191,10 @@ class AllToAllDispatcher:
         x_ND = x_ND[perm_N]
         if P > 1:  # undo combine's 1/P on the way back to the tokens (see the module docstring)
             x_ND = _ScaleGrad.apply(x_ND, float(P))
-        return x_ND, C_PL.sum(0), _Handle(plan, x_ND, inverse_N, send, recv, n_send)
+        return x_ND, C_PL.sum(0), _Handle(x_ND, inverse_N, send, recv, n_send, x_RD.shape[0])
 
-    def combine(self, y_ND: Tensor, h: _Handle, weights_TK: Tensor) -> Tensor:
+    def combine(self, y_ND: Tensor, h: _Handle) -> Tensor:
+        """The experts' rows back on the ranks that sent them, in the layer's row order."""
         if torch.is_grad_enabled():
             # Every rank must run the same collectives in backward. A rank whose experts got no
             # rows may get an output with no graph (or none back to the received rows); tie it to
@@ -177,18 +206,17 @@ class AllToAllDispatcher:
             if self.P > 1:  # the experts' gradients sum P ranks' tokens: make them a mean
                 y_ND = _ScaleGrad.apply(y_ND, 1.0 / self.P)
         y_back = _AllToAll.apply(y_ND[h.inverse_N], h.send, h.recv, self.group)
-        R = h.plan.order_R.numel()
-        y_RD = F.pad(y_back, (0, 0, 0, R - h.n_send)) if R > h.n_send else y_back
-        return combine(y_RD, h.plan, weights_TK)
+        return F.pad(y_back, (0, 0, 0, h.R - h.n_send)) if h.R > h.n_send else y_back
 
 
-class _LayerGroup:
-    """What one MoE layer sees of the parallel layout (``MoE.parallel``): the dispatcher, the
-    statistics group's row gather and differentiable sums, and a sum over all ranks."""
+class _LayerGroup(LocalGroup):
+    """What one MoE layer sees of the parallel layout (``MoE.group``): the statistics group's row
+    gather and differentiable sums, and a sum over all ranks."""
 
-    def __init__(self, dispatcher: AllToAllDispatcher, stats_group, stats_size: int, world_size: int):
-        self.dispatcher, self.stats_group, self.stats_size = dispatcher, stats_group, stats_size
-        self.world_size = world_size
+    spans_ranks = True
+
+    def __init__(self, stats_group, stats_size: int, world_size: int):
+        self.stats_group, self.stats_size, self.world_size = stats_group, stats_size, world_size
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
@@ -278,7 +306,7 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
         raise ValueError(f"statistics must be one of {', '.join(map(repr, STATISTICS))}; got {statistics!r}")
     for name, moe in _moe_layers(model):
         where = f"MoE layer {name or '(root)'}"
-        if moe.parallel is not None:
+        if moe.group.spans_ranks:
             raise ValueError(f"{where} is already expert-parallel")
         if not isinstance(moe.experts, GroupedExperts):
             raise ValueError(f"{where}: expert parallelism needs the stacked FFN experts, not a heterogeneous expert list")
@@ -518,7 +546,8 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
-        moe.parallel = _LayerGroup(AllToAllDispatcher(handle.ep_group, E), stats_group, stats_size, handle.world_size)
+        moe.group = _LayerGroup(stats_group, stats_size, handle.world_size)
+        ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
     return handle
 
 

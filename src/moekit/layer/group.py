@@ -1,0 +1,36 @@
+"""Where a layer's routing statistics are summed: over this process's tokens, or (set by
+:func:`moekit.parallel.apply_expert_parallel`) over the tokens of every rank.
+
+The layer calls these operations unconditionally; on one process they do nothing, so the math
+modules never test for parallel state. Whatever must be global under expert/data parallelism
+(balance losses and stats, the capacity limit, expert choice's selection, the sigmoid router's
+bias) goes through this one small object.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class LocalGroup:
+    """The statistics of this process's tokens alone (the default of every layer)."""
+
+    spans_ranks = False  # True when the operations below communicate (their results are then global)
+
+    def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
+        """Every rank's rows in rank order and where this rank's start (here: ``t``, 0)."""
+        return t, 0
+
+    def all_sum(self, v: Tensor) -> Tensor:
+        """``v`` summed over the ranks whose statistics are pooled (differentiable)."""
+        return v
+
+    def all_sum_dict(self, sums: dict) -> dict:
+        """:meth:`all_sum` of each tensor of a dict (one collective for all)."""
+        return sums
+
+    def world_sum(self, v: Tensor) -> Tensor:
+        """``v`` summed over all ranks (for replicated state every rank must update alike)."""
+        return v
+
+
+LOCAL_GROUP = LocalGroup()
