@@ -53,6 +53,10 @@ SCENARIOS = {
     "sigmoid": dict(router="sigmoid", top_k=3, num_groups=4, topk_groups=2, bias_update_rate=0.01, num_shared_experts=1),
     "noisy_eval": dict(router="noisy_topk", top_k=2, load_loss_weight=0.1, importance_loss_weight=0.1),
     "shared_gate": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True, renormalize=True),
+    # router randomness in training: drawn for the global batch, so equal to one process's
+    "noisy_train": dict(router="noisy_topk", top_k=2, load_loss_weight=0.1, importance_loss_weight=0.1),
+    "jitter": dict(top_k=2, router_jitter=0.2, balance_loss_weight=0.1),
+    "random_train": dict(router="random", top_k=2, balance_loss_weight=0.1),
 }
 
 
@@ -75,12 +79,14 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
         if name == "noisy_eval":
             ref.eval(), moe.eval()
         lo = sum(sizes[:rank])
+        torch.manual_seed(2)  # the same random state before each forward: routing noise must match
         r = ref(x)
         # the objective of a data-parallel run: mean over ranks of (local mean task loss + aux)
         ref_loss = sum((r.out[sum(sizes[:q]) : sum(sizes[: q + 1])] * tgt[sum(sizes[:q]) : sum(sizes[: q + 1])]).mean()
                        for q in range(world)) / world + r.aux_loss
         ref_loss.backward()
         h = apply_expert_parallel(moe, expert_parallel=ep)
+        torch.manual_seed(2)
         o = moe(x[lo : lo + T])
         ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()
         h.sync_gradients()
@@ -254,5 +260,34 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
                 assert torch.equal(t, want), f"rank {rank}, ep {ep}: {name} differs from the single-process init"
             for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
                 assert torch.equal(b, b_ref), f"rank {rank}: buffer {name}"
+    finally:
+        dist.destroy_process_group()
+
+
+def call_mismatch(rank: int, world: int, store: str, case: str) -> None:
+    """Ranks that call an expert-parallel layer differently get a clear error on every rank (not a
+    hang until the timeout)."""
+    init(rank, world, store, timeout_s=30)
+    try:
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=1.0))
+        apply_expert_parallel(moe, expert_parallel=world)
+        x = torch.randn(5, 8)
+        if case == "top_k":
+            call = lambda: moe(x, top_k=1 if rank == 1 else 2)
+        elif case == "eval":
+            moe.train(rank != 1)
+            call = lambda: moe(x)
+        else:  # grad mode
+            def call():
+                with torch.set_grad_enabled(rank != 1):
+                    return moe(x)
+        t0 = time.monotonic()
+        try:
+            call()
+            raise AssertionError(f"rank {rank}: a mismatched call must raise")
+        except ValueError as err:
+            assert "called differently on different ranks" in str(err) and "rank 1" in str(err), err
+        assert time.monotonic() - t0 < 20, "the error must come at once, not after the timeout"
     finally:
         dist.destroy_process_group()

@@ -86,3 +86,8 @@ def test_meta_built_sharded_model_gets_the_single_process_init_on_every_layout(t
     """No rank builds the whole model (meta device, then only its shards are allocated), and the
     values equal one process's: EP=2 and EP=1 (data parallel) on 2 ranks, EP=4 and EP=2 x DP=2 on 4."""
     spawn(W.meta_init_equals_single_process, world, tmp_path, eps)
+
+
+@pytest.mark.parametrize("case", ["top_k", "eval", "grad"])
+def test_a_layer_called_differently_on_one_rank_is_a_clear_error_on_every_rank(tmp_path, case):
+    spawn(W.call_mismatch, 2, tmp_path, case)

@@ -8,6 +8,9 @@ bias) goes through this one small object.
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
 
@@ -15,6 +18,17 @@ class LocalGroup:
     """The statistics of this process's tokens alone (the default of every layer)."""
 
     spans_ranks = False  # True when the operations below communicate (their results are then global)
+
+    def begin_call(self, num_tokens: int, settings: tuple) -> None:
+        """Called once at the start of each layer call with this rank's token count and the
+        call's settings (top_k, train/eval, grad mode, capacity factor): across ranks, a clear
+        error when the settings differ (the ranks would run different collectives and hang), and
+        the token counts for :meth:`random_rows`. Nothing to do on one process."""
+
+    def random_rows(self, draw: Callable[[Tensor], Tensor], like_TX: Tensor) -> Tensor:
+        """Random values for this rank's rows, ``draw(empty tensor) -> filled tensor``: across
+        ranks drawn for the whole global batch and sliced, so they equal one process's."""
+        return draw(torch.empty_like(like_TX))
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """Every rank's rows in rank order and where this rank's start (here: ``t``, 0)."""

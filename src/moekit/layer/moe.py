@@ -183,9 +183,11 @@ class MoE(nn.Module):
         local = not self.group.spans_ranks  # else every rank must run the same collectives
         if x_TD.shape[0] == 0 and local:
             return self._empty_output(x, lead)
+        factor = self._capacity_factor(capacity_factor)
+        self.group.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor))
 
         routing = self.router(x_TD, k, token_ids, group=self.group)
-        experts_TK, weights_TK, max_rows = self._apply_capacity(routing, self._capacity_factor(capacity_factor))
+        experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)
         has_empty = routing.has_empty or max_rows is not None
         backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
         few_slots = (backend == "grouped" and local and max_rows is None and not torch.is_grad_enabled()

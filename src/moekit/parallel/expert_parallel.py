@@ -17,7 +17,11 @@ concatenated batch of all ranks): the balance / importance / load / z / entropy 
 stats (tokens per expert, dropped fraction, entropy, usage), the capacity limit with its drops
 and re-routing, expert choice's token selection. Always global, whatever ``statistics``: the
 sigmoid router's bias update (the bias is replicated state, so every rank must move it alike).
-What stays per rank: router randomness (noisy gating, jitter, GShard's random second expert).
+Router randomness (noisy gating, jitter, GShard's random second expert) is drawn for the global
+batch on every rank and sliced, so it equals one process's too. Every layer call starts with one
+small all-gather of the ranks' token counts and call settings: ranks that call a layer
+differently (another top_k, train vs eval, grad mode, capacity factor) get a clear error instead
+of a hang.
 
 Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
 mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
@@ -217,6 +221,33 @@ class _LayerGroup(LocalGroup):
 
     def __init__(self, stats_group, stats_size: int, world_size: int):
         self.stats_group, self.stats_size, self.world_size = stats_group, stats_size, world_size
+        self._rows: list[int] = []  # tokens of each rank in the current call (world order)
+
+    def begin_call(self, num_tokens: int, settings: tuple) -> None:
+        """One small all-gather over all ranks per layer call: every rank's token count (for the
+        random draws) and settings, compared before any other collective can hang on a mismatch."""
+        code = [num_tokens] + [-1 if v is None else int(round(float(v) * 1e6)) for v in settings]
+        mine = torch.tensor(code, dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        _check("layer-call check", dist.all_gather, every, mine)
+        rows = [int(t[0]) for t in every]
+        if any(not torch.equal(t[1:], mine[1:]) for t in every):
+            names = ("top_k", "training", "grad enabled", "capacity factor x1e6 (-1: none)")
+            table = "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(v)}" for n, v in zip(names, t[1:].tolist()))
+                              for r, t in enumerate(every))
+            raise ValueError(f"an expert-parallel MoE layer was called differently on different ranks ({table}): "
+                             f"every rank must call the model alike (same top_k, train/eval mode, grad mode, "
+                             f"capacity factor)")
+        self._rows = rows
+
+    def random_rows(self, draw, like_TX: Tensor) -> Tensor:
+        """Random values drawn for the global batch (every rank draws the same), this rank's rows
+        kept: routing noise then equals one process's on the concatenated batch."""
+        if self.world_size == 1 or not self._rows:
+            return draw(torch.empty_like(like_TX))
+        start = sum(self._rows[: dist.get_rank()])
+        full = draw(like_TX.new_empty((sum(self._rows), *like_TX.shape[1:])))
+        return full[start : start + like_TX.shape[0]]
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
