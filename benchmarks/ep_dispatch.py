@@ -52,6 +52,8 @@ from collections import defaultdict
 from datetime import timedelta
 
 import torch
+
+from report import cpu_name  # benchmarks/report.py
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
@@ -259,16 +261,6 @@ def summarise(ep: int, per_rank: list, opts: dict) -> list[dict]:
     return rows
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def cf_label(cf) -> str:
     return "dropless" if cf is None else f"cf {cf:g}"
@@ -384,7 +376,7 @@ def main(argv=None) -> None:
         print(f"EP={ep}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(f"## Expert-parallel dispatch, CPU (gloo): T={args.tokens}/rank D={args.dim} F={args.hidden} E={args.experts} "
           f"K={args.top_k} {args.dtype} swiglu backend={args.backend}\n")
-    print(f"{datetime.date.today()} · {platform.machine()} ({cpu_model()}), {cores} cores, 1 thread "
+    print(f"{datetime.date.today()} · {platform.machine()} ({cpu_name()}), {cores} cores, 1 thread "
           f"per rank · torch {torch.__version__} · gloo over loopback · {args.reps} timed steps after {args.warmup} "
           f"warm-up\n")
     print(markdown(rows))

@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig
@@ -47,15 +48,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 MIB = 2**20
 
-_md_path = None
-
-
-def emit(line: str = "") -> None:
-    """Print a line and, with --markdown, append it to that file at once (partial runs keep their tables)."""
-    print(line, flush=True)
-    if _md_path:
-        with open(_md_path, "a") as f:
-            f.write(line + "\n")
 
 
 def sync(device: torch.device) -> None:
@@ -391,7 +383,6 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    global _md_path
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default="cpu", help=f"comma list of {', '.join(SHAPES)}")
@@ -412,9 +403,9 @@ def main(argv=None):
     cuda = device.type == "cuda"
     backends = (args.backends or ("loop,grouped,triton" if cuda else "loop,grouped,auto")).split(",")
     peers = [p for p in args.peers.split(",") if p]
-    _md_path = args.markdown
+    write_markdown_to(args.markdown)
     dev_name = torch.cuda.get_device_name(device) if cuda else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        f"{cpu_name()}, {torch.get_num_threads()} threads"
     versions = []
     for mod in ("triton", "transformers", "scattermoe"):
         try:

@@ -39,7 +39,6 @@ import copy
 import datetime
 import gc
 import math
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,8 @@ from typing import Callable, Optional
 
 import torch
 
+from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
+
 import moekit
 from moekit.config import TrainConfig
 from moekit.layer import after_optimizer_step
@@ -55,26 +56,7 @@ from moekit.models import MoETransformer
 from moekit.train.run import default_model_config
 from moekit.train.trainer import make_optimizer
 
-_md_path = None
 
-
-def emit(line: str = "") -> None:
-    """Print a line and, with --markdown, append it to that file at once (partial runs keep their tables)."""
-    print(line, flush=True)
-    if _md_path:
-        with open(_md_path, "a") as f:
-            f.write(line + "\n")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- models
@@ -256,7 +238,6 @@ def ratio(a, b) -> str:
 
 
 def main(argv=None) -> None:
-    global _md_path
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--reps", type=int, default=7, help="timed rounds (every model once per round)")
@@ -290,7 +271,7 @@ def main(argv=None) -> None:
     if args.seq + 1 > max_len or args.prompt_len + args.new_tokens > max_len:
         ap.error(f"--seq + 1 and --prompt-len + --new-tokens must fit the model's context ({max_len})")
     torch.set_num_threads(args.threads)
-    _md_path = args.markdown
+    write_markdown_to(args.markdown)
 
     entries = list(moekit_models())
     hf_note = None
