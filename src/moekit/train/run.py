@@ -14,7 +14,8 @@ from ..data import build_data, load_tokenizer
 from .._io import atomic_write_bytes, remove_stale_temporaries
 from .checkpoint import CheckpointError
 from .lock import RunLock
-from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer
+from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer, find_checkpoint
+from .distcp import DCP_DIR
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -103,7 +104,8 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
 
     Under ``torchrun`` every rank calls this: the MoE's experts are split over
     ``train.expert_parallel`` ranks (``expert_parallel`` overrides it, e.g. to resume on another
-    layout; checkpoints are unsharded), the rest is data parallel, and rank 0 writes the files."""
+    layout), the rest is data parallel, rank 0 writes the files and every rank writes its part of
+    the sharded checkpoint (``checkpoint.dcp``, which resumes on any layout, one process included)."""
     run_dir = Path(run_dir)
     _check_folder_path(run_dir)
     init_state, tok = None, None
@@ -158,7 +160,7 @@ def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: Tr
             continue
         trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state,
                           distributed=distributed, device=device)
-        res = trainer.fit(resume=resume and (sub / CHECKPOINT).exists(), stop_at=stop_at)
+        res = trainer.fit(resume=resume and find_checkpoint(sub) is not None, stop_at=stop_at)
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "label": label}
         summaries[label] = res
@@ -221,9 +223,10 @@ def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: T
     for label, _ in sub_runs(raw, model_cfg):
         sub = run_dir / label
         trained = max(_trained_steps(sub), _summary_steps(sub))
-        if trained and not (sub / CHECKPOINT).exists() and _finished_summary(sub, train_cfg.steps) is None:
+        if trained and find_checkpoint(sub) is None and _finished_summary(sub, train_cfg.steps) is None:
             if not restart_missing:
-                raise CheckpointError(f"{sub / CHECKPOINT} is missing, but {label} has trained {trained} steps "
+                raise CheckpointError(f"{sub / CHECKPOINT} is missing (and there is no {DCP_DIR} folder), but {label} "
+                                      f"has trained {trained} steps "
                                       f"(deleted, or killed before its first checkpoint): restore the file, or pass "
                                       f"--restart-missing to train {label} again from step 0")
             if verbose:
