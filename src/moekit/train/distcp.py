@@ -525,7 +525,9 @@ def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: 
     for k, v in (manifest["optimizer"].get("scalars") or {}).items():
         name, key = k.rsplit(".", 1)
         opt_state.setdefault(index[name], {})[key] = v
-    param_groups = [{**g, "params": [index[n] for n in g["params"]]} for g in groups]
+    # JSON made tuples (AdamW's betas) lists: give them back the optimizer's own types
+    param_groups = [{**{k: tuple(v) if isinstance(v, list) and isinstance(cur.get(k), tuple) else v for k, v in g.items()},
+                     "params": [index[n] for n in g["params"]]} for g, cur in zip(groups, optimizer.param_groups)]
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
     except (RuntimeError, ValueError, KeyError) as err:

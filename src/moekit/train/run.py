@@ -14,8 +14,9 @@ from ..data import build_data, load_tokenizer
 from .._io import atomic_write_bytes, remove_stale_temporaries
 from .checkpoint import CheckpointError
 from .lock import RunLock
-from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer, find_checkpoint
+from . import distcp
 from .distcp import DCP_DIR
+from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer, find_checkpoint
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -175,6 +176,33 @@ def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: Tr
 
         plot_run(run_dir)
     return comparison
+
+
+def convert_run(run_dir: Path, *, keep: bool = False, verbose: bool = True) -> list[str]:
+    """Turn each sub-run's sharded checkpoint (``checkpoint.dcp``, written under torchrun) into the
+    one-process file ``checkpoint.safetensors``, on this one process (no process group): the same
+    weights, optimizer state, RNG states and step, so training resumes from it exactly. The folder
+    is then deleted (``keep=True``: kept; the file is used, having the same step). Holds the run's
+    lock (not while it trains). Returns the labels converted."""
+    run_dir = Path(run_dir)
+    model_cfg, _, raw = load_run_config(run_dir)
+    done = []
+    with RunLock(run_dir):
+        for label, _ in sub_runs(raw, model_cfg):
+            sub = run_dir / label
+            distcp.repair(sub / DCP_DIR)
+            path = find_checkpoint(sub)
+            if path is None or not path.is_dir():
+                if verbose:
+                    print(f"{label}: {'no checkpoint' if path is None else 'already one file, ' + str(path)}")
+                continue
+            distcp.convert_to_single_file(path, sub / CHECKPOINT)
+            if not keep:
+                distcp.remove(path)
+            done.append(label)
+            if verbose:
+                print(f"{label}: {path} -> {sub / CHECKPOINT}" + (" (folder kept)" if keep else ""))
+    return done
 
 
 def _run_flags(raw: dict) -> dict:
