@@ -315,7 +315,9 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     state, opt_json = _save_state(model, optimizer, par, rng if rank == 0 else None)
     try:
         writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
-        md = dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            md = dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"writing the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
     # every rank hashes the items it wrote (still in the page cache)
