@@ -106,6 +106,23 @@ def bad_checkpoints(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def mixtral_cfg() -> LMConfig:
+    from moekit import MoEConfig
+
+    return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
+                    moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2))
+
+
+def save_mixtral(rank: int, world: int, store: str, sub_dir: str) -> None:
+    """An EP=2 Mixtral-like model (rank 0's initialisation, seed 0) saved as a sub-run's checkpoint.dcp."""
+    init(rank, world, store)
+    torch.manual_seed(0)
+    model = MoETransformer(mixtral_cfg())
+    h = apply_expert_parallel(model, expert_parallel=world)
+    save_distributed(os.path.join(sub_dir, "checkpoint.dcp"), model, None, h, meta={"step": 0, "label": "moe"})
+    dist.destroy_process_group()
+
+
 def save_forever(path: str) -> None:
     """One process: save the tiny model with every weight equal to the step, step after step,
     printing each step once its save has returned, until killed."""

@@ -132,3 +132,25 @@ def test_a_save_killed_at_any_moment_leaves_the_last_complete_checkpoint(tmp_pat
         assert step in (done, done + 1), (step, done)  # the last finished save, or one killed after its manifest
         repair(path)
         assert _step_of(path) == step and read_manifest(path)["meta"]["step"] == step
+
+
+def test_load_trained_and_export_hf_read_a_sharded_checkpoint(tmp_path):
+    """A sub-run folder whose checkpoint is an EP=2 DCP folder loads in one process (the model's
+    tensors only), equal to the model the ranks started from, and exports to Hugging Face."""
+    from safetensors.torch import load_file
+
+    from moekit.interop import export_hf
+    from moekit.train.trainer import load_trained
+
+    sub = tmp_path / "moe"
+    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    tmp.start_processes(W.save_mixtral, args=(2, store, str(sub)), nprocs=2, join=True, start_method="spawn")
+    torch.manual_seed(0)
+    ref = MoETransformer(W.mixtral_cfg())
+    model = load_trained(sub, W.mixtral_cfg())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    export_hf(model, tmp_path / "hf", "mixtral")
+    export_hf(ref, tmp_path / "hf_ref", "mixtral")
+    got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf_ref" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
