@@ -154,3 +154,16 @@ def test_load_trained_and_export_hf_read_a_sharded_checkpoint(tmp_path):
     export_hf(ref, tmp_path / "hf_ref", "mixtral")
     got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf_ref" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_dtensor_parameters_fsdp2_round_trip(tmp_path):
+    """Parameters that are DTensors already (FSDP2 over 2 ranks) are saved as they are, reload
+    exactly on 2 ranks, and in one process equal the full tensors."""
+    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    tmp.start_processes(W.fsdp_round_trip, args=(2, store, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    one = MoETransformer(_lm_cfg()).double()
+    opt = torch.optim.AdamW(one.parameters(), lr=1e-2)
+    load_distributed(tmp_path / "fsdp", one, opt)
+    full = torch.load(tmp_path / "fsdp-full.pt")
+    for k, v in full.items():
+        assert torch.equal(one.state_dict()[k], v), k

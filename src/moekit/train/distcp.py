@@ -197,8 +197,16 @@ def _agree(par, error: Optional[str]) -> None:
         raise CheckpointError(error)
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _shards_experts(par, name: str, t: torch.Tensor) -> bool:
-    return par is not None and name in getattr(par, "expert_params", {}) and t.dim() > 0
+    """``t`` is this rank's plain-tensor shard of expert parameter ``name`` (a model whose
+    parameters are DTensors already is saved as it is)."""
+    return par is not None and name in getattr(par, "expert_params", {}) and t.dim() > 0 and not _is_dtensor(t)
 
 
 def _as_dtensor(local: torch.Tensor, par):
@@ -213,11 +221,7 @@ def _as_dtensor(local: torch.Tensor, par):
 
 def _global(name: str, t: torch.Tensor, par):
     """``t`` as DCP should see it: a DTensor for an expert shard (or as is when it is one already)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor) or not _shards_experts(par, name, t):
-        return t
-    return _as_dtensor(t, par)
+    return _as_dtensor(t, par) if _shards_experts(par, name, t) else t
 
 
 def _param_names(model: nn.Module, optimizer) -> list[list[str]]:
@@ -508,7 +512,13 @@ def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Modu
             raise CheckpointError(f"checkpoint {path} does not fit this model: optimizer state for an unknown parameter {name!r}")
         p = params[name]
         shape, dtype = tuple(v.size), v.properties.dtype
-        if _shards_experts(par, name, p) and shape == _expected_shape(name, p, par):
+        if _is_dtensor(p) and shape == tuple(p.shape):  # a DTensor parameter: its state is laid out like it
+            from torch.distributed.tensor import DTensor
+
+            local = torch.empty(p.to_local().shape, dtype=dtype, device=p.device)
+            state[k] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())
+        elif _shards_experts(par, name, p) and shape == _expected_shape(name, p, par):
             state[k] = _as_dtensor(torch.empty(p.shape, dtype=dtype, device=p.device), par)
         else:
             state[k] = torch.empty(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
@@ -516,14 +526,15 @@ def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Modu
 
 
 def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: list) -> None:
-    from torch.distributed.tensor import DTensor
-
     index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict = {}
     for k, v in state.items():
         if k.startswith(OPTIM):
             name, key = k[len(OPTIM):].rsplit(".", 1)
-            opt_state.setdefault(index[name], {})[key] = v.to_local() if isinstance(v, DTensor) else v
+            i = index[name]
+            # an expert shard's state was wrapped for DCP only; a DTensor parameter's stays a DTensor
+            opt_state.setdefault(i, {})[key] = v.to_local() if _is_dtensor(v) and not _is_dtensor(params[i]) else v
     for k, v in (manifest["optimizer"].get("scalars") or {}).items():
         name, key = k.rsplit(".", 1)
         opt_state.setdefault(index[name], {})[key] = v
