@@ -84,22 +84,30 @@ def test_every_state_a_crashed_save_leaves_reads_a_complete_checkpoint(tmp_path,
     one, two = tmp_path / "one", tmp_path / "two"
     _saved(one, 1)
     _saved(two, 2)
-    path = tmp_path / "checkpoint.dcp"
-    if state == "before the swap":
-        shutil.copytree(one, path), shutil.copytree(two, tmp_of(path))
-    elif state == "between the renames":
-        shutil.copytree(one, old_path(path)), shutil.copytree(two, tmp_of(path))
-    elif state == "before removing .old":
-        shutil.copytree(two, path), shutil.copytree(one, old_path(path))
-    elif state == "unfinished tmp":
-        shutil.copytree(one, path), shutil.copytree(two, tmp_of(path))
-        (tmp_of(path) / MANIFEST).unlink()
-    else:
-        shutil.copytree(one, old_path(path))
+
+    def crashed(path: Path) -> Path:
+        if state == "before the swap":
+            shutil.copytree(one, path), shutil.copytree(two, tmp_of(path))
+        elif state == "between the renames":
+            shutil.copytree(one, old_path(path)), shutil.copytree(two, tmp_of(path))
+        elif state == "before removing .old":
+            shutil.copytree(two, path), shutil.copytree(one, old_path(path))
+        elif state == "unfinished tmp":
+            shutil.copytree(one, path), shutil.copytree(two, tmp_of(path))
+            (tmp_of(path) / MANIFEST).unlink()
+        else:
+            shutil.copytree(one, old_path(path))
+        return path
+
+    path = crashed(tmp_path / "a" / "checkpoint.dcp")
     assert _step_of(resolve(path)) == expect
     repair(path)
     assert path.is_dir() and not tmp_of(path).exists() and not old_path(path).exists()
     assert _step_of(path) == expect
+    # the next save starts from such a state: it ends with only its own checkpoint
+    path = crashed(tmp_path / "b" / "checkpoint.dcp")
+    _saved(path, 3)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.dcp"] and _step_of(path) == 3
 
 
 def test_a_save_killed_at_any_moment_leaves_the_last_complete_checkpoint(tmp_path):

@@ -98,7 +98,8 @@ def repair(path: Union[str, Path]) -> None:
             os.replace(found, path)
             _fsync_dir(path.parent)
     for leftover in (tmp, old):
-        if leftover.exists():
+        if leftover.exists():  # the manifest first: a removal cut short leaves no complete-looking folder
+            (leftover / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -308,10 +309,9 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     tmp, old = tmp_path(path), old_path(path)
     rank, world = _rank_world(par)
     error = None
-    if rank == 0:  # a crashed save's leftovers
+    if rank == 0:
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            repair(path)  # a crashed save's complete checkpoint back in place, its leftovers deleted
             tmp.mkdir(parents=True)
         except OSError as err:
             error = f"cannot write the checkpoint {path}: {_one_line(err)}"
