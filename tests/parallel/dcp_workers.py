@@ -173,6 +173,26 @@ def fsdp_round_trip(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def meta_mesh_round_trip(rank: int, world: int, store: str, out_dir: str) -> None:
+    """A handle whose (dp, ep) mesh was made for the ``meta`` device (a model built on meta, then
+    materialised): the checkpoint still holds the rank's real expert weights."""
+    from moekit.parallel import make_mesh
+
+    init(rank, world, store)
+    torch.manual_seed(0)
+    model = MoETransformer(_lm_cfg()).double()
+    h = apply_expert_parallel(model, make_mesh(world, "meta"))
+    path = os.path.join(out_dir, "meta-mesh")
+    save_distributed(path, model, None, h, meta={"step": 0})
+    m = MoETransformer(_lm_cfg()).double()
+    hh = apply_expert_parallel(m, make_mesh(world, "meta"), sync_init=False)
+    load_distributed(path, m, None, hh, rng=False)
+    for (k, a), b in zip(model.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a, b), k
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def save_forever(path: str) -> None:
     """One process: save the tiny model with every weight equal to the step, step after step,
     printing each step once its save has returned, until killed."""

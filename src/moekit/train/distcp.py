@@ -210,6 +210,33 @@ def _shards_experts(par, name: str, t: torch.Tensor) -> bool:
     return par is not None and name in getattr(par, "expert_params", {}) and t.dim() > 0 and not _is_dtensor(t)
 
 
+_MESHES: dict = {}  # (id of a handle's mesh, device type) -> the same mesh for that device type
+
+
+def _mesh_for(par, device_type: str):
+    """``par.mesh``, or the same (dp, ep) mesh for ``device_type`` when it was made for another
+    (a model built on ``meta`` gets a ``meta`` mesh: a DTensor on it would hold no data). Making
+    one is collective: call it on every rank at the same point (see :func:`_prepare_mesh`)."""
+    mesh = par.mesh
+    if mesh.device_type == device_type:
+        return mesh
+    key = (id(mesh), device_type)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        _MESHES[key] = DeviceMesh(device_type, mesh.mesh, mesh_dim_names=mesh.mesh_dim_names)
+    return _MESHES[key]
+
+
+def _prepare_mesh(model: nn.Module, par) -> None:
+    """Make the expert mesh for the model's device before anything can fail on one rank only."""
+    if par is None or not getattr(par, "expert_params", None):
+        return
+    p = next((t for t in model.parameters() if not t.is_meta), None)
+    if p is not None and not _is_dtensor(p):
+        _mesh_for(par, p.device.type)
+
+
 def _as_dtensor(local: torch.Tensor, par):
     """This rank's experts of a tensor as the global DTensor: replicated over ``dp``, ``Shard(0)``
     over ``ep`` (a view of ``local``: DCP writes from it and loads into it)."""
@@ -217,7 +244,8 @@ def _as_dtensor(local: torch.Tensor, par):
 
     shape = (local.shape[0] * par.ep_size, *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, par.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=stride)
+    mesh = _mesh_for(par, local.device.type)
+    return DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=stride)
 
 
 def _global(name: str, t: torch.Tensor, par):
@@ -308,6 +336,7 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     path = Path(path)
     tmp, old = tmp_path(path), old_path(path)
     rank, world = _rank_world(par)
+    _prepare_mesh(model, par)
     error = None
     if rank == 0:
         try:
@@ -458,6 +487,7 @@ def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
 
     path = Path(path)
     rank, world = _rank_world(par)
+    _prepare_mesh(model, par)
     error, manifest, md, state = None, None, None, None
     try:  # the same checks on every rank, from the files alone
         manifest = read_manifest(path)
