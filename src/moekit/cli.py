@@ -5,6 +5,7 @@
     moekit train --resume runs/<name>
     moekit generate --run runs/<name> --prompt "def "
     moekit inspect --run runs/<name>
+    moekit convert --run runs/<name>              # sharded checkpoint of a torchrun run -> one file
 """
 from __future__ import annotations
 
@@ -251,6 +252,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .train.run import convert_run
+
+    convert_run(Path(args.run), keep=args.keep)
+    return 0
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each option's default, except where there is none to show."""
 
@@ -359,6 +367,16 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--top-k-experts", type=int, default=None, help="experts per token (default: as trained)")
     i.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("convert", help="turn a torchrun run's sharded checkpoints into one-process files",
+                       formatter_class=_HelpFormatter,
+                       description="Replace each model's sharded checkpoint (checkpoint.dcp, one part per rank, written "
+                                   "under torchrun) by the one-process file checkpoint.safetensors with the same state "
+                                   "(weights, optimizer, RNG, step), on this one process. Not needed to generate, "
+                                   "inspect or resume: those read either format.")
+    c.add_argument("--run", required=True, help="a run folder")
+    c.add_argument("--keep", action="store_true", help="keep the checkpoint.dcp folder too")
+    c.set_defaults(func=cmd_convert)
     return p
 
 

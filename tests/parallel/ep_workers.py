@@ -128,12 +128,9 @@ def _lm_cfg() -> LMConfig:
     return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, moe=moe)
 
 
-def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> None:
-    """EP x DP: one AdamW step with clipping equals the single-process step; checkpoints gathered
-    from the EP run equal the single-process state and reshard into another EP size."""
-    from moekit.train.checkpoint import load_checkpoint, save_checkpoint
-
-    init(rank, world, store)
+def reference_step(world: int):
+    """The single-process reference of :func:`ep_dp_step`: (ref model after one AdamW step with
+    clipping, its optimizer, the gradient norm, a copy of the initial model, inputs, targets)."""
     torch.manual_seed(3)
     ref = MoETransformer(_lm_cfg()).double()
     model = MoETransformer(_lm_cfg()).double()
@@ -146,6 +143,20 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
     (out.loss + out.aux_loss).backward()
     gn_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
     opt_ref.step()
+    return ref, opt_ref, gn_ref, model, idx, tgt
+
+
+def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> None:
+    """EP x DP: one AdamW step with clipping equals the single-process step; checkpoints gathered
+    from the EP run equal the single-process state and reshard into another EP size; so does the
+    sharded (DCP) checkpoint, which every rank writes its part of (the test then loads it in one
+    process, without a process group)."""
+    from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+    from moekit.train.distcp import load_distributed, save_distributed
+
+    init(rank, world, store)
+    ref, opt_ref, gn_ref, model, idx, tgt = reference_step(world)
+    B = idx.shape[0]
 
     mesh = make_mesh(ep, "cpu")
     h = apply_expert_parallel(model, mesh)
@@ -184,8 +195,74 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
     model2.eval()
     pb = torch.randint(0, 64, (world, 12))
     close(model2(pb[rank : rank + 1]).logits, ref(pb).logits[rank : rank + 1], f"EP={other} model from an EP={ep} checkpoint")
+
+    # the sharded checkpoint: every rank writes its part, it loads on every other layout, exactly
+    dcp_path = os.path.join(ckpt_dir, "ep.dcp")
+    rng_states = [None] * world
+    dist.all_gather_object(rng_states, torch.get_rng_state())
+    save_distributed(dcp_path, model, opt, h, rng={"torch": torch.get_rng_state()}, meta={"step": 1, "label": "moe"})
+    for other in sorted({1, 2, world} - {ep}):
+        m = MoETransformer(_lm_cfg()).double()
+        hh = apply_expert_parallel(m, expert_parallel=other, sync_init=False)
+        mo = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        meta, rng = load_distributed(dcp_path, m, mo, hh)
+        assert meta == {"step": 1, "label": "moe"}, meta
+        assert torch.equal(rng["torch"], rng_states[0]), "the RNG state restored is not rank 0's"
+        for k, v in hh.full_state_dict().items():
+            assert torch.equal(v, full[k]), f"rank {rank}: {k} differs after EP={ep} -> EP={other} through DCP"
+        got = hh.full_optimizer_state_dict(mo)
+        assert got["param_groups"] == opt_full["param_groups"], (got["param_groups"], opt_full["param_groups"])
+        for i, st in opt_full["state"].items():
+            for key, v in st.items():
+                assert torch.equal(got["state"][i][key], v), f"rank {rank}: optimizer state {i}.{key} differs (EP={other})"
+        m.eval()
+        close(m(pb[rank : rank + 1]).logits, ref(pb).logits[rank : rank + 1], f"EP={other} model from an EP={ep} DCP checkpoint")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_dcp_in_one_process(ckpt_dir: str, world: int, ep: int) -> None:
+    """In the test process (no process group): the DCP checkpoint of :func:`ep_dp_step` loads
+    into one model, equal to the single-process step and bitwise to the gathered single file;
+    every rank wrote its part, replicated tensors once, experts once per shard."""
+    import pickle
+
+    from moekit.train.checkpoint import read_checkpoint
+    from moekit.train.distcp import convert_to_single_file, load_distributed
+
+    path = os.path.join(ckpt_dir, "ep.dcp")
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        md = pickle.load(f)
+    stored: dict = {}
+    for index, info in md.storage_data.items():
+        stored.setdefault(index.fqn, []).append(info.relative_path)
+    experts = {k for k in md.state_dict_metadata if ".experts.w_" in k and not k.endswith(".step")}
+    assert experts, "no expert tensors in the checkpoint"
+    for key, meta in md.state_dict_metadata.items():
+        if not hasattr(meta, "chunks"):
+            continue
+        want = ep if key in experts else 1
+        assert len(meta.chunks) == want and len(stored[key]) == want, (key, len(meta.chunks), stored.get(key))
+    sizes = [os.path.getsize(os.path.join(path, f"__{r}_0.distcp")) for r in range(world)]
+    assert max(sizes) < 1.5 * min(sizes), f"unbalanced writes per rank: {sizes}"
+
+    ref, opt_ref, _, _, _, _ = reference_step(world)
+    single = MoETransformer(_lm_cfg()).double()
+    opt = torch.optim.AdamW(single.parameters(), lr=1e-2)
+    meta, rng = load_distributed(path, single, opt)
+    assert meta["step"] == 1 and set(rng) == {"torch"}
+    for k, v in ref.state_dict().items():
+        close(single.state_dict()[k], v, f"{k} loaded in one process", tol=1e-7)
+    for i, st in opt_ref.state_dict()["state"].items():
+        close(opt.state_dict()["state"][i]["exp_avg_sq"], st["exp_avg_sq"], f"optimizer state {i}", tol=1e-7)
+    # bitwise: the gathered single file of the same state, and the conversion of the folder
+    gathered, _ = read_checkpoint(os.path.join(ckpt_dir, "ep.safetensors"))
+    conv, info = read_checkpoint(convert_to_single_file(path, os.path.join(ckpt_dir, "converted.safetensors")))
+    assert info["meta"]["step"] == 1 and "rng.torch" in conv
+    for k, v in gathered.items():
+        assert torch.equal(conv[k], v), f"{k} differs between the gathered file and the converted DCP folder"
+    for k, v in single.state_dict().items():
+        assert torch.equal(v, gathered["model." + k]), k
 
 
 def bad_setup(rank: int, world: int, store: str, case: str, out_dir: str) -> None:

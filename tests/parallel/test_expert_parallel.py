@@ -28,12 +28,17 @@ def test_ep4_equals_single_process(tmp_path):
 
 
 def test_ep2_dp2_optimizer_step_and_resharded_checkpoints(tmp_path):
+    """EP=2 x DP=2; the gathered and the sharded (DCP) checkpoints reload into EP=1 (DP=4), EP=4
+    and one process, exactly."""
     spawn(W.ep_dp_step, 4, tmp_path, 2, str(tmp_path))
+    W.check_dcp_in_one_process(str(tmp_path), 4, 2)
 
 
 def test_ep2_step_and_checkpoint_into_ep_world(tmp_path):
-    """EP=2 on 2 ranks; its checkpoint reloads into EP=1 (pure data parallel) and a single process."""
+    """EP=2 on 2 ranks; its checkpoints (gathered, and DCP) reload into EP=1 (pure data parallel)
+    and a single process."""
     spawn(W.ep_dp_step, 2, tmp_path, 2, str(tmp_path))
+    W.check_dcp_in_one_process(str(tmp_path), 2, 2)
 
 
 @pytest.mark.parametrize("case, expect", [

@@ -1,5 +1,6 @@
 """`moekit train` under torchrun with expert parallelism (real processes, gloo on CPU): the run
-equals the single-process run, and its unsharded checkpoints resume on another layout."""
+equals the single-process run, and its sharded checkpoints (each rank writes its part) resume on
+another layout, one process included, and are read by generate, inspect and convert."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,14 @@ def _losses(run: Path, label: str = "moe") -> list[float]:
     return [json.loads(line)["loss"] for line in (run / label / "metrics.jsonl").read_text().splitlines()]
 
 
+def _dcp(sub: Path, step: int, ep: int) -> None:
+    """``sub`` holds a sharded checkpoint of ``step`` written by 2 ranks at EP=``ep``, and no file."""
+    manifest = json.loads((sub / "checkpoint.dcp" / "moekit.json").read_text())
+    assert manifest["meta"]["step"] == step and manifest["meta"]["expert_parallel"] == ep, manifest["meta"]
+    assert sorted(manifest["files"]) == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its part
+    assert not (sub / "checkpoint.safetensors").exists()
+
+
 def _summary(run: Path, label: str = "moe") -> dict:
     return json.loads((run / label / "summary.json").read_text())
 
@@ -61,18 +70,38 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
         assert abs(sa["val_loss"] - sb["val_loss"]) < 1e-4
         assert sa["params_total"] == sb["params_total"]
     assert "dense - MoE validation loss" in ep.stdout and ep.stdout.count("run folder") == 1  # rank 0 prints once
-    # the EP run's checkpoint is unsharded: a single process generates from it
-    gen = moekit(tmp_path, "generate", "--run", "runs/ep", "--prompt", "def ", "--max-new-tokens", "5")
+    for label in ("moe", "dense"):
+        _dcp(runs / "ep" / label, 8, 2)
+    # the sharded checkpoint is read in one process: generate, inspect, and convert to the one file
+    greedy = ["generate", "--run", "runs/ep", "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]
+    gen = moekit(tmp_path, *greedy)
     assert gen.returncode == 0, gen.stderr[-2000:]
+    ins = moekit(tmp_path, "inspect", "--run", "runs/ep", "--windows", "4")
+    assert ins.returncode == 0, ins.stderr[-2000:]
+    assert '"steps": 8' in (runs / "ep" / "inspect" / "report.json").read_text()
+    conv = moekit(tmp_path, "convert", "--run", "runs/ep")
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    for label in ("moe", "dense"):
+        assert (runs / "ep" / label / "checkpoint.safetensors").is_file() and not (runs / "ep" / label / "checkpoint.dcp").exists()
+    again = moekit(tmp_path, *greedy)
+    assert again.returncode == 0 and again.stdout == gen.stdout, (gen.stdout, again.stdout)
 
 
-def test_stop_under_expert_parallel_then_resume_on_one_process_is_exact(tmp_path):
+def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_path):
+    """EP=2 -> EP=1 (data parallel on 2 ranks) -> one process, and one process -> EP=2: the
+    per-step losses are those of an uninterrupted run."""
     args = ["--steps", "10", "--no-baseline", *TINY]
     stop = moekit(tmp_path, "train", "--name", "r", "--out", "runs", "--expert-parallel", "2", "--stop-at", "4", *args, nproc=2)
     assert stop.returncode == 0, stop.stderr[-3000:]
     assert "stopped at step 4" in stop.stdout
+    _dcp(tmp_path / "runs/r/moe", 4, 2)
+    dp = moekit(tmp_path, "train", "--resume", "runs/r", "--expert-parallel", "1", "--stop-at", "7", "--quiet", nproc=2)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    _dcp(tmp_path / "runs/r/moe", 7, 1)
     resumed = moekit(tmp_path, "train", "--resume", "runs/r", "--expert-parallel", "1", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "runs/r/moe/checkpoint.safetensors").is_file()  # one process writes the one file,
+    assert not (tmp_path / "runs/r/moe/checkpoint.dcp").exists()  # and removes the folder it replaces
     straight = moekit(tmp_path, "train", "--name", "s", "--out", "runs", *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
     a, b = _losses(tmp_path / "runs/r"), _losses(tmp_path / "runs/s")
@@ -83,6 +112,7 @@ def test_stop_under_expert_parallel_then_resume_on_one_process_is_exact(tmp_path
     assert stop1.returncode == 0, stop1.stderr[-3000:]
     res2 = moekit(tmp_path, "train", "--resume", "runs/q", "--expert-parallel", "2", "--quiet", nproc=2)
     assert res2.returncode == 0, res2.stderr[-3000:]
+    _dcp(tmp_path / "runs/q/moe", 10, 2)
     c = _losses(tmp_path / "runs/q")
     assert max(abs(x - y) for x, y in zip(c, b)) < 1e-4, (c, b)
 

@@ -22,7 +22,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
@@ -30,7 +29,7 @@ from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
 from ..train.plots import read_metrics  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
-from ..train.trainer import CHECKPOINT  # noqa: E402
+from ..train.trainer import checkpoint_step, find_checkpoint  # noqa: E402
 from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
@@ -125,13 +124,10 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
 def trained_steps(sub_dir: Path) -> Optional[int]:
     """The optimizer steps behind a sub-run's checkpoint (the weights inspected), read from the
     checkpoint's metadata without loading its tensors; else the last step of its metrics; else None."""
-    try:
-        with safe_open(str(Path(sub_dir) / CHECKPOINT), framework="pt") as f:
-            step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
-        if isinstance(step, int):
-            return step
-    except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint: fall back to the metrics
-        pass
+    path = find_checkpoint(Path(sub_dir))
+    step = checkpoint_step(path) if path is not None else None
+    if step is not None:
+        return step
     try:
         steps = [r["step"] for r in read_metrics(sub_dir) if isinstance(r.get("step"), int)]
     except (json.JSONDecodeError, OSError):

@@ -14,7 +14,9 @@ from ..data import build_data, load_tokenizer
 from .._io import atomic_write_bytes, remove_stale_temporaries
 from .checkpoint import CheckpointError
 from .lock import RunLock
-from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer
+from . import distcp
+from .distcp import DCP_DIR
+from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer, find_checkpoint
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -103,7 +105,8 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
 
     Under ``torchrun`` every rank calls this: the MoE's experts are split over
     ``train.expert_parallel`` ranks (``expert_parallel`` overrides it, e.g. to resume on another
-    layout; checkpoints are unsharded), the rest is data parallel, and rank 0 writes the files."""
+    layout), the rest is data parallel, rank 0 writes the files and every rank writes its part of
+    the sharded checkpoint (``checkpoint.dcp``, which resumes on any layout, one process included)."""
     run_dir = Path(run_dir)
     _check_folder_path(run_dir)
     init_state, tok = None, None
@@ -158,7 +161,7 @@ def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: Tr
             continue
         trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state,
                           distributed=distributed, device=device)
-        res = trainer.fit(resume=resume and (sub / CHECKPOINT).exists(), stop_at=stop_at)
+        res = trainer.fit(resume=resume and find_checkpoint(sub) is not None, stop_at=stop_at)
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "label": label}
         summaries[label] = res
@@ -173,6 +176,33 @@ def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: Tr
 
         plot_run(run_dir)
     return comparison
+
+
+def convert_run(run_dir: Path, *, keep: bool = False, verbose: bool = True) -> list[str]:
+    """Turn each sub-run's sharded checkpoint (``checkpoint.dcp``, written under torchrun) into the
+    one-process file ``checkpoint.safetensors``, on this one process (no process group): the same
+    weights, optimizer state, RNG states and step, so training resumes from it exactly. The folder
+    is then deleted (``keep=True``: kept; the file is used, having the same step). Holds the run's
+    lock (not while it trains). Returns the labels converted."""
+    run_dir = Path(run_dir)
+    model_cfg, _, raw = load_run_config(run_dir)
+    done = []
+    with RunLock(run_dir):
+        for label, _ in sub_runs(raw, model_cfg):
+            sub = run_dir / label
+            distcp.repair(sub / DCP_DIR)
+            path = find_checkpoint(sub)
+            if path is None or not path.is_dir():
+                if verbose:
+                    print(f"{label}: {'no checkpoint' if path is None else 'already one file, ' + str(path)}")
+                continue
+            distcp.convert_to_single_file(path, sub / CHECKPOINT)
+            if not keep:
+                distcp.remove(path)
+            done.append(label)
+            if verbose:
+                print(f"{label}: {path} -> {sub / CHECKPOINT}" + (" (folder kept)" if keep else ""))
+    return done
 
 
 def _run_flags(raw: dict) -> dict:
@@ -221,9 +251,10 @@ def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: T
     for label, _ in sub_runs(raw, model_cfg):
         sub = run_dir / label
         trained = max(_trained_steps(sub), _summary_steps(sub))
-        if trained and not (sub / CHECKPOINT).exists() and _finished_summary(sub, train_cfg.steps) is None:
+        if trained and find_checkpoint(sub) is None and _finished_summary(sub, train_cfg.steps) is None:
             if not restart_missing:
-                raise CheckpointError(f"{sub / CHECKPOINT} is missing, but {label} has trained {trained} steps "
+                raise CheckpointError(f"{sub / CHECKPOINT} is missing (and there is no {DCP_DIR} folder), but {label} "
+                                      f"has trained {trained} steps "
                                       f"(deleted, or killed before its first checkpoint): restore the file, or pass "
                                       f"--restart-missing to train {label} again from step 0")
             if verbose:

@@ -2,7 +2,9 @@
 validation per domain, JSON-lines metrics, and exact, atomic checkpoints.
 
 A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``metrics.jsonl``,
-``checkpoint.safetensors`` and ``summary.json``.
+``summary.json`` and the checkpoint: ``checkpoint.safetensors`` (one file) when trained on one
+process, the folder ``checkpoint.dcp`` (one part per rank, :mod:`moekit.train.distcp`) when
+trained under torchrun. Either resumes on any layout; :func:`find_checkpoint` says which is there.
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) both finish the
 current step, write a checkpoint and raise :class:`TrainingInterrupted` (the CLI exits with
@@ -29,7 +31,9 @@ from ..data import TokenData, fixed_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
 from .._io import atomic_write_text, remove_stale_temporaries
+from . import distcp
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distcp import DCP_DIR, load_distributed, save_distributed
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -235,19 +239,30 @@ class Trainer:
         meta = {"step": self.step, "label": self.label, "finished": finished}
         if self.par is None:
             save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
+            distcp.remove(self.dir / DCP_DIR)  # an earlier part of the run on several processes wrote one
             self.saved_step = self.step
             return
-        # expert-parallel: gather the experts (collective), the main rank writes the unsharded file
-        model_state, opt_state = self.par.full_state_dict(), self.par.full_optimizer_state_dict(self.opt)
-        if self.main:
-            meta["expert_parallel"] = self.par.ep_size
-            save_checkpoint(self.dir / CHECKPOINT, None, model_state=model_state, optimizer_state=opt_state,
-                            rng=self._rng(), meta=meta)
-        self.par.barrier()
+        # several processes: each rank writes its part (its experts, a share of the rest) into checkpoint.dcp
+        meta["expert_parallel"] = self.par.ep_size
+        save_distributed(self.dir / DCP_DIR, self.model, self.opt, self.par, rng=self._rng(), meta=meta)
+        if self.main:  # an earlier part of the run on one process wrote one
+            (self.dir / CHECKPOINT).unlink(missing_ok=True)
         self.saved_step = self.step
 
     def resume(self) -> None:
-        meta, rng = load_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, parallel=self.par)
+        """Load the checkpoint of this sub-run (either format, written on any layout) and continue
+        from it: weights, optimizer state, step, random-number generators (collective under torchrun)."""
+        if self.main:  # a save cut short by a crash: put its complete checkpoint back in place
+            distcp.repair(self.dir / DCP_DIR)
+        if self.par is not None:
+            self.par.barrier()
+        path = find_checkpoint(self.dir)
+        if path is None:
+            raise CheckpointError(f"no checkpoint at {self.dir / CHECKPOINT} (nor a {DCP_DIR} folder)")
+        if path.is_dir():
+            meta, rng = load_distributed(path, self.model, self.opt, self.par)
+        else:
+            meta, rng = load_checkpoint(path, self.model, self.opt, parallel=self.par)
         self.step = int(meta.get("step", 0))
         self.saved_step = self.step
         torch.set_rng_state(rng["torch"])
@@ -411,11 +426,52 @@ class Trainer:
                                    f"applying the step (lower train.lr or check the data); {self._kept()}")
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """The step a checkpoint (file or DCP folder) was written at, read from its metadata without
+    loading a tensor; None when unreadable."""
+    try:
+        if Path(path).is_dir():
+            step = distcp.read_manifest(path)["meta"].get("step")
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
+    except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: no step
+        return None
+    return step if isinstance(step, int) else None
+
+
+def find_checkpoint(sub_dir: Path) -> Optional[Path]:
+    """The checkpoint of a sub-run folder: ``checkpoint.safetensors`` or the DCP folder
+    ``checkpoint.dcp`` (or, after a crash in the middle of its save, the complete copy that
+    :func:`moekit.train.distcp.resolve` finds). When both formats are there (a crash between
+    writing one and deleting the other: the run changed layout), the one with the later step, the
+    file on a tie. None when there is none."""
+    sub = Path(sub_dir)
+    single = sub / CHECKPOINT
+    sharded = distcp.resolve(sub / DCP_DIR)
+    if sharded is None:
+        return single if single.exists() else None
+    if not single.exists():
+        return sharded
+    return sharded if (checkpoint_step(sharded) or -1) > (checkpoint_step(single) or -1) else single
+
+
 def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoETransformer:
-    """The model of a finished (or checkpointed) sub-run, in eval mode."""
+    """The model of a finished (or checkpointed) sub-run, in eval mode. A DCP checkpoint (from a
+    run under torchrun) is read in this one process: the model's tensors only, one item at a time
+    into the model (never the optimizer state)."""
     model = MoETransformer(model_cfg)
-    load_checkpoint(Path(run_dir) / CHECKPOINT, model)
+    path = find_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint at {Path(run_dir) / CHECKPOINT} (nor a {DCP_DIR} folder)")
+    if path.is_dir():
+        load_distributed(path, model, rng=False)
+    else:
+        load_checkpoint(path, model)
     return model.to(device).eval()
 
 
-__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "CheckpointError", "evaluate", "lr_at", "load_trained"]
+__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "CheckpointError", "evaluate", "lr_at", "load_trained",
+           "find_checkpoint", "checkpoint_step"]
