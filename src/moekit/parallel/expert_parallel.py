@@ -583,5 +583,9 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
 
 
 def _device_type(model: nn.Module) -> str:
+    """The device type of the model's parameters; for a meta-built model, the process group's
+    (NCCL: cuda, else cpu), since the mesh must describe where the tensors will live."""
     p = next(iter(model.parameters()), None)
-    return p.device.type if p is not None else "cpu"
+    if p is None or p.is_meta:
+        return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return p.device.type

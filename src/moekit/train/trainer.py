@@ -203,13 +203,13 @@ class Trainer:
         one full tensor at a time), so no rank ever holds the whole model."""
         import torch.distributed as dist
 
-        from ..parallel import apply_expert_parallel
+        from ..parallel import apply_expert_parallel, make_mesh
 
         if self.cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
             raise ValueError(f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
-        par = apply_expert_parallel(model, expert_parallel=self.cfg.expert_parallel)
+        par = apply_expert_parallel(model, make_mesh(self.cfg.expert_parallel, self.device.type))  # the mesh of the real device
         model.materialize_(self.device, par.expert_shards())
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
