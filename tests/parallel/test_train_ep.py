@@ -52,6 +52,18 @@ def _dcp(sub: Path, step: int, ep: int) -> None:
     assert not (sub / "checkpoint.safetensors").exists()
 
 
+def _expert_numels(run: Path) -> dict:
+    """Elements of each stacked expert tensor of the run's MoE model."""
+    from moekit.train.run import load_run_config
+    from moekit.models import MoETransformer
+    import torch
+
+    cfg = load_run_config(run)[0]
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return {n: p.numel() for n, p in model.named_parameters() if n.endswith(("experts.w_up", "experts.w_down"))}
+
+
 def _summary(run: Path, label: str = "moe") -> dict:
     return json.loads((run / label / "summary.json").read_text())
 
@@ -69,6 +81,13 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
         sa, sb = _summary(runs / "ep", label), _summary(runs / "one", label)
         assert abs(sa["val_loss"] - sb["val_loss"]) < 1e-4
         assert sa["params_total"] == sb["params_total"]
+        # each rank holds its half of the experts (and their gradients and AdamW moments), all the rest
+        ba, bb = sa["state_bytes_per_rank"], sb["state_bytes_per_rank"]
+        expert_bytes = 4 * sum(v for k, v in _expert_numels(runs / "one").items())
+        want = bb["parameters"] - (expert_bytes // 2 if label == "moe" else 0)
+        assert (ba["ranks"], bb["ranks"]) == (2, 1) and ba["parameters"] == want, (label, ba, bb)
+        # AdamW: two moments per parameter element, plus one step scalar per tensor on both
+        assert ba["optimizer"] - 2 * want == bb["optimizer"] - 2 * bb["parameters"] > 0, (label, ba, bb)
     assert "dense - MoE validation loss" in ep.stdout and ep.stdout.count("run folder") == 1  # rank 0 prints once
     for label in ("moe", "dense"):
         _dcp(runs / "ep" / label, 8, 2)

@@ -215,6 +215,17 @@ class Trainer:
             par.load_full_state_dict(init_state)
         return model, par
 
+    def _state_bytes(self) -> dict:
+        """Bytes of training state this rank holds: parameters, their gradients (as held during a
+        step), optimizer state; and the ranks (one process: 1)."""
+        params = [p for p in self.model.parameters()]
+        p_bytes = sum(p.numel() * p.element_size() for p in params)
+        g_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        o_bytes = sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
+                      if torch.is_tensor(v))
+        return {"parameters": p_bytes, "gradients": g_bytes, "optimizer": o_bytes,
+                "ranks": self.par.world_size if self.par is not None else 1}
+
     # -------------------------------------------------------------- state
     def _rng(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "data": self.gen.get_state()}
@@ -409,7 +420,8 @@ class Trainer:
             summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
                        "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
                        **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
-                          if k.startswith("val_loss")}}
+                          if k.startswith("val_loss")},
+                       "state_bytes_per_rank": self._state_bytes()}
             if self.main:
                 atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
             if interrupt.requested if par is None else par.any(interrupt.requested):  # a signal after the last step
