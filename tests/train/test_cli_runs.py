@@ -20,11 +20,6 @@ TINY = ["--steps", "6", "--eval-every", "3", "--batch-size", "2", "--seq-len", "
         "--set", "model.moe.hidden_dim=16", "--set", "model.max_seq_len=32", "--set", "train.checkpoint_every=2"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-
-
 def configs(*argv):
     return build_configs(make_parser().parse_args(["train", *argv]))
 

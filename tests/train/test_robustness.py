@@ -25,11 +25,6 @@ TINY = ["--steps", "12", "--eval-every", "6", "--batch-size", "4", "--seq-len", 
         "--set", "train.eval_windows=24", "--set", "model.moe.hidden_dim=32", "--set", "model.max_seq_len=64"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run of TINY (MoE + dense) stopped at step 5 of 12: config, tokenizer, moe/ checkpoint and metrics."""

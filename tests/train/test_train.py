@@ -20,11 +20,6 @@ TINY = ["--steps", "12", "--eval-every", "6", "--batch-size", "4", "--seq-len", 
         "--set", "model.moe.hidden_dim=32", "--set", "model.max_seq_len=64"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
-
-
 def tiny_cfgs(steps=12, **train_kw):
     model = LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
                      moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
