@@ -25,7 +25,7 @@ from ..kernels import compute_dtype, resolve_backend
 from ..kernels.slots import SMALL_SLOTS
 from . import losses as L
 from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
-from .group import LOCAL_GROUP, LocalGroup
+from .scope import LOCAL_SCOPE, LocalScope
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
 
@@ -143,7 +143,7 @@ class MoE(nn.Module):
         self.register_buffer("step_counts", torch.zeros(E, dtype=torch.int64), persistent=False)  # tokens this step
         # where routing statistics are summed: this process (the default), or every rank once
         # moekit.parallel.apply_expert_parallel has replaced it (it also hooks the experts' all-to-all)
-        self.group: LocalGroup = LOCAL_GROUP
+        self.scope: LocalScope = LOCAL_SCOPE
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -180,13 +180,13 @@ class MoE(nn.Module):
             if tuple(token_ids.shape) != tuple(lead):
                 raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
             token_ids = token_ids.reshape(-1)
-        local = not self.group.spans_ranks  # else every rank must run the same collectives
+        local = not self.scope.spans_ranks  # else every rank must run the same collectives
         if x_TD.shape[0] == 0 and local:
             return self._empty_output(x, lead)
         factor = self._capacity_factor(capacity_factor)
-        self.group.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor))
+        self.scope.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor))
 
-        routing = self.router(x_TD, k, token_ids, group=self.group)
+        routing = self.router(x_TD, k, token_ids, scope=self.scope)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)
         has_empty = routing.has_empty or max_rows is not None
         backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
@@ -246,7 +246,7 @@ class MoE(nn.Module):
             return r.experts_TK, r.weights_TK, E * r.capacity
         if factor is None:
             return r.experts_TK, r.weights_TK, None
-        g, T = self.group, r.experts_TK.shape[0]
+        g, T = self.scope, r.experts_TK.shape[0]
         by_score = self.cfg.capacity_priority == "score"
         # all ranks' rows (one process: its own); other ranks' rows are constants, the local rows keep their graph
         experts_TK, start = g.gather_rows(r.experts_TK)
@@ -310,7 +310,7 @@ class MoE(nn.Module):
     def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
         the sums are all-reduced first, so both describe the global batch on every rank."""
-        E, g = self.cfg.num_experts, self.group
+        E, g = self.cfg.num_experts, self.scope
         wide = torch.promote_types(r.probs_TE.dtype, torch.float32)
         sums = {"probs": r.probs_TE.to(wide).sum(0), "importance": L.importance_E(r.experts_TK, r.weights_TK, E).to(wide),
                 "entropy": L.entropy_per_token(r.probs_TE).sum().reshape(1).to(wide)}
@@ -371,12 +371,12 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
-            self.router.load_E.copy_(self.group.world_sum(self.router.load_E))  # every rank moves its replicated bias alike
+            self.router.load_E.copy_(self.scope.world_sum(self.router.load_E))  # every rank moves its replicated bias alike
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery
     def _require_grouped(self, what: str) -> GroupedExperts:
-        if self.group.spans_ranks:
+        if self.scope.spans_ranks:
             raise ValueError(f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
                              "change the single-process model, then apply expert parallelism again")
         if not isinstance(self.experts, GroupedExperts):
@@ -412,7 +412,7 @@ class MoE(nn.Module):
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
         """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
         a copy of the most used live expert plus noise, and reset its router row."""
-        if self.group.spans_ranks:
+        if self.scope.spans_ranks:
             self._require_grouped("revive_dead_experts")  # raises: a sharded layer cannot copy across ranks
         dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
         live = ~dead & ~self.router.disabled_E

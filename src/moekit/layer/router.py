@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from .group import LOCAL_GROUP
+from .scope import LOCAL_SCOPE
 from .losses import cv_squared, slot_counts
 
 
@@ -86,13 +86,13 @@ class Router(nn.Module):
             self.linear = nn.Linear(cfg.dim, cfg.num_experts, bias=cfg.router_bias)
         self.register_buffer("disabled_E", torch.zeros(cfg.num_experts, dtype=torch.bool), persistent=False)
         self.num_disabled = 0  # a Python int, so the common no-mask path has no data-dependent branch
-        self.group = LOCAL_GROUP  # the layer's statistics group, set by each forward
+        self.scope = LOCAL_SCOPE  # where the layer's statistics are summed, set by each forward
 
     def logits(self, x_TD: Tensor) -> Tensor:
         dt = _dtype(self.cfg.router_dtype, x_TD)
         if self.training and self.cfg.router_jitter > 0:
             eps = self.cfg.router_jitter
-            x_TD = x_TD * self.group.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
+            x_TD = x_TD * self.scope.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
         w = self.linear.weight.to(dt)
         b = None if self.linear.bias is None else self.linear.bias.to(dt)
         logits_TE = F.linear(x_TD.to(dt), w, b)
@@ -114,12 +114,12 @@ class Router(nn.Module):
         self.disabled_E.copy_(mask_E)
         self.num_disabled = int(mask_E.sum())
 
-    def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None, group=None) -> Routing:
-        """``group``: the layer's :class:`~moekit.layer.group.LocalGroup` (or its expert-parallel
+    def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None, scope=None) -> Routing:
+        """``scope``: the layer's :class:`~moekit.layer.scope.LocalScope` (or its expert-parallel
         replacement), whose ``gather_rows`` routers that choose over the whole batch use (expert choice)."""
-        self.group = group or LOCAL_GROUP  # random draws of this call go through it (random_rows)
+        self.scope = scope or LOCAL_SCOPE  # random draws of this call go through it (random_rows)
         if self.batch_dependent:
-            return self.route(x_TD, top_k, token_ids_T, group=self.group)
+            return self.route(x_TD, top_k, token_ids_T, scope=self.scope)
         return self.route(x_TD, top_k, token_ids_T)
 
     batch_dependent = False  # True when a token's routing depends on the other tokens of the batch
@@ -222,7 +222,7 @@ class NoisyTopKRouter(Router):
         clean_TE = self.logits(x_TD)
         dt = clean_TE.dtype
         std_TE = F.softplus(F.linear(x_TD.to(dt), self.noise.weight.to(dt))) + self.cfg.noise_eps
-        noisy_TE = clean_TE + self.group.random_rows(lambda t: t.normal_(), clean_TE) * std_TE if self.training else clean_TE
+        noisy_TE = clean_TE + self.scope.random_rows(lambda t: t.normal_(), clean_TE) * std_TE if self.training else clean_TE
         kp1 = min(top_k + 1, self.num_experts)
         top_TK1, experts_TK1 = noisy_TE.topk(kp1, dim=-1)
         experts_TK = experts_TK1[:, :top_k]
@@ -257,7 +257,7 @@ class RandomSecondRouter(Router):
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
             return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
-        keep_TK = self.group.random_rows(lambda t: t.uniform_(), weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
+        keep_TK = self.scope.random_rows(lambda t: t.uniform_(), weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
         keep_TK[:, 0] = True
         experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
         weights_TK, scores_TK = weights_TK * keep_TK, scores_TK * keep_TK
@@ -277,14 +277,14 @@ class ExpertChoiceRouter(Router):
 
     batch_dependent = True
 
-    def route(self, x_TD, top_k, token_ids_T=None, group=None):
+    def route(self, x_TD, top_k, token_ids_T=None, scope=None):
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         factor = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else top_k
         if not self.training and self.cfg.eval_capacity_factor is not None:
             factor = self.cfg.eval_capacity_factor
-        all_TE, start = (group or LOCAL_GROUP).gather_rows(probs_TE.detach())
+        all_TE, start = (scope or LOCAL_SCOPE).gather_rows(probs_TE.detach())
         T_all = all_TE.shape[0]
         C = min(T_all, max(1, math.ceil(T_all * factor / E)))
         chosen_EC = all_TE.t().topk(C, dim=-1).indices  # (E, C) token ids

@@ -8,7 +8,7 @@ counts, sends each routed slot's row to the rank holding its expert with one une
 sends the results back to be combined. The model code stays single-device:
 :func:`apply_expert_parallel` shards a built model (or one built on the meta device, then
 materialised per rank), puts the all-to-all on each layer's experts as module hooks
-(:class:`ExpertAllToAll`), and gives each layer the :class:`~moekit.layer.group.LocalGroup`
+(:class:`ExpertAllToAll`), and gives each layer the :class:`~moekit.layer.scope.LocalScope`
 replacement through which its routing statistics become global: the layer has no parallel
 branches.
 
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer.experts import GroupedExperts
-from ..layer.group import LocalGroup
+from ..layer.scope import LocalScope
 from ..layer.moe import MoE
 
 STATISTICS = ("global", "expert", "local")
@@ -213,8 +213,8 @@ class ExpertAllToAll:
         return F.pad(y_back, (0, 0, 0, h.R - h.n_send)) if h.R > h.n_send else y_back
 
 
-class _LayerGroup(LocalGroup):
-    """What one MoE layer sees of the parallel layout (``MoE.group``): the statistics group's row
+class _LayerScope(LocalScope):
+    """What one MoE layer sees of the parallel layout (``MoE.scope``): the statistics group's row
     gather and differentiable sums, and a sum over all ranks."""
 
     spans_ranks = True
@@ -337,7 +337,7 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
         raise ValueError(f"statistics must be one of {', '.join(map(repr, STATISTICS))}; got {statistics!r}")
     for name, moe in _moe_layers(model):
         where = f"MoE layer {name or '(root)'}"
-        if moe.group.spans_ranks:
+        if moe.scope.spans_ranks:
             raise ValueError(f"{where} is already expert-parallel")
         if not isinstance(moe.experts, GroupedExperts):
             raise ValueError(f"{where}: expert parallelism needs the stacked FFN experts, not a heterogeneous expert list")
@@ -577,7 +577,7 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
-        moe.group = _LayerGroup(stats_group, stats_size, handle.world_size)
+        moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
         ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
     return handle
 

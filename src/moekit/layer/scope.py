@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-class LocalGroup:
+class LocalScope:
     """The statistics of this process's tokens alone (the default of every layer)."""
 
     spans_ranks = False  # True when the operations below communicate (their results are then global)
@@ -47,4 +47,4 @@ class LocalGroup:
         return v
 
 
-LOCAL_GROUP = LocalGroup()
+LOCAL_SCOPE = LocalScope()
