@@ -35,12 +35,10 @@ def slot_ffn(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Ten
              act: Callable[[Tensor], Tensor], into_TD: Optional[Tensor] = None) -> Tensor:
     """The routed experts' output for a few tokens, reading only the chosen experts' weights,
     added to ``into_TD`` (in place, when given: e.g. the shared experts' output)."""
-    expert_bytes = (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
-    all_experts = (x_TD.device.type == "cpu" and x_TD.shape[0] > 1
-                   and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN)
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         out_TD = into_TD if into_TD is not None else x_TD.new_zeros(x_TD.shape[0], w_down_EFD.shape[-1])
-        if all_experts:
+        expert_bytes = (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
+        if x_TD.shape[0] > 1 and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN:
             return out_TD.add_(_all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act))
         return _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD)
     form = _reduce_form if x_TD.device.type == "cpu" else _gathered_bmm  # compiled, the fused reduce wins at T = 1..8 too

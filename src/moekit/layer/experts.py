@@ -75,10 +75,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         if backend == "triton":  # Triton kernels are not autocast-aware: cast as a matmul would be
             x_RD = x_RD.to(compute_dtype(x_RD))
-        w_up, w_down = self.w_up, self.w_down
-        if w_up.dtype != x_RD.dtype:  # e.g. under autocast the rows arrive in bf16
-            w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
-        return expert_ffn(x_RD, counts_E, w_up, w_down, ACTIVATIONS[self.kind], backend)
+        return expert_ffn(x_RD, counts_E, *self._weights_like(x_RD), ACTIVATIONS[self.kind], backend)
+
+    def _weights_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16)."""
+        if self.w_up.dtype == x.dtype:
+            return self.w_up, self.w_down
+        return self.w_up.to(x.dtype), self.w_down.to(x.dtype)
 
     def few_slots(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, reading only the chosen
@@ -87,12 +90,9 @@ class GroupedExperts(nn.Module):
         from ..kernels.slots import slot_ffn
 
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
-        w_up, w_down = self.w_up, self.w_down
-        if w_up.dtype != x_TD.dtype:
-            w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)
         if into_TD is not None and into_TD.dtype != x_TD.dtype:
             into_TD = into_TD.to(x_TD.dtype)
-        return slot_ffn(x_TD, experts_TK, weights_TK, w_up, w_down, ACTIVATIONS[self.kind], into_TD)
+        return slot_ffn(x_TD, experts_TK, weights_TK, *self._weights_like(x_TD), ACTIVATIONS[self.kind], into_TD)
 
     def fused(self, x_TD: Tensor, plan, weights_TK: Tensor) -> Tensor:
         """Dispatch, experts and combine in moekit's Triton kernels (ScatterMoE-style): the token
@@ -102,9 +102,7 @@ class GroupedExperts(nn.Module):
         from ..kernels.triton import triton_moe_ffn
 
         x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
-        w_up, w_down = self.w_up, self.w_down
-        if w_up.dtype != x_TD.dtype:
-            w_up, w_down = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype)
+        w_up, w_down = self._weights_like(x_TD)
         T, K = plan.num_tokens, plan.top_k
         scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
         y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], scale_R=scale_R,

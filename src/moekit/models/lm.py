@@ -267,8 +267,7 @@ class MoETransformer(nn.Module):
             moe_out.append(res)
         if cache is not None:
             cache.length += S
-        x = self.norm(x)
-        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        logits = self._logits(x)
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
@@ -283,6 +282,10 @@ class MoETransformer(nn.Module):
         x = self.embed(idx_BS)
         for block in self.blocks:
             x, _ = block(x, cos, sin, cache, idx_BS, top_k, positions_S)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The final norm and the output projection (tied to the embedding unless ``head`` exists)."""
         x = self.norm(x)
         return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
 
