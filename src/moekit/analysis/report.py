@@ -27,9 +27,8 @@ from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
-from ..train.plots import read_metrics  # noqa: E402
 from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
-from ..train.trainer import checkpoint_step, find_checkpoint  # noqa: E402
+from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics  # noqa: E402
 from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"

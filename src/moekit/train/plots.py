@@ -19,7 +19,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .run import CONFIG  # noqa: E402
-from .trainer import METRICS  # noqa: E402
+from .trainer import read_metrics  # noqa: E402
 
 MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
 DOMAIN_LINES = (":", "-.", (0, (5, 2)), (0, (3, 1, 1, 1)))  # one line style per domain (cycled)
@@ -32,13 +32,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def read_metrics(sub_dir: Path) -> list[dict]:
-    path = Path(sub_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def _finite_series(rows: list, key: str) -> tuple[list, list]:

@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError
 from .lock import RunLock
 from . import distcp
 from .distcp import DCP_DIR
-from .trainer import CHECKPOINT, METRICS, SUMMARY, Trainer, find_checkpoint
+from .trainer import CHECKPOINT, SUMMARY, Trainer, find_checkpoint, read_metrics
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -231,17 +231,9 @@ def _apply_resume_changes(train_cfg: TrainConfig, changes: dict) -> TrainConfig:
 
 
 def _trained_steps(sub: Path) -> int:
-    """Steps recorded in a sub-run's metrics (0 when it never logged one)."""
-    path = sub / METRICS
-    if not path.is_file():
-        return 0
-    last = 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            last = max(last, int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-            continue  # a torn line: the trainer drops it on resume
-    return last
+    """Steps recorded in a sub-run's metrics or summary (0 when it never logged one)."""
+    summary = _read_summary(sub)
+    return max([r["step"] for r in read_metrics(sub)] + [summary["steps"] if summary else 0])
 
 
 def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, restart_missing: bool,
@@ -250,7 +242,7 @@ def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: T
     what was already trained."""
     for label, _ in sub_runs(raw, model_cfg):
         sub = run_dir / label
-        trained = max(_trained_steps(sub), _summary_steps(sub))
+        trained = _trained_steps(sub)
         if trained and find_checkpoint(sub) is None and _finished_summary(sub, train_cfg.steps) is None:
             if not restart_missing:
                 raise CheckpointError(f"{sub / CHECKPOINT} is missing (and there is no {DCP_DIR} folder), but {label} "
@@ -263,18 +255,20 @@ def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: T
             raise ValueError(f"steps={train_cfg.steps} is below the {trained} steps {label} has already trained")
 
 
-def _summary_steps(sub: Path) -> int:
+def _read_summary(sub: Path) -> Optional[dict]:
+    """A sub-run's summary (with an integer ``steps``), or None when it has none or it is unreadable."""
     try:
-        return int(json.loads((sub / SUMMARY).read_text())["steps"])
+        summary = json.loads((sub / SUMMARY).read_text())
+        summary["steps"] = int(summary["steps"])
+        return summary
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return None
 
 
 def _finished_summary(sub: Path, steps: int) -> Optional[dict]:
     """The summary of a sub-run that has trained ``steps`` steps or more, else None."""
-    if _summary_steps(sub) < steps:
-        return None
-    return json.loads((sub / SUMMARY).read_text())
+    summary = _read_summary(sub)
+    return summary if summary is not None and summary["steps"] >= steps else None
 
 
 def _prepare_data(train_cfg: TrainConfig, model_cfg: LMConfig, tok, distributed: bool, is_main: bool, *,

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import LMConfig, TrainConfig
+from ..config import LMConfig, TrainConfig, check_device_available
 from ..data import TokenData, fixed_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
@@ -164,6 +164,25 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: t
     return res
 
 
+def metrics_row(line: str) -> Optional[dict]:
+    """One ``metrics.jsonl`` row, or None when the line is not a JSON object with an integer
+    ``step`` (a kill during a write tears the last line)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def read_metrics(sub_dir: Path) -> list[dict]:
+    """The readable rows of a sub-run's ``metrics.jsonl`` (none when it has no such file)."""
+    path = Path(sub_dir) / METRICS
+    if not path.is_file():
+        return []
+    rows = (metrics_row(ln) for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip())
+    return [r for r in rows if r is not None]
+
+
 class Trainer:
     """Trains ``model_cfg`` on ``data`` into ``run_dir``."""
 
@@ -173,8 +192,7 @@ class Trainer:
         self.dir = Path(run_dir)
         self.model_cfg, self.cfg, self.data, self.label = model_cfg, cfg, data, label
         self.device = device if device is not None else torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
+        check_device_available("device", str(self.device))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -294,14 +312,10 @@ class Trainer:
         for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                row_step = row["step"] if isinstance(row, dict) else None
-            except (ValueError, KeyError):
-                row_step = None
-            if not isinstance(row_step, int):
+            row = metrics_row(line)
+            if row is None:
                 unreadable.append(i)
-            elif row_step <= step:
+            elif row["step"] <= step:
                 rows.append(line)
         if unreadable:
             lines = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
