@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -62,14 +61,13 @@ def _set_dotted(section: str, d: dict, dotted: str, text: str) -> None:
     cls, keys = SECTIONS[section], dotted.split(".")
     for i, k in enumerate(keys[:-1]):
         where = f"{section}.{'.'.join(keys[: i + 1])}"
-        base = cls.field_types().get(k)
-        base = typing.get_args(base)[0] if typing.get_origin(base) is typing.Union else base
-        if not (isinstance(base, type) and hasattr(base, "field_types")):
+        section = cls.section_type(k)
+        if section is None:
             raise ValueError(f"{where} is not a config section")
         if not isinstance(d.get(k), dict):
             raise ValueError(f"{where} is None here (a dense model); give it fields first, e.g. "
                              f"{where}='{{\"dim\": 128, \"hidden_dim\": 128}}'")
-        d, cls = d[k], base
+        d, cls = d[k], section
     d[keys[-1]] = cls.parse_field(keys[-1], text, label=f"{section}.{dotted}")
 
 

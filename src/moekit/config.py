@@ -109,6 +109,13 @@ class _DictMixin:
         return _resolved_hints(cls)
 
     @classmethod
+    def section_type(cls, name: str) -> Optional[type]:
+        """The config class of field ``name`` when it is a nested config section (``LMConfig.moe``), else None."""
+        hint = cls.field_types().get(name)
+        base = _unwrap_optional(hint)[0] if hint is not None else None
+        return base if isinstance(base, type) and issubclass(base, _DictMixin) else None
+
+    @classmethod
     def field_comments(cls) -> dict[str, str]:
         """Field name -> the comment written after it in this module (what the field means)."""
         return _field_comments(cls)
@@ -142,7 +149,7 @@ class _DictMixin:
                 return float(text)
             if base is str:
                 return json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
-            if isinstance(base, type) and issubclass(base, _DictMixin):
+            if cls.section_type(name) is not None:
                 value = json.loads(text)
                 if isinstance(value, dict):
                     return value
@@ -150,7 +157,7 @@ class _DictMixin:
         except (ValueError, json.JSONDecodeError):
             pass
         extra = (f"; set its fields one by one ({label}.FIELD=VALUE) or give a JSON object"
-                 if isinstance(base, type) and issubclass(base, _DictMixin) else "")
+                 if cls.section_type(name) is not None else "")
         raise ValueError(f"{label} must be {_type_name(hints[name])}; got {text!r}{extra}")
 
     def to_dict(self) -> dict:
