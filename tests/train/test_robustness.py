@@ -208,3 +208,13 @@ def test_stale_temporary_checkpoint_is_removed_on_resume(run):
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert not stale.exists() and keep.read_text() == "mine"
     assert read_checkpoint(ckpt)[1]["meta"] == {"step": 12, "label": "moe", "finished": True}
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    """The one reader of metrics.jsonl (plots, inspect, resume checks) keeps the readable rows of a
+    file whose last write a kill cut short, instead of failing on it."""
+    from moekit.train.trainer import read_metrics
+
+    (tmp_path / METRICS).write_text('{"step": 1, "loss": 5.0}\n\n{"step": 2, "loss": 4.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert read_metrics(tmp_path / "nothing") == []
