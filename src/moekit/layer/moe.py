@@ -184,7 +184,7 @@ class MoE(nn.Module):
         if x_TD.shape[0] == 0 and local:
             return self._empty_output(x, lead)
         factor = self._capacity_factor(capacity_factor)
-        self.scope.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor))
+        self.scope.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor), x_TD.device)
 
         routing = self.router(x_TD, k, token_ids, scope=self.scope)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)

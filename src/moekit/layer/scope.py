@@ -19,7 +19,7 @@ class LocalScope:
 
     spans_ranks = False  # True when the operations below communicate (their results are then global)
 
-    def begin_call(self, num_tokens: int, settings: tuple) -> None:
+    def begin_call(self, num_tokens: int, settings: tuple, device: torch.device) -> None:
         """Called once at the start of each layer call with this rank's token count and the
         call's settings (top_k, train/eval, grad mode, capacity factor): across ranks, a clear
         error when the settings differ (the ranks would run different collectives and hang), and

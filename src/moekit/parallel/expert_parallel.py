@@ -154,16 +154,10 @@ class ExpertAllToAll:
         self.P = dist.get_world_size(group)
         self.El = num_experts // self.P
         self._handles: list[_Handle] = []  # a stack: pre-hook pushes, forward hook pops
-        self._removables: list = []
 
     def attach(self, experts: nn.Module) -> None:
-        self._removables = [experts.register_forward_pre_hook(self._before),
-                            experts.register_forward_hook(self._after)]
-
-    def detach(self) -> None:
-        for h in self._removables:
-            h.remove()
-        self._removables = []
+        experts.register_forward_pre_hook(self._before)
+        experts.register_forward_hook(self._after)
 
     def _before(self, module: nn.Module, args: tuple) -> tuple:
         x_RD, counts_E, *rest = args
@@ -223,11 +217,11 @@ class _LayerScope(LocalScope):
         self.stats_group, self.stats_size, self.world_size = stats_group, stats_size, world_size
         self._rows: list[int] = []  # tokens of each rank in the current call (world order)
 
-    def begin_call(self, num_tokens: int, settings: tuple) -> None:
+    def begin_call(self, num_tokens: int, settings: tuple, device: torch.device) -> None:
         """One small all-gather over all ranks per layer call: every rank's token count (for the
         random draws) and settings, compared before any other collective can hang on a mismatch."""
         code = [num_tokens] + [-1 if v is None else int(round(float(v) * 1e6)) for v in settings]
-        mine = torch.tensor(code, dtype=torch.int64)
+        mine = torch.tensor(code, dtype=torch.int64, device=device)  # on the input's device: NCCL needs CUDA tensors
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         _check("layer-call check", dist.all_gather, every, mine)
         rows = [int(t[0]) for t in every]
