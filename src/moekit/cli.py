@@ -230,10 +230,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy); got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    from .models.lm import check_sampling
+
+    check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))  # before loading the model
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
     if args.top_k_experts is not None and args.top_k_experts <= 0:

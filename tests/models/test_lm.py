@@ -168,3 +168,12 @@ def test_meta_built_model_materialises_to_the_same_init(variant):
         assert torch.equal(a, b), n
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(a, b), n
+
+
+def test_generate_rejects_a_temperature_that_is_not_a_finite_number():
+    from moekit.config import LMConfig
+
+    model = MoETransformer(LMConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=bad)

@@ -313,10 +313,7 @@ class MoETransformer(nn.Module):
         eagerly); it needs the KV cache. Greedy tokens are the same as without it."""
         if compile and not use_cache:
             raise ValueError("compile=True decodes with the static KV cache: it needs use_cache=True")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        check_sampling(temperature, top_p)
         total = idx_BS.shape[1] + max_new_tokens
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -345,6 +342,15 @@ class MoETransformer(nn.Module):
         if getattr(self, "_decode_step_compiled", None) is None:
             object.__setattr__(self, "_decode_step_compiled", torch.compile(self.decode_step, fullgraph=True))
         return self._decode_step_compiled
+
+
+def check_sampling(temperature: float, top_p: float, names: tuple[str, str] = ("temperature", "top_p")) -> None:
+    """ValueError naming the argument (``names``: how the caller spells them) unless temperature is
+    a finite number >= 0 and 0 < top_p <= 1."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{names[0]} must be a finite number >= 0 (0 = greedy); got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{names[1]} must be in (0, 1]; got {top_p}")
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
