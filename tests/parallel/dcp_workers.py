@@ -36,7 +36,6 @@ def _one_step(model, h, opt, world: int, rank: int) -> None:
     idx = torch.randint(0, 64, (2 * world, 12))
     o = model(idx[2 * rank : 2 * rank + 2], idx[2 * rank : 2 * rank + 2])
     (o.loss + o.aux_loss).backward()
-    h.sync_gradients()
     opt.step()
 
 
@@ -173,23 +172,19 @@ def fsdp_round_trip(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def meta_mesh_round_trip(rank: int, world: int, store: str, out_dir: str) -> None:
-    """A handle whose (dp, ep) mesh was made for the ``meta`` device (a model built on meta, then
-    materialised): the checkpoint still holds the rank's real expert weights."""
+def meta_mesh_refused(rank: int, world: int, store: str, out_dir: str) -> None:
+    """A (dp, ep) mesh made for the ``meta`` device cannot hold the sharded parameters (FSDP and
+    the checkpoints need the device they will live on): a clear error on every rank at setup."""
     from moekit.parallel import make_mesh
 
     init(rank, world, store)
-    torch.manual_seed(0)
-    model = MoETransformer(_lm_cfg()).double()
-    h = apply_expert_parallel(model, make_mesh(world, "meta"))
-    path = os.path.join(out_dir, "meta-mesh")
-    save_distributed(path, model, None, h, meta={"step": 0})
-    m = MoETransformer(_lm_cfg()).double()
-    hh = apply_expert_parallel(m, make_mesh(world, "meta"), sync_init=False)
-    load_distributed(path, m, None, hh, rng=False)
-    for (k, a), b in zip(model.state_dict().items(), m.state_dict().values()):
-        assert torch.equal(a, b), k
-    dist.barrier()
+    with torch.device("meta"):
+        model = MoETransformer(_lm_cfg())
+    try:
+        apply_expert_parallel(model, make_mesh(world, "meta"))
+        raise AssertionError("a meta mesh must be refused")
+    except ValueError as err:
+        assert "mesh" in str(err) and "'meta'" in str(err), err
     dist.destroy_process_group()
 
 

@@ -17,6 +17,7 @@ from moekit.config import LMConfig
 from moekit.layer import after_optimizer_step
 from moekit.models import MoETransformer
 from moekit.parallel import ExpertParallelError, apply_expert_parallel, make_mesh
+from torch.distributed.tensor import DTensor
 
 TOL = 1e-9  # float64 everywhere, router included
 
@@ -88,8 +89,7 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
         h = apply_expert_parallel(moe, expert_parallel=ep)
         torch.manual_seed(2)
         o = moe(x[lo : lo + T])
-        ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()
-        h.sync_gradients()
+        ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()  # FSDP reduces the gradients here
         what = f"[{name}, ep={ep}, world={world}]"
         close(o.out, r.out[lo : lo + T], f"{what} output")
         close(o.aux_loss, r.aux_loss, f"{what} aux loss")
@@ -101,11 +101,13 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
             assert (r.stats["tokens_per_expert"] == 0).sum() >= 3, f"{what}: the skew must leave experts without tokens"
         if name == "drop":
             assert float(r.stats["dropped_fraction"]) > 0, f"{what}: capacity must drop slots"
-        El, e0 = 8 // ep, h.ep_rank * (8 // ep)
         mine = dict(moe.named_parameters())
         for pname, p in ref.named_parameters():
-            want = p.grad[e0 : e0 + El] if pname in h.expert_params else p.grad
-            close(mine[pname].grad, want, f"{what} gradient of {pname}", tol=1e-8)
+            assert isinstance(mine[pname], DTensor), f"{what} {pname} is not sharded"
+            assert mine[pname].grad is not None, f"{what} {pname}: no gradient"
+            g = mine[pname].grad.full_tensor()
+            close(g, p.grad, f"{what} gradient of {pname}", tol=1e-8)
+        assert mine["experts.w_up"].to_local().shape[0] * ep * (world // ep) <= 8 + world, "experts are not sharded"
         if name == "topk":  # expert surgery needs every expert on one rank
             for call in (lambda: moe.add_experts(1), lambda: moe.revive_dead_experts(1)):
                 try:
@@ -165,7 +167,6 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
     b = B // world
     o = model(idx[rank * b : (rank + 1) * b], tgt[rank * b : (rank + 1) * b])
     (o.loss + o.aux_loss).backward()
-    h.sync_gradients()
     gn = h.clip_grad_norm_(0.5)
     close(gn, gn_ref, "total gradient norm", tol=1e-6)  # the LM computes rotary angles in fp32
     opt.step()
@@ -236,13 +237,19 @@ def check_dcp_in_one_process(ckpt_dir: str, world: int, ep: int) -> None:
     stored: dict = {}
     for index, info in md.storage_data.items():
         stored.setdefault(index.fqn, []).append(info.relative_path)
-    experts = {k for k in md.state_dict_metadata if ".experts.w_" in k and not k.endswith(".step")}
-    assert experts, "no expert tensors in the checkpoint"
+    params = {n for n, _ in MoETransformer(_lm_cfg()).named_parameters()}
+    sharded = 0
     for key, meta in md.state_dict_metadata.items():
         if not hasattr(meta, "chunks"):
             continue
-        want = ep if key in experts else 1
-        assert len(meta.chunks) == want and len(stored[key]) == want, (key, len(meta.chunks), stored.get(key))
+        name = key.split(".", 1)[1]
+        name = name.rsplit(".", 1)[0] if key.startswith("optim.") else name
+        # parameters and their optimizer state are sharded over all ranks (FSDP; experts over ep x dp),
+        # each part written once by the rank holding it; buffers once
+        want = min(world, meta.size[0]) if name in params and len(meta.size) else 1
+        assert len(meta.chunks) == want and len(set(stored[key])) == want, (key, len(meta.chunks), stored.get(key))
+        sharded += want > 1
+    assert sharded >= len(params), "parameters are not sharded in the checkpoint"
     sizes = [os.path.getsize(os.path.join(path, f"__{r}_0.distcp")) for r in range(world)]
     assert max(sizes) < 1.5 * min(sizes), f"unbalanced writes per rank: {sizes}"
 
@@ -325,16 +332,17 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
             with torch.device("meta"):
                 model = MoETransformer(cfg)
             par = apply_expert_parallel(model, expert_parallel=ep)
-            model.materialize_("cpu", par.expert_shards())
+            model.materialize_("cpu")
             assert torch.equal(torch.get_rng_state(), after_ref), "the random state after init differs"
             full = ref.state_dict()
             for name, t in model.state_dict().items():
-                want = full[name]
-                if name in par.expert_params:
-                    El = want.shape[0] // ep
-                    want = want[par.ep_rank * El : (par.ep_rank + 1) * El]
-                    assert t.shape[0] == El, (name, tuple(t.shape))
-                assert torch.equal(t, want), f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+                got = t.full_tensor() if isinstance(t, DTensor) else t
+                assert torch.equal(got, full[name]), f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+            # every parameter is sharded over all ranks: each holds about 1/world of them
+            total = sum(p.numel() for p in ref.parameters())
+            mine = sum(p.to_local().numel() for p in model.parameters())
+            biggest = max(p.numel() for p in ref.parameters())
+            assert abs(mine - total / world) <= biggest, f"rank {rank}, ep {ep}: holds {mine} of {total} parameter values"
             for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
                 assert torch.equal(b, b_ref), f"rank {rank}: buffer {name}"
     finally:

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..kernels import compute_dtype, expert_ffn
 from ..kernels.reference import per_expert
@@ -78,10 +79,15 @@ class GroupedExperts(nn.Module):
         return expert_ffn(x_RD, counts_E, *self._weights_like(x_RD), ACTIVATIONS[self.kind], backend)
 
     def _weights_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16)."""
-        if self.w_up.dtype == x.dtype:
-            return self.w_up, self.w_down
-        return self.w_up.to(x.dtype), self.w_down.to(x.dtype)
+        """``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16). Under
+        expert parallelism the weights are DTensors sharded on the expert dimension: this rank's
+        experts are their local part (its rows arrive already grouped by local expert)."""
+        w_up, w_down = self.w_up, self.w_down
+        if isinstance(w_up, DTensor):
+            w_up, w_down = w_up.to_local(), w_down.to_local()
+        if w_up.dtype == x.dtype:
+            return w_up, w_down
+        return w_up.to(x.dtype), w_down.to(x.dtype)
 
     def few_slots(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, reading only the chosen

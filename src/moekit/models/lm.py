@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import LMConfig
 from ..layer import FeedForward, MoE, MoEOutput
@@ -186,6 +187,15 @@ class LMOutput:
         return aux
 
 
+def _copy_full_(p: Tensor, full: Tensor) -> None:
+    """Copy ``full`` into ``p``; a DTensor ``p`` keeps only its own part (no communication)."""
+    if isinstance(p, DTensor):
+        local = p.to_local()
+        local.copy_(distribute_tensor(full.to(local.device), p.device_mesh, p.placements, src_data_rank=None).to_local())
+    else:
+        p.copy_(full)
+
+
 class MoETransformer(nn.Module):
     """Decoder-only language model with MoE feed-forward layers."""
 
@@ -209,16 +219,14 @@ class MoETransformer(nn.Module):
             self.reset_parameters()
 
     @torch.no_grad()
-    def materialize_(self, device: Union[str, torch.device] = "cpu", expert_shards: Optional[dict] = None) -> "MoETransformer":
+    def materialize_(self, device: Union[str, torch.device] = "cpu") -> "MoETransformer":
         """Allocate a model built on the meta device (after any sharding) and initialise it as
-        :meth:`__init__` would have, from the CPU random state it was built with. ``expert_shards``:
-        parameter name -> (full first dimension, first row held here) for tensors holding a slice
-        of the experts (expert parallelism: ``ExpertParallel.expert_shards()``); each full tensor
-        is drawn once (one at a time) and only the local rows kept, so every layout gets the
-        single-process values."""
+        :meth:`__init__` would have, from the CPU random state it was built with. Sharded
+        parameters (DTensors: expert or FSDP parallelism) get their part of the full tensor, drawn
+        once (one at a time), so every layout gets the single-process values."""
         self.to_empty(device=device)
         self.reset_buffers()
-        self.reset_parameters(expert_shards)
+        self.reset_parameters()
         return self
 
     @torch.no_grad()
@@ -231,10 +239,10 @@ class MoETransformer(nn.Module):
             moe.reset_buffers()
 
     @torch.no_grad()
-    def reset_parameters(self, expert_shards: Optional[dict] = None) -> None:
+    def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers).
-        Parameters are drawn in order from the CPU generator, each as its full tensor (see
-        :meth:`materialize_` for ``expert_shards``), then moved to the parameter's device."""
+        Parameters are drawn in order from the CPU generator, each as its full tensor, and each
+        parameter keeps its part (see :meth:`materialize_`)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
@@ -244,9 +252,8 @@ class MoETransformer(nn.Module):
             if not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
                 p.zero_()
                 continue
-            full, lo = (expert_shards or {}).get(name, (p.shape[0], 0))
-            w = torch.empty((full, *p.shape[1:]), dtype=p.dtype).normal_(0.0, out_std if name.endswith(("w_down", "wo.weight")) else std)
-            p.copy_(w[lo : lo + p.shape[0]])
+            w = torch.empty(tuple(p.shape), dtype=p.dtype).normal_(0.0, out_std if name.endswith(("w_down", "wo.weight")) else std)
+            _copy_full_(p, w)
 
     @property
     def moe_layers(self) -> list[MoE]:

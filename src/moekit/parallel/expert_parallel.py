@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..layer.experts import GroupedExperts
 from ..layer.scope import LocalScope
@@ -166,6 +167,12 @@ class ExpertAllToAll:
         return (x_ND, counts_El, *rest)
 
     def _after(self, module: nn.Module, args: tuple, y_ND: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and y_ND.shape[0] == 0:
+            # FSDP reduces a layer's expert gradients in one collective over the ranks holding the
+            # same experts: experts that got no rows here must still get (zero) gradients
+            held = [p.to_local() if isinstance(p, DTensor) else p for p in module.parameters() if p.requires_grad]
+            if held:
+                y_ND = y_ND + sum(p.sum() for p in held) * 0
         return self.combine(y_ND, self._handles.pop())
 
     def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _Handle]:
@@ -354,7 +361,8 @@ def _fingerprint(model: nn.Module, ep: int, statistics: str, sync_init: bool) ->
 
 class ExpertParallel:
     """The expert × data parallel layout of one model (made by :func:`apply_expert_parallel`):
-    its groups, which parameters are expert shards, and the collectives training needs."""
+    its mesh and groups, which parameters are expert shards, and the few collectives training
+    needs besides FSDP's own."""
 
     def __init__(self, model: nn.Module, mesh, statistics: str):
         self.model, self.mesh, self.statistics = model, mesh, statistics
@@ -368,66 +376,25 @@ class ExpertParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def expert_shards(self) -> dict[str, tuple[int, int]]:
-        """Parameter name -> (experts in the full tensor, first expert held here): what
-        :meth:`~moekit.models.MoETransformer.materialize_` needs to initialise a meta-built model
-        exactly as one process would."""
-        return {name: (E, self.ep_rank * (E // self.ep_size)) for name, E in self.expert_params.items()}
-
     # ------------------------------------------------------------------ gradients
-    def _bucketed_all_reduce(self, tensors: list[Tensor], group, scale: float, what: str) -> None:
-        by_dtype: dict = {}
-        for t in tensors:
-            by_dtype.setdefault((t.dtype, t.device), []).append(t)
-        for ts in by_dtype.values():
-            flat = torch.cat([t.reshape(-1) for t in ts])
-            if group is not None:
-                _check(what, dist.all_reduce, flat, group=group)
-            flat.mul_(scale)
-            for t, chunk in zip(ts, flat.split([t.numel() for t in ts])):
-                t.copy_(chunk.view_as(t))
-
-    @torch.no_grad()
-    def sync_gradients(self) -> None:
-        """After ``backward``: average replicated parameters' gradients over all ranks and each
-        expert's gradient over its DP replicas (the 1/P of the EP group is applied in the backward,
-        see the module docstring). Missing gradients count as zero so every rank runs the same
-        collectives. With gradient accumulation, call it after the last micro-batch (cheapest) or
-        after every one: both give the same gradients."""
-        dense, experts = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            (experts if name in self.expert_params else dense).append(p.grad)
-        W = self.world_size
-        if dense:
-            self._bucketed_all_reduce(dense, dist.group.WORLD if W > 1 else None, 1.0 / W, "gradient all-reduce")
-        if experts:
-            self._bucketed_all_reduce(experts, self.dp_group if self.dp_size > 1 else None, 1.0 / self.dp_size,
-                                      "expert gradient all-reduce")
-
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Clip by the norm of the whole (unsharded) model's gradient, as one process would.
-        Call after :meth:`sync_gradients`. Returns the total norm before clipping."""
-        grads, dense_sq, expert_sq = [], [], []
-        for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            grads.append(p.grad)
-            (expert_sq if name in self.expert_params else dense_sq).append(p.grad.detach().double().pow(2).sum())
-        dev = grads[0].device if grads else torch.device("cpu")
-        dense_sq = torch.stack(dense_sq).sum() if dense_sq else torch.zeros((), dtype=torch.float64, device=dev)
-        expert_sq = torch.stack(expert_sq).sum() if expert_sq else torch.zeros((), dtype=torch.float64, device=dev)
-        if self.ep_size > 1:  # the EP group's shards make up all experts; DP replicas are equal after the sync
-            _check("gradient-norm all-reduce", dist.all_reduce, expert_sq, group=self.ep_group)
-        total = (dense_sq + expert_sq).sqrt().float()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-        return total.cpu()
+        """Clip by the norm of the whole (unsharded) model's gradient, as one process would;
+        returns that norm. PyTorch's ``get_total_norm`` per mesh (the experts live on the 2-D
+        (dp, ep) mesh, the rest on the flattened one, and one DTensor op cannot mix meshes), the
+        parts combined, then ``clip_grads_with_norm_``: torchtitan's recipe for EP."""
+        by_mesh: dict = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                by_mesh.setdefault(_mesh_key(p.grad), []).append(p)
+        norms = []
+        for params in by_mesh.values():
+            n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).double())
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+        for params in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device, torch.float32))
+        return total.float().cpu()
 
     # ------------------------------------------------------------------ small collectives
     def mean(self, value: float) -> float:
@@ -453,78 +420,114 @@ class ExpertParallel:
         p = next(iter(self.model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
-    # ------------------------------------------------------------------ checkpoints (resharding)
-    def _gather_experts(self, t: Tensor) -> Tensor:
-        if self.ep_size == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.ep_size)]
-        _check("expert gather for a checkpoint", dist.all_gather, parts, t.contiguous(), group=self.ep_group)
-        return torch.cat(parts)
-
-    def _shard(self, name: str, t: Tensor) -> Tensor:
-        E = self.expert_params[name]
-        if t.dim() == 0 or t.shape[0] != E:
-            raise ValueError(f"{name}: expected a tensor for all {E} experts (first dimension {E}); got shape {tuple(t.shape)}")
-        El = E // self.ep_size
-        return t[self.ep_rank * El : (self.ep_rank + 1) * El]
-
-    @torch.no_grad()
+    # ------------------------------------------------------------------ full (one-process) state
     def full_state_dict(self) -> dict:
-        """The single-process state dict (experts gathered over the EP group; collective: call on
-        every rank). It loads into an unsharded model as is."""
-        sd = self.model.state_dict()
-        return {k: self._gather_experts(v) if k in self.expert_params else v for k, v in sd.items()}
+        """The single-process state dict, every tensor whole on every rank (collective). It loads
+        into an unsharded model as is."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    @torch.no_grad()
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+
     def load_full_state_dict(self, sd: dict) -> None:
-        """Load a single-process state dict (from any EP size), keeping this rank's experts."""
-        self.model.load_state_dict({k: self._shard(k, v) if k in self.expert_params else v for k, v in sd.items()})
+        """Load a single-process state dict (from any layout): each rank keeps its part."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    def _optimizer_expert_index(self, opt: torch.optim.Optimizer) -> dict[int, str]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        params = [p for g in opt.param_groups for p in g["params"]]
-        return {i: names[id(p)] for i, p in enumerate(params) if names.get(id(p)) in self.expert_params}
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
 
-    @torch.no_grad()
     def full_optimizer_state_dict(self, opt: torch.optim.Optimizer) -> dict:
-        """The optimizer state as a single process would hold it (collective)."""
-        sd = opt.state_dict()
-        idx = self._optimizer_expert_index(opt)
-        state = {}
-        for i, st in sd["state"].items():
-            name = idx.get(i)
-            state[i] = {k: self._gather_experts(v) if name and torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
+        """The optimizer state as a single process holds it (``Optimizer.state_dict()``'s format,
+        parameters by index; collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=True))
+        index = {name: i for i, name in enumerate(_optimizer_names(self.model, opt))}
+        return {"state": {index[n]: st for n, st in by_name["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
 
     def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
-        idx = self._optimizer_expert_index(opt)
-        state = {}
-        for i, st in sd["state"].items():
-            name = idx.get(int(i))
-            state[i] = {k: self._shard(name, v) if name and torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
-        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        """Load a single-process optimizer state dict (parameters by index) into this layout."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = _optimizer_names(self.model, opt)
+        by_name = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
+                   "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+        set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def _mesh_key(t: Tensor):
+    """What groups tensors for one DTensor reduction: their mesh (None for a plain tensor)."""
+    return id(t.device_mesh) if isinstance(t, DTensor) else None
+
+
+def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _shard_experts(experts: GroupedExperts, ep_mesh, lo: int, El: int) -> None:
+    """Replace the stacked expert weights by DTensors sharded on the expert dimension over
+    ``ep_mesh`` (``Shard(0)``), each rank holding experts [lo, lo + El)."""
+    with torch.no_grad():  # the shards keep the full tensors' requires_grad (frozen experts stay frozen)
+        for pname in ("w_up", "w_down"):
+            full = getattr(experts, pname)
+            local = full[lo : lo + El].clone()
+            shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+            setattr(experts, pname, nn.Parameter(shard, requires_grad=full.requires_grad))
+
+
+def _flat_mesh(mesh):
+    """All ranks as one mesh dimension ("dp_ep"), for the parameters every rank shards."""
+    try:
+        return mesh["dp_ep"]
+    except (KeyError, RuntimeError, ValueError):
+        return mesh._flatten("dp_ep")
+
+
+def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
+    """FSDP2 (``fully_shard``, ZeRO-3): each MoE layer's experts over the ranks that replicate
+    them (mesh ``dp``), then each transformer block and the rest over all ranks, as torchtitan
+    composes EP with FSDP. FSDP averages each gradient over its mesh; an expert's gradient on its
+    holder sums its EP group's tokens, which the all-to-all hooks scale by 1/EP in the backward
+    (see the module docstring), so every gradient is the mean over all ranks' losses. (torchtitan
+    sets the experts' ``set_gradient_divide_factor`` instead; in torch 2.13 that needs NCCL's
+    PREMUL_SUM, which gloo lacks, and divides twice on a one-rank ``dp`` mesh in float64.)"""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    world = _flat_mesh(mesh)
+    for moe in moes:
+        fully_shard(moe.experts, mesh=mesh["dp"], **kw)
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=world, **kw)
+    fully_shard(model, mesh=world, **kw)
 
 
 def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optional[int] = None,
-                          statistics: str = "global", sync_init: bool = True) -> ExpertParallel:
-    """Shard the experts of every :class:`~moekit.MoE` layer of a built model over the EP dimension
-    of ``mesh`` (a (dp, ep) mesh from :func:`make_mesh`; or pass ``expert_parallel`` to make one).
+                          statistics: str = "global", sync_init: bool = True,
+                          param_dtype: Optional[torch.dtype] = None) -> ExpertParallel:
+    """Shard a built model over a (dp, ep) mesh (from :func:`make_mesh`; or pass
+    ``expert_parallel`` to make one): the experts of every :class:`~moekit.MoE` layer become
+    DTensors sharded on the expert dimension over ``ep`` with the token all-to-all as module hooks,
+    and FSDP2 (``fully_shard``) shards every parameter further (see :func:`_fully_shard`).
 
     Args:
-        model: the single-device model, built identically on every rank.
+        model: the single-device model, built identically on every rank, or built on the meta
+            device: then call ``model.materialize_(device)`` afterwards (no rank ever holds the
+            whole model; every layout gets the single-process initial values).
         statistics: where routing statistics and capacity are decided: "global" (all ranks: the
             same as one process on the global batch), "expert" (within each EP group, GShard's
             groups), or "local" (each rank alone). The sigmoid router's bias update uses the
             global load in every case, so the replicated bias stays equal on all ranks.
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal
-            (skipped for a model built on the meta device: no rank holds the full model, and
-            ``MoETransformer.materialize_(device, handle.expert_shards())`` initialises every
-            layout with the single-process values).
+            (skipped for a model on the meta device).
+        param_dtype: FSDP's mixed-precision compute dtype (e.g. ``torch.bfloat16`` on GPUs;
+            gradients are reduced in float32); None computes in the parameters' dtype.
 
     Returns:
-        The :class:`ExpertParallel` handle: call ``sync_gradients()`` after the backward of each
-        optimizer step (under gradient accumulation after the last micro-batch, or after each).
-        A model without MoE layers gets plain data parallelism.
+        The :class:`ExpertParallel` handle. Gradients are reduced by FSDP during ``backward``;
+        clip with ``handle.clip_grad_norm_``. Build the optimizer after this call. A model
+        without MoE layers gets plain FSDP data parallelism.
     """
     ep = expert_parallel if mesh is None else mesh.size(1)
     if mesh is None and expert_parallel is None:
@@ -540,6 +543,9 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         mesh = make_mesh(ep, _device_type(model))
     elif tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
         raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
+    elif mesh.device_type == "meta":
+        raise ValueError("mesh must be made for the device the parameters will live on ('cpu' or 'cuda'), not 'meta': "
+                         "build the model on meta if you like, but make the mesh with make_mesh(n, 'cpu' or 'cuda')")
     # first communication: every rank must hold the same model and layout
     prints = [None] * dist.get_world_size()
     _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
@@ -559,20 +565,17 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         "expert": (handle.ep_group, handle.ep_size),
         "local": (None, 1),
     }[statistics]
-    for name, moe in _moe_layers(model):
+    moes = _moe_layers(model)
+    for name, moe in moes:
         E = moe.cfg.num_experts
         El = E // ep
-        lo = handle.ep_rank * El
-        experts = moe.experts
-        with torch.no_grad():  # the shards keep the full tensors' requires_grad (frozen experts stay frozen)
-            for pname in ("w_up", "w_down"):
-                full = getattr(experts, pname)
-                setattr(experts, pname, nn.Parameter(full[lo : lo + El].clone(), requires_grad=full.requires_grad))
-        experts.num_experts = El
+        _shard_experts(moe.experts, mesh["ep"], handle.ep_rank * El, El)
+        moe.experts.num_experts = El
         prefix = f"{name}.experts." if name else "experts."
         handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
         moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
         ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
+    _fully_shard(model, mesh, [m for _, m in moes], param_dtype)
     return handle
 
 

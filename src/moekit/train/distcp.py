@@ -1,9 +1,10 @@
 """Sharded checkpoints of runs on several processes, with ``torch.distributed.checkpoint`` (DCP).
 
-Under torchrun every rank writes its own part: the expert weights and their AdamW moments as
-DTensors sharded on the expert dimension (``Shard(0)`` over the ``ep`` dimension of the (dp, ep)
-mesh, replicated over ``dp``), everything else as replicated tensors, which DCP writes once
-(each replicated tensor goes to the rank that has written the fewest bytes so far). The folder
+Under torchrun every rank writes its own part: the model's parameters and their AdamW moments are
+DTensors (FSDP shards over all ranks; experts sharded on the expert dimension over ``ep``, then
+over ``dp``), each part written by the rank holding it; replicated tensors (buffers, a plain
+data-parallel model's parameters) are written once, each by the rank that has written the fewest
+bytes so far. The folder
 reloads on any layout: another expert-parallel size, data parallel only, or one process (no
 process group: every tensor is assembled from its chunks), since DCP reshards on load.
 
@@ -204,55 +205,6 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _shards_experts(par, name: str, t: torch.Tensor) -> bool:
-    """``t`` is this rank's plain-tensor shard of expert parameter ``name`` (a model whose
-    parameters are DTensors already is saved as it is)."""
-    return par is not None and name in getattr(par, "expert_params", {}) and t.dim() > 0 and not _is_dtensor(t)
-
-
-_MESHES: dict = {}  # (id of a handle's mesh, device type) -> the same mesh for that device type
-
-
-def _mesh_for(par, device_type: str):
-    """``par.mesh``, or the same (dp, ep) mesh for ``device_type`` when it was made for another
-    (a model built on ``meta`` gets a ``meta`` mesh: a DTensor on it would hold no data). Making
-    one is collective: call it on every rank at the same point (see :func:`_prepare_mesh`)."""
-    mesh = par.mesh
-    if mesh.device_type == device_type:
-        return mesh
-    key = (id(mesh), device_type)
-    if key not in _MESHES:
-        from torch.distributed.device_mesh import DeviceMesh
-
-        _MESHES[key] = DeviceMesh(device_type, mesh.mesh, mesh_dim_names=mesh.mesh_dim_names)
-    return _MESHES[key]
-
-
-def _prepare_mesh(model: nn.Module, par) -> None:
-    """Make the expert mesh for the model's device before anything can fail on one rank only."""
-    if par is None or not getattr(par, "expert_params", None):
-        return
-    p = next((t for t in model.parameters() if not t.is_meta), None)
-    if p is not None and not _is_dtensor(p):
-        _mesh_for(par, p.device.type)
-
-
-def _as_dtensor(local: torch.Tensor, par):
-    """This rank's experts of a tensor as the global DTensor: replicated over ``dp``, ``Shard(0)``
-    over ``ep`` (a view of ``local``: DCP writes from it and loads into it)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    shape = (local.shape[0] * par.ep_size, *local.shape[1:])
-    stride = torch.empty(shape, device="meta").stride()
-    mesh = _mesh_for(par, local.device.type)
-    return DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=stride)
-
-
-def _global(name: str, t: torch.Tensor, par):
-    """``t`` as DCP should see it: a DTensor for an expert shard (or as is when it is one already)."""
-    return _as_dtensor(t, par) if _shards_experts(par, name, t) else t
-
-
 def _param_names(model: nn.Module, optimizer) -> list[list[str]]:
     """The names of the optimizer's parameters, group by group."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -303,7 +255,7 @@ def _balanced_planner():
 
 def _save_state(model: nn.Module, optimizer, par, rng: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """(the state dict DCP writes, the optimizer's JSON part)."""
-    state = {MODEL + k: _global(k, v, par) for k, v in model.state_dict().items()}
+    state = {MODEL + k: v for k, v in model.state_dict().items()}
     opt_json = None
     if optimizer is not None:
         groups, scalars = [], {}
@@ -312,8 +264,7 @@ def _save_state(model: nn.Module, optimizer, par, rng: Optional[dict]) -> tuple[
             for p, name in zip(g["params"], names):
                 for k, v in optimizer.state.get(p, {}).items():
                     if torch.is_tensor(v):
-                        expert = _shards_experts(par, name, v) and v.shape == p.shape
-                        state[f"{OPTIM}{name}.{k}"] = _as_dtensor(v, par) if expert else v
+                        state[f"{OPTIM}{name}.{k}"] = v
                     else:
                         scalars[f"{name}.{k}"] = v
         opt_json = {"param_groups": groups, "scalars": scalars}
@@ -336,7 +287,6 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     path = Path(path)
     tmp, old = tmp_path(path), old_path(path)
     rank, world = _rank_world(par)
-    _prepare_mesh(model, par)
     error = None
     if rank == 0:
         try:
@@ -463,16 +413,6 @@ def _verify_items(path: Path, manifest: dict, md, keys: set, rank: int, world: i
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _expected_shape(name: str, t: torch.Tensor, par) -> tuple:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        return tuple(t.shape)
-    if _shards_experts(par, name, t):
-        return (t.shape[0] * par.ep_size, *t.shape[1:])
-    return tuple(t.shape)
-
-
 def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, par=None, *,
                      rng: bool = True) -> tuple[dict, dict]:
     """Load a DCP checkpoint folder into ``model`` (and ``optimizer``) in place, resharding to this
@@ -487,14 +427,13 @@ def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
 
     path = Path(path)
     rank, world = _rank_world(par)
-    _prepare_mesh(model, par)
     error, manifest, md, state = None, None, None, None
     try:  # the same checks on every rank, from the files alone
         manifest = read_manifest(path)
         md, tensors = _read_metadata(path, manifest)
         model_sd = model.state_dict()
-        _check_model(path, tensors, {k: _expected_shape(k, v, par) for k, v in model_sd.items()})
-        state = {MODEL + k: _global(k, v, par) for k, v in model_sd.items()}
+        _check_model(path, tensors, {k: tuple(v.shape) for k, v in model_sd.items()})  # a DTensor's shape is global
+        state = {MODEL + k: v for k, v in model_sd.items()}
         opt_plan = None
         if optimizer is not None:
             opt_plan = _optimizer_targets(path, manifest, tensors, model, optimizer, par, state)
@@ -548,8 +487,6 @@ def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Modu
             local = torch.empty(p.to_local().shape, dtype=dtype, device=p.device)
             state[k] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                           stride=p.stride())
-        elif _shards_experts(par, name, p) and shape == _expected_shape(name, p, par):
-            state[k] = _as_dtensor(torch.empty(p.shape, dtype=dtype, device=p.device), par)
         else:
             state[k] = torch.empty(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
     return saved["param_groups"]
@@ -557,14 +494,12 @@ def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Modu
 
 def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: list) -> None:
     index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict = {}
     for k, v in state.items():
         if k.startswith(OPTIM):
             name, key = k[len(OPTIM):].rsplit(".", 1)
             i = index[name]
-            # an expert shard's state was wrapped for DCP only; a DTensor parameter's stays a DTensor
-            opt_state.setdefault(i, {})[key] = v.to_local() if _is_dtensor(v) and not _is_dtensor(params[i]) else v
+            opt_state.setdefault(i, {})[key] = v
     for k, v in (manifest["optimizer"].get("scalars") or {}).items():
         name, key = k.rsplit(".", 1)
         opt_state.setdefault(index[name], {})[key] = v

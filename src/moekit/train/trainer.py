@@ -227,8 +227,11 @@ class Trainer:
             raise ValueError(f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
-        par = apply_expert_parallel(model, make_mesh(self.cfg.expert_parallel, self.device.type))  # the mesh of the real device
-        model.materialize_(self.device, par.expert_shards())
+        amp = autocast_dtype(self.cfg, self.device)
+        mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
+        # on GPUs FSDP computes in bf16 (its mixed-precision policy) and reduces gradients in fp32
+        par = apply_expert_parallel(model, mesh, param_dtype=amp if self.device.type == "cuda" else None)
+        model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
         return model, par
@@ -236,10 +239,10 @@ class Trainer:
     def _state_bytes(self) -> dict:
         """Bytes of training state this rank holds: parameters, their gradients (as held during a
         step), optimizer state; and the ranks (one process: 1)."""
-        params = [p for p in self.model.parameters()]
+        params = [_local(p) for p in self.model.parameters()]
         p_bytes = sum(p.numel() * p.element_size() for p in params)
         g_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-        o_bytes = sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
+        o_bytes = sum(_local(v).numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
                       if torch.is_tensor(v))
         return {"parameters": p_bytes, "gradients": g_bytes, "optimizer": o_bytes,
                 "ranks": self.par.world_size if self.par is not None else 1}
@@ -260,7 +263,7 @@ class Trainer:
         """Write the checkpoint (collective under torchrun); TrainingDiverged instead if a weight is
         not finite, so the checkpoint on disk stays the last good one."""
         bad = next((k for k, v in self.model.state_dict().items()
-                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+                    if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())), None)
         if self.par.any(bad is not None) if self.par is not None else bad is not None:
             where = f" ({bad})" if bad is not None else " (on another rank)"
             raise TrainingDiverged(f"{self.label}: the weights after step {self.step} are not finite{where}; "
@@ -373,8 +376,7 @@ class Trainer:
                         out = self.step_model(x.to(self.device), y.to(self.device))
                     loss = out.loss + out.aux_loss
                     loss.backward()
-                    if par is not None:
-                        par.sync_gradients()
+                    if par is not None:  # FSDP reduced the gradients during backward
                         gnorm = par.clip_grad_norm_(clip)
                     else:
                         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -450,6 +452,11 @@ class Trainer:
             what = " and ".join(bad) if bad else "another rank's loss or gradient norm is not finite"
             raise TrainingDiverged(f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
                                    f"applying the step (lower train.lr or check the data); {self._kept()}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
