@@ -8,13 +8,14 @@ does the same expert work as the one-process baseline, so an ideal EP step takes
    - row all-to-alls: rows sent to other ranks x D x element size, dispatch and combine, forward
      and backward (the backward sends the row gradients the same way back);
    - the count exchange (one ``all_to_all_single`` of E int64s: E/P of them to each peer);
-   - the routing-statistics all-reduces (one float + one int64 per layer per forward) and the
-     gradient all-reduce of ``sync_gradients`` (router weights), counted as a ring all-reduce,
-     2(P-1)/P x payload;
+   - the routing-statistics all-reduces (one float + one int64 per layer per forward), counted
+     as a ring all-reduce, 2(P-1)/P x payload. FSDP's parameter all-gathers and gradient
+     reduce-scatters run inside torch, not through the metered calls; for this layer they carry
+     only the router's E x D weights (the experts are sharded by EP and not replicated).
    - with a capacity factor, the routing all-gathers (``gather_rows``): (P-1) x payload.
    Also the fraction of dispatched rows whose expert lives on the sending rank ("local"): a
    random router is near-balanced, so it is about 1/EP.
-2. Time of a training step (forward + backward + ``sync_gradients``): the total, the time spent
+2. Time of a training step (forward + backward, FSDP reducing gradients in it): the total, the time spent
    inside the collectives the library calls (``all_to_all_single``, ``all_reduce``,
    ``all_gather``, timed by a stand-in for ``torch.distributed`` installed in
    ``moekit.parallel.expert_parallel`` by this script only; library code is unchanged), and the
@@ -65,7 +66,6 @@ BYTE_COLUMNS = [  # (key, table header)
     ("fwd.counts", "counts"),
     ("fwd.all_reduce", "stats all-reduce"),
     ("fwd.all_gather", "routing gather"),
-    ("grad.all_reduce", "grad all-reduce"),
 ]
 
 
@@ -74,7 +74,7 @@ class CommMeter:
     """Stands in for ``torch.distributed`` inside ``moekit.parallel.expert_parallel``: the three
     collectives the layer uses are timed and their bytes sent to other ranks counted, under the
     key ``"<phase>.<kind>"``; everything else is the real module. Records only while ``phase``
-    is set (``"fwd"``, ``"bwd"`` or ``"grad"``)."""
+    is set (``"fwd"`` or ``"bwd"``)."""
 
     def __init__(self, real):
         self._real = real
@@ -156,7 +156,8 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
         torch.manual_seed(opts["seed"])  # the same model on every rank
         moe = MoE(MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=K, expert="swiglu", backend=opts["backend"],
                             capacity_factor=cf)).to(dtype)
-        handle = apply_expert_parallel(moe, expert_parallel=world) if world > 1 else None
+        if world > 1:
+            apply_expert_parallel(moe, expert_parallel=world)
         steps = []
         for i in range(opts["warmup"] + opts["reps"]):
             moe.zero_grad(set_to_none=True)
@@ -172,13 +173,9 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
             meter.phase = "bwd"
             loss.backward()
             t2 = time.perf_counter()
-            meter.phase = "grad"
-            if handle is not None:
-                handle.sync_gradients()
-            t3 = time.perf_counter()
             meter.phase = None
             if i >= opts["warmup"]:
-                steps.append({"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "grad": t3 - t2, "comm": dict(meter.secs)})
+                steps.append({"step": t2 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "comm": dict(meter.secs)})
         kept = res.stats["tokens_per_expert"].sum().item()  # global (all ranks) kept slots
         records.append({
             "capacity_factor": cf, "steps": steps, "bytes": dict(meter.bytes),  # routing is the same every step
@@ -276,9 +273,9 @@ def markdown(rows: list[dict]) -> str:
         cells = [str(r["ep"]), cf_label(r["capacity_factor"]), f"{r['kept_rows_per_token']:.3f}",
                  f"{r['local_fraction']:.1%}"] + [f"{b[k]:.2f}" for k, _ in BYTE_COLUMNS] + [f"{r['total_bytes_per_token']:.2f}"]
         out.append("| " + " | ".join(cells) + " |")
-    head = ["EP", "capacity", "step ms", "fwd ms", "bwd+sync ms", "row a2a ms", "other comm ms", "compute ms",
+    head = ["EP", "capacity", "step ms", "fwd ms", "bwd ms", "row a2a ms", "other comm ms", "compute ms",
             "comm share", "step / EP=1"]
-    out += ["", "Time of one training step (fwd + bwd + sync_gradients), median over steps, mean over ranks (indicative):",
+    out += ["", "Time of one training step (fwd + bwd), median over steps, mean over ranks (indicative):",
             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ratio = r["step_ms"] / base[r["capacity_factor"]] if r["capacity_factor"] in base else float("nan")

@@ -23,15 +23,17 @@ small all-gather of the ranks' token counts and call settings: ranks that call a
 differently (another top_k, train vs eval, grad mode, capacity factor) get a clear error instead
 of a hang.
 
-Gradients: the training objective is the mean over ranks of each rank's loss (each rank's loss a
-mean over its tokens, plus the global auxiliary loss). :meth:`ExpertParallel.sync_gradients`
-averages replicated parameters over all W ranks. An expert's gradient on its holder sums the
-contributions of every rank of its EP group (the all-to-all's backward carries them back), so
-the all-to-all hooks scale the gradient reaching the experts by 1/P (and the gradient leaving them
-for the tokens by P, so the tokens' gradients are unchanged); the sync then averages experts
-over their DP replicas. Without the 1/P the experts' gradients would be P times too large, the
-classic bug; with it both syncs are plain averages, so calling the sync after every micro-batch
-(as with DDP) or once per step gives the same result.
+Parameters and gradients are PyTorch's: the expert weights are DTensors sharded on the expert
+dimension over the mesh's ``ep`` dimension, and FSDP2 (``fully_shard``) shards them further over
+``dp`` and every other parameter over all ranks (ZeRO-3), reducing the gradients during
+``backward``. The training objective is the mean over ranks of each rank's loss (each rank's loss
+a mean over its tokens, plus the global auxiliary loss), and FSDP averages every gradient over
+its mesh. An expert's gradient on its holder sums the contributions of every rank of its EP group
+(the all-to-all's backward carries them back), so the all-to-all hooks scale the gradient
+reaching the experts by 1/P (and the gradient leaving them for the tokens by P, so the tokens'
+gradients are unchanged); FSDP's average over the expert's ``dp`` replicas then gives the mean
+over all W ranks. Without the 1/P the experts' gradients would be P times too large, the classic
+bug the tests check for.
 
 Shape legend: T local tokens, D width, E experts, P EP ranks, El = E / P experts per rank,
 R rows of the local dispatch plan, N rows received by this rank's experts.
