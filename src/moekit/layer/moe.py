@@ -10,7 +10,6 @@ K slots per token, R rows handed to the experts.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -22,9 +21,10 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from ..kernels import compute_dtype, resolve_backend
-from ..kernels.slots import SMALL_SLOTS
 from . import losses as L
-from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
+from . import surgery
+from .dispatch import apply_capacity, expert_capacity
+from .paths import choose_path
 from .scope import LOCAL_SCOPE, LocalScope
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
@@ -171,63 +171,55 @@ class MoE(nn.Module):
         Returns:
             :class:`MoEOutput` with ``out`` shaped like ``x``.
         """
-        cfg = self.cfg
         x_TD, lead = self._check_input(x)
-        k = self._check_top_k(top_k)
-        if token_ids is not None:
-            if not isinstance(token_ids, Tensor):
-                raise TypeError(f"token_ids must be a tensor; got {type(token_ids).__name__}")
-            if tuple(token_ids.shape) != tuple(lead):
-                raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
-            token_ids = token_ids.reshape(-1)
-        local = not self.scope.spans_ranks  # else every rank must run the same collectives
-        if x_TD.shape[0] == 0 and local:
+        k, token_ids = self._check_top_k(top_k), self._check_token_ids(token_ids, lead)
+        if x_TD.shape[0] == 0 and not self.scope.spans_ranks:  # else every rank must run the same collectives
             return self._empty_output(x, lead)
         factor = self._capacity_factor(capacity_factor)
         self.scope.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor), x_TD.device)
-
         routing = self.router(x_TD, k, token_ids, scope=self.scope)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)
-        has_empty = routing.has_empty or max_rows is not None
-        backend = resolve_backend(cfg.backend, x.device, compute_dtype(x_TD)) if isinstance(self.experts, GroupedExperts) else "loop"
-        few_slots = (backend == "grouped" and local and max_rows is None and not torch.is_grad_enabled()
-                     and experts_TK.numel() <= SMALL_SLOTS)
-        plan = None
-        shared_TD = self._shared(x_TD)
-        if few_slots:  # decoding: only the chosen experts' weights, added to the shared experts' output in place
-            out_TD = self.experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD)
-        elif backend == "triton" and local:
-            # routing metadata by a counting-sort kernel (no host sync; the router's ids are valid),
-            # then gather, experts and weighted scatter in the fused kernels
-            from ..kernels.triton import routing_plan
+        backend = self._backend(x_TD)
+        path = choose_path(self.experts, backend, local=not self.scope.spans_ranks, capacity_limited=max_rows is not None,
+                           grad=torch.is_grad_enabled(), num_slots=experts_TK.numel())
+        out_TD, kept_E = path(self.experts, x_TD, experts_TK, weights_TK, self._shared(x_TD), num_experts=self.cfg.num_experts,
+                              max_rows=max_rows, has_empty=routing.has_empty or max_rows is not None, backend=backend)
+        out = out_TD.reshape(*lead, self.cfg.dim).to(x.dtype)
+        return self._output(out, routing, experts_TK, weights_TK, kept_E)
 
-            plan = routing_plan(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty, validate=False)
-            out_TD = self.experts.fused(x_TD, plan, weights_TK)
-        else:
-            plan = plan_dispatch(experts_TK, cfg.num_experts, max_rows=max_rows, has_empty=has_empty)
-            # under expert parallelism the experts' module hooks move the rows to the ranks holding
-            # their experts and back (moekit.parallel): the layer sees the same (x_RD, counts_E) -> y_RD
-            y_RD = self.experts(dispatch(x_TD, plan), plan.counts_E, backend)
-            out_TD = combine(y_RD, plan, weights_TK)
-        if shared_TD is not None and not few_slots:
-            out_TD = out_TD + shared_TD
+    def _backend(self, x_TD: Tensor) -> str:
+        if not isinstance(self.experts, GroupedExperts):
+            return "loop"
+        return resolve_backend(self.cfg.backend, x_TD.device, compute_dtype(x_TD))
 
-        out = out_TD.reshape(*lead, cfg.dim).to(x.dtype)
-        training = self.training
+    def _output(self, out: Tensor, routing: Routing, experts_TK: Tensor, weights_TK: Tensor,
+                kept_E: Optional[Tensor]) -> MoEOutput:
+        """The output with its losses and stats: computed now in training or across ranks (usage
+        bookkeeping and collectives happen in the call), else deferred until read."""
+        cfg, training = self.cfg, self.training
 
         def losses_and_stats():
-            kept_E = plan.counts_E if plan is not None else L.slot_counts(experts_TK, cfg.num_experts)
-            losses, stats = self._losses_and_stats(routing, kept_E, training)
-            aux = x_TD.new_zeros((), dtype=torch.float32)
+            counts_E = kept_E if kept_E is not None else L.slot_counts(experts_TK, cfg.num_experts)
+            losses, stats = self._losses_and_stats(routing, counts_E, training)
+            aux = out.new_zeros((), dtype=torch.float32)
             for name, value in losses.items():
                 w = getattr(cfg, LOSS_WEIGHTS[name])
                 if w:
                     aux = aux + w * value
             return aux, losses, stats
 
-        if training or not local:  # usage bookkeeping and collectives happen in the call
+        if training or self.scope.spans_ranks:
             return MoEOutput(out, *losses_and_stats(), experts_TK, weights_TK)
         return MoEOutput(out, experts_TK=experts_TK, weights_TK=weights_TK, pending=losses_and_stats)
+
+    def _check_token_ids(self, token_ids: Optional[Tensor], lead: torch.Size) -> Optional[Tensor]:
+        if token_ids is None:
+            return None
+        if not isinstance(token_ids, Tensor):
+            raise TypeError(f"token_ids must be a tensor; got {type(token_ids).__name__}")
+        if tuple(token_ids.shape) != tuple(lead):
+            raise ValueError(f"token_ids must have shape x.shape[:-1] = {tuple(lead)}; got {tuple(token_ids.shape)}")
+        return token_ids.reshape(-1)
 
     def _shared(self, x_TD: Tensor) -> Optional[Tensor]:
         """The shared experts' output (DeepSeekMoE), gated per token (Qwen2-MoE); None without them."""
@@ -374,112 +366,27 @@ class MoE(nn.Module):
             self.router.load_E.copy_(self.scope.world_sum(self.router.load_E))  # every rank moves its replicated bias alike
             self.router.update_bias()
 
-    # ------------------------------------------------------------------ expert surgery
-    def _require_grouped(self, what: str) -> GroupedExperts:
-        if self.scope.spans_ranks:
-            raise ValueError(f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
-                             "change the single-process model, then apply expert parallelism again")
-        if not isinstance(self.experts, GroupedExperts):
-            raise TypeError(f"{what} needs the stacked FFN experts, not a heterogeneous expert list")
-        return self.experts
-
-    def _expert_ids(self, ids: Union[int, Sequence[int], Tensor], name: str = "experts") -> list[int]:
-        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.cfg.num_experts]
-        if bad:
-            raise ValueError(f"{name} must be expert indices in [0, {self.cfg.num_experts}); got {bad}")
-        return ids
-
+    # ------------------------------------------------------------------ expert surgery (moekit.layer.surgery)
     def disable_experts(self, experts: Union[int, Sequence[int]]) -> None:
-        """Mask experts out of routing (inference fault tolerance): the router's choice and
-        weights renormalise over the remaining experts."""
-        ids = self._expert_ids(experts)
-        mask = self.router.disabled_E.clone()
-        mask[ids] = True
-        if int(mask.sum()) >= self.cfg.num_experts:
-            raise ValueError("cannot disable every expert")
-        self.router.set_disabled(mask)
+        """Mask experts out of routing: see :func:`moekit.layer.surgery.disable_experts`."""
+        surgery.disable_experts(self, experts)
 
     def enable_experts(self, experts: Optional[Union[int, Sequence[int]]] = None) -> None:
-        """Undo :meth:`disable_experts` (all experts when ``experts`` is None)."""
-        ids = list(range(self.cfg.num_experts)) if experts is None else self._expert_ids(experts)
-        mask = self.router.disabled_E.clone()
-        mask[ids] = False
-        self.router.set_disabled(mask)
-        self.steps_unused[ids] = 0  # idle while disabled is not dead
+        """Undo :meth:`disable_experts`: see :func:`moekit.layer.surgery.enable_experts`."""
+        surgery.enable_experts(self, experts)
 
-    @torch.no_grad()
     def revive_dead_experts(self, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
-        """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
-        a copy of the most used live expert plus noise, and reset its router row."""
-        if self.scope.spans_ranks:
-            self._require_grouped("revive_dead_experts")  # raises: a sharded layer cannot copy across ranks
-        dead = (self.steps_unused >= min_unused_steps) & ~self.router.disabled_E
-        live = ~dead & ~self.router.disabled_E
-        if not bool(dead.any()) or not bool(live.any()):
-            return []
-        experts = self._require_grouped("revive_dead_experts")
-        dead_ids = dead.nonzero().flatten()
-        src = int(self.expert_usage.masked_fill(~live, -1).argmax())
-        experts.copy_expert_(dead_ids, torch.full_like(dead_ids, src), self.cfg.revive_noise if noise is None else noise)
-        self.router.reset_rows(dead_ids)
-        self.steps_unused[dead_ids] = 0
-        self.expert_usage[dead_ids] = 1.0 / self.cfg.num_experts
-        return dead_ids.tolist()
+        """Re-initialise dead experts: see :func:`moekit.layer.surgery.revive_dead_experts`."""
+        return surgery.revive_dead_experts(self, min_unused_steps, noise)
 
-    @torch.no_grad()
     def add_experts(self, n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> "MoE":
-        """Grow the layer by ``n`` experts: fresh ones, or copies of ``copy_from`` (one index, or
-        one per new expert) with their router rows copied. Parameters are replaced, so build
-        the optimizer afterwards."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"n must be a positive integer; got {n!r}")
-        experts = self._require_grouped("add_experts")
-        old_E, new_E = self.cfg.num_experts, self.cfg.num_experts + n
-        src = None
-        if copy_from is not None:
-            src = self._expert_ids(copy_from, "copy_from")
-            src = src * n if len(src) == 1 else src
-            if len(src) != n:
-                raise ValueError(f"copy_from must name one expert or one per new expert ({n}); got {len(src)}")
-        new_ids = torch.arange(old_E, new_E)
-        self.experts = experts.resized(new_E)
-        if src is not None:
-            self.experts.copy_expert_(new_ids, torch.tensor(src), noise)
-        old_router = self.router
-        ref = next(iter(old_router.parameters()), self.expert_usage)
-        self.cfg = dataclasses.replace(self.cfg, num_experts=new_E)
-        self.router = build_router(self.cfg).to(device=ref.device, dtype=ref.dtype)
-        sd = old_router.state_dict()
-        for name, t in self.router.state_dict().items():
-            if name in sd:
-                t[:old_E] = sd[name]
-        self.router.set_disabled(torch.cat([old_router.disabled_E, old_router.disabled_E.new_zeros(n)]))
-        if src is not None:
-            self.router.reset_rows(new_ids, torch.tensor(src))
-        self.router.train(old_router.training)
-        self.expert_usage = torch.cat([self.expert_usage, self.expert_usage.new_full((n,), 1.0 / new_E)])
-        self.steps_unused = torch.cat([self.steps_unused, self.steps_unused.new_zeros(n)])
-        self.step_counts = torch.cat([self.step_counts, self.step_counts.new_zeros(n)])
-        return self
+        """Grow the layer by ``n`` experts: see :func:`moekit.layer.surgery.add_experts`."""
+        return surgery.add_experts(self, n, copy_from, noise)
 
     @classmethod
     def from_dense(cls, ffn: FeedForward, cfg: MoEConfig, noise: float = 0.0) -> "MoE":
-        """Sparse upcycling (Komatsuzaki et al. 2022): every expert starts as a copy of a trained
-        dense FFN; the router is freshly initialised. ``cfg`` must match the FFN's width and kind."""
-        if not isinstance(ffn, FeedForward):
-            raise TypeError(f"ffn must be a moekit FeedForward; got {type(ffn).__name__}")
-        if (ffn.dim, ffn.hidden_dim, ffn.kind) != (cfg.dim, cfg.hidden_dim, cfg.expert):
-            raise ValueError(
-                f"cfg (dim={cfg.dim}, hidden_dim={cfg.hidden_dim}, expert={cfg.expert!r}) must match the dense FFN "
-                f"(dim={ffn.dim}, hidden_dim={ffn.hidden_dim}, kind={ffn.kind!r})")
-        moe = cls(cfg).to(ffn.w_up.device, ffn.w_up.dtype)
-        with torch.no_grad():
-            for mine, theirs in ((moe.experts.w_up, ffn.w_up), (moe.experts.w_down, ffn.w_down)):
-                mine.copy_(theirs.expand_as(mine))
-                if noise:
-                    mine.add_(noise * theirs.std() * torch.randn_like(mine))
-        return moe
+        """Sparse upcycling of a dense FFN: see :func:`moekit.layer.surgery.upcycle`."""
+        return surgery.upcycle(ffn, cfg, noise, build=cls)
 
     def extra_repr(self) -> str:
         c = self.cfg
