@@ -264,7 +264,7 @@ class Trainer:
         not finite, so the checkpoint on disk stays the last good one."""
         bad = next((k for k, v in self.model.state_dict().items()
                     if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())), None)
-        if self.par.any(bad is not None) if self.par is not None else bad is not None:
+        if self._any(bad is not None):
             where = f" ({bad})" if bad is not None else " (on another rank)"
             raise TrainingDiverged(f"{self.label}: the weights after step {self.step} are not finite{where}; "
                                    f"no checkpoint written; {self._kept()}")
@@ -334,9 +334,36 @@ class Trainer:
 
     # -------------------------------------------------------------- loop
     def fit(self, *, resume: bool = False, stop_at: Optional[int] = None) -> dict:
-        """Train to ``cfg.steps`` (or until ``stop_at``: checkpoint and return, as after Ctrl-C)."""
-        from tqdm.auto import tqdm
+        """Train to ``cfg.steps`` (or until ``stop_at``: checkpoint and return, as after Ctrl-C).
+        Returns the run's summary (``{"stopped_at": step}`` after ``stop_at``)."""
+        self._start(resume)
+        bar = self._progress_bar()
+        with _DeferredInterrupt() as interrupt:  # also covers the checkpoint written on the way out
+            try:
+                stopped = self._train_steps(bar, interrupt, stop_at)
+            except _HardInterrupt:
+                bar.close()
+                raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}",
+                                          interrupt.signum) from None
+            except KeyboardInterrupt:
+                bar.close()
+                self._save_interrupted(interrupt)
+            except TrainingDiverged:
+                bar.close()
+                raise
+            bar.close()
+            if stopped:
+                return {"stopped_at": self.step}
+            self.save(finished=True)
+            summary = self._summary()
+            if self._any(interrupt.requested):  # a signal after the last step
+                raise TrainingInterrupted(f"interrupted ({interrupt.name}) after {self.label} finished; "
+                                          f"its checkpoint is saved in {self.dir}", interrupt.signum)
+        return summary
 
+    def _start(self, resume: bool) -> None:
+        """The sub-run folder ready: a killed write's temporaries removed, the checkpoint loaded
+        (``resume``) or the metrics of an earlier attempt removed; the batch stream and timers set."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.main:  # writes a kill cut short before their rename (no other process writes here)
             for name in (CHECKPOINT, METRICS, SUMMARY):
@@ -345,113 +372,127 @@ class Trainer:
             self.resume()
         elif self.main:
             (self.dir / METRICS).unlink(missing_ok=True)
-        cfg, model, par = self.cfg, self.model, self.par
         # every rank draws the same global batch and keeps its slice: the run equals one process's
-        batches = random_batches(self.data.train_ids_N, cfg.seq_len, cfg.batch_size, self.gen)
+        self._batches = random_batches(self.data.train_ids_N, self.cfg.seq_len, self.cfg.batch_size, self.gen)
+        self._t_train, self._n_timed, self._last_eval = 0.0, 0, {}
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
+                    dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+
+    def _any(self, flag: bool) -> bool:
+        """``flag`` on any rank (one process: ``flag``)."""
+        return self.par.any(flag) if self.par is not None else bool(flag)
+
+    def _train_steps(self, bar, interrupt: "_DeferredInterrupt", stop_at: Optional[int]) -> bool:
+        """Steps until ``cfg.steps``; True when stopped at ``stop_at`` (checkpoint written)."""
+        cfg = self.cfg
+        self.model.train()
+        while self.step < cfg.steps:
+            if stop_at is not None and self.step >= stop_at:
+                self.save()
+                return True
+            lr = lr_at(self.step, cfg)
+            out, gnorm, dt = self._train_step(lr)
+            row = self._metrics(out, lr, gnorm, dt)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._last_eval = evaluate(self.model, self.data, cfg, self.device, parallel=self.par)
+                row.update(self._last_eval)
+            self._log(row)
+            bar.set_postfix(_postfix({**self._last_eval, **row}), refresh=False)
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+            if self._any(interrupt.requested):  # all ranks stop together
+                raise KeyboardInterrupt
+        return False
+
+    def _train_step(self, lr: float) -> tuple:
+        """One optimizer step on this rank's slice of the next global batch: (model output,
+        gradient norm before clipping, seconds)."""
+        cfg, par = self.cfg, self.par
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
         share = cfg.batch_size // (par.world_size if par else 1)
         lo = share * (par.rank if par else 0)
+        x, y = next(self._batches)
+        x, y = x[lo : lo + share], y[lo : lo + share]
         amp = autocast_dtype(cfg, self.device)
-        tokens_per_step = cfg.batch_size * cfg.seq_len
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            out = self.step_model(x.to(self.device), y.to(self.device))
+        loss = out.loss + out.aux_loss
+        loss.backward()  # under torchrun FSDP reduces the gradients here
         # without clipping, an infinite bound still returns the norm (to check and log) and leaves the gradients as they are
         clip = cfg.grad_clip or math.inf
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
-                   dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
-        t_train, n_timed = 0.0, 0
-        last_eval: dict = {}
-        with _DeferredInterrupt() as interrupt:  # also covers the checkpoint written on the way out
-            try:
-                model.train()
-                while self.step < cfg.steps:
-                    if stop_at is not None and self.step >= stop_at:
-                        self.save()
-                        bar.close()
-                        return {"stopped_at": self.step}
-                    t0 = time.perf_counter()
-                    lr = lr_at(self.step, cfg)
-                    for g in self.opt.param_groups:
-                        g["lr"] = lr
-                    x, y = next(batches)
-                    x, y = x[lo : lo + share], y[lo : lo + share]
-                    with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                        out = self.step_model(x.to(self.device), y.to(self.device))
-                    loss = out.loss + out.aux_loss
-                    loss.backward()
-                    if par is not None:  # FSDP reduced the gradients during backward
-                        gnorm = par.clip_grad_norm_(clip)
-                    else:
-                        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                    self._check_finite(loss.detach().item(), float(gnorm))
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    after_optimizer_step(model)
-                    self.step += 1
-                    loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
-                    dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
-                    dt = time.perf_counter() - t0
-                    t_train += dt
-                    n_timed += 1
-                    task_loss = out.loss.item() if par is None else par.mean(out.loss.item())
-                    row = {"step": self.step, "loss": task_loss, "aux_loss": out.aux_loss.item(), "lr": lr,
-                           "grad_norm": float(gnorm), "tokens_per_s": tokens_per_step / dt}
-                    if loads:
-                        row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        last_eval = evaluate(model, self.data, cfg, self.device, parallel=par)
-                        row.update(last_eval)
-                    self._log(row)
-                    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
-                    if loads:
-                        post["balance"] = f"{row['balance']:.2f}"
-                    if "val_loss" in last_eval:
-                        post["val"] = f"{last_eval['val_loss']:.3f}"
-                    bar.set_postfix(post, refresh=False)
-                    bar.update(1)
-                    if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                        self.save()
-                    if interrupt.requested if par is None else par.any(interrupt.requested):  # all ranks stop together
-                        raise KeyboardInterrupt
-            except _HardInterrupt:
-                bar.close()
-                raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}",
-                                          interrupt.signum) from None
-            except KeyboardInterrupt:
-                bar.close()
-                try:
-                    self.save()
-                except _HardInterrupt:  # a second signal while saving: the atomic write leaves the old file
-                    raise TrainingInterrupted(f"stopped at once while saving step {self.step}; {self._kept()}",
-                                              interrupt.signum) from None
-                raise TrainingInterrupted(f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}",
-                                          interrupt.signum) from None
-            except TrainingDiverged:
-                bar.close()
-                raise
-            bar.close()
-            self.save(finished=True)
-            if self.par is None:
-                counts = self.model.param_counts()
-            else:  # the sharded model holds only its experts: count the whole model, built without memory
-                with torch.device("meta"):
-                    counts = MoETransformer(self.model_cfg).param_counts()
-            summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
-                       "tokens_per_s": tokens_per_step * n_timed / t_train if t_train else None,
-                       **{k: v for k, v in (last_eval or evaluate(model, self.data, cfg, self.device, parallel=par)).items()
-                          if k.startswith("val_loss")},
-                       "state_bytes_per_rank": self._state_bytes()}
-            if self.main:
-                atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
-            if interrupt.requested if par is None else par.any(interrupt.requested):  # a signal after the last step
-                raise TrainingInterrupted(f"interrupted ({interrupt.name}) after {self.label} finished; "
-                                          f"its checkpoint is saved in {self.dir}", interrupt.signum)
+        gnorm = par.clip_grad_norm_(clip) if par is not None else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._check_finite(loss.detach().item(), float(gnorm))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        after_optimizer_step(self.model)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self._t_train += dt
+        self._n_timed += 1
+        return out, gnorm, dt
+
+    def _metrics(self, out, lr: float, gnorm, dt: float) -> dict:
+        """The metrics row of the step just taken (the task loss averaged over ranks)."""
+        loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
+        dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
+        task_loss = out.loss.item() if self.par is None else self.par.mean(out.loss.item())
+        row = {"step": self.step, "loss": task_loss, "aux_loss": out.aux_loss.item(), "lr": lr,
+               "grad_norm": float(gnorm), "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / dt}
+        if loads:
+            row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
+        return row
+
+    def _save_interrupted(self, interrupt: "_DeferredInterrupt") -> None:
+        """After Ctrl-C or SIGTERM: checkpoint, then raise TrainingInterrupted."""
+        try:
+            self.save()
+        except _HardInterrupt:  # a second signal while saving: the atomic write leaves the old file
+            raise TrainingInterrupted(f"stopped at once while saving step {self.step}; {self._kept()}",
+                                      interrupt.signum) from None
+        raise TrainingInterrupted(f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}",
+                                  interrupt.signum) from None
+
+    def _summary(self) -> dict:
+        """The finished sub-run's summary (written by the main rank to summary.json)."""
+        if self.par is None:
+            counts = self.model.param_counts()
+        else:  # the sharded model holds only its part: count the whole model, built without memory
+            with torch.device("meta"):
+                counts = MoETransformer(self.model_cfg).param_counts()
+        last_eval = self._last_eval or evaluate(self.model, self.data, self.cfg, self.device, parallel=self.par)
+        tokens_per_step = self.cfg.batch_size * self.cfg.seq_len
+        summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
+                   "tokens_per_s": tokens_per_step * self._n_timed / self._t_train if self._t_train else None,
+                   **{k: v for k, v in last_eval.items() if k.startswith("val_loss")},
+                   "state_bytes_per_rank": self._state_bytes()}
+        if self.main:
+            atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
     def _check_finite(self, loss: float, gnorm: float) -> None:
         """TrainingDiverged (on every rank) unless this step's loss and gradient norm are finite."""
         bad = [f"{what} is {v}" for what, v in (("the loss", loss), ("the gradient norm", gnorm)) if not math.isfinite(v)]
-        if self.par.any(bool(bad)) if self.par is not None else bad:
+        if self._any(bool(bad)):
             what = " and ".join(bad) if bad else "another rank's loss or gradient norm is not finite"
             raise TrainingDiverged(f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
                                    f"applying the step (lower train.lr or check the data); {self._kept()}")
+
+
+def _postfix(row: dict) -> dict:
+    """The progress bar's numbers for a metrics row."""
+    post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+    if "balance" in row:
+        post["balance"] = f"{row['balance']:.2f}"
+    if "val_loss" in row:
+        post["val"] = f"{row['val_loss']:.3f}"
+    return post
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
