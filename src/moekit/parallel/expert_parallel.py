@@ -531,6 +531,24 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         clip with ``handle.clip_grad_norm_``. Build the optimizer after this call. A model
         without MoE layers gets plain FSDP data parallelism.
     """
+    mesh = _checked_mesh(model, mesh, expert_parallel, statistics)
+    ep = mesh.size(1)
+    _agree_on_model(model, ep, statistics, sync_init)
+    handle = ExpertParallel(model, mesh, statistics)
+    on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                _check("initial broadcast", dist.broadcast, t.data, src=0)
+    moes = _moe_layers(model)
+    for name, moe in moes:
+        _make_expert_parallel(moe, name, handle)
+    _fully_shard(model, mesh, [m for _, m in moes], param_dtype)
+    return handle
+
+
+def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statistics: str):
+    """The (dp, ep) mesh to use, after every check that needs no communication."""
     ep = expert_parallel if mesh is None else mesh.size(1)
     if mesh is None and expert_parallel is None:
         raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
@@ -542,13 +560,18 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
     if mesh is None:
-        mesh = make_mesh(ep, _device_type(model))
-    elif tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
+        return make_mesh(ep, _device_type(model))
+    if tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
         raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
-    elif mesh.device_type == "meta":
+    if mesh.device_type == "meta":
         raise ValueError("mesh must be made for the device the parameters will live on ('cpu' or 'cuda'), not 'meta': "
                          "build the model on meta if you like, but make the mesh with make_mesh(n, 'cpu' or 'cuda')")
-    # first communication: every rank must hold the same model and layout
+    return mesh
+
+
+def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> None:
+    """The first communication: every rank must hold the same model and layout (else a clear
+    error on every rank, before any collective could hang on a difference)."""
     prints = [None] * dist.get_world_size()
     _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
     if len(set(prints)) > 1:
@@ -556,29 +579,24 @@ def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optio
         raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
                          f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
                          f"build the same model with the same settings on every rank")
-    handle = ExpertParallel(model, mesh, statistics)
-    on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-    if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                _check("initial broadcast", dist.broadcast, t.data, src=0)
+
+
+def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:
+    """One layer: its experts sharded over ``ep``, the all-to-all hooks on them, and the scope
+    through which its routing statistics span the ranks."""
     stats_group, stats_size = {
         "global": (dist.group.WORLD, handle.world_size),
         "expert": (handle.ep_group, handle.ep_size),
         "local": (None, 1),
-    }[statistics]
-    moes = _moe_layers(model)
-    for name, moe in moes:
-        E = moe.cfg.num_experts
-        El = E // ep
-        _shard_experts(moe.experts, mesh["ep"], handle.ep_rank * El, El)
-        moe.experts.num_experts = El
-        prefix = f"{name}.experts." if name else "experts."
-        handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
-        moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
-        ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
-    _fully_shard(model, mesh, [m for _, m in moes], param_dtype)
-    return handle
+    }[handle.statistics]
+    E = moe.cfg.num_experts
+    El = E // handle.ep_size
+    _shard_experts(moe.experts, handle.mesh["ep"], handle.ep_rank * El, El)
+    moe.experts.num_experts = El
+    prefix = f"{name}.experts." if name else "experts."
+    handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
+    moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
+    ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
 
 
 def _device_type(model: nn.Module) -> str:

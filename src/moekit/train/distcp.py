@@ -281,11 +281,8 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     e.g. a conversion); its ``expert_params`` are saved as expert-sharded DTensors over its
     ``mesh``. ``rng``: rank 0's generator states (the other ranks' are ignored). ``meta``: a
     JSON-able dict stored in ``moekit.json``. Atomic (see the module docstring)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-
     path = Path(path)
-    tmp, old = tmp_path(path), old_path(path)
+    tmp = tmp_path(path)
     rank, world = _rank_world(par)
     error = None
     if rank == 0:
@@ -296,15 +293,35 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
             error = f"cannot write the checkpoint {path}: {_one_line(err)}"
     _agree(par, error)  # also: nobody writes into tmp before rank 0 has emptied it
     state, opt_json = _save_state(model, optimizer, par, rng if rank == 0 else None)
+    md = _write_parts(path, state, par, rank)
+    parts = _gather_digests(par, _own_digests(path, md, rank), world)
+    error = next((p[2] for p in parts if p[2]), None)
+    if rank == 0 and error is None:
+        manifest = {"format": FORMAT, "version": VERSION, "meta": meta or {}, "world_size": world,
+                    "expert_parallel": getattr(par, "ep_size", 1), "optimizer": opt_json}
+        error = _publish(path, manifest, parts)
+    _agree(par, error if rank == 0 else None)
+
+
+def _write_parts(path: Path, state: dict, par, rank: int):
+    """DCP's save of this rank's part into ``path``'s temporary folder; returns DCP's metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
     try:
-        writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+        writer = FileSystemWriter(str(tmp_path(path)), single_file_per_rank=True, sync_files=True, thread_count=1,
+                                  overwrite=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            md = dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
+            return dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"writing the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
-    # every rank hashes the items it wrote (still in the page cache)
-    mine, files, error = {}, {}, None
+
+
+def _own_digests(path: Path, md, rank: int) -> tuple[dict, dict, Optional[str]]:
+    """(place and SHA-256 of every item this rank wrote, its files' sizes, error): hashed while
+    the bytes are still in the page cache."""
+    tmp, mine, files = tmp_path(path), {}, {}
     try:
         prefix = f"__{rank}_"
         for index, info in md.storage_data.items():
@@ -313,40 +330,46 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
                                           "sha256": _sha256_range(tmp / info.relative_path, info.offset, info.length)}
         files = {p.name: p.stat().st_size for p in tmp.glob(prefix + "*.distcp")}
     except OSError as err:
-        error = f"checkpoint {path}: rank {rank} cannot read back what it wrote ({_one_line(err)})"
-    if par is not None:
-        import torch.distributed as dist
+        return mine, files, f"checkpoint {path}: rank {rank} cannot read back what it wrote ({_one_line(err)})"
+    return mine, files, None
 
-        from ..parallel.expert_parallel import _check
 
-        parts = [None] * world
-        _check("checkpoint digests gather", dist.all_gather_object, parts, (mine, files, error))
-    else:
-        parts = [(mine, files, error)]
-    error = next((p[2] for p in parts if p[2]), None)
-    if rank == 0 and error is None:
-        try:
-            items, all_files = {}, {}
-            for m, f, _ in parts:
-                items.update(m)
-                all_files.update(f)
-            manifest = {"format": FORMAT, "version": VERSION, "meta": meta or {}, "world_size": world,
-                        "expert_parallel": getattr(par, "ep_size", 1), "optimizer": opt_json,
-                        "metadata_sha256": _sha256_range(tmp / METADATA, 0, (tmp / METADATA).stat().st_size),
-                        "files": dict(sorted(all_files.items())), "items": dict(sorted(items.items()))}
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            _fsync_dir(tmp)
-            # the swap: at every instant one complete checkpoint exists (see resolve)
-            if old.exists():
-                shutil.rmtree(old)
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        except (OSError, TypeError, ValueError) as err:
-            error = f"writing the checkpoint {path} failed on rank 0: {_one_line(err)}"
-    _agree(par, error if rank == 0 else None)
+def _gather_digests(par, own: tuple, world: int) -> list:
+    """Every rank's :func:`_own_digests` (one process: its own)."""
+    if par is None:
+        return [own]
+    import torch.distributed as dist
+
+    from ..parallel.expert_parallel import _check
+
+    parts = [None] * world
+    _check("checkpoint digests gather", dist.all_gather_object, parts, own)
+    return parts
+
+
+def _publish(path: Path, manifest: dict, parts: list) -> Optional[str]:
+    """Rank 0, once every rank has written: the manifest into the temporary folder, then the swap
+    (at every instant one complete checkpoint exists, see :func:`resolve`). Returns an error."""
+    tmp, old = tmp_path(path), old_path(path)
+    try:
+        items, all_files = {}, {}
+        for m, f, _ in parts:
+            items.update(m)
+            all_files.update(f)
+        manifest = {**manifest, "metadata_sha256": _sha256_range(tmp / METADATA, 0, (tmp / METADATA).stat().st_size),
+                    "files": dict(sorted(all_files.items())), "items": dict(sorted(items.items()))}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, TypeError, ValueError) as err:
+        return f"writing the checkpoint {path} failed on rank 0: {_one_line(err)}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- checks
