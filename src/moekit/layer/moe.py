@@ -11,7 +11,6 @@ K slots per token, R rows handed to the experts.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import warnings
@@ -20,23 +19,16 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import MoEConfig
+from ..config import MoEConfig, check_positive, check_router_top_k
 from ..kernels import compute_dtype, resolve_backend
 from ..kernels.slots import SMALL_SLOTS
 from . import losses as L
+from .losses import LOSS_WEIGHTS
 from .dispatch import apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
 from .scope import LOCAL_SCOPE, LocalScope
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
 
-LOSS_WEIGHTS = {
-    "balance": "balance_loss_weight",
-    "sq_load": "sq_load_loss_weight",
-    "importance": "importance_loss_weight",
-    "load": "load_loss_weight",
-    "z": "z_loss_weight",
-    "entropy": "entropy_loss_weight",
-}
 
 
 class MoEOutput:
@@ -263,8 +255,7 @@ class MoE(nn.Module):
         """A batch with no tokens: an empty output, zero losses (no NaN from averaging nothing)."""
         E = self.cfg.num_experts
         zero = x.new_zeros((), dtype=torch.float32)
-        names = ["balance", "sq_load", "importance", "entropy"] + (["z"] if self.router.learned else [])
-        names += ["load"] if self.cfg.router == "noisy_topk" else []
+        names = L.loss_names(self.router.learned, smooth_load=self.cfg.router == "noisy_topk")
         stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device), "dropped_fraction": zero,
                  "router_entropy": zero, "expert_usage": self.expert_usage.clone()}
         return MoEOutput(x * 0, zero, {n: zero for n in names}, stats)  # x * 0 keeps x's graph for backward
@@ -283,15 +274,13 @@ class MoE(nn.Module):
     def _check_top_k(self, top_k: Optional[int]) -> int:
         if top_k is None:
             top_k = self.cfg.top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        check_positive("top_k", top_k, integer=True)
         if self.cfg.router == "expert_choice":
             return top_k
         enabled = self.cfg.num_experts - self.router.num_disabled
         if top_k > enabled:
             raise ValueError(f"top_k must be <= the number of enabled experts ({enabled}); got {top_k}")
-        if self.cfg.router == "switch" and top_k != 1:
-            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {top_k}")
+        check_router_top_k(self.cfg.router, top_k)
         return top_k
 
     def _capacity_factor(self, override) -> Optional[float]:
@@ -299,13 +288,11 @@ class MoE(nn.Module):
             raise ValueError("capacity_factor cannot be overridden per call for router 'expert_choice': its capacity "
                              "comes from cfg.capacity_factor, or from top_k when that is None (pass top_k=...)")
         if override is not _UNSET:
-            if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float))
-                                         or not override > 0 or not math.isfinite(override)):
-                raise ValueError(f"capacity_factor must be a finite positive number or None; got {override!r}")
+            check_positive("capacity_factor", override, allow_none=True)
             return override
-        if not self.training and self.cfg.eval_capacity_factor is not None:
-            return self.cfg.eval_capacity_factor
-        return self.cfg.capacity_factor if self.cfg.router != "expert_choice" else None
+        if self.cfg.router == "expert_choice":  # its router sizes the capacity (ExpertChoiceRouter)
+            return None
+        return self.cfg.capacity_factor_for(self.training)
 
     def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
@@ -432,8 +419,7 @@ class MoE(nn.Module):
         """Grow the layer by ``n`` experts: fresh ones, or copies of ``copy_from`` (one index, or
         one per new expert) with their router rows copied. Parameters are replaced, so build
         the optimizer afterwards."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"n must be a positive integer; got {n!r}")
+        check_positive("n", n, integer=True)
         experts = self._require_grouped("add_experts")
         old_E, new_E = self.cfg.num_experts, self.cfg.num_experts + n
         src = None
