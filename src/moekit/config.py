@@ -303,6 +303,89 @@ class MoEConfig(_DictMixin):
         return self.capacity_factor
 
 
+def config_from_args(config_cls: type, cfg: Any, args: tuple, kwargs: dict) -> Any:
+    """The config of a layer built as ``Layer(cfg)``, ``Layer(cfg=cfg)`` or ``Layer(field=value, ...)``
+    (the config's fields as arguments, positional ones in field order)."""
+    if cfg is None and args and isinstance(args[0], config_cls):
+        cfg, args = args[0], args[1:]
+    if cfg is None:
+        return config_cls(*args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"give either cfg or the {config_cls.__name__} fields as arguments, not both")
+    if not isinstance(cfg, config_cls):
+        raise TypeError(f"cfg must be a {config_cls.__name__}; got {type(cfg).__name__}")
+    return cfg
+
+
+@dataclass
+class SoftMoEConfig(_DictMixin):
+    """A Soft MoE layer (Puigcerver et al. 2023): every expert gets slots that mix all tokens."""
+
+    dim: int  # model width D
+    hidden_dim: int  # width F of each expert's hidden layer
+    num_experts: int  # experts E
+    slots_per_expert: int = 1  # slots S per expert (the paper uses 1 or a few; M = E*S slots per sequence)
+    expert: str = "swiglu"  # expert FFN: "swiglu", "geglu", "gelu", "relu"
+    normalize: bool = True  # L2-normalise tokens and slot parameters, with a learned scale (the paper's recipe at large D); False: raw x @ Phi
+    backend: str = "auto"  # expert compute: "auto", "loop", "grouped", "triton"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("dim", "hidden_dim", "num_experts", "slots_per_expert"):
+            check_positive(name, getattr(self, name), integer=True)
+        check_choice("expert", self.expert, EXPERT_KINDS)
+        check_choice("backend", self.backend, BACKENDS)
+
+
+@dataclass
+class HierarchicalMoEConfig(_DictMixin):
+    """A two-level MoE layer (Shazeer et al. 2017, appendix B): a primary gate picks groups, each
+    chosen group's gate picks its experts."""
+
+    dim: int  # model width D
+    hidden_dim: int  # width F of each expert's hidden layer
+    num_groups: int  # groups G (the primary gate's choices)
+    experts_per_group: int  # experts Eg per group
+    top_k_groups: int = 1  # groups per token Kg
+    top_k_experts: int = 2  # experts per chosen group Ke
+    expert: str = "swiglu"  # expert FFN: "swiglu", "geglu", "gelu", "relu"
+    importance_loss_weight: float = 1e-2  # CV^2 importance losses at both levels (Shazeer et al. 2017)
+    balance_loss_weight: float = 1e-2  # balance losses at both levels (Switch, Fedus et al. 2021)
+    renormalize: bool = True  # weights renormalised over the kept top-k at each level (the paper); False: raw softmax probs (use it when a level keeps 1)
+    backend: str = "auto"  # expert compute: "auto", "loop", "grouped", "triton"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("dim", "hidden_dim", "num_groups", "experts_per_group", "top_k_groups", "top_k_experts"):
+            check_positive(name, getattr(self, name), integer=True)
+        if self.top_k_groups > self.num_groups:
+            raise ValueError(f"top_k_groups must be <= num_groups ({self.num_groups}); got {self.top_k_groups}")
+        if self.top_k_experts > self.experts_per_group:
+            raise ValueError(f"top_k_experts must be <= experts_per_group ({self.experts_per_group}); got {self.top_k_experts}")
+        check_choice("expert", self.expert, EXPERT_KINDS)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("importance_loss_weight", "balance_loss_weight"):
+            check_nonneg(name, getattr(self, name), finite=True)
+
+
+@dataclass
+class MultiGateMoEConfig(_DictMixin):
+    """A multi-gate MoE for multi-task learning (MMoE, Ma et al. 2018): shared experts, a gate and a tower per task."""
+
+    in_dim: int  # input width I
+    expert_dim: int  # each expert's output width H (one ReLU layer, as in the paper)
+    num_experts: int  # experts E
+    num_tasks: int  # tasks T
+    tower_hidden: int  # hidden width of each task's tower (one ReLU layer, then a linear output)
+    out_dim: int = 1  # outputs per task O (1 for the paper's regressions)
+    shared_gate: bool = False  # one gate for all tasks (the paper's OMoE baseline)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("in_dim", "expert_dim", "num_experts", "num_tasks", "tower_hidden", "out_dim"):
+            check_positive(name, getattr(self, name), integer=True)
+
+
 @dataclass
 class LMConfig(_DictMixin):
     """A MoE (or dense) decoder-only language model."""
