@@ -19,12 +19,17 @@ OVERFLOW_POLICIES = ("drop", "reroute")
 CAPACITY_PRIORITIES = ("order", "score")
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
+# The argument checks of the whole package (configs, layers, per-call arguments): each error names
+# the argument and what was expected.
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_positive(name: str, value: Any, *, allow_none: bool = False, integer: bool = False) -> None:
+def check_positive(name: str, value: Any, *, allow_none: bool = False, integer: bool = False) -> None:
+    """ValueError unless ``value`` is a positive integer (``integer=True``) or a finite positive
+    number (bools are not numbers here), or None when ``allow_none``."""
     if value is None and allow_none:
         return
     kind = int if integer else (int, float)
@@ -33,9 +38,18 @@ def _check_positive(name: str, value: Any, *, allow_none: bool = False, integer:
         raise ValueError(f"{name} must be {what}{' or None' if allow_none else ''}; got {value!r}")
 
 
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value):
-        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+def check_nonneg(name: str, value: Any, *, finite: bool = False) -> None:
+    """ValueError unless ``value`` is a number >= 0 (not NaN; not infinite either when ``finite``)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value)
+            or (finite and not math.isfinite(value))):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number >= 0; got {value!r}")
+
+
+def check_router_top_k(router: str, top_k: int) -> None:
+    """The one rule tying k to a router, for the config and for a per-call ``top_k``: "switch"
+    routes each token to one expert (Switch, Fedus et al. 2021)."""
+    if router == "switch" and top_k != 1:
+        raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {top_k}")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -234,30 +248,30 @@ class MoEConfig(_DictMixin):
 
     def __post_init__(self) -> None:
         self._check_types()
-        _check_positive("dim", self.dim, integer=True)
-        _check_positive("hidden_dim", self.hidden_dim, integer=True)
-        _check_positive("num_experts", self.num_experts, integer=True)
-        _check_positive("top_k", self.top_k, integer=True)
+        check_positive("dim", self.dim, integer=True)
+        check_positive("hidden_dim", self.hidden_dim, integer=True)
+        check_positive("num_experts", self.num_experts, integer=True)
+        check_positive("top_k", self.top_k, integer=True)
         if self.router != "expert_choice" and self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}); got {self.top_k}")
-        _check_choice("expert", self.expert, EXPERT_KINDS)
-        _check_choice("router", self.router, ROUTER_KINDS)
-        _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
-        _check_choice("capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
-        _check_choice("second_expert_policy", self.second_expert_policy, ("random", "all"))
-        _check_choice("router_dtype", self.router_dtype, ("float32", "float64", "same"))
-        _check_positive("capacity_factor", self.capacity_factor, allow_none=True)
-        _check_positive("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
-        _check_positive("min_capacity", self.min_capacity, integer=True)
-        _check_positive("shared_hidden_dim", self.shared_hidden_dim, allow_none=True, integer=True)
-        _check_positive("routed_scaling_factor", self.routed_scaling_factor)
-        _check_positive("revive_after", self.revive_after, allow_none=True, integer=True)
+        check_choice("expert", self.expert, EXPERT_KINDS)
+        check_choice("router", self.router, ROUTER_KINDS)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        check_choice("capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
+        check_choice("second_expert_policy", self.second_expert_policy, ("random", "all"))
+        check_choice("router_dtype", self.router_dtype, ("float32", "float64", "same"))
+        check_positive("capacity_factor", self.capacity_factor, allow_none=True)
+        check_positive("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
+        check_positive("min_capacity", self.min_capacity, integer=True)
+        check_positive("shared_hidden_dim", self.shared_hidden_dim, allow_none=True, integer=True)
+        check_positive("routed_scaling_factor", self.routed_scaling_factor)
+        check_positive("revive_after", self.revive_after, allow_none=True, integer=True)
         if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
         for name in ("router_jitter", "noise_eps", "bias_update_rate", "revive_noise", "balance_loss_weight",
                      "sq_load_loss_weight", "importance_loss_weight", "load_loss_weight", "z_loss_weight"):
-            _check_nonneg(name, getattr(self, name))
+            check_nonneg(name, getattr(self, name))
         if not 0.0 <= self.usage_decay < 1.0:
             raise ValueError(f"usage_decay must be in [0, 1); got {self.usage_decay!r}")
         if self.router_jitter >= 1.0:
@@ -267,21 +281,109 @@ class MoEConfig(_DictMixin):
         if self.num_groups is not None:
             if self.router != "sigmoid" and self.router != "topk":
                 raise ValueError(f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}")
-            _check_positive("num_groups", self.num_groups, integer=True)
-            _check_positive("topk_groups", self.topk_groups, integer=True)
+            check_positive("num_groups", self.num_groups, integer=True)
+            check_positive("topk_groups", self.topk_groups, integer=True)
             if self.num_experts % self.num_groups:
                 raise ValueError(f"num_groups must divide num_experts ({self.num_experts}); got {self.num_groups}")
             if self.topk_groups > self.num_groups:
                 raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}); got {self.topk_groups}")
             if self.topk_groups * (self.num_experts // self.num_groups) < self.top_k:
                 raise ValueError("topk_groups * experts-per-group must be >= top_k so that top_k experts can be chosen")
-        if self.router == "switch" and self.top_k != 1:
-            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {self.top_k}")
+        check_router_top_k(self.router, self.top_k)
         if self.router == "random" and self.top_k < 2:
             raise ValueError("router 'random' (GShard) drops later experts at random: it needs top_k >= 2")
         if self.overflow == "reroute" and self.router in ("expert_choice", "hash"):
             raise ValueError(f"overflow='reroute' needs a token-choice router with scores; got router {self.router!r}")
 
+    def capacity_factor_for(self, training: bool) -> Optional[float]:
+        """The configured capacity factor in training or in eval mode: ``eval_capacity_factor`` in
+        eval mode when it is set, else ``capacity_factor`` (None = dropless)."""
+        if not training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+
+def config_from_args(config_cls: type, cfg: Any, args: tuple, kwargs: dict) -> Any:
+    """The config of a layer built as ``Layer(cfg)``, ``Layer(cfg=cfg)`` or ``Layer(field=value, ...)``
+    (the config's fields as arguments, positional ones in field order)."""
+    if cfg is None and args and isinstance(args[0], config_cls):
+        cfg, args = args[0], args[1:]
+    if cfg is None:
+        return config_cls(*args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"give either cfg or the {config_cls.__name__} fields as arguments, not both")
+    if not isinstance(cfg, config_cls):
+        raise TypeError(f"cfg must be a {config_cls.__name__}; got {type(cfg).__name__}")
+    return cfg
+
+
+@dataclass
+class SoftMoEConfig(_DictMixin):
+    """A Soft MoE layer (Puigcerver et al. 2023): every expert gets slots that mix all tokens."""
+
+    dim: int  # model width D
+    hidden_dim: int  # width F of each expert's hidden layer
+    num_experts: int  # experts E
+    slots_per_expert: int = 1  # slots S per expert (the paper uses 1 or a few; M = E*S slots per sequence)
+    expert: str = "swiglu"  # expert FFN: "swiglu", "geglu", "gelu", "relu"
+    normalize: bool = True  # L2-normalise tokens and slot parameters, with a learned scale (the paper's recipe at large D); False: raw x @ Phi
+    backend: str = "auto"  # expert compute: "auto", "loop", "grouped", "triton"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("dim", "hidden_dim", "num_experts", "slots_per_expert"):
+            check_positive(name, getattr(self, name), integer=True)
+        check_choice("expert", self.expert, EXPERT_KINDS)
+        check_choice("backend", self.backend, BACKENDS)
+
+
+@dataclass
+class HierarchicalMoEConfig(_DictMixin):
+    """A two-level MoE layer (Shazeer et al. 2017, appendix B): a primary gate picks groups, each
+    chosen group's gate picks its experts."""
+
+    dim: int  # model width D
+    hidden_dim: int  # width F of each expert's hidden layer
+    num_groups: int  # groups G (the primary gate's choices)
+    experts_per_group: int  # experts Eg per group
+    top_k_groups: int = 1  # groups per token Kg
+    top_k_experts: int = 2  # experts per chosen group Ke
+    expert: str = "swiglu"  # expert FFN: "swiglu", "geglu", "gelu", "relu"
+    importance_loss_weight: float = 1e-2  # CV^2 importance losses at both levels (Shazeer et al. 2017)
+    balance_loss_weight: float = 1e-2  # balance losses at both levels (Switch, Fedus et al. 2021)
+    renormalize: bool = True  # weights renormalised over the kept top-k at each level (the paper); False: raw softmax probs (use it when a level keeps 1)
+    backend: str = "auto"  # expert compute: "auto", "loop", "grouped", "triton"
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("dim", "hidden_dim", "num_groups", "experts_per_group", "top_k_groups", "top_k_experts"):
+            check_positive(name, getattr(self, name), integer=True)
+        if self.top_k_groups > self.num_groups:
+            raise ValueError(f"top_k_groups must be <= num_groups ({self.num_groups}); got {self.top_k_groups}")
+        if self.top_k_experts > self.experts_per_group:
+            raise ValueError(f"top_k_experts must be <= experts_per_group ({self.experts_per_group}); got {self.top_k_experts}")
+        check_choice("expert", self.expert, EXPERT_KINDS)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("importance_loss_weight", "balance_loss_weight"):
+            check_nonneg(name, getattr(self, name), finite=True)
+
+
+@dataclass
+class MultiGateMoEConfig(_DictMixin):
+    """A multi-gate MoE for multi-task learning (MMoE, Ma et al. 2018): shared experts, a gate and a tower per task."""
+
+    in_dim: int  # input width I
+    expert_dim: int  # each expert's output width H (one ReLU layer, as in the paper)
+    num_experts: int  # experts E
+    num_tasks: int  # tasks T
+    tower_hidden: int  # hidden width of each task's tower (one ReLU layer, then a linear output)
+    out_dim: int = 1  # outputs per task O (1 for the paper's regressions)
+    shared_gate: bool = False  # one gate for all tasks (the paper's OMoE baseline)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("in_dim", "expert_dim", "num_experts", "num_tasks", "tower_hidden", "out_dim"):
+            check_positive(name, getattr(self, name), integer=True)
 
 
 @dataclass
@@ -312,9 +414,7 @@ class LMConfig(_DictMixin):
             self.moe = MoEConfig.from_dict(self.moe)
         self._check_types()
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden_dim", "moe_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
+            check_positive(name, getattr(self, name), integer=True)
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads must divide dim ({self.dim}); got {self.n_heads}")
         kv = self.n_kv_heads or self.n_heads
@@ -322,8 +422,8 @@ class LMConfig(_DictMixin):
             raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}); got {kv}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}")
-        _check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
-        _check_choice("balance_pooling", self.balance_pooling, ("layer", "model"))
+        check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
+        check_choice("balance_pooling", self.balance_pooling, ("layer", "model"))
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
 
@@ -375,12 +475,12 @@ class TrainConfig(_DictMixin):
         self._check_types()
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size",
                      "expert_parallel"):
-            _check_positive(name, getattr(self, name), integer=True)
-        _check_positive("lr", self.lr)
-        _check_positive("dist_timeout_s", self.dist_timeout_s)
-        _check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
-        _check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+            check_positive(name, getattr(self, name), integer=True)
+        check_positive("lr", self.lr)
+        check_positive("dist_timeout_s", self.dist_timeout_s)
+        check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
+        check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
         check_device("device", self.device)
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
-            _check_nonneg(name, getattr(self, name))
+            check_nonneg(name, getattr(self, name))
 

@@ -163,7 +163,17 @@ class _BaseMixture(BaseEstimator):
             The fitted estimator.
         """
         n_groups, n_per_group, templates, gate, stacker = self._validated_setup()
-        n_leaves = n_groups * n_per_group
+        X, y, w = self._validated_fit_data(X, y, sample_weight, n_groups * n_per_group)
+        rng = check_random_state(self.random_state)
+        best = self._best_run(X, y, w, templates, gate, n_groups, n_per_group, rng)
+        self._store_run(best, n_groups * n_per_group)
+        if self.pooling == "stacking":
+            self._fit_stacker(X, y, w, templates, gate, stacker, n_groups, n_per_group, rng)
+        return self
+
+    def _validated_fit_data(self, X: Any, y: Any, sample_weight: Any, n_leaves: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(X, y, w)`` checked for fitting ``n_leaves`` experts; sets ``classes_`` (classification)
+        and the variance floor (regression: ``variance_floor`` times the weighted variance of y)."""
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=self._task == "regression")
         if self._task == "classification":
             check_classification_targets(y)
@@ -180,9 +190,13 @@ class _BaseMixture(BaseEstimator):
         if self._task == "regression":
             var_y = float(np.average((y - np.average(y, weights=w)) ** 2, weights=w))
             self._var_floor = self.variance_floor * (var_y if var_y > 0 else 1.0)
-        classes = self.classes_ if self._task == "classification" else None
+        return X, y, w
 
-        rng = check_random_state(self.random_state)
+    def _best_run(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, templates: list[Any], gate: Any,
+                  n_groups: int, n_per_group: int, rng: np.random.RandomState) -> Any:
+        """The EM / hard-assignment / gradient run (:func:`run_method`) with the highest final
+        log-likelihood over ``n_init`` initialisations, each seeded from ``rng``."""
+        classes = self.classes_ if self._task == "classification" else None
         best = None
         for _ in range(self.n_init):
             seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -201,12 +215,17 @@ class _BaseMixture(BaseEstimator):
             if best is None or res.history[-1] > best.history[-1]:
                 best = res
         assert best is not None
+        return best
+
+    def _store_run(self, best: Any, n_leaves: int) -> None:
+        """Keep the chosen run's experts and gating and set the fitted attributes; a
+        ``ConvergenceWarning`` (pointing at the caller of ``fit``) when it did not converge."""
         if not best.converged:
             warnings.warn(
                 f"{type(self).__name__} did not converge in max_iter={self.max_iter} "
                 f"iterations (method={self.method!r}); increase max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         self._expert_set = best.experts
         self._gating = best.gating
@@ -219,24 +238,29 @@ class _BaseMixture(BaseEstimator):
         self._set_gate_attributes()
         if self._task == "regression":
             self.expert_std_ = np.sqrt(best.experts.var_)
-        if self.pooling == "stacking":
-            R = responsibilities(self._joint(X, y))
-            if self.method != "em":  # hard methods train experts on disjoint subsets
-                R = one_hot(np.argmax(R, axis=1), n_leaves)
-            seed = int(rng.randint(np.iinfo(np.int32).max))
-            self.stacker_ = fit_stacker(
-                stacker,
-                self._task,
-                X,
-                y,
-                w,
-                R,
-                lambda: self._new_experts(templates, seed),
-                lambda: Gating(gate, n_groups, n_per_group, seed),
-                self.stacking_cv,
-                seed,
-            )
-        return self
+
+    def _fit_stacker(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, templates: list[Any], gate: Any, stacker: Any,
+                     n_groups: int, n_per_group: int, rng: np.random.RandomState) -> None:
+        """``pooling="stacking"``: fit ``stacker_`` on cross-validated expert outputs, with the
+        fitted mixture's responsibilities (one-hot for the hard methods, whose experts train on
+        disjoint subsets)."""
+        n_leaves = n_groups * n_per_group
+        R = responsibilities(self._joint(X, y))
+        if self.method != "em":
+            R = one_hot(np.argmax(R, axis=1), n_leaves)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        self.stacker_ = fit_stacker(
+            stacker,
+            self._task,
+            X,
+            y,
+            w,
+            R,
+            lambda: self._new_experts(templates, seed),
+            lambda: Gating(gate, n_groups, n_per_group, seed),
+            self.stacking_cv,
+            seed,
+        )
 
     def _set_gate_attributes(self) -> None:
         self.gate_ = self._gating.groups_[0]

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
-from ..kernels import compute_dtype, expert_ffn, resolve_backend
-from ..layer.dispatch import dispatch, plan_dispatch
-from ..layer.experts import ACTIVATIONS
+from ..kernels import compute_dtype, resolve_backend
+from ..layer.dispatch import dispatch, plan_dispatch, undispatch
+from ..layer.experts import ACTIVATIONS, stacked_ffn
 from ..models.lm import MoETransformer
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -488,20 +488,17 @@ class SharedWeightExperts(nn.Module):
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         if backend == "triton" and self.kind is None:  # reached through "auto": the kernels have no such activation
             backend = "grouped"
-        w_up, w_down = self.w_up, self.w_down
-        if w_up.dtype != x_RD.dtype:
-            w_up, w_down = w_up.to(x_RD.dtype), w_down.to(x_RD.dtype)
-        return expert_ffn(x_RD, counts_E, w_up, w_down, self.act, backend)
+        return stacked_ffn(x_RD, counts_E, self.w_up, self.w_down, self.act, backend)
 
 
-def _combine_as_transformers(y_RD: Tensor, plan, weights_TK: Tensor, experts_TK: Tensor, dtype: torch.dtype) -> Tensor:
-    """``out_TD = sum_k w[t, k] * y[slot (t, k)]`` in transformers' eager order of operations, so
-    that bf16 outputs agree bit for bit: each slot's product is taken in the routing weights' own
-    dtype promotion (Mixtral's router returns fp32 weights, the Qwen/OLMoE routers cast them to the
-    hidden dtype), rounded to the hidden dtype, and a token's slots are added one at a time in
-    ascending expert id, as transformers' per-expert ``index_add_`` loop does."""
-    T, K = plan.num_tokens, plan.top_k
-    y_TKD = y_RD[plan.inverse_S].view(T, K, -1)  # slot order (dropless: every slot has a row)
+def _sum_as_transformers(y_TKD: Tensor, weights_TK: Tensor, experts_TK: Tensor, dtype: torch.dtype) -> Tensor:
+    """``out_TD = sum_k w[t, k] * y_TKD[t, k]`` in transformers' eager order of operations (moekit's
+    :func:`~moekit.layer.dispatch.combine` sums in one op), so that bf16 outputs agree bit for bit:
+    each slot's product is taken in the routing weights' own dtype promotion (Mixtral's router
+    returns fp32 weights, the Qwen/OLMoE routers cast them to the hidden dtype), rounded to the
+    hidden dtype, and a token's slots are added one at a time in ascending expert id, as
+    transformers' per-expert ``index_add_`` loop does."""
+    K = y_TKD.shape[1]
     c_TKD = (y_TKD * weights_TK.unsqueeze(-1)).to(dtype)
     if K > 1:
         by_expert_TK = experts_TK.argsort(dim=-1, stable=True)
@@ -561,7 +558,7 @@ class AcceleratedMoEBlock(nn.Module):
         _, weights_TK, experts_TK = self.gate(x_TD)
         plan = plan_dispatch(experts_TK, self.num_experts)
         y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD)))
-        out_TD = _combine_as_transformers(y_RD, plan, weights_TK, experts_TK, x_TD.dtype)
+        out_TD = _sum_as_transformers(undispatch(y_RD, plan), weights_TK, experts_TK, x_TD.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:

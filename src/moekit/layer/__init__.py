@@ -1,5 +1,5 @@
 """The MoE layer, one module per stage of the data path."""
-from .dispatch import DispatchPlan, apply_capacity, combine, dispatch, expert_capacity, plan_dispatch
+from .dispatch import DispatchPlan, apply_capacity, combine, dispatch, expert_capacity, plan_dispatch, undispatch
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .moe import MoE, MoEFeedForward, MoEOutput, after_optimizer_step, aux_loss
 from .router import ROUTERS, Router, Routing, build_router
@@ -8,5 +8,5 @@ from .multigate import MultiGateMoE, MultiGateOutput
 from .soft import SoftMoE, SoftMoEOutput
 
 __all__ = ["MoE", "MoEOutput", "MoEFeedForward", "aux_loss", "after_optimizer_step", "Router", "Routing", "ROUTERS", "build_router", "FeedForward", "GroupedExperts",
-           "ModuleListExperts", "DispatchPlan", "plan_dispatch", "dispatch", "combine", "apply_capacity", "expert_capacity",
+           "ModuleListExperts", "DispatchPlan", "plan_dispatch", "dispatch", "combine", "undispatch", "apply_capacity", "expert_capacity",
            "SoftMoE", "SoftMoEOutput", "MultiGateMoE", "MultiGateOutput", "HierarchicalMoE"]

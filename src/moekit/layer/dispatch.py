@@ -216,11 +216,17 @@ def dispatch(x_TD: Tensor, plan: DispatchPlan) -> Tensor:
 
 def combine(y_RD: Tensor, plan: DispatchPlan, weights_TK: Tensor) -> Tensor:
     """``out_TD = sum_k weights_TK[t, k] * y[slot (t, k)]``; empty slots contribute zero."""
+    y_TKD = undispatch(y_RD, plan)
+    return weighted_sum(weights_TK.to(y_TKD.dtype), y_TKD)
+
+
+def undispatch(y_RD: Tensor, plan: DispatchPlan) -> Tensor:
+    """The experts' rows back in slot order, ``y_TKD``; empty slots are zero. The first half of
+    :func:`combine`, for a caller that sums the slots its own way."""
     T, K = plan.num_tokens, plan.top_k
     if plan.has_empty:
         y_RD = torch.where(plan.valid_R()[:, None], y_RD, 0)
-    y_TKD = _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
-    return weighted_sum(weights_TK.to(y_TKD.dtype), y_TKD)
+    return _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
 
 
 def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:

@@ -44,6 +44,19 @@ def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
     return nn.init.uniform_(w, -bound, bound)
 
 
+def stacked_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor],
+                backend: str) -> Tensor:
+    """Stacked expert FFNs ``act(x @ w_up[e]) @ w_down[e]`` on rows in expert order, by the named
+    concrete backend, with the weights in the rows' dtype (under autocast the rows arrive in bf16).
+    The one expert call of :class:`GroupedExperts` and of experts on borrowed weights
+    (``moekit.interop``)."""
+    if backend == "triton":  # Triton kernels are not autocast-aware: cast as a matmul would be
+        x_RD = x_RD.to(compute_dtype(x_RD))
+    if w_up_EDH.dtype != x_RD.dtype:
+        w_up_EDH, w_down_EFD = w_up_EDH.to(x_RD.dtype), w_down_EFD.to(x_RD.dtype)
+    return expert_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act, backend)
+
+
 class FeedForward(nn.Module):
     """A dense FFN ``act(x @ w_up) @ w_down``; gated kinds keep [gate | up] in ``w_up``."""
 
@@ -74,17 +87,19 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(_init_uniform_(torch.empty(num_experts, hidden_dim, dim), hidden_dim))
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
-        if backend == "triton":  # Triton kernels are not autocast-aware: cast as a matmul would be
-            x_RD = x_RD.to(compute_dtype(x_RD))
-        return expert_ffn(x_RD, counts_E, *self._weights_like(x_RD), ACTIVATIONS[self.kind], backend)
+        return stacked_ffn(x_RD, counts_E, *self._local_weights(), ACTIVATIONS[self.kind], backend)
+
+    def _local_weights(self) -> tuple[Tensor, Tensor]:
+        """``(w_up, w_down)``. Under expert parallelism the weights are DTensors sharded on the
+        expert dimension: this rank's experts are their local part (its rows arrive already
+        grouped by local expert)."""
+        if isinstance(self.w_up, DTensor):
+            return self.w_up.to_local(), self.w_down.to_local()
+        return self.w_up, self.w_down
 
     def _weights_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16). Under
-        expert parallelism the weights are DTensors sharded on the expert dimension: this rank's
-        experts are their local part (its rows arrive already grouped by local expert)."""
-        w_up, w_down = self.w_up, self.w_down
-        if isinstance(w_up, DTensor):
-            w_up, w_down = w_up.to_local(), w_down.to_local()
+        """This rank's ``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16)."""
+        w_up, w_down = self._local_weights()
         if w_up.dtype == x.dtype:
             return w_up, w_down
         return w_up.to(x.dtype), w_down.to(x.dtype)
@@ -178,4 +193,4 @@ class ModuleListExperts(nn.Module):
         return per_expert(x_RD, counts_E, lambda e, rows: self.experts[e](rows), self.dim)
 
 
-__all__ = ["ACTIVATIONS", "GATED", "FeedForward", "GroupedExperts", "ModuleListExperts"]
+__all__ = ["ACTIVATIONS", "GATED", "FeedForward", "GroupedExperts", "ModuleListExperts", "stacked_ffn"]

@@ -28,16 +28,16 @@ Kg groups per token, Ke experts per chosen group, K = Kg*Ke slots per token.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..config import HierarchicalMoEConfig, config_from_args
 from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from .dispatch import combine, dispatch, plan_dispatch
-from .experts import ACTIVATIONS, GroupedExperts, ModuleListExperts
+from .experts import GroupedExperts, ModuleListExperts
 from .moe import MoEOutput
 
 
@@ -53,20 +53,14 @@ class HierarchicalMoE(nn.Module):
     """A two-level MoE layer mapping (..., D) -> (..., D).
 
     Args:
-        dim: model width D.
-        hidden_dim: each expert's hidden width F.
-        num_groups: groups G (primary gate's choices).
-        experts_per_group: experts Eg per group.
-        top_k_groups: groups per token Kg.
-        top_k_experts: experts per chosen group Ke.
-        expert: expert FFN kind.
-        importance_loss_weight, balance_loss_weight: weights of the importance (CV^2) and balance
-            losses, applied at both levels.
+        cfg: the layer's :class:`~moekit.config.HierarchicalMoEConfig`; or, instead, its fields as
+            arguments: ``dim``, ``hidden_dim``, ``num_groups`` (G), ``experts_per_group`` (Eg),
+            ``top_k_groups`` (Kg, 1), ``top_k_experts`` (Ke, 2), ``expert`` ("swiglu"),
+            ``importance_loss_weight`` and ``balance_loss_weight`` (1e-2 each, applied at both
+            levels), ``renormalize`` (True, the paper; False: raw softmax probabilities, for a level
+            that keeps only 1 choice), ``backend`` ("auto").
         experts: optional list of G*Eg modules (N, D) -> (N, D) replacing the stacked FFNs;
-            expert (g, j) is ``experts[g * Eg + j]``.
-        renormalize: weights renormalised over the kept top-k at each level (True, the paper) or
-            the raw softmax probabilities (False; use it when a level keeps only 1 choice).
-        backend: expert compute backend.
+            expert (g, j) is ``experts[g * Eg + j]`` (keyword only).
 
     Example::
 
@@ -76,37 +70,23 @@ class HierarchicalMoE(nn.Module):
         loss = task_loss(res.out) + res.aux_loss
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_groups: int, experts_per_group: int, top_k_groups: int = 1,
-                 top_k_experts: int = 2, expert: str = "swiglu", importance_loss_weight: float = 1e-2,
-                 balance_loss_weight: float = 1e-2, experts: Sequence[nn.Module] | None = None, renormalize: bool = True,
-                 backend: str = "auto"):
+    def __init__(self, *args, cfg: HierarchicalMoEConfig | None = None, experts: Sequence[nn.Module] | None = None,
+                 **kwargs):
         super().__init__()
-        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_groups", num_groups),
-                        ("experts_per_group", experts_per_group), ("top_k_groups", top_k_groups), ("top_k_experts", top_k_experts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        if top_k_groups > num_groups:
-            raise ValueError(f"top_k_groups must be <= num_groups ({num_groups}); got {top_k_groups}")
-        if top_k_experts > experts_per_group:
-            raise ValueError(f"top_k_experts must be <= experts_per_group ({experts_per_group}); got {top_k_experts}")
-        if expert not in ACTIVATIONS:
-            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {expert!r}")
-        for name, v in (("importance_loss_weight", importance_loss_weight), ("balance_loss_weight", balance_loss_weight)):
-            if not v >= 0 or not math.isfinite(v):
-                raise ValueError(f"{name} must be a number >= 0; got {v!r}")
-        self.dim, self.num_groups, self.experts_per_group = dim, num_groups, experts_per_group
-        self.top_k_groups, self.top_k_experts = top_k_groups, top_k_experts
-        self.importance_loss_weight, self.balance_loss_weight = importance_loss_weight, balance_loss_weight
-        self.backend, self.renormalize = backend, renormalize
-        E = num_groups * experts_per_group
-        self.primary = nn.Linear(dim, num_groups, bias=False)
-        self.group_gates = nn.ModuleList([nn.Linear(dim, experts_per_group, bias=False) for _ in range(num_groups)])
+        self.cfg = cfg = config_from_args(HierarchicalMoEConfig, cfg, args, kwargs)
+        self.dim, self.num_groups, self.experts_per_group = cfg.dim, cfg.num_groups, cfg.experts_per_group
+        self.top_k_groups, self.top_k_experts = cfg.top_k_groups, cfg.top_k_experts
+        self.importance_loss_weight, self.balance_loss_weight = cfg.importance_loss_weight, cfg.balance_loss_weight
+        self.backend, self.renormalize = cfg.backend, cfg.renormalize
+        E = cfg.num_groups * cfg.experts_per_group
+        self.primary = nn.Linear(cfg.dim, cfg.num_groups, bias=False)
+        self.group_gates = nn.ModuleList([nn.Linear(cfg.dim, cfg.experts_per_group, bias=False) for _ in range(cfg.num_groups)])
         if experts is not None:
             if len(experts) != E:
                 raise ValueError(f"got {len(experts)} experts but num_groups * experts_per_group is {E}")
-            self.experts: nn.Module = ModuleListExperts(list(experts), dim)
+            self.experts: nn.Module = ModuleListExperts(list(experts), cfg.dim)
         else:
-            self.experts = GroupedExperts(E, dim, hidden_dim, expert)
+            self.experts = GroupedExperts(E, cfg.dim, cfg.hidden_dim, cfg.expert)
 
     @property
     def num_experts(self) -> int:

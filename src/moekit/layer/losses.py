@@ -11,6 +11,23 @@ import torch
 from torch import Tensor
 
 
+# every auxiliary loss the layer returns in ``losses`` -> the MoEConfig field weighting it in ``aux_loss``
+LOSS_WEIGHTS = {
+    "balance": "balance_loss_weight",
+    "sq_load": "sq_load_loss_weight",
+    "importance": "importance_loss_weight",
+    "load": "load_loss_weight",
+    "z": "z_loss_weight",
+    "entropy": "entropy_loss_weight",
+}
+
+
+def loss_names(learned_logits: bool, smooth_load: bool) -> list[str]:
+    """The losses a layer returns: all of :data:`LOSS_WEIGHTS` but ``z`` without learned router
+    logits (the hash router) and ``load`` without the noisy top-k router's smooth load estimate."""
+    return [n for n in LOSS_WEIGHTS if (n != "z" or learned_logits) and (n != "load" or smooth_load)]
+
+
 def _fp32_or_wider(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 

@@ -10,7 +10,6 @@ K slots per token, R rows handed to the experts.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -19,24 +18,17 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import MoEConfig
+from ..config import MoEConfig, check_positive, check_router_top_k
 from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from . import surgery
 from .dispatch import apply_capacity, expert_capacity
+from .losses import LOSS_WEIGHTS
 from .paths import choose_path
 from .scope import LOCAL_SCOPE, LocalScope
 from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
 
-LOSS_WEIGHTS = {
-    "balance": "balance_loss_weight",
-    "sq_load": "sq_load_loss_weight",
-    "importance": "importance_loss_weight",
-    "load": "load_loss_weight",
-    "z": "z_loss_weight",
-    "entropy": "entropy_loss_weight",
-}
 
 
 class MoEOutput:
@@ -255,8 +247,7 @@ class MoE(nn.Module):
         """A batch with no tokens: an empty output, zero losses (no NaN from averaging nothing)."""
         E = self.cfg.num_experts
         zero = x.new_zeros((), dtype=torch.float32)
-        names = ["balance", "sq_load", "importance", "entropy"] + (["z"] if self.router.learned else [])
-        names += ["load"] if self.cfg.router == "noisy_topk" else []
+        names = L.loss_names(self.router.learned, smooth_load=self.cfg.router == "noisy_topk")
         stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device), "dropped_fraction": zero,
                  "router_entropy": zero, "expert_usage": self.expert_usage.clone()}
         return MoEOutput(x * 0, zero, {n: zero for n in names}, stats)  # x * 0 keeps x's graph for backward
@@ -275,15 +266,13 @@ class MoE(nn.Module):
     def _check_top_k(self, top_k: Optional[int]) -> int:
         if top_k is None:
             top_k = self.cfg.top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        check_positive("top_k", top_k, integer=True)
         if self.cfg.router == "expert_choice":
             return top_k
         enabled = self.cfg.num_experts - self.router.num_disabled
         if top_k > enabled:
             raise ValueError(f"top_k must be <= the number of enabled experts ({enabled}); got {top_k}")
-        if self.cfg.router == "switch" and top_k != 1:
-            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {top_k}")
+        check_router_top_k(self.cfg.router, top_k)
         return top_k
 
     def _capacity_factor(self, override) -> Optional[float]:
@@ -291,13 +280,11 @@ class MoE(nn.Module):
             raise ValueError("capacity_factor cannot be overridden per call for router 'expert_choice': its capacity "
                              "comes from cfg.capacity_factor, or from top_k when that is None (pass top_k=...)")
         if override is not _UNSET:
-            if override is not None and (isinstance(override, bool) or not isinstance(override, (int, float))
-                                         or not override > 0 or not math.isfinite(override)):
-                raise ValueError(f"capacity_factor must be a finite positive number or None; got {override!r}")
+            check_positive("capacity_factor", override, allow_none=True)
             return override
-        if not self.training and self.cfg.eval_capacity_factor is not None:
-            return self.cfg.eval_capacity_factor
-        return self.cfg.capacity_factor if self.cfg.router != "expert_choice" else None
+        if self.cfg.router == "expert_choice":  # its router sizes the capacity (ExpertChoiceRouter)
+            return None
+        return self.cfg.capacity_factor_for(self.training)
 
     def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism

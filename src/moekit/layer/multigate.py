@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import MultiGateMoEConfig, config_from_args
+
 
 @dataclass
 class MultiGateOutput:
@@ -42,13 +44,10 @@ class MultiGateMoE(nn.Module):
     """MMoE (Ma et al. 2018): shared experts, a gate and a tower per task.
 
     Args:
-        in_dim: input width I.
-        expert_dim: each expert's output width H (one ReLU layer, as in the paper).
-        num_experts: experts E.
-        num_tasks: tasks T.
-        tower_hidden: hidden width of each task's tower (one ReLU layer, then a linear output).
-        out_dim: outputs per task O (1 for the paper's regressions).
-        shared_gate: one gate for all tasks (the paper's OMoE baseline).
+        cfg: the layer's :class:`~moekit.config.MultiGateMoEConfig`; or, instead, its fields as
+            arguments: ``in_dim``, ``expert_dim`` (each expert's output width, one ReLU layer),
+            ``num_experts``, ``num_tasks``, ``tower_hidden`` (each tower: one ReLU layer, then a
+            linear output), ``out_dim`` (1), ``shared_gate`` (False; True: the paper's OMoE baseline).
 
     Example::
 
@@ -57,21 +56,18 @@ class MultiGateMoE(nn.Module):
         loss = sum(F.mse_loss(o, y[:, t:t + 1]) for t, o in enumerate(res.outs))
     """
 
-    def __init__(self, in_dim: int, expert_dim: int, num_experts: int, num_tasks: int, tower_hidden: int,
-                 out_dim: int = 1, shared_gate: bool = False):
+    def __init__(self, *args, cfg: MultiGateMoEConfig | None = None, **kwargs):
         super().__init__()
-        for name, v in (("in_dim", in_dim), ("expert_dim", expert_dim), ("num_experts", num_experts),
-                        ("num_tasks", num_tasks), ("tower_hidden", tower_hidden), ("out_dim", out_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        self.in_dim, self.num_experts, self.num_tasks, self.shared_gate = in_dim, num_experts, num_tasks, shared_gate
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per expert
-        self.w_EIH = nn.Parameter(torch.empty(num_experts, in_dim, expert_dim).uniform_(-bound, bound))
-        self.b_EH = nn.Parameter(torch.empty(num_experts, expert_dim).uniform_(-bound, bound))
-        self.gates = nn.ModuleList([nn.Linear(in_dim, num_experts) for _ in range(1 if shared_gate else num_tasks)])
+        self.cfg = cfg = config_from_args(MultiGateMoEConfig, cfg, args, kwargs)
+        self.in_dim, self.num_experts, self.num_tasks, self.shared_gate = cfg.in_dim, cfg.num_experts, cfg.num_tasks, cfg.shared_gate
+        I, E, H = cfg.in_dim, cfg.num_experts, cfg.expert_dim
+        bound = 1.0 / math.sqrt(I)  # nn.Linear's default initialisation, per expert
+        self.w_EIH = nn.Parameter(torch.empty(E, I, H).uniform_(-bound, bound))
+        self.b_EH = nn.Parameter(torch.empty(E, H).uniform_(-bound, bound))
+        self.gates = nn.ModuleList([nn.Linear(I, E) for _ in range(1 if cfg.shared_gate else cfg.num_tasks)])
         self.towers = nn.ModuleList([
-            nn.Sequential(nn.Linear(expert_dim, tower_hidden), nn.ReLU(), nn.Linear(tower_hidden, out_dim))
-            for _ in range(num_tasks)])
+            nn.Sequential(nn.Linear(H, cfg.tower_hidden), nn.ReLU(), nn.Linear(cfg.tower_hidden, cfg.out_dim))
+            for _ in range(cfg.num_tasks)])
 
     def experts(self, x_BI: Tensor) -> Tensor:
         """All experts' outputs (B, E, H)."""

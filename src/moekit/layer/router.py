@@ -281,9 +281,9 @@ class ExpertChoiceRouter(Router):
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        factor = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else top_k
-        if not self.training and self.cfg.eval_capacity_factor is not None:
-            factor = self.cfg.eval_capacity_factor
+        factor = self.cfg.capacity_factor_for(self.training)
+        if factor is None:
+            factor = top_k
         all_TE, start = (scope or LOCAL_SCOPE).gather_rows(probs_TE.detach())
         T_all = all_TE.shape[0]
         C = min(T_all, max(1, math.ceil(T_all * factor / E)))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import compute_dtype, resolve_backend
-from .experts import ACTIVATIONS, GroupedExperts
+from ..config import SoftMoEConfig, config_from_args
+from .experts import GroupedExperts
 
 
 @dataclass
@@ -44,35 +45,27 @@ class SoftMoE(nn.Module):
     """A Soft MoE layer mapping (B, N, D) -> (B, N, D).
 
     Args:
-        dim: model width D.
-        hidden_dim: each expert's hidden width F.
-        num_experts: experts E.
-        slots_per_expert: slots S per expert (the paper uses 1 or a few; M = E*S slots per sequence).
-        expert: expert FFN kind ("swiglu", "geglu", "gelu", "relu").
-        normalize: L2-normalise tokens and slot parameters, with a learned scale (the paper's
-            recipe for stable training at large D); False uses the raw dot product ``x @ Phi``.
-        backend: expert compute backend ("auto", "loop", "grouped", "triton").
+        cfg: the layer's :class:`~moekit.config.SoftMoEConfig`; or, instead, its fields as
+            arguments: ``dim``, ``hidden_dim``, ``num_experts``, ``slots_per_expert`` (1),
+            ``expert`` ("swiglu"), ``normalize`` (True: L2-normalised tokens and slot parameters
+            with a learned scale, the paper's recipe at large D), ``backend`` ("auto").
 
     Example::
 
         moe = SoftMoE(dim=64, hidden_dim=128, num_experts=8, slots_per_expert=2)
+        moe = SoftMoE(SoftMoEConfig(dim=64, hidden_dim=128, num_experts=8, slots_per_expert=2))  # the same
         res = moe(torch.randn(4, 16, 64))     # res.out: (4, 16, 64)
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1,
-                 expert: str = "swiglu", normalize: bool = True, backend: str = "auto"):
+    def __init__(self, *args, cfg: SoftMoEConfig | None = None, **kwargs):
         super().__init__()
-        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts), ("slots_per_expert", slots_per_expert)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        if expert not in ACTIVATIONS:
-            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {expert!r}")
-        self.dim, self.num_experts, self.slots_per_expert = dim, num_experts, slots_per_expert
-        self.normalize, self.backend = normalize, backend
-        M = num_experts * slots_per_expert
-        self.phi_DM = nn.Parameter(torch.randn(dim, M) / dim ** 0.5)  # slot parameters, LeCun normal
+        self.cfg = cfg = config_from_args(SoftMoEConfig, cfg, args, kwargs)
+        self.dim, self.num_experts, self.slots_per_expert = cfg.dim, cfg.num_experts, cfg.slots_per_expert
+        self.normalize, self.backend = cfg.normalize, cfg.backend
+        M = cfg.num_experts * cfg.slots_per_expert
+        self.phi_DM = nn.Parameter(torch.randn(cfg.dim, M) / cfg.dim ** 0.5)  # slot parameters, LeCun normal
         self.scale = nn.Parameter(torch.ones(()))  # learned temperature of the normalised logits
-        self.experts = GroupedExperts(num_experts, dim, hidden_dim, expert)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
 
     @property
     def num_slots(self) -> int:

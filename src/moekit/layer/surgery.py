@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..config import MoEConfig
+from ..config import MoEConfig, check_positive
 from .experts import FeedForward, GroupedExperts
 from .router import build_router
 
@@ -83,8 +83,7 @@ def add_experts(moe: "MoE", n: int, copy_from: Optional[Union[int, Sequence[int]
     """Grow the layer by ``n`` experts: fresh ones, or copies of ``copy_from`` (one index, or
     one per new expert) with their router rows copied. Parameters are replaced, so build
     the optimizer afterwards."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer; got {n!r}")
+    check_positive("n", n, integer=True)
     experts = _require_grouped(moe, "add_experts")
     old_E, new_E = moe.cfg.num_experts, moe.cfg.num_experts + n
     src = None
