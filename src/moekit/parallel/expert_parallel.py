@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ..config import check_positive
 from ..layer.experts import GroupedExperts
 from ..layer.scope import LocalScope
 from ..layer.moe import MoE
@@ -323,8 +324,7 @@ def make_mesh(expert_parallel: int, device_type: str = "cpu"):
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     W = dist.get_world_size()
-    if isinstance(expert_parallel, bool) or not isinstance(expert_parallel, int) or expert_parallel < 1:
-        raise ValueError(f"expert_parallel must be a positive integer; got {expert_parallel!r}")
+    check_positive("expert_parallel", expert_parallel, integer=True)
     if W % expert_parallel:
         raise ValueError(f"expert_parallel={expert_parallel} must divide the world size {W}")
     return init_device_mesh(device_type, (W // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
@@ -554,8 +554,7 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
         raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
-    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
-        raise ValueError(f"expert_parallel must be a positive integer; got {ep!r}")
+    check_positive("expert_parallel", ep, integer=True)
     if dist.get_world_size() % ep:
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
