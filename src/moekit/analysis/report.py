@@ -27,7 +27,7 @@ from ..data import build_data  # noqa: E402
 from ..generate import load_run_model  # noqa: E402
 from ..layer import MoE  # noqa: E402
 from .._io import atomic_write_bytes  # noqa: E402
-from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
+from ..runs import COMPARISON, load_run_config, sub_runs  # noqa: E402
 from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics  # noqa: E402
 from .routing import available_windows, collect_routing, routing_table  # noqa: E402
 

@@ -18,7 +18,7 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .run import CONFIG  # noqa: E402
+from ..runs import CONFIG  # noqa: E402
 from .trainer import read_metrics  # noqa: E402
 
 MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
