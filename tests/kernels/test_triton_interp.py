@@ -52,9 +52,9 @@ def _leaf(t):
 
 def _check_ffn(x_RD, counts_E, w_up, w_down, kind, dtype):
     """triton_ffn == loop_ffn (evaluated in fp64 on the same rounded inputs), forward and grads."""
-    act = ACTIVATIONS[kind]
+    act = ACTIVATIONS[kind]  # the torch reference takes the function, the kernels the name
     x, wu, wd = _leaf(x_RD), _leaf(w_up), _leaf(w_down)
-    y = triton_ffn(x, counts_E, wu, wd, act)
+    y = triton_ffn(x, counts_E, wu, wd, kind)
     g = torch.randn(y.shape, dtype=torch.float64)
     gx, gu, gd = torch.autograd.grad(y, (x, wu, wd), g.to(dtype))
     xr, wur, wdr = (_leaf(t.double()) for t in (x_RD, w_up, w_down))
@@ -124,7 +124,7 @@ def test_fused_gather_scale_scatter(gather, scale, scatter):
 
     x, wu, wd, s = _leaf(x_src), _leaf(w_up), _leaf(w_down), _leaf(s_R)
     y = triton_moe_ffn(
-        x, plan.counts_E, wu, wd, ACTIVATIONS[kind],
+        x, plan.counts_E, wu, wd, kind,
         token_idx_R=plan.token_R if gather else None, scale_R=s if scale else None,
         out_idx_R=plan.order_R if scatter else None, num_out_rows=S if scatter else None,
     )
@@ -161,7 +161,7 @@ def test_fused_path_makes_combine_a_sum_over_k(slot_mode):
 
     x, wu, wd, w = _leaf(x_TD), _leaf(w_up), _leaf(w_down), _leaf(weights_TK)
     routing = dict(top_k=K) if slot_mode else dict(token_idx_R=plan.token_R, num_out_rows=T * K)
-    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, ACTIVATIONS[kind], scale_R=w.reshape(-1)[plan.order_R],
+    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, kind, scale_R=w.reshape(-1)[plan.order_R],
                           out_idx_R=plan.order_R, **routing)
     out = y_SD.view(T, K, D).sum(1)
     xr, wur, wdr, wr = (_leaf(t) for t in (x_TD, w_up, w_down, weights_TK))
@@ -180,14 +180,14 @@ def test_partial_requires_grad_and_no_grad():
     x = torch.randn(15, D, dtype=torch.float64)
     w_up, w_down = _weights(E, D, F, kind, torch.float64)
     wu, wd = _leaf(w_up), _leaf(w_down)
-    y = triton_ffn(x, counts_E, wu, wd, ACTIVATIONS[kind])
+    y = triton_ffn(x, counts_E, wu, wd, kind)
     gu, gd = torch.autograd.grad(y.square().sum(), (wu, wd))
     wur, wdr = _leaf(w_up), _leaf(w_down)
     ru, rd = torch.autograd.grad(loop_ffn(x, counts_E, wur, wdr, ACTIVATIONS[kind]).square().sum(), (wur, wdr))
     _close(gu, ru, torch.float64, "dw_up")
     _close(gd, rd, torch.float64, "dw_down")
     with torch.no_grad():
-        y0 = triton_ffn(x, counts_E, w_up, w_down, ACTIVATIONS[kind])
+        y0 = triton_ffn(x, counts_E, w_up, w_down, kind)
     assert not y0.requires_grad
     _close(y0, y.detach(), torch.float64, "no_grad y")
 
@@ -198,14 +198,14 @@ def test_expert_ffn_and_grouped_experts_route_to_triton():
     counts_E = torch.tensor([5, 0, 6, 2])
     x = torch.randn(14, 16, dtype=torch.float64)
     ref = loop_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"])
-    _close(expert_ffn(x, counts_E, experts.w_up, experts.w_down, ACTIVATIONS["swiglu"], "triton"), ref, torch.float64, "expert_ffn")
+    _close(expert_ffn(x, counts_E, experts.w_up, experts.w_down, "swiglu", "triton"), ref, torch.float64, "expert_ffn")
     _close(experts(x, counts_E, backend="triton"), ref, torch.float64, "GroupedExperts")
 
 
 def test_slot_mode_bad_arguments_raise():
     x, counts_E = torch.randn(4, 16), torch.tensor([3, 5])
     w_up, w_down = torch.randn(2, 16, 32), torch.randn(2, 16, 16)
-    act = ACTIVATIONS["swiglu"]
+    act = "swiglu"
     slots = torch.arange(8)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         triton_moe_ffn(x, counts_E, w_up, w_down, act, out_idx_R=slots, top_k=0)
@@ -225,7 +225,7 @@ def test_unknown_activation_and_bad_shapes_raise():
     with pytest.raises(ValueError, match="activations"):
         triton_ffn(x, counts_E, w_up, w_down, lambda h: h)
     with pytest.raises(ValueError, match="H = F"):
-        triton_ffn(x, counts_E, w_up, w_down, ACTIVATIONS["relu"])  # non-gated needs H == F
+        triton_ffn(x, counts_E, w_up, w_down, "relu")  # non-gated needs H == F
 
 
 @pytest.mark.parametrize("block_m", [1, 16])

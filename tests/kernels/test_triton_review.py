@@ -20,7 +20,7 @@ from moekit.layer.experts import ACTIVATIONS  # noqa: E402
 if not INTERPRETED:
     pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-ACT = ACTIVATIONS["swiglu"]
+ACT = "swiglu"
 
 
 def _leaf(t):
@@ -128,7 +128,7 @@ def _slot_call(plan, x, w_up, w_down, weights_TK):
 
 def _reference_grads(plan, x_TD, w_up, w_down, weights_TK):
     leaves = [_leaf(t) for t in (x_TD, w_up, w_down, weights_TK)]
-    ref = combine(loop_ffn(dispatch(leaves[0], plan), plan.counts_E, leaves[1], leaves[2], ACT), plan, leaves[3])
+    ref = combine(loop_ffn(dispatch(leaves[0], plan), plan.counts_E, leaves[1], leaves[2], ACTIVATIONS[ACT]), plan, leaves[3])
     ref.sum().backward()
     return ref, [t.grad for t in leaves]
 

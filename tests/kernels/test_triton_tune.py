@@ -54,7 +54,7 @@ def _run(plan, x, w_up, w_down, s, config=None):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w_up, w_down, s)]
     T = x.shape[0]
     K = plan.order_R.numel() // T
-    y = triton_moe_ffn(leaves[0], plan.counts_E, leaves[1], leaves[2], ACTIVATIONS["swiglu"],
+    y = triton_moe_ffn(leaves[0], plan.counts_E, leaves[1], leaves[2], "swiglu",
                        scale_R=leaves[3][plan.order_R], out_idx_R=plan.order_R, top_k=K, config=config)
     g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     return (y, *torch.autograd.grad(y, leaves, g))
@@ -117,7 +117,7 @@ def test_autotune_measures_once_persists_and_reuses(fresh_tuner):
     _run(*_problem(T=13, seed=1))  # 26 rows: same bucket, no new measurement
     assert fresh_tuner.tuned_here == 1
     with torch.no_grad():  # inference is its own key
-        triton_moe_ffn(problem[1], problem[0].counts_E, problem[2], problem[3], ACTIVATIONS["swiglu"],
+        triton_moe_ffn(problem[1], problem[0].counts_E, problem[2], problem[3], "swiglu",
                        out_idx_R=problem[0].order_R, top_k=2)
     assert fresh_tuner.tuned_here == 2
 

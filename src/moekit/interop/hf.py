@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from ..config import LMConfig, MoEConfig
 from ..kernels import compute_dtype, expert_ffn, resolve_backend
 from ..layer.dispatch import dispatch, plan_dispatch
-from ..layer.experts import ACTIVATIONS
 from ..models.lm import MoETransformer
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -469,7 +468,7 @@ class SharedWeightExperts(nn.Module):
         self.hidden_act = hidden_act
         self.kind = _NATIVE_GATED.get(hidden_act)  # moekit's expert kind, or None
         if self.kind is not None:
-            self.act = ACTIVATIONS[self.kind]
+            self.act = self.kind  # by name: the Triton kernels take moekit activations by name
         elif isinstance(getattr(hf_experts, "act_fn", None), nn.Module):
             self.act = _GatedActivation(hf_experts.act_fn)
         else:

@@ -7,7 +7,9 @@ columns of the up projection, F expert width, E experts):
 
 rows ``[sum(counts_E[:e]), sum(counts_E[:e+1]))`` belong to expert e; rows past ``sum(counts_E)``
 are padding whose output the caller ignores (and masks). ``act`` maps the up projection's
-output (R, H) to the down projection's input (R, F).
+output (R, H) to the down projection's input (R, F): the torch backends take a callable, the
+Triton kernels an activation name (the registry in :mod:`.activations`); :func:`expert_ffn`
+takes either name or callable and hands each backend what it needs.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from .activations import Act, activation_fn
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
@@ -87,12 +90,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     return backend
 
 
-def expert_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act, backend: str):
-    """Run the stacked expert FFNs with the named concrete backend."""
+def expert_ffn(x_RD: torch.Tensor, counts_E: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor, act: Act,
+               backend: str) -> torch.Tensor:
+    """Run the stacked expert FFNs with the named concrete backend. ``act``: an activation name
+    (:data:`.activations.ACTIVATIONS`), or any callable for the torch backends."""
     if backend == "loop":
-        return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
+        return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
     if backend == "grouped":
-        return grouped_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
+        return grouped_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
     if backend == "triton":
         from .triton import triton_ffn
 

@@ -10,32 +10,16 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..kernels import compute_dtype, expert_ffn
+from ..kernels.activations import ACTIVATIONS as _REGISTRY
 from ..kernels.reference import per_expert
 
-GATED = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
-
-
-def _swiglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
-    return F.silu(gate) * up
-
-
-def _geglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "swiglu": _swiglu,  # Shazeer 2020, "GLU Variants Improve Transformer"
-    "geglu": _geglu,  # same paper
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
+# by name, from the registry below the layer and the kernels (which take the name)
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: a.fn for name, a in _REGISTRY.items()}
+GATED: dict[str, bool] = {name: a.gated for name, a in _REGISTRY.items()}
 
 
 def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
@@ -76,7 +60,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         if backend == "triton":  # Triton kernels are not autocast-aware: cast as a matmul would be
             x_RD = x_RD.to(compute_dtype(x_RD))
-        return expert_ffn(x_RD, counts_E, *self._weights_like(x_RD), ACTIVATIONS[self.kind], backend)
+        return expert_ffn(x_RD, counts_E, *self._weights_like(x_RD), self.kind, backend)
 
     def _weights_like(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(w_up, w_down)`` in ``x``'s dtype (e.g. under autocast the rows arrive in bf16). Under
@@ -111,7 +95,7 @@ class GroupedExperts(nn.Module):
         w_up, w_down = self._weights_like(x_TD)
         T, K = plan.num_tokens, plan.top_k
         scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
-        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], scale_R=scale_R,
+        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, self.kind, scale_R=scale_R,
                               out_idx_R=plan.order_R, top_k=K)
         return y_SD.view(T, K, -1).sum(1)
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..activations import activation_fn
+from ..plan import plan_dispatch
+from ..reference import loop_ffn
 from .autograd import triton_moe_ffn
 
 # relative max-abs error allowed against the fp64 reference (bf16 keeps 8 bits of mantissa)
@@ -29,10 +32,6 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _check(device: torch.device, dtype: torch.dtype) -> None:
-    from ...layer.dispatch import plan_dispatch
-    from ...layer.experts import ACTIVATIONS
-    from ..reference import loop_ffn
-
     if dtype not in TOLERANCE:
         raise ValueError(f"the Triton kernels take float64/32/16 and bfloat16; got {dtype}")
     T, K, E, D, F = 37, 2, 5, 64, 48  # T not a tile multiple; expert 4 gets no rows
@@ -43,7 +42,7 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
               torch.randn(E, F, D, generator=g) / F**0.5, torch.rand(T, K, generator=g)]
     inputs = [t.to(device=device, dtype=dtype) for t in inputs]  # rounded once; both sides use these
     grad_SD = torch.randn(T * K, D, generator=g).to(device=device, dtype=dtype)
-    act = ACTIVATIONS["swiglu"]
+    act = "swiglu"
 
     def run(ins, fused: bool):
         x, w_up, w_down, w_TK = (t.detach().clone().requires_grad_(True) for t in ins)
@@ -52,7 +51,7 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
             y = triton_moe_ffn(x, plan.counts_E, w_up, w_down, act, scale_R=s_R, out_idx_R=plan.order_R, top_k=K,
                                config={})  # the default/heuristic config: no tuning from inside the check
         else:
-            y_R = loop_ffn(x[plan.token_R], plan.counts_E, w_up, w_down, act) * s_R[:, None]
+            y_R = loop_ffn(x[plan.token_R], plan.counts_E, w_up, w_down, activation_fn(act)) * s_R[:, None]
             y = y_R.new_zeros(T * K, D).index_copy(0, plan.order_R, y_R)
         return [y, *torch.autograd.grad(y, (x, w_up, w_down, w_TK), grad_SD.to(y.dtype))]
 
