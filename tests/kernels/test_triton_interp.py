@@ -3,18 +3,11 @@ and every gradient (x, w_up, w_down, routing weights), for each activation and d
 empty experts, padding rows, ragged tiles, K=1 and K=8 routing, E=1 and E=128, and the fused
 gather / row scale / scatter switched on and off.
 
-TRITON_INTERPRET=1 must be set before ``triton.jit`` decorates the kernels, i.e. before the
-first import of ``moekit.kernels.triton`` in this process (each pytest-xdist worker is its
-own process and collects this module before running any test; nothing else imports the
-kernels on CPU). It stays set for the rest of the process: Triton's interpreter reads it again
-while it runs.
+The kernels are imported under TRITON_INTERPRET=1 by this folder's conftest.py, which also sets
+it around each test (and only there).
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -26,7 +19,7 @@ from moekit.layer.dispatch import combine, dispatch, plan_dispatch  # noqa: E402
 from moekit.layer.experts import ACTIVATIONS, GATED, GroupedExperts  # noqa: E402
 
 if not INTERPRETED:
-    pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    pytest.skip("the Triton kernels are not interpreted in this process (see conftest.py)", allow_module_level=True)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2}
 
@@ -247,7 +240,7 @@ def test_tile_table_covers_each_expert_once(block_m):
 
 def test_auto_backend_on_cpu_stays_grouped():
     """'auto' picks the Triton kernels only on CUDA (after their self-check); on a CPU input the
-    'triton' backend is accepted only under the interpreter (this module's process)."""
+    'triton' backend is accepted only under the interpreter (as in this folder's tests)."""
     from moekit.kernels import resolve_backend, triton_available
 
     cpu = torch.device("cpu")

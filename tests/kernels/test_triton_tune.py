@@ -5,14 +5,10 @@ reuses it in a new process-wide tuner, without touching the caller's autograd gr
 
 (Timings under the interpreter mean nothing; these tests check the machinery, not the choice.)
 """
-import os
+import json
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -25,7 +21,7 @@ from moekit.layer.dispatch import plan_dispatch  # noqa: E402
 from moekit.layer.experts import ACTIVATIONS  # noqa: E402
 
 if not INTERPRETED:
-    pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    pytest.skip("the Triton kernels are not interpreted in this process (see conftest.py)", allow_module_level=True)
 
 
 @pytest.fixture
@@ -143,3 +139,19 @@ def test_autotune_is_off_under_the_interpreter_by_default(tmp_path):
         assert t.tuned_here == 0 and not (tmp_path / "never.json").exists()
     finally:
         tune.reset_tuner(None)
+
+
+def test_tuners_sharing_a_cache_file_keep_each_others_entries(tmp_path):
+    """Two processes (here two Tuner objects) that loaded the cache before either measured: the
+    second save must not drop the first one's entry (a read-merge-replace, not a blind replace)."""
+    import json
+
+    from moekit.kernels.triton.tune import Tuner
+
+    path = tmp_path / "tuning.json"
+    a, b = Tuner(path, reps=1), Tuner(path, reps=1)
+    assert a.lookup("A") is None and b.lookup("B") is None  # both have read the (absent) file
+    cpu = torch.device("cpu")
+    a.tune("A", lambda cfg: None, [{"BLOCK_M": 16}], cpu)
+    b.tune("B", lambda cfg: None, [{"BLOCK_M": 32}], cpu)
+    assert set(json.loads(path.read_text())["entries"]) == {"A", "B"}
