@@ -19,7 +19,8 @@ The code is moekit's own; no kernel was copied from those projects.
   ``triton_moe_ffn`` (with the optional gather, scale and scatter).
 * :mod:`.config`: launch configs (heuristic by rows per expert, tuning candidates, validation);
   :mod:`.tune`: the measured choice per shape bucket, cached on disk.
-* :mod:`.check`: the self-check ``backend="auto"`` runs once per (device, dtype).
+* :mod:`.check`: a self-check against the loop reference, for a device and dtype (run by the
+  tests; ``backend="auto"`` does not pick these kernels: ``backend="triton"`` opts in).
 
 Status: verified for correctness under Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 fp64/fp32/fp16) against ``moekit.kernels.reference.loop_ffn``, and compiled for sm_90 without a

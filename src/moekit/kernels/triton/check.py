@@ -1,8 +1,8 @@
-"""A one-time self-check of the Triton kernels on a device, run before ``backend="auto"`` first
-picks them: a small routed FFN (slot mode: gather, SwiGLU, routing-weight scale, scatter) in the
-caller's dtype, forward and every gradient, against the loop reference in float64 on the same
-rounded inputs. A kernel that fails to compile or disagrees makes ``auto`` fall back to
-``grouped`` with one warning, instead of training on a wrong or crashing path.
+"""A self-check of the Triton kernels on a device: a small routed FFN (slot mode: gather, SwiGLU,
+routing-weight scale, scatter) in the given dtype, forward and every gradient, against the loop
+reference in float64 on the same rounded inputs. Run by the tests (``tests/kernels/test_triton_check.py``,
+on a GPU by the test marked ``gpu``) and by hand before trusting ``backend="triton"`` on a new device:
+``self_check(torch.device("cuda"), torch.bfloat16)`` raises if a kernel fails to compile or disagrees.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torc
 def self_check(device: torch.device, dtype: torch.dtype) -> None:
     """Raise if the fused kernels do not reproduce the loop reference on ``device`` in ``dtype``.
 
-    Runs whatever the caller's mode (it is called from inside a forward): with gradients on, out
+    Runs whatever the caller's mode (e.g. from inside a forward): with gradients on, out
     of inference mode, autocast off, saved tensors kept as they are (not an enclosing activation
     checkpoint's), a fixed launch config (nothing tuned or cached) and its own generator (the
     global RNG is not advanced).
