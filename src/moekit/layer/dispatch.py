@@ -21,8 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels.plan import DispatchPlan, plan_dispatch
-from .losses import slot_counts
+from ..kernels.plan import DispatchPlan, plan_dispatch, slot_counts  # noqa: F401  (plan_dispatch: re-exported)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float, min_capacity: int = 1) -> int:
