@@ -2,8 +2,8 @@
 under torchrun (expert parallelism), for the moekit on PYTHONPATH.
 
     # this checkout (sharded DCP checkpoints) against an older one (e.g. the gathered single file),
-    # made with: git worktree add --detach /tmp/before <commit>
-    python benchmarks/checkpoint_memory.py --before-src /tmp/before/src
+    # made with: git worktree add --detach ../before <commit>
+    python benchmarks/checkpoint_memory.py --before-src ../before/src
 
     # only this checkout, other model or layout
     python benchmarks/checkpoint_memory.py --nproc 2 -- --expert-parallel 2 --dim 128 --experts 32

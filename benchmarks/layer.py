@@ -299,7 +299,7 @@ def bench_shape(name, dtype_name, device, reps, backends, peers, emit_row):
 # ----------------------------------------------------------------------------- decode
 def graph_replay(fn, x):
     """``fn(x)`` captured once in a CUDA graph (after warm-up calls on a side stream, which also
-    tune and self-check the kernels); returns the graph's replay. Raises if ``fn`` is not
+    tune the kernels); returns the graph's replay. Raises if ``fn`` is not
     capturable (a host sync or a data-dependent shape)."""
     static_x = x.clone()
     stream = torch.cuda.Stream()

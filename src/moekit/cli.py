@@ -389,8 +389,8 @@ def main(argv: Optional[list] = None) -> int:
     warnings.formatwarning = lambda msg, *a, **k: f"moekit {args.command}: warning: {msg}\n"  # one line, no source
     try:
         return args.func(args)
-    except (CheckpointError, RunLockedError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-            TypeError) as err:
+    except (CheckpointError, RunLockedError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+        # the errors moekit raises for bad input; anything else (a TypeError, ...) is a bug: its traceback shows
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except (ExpertParallelError, TrainingDiverged) as err:

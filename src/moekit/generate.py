@@ -1,7 +1,6 @@
 """Text generation from a trained run folder."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,27 +8,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .data import BPETokenizer, load_tokenizer
-from .train.run import TOKENIZER, load_run_config, sub_runs
+from .data import load_tokenizer
+from .interop import load_hf
+from .interop.folders import hf_tokenizer, is_hf_folder
+from .runs import TOKENIZER, load_run_config, sub_runs
 from .train.trainer import load_trained
-
-
-def is_hf_folder(path) -> bool:
-    """A Hugging Face checkpoint folder (config.json with a model_type), not a moekit run."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
-
-
-def hf_tokenizer(path) -> "BPETokenizer":
-    tok_file = Path(path) / "tokenizer.json"
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{path} has no tokenizer.json (moekit reads Hugging Face fast-tokenizer files)")
-    return load_tokenizer(tok_file)
 
 
 def load_run_model(run: str, model: str = "moe", device: str = "cpu"):
@@ -37,8 +20,6 @@ def load_run_model(run: str, model: str = "moe", device: str = "cpu"):
     checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`."""
     run_dir = Path(run)
     if is_hf_folder(run_dir):
-        from .interop import load_hf
-
         return load_hf(str(run_dir)).to(device).eval(), hf_tokenizer(run_dir)
     model_cfg, _, raw = load_run_config(run_dir)
     available = dict(sub_runs(raw, model_cfg))

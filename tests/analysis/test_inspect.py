@@ -252,7 +252,7 @@ def test_show_token_is_visible_and_escaped():
 def test_collect_routing_records_every_layer(runs, cache_env):
     from moekit.data import build_data
     from moekit.generate import load_run_model
-    from moekit.train.run import load_run_config
+    from moekit.runs import load_run_config
 
     _, train_cfg, _ = load_run_config(runs["moe"])
     model, tok = load_run_model(str(runs["moe"]), "moe")
@@ -347,7 +347,7 @@ def test_cli_inspect_dense_only_run_is_a_one_line_error(runs, cache_env, capsys)
 
 def _val_tokens(run) -> int:
     from moekit.data import build_data, load_tokenizer
-    from moekit.train.run import load_run_config
+    from moekit.runs import load_run_config
 
     _, train_cfg, _ = load_run_config(run)
     tok = load_tokenizer(run / "tokenizer.json")
@@ -367,7 +367,7 @@ def test_windows_beyond_the_validation_split_are_capped_with_a_note(runs, cache_
 def test_collect_routing_refuses_more_windows_than_the_split_holds(runs, cache_env):
     from moekit.data import build_data
     from moekit.generate import load_run_model
-    from moekit.train.run import load_run_config
+    from moekit.runs import load_run_config
 
     _, train_cfg, _ = load_run_config(runs["moe"])
     model, tok = load_run_model(str(runs["moe"]), "moe")

@@ -3,15 +3,10 @@ interpreter: the same order, counts and inverse permutation, exactly, on the one
 (S <= FUSED_MAX_S) and the multi-block path, with empty slots, capacity bounds, E = 1 and
 E = 512, int32 and int64 ids; and the errors for bad input.
 
-TRITON_INTERPRET=1 must be set before the first import of ``moekit.kernels.triton`` in this
-process (see the header of test_triton_interp.py).
+The interpreter is switched on by this folder's conftest.py.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")
@@ -22,7 +17,7 @@ from moekit.kernels.triton import routing  # noqa: E402
 from moekit.layer.dispatch import apply_capacity, expert_capacity, plan_dispatch  # noqa: E402
 
 if not INTERPRETED:
-    pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    pytest.skip("the Triton kernels are not interpreted in this process (see conftest.py)", allow_module_level=True)
 
 
 def _ids(T, K, E, empty=0.0):

@@ -5,14 +5,10 @@ reuses it in a new process-wide tuner, without touching the caller's autograd gr
 
 (Timings under the interpreter mean nothing; these tests check the machinery, not the choice.)
 """
-import os
+import json
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -25,7 +21,7 @@ from moekit.layer.dispatch import plan_dispatch  # noqa: E402
 from moekit.layer.experts import ACTIVATIONS  # noqa: E402
 
 if not INTERPRETED:
-    pytest.skip("moekit.kernels.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    pytest.skip("the Triton kernels are not interpreted in this process (see conftest.py)", allow_module_level=True)
 
 
 @pytest.fixture
@@ -54,7 +50,7 @@ def _run(plan, x, w_up, w_down, s, config=None):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w_up, w_down, s)]
     T = x.shape[0]
     K = plan.order_R.numel() // T
-    y = triton_moe_ffn(leaves[0], plan.counts_E, leaves[1], leaves[2], ACTIVATIONS["swiglu"],
+    y = triton_moe_ffn(leaves[0], plan.counts_E, leaves[1], leaves[2], "swiglu",
                        scale_R=leaves[3][plan.order_R], out_idx_R=plan.order_R, top_k=K, config=config)
     g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     return (y, *torch.autograd.grad(y, leaves, g))
@@ -117,7 +113,7 @@ def test_autotune_measures_once_persists_and_reuses(fresh_tuner):
     _run(*_problem(T=13, seed=1))  # 26 rows: same bucket, no new measurement
     assert fresh_tuner.tuned_here == 1
     with torch.no_grad():  # inference is its own key
-        triton_moe_ffn(problem[1], problem[0].counts_E, problem[2], problem[3], ACTIVATIONS["swiglu"],
+        triton_moe_ffn(problem[1], problem[0].counts_E, problem[2], problem[3], "swiglu",
                        out_idx_R=problem[0].order_R, top_k=2)
     assert fresh_tuner.tuned_here == 2
 
@@ -143,3 +139,19 @@ def test_autotune_is_off_under_the_interpreter_by_default(tmp_path):
         assert t.tuned_here == 0 and not (tmp_path / "never.json").exists()
     finally:
         tune.reset_tuner(None)
+
+
+def test_tuners_sharing_a_cache_file_keep_each_others_entries(tmp_path):
+    """Two processes (here two Tuner objects) that loaded the cache before either measured: the
+    second save must not drop the first one's entry (a read-merge-replace, not a blind replace)."""
+    import json
+
+    from moekit.kernels.triton.tune import Tuner
+
+    path = tmp_path / "tuning.json"
+    a, b = Tuner(path, reps=1), Tuner(path, reps=1)
+    assert a.lookup("A") is None and b.lookup("B") is None  # both have read the (absent) file
+    cpu = torch.device("cpu")
+    a.tune("A", lambda cfg: None, [{"BLOCK_M": 16}], cpu)
+    b.tune("B", lambda cfg: None, [{"BLOCK_M": 32}], cpu)
+    assert set(json.loads(path.read_text())["entries"]) == {"A", "B"}

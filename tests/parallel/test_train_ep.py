@@ -56,7 +56,7 @@ def _dcp(sub: Path, step: int, ep: int) -> None:
 def _row_counts(run: Path, label: str) -> list[tuple[int, int]]:
     """(elements, first dimension) of every parameter of the run's model ``label``."""
     from moekit.models import MoETransformer
-    from moekit.train.run import load_run_config
+    from moekit.runs import load_run_config
 
     cfgs = load_run_config(run)
     cfg = cfgs[0] if label == "moe" else cfgs[0].dense_twin()

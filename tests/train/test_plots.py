@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -168,3 +171,18 @@ def test_plots_are_written_as_png(runs):
     paths = plot_run(runs["short"])
     assert {p.name for p in paths} == {"val_loss.png", "expert_load.png", "tokens_per_expert.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_plotting_modules_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """Importing moekit's plotting modules and writing a plot does not switch matplotlib's backend
+    (run in a fresh process, whose backend this test sets first)."""
+    code = ("import matplotlib; matplotlib.use('svg'); "
+            "import moekit.train.plots as p, moekit.analysis.report; "
+            "fig = p.agg_figure(); fig.subplots().plot([0, 1]); "
+            f"fig.savefig({str(tmp_path / 'x.png')!r}); "
+            "print(matplotlib.get_backend())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "svg"
+    assert (tmp_path / "x.png").stat().st_size > 0

@@ -16,20 +16,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import TwoSlopeNorm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-
-from ..data import build_data  # noqa: E402
-from ..generate import load_run_model  # noqa: E402
-from ..layer import MoE  # noqa: E402
-from .._io import atomic_write_bytes  # noqa: E402
-from ..train.run import COMPARISON, load_run_config, sub_runs  # noqa: E402
-from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics  # noqa: E402
-from .routing import available_windows, collect_routing, routing_table  # noqa: E402
+from ..data import build_data
+from ..generate import load_run_model
+from ..layer import MoE
+from .._io import atomic_write_bytes
+from ..runs import COMPARISON, load_run_config, sub_runs
+from ..train.plots import agg_figure
+from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics
+from .routing import available_windows, collect_routing, routing_table
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
 NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisation"
@@ -288,8 +286,9 @@ def _matrix(layers: list, value) -> np.ndarray:
 
 def _heatmap(m_LE: np.ndarray, labels: list, norm, cmap: str, title: str, cbar: str, annot, path: Path) -> None:
     L, E = m_LE.shape
-    fig, ax = plt.subplots(figsize=(min(20, 1.6 + 0.62 * E), 1.3 + 0.55 * L))
-    cm = plt.get_cmap(cmap).with_extremes(bad="#d9d9d9")
+    fig = agg_figure(figsize=(min(20, 1.6 + 0.62 * E), 1.3 + 0.55 * L))
+    ax = fig.subplots()
+    cm = colormaps[cmap].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(m_LE), cmap=cm, norm=norm, aspect="auto")
     ax.set_xticks(range(E), [str(e) for e in range(E)])
     ax.set_yticks(range(L), labels)
@@ -307,7 +306,6 @@ def _heatmap(m_LE: np.ndarray, labels: list, norm, cmap: str, title: str, cbar: 
     fig.colorbar(im, ax=ax, label=cbar, fraction=0.04, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_domain_heatmap(layers: list, focus: str, base: float, path: Path, min_tokens: int = MIN_TOKENS) -> Path:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..config import LMConfig, MoEConfig
 from ..kernels import compute_dtype, resolve_backend
 from ..layer.dispatch import dispatch, plan_dispatch, undispatch
-from ..layer.experts import ACTIVATIONS, stacked_ffn
+from ..layer.experts import stacked_ffn
 from ..models.lm import MoETransformer
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -469,7 +469,7 @@ class SharedWeightExperts(nn.Module):
         self.hidden_act = hidden_act
         self.kind = _NATIVE_GATED.get(hidden_act)  # moekit's expert kind, or None
         if self.kind is not None:
-            self.act = ACTIVATIONS[self.kind]
+            self.act = self.kind  # by name: the Triton kernels take moekit activations by name
         elif isinstance(getattr(hf_experts, "act_fn", None), nn.Module):
             self.act = _GatedActivation(hf_experts.act_fn)
         else:
@@ -486,7 +486,7 @@ class SharedWeightExperts(nn.Module):
         return self.hf.down_proj.transpose(1, 2)
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
-        if backend == "triton" and self.kind is None:  # reached through "auto": the kernels have no such activation
+        if backend == "triton" and self.kind is None:  # the Triton kernels have no such activation
             backend = "grouped"
         return stacked_ffn(x_RD, counts_E, self.w_up, self.w_down, self.act, backend)
 

@@ -7,20 +7,22 @@ columns of the up projection, F expert width, E experts):
 
 rows ``[sum(counts_E[:e]), sum(counts_E[:e+1]))`` belong to expert e; rows past ``sum(counts_E)``
 are padding whose output the caller ignores (and masks). ``act`` maps the up projection's
-output (R, H) to the down projection's input (R, F).
+output (R, H) to the down projection's input (R, F): the torch backends take a callable, the
+Triton kernels an activation name (the registry in :mod:`.activations`); :func:`expert_ffn`
+takes either name or callable and hands each backend what it needs.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
 
+from .activations import Act, activation_fn
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
-__all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "triton_verified", "compute_dtype"]
+__all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "compute_dtype"]
 
 
 def _interpreting() -> bool:
@@ -47,37 +49,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-_TRITON_VERIFIED: dict = {}  # (device, dtype) -> whether the self-check passed in this process
-
-
-def triton_verified(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether moekit's Triton kernels pass their self-check (:mod:`.triton.check`) on this
-    device in this dtype; run once per (device, dtype) and process. A failure warns once."""
-    key = (str(device), dtype)
-    if key not in _TRITON_VERIFIED:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False  # cannot check inside a CUDA graph capture (the check reads results back)
-        try:
-            from .triton.check import self_check
-
-            self_check(device, dtype)
-            _TRITON_VERIFIED[key] = True
-        except Exception as err:  # noqa: BLE001 - compile errors, resource limits, wrong results
-            warnings.warn(f"moekit: the Triton kernels failed their self-check on {device} in {dtype} "
-                          f"({type(err).__name__}: {err}); backend='auto' uses 'grouped' there", RuntimeWarning, stacklevel=3)
-            _TRITON_VERIFIED[key] = False
-    return _TRITON_VERIFIED[key]
-
-
 def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """Turn ``backend`` into the concrete one to run. ``auto``: the fused Triton kernels on CUDA
-    when Triton is installed and the kernels pass a one-time self-check in this dtype
-    (:func:`triton_verified`); ``grouped`` everywhere else, and under ``torch.compile`` (the
-    kernels are not registered as compilable custom ops)."""
+    """Turn ``backend`` into the concrete one to run. ``auto`` is ``grouped`` on every device: the
+    Triton kernels are opt-in (``backend="triton"``) until a GPU benchmark in benchmarks/RESULTS.md
+    shows them ahead (they have not run on a GPU yet). ``dtype`` is accepted for callers that pass it."""
     if backend == "auto":
-        if (device.type == "cuda" and dtype is not None and not torch.compiler.is_compiling()
-                and triton_available() and triton_verified(device, dtype)):
-            return "triton"
         return "grouped"
     if backend == "triton" and not ((device.type == "cuda" or _interpreting()) and triton_available()):
         raise ValueError(
@@ -87,12 +63,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     return backend
 
 
-def expert_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act, backend: str):
-    """Run the stacked expert FFNs with the named concrete backend."""
+def expert_ffn(x_RD: torch.Tensor, counts_E: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor, act: Act,
+               backend: str) -> torch.Tensor:
+    """Run the stacked expert FFNs with the named concrete backend. ``act``: an activation name
+    (:data:`.activations.ACTIVATIONS`), or any callable for the torch backends."""
     if backend == "loop":
-        return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
+        return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
     if backend == "grouped":
-        return grouped_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
+        return grouped_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
     if backend == "triton":
         from .triton import triton_ffn
 

@@ -1,6 +1,7 @@
 """Dispatch and combine: move routed slots into expert order and back.
 
-``plan_dispatch`` sorts the T*K slots by expert (empty slots, id E, sort last), ``dispatch``
+``plan_dispatch`` (:mod:`moekit.kernels.plan`, re-exported here with :class:`DispatchPlan`)
+sorts the T*K slots by expert (empty slots, id E, sort last), ``dispatch``
 gathers their token rows, the experts compute one grouped pass over ``x_RD``, and ``combine``
 puts the results back in slot order and sums them with the routing weights. Capacity limits
 (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021) are applied beforehand by
@@ -15,32 +16,12 @@ R rows handed to the experts (R = S, or E*C under a capacity C).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .losses import slot_counts
-
-
-@dataclass(frozen=True)
-class DispatchPlan:
-    """Metadata shared by :func:`dispatch` and :func:`combine` (all on the device)."""
-
-    order_R: Tensor  # slot ids (t*K + k) in expert order; rows past sum(counts_E) are empty slots
-    counts_E: Tensor  # rows per expert, int64
-    inverse_S: Optional[Tensor]  # row of each slot when R == S (the inverse permutation), else None
-    num_tokens: int  # T
-    top_k: int  # K
-    has_empty: bool  # whether rows past sum(counts_E) can exist (then they are masked to zero)
-
-    @property
-    def token_R(self) -> Tensor:
-        return torch.div(self.order_R, self.top_k, rounding_mode="floor")
-
-    def valid_R(self) -> Tensor:
-        return torch.arange(self.order_R.numel(), device=self.order_R.device) < self.counts_E.sum()
+from ..kernels.plan import DispatchPlan, plan_dispatch, slot_counts  # noqa: F401  (plan_dispatch: re-exported)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float, min_capacity: int = 1) -> int:
@@ -150,21 +131,6 @@ def _reroute(experts_TK, weights_TK, experts_S, weights_S, probs_TE, capacity, p
             dropped_S = dropped_S.clone()
             dropped_S[idx_T] = dropped_S[idx_T] & ~ok_T & torch.isfinite(score_TE.amax(-1))
     return experts_S, weights_S
-
-
-def plan_dispatch(experts_TK: Tensor, num_experts: int, *, max_rows: Optional[int] = None, has_empty: bool = False) -> DispatchPlan:
-    """Sort the slots by expert. ``max_rows`` is a static bound on the non-empty slots (E*C under
-    a capacity): only that many rows are handed to the experts."""
-    T, K = experts_TK.shape
-    S = T * K
-    experts_S = experts_TK.reshape(-1)
-    order_S = experts_S.argsort(stable=True)
-    counts_E = slot_counts(experts_TK, num_experts)
-    R = S if max_rows is None else min(S, max_rows)
-    inverse_S = None
-    if R == S:
-        inverse_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(S, device=order_S.device))
-    return DispatchPlan(order_S[:R], counts_E, inverse_S, T, K, has_empty or R < S)
 
 
 def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S: int) -> Tensor:

@@ -7,35 +7,19 @@ H up-projection width (2F for gated units, else F), E experts.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..kernels import compute_dtype, expert_ffn
+from ..kernels.activations import ACTIVATIONS as _REGISTRY
 from ..kernels.reference import per_expert
 
-GATED = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
-
-
-def _swiglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
-    return F.silu(gate) * up
-
-
-def _geglu(h: Tensor) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "swiglu": _swiglu,  # Shazeer 2020, "GLU Variants Improve Transformer"
-    "geglu": _geglu,  # same paper
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
+# by name, from the registry below the layer and the kernels (which take the name)
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: a.fn for name, a in _REGISTRY.items()}
+GATED: dict[str, bool] = {name: a.gated for name, a in _REGISTRY.items()}
 
 
 def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
@@ -44,9 +28,10 @@ def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
     return nn.init.uniform_(w, -bound, bound)
 
 
-def stacked_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor],
-                backend: str) -> Tensor:
-    """Stacked expert FFNs ``act(x @ w_up[e]) @ w_down[e]`` on rows in expert order, by the named
+def stacked_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
+                act: Union[str, Callable[[Tensor], Tensor]], backend: str) -> Tensor:
+    """Stacked expert FFNs ``act(x @ w_up[e]) @ w_down[e]`` on rows in expert order (``act``: an
+    activation name of :mod:`moekit.kernels.activations`, or any callable for the torch backends), by the named
     concrete backend, with the weights in the rows' dtype (under autocast the rows arrive in bf16).
     The one expert call of :class:`GroupedExperts` and of experts on borrowed weights
     (``moekit.interop``)."""
@@ -87,7 +72,7 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(_init_uniform_(torch.empty(num_experts, hidden_dim, dim), hidden_dim))
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
-        return stacked_ffn(x_RD, counts_E, *self._local_weights(), ACTIVATIONS[self.kind], backend)
+        return stacked_ffn(x_RD, counts_E, *self._local_weights(), self.kind, backend)
 
     def _local_weights(self) -> tuple[Tensor, Tensor]:
         """``(w_up, w_down)``. Under expert parallelism the weights are DTensors sharded on the
@@ -126,7 +111,7 @@ class GroupedExperts(nn.Module):
         w_up, w_down = self._weights_like(x_TD)
         T, K = plan.num_tokens, plan.top_k
         scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
-        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, ACTIVATIONS[self.kind], scale_R=scale_R,
+        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, self.kind, scale_R=scale_R,
                               out_idx_R=plan.order_R, top_k=K)
         return y_SD.view(T, K, -1).sum(1)
 

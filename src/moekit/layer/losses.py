@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.plan import slot_counts
+
 
 # every auxiliary loss the layer returns in ``losses`` -> the MoEConfig field weighting it in ``aux_loss``
 LOSS_WEIGHTS = {
@@ -38,13 +40,6 @@ def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     if v_E.numel() <= 1:
         return v_E.new_zeros(())
     return v_E.var(unbiased=False) / (v_E.mean() ** 2 + eps)
-
-
-def slot_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
-    """Routed slots per expert (E,), int64; empty slots (id E) are not counted."""
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=experts_TK.device)
-    counts.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1)))
-    return counts[:num_experts]
 
 
 def balance_from_stats(counts_E: Tensor, mean_probs_E: Tensor) -> Tensor:

@@ -53,19 +53,20 @@ def _dtype(name: str, x: Tensor) -> torch.dtype:
 
 
 def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
-    """Boolean (T, E) mask of the experts in each token's ``topk_groups`` best groups.
+    """Boolean (T, E) mask of the experts in each token's ``topk_groups`` best expert groups
+    (``num_groups`` equal, contiguous blocks of experts).
 
-    Group-limited routing (DeepSeek-V2, 2024; DeepSeek-V3, 2024): a group's score is its best
-    expert's score ("max") or the sum of its two best ("top2", V3).
+    Group-limited routing (DeepSeek-V2, 2024; DeepSeek-V3, 2024): an expert group's score is its
+    best expert's score ("max") or the sum of its two best ("top2", V3).
     """
     T, E = scores_TE.shape
     scores_TGe = scores_TE.view(T, num_groups, E // num_groups)
     if per_group == "top2" and E // num_groups >= 2:
-        group_TG = scores_TGe.topk(2, dim=-1).values.sum(-1)
+        expert_group_TG = scores_TGe.topk(2, dim=-1).values.sum(-1)
     else:
-        group_TG = scores_TGe.amax(-1)
-    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-    keep_TG.scatter_(1, group_TG.topk(topk_groups, dim=-1).indices, True)
+        expert_group_TG = scores_TGe.amax(-1)
+    keep_TG = torch.zeros_like(expert_group_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, expert_group_TG.topk(topk_groups, dim=-1).indices, True)
     return keep_TG.unsqueeze(-1).expand_as(scores_TGe).reshape(T, E)
 
 
@@ -271,8 +272,9 @@ class ExpertChoiceRouter(Router):
     C = ceil(T * c / E) with c = ``capacity_factor`` (default: ``top_k``, the average number of
     experts per token). Scores are the softmax over experts; a token may get 0..E experts. The
     result uses K = E slots per token, slot e meaning expert e, empty where e did not pick it.
-    Not causal: a token's routing depends on the other tokens in the batch. With a ``group``
-    (expert/data parallelism) the experts choose among all ranks' tokens, as one process would.
+    Not causal: a token's routing depends on the other tokens in the batch. With a ``scope``
+    spanning ranks (expert/data parallelism, :mod:`moekit.layer.scope`) the experts choose among
+    all ranks' tokens, as one process would.
     """
 
     batch_dependent = True
@@ -336,7 +338,7 @@ class SigmoidRouter(Router):
     """Sigmoid scores with auxiliary-loss-free balancing (DeepSeek-V3, 2024).
 
     ``s = sigmoid(logits)``; experts are *selected* on ``s + b`` (optionally only inside each
-    token's best groups); the weights are the selected ``s`` (renormalised, times the routed
+    token's best expert groups); the weights are the selected ``s`` (renormalised, times the routed
     scaling factor), so the bias ``b`` never enters the gradient. After each training step
     :meth:`update_bias` moves ``b_i`` by ``rate * sign(mean_load - load_i)``. At k = 1 with
     ``renormalize=True`` the one weight is s / s = 1 and the router learns nothing from the output
@@ -388,7 +390,7 @@ class SigmoidRouter(Router):
 
         ``load_E`` defaults to the tokens per expert accumulated by training forwards since the
         last update (then reset), so gradient accumulation counts every micro-batch once. Call it
-        once per optimizer step (moekit's trainer does; see :func:`moekit.layer.update_router_biases`).
+        once per optimizer step (moekit's trainer does, through :func:`moekit.layer.after_optimizer_step`).
         Under expert/data parallelism, all-reduce ``load_E`` first so every rank moves the same way.
         """
         if load_E is None:

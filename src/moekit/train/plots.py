@@ -1,6 +1,9 @@
 """PNG plots of a run folder: validation loss of MoE vs. dense, expert load over training per
 layer, and the final tokens-per-expert histogram.
 
+Figures are built as ``matplotlib.figure.Figure`` objects and written with the Agg canvas, not
+through pyplot: importing or calling this module leaves the caller's matplotlib backend alone.
+
 Shape legend: E experts, S logged steps.
 """
 from __future__ import annotations
@@ -10,27 +13,32 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from .run import CONFIG  # noqa: E402
-from .trainer import read_metrics  # noqa: E402
+from ..runs import CONFIG
+from .trainer import read_metrics
 
 MODELS = (("moe", "MoE", "C0", "o"), ("dense", "dense", "C3", "s"))  # sub-run, name, colour, marker
 DOMAIN_LINES = (":", "-.", (0, (5, 2)), (0, (3, 1, 1, 1)))  # one line style per domain (cycled)
 LEGEND_MAX_EXPERTS = 20  # up to this many experts get a legend of distinct colours; more get a colourbar
 
 
-def _save(fig, path: Path) -> Path:
+def agg_figure(**kwargs) -> Figure:
+    """A figure outside pyplot (nothing to close, no global state) drawn by the Agg canvas."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -64,7 +72,8 @@ def val_loss_figure(run_dir: Path):
             present.append((name, colour, marker, rows))
     if not present:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = agg_figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     domains = sorted({k[len("val_loss_"):] for *_, rows in present for r in rows for k in r if k.startswith("val_loss_")})
     for name, colour, marker, rows in present:
         steps, loss = _finite_series(rows, "val_loss")
@@ -100,10 +109,10 @@ def expert_colours(num_experts: int) -> list:
     """One colour per expert: distinct qualitative colours up to :data:`LEGEND_MAX_EXPERTS`
     (tab10, then tab20), else viridis in expert order (read with a colourbar)."""
     if num_experts <= 10:
-        return [plt.cm.tab10(e) for e in range(num_experts)]
+        return [colormaps["tab10"](e) for e in range(num_experts)]
     if num_experts <= LEGEND_MAX_EXPERTS:
-        return [plt.cm.tab20(e) for e in range(num_experts)]
-    return [plt.cm.viridis(e / max(1, num_experts - 1)) for e in range(num_experts)]
+        return [colormaps["tab20"](e) for e in range(num_experts)]
+    return [colormaps["viridis"](e / max(1, num_experts - 1)) for e in range(num_experts)]
 
 
 def expert_load_figure(run_dir: Path):
@@ -119,7 +128,8 @@ def expert_load_figure(run_dir: Path):
     E = max(len(cs) for cs in rows[0]["tokens_per_expert"])
     colours = expert_colours(E)
     height = 1.6 * n_layers + 0.8
-    fig, axes = plt.subplots(n_layers, 1, figsize=(7.6, height), sharex=True, squeeze=False, layout="constrained")
+    fig = agg_figure(figsize=(7.6, height), layout="constrained")
+    axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)
     steps = [r["step"] for r in rows]
     for layer in range(n_layers):
         counts_SE = [r["tokens_per_expert"][layer] for r in rows]
@@ -164,7 +174,8 @@ def plot_tokens_per_expert(run_dir: Path) -> Path:
         return None
     counts = rows[-1]["val_tokens_per_expert"]
     n_layers, E = len(counts), len(counts[0])
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = agg_figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
     width = 0.8 / n_layers
     for layer, cs in enumerate(counts):
         ax.bar([e + layer * width for e in range(E)], cs, width=width, label=f"layer {layer}")

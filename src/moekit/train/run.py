@@ -12,15 +12,14 @@ from typing import Optional
 from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
 from .._io import atomic_write_bytes, remove_stale_temporaries
+from ..interop import load_hf
+from ..interop.folders import hf_tokenizer, is_hf_folder
+from ..runs import COMPARISON, CONFIG, TOKENIZER, load_run_config, save_run_config, sub_runs
 from .checkpoint import CheckpointError
 from .lock import RunLock
 from . import distcp
 from .distcp import DCP_DIR
 from .trainer import CHECKPOINT, SUMMARY, Trainer, find_checkpoint, read_metrics
-
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-COMPARISON = "comparison.json"
 
 
 def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
@@ -36,46 +35,15 @@ def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
     return LMConfig(**model)
 
 
-def save_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, baseline: bool, dense_only: bool,
-                    init_from: Optional[str] = None) -> None:
-    cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "baseline": baseline, "dense_only": dense_only,
-           "init_from": init_from}
-    atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
-
-
-def load_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig, dict]:
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a moekit run folder (no {CONFIG})")
-    try:
-        raw = json.loads(path.read_text())
-        return LMConfig.from_dict(raw["model"]), TrainConfig.from_dict(raw["train"]), raw
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid run config: {err}") from err
-
-
 def _hf_start(path: str):
     """(model config, weights, tokenizer) to fine-tune a Hugging Face checkpoint folder, with the
     checkpoint's own auxiliary loss as transformers trains it (``output_router_logits=True``):
     ``router_aux_loss_coef`` times the balance loss pooled over the MoE layers, and no other term
     (see :func:`moekit.interop.config_from_hf`)."""
-    from ..generate import hf_tokenizer, is_hf_folder
-    from ..interop import load_hf
-
     if not is_hf_folder(path):
         raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint folder (config.json with model_type)")
     model = load_hf(str(path), training_losses=True)
     return model.cfg, model.state_dict(), hf_tokenizer(path)
-
-
-def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:
-    """(label, model config) of each model the run trains, in order."""
-    if raw.get("dense_only") or model_cfg.moe is None:  # a config without MoE layers is the dense model
-        return [("dense", model_cfg.dense_twin())]
-    runs = [("moe", model_cfg)]
-    if raw.get("baseline", True) and model_cfg.moe is not None:
-        runs.append(("dense", model_cfg.dense_twin()))
-    return runs
 
 
 def distributed_launch() -> bool:

@@ -13,12 +13,14 @@ The code is moekit's own; no kernel was copied from those projects.
 * :mod:`.schedule`: the row-tile table, built on the device from ``counts_E`` (no host sync).
 * :mod:`.routing`: ``routing_plan``, ``plan_dispatch``'s stable sort of the slots by expert as
   a fused counting-sort kernel (one launch for decode-sized batches, no host sync).
-* :mod:`.activations`: SwiGLU, GEGLU, GELU, ReLU forward and backward for the epilogues.
+* :mod:`.activations`: SwiGLU, GEGLU, GELU, ReLU forward and backward for the epilogues, by the
+  activation names of :mod:`moekit.kernels.activations`.
 * :mod:`.autograd`: ``triton_ffn`` (the backend contract, like ``loop_ffn``) and
   ``triton_moe_ffn`` (with the optional gather, scale and scatter).
 * :mod:`.config`: launch configs (heuristic by rows per expert, tuning candidates, validation);
   :mod:`.tune`: the measured choice per shape bucket, cached on disk.
-* :mod:`.check`: the self-check ``backend="auto"`` runs once per (device, dtype).
+* :mod:`.check`: a self-check against the loop reference, for a device and dtype (run by the
+  tests; ``backend="auto"`` does not pick these kernels: ``backend="triton"`` opts in).
 
 Status: verified for correctness under Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 fp64/fp32/fp16) against ``moekit.kernels.reference.loop_ffn``, and compiled for sm_90 without a

@@ -1,5 +1,5 @@
-"""Elementwise activations for the kernels' epilogues, and the map from moekit's activation
-callables to them.
+"""Elementwise activations for the kernels' epilogues, and the kernel code of each activation
+name in :data:`moekit.kernels.activations.ACTIVATIONS`.
 
 A kind is an elementwise function ``f`` plus a flag: gated kinds split the up projection's
 columns ``[gate | up]`` (H = 2F) and compute ``f(gate) * up``; the others compute ``f(pre)``.
@@ -7,16 +7,18 @@ Everything is evaluated in the accumulator's dtype (fp32, or fp64 for fp64 input
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
+from .. import activations as registry
+
 # elementwise codes (tl.constexpr so the kernels branch at compile time)
-SILU = tl.constexpr(0)
-GELU_TANH = tl.constexpr(1)  # F.gelu(approximate="tanh"), the gate of GEGLU
-GELU_ERF = tl.constexpr(2)  # F.gelu's default
-RELU = tl.constexpr(3)
+SILU = tl.constexpr(registry.SILU)
+GELU_TANH = tl.constexpr(registry.GELU_TANH)  # F.gelu(approximate="tanh"), the gate of GEGLU
+GELU_ERF = tl.constexpr(registry.GELU_ERF)  # F.gelu's default
+RELU = tl.constexpr(registry.RELU)
 
 
 class ActKind(NamedTuple):
@@ -24,26 +26,16 @@ class ActKind(NamedTuple):
     gated: bool
 
 
-def act_kind(act: Callable) -> ActKind:
-    """The kernel activation for one of ``moekit.layer.experts.ACTIVATIONS`` (matched by identity)."""
-    from ...layer.experts import ACTIVATIONS  # late: moekit.layer imports moekit.kernels
-
-    kinds = {
-        ACTIVATIONS["swiglu"]: ActKind(SILU.value, True),
-        ACTIVATIONS["geglu"]: ActKind(GELU_TANH.value, True),
-        ACTIVATIONS["gelu"]: ActKind(GELU_ERF.value, False),
-        ACTIVATIONS["relu"]: ActKind(RELU.value, False),
-    }
-    try:
-        return kinds[act]
-    except (KeyError, TypeError):
-        pass
-    names = ", ".join(f"{name!r}" for name in ACTIVATIONS)
-    raise ValueError(
-        f"backend='triton' only runs moekit's own activations ({names}, i.e. the callables in "
-        f"moekit.layer.experts.ACTIVATIONS); got {getattr(act, '__name__', act)!r}. "
-        "Use backend='grouped' or 'loop' for other activations."
-    )
+def act_kind(act: str) -> ActKind:
+    """The kernel activation of an activation name (a key of ``moekit.kernels.activations.ACTIVATIONS``)."""
+    entry = registry.ACTIVATIONS.get(act) if isinstance(act, str) else None
+    if entry is None:
+        names = ", ".join(f"{name!r}" for name in registry.ACTIVATIONS)
+        raise ValueError(
+            f"backend='triton' only runs moekit's own activations, passed by name ({names}); "
+            f"got {getattr(act, '__name__', act)!r}. Use backend='grouped' or 'loop' for other activations."
+        )
+    return ActKind(entry.kernel_code, entry.gated)
 
 
 # Float constants are literals below (sqrt(2/pi), 1/sqrt(2), 1/sqrt(2*pi), GELU's 0.044715):

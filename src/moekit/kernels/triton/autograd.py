@@ -18,12 +18,12 @@ width, H = F or 2F, E experts.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .activations import act_kind
+from .activations import ActKind, act_kind
 from . import tune
 from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
 from .gemm import INTERPRETED, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
@@ -102,7 +102,7 @@ def triton_moe_ffn(
     counts_E: Tensor,
     w_up_EDH: Tensor,
     w_down_EFD: Tensor,
-    act: Callable[[Tensor], Tensor],
+    act: str,
     *,
     token_idx_R: Optional[Tensor] = None,
     scale_R: Optional[Tensor] = None,
@@ -115,7 +115,8 @@ def triton_moe_ffn(
 
         y[out_idx_R[r]] = scale_R[r] * act(x[token_idx_R[r]] @ w_up[e(r)]) @ w_down[e(r)]
 
-    for the rows ``r < sum(counts_E)`` (rows sorted by expert as in the backend contract). With
+    for the rows ``r < sum(counts_E)`` (rows sorted by expert as in the backend contract). ``act``
+    is an activation name (a key of :data:`moekit.kernels.activations.ACTIVATIONS`). With
     no ``token_idx_R`` row r reads ``x[r]`` (R = x's rows); with no ``out_idx_R`` it writes
     ``y[r]`` (S = R). Output rows nothing is written to are zero; ``out_idx_R`` must not repeat a
     row among the real rows. Index tensors must hold valid rows for every row, padding included.
@@ -126,6 +127,28 @@ def triton_moe_ffn(
     ``out_idx_R[r]`` of the ``T*K`` output rows, and the input gradient is summed per token in a
     fixed order (deterministic), instead of the atomic ``index_add_`` a general gather needs.
     """
+    rows = _check_arguments(x_TD, counts_E, w_up_EDH, w_down_EFD, act, token_idx_R=token_idx_R, scale_R=scale_R,
+                            out_idx_R=out_idx_R, num_out_rows=num_out_rows, top_k=top_k)
+    return _moe_ffn(x_TD, w_up_EDH, w_down_EFD, rows, top_k, config)
+
+
+class _Rows(NamedTuple):
+    """:func:`triton_moe_ffn`'s arguments after checking: what the kernels read and write."""
+
+    kind: ActKind
+    counts_E: Tensor  # on x's device
+    token_idx_R: Optional[Tensor]  # int32, contiguous (slot mode: out_idx_R // top_k)
+    out_idx_R: Optional[Tensor]  # int32, contiguous
+    scale_R: Optional[Tensor]  # contiguous
+    num_rows: int  # R
+    num_out_rows: int  # S
+
+
+def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: str, *,
+                     token_idx_R: Optional[Tensor], scale_R: Optional[Tensor], out_idx_R: Optional[Tensor],
+                     num_out_rows: Optional[int], top_k: Optional[int]) -> _Rows:
+    """Check :func:`triton_moe_ffn`'s arguments (ValueError naming the first that does not fit) and
+    normalise the row indices: slot mode's gather, int32 indices, the output row count."""
     kind = act_kind(act)
     dev = x_TD.device
     if dev.type != "cuda" and not INTERPRETED:
@@ -166,12 +189,18 @@ def triton_moe_ffn(
         num_out_rows = R
     elif out_idx_R is None and num_out_rows != R:
         raise ValueError("num_out_rows differs from R but no out_idx_R says where rows go")
-    counts_E = counts_E.to(dev)
+    return _Rows(kind, counts_E.to(dev), token_idx_R, out_idx_R, scale_R, R, num_out_rows)
+
+
+def _moe_ffn(x_TD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, rows: _Rows, top_k: Optional[int],
+             config: Optional[dict]) -> Tensor:
+    """Choose the launch config (tuning it on first sight of the shape) and run the autograd op."""
+    kind, scale_R = rows.kind, rows.scale_R
     train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w_up_EDH, w_down_EFD, scale_R))
 
     def call(inputs, cfg):
-        return _TritonExpertFFN.apply(*inputs, counts_E, token_idx_R, out_idx_R, R, num_out_rows,
-                                      kind.code, kind.gated, top_k, cfg)
+        return _TritonExpertFFN.apply(*inputs, rows.counts_E, rows.token_idx_R, rows.out_idx_R, rows.num_rows,
+                                      rows.num_out_rows, kind.code, kind.gated, top_k, cfg)
 
     def trial(cfg):  # one timed call for the tuner, on detached copies (the caller's graph is untouched)
         # identity hooks: the trial's saved tensors bypass an enclosing activation checkpoint's
@@ -183,9 +212,10 @@ def triton_moe_ffn(
             if train:
                 torch.autograd.grad(y, [t for t in ins if t is not None and t.requires_grad], torch.ones_like(y))
 
-    flags = (f"{'gather' if token_idx_R is not None else ''}{'scale' if scale_R is not None else ''}"
-             f"{'scatter' if out_idx_R is not None else ''}{f'k{top_k}' if top_k else ''}")
-    cfg = _choose_config(config, dev, x_TD.dtype, R, E, D, F, kind, flags, train, trial)
+    flags = (f"{'gather' if rows.token_idx_R is not None else ''}{'scale' if scale_R is not None else ''}"
+             f"{'scatter' if rows.out_idx_R is not None else ''}{f'k{top_k}' if top_k else ''}")
+    E, D, F = w_up_EDH.shape[0], w_up_EDH.shape[1], w_down_EFD.shape[1]
+    cfg = _choose_config(config, x_TD.device, x_TD.dtype, rows.num_rows, E, D, F, kind, flags, train, trial)
     return call((x_TD, w_up_EDH, w_down_EFD, scale_R), cfg)
 
 
@@ -225,7 +255,7 @@ def _usable(cfg: dict) -> bool:
     return True
 
 
-def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: str) -> Tensor:
     """The backend contract of :mod:`moekit.kernels` (same results and gradients as ``loop_ffn``;
-    rows past ``sum(counts_E)`` come back as zeros)."""
+    rows past ``sum(counts_E)`` come back as zeros); ``act`` is an activation name."""
     return triton_moe_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)

@@ -1,6 +1,6 @@
 """Routing metadata on the device: a stable counting sort of the (token, k) slots by expert.
 
-``routing_plan`` builds the same :class:`moekit.layer.dispatch.DispatchPlan` as
+``routing_plan`` builds the same :class:`moekit.kernels.plan.DispatchPlan` as
 ``plan_dispatch`` (``argsort(stable=True)``, ``slot_counts``, the inverse permutation) in one to
 three launches instead of several torch ops: at decode sizes each launch costs more than its
 work. As in the fused MoE kernels of ScatterMoE (Tan et al. 2024) and SonicMoE (2025), nothing
@@ -27,17 +27,15 @@ per one-hot tile.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..plan import DispatchPlan
 from .gemm import INTERPRETED
-
-if TYPE_CHECKING:
-    from ...layer.dispatch import DispatchPlan
 
 # Up to this many slots one program sorts everything (T = 128 tokens at K = 8); beyond it, blocks
 # of BLOCK_S slots. TILE bounds a one-hot tile's BLOCK_S * E_CHUNK entries (E_CHUNK >= 16).
@@ -140,8 +138,6 @@ def routing_plan(
         DispatchPlan with ``order_R`` (R,) int64, ``counts_E`` (E,) int64, ``inverse_S`` (S,)
         int64 when R == S else None.
     """
-    from ...layer.dispatch import DispatchPlan  # lazily: moekit.layer may come to import this module
-
     if not isinstance(experts_TK, Tensor) or experts_TK.dim() != 2 or experts_TK.dtype not in (torch.int32, torch.int64):
         what = f"{tuple(experts_TK.shape)} {experts_TK.dtype}" if isinstance(experts_TK, Tensor) else type(experts_TK).__name__
         raise ValueError(f"experts_TK must be a 2-D int32/int64 tensor (T, K); got {what}")

@@ -1,4 +1,5 @@
 """Soft MoE (Puigcerver et al. 2023)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +74,19 @@ def test_unnormalised_variant_and_loop_backend_agree():
     out = moe(x).out
     moe.backend = "loop"
     torch.testing.assert_close(moe(x).out, out)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="slots_per_expert"):
+        SoftMoE(8, 8, 2, 0)
+    with pytest.raises(ValueError, match="expert must be"):
+        SoftMoE(8, 8, 2, 1, expert="tanh")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="batch, tokens, dim"):
+        SoftMoE(8, 8, 2, 1)(torch.randn(4, 8))  # Soft MoE needs sequences: it mixes over their tokens
+
+
+def test_empty_inputs():
+    assert SoftMoE(8, 8, 2, 1)(torch.randn(2, 0, 8)).out.shape == (2, 0, 8)

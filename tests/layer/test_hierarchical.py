@@ -112,3 +112,18 @@ def test_bad_arguments():
         HierarchicalMoE(8, 8, 2, 2, top_k_groups=3)
     with pytest.raises(ValueError, match="top_k_experts"):
         HierarchicalMoE(8, 8, 2, 2, top_k_experts=3)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="importance_loss_weight"):
+        HierarchicalMoE(8, 8, 2, 2, importance_loss_weight=-1.0)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="dim=8"):
+        HierarchicalMoE(8, 8, 2, 2)(torch.randn(3, 7))
+
+
+def test_empty_inputs():
+    res = HierarchicalMoE(8, 8, 2, 2)(torch.randn(0, 8))
+    assert res.out.shape == (0, 8) and float(res.aux_loss) == 0.0

@@ -85,3 +85,10 @@ def test_short_training_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_bad_config_arguments():
+    with pytest.raises(ValueError, match="patch_size"):
+        ViTConfig(image_size=8, patch_size=3)
+    with pytest.raises(ValueError, match="ffn"):
+        ViTConfig(ffn="sparse")

@@ -1,4 +1,5 @@
 """Multi-gate MoE (Ma et al. 2018) and the multi-task baselines."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +60,13 @@ def test_synthetic_tasks_correlation_and_baseline():
     assert torch.corrcoef(d.y_BT.t())[0, 1] < torch.corrcoef(same.t())[0, 1]
     res = SharedBottom(20, 16, 2, 4)(d.x_BI[:3])
     assert [o.shape for o in res.outs] == [(3, 1), (3, 1)]
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="num_tasks"):
+        MultiGateMoE(4, 4, 2, 0, 4)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="in_dim"):
+        MultiGateMoE(4, 4, 2, 2, 4)(torch.randn(3, 5))

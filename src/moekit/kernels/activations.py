@@ -1,0 +1,59 @@
+"""The expert activations, keyed by name: what every backend and the layer agree on.
+
+An activation maps the up projection's output (R, H) to the down projection's input (R, F).
+Gated kinds split the columns ``[gate | up]`` (H = 2F) and compute ``f(gate) * up``; the others
+compute ``f(pre)`` (H = F). ``kernel_code`` names the elementwise ``f`` for the Triton epilogues
+(:mod:`moekit.kernels.triton.activations`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch.nn.functional as F
+from torch import Tensor
+
+# elementwise codes of the Triton epilogues
+SILU, GELU_TANH, GELU_ERF, RELU = 0, 1, 2, 3
+
+
+def _swiglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
+    return F.silu(gate) * up
+
+
+def _geglu(h: Tensor) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@dataclass(frozen=True)
+class Activation:
+    fn: Callable[[Tensor], Tensor]  # (R, H) -> (R, F), in torch
+    gated: bool  # H = 2F, columns [gate | up]
+    kernel_code: int  # the elementwise f for the Triton kernels
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "swiglu": Activation(_swiglu, True, SILU),  # Shazeer 2020, "GLU Variants Improve Transformer"
+    "geglu": Activation(_geglu, True, GELU_TANH),  # same paper
+    "gelu": Activation(F.gelu, False, GELU_ERF),
+    "relu": Activation(F.relu, False, RELU),
+}
+
+Act = Union[str, Callable[[Tensor], Tensor]]  # a name in ACTIVATIONS, or (torch backends only) any callable
+
+
+def activation_fn(act: Act) -> Callable[[Tensor], Tensor]:
+    """The torch function of ``act``: the registered one for a name, ``act`` itself for a callable."""
+    if isinstance(act, str):
+        return get_activation(act).fn
+    return act
+
+
+def get_activation(name: str) -> Activation:
+    """The registry entry of ``name`` (ValueError naming the choices when there is none)."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {name!r}") from None

@@ -1,0 +1,23 @@
+"""``moekit.cli.main``'s error handling: moekit's own errors become one line, a bug keeps its traceback."""
+import pytest
+
+import moekit.cli as cli
+
+
+def _command_raising(monkeypatch, err: BaseException) -> None:
+    def command(args):
+        raise err
+
+    monkeypatch.setattr(cli, "cmd_convert", command)  # bound by make_parser() when main() runs
+
+
+def test_an_error_moekit_raises_is_one_line(monkeypatch, capsys):
+    _command_raising(monkeypatch, ValueError("steps must be a positive integer"))
+    assert cli.main(["convert", "--run", "r"]) == 2
+    assert capsys.readouterr().err == "moekit convert: error: steps must be a positive integer\n"
+
+
+def test_a_type_error_from_a_bug_keeps_its_traceback(monkeypatch):
+    _command_raising(monkeypatch, TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
+    with pytest.raises(TypeError, match="unsupported operand"):
+        cli.main(["convert", "--run", "r"])
