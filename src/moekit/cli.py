@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import LMConfig, TrainConfig, check_device_available
+from .config import LMConfig, TrainConfig, check_device_available, check_positive
 
 TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
@@ -235,16 +235,14 @@ def _check_sampling(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_p, names=("--temperature", "--top-p"))  # before loading the model
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
-    if args.top_k_experts is not None and args.top_k_experts <= 0:
-        raise ValueError(f"--top-k-experts must be a positive integer; got {args.top_k_experts}")
+    check_positive("--top-k-experts", args.top_k_experts, integer=True, allow_none=True)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .analysis import inspect_run
 
     check_device_available("--device", args.device)
-    if args.top_k_experts is not None and args.top_k_experts <= 0:
-        raise ValueError(f"--top-k-experts must be a positive integer; got {args.top_k_experts}")
+    check_positive("--top-k-experts", args.top_k_experts, integer=True, allow_none=True)
     inspect_run(args.run, out_dir=args.out, windows=args.windows, device=args.device, top_k=args.top_k_experts)
     return 0
 

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 
+from ..config import check_positive
 from ..data import build_data
 from ..generate import load_run_model
 from ..layer import MoE
@@ -47,8 +48,7 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     run_dir = Path(run)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    if isinstance(windows, bool) or not isinstance(windows, int) or windows <= 0:
-        raise ValueError(f"windows must be a positive integer; got {windows!r}")
+    check_positive("windows", windows, integer=True)
     model_cfg, train_cfg, raw = load_run_config(run_dir)
     if model_cfg.moe is None or "moe" not in dict(sub_runs(raw, model_cfg)):
         raise ValueError(f"inspect needs a MoE run; {run_dir} holds only a dense model")

@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ...config import check_positive
 from .activations import ActKind, act_kind
 from . import tune
 from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
@@ -167,8 +168,7 @@ def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EF
     if counts_E.numel() != E:
         raise ValueError(f"counts_E has {counts_E.numel()} entries for {E} experts")
     if top_k is not None:
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int; got {top_k!r}")
+        check_positive("top_k", top_k, integer=True)
         if out_idx_R is None or token_idx_R is not None:
             raise ValueError("top_k (slot mode) needs out_idx_R (slot ids) and no token_idx_R: rows read x[slot // top_k]")
         T = x_TD.shape[0]
