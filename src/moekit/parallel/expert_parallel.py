@@ -555,6 +555,7 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     check_positive("expert_parallel", ep, integer=True)
+    assert ep is not None  # check_positive refused None
     if dist.get_world_size() % ep:
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
