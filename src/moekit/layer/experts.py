@@ -79,6 +79,7 @@ class GroupedExperts(nn.Module):
         expert dimension: this rank's experts are their local part (its rows arrive already
         grouped by local expert)."""
         if isinstance(self.w_up, DTensor):
+            assert isinstance(self.w_down, DTensor)  # sharded together
             return self.w_up.to_local(), self.w_down.to_local()
         return self.w_up, self.w_down
 

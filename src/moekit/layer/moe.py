@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Optional, Sequence, Union
+from types import FrameType
+from typing import Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,32 +60,33 @@ class MoEOutput:
     def aux_loss(self) -> Tensor:
         """Scalar: the weighted sum of the enabled auxiliary losses."""
         self._resolve()
-        return self._aux_loss
+        return cast(Tensor, self._aux_loss)  # set by the constructor or by _pending
 
     @property
     def losses(self) -> dict:
         """Name -> unweighted scalar tensor."""
         self._resolve()
-        return self._losses
+        return cast(dict, self._losses)
 
     @property
     def stats(self) -> dict:
         """tokens_per_expert (E,), dropped_fraction, router_entropy, expert_usage (E,), routed_per_expert (E,),
         mean_router_probs (E,) (differentiable)."""
         self._resolve()
-        return self._stats
+        return cast(dict, self._stats)
 
     def __repr__(self) -> str:
         return f"MoEOutput(out={tuple(self.out.shape)}, deferred={self._pending is not None})"
 
 
 _UNSET = object()
-_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["moekit"], torch))
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(cast(str, m.__file__))) + os.sep for m in (sys.modules["moekit"], torch))
 
 
 def _user_stacklevel() -> int:
     """``stacklevel`` for a warning raised here that points at the first caller outside moekit and
     torch (the user's ``MoE(cfg)``, ``MoEFeedForward(cfg)`` or model constructor)."""
+    frame: Optional[FrameType]
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
@@ -105,6 +107,10 @@ class MoE(nn.Module):
         res = moe(torch.randn(4, 128, 512))
         loss = task_loss(res.out) + res.aux_loss
     """
+
+    expert_usage: Tensor
+    steps_unused: Tensor
+    step_counts: Tensor
 
     def __init__(self, cfg: MoEConfig, experts: Optional[Sequence[nn.Module]] = None):
         super().__init__()
@@ -190,7 +196,7 @@ class MoE(nn.Module):
         bookkeeping and collectives happen in the call), else deferred until read."""
         cfg, training = self.cfg, self.training
 
-        def losses_and_stats():
+        def losses_and_stats() -> tuple[Tensor, dict, dict]:
             counts_E = kept_E if kept_E is not None else L.slot_counts(experts_TK, cfg.num_experts)
             losses, stats = self._losses_and_stats(routing, counts_E, training)
             aux = out.new_zeros((), dtype=torch.float32)

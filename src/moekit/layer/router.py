@@ -78,6 +78,7 @@ class Router(nn.Module):
     """
 
     learned = True
+    disabled_E: Tensor
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -120,7 +121,7 @@ class Router(nn.Module):
         replacement), whose ``gather_rows`` routers that choose over the whole batch use (expert choice)."""
         self.scope = scope or LOCAL_SCOPE  # random draws of this call go through it (random_rows)
         if self.batch_dependent:
-            return self.route(x_TD, top_k, token_ids_T, scope=self.scope)
+            return self.route(x_TD, top_k, token_ids_T, scope=self.scope)  # type: ignore[call-arg]  # batch-dependent routers take scope
         return self.route(x_TD, top_k, token_ids_T)
 
     batch_dependent = False  # True when a token's routing depends on the other tokens of the batch
@@ -174,6 +175,7 @@ class TopKRouter(Router):
         probs_TE = logits_TE.softmax(-1)
         sel_TE = probs_TE
         if self.cfg.num_groups is not None:
+            assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
             sel_TE = probs_TE.masked_fill(~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0)
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
         scores_TK = probs_TE.gather(1, experts_TK)
@@ -351,6 +353,9 @@ class SigmoidRouter(Router):
                     "score s) or top_k >= 2")
         return None
 
+    bias_E: Tensor
+    load_E: Tensor
+
     def __init__(self, cfg: MoEConfig):
         super().__init__(cfg)
         self.register_buffer("bias_E", torch.zeros(cfg.num_experts, dtype=torch.float32))
@@ -372,6 +377,7 @@ class SigmoidRouter(Router):
         scores_TE = logits_TE.sigmoid()
         sel_TE = scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
         if self.cfg.num_groups is not None:
+            assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
             sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
         if self.num_disabled:
             sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))

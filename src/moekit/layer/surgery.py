@@ -130,6 +130,7 @@ def upcycle(ffn: FeedForward, cfg: MoEConfig, noise: float, build: Callable[[MoE
             f"cfg (dim={cfg.dim}, hidden_dim={cfg.hidden_dim}, expert={cfg.expert!r}) must match the dense FFN "
             f"(dim={ffn.dim}, hidden_dim={ffn.hidden_dim}, kind={ffn.kind!r})")
     moe = build(cfg).to(ffn.w_up.device, ffn.w_up.dtype)
+    assert isinstance(moe.experts, GroupedExperts)  # built from cfg alone: the stacked FFN experts
     with torch.no_grad():
         for mine, theirs in ((moe.experts.w_up, ffn.w_up), (moe.experts.w_down, ffn.w_down)):
             mine.copy_(theirs.expand_as(mine))

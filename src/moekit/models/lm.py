@@ -68,6 +68,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    q_norm: Optional[RMSNorm]
+    k_norm: Optional[RMSNorm]
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.h, self.hk, self.dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
@@ -85,14 +88,17 @@ class Attention(nn.Module):
         B, S, _ = x_BSD.shape
         q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
         if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, S, self.h, self.dh), k.view(B, S, self.hk, self.dh)
         if self.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(B, S, self.hk, self.dh).transpose(1, 2)
         if positions_S is not None:  # static cache (compiled decoding): fixed shapes, positions as data
+            assert cache is not None  # decode_step always passes its cache
             return self._attend_static(q, k, v, cache, layer, positions_S)
         start = 0
         if cache is not None:
@@ -120,6 +126,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    ffn: nn.Module  # a MoE layer, or a dense FeedForward
+
     def __init__(self, cfg: LMConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -127,6 +135,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.is_moe_layer(layer):  # a balance loss pooled over layers is the model's, not the layer's
+            assert cfg.moe is not None  # is_moe_layer is False without it
             moe_cfg = cfg.moe if cfg.balance_pooling == "layer" else dataclasses.replace(cfg.moe, balance_loss_weight=0.0)
             self.ffn = MoE(moe_cfg)
         else:
@@ -198,6 +207,9 @@ def _copy_full_(p: Tensor, full: Tensor) -> None:
 
 class MoETransformer(nn.Module):
     """Decoder-only language model with MoE feed-forward layers."""
+
+    rope_cos: Tensor
+    rope_sin: Tensor
 
     def __init__(self, cfg: LMConfig):
         """Built under ``torch.device("meta")`` the model holds no memory until
@@ -299,7 +311,7 @@ class MoETransformer(nn.Module):
     def param_counts(self) -> dict:
         """Total parameters and those active for one token (routed experts counted at K/E)."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        inactive: float = 0
         for moe in self.moe_layers:
             c = moe.cfg
             expert_params = sum(p.numel() for p in moe.experts.parameters())
@@ -333,6 +345,7 @@ class MoETransformer(nn.Module):
         step = self._compiled_decode_step() if compile else None
         for i in range(max_new_tokens):
             if step is not None:
+                assert cache is not None  # compile needs use_cache (checked above)
                 pos = torch.arange(out.shape[1] - step_in.shape[1], out.shape[1], device=p.device)
                 logits = (step if i else self.decode_step)(step_in, cache, pos, top_k_experts)[:, -1].float()
             else:

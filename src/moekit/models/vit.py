@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig, _DictMixin
 from ..layer import FeedForward, MoE
-from ..layer.experts import GATED
+from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import _UNSET
 from ..layer.soft import SoftMoE
 
@@ -89,6 +89,8 @@ def patchify(x_BCHW: Tensor, p: int) -> Tensor:
 
 
 class Block(nn.Module):
+    mlp: MoE | SoftMoE | FeedForward
+
     def __init__(self, cfg: ViTConfig, moe_block: bool):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
@@ -96,6 +98,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.kind = cfg.ffn if moe_block else "dense"
         if self.kind == "moe":
+            assert cfg.moe is not None  # ViTConfig sets a default for ffn="moe"
             self.mlp = MoE(cfg.moe)
         elif self.kind == "soft":
             self.mlp = SoftMoE(cfg.dim, cfg.soft_hidden or cfg.mlp_hidden, cfg.soft_experts, cfg.soft_slots_per_expert, expert=cfg.mlp_kind)
@@ -159,18 +162,20 @@ class VisionTransformer(nn.Module):
         were kept (dropped slots cost nothing). LayerNorms, softmaxes and activations are ignored."""
         c = self.cfg
         N, D, P = c.num_patches, c.dim, c.channels * c.patch_size ** 2
-        fl = 2 * N * P * D + 2 * D * c.num_classes
+        fl: float = 2 * N * P * D + 2 * D * c.num_classes
         moe_outs = iter(res.moe)
         for block in self.blocks:
+            assert isinstance(block, Block)
             fl += 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D  # qkv, scores + mix, output proj
             if block.kind == "dense":
                 up = c.mlp_hidden * (2 if GATED[c.mlp_kind] else 1)
                 fl += 2 * N * (D * up + c.mlp_hidden * D)
                 continue
             r = next(moe_outs)
+            assert isinstance(block.mlp, (MoE, SoftMoE)) and isinstance(block.mlp.experts, GroupedExperts)
             ex = block.mlp.experts
             per_row = 2 * (D * ex.w_up.shape[-1] + ex.hidden_dim * D)
-            if block.kind == "moe":
+            if isinstance(block.mlp, MoE):  # block.kind == "moe"
                 rows = float(r.stats["tokens_per_expert"].sum()) / batch
                 fl += 2 * N * D * block.mlp.num_experts + rows * per_row  # router + kept slots
             else:  # soft: logits, dispatch and combine mixes, M slot rows

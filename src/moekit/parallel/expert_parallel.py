@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -260,7 +260,7 @@ class _LayerScope(LocalScope):
             return t, 0
         g, W = self.stats_group, self.stats_size
         n = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.empty_like(n) for _ in range(W)]
+        sizes: list = [torch.empty_like(n) for _ in range(W)]  # tensors, then their ints
         _check("row-count gather", dist.all_gather, sizes, n, group=g)
         sizes = torch.cat(sizes).tolist()
         pad = max(sizes) - t.shape[0]
@@ -311,7 +311,7 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return dist.get_rank(), dist.get_world_size(), dev
 
@@ -441,7 +441,7 @@ class ExpertParallel:
         parameters by index; collective)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        by_name = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=True))
+        by_name: dict[str, Any] = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=True))
         index = {name: i for i, name in enumerate(_optimizer_names(self.model, opt))}
         return {"state": {index[n]: st for n, st in by_name["state"].items()},
                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
@@ -451,7 +451,7 @@ class ExpertParallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         names = _optimizer_names(self.model, opt)
-        by_name = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
+        by_name: dict[str, Any] = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
                    "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
         set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
@@ -496,7 +496,7 @@ def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
-    kw = {"mp_policy": mp} if mp is not None else {}
+    kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
     world = _flat_mesh(mesh)
     for moe in moes:
         fully_shard(moe.experts, mesh=mesh["dp"], **kw)
@@ -555,6 +555,7 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     check_positive("expert_parallel", ep, integer=True)
+    assert ep is not None  # check_positive refused None
     if dist.get_world_size() % ep:
         raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
     _validate(model, ep, statistics)
@@ -590,6 +591,7 @@ def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:
     }[handle.statistics]
     E = moe.cfg.num_experts
     El = E // handle.ep_size
+    assert isinstance(moe.experts, GroupedExperts)  # checked with the model
     _shard_experts(moe.experts, handle.mesh["ep"], handle.ep_rank * El, El)
     moe.experts.num_experts = El
     prefix = f"{name}.experts." if name else "experts."

@@ -33,7 +33,7 @@ class CheckpointError(RuntimeError):
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """Hex SHA-256 of a CPU tensor's raw bytes, as safetensors stores them (row-major)."""
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs lack __buffer__
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
@@ -67,6 +67,7 @@ def save_checkpoint(path: Union[str, Path], model: Optional[nn.Module], optimize
     from safetensors.torch import save
 
     if model_state is None:
+        assert model is not None, "save_checkpoint needs model or model_state"
         model_state = model.state_dict()
     if optimizer_state is None and optimizer is not None:
         optimizer_state = optimizer.state_dict()

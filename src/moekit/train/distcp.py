@@ -41,13 +41,16 @@ import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, TypeGuard, Union
 
 import torch
 from torch import nn
 
 from .._io import atomic_write_text
 from .checkpoint import CheckpointError, MODEL, OPTIM, RNG, read_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 DCP_DIR = "checkpoint.dcp"
 MANIFEST = "moekit.json"
@@ -199,7 +202,7 @@ def _agree(par, error: Optional[str]) -> None:
         raise CheckpointError(error)
 
 
-def _is_dtensor(t) -> bool:
+def _is_dtensor(t) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -470,6 +473,7 @@ def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     except Exception as err:  # noqa: BLE001 - anything else must not leave the other ranks waiting
         error = f"checkpoint {path} could not be read on rank {rank}: {_one_line(err)}"
     _agree(par, error)
+    assert manifest is not None and state is not None  # else _agree raised the error
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -477,6 +481,7 @@ def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"reading the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
     if optimizer is not None:
+        assert opt_plan is not None
         _load_optimizer(path, optimizer, manifest, state, opt_plan)
     rng_states = {k[len(RNG):]: v for k, v in state.items() if k.startswith(RNG)}
     return manifest["meta"], rng_states

@@ -168,7 +168,7 @@ def plot_expert_load(run_dir: Path) -> Optional[Path]:
     return None if fig is None else _save(fig, Path(run_dir) / "expert_load.png")
 
 
-def plot_tokens_per_expert(run_dir: Path) -> Path:
+def plot_tokens_per_expert(run_dir: Path) -> Optional[Path]:
     rows = [r for r in read_metrics(run_dir / "moe") if "val_tokens_per_expert" in r]
     if not rows:
         return None

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
@@ -29,8 +29,8 @@ def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
-    moe = dict(dim=128, hidden_dim=128 if preset in ("deepseek", "qwen_moe") else 256, **PRESETS[preset])
-    model = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256, moe=MoEConfig(**moe))
+    moe: dict[str, Any] = dict(dim=128, hidden_dim=128 if preset in ("deepseek", "qwen_moe") else 256, **PRESETS[preset])
+    model: dict[str, Any] = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256, moe=MoEConfig(**moe))
     model.update(overrides)
     return LMConfig(**model)
 
@@ -96,6 +96,7 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
     if init_from is not None and not resume:
         model_cfg, init_state, tok = _hf_start(init_from)
         raw = {"baseline": False, "dense_only": False}
+    assert model_cfg is not None  # given, read from the run folder, or from init_from
     data, model_cfg = _prepare_data(train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None)
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:

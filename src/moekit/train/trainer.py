@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,7 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: t
     model.train(was_training)
     if parallel is not None:
         loss_sum, count = parallel.sum(loss_sum), parallel.sum(count)  # tokens_per_expert is global already
-    res = {"val_loss": float(loss_sum.sum() / count.sum())}
+    res: dict[str, Any] = {"val_loss": float(loss_sum.sum() / count.sum())}
     for d, name in enumerate(data.domains):
         if count[d] > 0:
             res[f"val_loss_{name}"] = float(loss_sum[d] / count[d])
@@ -185,6 +185,8 @@ def read_metrics(sub_dir: Path) -> list[dict]:
 
 class Trainer:
     """Trains ``model_cfg`` on ``data`` into ``run_dir``."""
+
+    _last_eval: dict  # the latest evaluate() row ({} before the first)
 
     def __init__(self, run_dir: Path, model_cfg: LMConfig, cfg: TrainConfig, data: TokenData, *, label: str = "moe",
                  progress: bool = True, init_state: Optional[dict] = None, distributed: bool = False,

@@ -273,7 +273,7 @@ def grouped_up(x_TD: Tensor, idx_R: Optional[Tensor], w_up_EDH: Tensor, tiles: T
     pre_RH = x_TD.new_empty(num_rows, H) if store_pre else None
     if tiles.num_tiles == 0 or F == 0:
         return pre_RH, h_RF
-    pre = pre_RH if store_pre else _dummy(x_TD)
+    pre = pre_RH if pre_RH is not None else _dummy(x_TD)  # pre_RH exists iff store_pre
     grid = (tiles.num_tiles, triton.cdiv(F, cfg["BLOCK_N"]))
     _up_kernel[grid](
         x_TD, idx_R if idx_R is not None else _dummy(tiles.start_N), w_up_EDH, pre, h_RF,
@@ -323,8 +323,8 @@ def grouped_down_bwd(g_SD: Tensor, g_idx_R: Optional[Tensor], w_down_EFD: Tensor
     acc_torch = torch.float64 if pre_RH.dtype == torch.float64 else torch.float32
     ds_RN = pre_RH.new_zeros(R, max(n_col, 1), dtype=acc_torch) if store_ds else None
     if tiles.num_tiles and F:
-        h = h_RF if store_h else _dummy(pre_RH)
-        ds = ds_RN if store_ds else _dummy(pre_RH).to(acc_torch)
+        h = h_RF if h_RF is not None else _dummy(pre_RH)  # h_RF exists iff store_h
+        ds = ds_RN if ds_RN is not None else _dummy(pre_RH).to(acc_torch)  # ds_RN exists iff store_ds
         _down_bwd_kernel[(tiles.num_tiles, n_col)](
             g_SD, g_idx_R if g_idx_R is not None else _dummy(tiles.start_N), w_down_EFD, pre_RH,
             scale_R if scale_R is not None else _dummy(pre_RH), d_pre_RH, h, ds,
@@ -340,7 +340,7 @@ def grouped_down_bwd(g_SD: Tensor, g_idx_R: Optional[Tensor], w_down_EFD: Tensor
             BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["DBWD_num_warps"], num_stages=cfg["num_stages"],
         )
-    ds_R = ds_RN.sum(1) if store_ds else None  # a fixed-order sum: deterministic, no atomics
+    ds_R = ds_RN.sum(1) if ds_RN is not None else None  # a fixed-order sum: deterministic, no atomics
     return d_pre_RH, h_RF, ds_R
 
 
