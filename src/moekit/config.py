@@ -13,8 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 EXPERT_KINDS = ("swiglu", "geglu", "gelu", "relu")
-ROUTER_KINDS = ("topk", "noisy_topk", "switch", "expert_choice", "hash", "random", "sigmoid")
-BACKENDS = ("auto", "loop", "grouped", "triton")
+# Routers and expert backends register their names here from the module that implements them
+# (moekit.layer.router.register_router, moekit.kernels.register_backend), so adding one touches
+# that module only; the configs validate against these lists.
+ROUTER_KINDS: list[str] = []
+BACKENDS: list[str] = ["auto"]  # "auto" picks a concrete backend (moekit.kernels.resolve_backend)
 OVERFLOW_POLICIES = ("drop", "reroute")
 CAPACITY_PRIORITIES = ("order", "score")
 

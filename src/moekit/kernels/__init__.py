@@ -14,15 +14,16 @@ takes either name or callable and hands each backend what it needs.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from ..config import BACKENDS
 from .activations import Act, activation_fn
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
-__all__ = ["expert_ffn", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "compute_dtype"]
+__all__ = ["expert_ffn", "register_backend", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "compute_dtype"]
 
 
 def _interpreting() -> bool:
@@ -63,16 +64,44 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     return backend
 
 
+Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Act], torch.Tensor]
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, ffn: Backend) -> None:
+    """Make ``backend=name`` (MoEConfig, :func:`expert_ffn`) run ``ffn(x_RD, counts_E, w_up_EDH,
+    w_down_EFD, act)`` under the contract of this module's docstring (``act``: a name or a
+    callable; :func:`.activations.activation_fn` gives the torch function). Adding a backend
+    touches this call and its function only."""
+    if not callable(ffn):
+        raise TypeError(f"a backend must be callable; got {ffn!r}")
+    _BACKENDS[name] = ffn
+    if name not in BACKENDS:
+        BACKENDS.append(name)
+
+
+def _with_torch_activation(ffn: Callable) -> Backend:
+    def run(x_RD, counts_E, w_up_EDH, w_down_EFD, act):
+        return ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
+    return run
+
+
+def _triton_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act):
+    from .triton import triton_ffn  # Triton is optional: imported when this backend runs
+
+    return triton_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
+
+
+register_backend("loop", _with_torch_activation(loop_ffn))
+register_backend("grouped", _with_torch_activation(grouped_ffn))
+register_backend("triton", _triton_ffn)
+
+
 def expert_ffn(x_RD: torch.Tensor, counts_E: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor, act: Act,
                backend: str) -> torch.Tensor:
     """Run the stacked expert FFNs with the named concrete backend. ``act``: an activation name
     (:data:`.activations.ACTIVATIONS`), or any callable for the torch backends."""
-    if backend == "loop":
-        return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
-    if backend == "grouped":
-        return grouped_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
-    if backend == "triton":
-        from .triton import triton_ffn
-
-        return triton_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
-    raise ValueError(f"backend must be one of 'loop', 'grouped', 'triton'; got {backend!r}")
+    ffn = _BACKENDS.get(backend)
+    if ffn is None:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}")
+    return ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MoEConfig
+from ..config import ROUTER_KINDS, MoEConfig
 from .scope import LOCAL_SCOPE
 from .losses import cv_squared, slot_counts
 
@@ -408,15 +408,24 @@ class SigmoidRouter(Router):
         self.bias_E += self.cfg.bias_update_rate * torch.sign(mean - load_E) * enabled
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "switch": SwitchRouter,
-    "noisy_topk": NoisyTopKRouter,
-    "random": RandomSecondRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "hash": HashRouter,
-    "sigmoid": SigmoidRouter,
-}
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(name: str, cls: type[Router]) -> None:
+    """Make ``MoEConfig(router=name)`` build ``cls``: a subclass of :class:`Router` implementing
+    ``route`` (and ``constant_weight`` if its weights can be constant). Adding a router touches
+    this call and its class only."""
+    if not (isinstance(cls, type) and issubclass(cls, Router)):
+        raise TypeError(f"a router must be a subclass of moekit.layer.router.Router; got {cls!r}")
+    ROUTERS[name] = cls
+    if name not in ROUTER_KINDS:
+        ROUTER_KINDS.append(name)
+
+
+for _name, _cls in (("topk", TopKRouter), ("noisy_topk", NoisyTopKRouter), ("switch", SwitchRouter),
+                    ("expert_choice", ExpertChoiceRouter), ("hash", HashRouter), ("random", RandomSecondRouter),
+                    ("sigmoid", SigmoidRouter)):
+    register_router(_name, _cls)
 
 
 def build_router(cfg: MoEConfig) -> Router:
