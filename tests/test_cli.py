@@ -21,3 +21,12 @@ def test_a_type_error_from_a_bug_keeps_its_traceback(monkeypatch):
     _command_raising(monkeypatch, TypeError("unsupported operand type(s) for +: 'int' and 'str'"))
     with pytest.raises(TypeError, match="unsupported operand"):
         cli.main(["convert", "--run", "r"])
+
+
+def test_set_error_names_a_nested_field_by_its_dotted_path():
+    # the path walk once reused `section` for the config class: "<class '...MoEConfig'>.moe.top_k"
+    cfg = {"model": {"moe": {"dim": 8, "hidden_dim": 8}}}
+    with pytest.raises(ValueError, match=r"^model\.moe\.top_k must be an integer; got '2\.5'"):
+        cli._set_dotted("model", cfg["model"], "moe.top_k", "2.5")
+    with pytest.raises(ValueError, match=r"^model\.moe\.dim is not a config section"):
+        cli._set_dotted("model", cfg["model"], "moe.dim.x", "3")

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import LMConfig, TrainConfig, check_device_available, check_positive
+from .config import LMConfig, TrainConfig, _DictMixin, check_device_available, check_positive
 
 TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
@@ -29,7 +29,7 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "top_k_experts": ("model", "moe.top_k"), "router": ("model", "moe.router"),
     "expert_parallel": ("train", "expert_parallel"), "compile": ("train", "compile"),
 }
-SECTIONS = {"model": LMConfig, "train": TrainConfig}
+SECTIONS: dict[str, type[_DictMixin]] = {"model": LMConfig, "train": TrainConfig}
 RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
 DEFAULT_PRESET = "deepseek"
 
@@ -61,13 +61,13 @@ def _set_dotted(section: str, d: dict, dotted: str, text: str) -> None:
     cls, keys = SECTIONS[section], dotted.split(".")
     for i, k in enumerate(keys[:-1]):
         where = f"{section}.{'.'.join(keys[: i + 1])}"
-        section = cls.section_type(k)
-        if section is None:
+        sub = cls.section_type(k)
+        if sub is None:
             raise ValueError(f"{where} is not a config section")
         if not isinstance(d.get(k), dict):
             raise ValueError(f"{where} is None here (a dense model); give it fields first, e.g. "
                              f"{where}='{{\"dim\": 128, \"hidden_dim\": 128}}'")
-        d, cls = d[k], section
+        d, cls = d[k], sub
     d[keys[-1]] = cls.parse_field(keys[-1], text, label=f"{section}.{dotted}")
 
 
@@ -215,11 +215,11 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_text
+    from .generate import GenerationStats, generate_text
 
     _check_sampling(args)
     check_device_available("--device", args.device)
-    stats = []
+    stats: list[GenerationStats] = []
     text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, top_k_experts=args.top_k_experts, seed=args.seed, model=args.model,
                          use_cache=not args.no_cache, device=args.device, on_stats=stats.append, compile=args.compile)

@@ -121,19 +121,19 @@ class _DictMixin:
     command line's ``--set field=text``."""
 
     @classmethod
-    def field_types(cls) -> dict[str, Any]:
+    def field_types(cls: type) -> dict[str, Any]:
         """Field name -> its resolved type hint (``Optional[float]``, ``MoEConfig``, ...)."""
         return _resolved_hints(cls)
 
     @classmethod
-    def section_type(cls, name: str) -> Optional[type]:
+    def section_type(cls, name: str) -> Optional[type[_DictMixin]]:
         """The config class of field ``name`` when it is a nested config section (``LMConfig.moe``), else None."""
         hint = cls.field_types().get(name)
         base = _unwrap_optional(hint)[0] if hint is not None else None
         return base if isinstance(base, type) and issubclass(base, _DictMixin) else None
 
     @classmethod
-    def field_comments(cls) -> dict[str, str]:
+    def field_comments(cls: type) -> dict[str, str]:
         """Field name -> the comment written after it in this module (what the field means)."""
         return _field_comments(cls)
 
@@ -176,6 +176,9 @@ class _DictMixin:
         extra = (f"; set its fields one by one ({label}.FIELD=VALUE) or give a JSON object"
                  if cls.section_type(name) is not None else "")
         raise ValueError(f"{label} must be {_type_name(hints[name])}; got {text!r}{extra}")
+
+    if typing.TYPE_CHECKING:  # every subclass is a dataclass (asdict / fields below)
+        __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,6 +291,7 @@ class MoEConfig(_DictMixin):
             check_positive("topk_groups", self.topk_groups, integer=True)
             if self.num_experts % self.num_groups:
                 raise ValueError(f"num_groups must divide num_experts ({self.num_experts}); got {self.num_groups}")
+            assert self.topk_groups is not None  # set together with num_groups (checked above)
             if self.topk_groups > self.num_groups:
                 raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}); got {self.topk_groups}")
             if self.topk_groups * (self.num_experts // self.num_groups) < self.top_k:

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from matplotlib import colormaps
@@ -62,7 +62,7 @@ def inspect_run(run: Union[str, Path], out_dir: Optional[Union[str, Path]] = Non
     routing = collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
     layers = routing_table(routing, token_str=tok.token_str)
 
-    report = {
+    report: dict[str, Any] = {
         "run": str(run_dir), "domains": routing.domains, "windows": routing.windows, "windows_requested": windows,
         "seq_len": seq_len, "tokens": int(routing.token_T.numel()), "top_k": routing.top_k,
         "base_rate": _token_base_rate(routing), "config": config_summary(model, train_cfg, run_dir),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from sklearn.base import clone
@@ -47,11 +47,12 @@ def check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> 
 
 def check_float(value: Any, name: str, strictly_positive: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite non-negative (or positive) float."""
+    real = cast(float, value)  # typeshed's numbers.Real has no comparison with int: checked as a float
     ok = (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
-        and np.isfinite(value)
-        and (value > 0 if strictly_positive else value >= 0)
+        and np.isfinite(real)
+        and (real > 0 if strictly_positive else real >= 0)
     )
     if not ok:
         bound = "> 0" if strictly_positive else ">= 0"

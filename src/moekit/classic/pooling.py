@@ -111,6 +111,7 @@ def fit_stacker(
             Z = np.zeros((n, feats.shape[1]))
         Z[test] = feats
     est = clone(stacker)
+    assert Z is not None  # n_splits >= 2 folds, each fills its rows
     if supports_sample_weight(est):
         return fit_weighted(est, Z, target, w, seed, role="stacker", task=task)
     return est.fit(Z, target)

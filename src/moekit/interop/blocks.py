@@ -10,11 +10,15 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..config import MoEConfig
+from ..layer.experts import GroupedExperts
 from ..layer.moe import MoE
+from ..layer.router import SigmoidRouter
 from .hf import UnsupportedModelError, WeightMismatchError
 
 
@@ -22,7 +26,7 @@ def _w(t: Tensor) -> Tensor:
     return t.detach().clone()
 
 
-def deepseek_v3_moe(block: nn.Module, config) -> MoE:
+def deepseek_v3_moe(block: Any, config) -> MoE:
     """A moekit MoE equal to a transformers ``DeepseekV3MoE`` block (``block(x)`` == ``moe(x).out``)."""
     E = config.n_routed_experts if getattr(config, "n_routed_experts", None) else config.num_local_experts
     cfg = MoEConfig(dim=config.hidden_size, hidden_dim=config.moe_intermediate_size, num_experts=E,
@@ -34,6 +38,7 @@ def deepseek_v3_moe(block: nn.Module, config) -> MoE:
     if config.hidden_act != "silu":
         raise UnsupportedModelError(f"DeepSeek-V3 hidden_act={config.hidden_act!r} (only 'silu')")
     moe = MoE(cfg)
+    assert isinstance(moe.router, SigmoidRouter) and isinstance(moe.experts, GroupedExperts) and moe.shared is not None
     ex = block.experts
     if tuple(ex.gate_up_proj.shape) != (E, 2 * cfg.hidden_dim, cfg.dim):
         raise WeightMismatchError(f"experts.gate_up_proj: expected shape {(E, 2 * cfg.hidden_dim, cfg.dim)}, "
@@ -65,7 +70,7 @@ class GptOssExpert(nn.Module):
         return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.w_down + self.b_down
 
 
-def gpt_oss_moe(block: nn.Module, config) -> MoE:
+def gpt_oss_moe(block: Any, config) -> MoE:
     """A moekit MoE equal to a transformers ``GptOssMLP`` block (``block(x)[0]`` == ``moe(x).out``)."""
     E, D, F_ = config.num_local_experts, config.hidden_size, config.intermediate_size
     cfg = MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=config.num_experts_per_tok, router="topk",

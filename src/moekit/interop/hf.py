@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..config import LMConfig, MoEConfig
 from ..kernels import compute_dtype, resolve_backend
+from ..kernels.activations import Act
 from ..layer.dispatch import dispatch, plan_dispatch, undispatch
 from ..layer.experts import stacked_ffn
 from ..models.lm import MoETransformer
@@ -106,7 +107,7 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
             raise _unsupported(f"mlp_only_layers={c['mlp_only_layers']}")
         step = _get(c, "decoder_sparse_step", 1)
         first_dense, every = step - 1, step  # HF: MoE where (i + 1) % step == 0
-    E = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
+    E: Any = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
     K = c["num_experts_per_tok"]
     moe = MoEConfig(
@@ -175,6 +176,7 @@ def config_to_hf(cfg: LMConfig, family: str):
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
                   tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=m.top_k,
                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    extra: dict[str, Any]
     if family == "mixtral":
         extra = dict(num_local_experts=m.num_experts, intermediate_size=m.hidden_dim, router_jitter_noise=0.0,
                      router_aux_loss_coef=0.0, sliding_window=None)
@@ -207,6 +209,7 @@ def _fuse_experts(sd: dict, cfg: LMConfig, family: str) -> dict:
     the in-memory transformers 5 layout (fused ``experts.gate_up_proj`` / ``experts.down_proj``)."""
     sd = dict(sd)
     g, u, d = _PER_EXPERT[family]
+    assert cfg.moe is not None  # a supported family's config (config_from_hf) always has one
     E = cfg.moe.num_experts
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):
@@ -290,6 +293,7 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
             out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
         m = p + "mlp."
         if cfg.is_moe_layer(i):
+            assert cfg.moe is not None  # is_moe_layer
             out[q + "ffn.router.linear.weight"] = take(m + "gate.weight")
             out[q + "ffn.experts.w_up"] = take(m + "experts.gate_up_proj").transpose(1, 2)
             out[q + "ffn.experts.w_down"] = take(m + "experts.down_proj").transpose(1, 2)
@@ -332,6 +336,7 @@ def _moekit_to_hf(model: MoETransformer) -> dict:
             out[a + "k_norm.weight"] = sd[q + "attn.k_norm.weight"]
         m = p + "mlp."
         if cfg.is_moe_layer(i):
+            assert cfg.moe is not None  # is_moe_layer
             out[m + "gate.weight"] = sd[q + "ffn.router.linear.weight"]
             out[m + "experts.gate_up_proj"] = sd[q + "ffn.experts.w_up"].transpose(1, 2)
             out[m + "experts.down_proj"] = sd[q + "ffn.experts.w_down"].transpose(1, 2)
@@ -393,7 +398,7 @@ def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: boo
     if isinstance(source, (str, os.PathLike)):
         config, sd = _read_folder(os.fspath(source))
     elif isinstance(source, nn.Module) and hasattr(source, "config"):
-        config = source.config.to_dict()
+        config = cast(Any, source).config.to_dict()  # a transformers model (untyped here)
         _check_family(config)
         sd = {k: v.detach() for k, v in source.state_dict().items()}
     else:
@@ -463,7 +468,11 @@ class SharedWeightExperts(nn.Module):
     SwiGLU/GeGLU (all backends); any other uses the experts' own ``act_fn`` module (the ``loop``
     and ``grouped`` backends; ``auto`` then never picks ``triton``)."""
 
-    def __init__(self, hf_experts: nn.Module, hidden_act: str = "silu"):
+    hf: Any  # the transformers experts module (set with object.__setattr__; untyped here)
+    act: Act
+    num_experts: int
+
+    def __init__(self, hf_experts: Any, hidden_act: str = "silu"):
         super().__init__()
         object.__setattr__(self, "hf", hf_experts)  # a reference, not a submodule: no duplicate state-dict keys
         self.hidden_act = hidden_act
@@ -521,7 +530,14 @@ class AcceleratedMoEBlock(nn.Module):
     original transformers block, which honours whatever implementation is set; ``accelerate(model)``
     again returns to moekit's path."""
 
-    def __init__(self, hf_block: nn.Module, backend: str = "auto", hidden_act: str = "silu"):
+    original: nn.Module  # the transformers block (set with object.__setattr__)
+    gate: nn.Module
+    experts: nn.Module
+    shared_expert: Optional[nn.Module]
+    shared_expert_gate: Optional[nn.Module]
+    num_experts: int
+
+    def __init__(self, hf_block: Any, backend: str = "auto", hidden_act: str = "silu"):
         super().__init__()
         object.__setattr__(self, "original", hf_block)  # a reference, not a submodule (its modules are ours)
         self.gate = hf_block.gate

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import activations as registry
+from ..activations import Act
 
 # elementwise codes (tl.constexpr so the kernels branch at compile time)
 SILU = tl.constexpr(registry.SILU)
@@ -26,7 +27,7 @@ class ActKind(NamedTuple):
     gated: bool
 
 
-def act_kind(act: str) -> ActKind:
+def act_kind(act: Act) -> ActKind:
     """The kernel activation of an activation name (a key of ``moekit.kernels.activations.ACTIVATIONS``)."""
     entry = registry.ACTIVATIONS.get(act) if isinstance(act, str) else None
     if entry is None:

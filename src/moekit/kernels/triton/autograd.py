@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ...config import check_positive
+from ..activations import Act
 from .activations import ActKind, act_kind
 from . import tune
 from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
@@ -74,8 +75,10 @@ class _TritonExpertFFN(torch.autograd.Function):
         if need_up:
             dw_up = grouped_wgrad(x_TD, token_idx_R, d_pre_RH, None, None, tiles, w_up_EDH.dtype, cfg)
         if need_down:
+            assert h_RF is not None  # stored: store_h=need_down
             dw_down = grouped_wgrad(h_RF, None, g_SD, out_idx_R, scale_R, tiles, w_down_EFD.dtype, cfg)
         if need_s:
+            assert ds_R is not None and scale_R is not None  # stored: store_ds=need_s, which needs scale_R
             ds = ds_R.to(scale_R.dtype)
         return dx, dw_up, dw_down, ds, None, None, None, None, None, None, None, None, None
 
@@ -103,7 +106,7 @@ def triton_moe_ffn(
     counts_E: Tensor,
     w_up_EDH: Tensor,
     w_down_EFD: Tensor,
-    act: str,
+    act: Act,
     *,
     token_idx_R: Optional[Tensor] = None,
     scale_R: Optional[Tensor] = None,
@@ -145,7 +148,7 @@ class _Rows(NamedTuple):
     num_out_rows: int  # S
 
 
-def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: str, *,
+def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Act, *,
                      token_idx_R: Optional[Tensor], scale_R: Optional[Tensor], out_idx_R: Optional[Tensor],
                      num_out_rows: Optional[int], top_k: Optional[int]) -> _Rows:
     """Check :func:`triton_moe_ffn`'s arguments (ValueError naming the first that does not fit) and
@@ -255,7 +258,7 @@ def _usable(cfg: dict) -> bool:
     return True
 
 
-def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: str) -> Tensor:
+def triton_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Act) -> Tensor:
     """The backend contract of :mod:`moekit.kernels` (same results and gradients as ``loop_ffn``;
     rows past ``sum(counts_E)`` come back as zeros); ``act`` is an activation name."""
     return triton_moe_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)
