@@ -10,7 +10,7 @@ import math
 import re
 import typing
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 EXPERT_KINDS = ("swiglu", "geglu", "gelu", "relu")
 # Routers and expert backends register their names here from the module that implements them
@@ -24,7 +24,7 @@ CAPACITY_PRIORITIES = ("order", "score")
 
 # The argument checks of the whole package (configs, layers, per-call arguments): each error names
 # the argument and what was expected.
-def check_choice(name: str, value: Any, choices: tuple) -> None:
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
