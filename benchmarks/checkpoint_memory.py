@@ -13,6 +13,7 @@ Each rank runs `moekit train` in-process with `Trainer.save` timed and wrapped b
 training steps and the evaluation), the peak after it (the checkpoint step's own peak when it
 is higher), and the bytes of the checkpoint files this rank wrote (DCP: its `__R_*.distcp`, plus
 `.metadata` and `moekit.json` on rank 0; the single file: rank 0 writes it all)."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,24 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT = ["--expert-parallel", "2", "--dim", "128", "--experts", "32", "--set", "model.moe.hidden_dim=256",
-           "--steps", "2", "--no-baseline", "--tokenizer", "bytes", "--set", "train.code_chars=200000", "--quiet"]
+DEFAULT = [
+    "--expert-parallel",
+    "2",
+    "--dim",
+    "128",
+    "--experts",
+    "32",
+    "--set",
+    "model.moe.hidden_dim=256",
+    "--steps",
+    "2",
+    "--no-baseline",
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=200000",
+    "--quiet",
+]
 
 
 def _rss_mb() -> float:
@@ -55,8 +72,16 @@ def worker(out: str, train_args: list[str]) -> None:
             files = {p.name: p.stat().st_size for p in names}
         elif rank == 0 and (self.dir / "checkpoint.safetensors").exists():
             files = {"checkpoint.safetensors": (self.dir / "checkpoint.safetensors").stat().st_size}
-        rec["saves"].append({"step": self.step, "maxrss_before_mb": before, "maxrss_after_mb": after,
-                             "seconds": time.perf_counter() - t0, "bytes_written": sum(files.values()), "files": files})
+        rec["saves"].append(
+            {
+                "step": self.step,
+                "maxrss_before_mb": before,
+                "maxrss_after_mb": after,
+                "seconds": time.perf_counter() - t0,
+                "bytes_written": sum(files.values()),
+                "files": files,
+            }
+        )
 
     tr.Trainer.save = measured
     code = cli.main(["train", *train_args])
@@ -69,8 +94,23 @@ def run(src: str, nproc: int, train_args: list[str], work: Path) -> list[dict]:
     out.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=src, OMP_NUM_THREADS="1", MOEKIT_CACHE=str(work.parent / "cache"))
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(Path(__file__).resolve()), "--worker", str(out), "--", "--name", "r", "--out", str(work / "runs"), *train_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(out),
+        "--",
+        "--name",
+        "r",
+        "--out",
+        str(work / "runs"),
+        *train_args,
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -90,15 +130,20 @@ def main() -> None:
     here = str(Path(__file__).resolve().parents[1] / "src")
     variants = ([("before", args.before_src)] if args.before_src else []) + [("after", here)]
     print(f"moekit train {' '.join(train_args)}  ({args.nproc} ranks under torchrun)")
-    print("| moekit | rank | peak RSS before the checkpoint (MB) | peak RSS after it (MB) | checkpoint step adds (MB) | "
-          "bytes written (MB) | save (s) |")
+    print(
+        "| moekit | rank | peak RSS before the checkpoint (MB) | peak RSS after it (MB) | checkpoint step adds (MB) | "
+        "bytes written (MB) | save (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, src in variants:
             for rec in run(src, args.nproc, train_args, Path(tmp) / name):
                 s = rec["saves"][-1]
-                print(f"| {name} | {rec['rank']} | {s['maxrss_before_mb']:.0f} | {s['maxrss_after_mb']:.0f} | "
-                      f"{s['maxrss_after_mb'] - s['maxrss_before_mb']:.0f} | {s['bytes_written'] / 1e6:.1f} | {s['seconds']:.2f} |")
+                print(
+                    f"| {name} | {rec['rank']} | {s['maxrss_before_mb']:.0f} | {s['maxrss_after_mb']:.0f} | "
+                    f"{s['maxrss_after_mb'] - s['maxrss_before_mb']:.0f} | {s['bytes_written'] / 1e6:.1f} | "
+                    f"{s['seconds']:.2f} |"
+                )
 
 
 if __name__ == "__main__":

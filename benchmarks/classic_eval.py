@@ -34,8 +34,8 @@ import sklearn
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_wine
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import r2_score
 from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import r2_score
 from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, cross_validate
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -68,8 +68,7 @@ def _interleaved_mean(X: np.ndarray) -> np.ndarray:
 
 
 #: Noise-free regression functions of the synthetic problems, for the R^2 ceiling.
-TRUE_MEAN = {"synthetic: slope changes sign": _slope_sign_mean,
-             "synthetic: interleaved laws": _interleaved_mean}
+TRUE_MEAN = {"synthetic: slope changes sign": _slope_sign_mean, "synthetic: interleaved laws": _interleaved_mean}
 
 
 DATASETS: list[tuple[str, str, Any]] = [
@@ -88,20 +87,14 @@ def models(task: str) -> dict[str, Any]:
         return {
             "MoE, 2 experts": MixtureOfExpertsRegressor(n_experts=2, random_state=SEED),
             "MoE, 4 experts": MixtureOfExpertsRegressor(n_experts=4, random_state=SEED),
-            "MoE, 2 experts, winner": MixtureOfExpertsRegressor(
-                n_experts=2, pooling="winner", random_state=SEED
-            ),
-            "best single expert": make_pipeline(
-                StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))
-            ),
+            "MoE, 2 experts, winner": MixtureOfExpertsRegressor(n_experts=2, pooling="winner", random_state=SEED),
+            "best single expert": make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))),
             "HistGradientBoosting": HistGradientBoostingRegressor(random_state=SEED),
         }
     return {
         "MoE, 2 experts": MixtureOfExpertsClassifier(n_experts=2, random_state=SEED),
         "MoE, 4 experts": MixtureOfExpertsClassifier(n_experts=4, random_state=SEED),
-        "MoE, 2 experts, winner": MixtureOfExpertsClassifier(
-            n_experts=2, pooling="winner", random_state=SEED
-        ),
+        "MoE, 2 experts, winner": MixtureOfExpertsClassifier(n_experts=2, pooling="winner", random_state=SEED),
         "best single expert": GridSearchCV(
             make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
             {"logisticregression__C": np.logspace(-3, 3, 7)},
@@ -117,26 +110,43 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    print(f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"scikit-learn {sklearn.__version__}, {platform.machine()}")
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, "
+        f"scikit-learn {sklearn.__version__}, {platform.machine()}"
+    )
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     for name, task, load in DATASETS:
         X, y = load()
-        cv = (KFold(5, shuffle=True, random_state=SEED) if task == "regression"
-              else StratifiedKFold(5, shuffle=True, random_state=SEED))
+        cv = (
+            KFold(5, shuffle=True, random_state=SEED)
+            if task == "regression"
+            else StratifiedKFold(5, shuffle=True, random_state=SEED)
+        )
         scoring = "r2" if task == "regression" else "accuracy"
-        row: dict[str, Any] = {"dataset": name, "task": task, "n": int(X.shape[0]),
-                               "d": int(X.shape[1]), "metric": scoring, "scores": {}}
+        row: dict[str, Any] = {
+            "dataset": name,
+            "task": task,
+            "n": int(X.shape[0]),
+            "d": int(X.shape[1]),
+            "metric": scoring,
+            "scores": {},
+        }
         for label, model in models(task).items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 out = cross_validate(model, X, y, cv=cv, scoring=scoring, n_jobs=args.n_jobs)
             scores = out["test_score"]
-            row["scores"][label] = {"mean": float(scores.mean()), "std": float(scores.std()),
-                                    "fit_s": float(out["fit_time"].mean())}
-            print(f"  {name:32s} {label:22s} {scoring} {scores.mean():.3f} "
-                  f"± {scores.std():.3f}  (fit {out['fit_time'].mean():.2f} s/fold)", flush=True)
+            row["scores"][label] = {
+                "mean": float(scores.mean()),
+                "std": float(scores.std()),
+                "fit_s": float(out["fit_time"].mean()),
+            }
+            print(
+                f"  {name:32s} {label:22s} {scoring} {scores.mean():.3f} "
+                f"± {scores.std():.3f}  (fit {out['fit_time'].mean():.2f} s/fold)",
+                flush=True,
+            )
         if name in TRUE_MEAN:  # R^2 of the true function on the same test folds
             ceiling = [r2_score(y[test], TRUE_MEAN[name](X[test])) for _, test in cv.split(X, y)]
             row["ceiling_r2"] = float(np.mean(ceiling))
@@ -154,12 +164,10 @@ def main() -> None:
             s = row["scores"][label]
             cell = f"{s['mean']:.3f} ± {s['std']:.3f}"
             cells.append(f"**{cell}**" if round(s["mean"], 3) == best else cell)
-        print(f"| {row['dataset']} | {row['n']} × {row['d']} | {row['metric']} | "
-              + " | ".join(cells) + " |")
+        print(f"| {row['dataset']} | {row['n']} × {row['d']} | {row['metric']} | " + " | ".join(cells) + " |")
     for row in results:
         if "ceiling_r2" in row:
-            print(f"R^2 of the noise-free function on the same folds, {row['dataset']}: "
-                  f"{row['ceiling_r2']:.3f}")
+            print(f"R^2 of the noise-free function on the same folds, {row['dataset']}: {row['ceiling_r2']:.3f}")
     print(f"\ntotal {total:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:

@@ -8,6 +8,7 @@
 
     PYTHONPATH=src python benchmarks/cpu_overheads.py
 """
+
 from __future__ import annotations
 
 import statistics
@@ -55,8 +56,12 @@ def gathers_and_combine() -> None:
     for dt in (torch.float32, torch.bfloat16):
         x, idx = torch.randn(2048, 128).to(dt), torch.randint(0, 2048, (8192,))
         w, y = torch.rand(2048, 2).to(dt), torch.randn(2048, 2, 128).to(dt)
-        cells = [us(lambda: x[idx]), us(lambda: x.index_select(0, idx)),
-                 us(lambda: torch.bmm(w.unsqueeze(1), y).squeeze(1)), us(lambda: (w.unsqueeze(-1) * y).sum(1))]
+        cells = [
+            us(lambda: x[idx]),
+            us(lambda: x.index_select(0, idx)),
+            us(lambda: torch.bmm(w.unsqueeze(1), y).squeeze(1)),
+            us(lambda: (w.unsqueeze(-1) * y).sum(1)),
+        ]
         print(f"| {str(dt).split('.')[-1]} | " + " | ".join(f"{c / 1e3:.2f}" for c in cells) + " |")
 
 

@@ -37,6 +37,7 @@ oversubscribes them, so its times say little. Byte counts are exact either way.
     PYTHONPATH=src python benchmarks/ep_dispatch.py                  # EP=1 vs EP=2, ~15 s on 2 cores
     PYTHONPATH=src python benchmarks/ep_dispatch.py --ep 2 4 --reps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,10 @@ from collections import defaultdict
 from datetime import timedelta
 
 import torch
-
-from report import cpu_name  # benchmarks/report.py
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+
+from report import cpu_name  # benchmarks/report.py
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROW_KEYS = ("fwd.rows", "bwd.rows")  # the token-row all-to-alls; every other key is a "small" collective
@@ -103,7 +104,9 @@ class CommMeter:
                 self.bytes[key] += int(nbytes)
                 self.calls[key] += 1
 
-    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+    def all_to_all_single(
+        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
         P, me = self._real.get_world_size(group), self._real.get_rank(group)
         splits_P = list(input_split_sizes) if input_split_sizes else [input.shape[0] // P] * P
         row_bytes = math.prod(input.shape[1:]) * input.element_size()
@@ -117,8 +120,17 @@ class CommMeter:
                 self.rows_local += splits_P[me]
                 self.rows_dispatched += sum(splits_P)
             self._next_rows_is_dispatch = False
-        return self._record(kind, remote_rows * row_bytes, self._real.all_to_all_single, output, input,
-                            output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+        return self._record(
+            kind,
+            remote_rows * row_bytes,
+            self._real.all_to_all_single,
+            output,
+            input,
+            output_split_sizes,
+            input_split_sizes,
+            group=group,
+            async_op=async_op,
+        )
 
     def all_reduce(self, tensor, *args, **kwargs):
         P = self._real.get_world_size(kwargs.get("group"))
@@ -127,8 +139,15 @@ class CommMeter:
 
     def all_gather(self, tensor_list, tensor, *args, **kwargs):
         P = len(tensor_list)
-        return self._record("all_gather", (P - 1) * tensor.numel() * tensor.element_size(), self._real.all_gather,
-                            tensor_list, tensor, *args, **kwargs)
+        return self._record(
+            "all_gather",
+            (P - 1) * tensor.numel() * tensor.element_size(),
+            self._real.all_gather,
+            tensor_list,
+            tensor,
+            *args,
+            **kwargs,
+        )
 
 
 # ---------------------------------------------------------------------------- one process / rank
@@ -141,8 +160,9 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
     from moekit.parallel import apply_expert_parallel
 
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        )
     meter = CommMeter(dist)
     ep_module.dist = meter  # this process only: the library's collectives go through the meter
     T, D, F_, E, K = opts["tokens"], opts["dim"], opts["hidden"], opts["experts"], opts["top_k"]
@@ -154,8 +174,17 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
     records = []
     for cf in opts["capacity_factors"]:
         torch.manual_seed(opts["seed"])  # the same model on every rank
-        moe = MoE(MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=K, expert="swiglu", backend=opts["backend"],
-                            capacity_factor=cf)).to(dtype)
+        moe = MoE(
+            MoEConfig(
+                dim=D,
+                hidden_dim=F_,
+                num_experts=E,
+                top_k=K,
+                expert="swiglu",
+                backend=opts["backend"],
+                capacity_factor=cf,
+            )
+        ).to(dtype)
         if world > 1:
             apply_expert_parallel(moe, expert_parallel=world)
         steps = []
@@ -177,12 +206,18 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
             if i >= opts["warmup"]:
                 steps.append({"step": t2 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "comm": dict(meter.secs)})
         kept = res.stats["tokens_per_expert"].sum().item()  # global (all ranks) kept slots
-        records.append({
-            "capacity_factor": cf, "steps": steps, "bytes": dict(meter.bytes),  # routing is the same every step
-            "calls": dict(meter.calls),
-            "rows_local": meter.rows_local, "rows_dispatched": meter.rows_dispatched,
-            "kept_slots": kept, "dropped_fraction": float(res.stats["dropped_fraction"]),
-        })
+        records.append(
+            {
+                "capacity_factor": cf,
+                "steps": steps,
+                "bytes": dict(meter.bytes),  # routing is the same every step
+                "calls": dict(meter.calls),
+                "rows_local": meter.rows_local,
+                "rows_dispatched": meter.rows_dispatched,
+                "kept_slots": kept,
+                "dropped_fraction": float(res.stats["dropped_fraction"]),
+            }
+        )
 
     if world > 1:
         records.append({"latency_s": latency_floor()})
@@ -241,22 +276,29 @@ def summarise(ep: int, per_rank: list, opts: dict) -> list[dict]:
         comm_by_key = {k: med(per_step(recs, lambda s, k=k: s["comm"].get(k, 0.0))) * 1e3 for k, _ in BYTE_COLUMNS}
         comm = [a + b for a, b in zip(rows_comm, other_comm)]
         compute = [s - c for s, c in zip(step, comm)]
-        rows.append({
-            "ep": ep, "capacity_factor": cf, "tokens_per_rank": T,
-            "kept_rows_per_token": recs[0]["kept_slots"] / tokens,
-            "dropped_fraction": recs[0]["dropped_fraction"],
-            "local_fraction": sum(r["rows_local"] for r in recs) / dispatched if dispatched else 1.0,
-            "bytes_per_token": bytes_per_token, "total_bytes_per_token": sum(bytes_per_token.values()),
-            "step_ms": med(step) * 1e3, "rows_comm_ms": med(rows_comm) * 1e3, "other_comm_ms": med(other_comm) * 1e3,
-            "comm_ms": med(comm) * 1e3, "compute_ms": med(compute) * 1e3,
-            "comm_share": med([c / s for c, s in zip(comm, step)]),
-            "fwd_ms": med(per_step(recs, lambda s: s["fwd"])) * 1e3,
-            "calls_by_key": recs[0]["calls"],
-            "latency_floor_us": statistics.median(r[-1]["latency_s"] for r in per_rank) * 1e6 if ep > 1 else 0.0,
-            "comm_ms_by_key": comm_by_key,
-        })
+        rows.append(
+            {
+                "ep": ep,
+                "capacity_factor": cf,
+                "tokens_per_rank": T,
+                "kept_rows_per_token": recs[0]["kept_slots"] / tokens,
+                "dropped_fraction": recs[0]["dropped_fraction"],
+                "local_fraction": sum(r["rows_local"] for r in recs) / dispatched if dispatched else 1.0,
+                "bytes_per_token": bytes_per_token,
+                "total_bytes_per_token": sum(bytes_per_token.values()),
+                "step_ms": med(step) * 1e3,
+                "rows_comm_ms": med(rows_comm) * 1e3,
+                "other_comm_ms": med(other_comm) * 1e3,
+                "comm_ms": med(comm) * 1e3,
+                "compute_ms": med(compute) * 1e3,
+                "comm_share": med([c / s for c, s in zip(comm, step)]),
+                "fwd_ms": med(per_step(recs, lambda s: s["fwd"])) * 1e3,
+                "calls_by_key": recs[0]["calls"],
+                "latency_floor_us": statistics.median(r[-1]["latency_s"] for r in per_rank) * 1e6 if ep > 1 else 0.0,
+                "comm_ms_by_key": comm_by_key,
+            }
+        )
     return rows
-
 
 
 def cf_label(cf) -> str:
@@ -265,30 +307,75 @@ def cf_label(cf) -> str:
 
 def markdown(rows: list[dict]) -> str:
     base = {r["capacity_factor"]: r["step_ms"] for r in rows if r["ep"] == 1}
-    head = ["EP", "capacity", "rows/token kept", "local rows"] + [f"{h} B/tok" for _, h in BYTE_COLUMNS] + ["total B/tok"]
-    out = ["Bytes each rank sends to other ranks per local token per training step (exact):", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (
+        ["EP", "capacity", "rows/token kept", "local rows"] + [f"{h} B/tok" for _, h in BYTE_COLUMNS] + ["total B/tok"]
+    )
+    out = [
+        "Bytes each rank sends to other ranks per local token per training step (exact):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         b = r["bytes_per_token"]
-        cells = [str(r["ep"]), cf_label(r["capacity_factor"]), f"{r['kept_rows_per_token']:.3f}",
-                 f"{r['local_fraction']:.1%}"] + [f"{b[k]:.2f}" for k, _ in BYTE_COLUMNS] + [f"{r['total_bytes_per_token']:.2f}"]
+        cells = (
+            [
+                str(r["ep"]),
+                cf_label(r["capacity_factor"]),
+                f"{r['kept_rows_per_token']:.3f}",
+                f"{r['local_fraction']:.1%}",
+            ]
+            + [f"{b[k]:.2f}" for k, _ in BYTE_COLUMNS]
+            + [f"{r['total_bytes_per_token']:.2f}"]
+        )
         out.append("| " + " | ".join(cells) + " |")
-    head = ["EP", "capacity", "step ms", "fwd ms", "bwd ms", "row a2a ms", "other comm ms", "compute ms",
-            "comm share", "step / EP=1"]
-    out += ["", "Time of one training step (fwd + bwd), median over steps, mean over ranks (indicative):",
-            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "EP",
+        "capacity",
+        "step ms",
+        "fwd ms",
+        "bwd ms",
+        "row a2a ms",
+        "other comm ms",
+        "compute ms",
+        "comm share",
+        "step / EP=1",
+    ]
+    out += [
+        "",
+        "Time of one training step (fwd + bwd), median over steps, mean over ranks (indicative):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         ratio = r["step_ms"] / base[r["capacity_factor"]] if r["capacity_factor"] in base else float("nan")
-        cells = [str(r["ep"]), cf_label(r["capacity_factor"]), f"{r['step_ms']:.1f}", f"{r['fwd_ms']:.1f}",
-                 f"{r['step_ms'] - r['fwd_ms']:.1f}", f"{r['rows_comm_ms']:.1f}", f"{r['other_comm_ms']:.1f}",
-                 f"{r['compute_ms']:.1f}", f"{r['comm_share']:.0%}", f"{ratio:.2f}"]
+        cells = [
+            str(r["ep"]),
+            cf_label(r["capacity_factor"]),
+            f"{r['step_ms']:.1f}",
+            f"{r['fwd_ms']:.1f}",
+            f"{r['step_ms'] - r['fwd_ms']:.1f}",
+            f"{r['rows_comm_ms']:.1f}",
+            f"{r['other_comm_ms']:.1f}",
+            f"{r['compute_ms']:.1f}",
+            f"{r['comm_share']:.0%}",
+            f"{ratio:.2f}",
+        ]
         out.append("| " + " | ".join(cells) + " |")
     head = ["EP", "capacity"] + [h for _, h in BYTE_COLUMNS]
-    out += ["", "Time inside each kind of collective, ms per step (median; includes waiting for the slower rank):", "",
-            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += [
+        "",
+        "Time inside each kind of collective, ms per step (median; includes waiting for the slower rank):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         if r["ep"] > 1:
-            cells = [str(r["ep"]), cf_label(r["capacity_factor"])] + [f"{r['comm_ms_by_key'][k]:.2f}" for k, _ in BYTE_COLUMNS]
+            cells = [str(r["ep"]), cf_label(r["capacity_factor"])] + [
+                f"{r['comm_ms_by_key'][k]:.2f}" for k, _ in BYTE_COLUMNS
+            ]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -313,23 +400,37 @@ def reading(rows: list[dict], opts: dict) -> str:
             f"EP={P}, {cf_label(r['capacity_factor'])}: {r['local_fraction']:.1%} of dispatched rows stayed local "
             f"(1/EP = {1 / P:.1%})"
             + (f", {r['dropped_fraction']:.2%} of slots dropped" if r["capacity_factor"] is not None else "")
-            + f"; the row all-to-alls send {b['fwd.rows']:.0f} B/token forward and {b['bwd.rows']:.0f} B/token backward "
+            + f"; the row all-to-alls send {b['fwd.rows']:.0f} B/token forward and {b['bwd.rows']:.0f} B/token "
+            "backward "
             f"(balanced estimate 2·K·(P−1)/P·D·{elt} = {est:.0f} B per pass), everything else "
             f"{small:.1f} B/token ({small / r['total_bytes_per_token']:.1%}). Collectives take {r['comm_share']:.0%} "
             f"of the {r['step_ms']:.0f} ms step: {r['rows_comm_ms']:.1f} ms in the {n_rows} row all-to-alls "
             f"(≈{rate:.2f} GB/s sent per rank) and {r['other_comm_ms']:.1f} ms in {n_small} small collectives, whose "
             f"floor is ≈{r['latency_floor_us']:.0f} µs each (8-byte all-reduce back to back); the rest is waiting for "
             f"the slower rank"
-            + (f". The step is {r['step_ms'] / ref['step_ms']:.2f}× the one-process step, its non-communication part "
-               f"{r['compute_ms'] / ref['step_ms']:.2f}× it" if ref else "") + ".")
-    return " ".join(parts) + (" Bytes are exact; times come from processes sharing a small CPU over loopback and are "
-                              "indicative only.")
+            + (
+                f". The step is {r['step_ms'] / ref['step_ms']:.2f}× the one-process step, its non-communication part "
+                f"{r['compute_ms'] / ref['step_ms']:.2f}× it"
+                if ref
+                else ""
+            )
+            + "."
+        )
+    return " ".join(parts) + (
+        " Bytes are exact; times come from processes sharing a small CPU over loopback and are indicative only."
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ep", type=int, nargs="+", default=[2], help="expert-parallel sizes to run besides the EP=1 "
-                    "baseline (default: 2; more ranks than CPU cores oversubscribes them)")
+    ap.add_argument(
+        "--ep",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="expert-parallel sizes to run besides the EP=1 "
+        "baseline (default: 2; more ranks than CPU cores oversubscribes them)",
+    )
     ap.add_argument("--tokens", "-T", type=int, default=2048, help="tokens per rank (default 2048)")
     ap.add_argument("--dim", "-D", type=int, default=512, help="model width D (default 512)")
     ap.add_argument("--hidden", "-F", type=int, default=256, help="expert hidden width F (default 256)")
@@ -337,14 +438,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", "-K", type=int, default=2, help="experts per token K (default 2)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--backend", default="grouped", help="moekit expert backend (default grouped)")
-    ap.add_argument("--capacity-factors", default="none,1.25",
-                    help="comma list, 'none' = dropless (default: none,1.25)")
+    ap.add_argument(
+        "--capacity-factors", default="none,1.25", help="comma list, 'none' = dropless (default: none,1.25)"
+    )
     ap.add_argument("--reps", type=int, default=9, help="timed steps; the median is reported (default 9)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the summary rows as JSON")
     args = ap.parse_args(argv)
-    args.capacity_factors = [None if c.strip().lower() == "none" else float(c) for c in args.capacity_factors.split(",")]
+    args.capacity_factors = [
+        None if c.strip().lower() == "none" else float(c) for c in args.capacity_factors.split(",")
+    ]
     for p in args.ep:
         if p < 2:
             ap.error(f"--ep sizes must be >= 2 (EP=1 always runs as the baseline); got {p}")
@@ -359,23 +463,44 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not dist.is_available() or not dist.is_gloo_available():
         sys.exit("torch.distributed with gloo is needed")
-    opts = {k: getattr(args, k) for k in ("tokens", "dim", "hidden", "experts", "top_k", "dtype", "backend",
-                                          "capacity_factors", "reps", "warmup", "seed")}
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "tokens",
+            "dim",
+            "hidden",
+            "experts",
+            "top_k",
+            "dtype",
+            "backend",
+            "capacity_factors",
+            "reps",
+            "warmup",
+            "seed",
+        )
+    }
     cores = os.cpu_count() or 1
     for p in args.ep:
         if p > cores:
-            print(f"warning: EP={p} runs {p} processes on {cores} CPU cores: oversubscribed, its times are not "
-                  f"meaningful (bytes are)", file=sys.stderr)
+            print(
+                f"warning: EP={p} runs {p} processes on {cores} CPU cores: oversubscribed, its times are not "
+                f"meaningful (bytes are)",
+                file=sys.stderr,
+            )
     rows = []
     for ep in [1] + sorted(set(args.ep)):
         t0 = time.perf_counter()
         rows += summarise(ep, run_ep(ep, opts), opts)
         print(f"EP={ep}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print(f"## Expert-parallel dispatch, CPU (gloo): T={args.tokens}/rank D={args.dim} F={args.hidden} E={args.experts} "
-          f"K={args.top_k} {args.dtype} swiglu backend={args.backend}\n")
-    print(f"{datetime.date.today()} · {platform.machine()} ({cpu_name()}), {cores} cores, 1 thread "
-          f"per rank · torch {torch.__version__} · gloo over loopback · {args.reps} timed steps after {args.warmup} "
-          f"warm-up\n")
+    print(
+        f"## Expert-parallel dispatch, CPU (gloo): T={args.tokens}/rank D={args.dim} F={args.hidden} E={args.experts} "
+        f"K={args.top_k} {args.dtype} swiglu backend={args.backend}\n"
+    )
+    print(
+        f"{datetime.date.today()} · {platform.machine()} ({cpu_name()}), {cores} cores, 1 thread "
+        f"per rank · torch {torch.__version__} · gloo over loopback · {args.reps} timed steps after {args.warmup} "
+        f"warm-up\n"
+    )
     print(markdown(rows))
     print()
     print("Reading: " + reading(rows, opts))

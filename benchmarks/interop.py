@@ -8,6 +8,7 @@ dispatch/combine and grouped experts on views of the same tensors).
 
     PYTHONPATH=src python benchmarks/interop.py [--reps 5] [--threads 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,17 @@ import torch
 def build(args):
     import transformers
 
-    cfg = transformers.MixtralConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.ffn,
-                                     num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                                     num_local_experts=args.experts, num_experts_per_tok=args.top_k,
-                                     max_position_embeddings=args.seq)
+    cfg = transformers.MixtralConfig(
+        vocab_size=1000,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=args.seq,
+    )
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).float().eval()
     with torch.no_grad():
@@ -101,18 +109,32 @@ def main() -> None:
                 fn()
                 acc.append(time.perf_counter() - t0)
     med = {v: (statistics.median(a), statistics.median(b)) for v, (a, b) in times.items()}
-    names = {"eager": "transformers eager", "grouped_mm": "transformers grouped_mm", "moekit": "moekit.interop.accelerate"}
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | "
-          f"transformers {transformers.__version__} | threads {torch.get_num_threads()}")
-    print(f"# Mixtral-style: hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, top-{args.top_k}, "
-          f"{args.layers} layers, batch {args.batch}x{args.seq}, fp32, median of {args.reps} (round-robin after warm-up)")
+    names = {
+        "eager": "transformers eager",
+        "grouped_mm": "transformers grouped_mm",
+        "moekit": "moekit.interop.accelerate",
+    }
+    print(
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | torch {torch.__version__} | "
+        f"transformers {transformers.__version__} | threads {torch.get_num_threads()}"
+    )
+    print(
+        f"# Mixtral-style: hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, top-{args.top_k}, "
+        f"{args.layers} layers, batch {args.batch}x{args.seq}, fp32, median of {args.reps} (round-robin after warm-up)"
+    )
     print(f"# max |logits - eager logits| over variants: {diff:.2e}")
-    print("| experts implementation | model forward (ms) | vs eager | vs grouped_mm | one MoE block (ms) | vs eager | vs grouped_mm |")
+    print(
+        "| experts implementation | model forward (ms) | vs eager | vs grouped_mm | one MoE block (ms) | vs eager | "
+        "vs grouped_mm |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     (ef, eb), (gf, gb) = med["eager"], med["grouped_mm"]
     for v in variants:
         f, b = med[v]
-        print(f"| {names[v]} | {f * 1e3:.1f} | {ef / f:.2f}x | {gf / f:.2f}x | {b * 1e3:.1f} | {eb / b:.2f}x | {gb / b:.2f}x |")
+        print(
+            f"| {names[v]} | {f * 1e3:.1f} | {ef / f:.2f}x | {gf / f:.2f}x | {b * 1e3:.1f} | {eb / b:.2f}x | "
+            f"{gb / b:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

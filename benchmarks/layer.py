@@ -20,6 +20,7 @@ large copy in the same run (bytes read + written / time, as the BENCHMARKS.md an
     TRITON_INTERPRET=1 python benchmarks/layer.py --shapes tiny --dtypes fp32 --backends loop,grouped,triton
     (add --markdown PATH to append the tables, with date, device, versions and command, to PATH)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,10 @@ import sys
 import time
 
 import torch
-
-from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
 import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig
+from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
 
 SHAPES = {  # T, D, F, E, K
     "mixtral": (8192, 4096, 14336, 8, 2),
@@ -47,7 +47,6 @@ SHAPES = {  # T, D, F, E, K
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 MIB = 2**20
-
 
 
 def sync(device: torch.device) -> None:
@@ -133,8 +132,9 @@ def transformers_block(moe: MoE, impl: str):
     except Exception:  # noqa: BLE001 - optional peer
         return None, "transformers not installed"
     c = moe.cfg
-    cfg = MixtralConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_local_experts=c.num_experts,
-                        num_experts_per_tok=c.top_k)
+    cfg = MixtralConfig(
+        hidden_size=c.dim, intermediate_size=c.hidden_dim, num_local_experts=c.num_experts, num_experts_per_tok=c.top_k
+    )
     try:
         with torch.device(moe.experts.w_up.device):
             block = MixtralSparseMoeBlock(cfg)
@@ -165,8 +165,13 @@ def scattermoe_block(moe: MoE):
     c, w = moe.cfg, moe.experts.w_up
     try:
         with torch.device(w.device):
-            mlp = GLUMLP(input_size=c.dim, hidden_size=c.hidden_dim, num_experts=c.num_experts, top_k=c.top_k,
-                         activation=torch.nn.SiLU())
+            mlp = GLUMLP(
+                input_size=c.dim,
+                hidden_size=c.hidden_dim,
+                num_experts=c.num_experts,
+                top_k=c.top_k,
+                activation=torch.nn.SiLU(),
+            )
         with torch.no_grad():
             for p in mlp.parameters():
                 p.normal_(0.0, 0.02)
@@ -278,10 +283,15 @@ def bench_shape(name, dtype_name, device, reps, backends, peers, emit_row):
                 moe = new_moe(D, F_, E, K, kind, dtype, device)
                 ok, err, which = check_against(moe, ref, x, g, tol)
                 if not ok:
-                    emit(f"| {label} | FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped | | | |"
-                         + (" | |" if cuda else ""))
+                    emit(
+                        f"| {label} | FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped | | | |"
+                        + (" | |" if cuda else "")
+                    )
                     continue
-                fn = lambda xx, m=moe: m(xx).out
+
+                def fn(xx, m=moe):
+                    return m(xx).out
+
                 params = list(moe.parameters())
             t_f, t_fb, mem = measure(label, fn, params)
         except Exception as err:  # noqa: BLE001 - a failing implementation never gets a timing row
@@ -331,8 +341,9 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
         try:
             moe = new_moe(D, F_, E, K, b, dtype, device)
             ok, err, which = check_against(moe, ref, xc, gc_, tol)
-            fns[label] = (lambda xx, m=moe: m(xx).out) if ok else \
-                f"FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped"
+            fns[label] = (
+                (lambda xx, m=moe: m(xx).out) if ok else f"FAIL: max rel err {err:.2e} > {tol:.0e} ({which}) vs grouped"
+            )
         except Exception as e:  # noqa: BLE001
             fns[label] = f"FAIL: {type(e).__name__}: {str(e)[:150]}"
         labels.append(label)
@@ -352,8 +363,10 @@ def decode_shape(name, dtype_name, device, reps, backends, peers, token_counts, 
         for b in backends:
             fn = fns[f"moekit {b}"]
             if callable(fn):
+
                 def graphed(xx, f=fn):
                     return f(xx)
+
                 graphed.graph = True
                 fn = graphed
             fns[f"moekit {b} (CUDA graph)"] = fn
@@ -387,10 +400,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shapes", default="cpu", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--backends", default=None,
-                    help="moekit backends; default loop,grouped,auto on CPU and loop,grouped,triton on CUDA")
-    ap.add_argument("--peers", default="naive,hf-eager,hf-grouped_mm,scattermoe",
-                    help="comma list: naive, hf-eager, hf-grouped_mm, scattermoe (skipped with a note if not installed)")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="moekit backends; default loop,grouped,auto on CPU and loop,grouped,triton on CUDA",
+    )
+    ap.add_argument(
+        "--peers",
+        default="naive,hf-eager,hf-grouped_mm,scattermoe",
+        help="comma list: naive, hf-eager, hf-grouped_mm, scattermoe (skipped with a note if not installed)",
+    )
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--decode", default=None, help="comma list of token counts: forward-only decode table instead")
@@ -404,8 +423,7 @@ def main(argv=None):
     backends = (args.backends or ("loop,grouped,triton" if cuda else "loop,grouped,auto")).split(",")
     peers = [p for p in args.peers.split(",") if p]
     write_markdown_to(args.markdown)
-    dev_name = torch.cuda.get_device_name(device) if cuda else \
-        f"{cpu_name()}, {torch.get_num_threads()} threads"
+    dev_name = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
     versions = []
     for mod in ("triton", "transformers", "scattermoe"):
         try:

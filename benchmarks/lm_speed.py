@@ -32,6 +32,7 @@ for decoding; transformers' models stay eager; a model that fails to compile get
     PYTHONPATH=src python benchmarks/lm_speed.py --reps 2 --warmup 1 --new-tokens 8    # smoke run
     (add --markdown PATH to append the tables, with date, device, versions and command, to PATH)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,11 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-
-from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
 
 import moekit
 from moekit.config import TrainConfig
@@ -55,8 +55,7 @@ from moekit.layer import after_optimizer_step
 from moekit.models import MoETransformer
 from moekit.train.run import default_model_config
 from moekit.train.trainer import make_optimizer
-
-
+from report import cpu_name, emit, write_markdown_to  # benchmarks/report.py
 
 
 # ----------------------------------------------------------------------------- models
@@ -80,8 +79,16 @@ def moekit_models() -> tuple[Entry, Entry]:
     for kind, c in (("moe", cfg), ("dense", cfg.dense_twin())):
         model = MoETransformer(c)
         counts = model.param_counts()
-        out.append(Entry(f"moekit {'MoE' if kind == 'moe' else 'dense twin'}", "moekit", kind, model,
-                         counts["total"], counts["active"]))
+        out.append(
+            Entry(
+                f"moekit {'MoE' if kind == 'moe' else 'dense twin'}",
+                "moekit",
+                kind,
+                model,
+                counts["total"],
+                counts["active"],
+            )
+        )
     return tuple(out)
 
 
@@ -94,16 +101,30 @@ def transformers_models(experts_impl: Optional[str]):
         return None, f"transformers not importable ({type(err).__name__}: {err})"
     transformers.logging.set_verbosity_error()
     m = default_model_config()
-    common = dict(vocab_size=m.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers,
-                  num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads or m.n_heads,
-                  max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
-                  rms_norm_eps=m.norm_eps, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads or m.n_heads,
+        max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings,
+        rms_norm_eps=m.norm_eps,
+        attn_implementation="sdpa",
+    )
     e = m.moe
-    moe_cfg = Qwen2MoeConfig(**common, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
-                             moe_intermediate_size=e.hidden_dim,
-                             shared_expert_intermediate_size=e.num_shared_experts * (e.shared_hidden_dim or e.hidden_dim),
-                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                             intermediate_size=m.dense_twin().ffn_hidden_dim, output_router_logits=True)
+    moe_cfg = Qwen2MoeConfig(
+        **common,
+        num_experts=e.num_experts,
+        num_experts_per_tok=e.top_k,
+        moe_intermediate_size=e.hidden_dim,
+        shared_expert_intermediate_size=e.num_shared_experts * (e.shared_hidden_dim or e.hidden_dim),
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        intermediate_size=m.dense_twin().ffn_hidden_dim,
+        output_router_logits=True,
+    )
     dense_cfg = Qwen2Config(**common, intermediate_size=m.dense_twin().ffn_hidden_dim)
     torch.manual_seed(0)
     moe = Qwen2MoeForCausalLM(moe_cfg)
@@ -124,8 +145,16 @@ def transformers_models(experts_impl: Optional[str]):
         impl = ""
         if kind == "moe":
             impl = f", {model.get_experts_implementation()[''] or 'default'} experts"
-        entries.append(Entry(f"transformers {'Qwen2-MoE' if kind == 'moe' else 'Qwen2 (dense twin)'}{impl}",
-                             "transformers", kind, model, total, active))
+        entries.append(
+            Entry(
+                f"transformers {'Qwen2-MoE' if kind == 'moe' else 'Qwen2 (dense twin)'}{impl}",
+                "transformers",
+                kind,
+                model,
+                total,
+                active,
+            )
+        )
     return tuple(entries), None
 
 
@@ -148,6 +177,7 @@ def attach_steps(e: Entry, compiled: bool = False) -> None:
         def decode(ids, n):
             return model.generate(ids, n, temperature=0, compile=compiled)
     else:
+
         def step(batch):
             ids = batch[:, :-1]
             loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
@@ -157,8 +187,16 @@ def attach_steps(e: Entry, compiled: bool = False) -> None:
             return loss.detach()
 
         def decode(ids, n):
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
     e.step, e.decode = step, decode
 
 
@@ -188,8 +226,9 @@ def interleaved(entries: list, fn: Callable[[Entry, int], None], reps: int, warm
 
 def measure_train(entries: list, args) -> None:
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, default_model_config().vocab_size, (args.batch, args.seq + 1), generator=g)
-               for _ in range(4)]
+    batches = [
+        torch.randint(0, default_model_config().vocab_size, (args.batch, args.seq + 1), generator=g) for _ in range(4)
+    ]
     for e in entries:
         e.model.train()
 
@@ -215,7 +254,9 @@ def measure_decode(entries: list, args, batch: int) -> None:
         with torch.no_grad():
             out = e.decode(prompt, args.new_tokens)
         if tuple(out.shape) != (batch, args.prompt_len + args.new_tokens):
-            raise RuntimeError(f"generated shape {tuple(out.shape)}, expected {(batch, args.prompt_len + args.new_tokens)}")
+            raise RuntimeError(
+                f"generated shape {tuple(out.shape)}, expected {(batch, args.prompt_len + args.new_tokens)}"
+            )
 
     for label, t in interleaved(entries, run, args.reps, args.warmup).items():
         e = next(x for x in entries if x.label == label)
@@ -248,9 +289,14 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="1,8", help="decode batch sizes (comma list)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("--prompt-len", type=int, default=8, help="random prompt tokens before decoding")
-    ap.add_argument("--compile", action="store_true", help="also time moekit's models under torch.compile (training and decoding)")
-    ap.add_argument("--hf-experts", default=None,
-                    help="transformers' experts implementation for Qwen2-MoE (eager, grouped_mm, ...; default: transformers')")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time moekit's models under torch.compile (training and decoding)"
+    )
+    ap.add_argument(
+        "--hf-experts",
+        default=None,
+        help="transformers' experts implementation for Qwen2-MoE (eager, grouped_mm, ...; default: transformers')",
+    )
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers pair")
     ap.add_argument("--markdown", default=None, help="append the tables (with date, device, versions, command) here")
     args = ap.parse_args(argv)
@@ -291,6 +337,7 @@ def main(argv=None) -> None:
     versions = [f"torch {torch.__version__}"]
     try:
         import transformers
+
         versions.append(f"transformers {transformers.__version__}")
     except Exception:  # noqa: BLE001
         versions.append("transformers not installed")
@@ -305,8 +352,10 @@ def main(argv=None) -> None:
     if "train" in what:
         setup.append(f"training step {args.batch} x {args.seq} tokens (AdamW)")
     if "decode" in what:
-        setup.append(f"decode: greedy, KV cache, {args.prompt_len}-token prompt, {args.new_tokens} new tokens per "
-                     "sequence, tokens/s counts every sequence of the batch")
+        setup.append(
+            f"decode: greedy, KV cache, {args.prompt_len}-token prompt, {args.new_tokens} new tokens per "
+            "sequence, tokens/s counts every sequence of the batch"
+        )
     emit(f"median of {args.reps} interleaved rounds after {args.warmup} warm-up round(s); " + "; ".join(setup))
     if hf_note:
         emit()
@@ -324,22 +373,30 @@ def main(argv=None) -> None:
     cols = (["train"] if "train" in what else []) + ([f"decode{b}" for b in batches] if "decode" in what else [])
     names = {"train": "train tokens/s"} | {f"decode{b}": f"decode batch {b} tokens/s" for b in batches}
     emit()
-    emit("| model | params total | active / token | " + " | ".join(
-        (["train ms / step"] if "train" in what else []) + [names[c] for c in cols]) + " |")
+    emit(
+        "| model | params total | active / token | "
+        + " | ".join((["train ms / step"] if "train" in what else []) + [names[c] for c in cols])
+        + " |"
+    )
     emit("|---|---|---|" + "---|" * (len(cols) + ("train" in what)))
     for e in entries + compiled:
         ms = e.results.get("train_ms")
-        cells = ([f"{ms:.1f}" if ms is not None else "-"] if "train" in what else [])
+        cells = [f"{ms:.1f}" if ms is not None else "-"] if "train" in what else []
         cells += [fmt_rate(e.results.get(c)) for c in cols]
         emit(f"| {e.label} | {e.total / 1e6:.2f} M | {e.active / 1e6:.2f} M | " + " | ".join(cells) + " |")
 
     by = {(e.family, e.kind): e for e in entries}
-    pairs = [("moekit MoE / moekit dense", ("moekit", "moe"), ("moekit", "dense")),
-             ("transformers MoE / transformers dense", ("transformers", "moe"), ("transformers", "dense")),
-             ("moekit MoE / transformers MoE", ("moekit", "moe"), ("transformers", "moe")),
-             ("moekit dense / transformers dense", ("moekit", "dense"), ("transformers", "dense"))]
+    pairs = [
+        ("moekit MoE / moekit dense", ("moekit", "moe"), ("moekit", "dense")),
+        ("transformers MoE / transformers dense", ("transformers", "moe"), ("transformers", "dense")),
+        ("moekit MoE / transformers MoE", ("moekit", "moe"), ("transformers", "moe")),
+        ("moekit dense / transformers dense", ("moekit", "dense"), ("transformers", "dense")),
+    ]
     emit()
-    emit("speed ratios (higher = the first is faster; MoE / dense of 1.0 = the MoE costs what its active parameters cost)")
+    emit(
+        "speed ratios (higher = the first is faster; MoE / dense of 1.0 = the MoE costs what its active parameters "
+        "cost)"
+    )
     emit()
     emit("| ratio | " + " | ".join(names[c] for c in cols) + " |")
     emit("|---|" + "---|" * len(cols))
@@ -348,14 +405,27 @@ def main(argv=None) -> None:
             emit(f"| {label} | " + " | ".join(ratio(by[a].results.get(c), by[b].results.get(c)) for c in cols) + " |")
     if compiled:
         cm, cd = compiled
-        emit("| moekit MoE / moekit dense, both torch.compile | "
-             + " | ".join(ratio(cm.results.get(c), cd.results.get(c)) for c in cols) + " |")
-        emit("| moekit MoE torch.compile / transformers MoE | "
-             + " | ".join(ratio(cm.results.get(c), by[("transformers", "moe")].results.get(c))
-                          if ("transformers", "moe") in by else "-" for c in cols) + " |")
+        emit(
+            "| moekit MoE / moekit dense, both torch.compile | "
+            + " | ".join(ratio(cm.results.get(c), cd.results.get(c)) for c in cols)
+            + " |"
+        )
+        emit(
+            "| moekit MoE torch.compile / transformers MoE | "
+            + " | ".join(
+                ratio(cm.results.get(c), by[("transformers", "moe")].results.get(c))
+                if ("transformers", "moe") in by
+                else "-"
+                for c in cols
+            )
+            + " |"
+        )
         for c_e, e in zip(compiled, entries[:2]):
-            emit(f"| {e.label}: torch.compile / eager | "
-                 + " | ".join(ratio(c_e.results.get(c), e.results.get(c)) for c in cols) + " |")
+            emit(
+                f"| {e.label}: torch.compile / eager | "
+                + " | ".join(ratio(c_e.results.get(c), e.results.get(c)) for c in cols)
+                + " |"
+            )
     print(f"\n({time.perf_counter() - t_start:.0f} s of measurement)", file=sys.stderr)
 
 

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: printing table lines (and appending them to a markdown file
 as they come, so a partial run keeps its tables) and naming the CPU they ran on."""
+
 from __future__ import annotations
 
 import platform

@@ -1,5 +1,6 @@
 """Slow, obvious versions of moekit's computations, written independently of the library's
 dispatch code, for the tests to compare against."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def dense_ffn(x: Tensor, w_up: Tensor, w_down: Tensor, kind: str = "swiglu") -> 
     return act(kind, x @ w_up) @ w_down
 
 
-def moe_reference(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
-                  kind: str = "swiglu") -> Tensor:
+def moe_reference(
+    x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, kind: str = "swiglu"
+) -> Tensor:
     """out[t] = sum_k weights[t, k] * FFN_{experts[t, k]}(x[t]), looping over experts with masks;
     slots whose expert id is out of range (empty) contribute nothing."""
     E = w_up_EDH.shape[0]

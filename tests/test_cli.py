@@ -1,4 +1,5 @@
 """``moekit.cli.main``'s error handling: moekit's own errors become one line, a bug keeps its traceback."""
+
 import pytest
 
 import moekit.cli as cli

@@ -4,6 +4,7 @@ never sees a half-written file and an interrupted write leaves the old file inta
 The temporary file is ``<name>.<random>.tmp`` next to the target. A write killed before its
 rename (SIGKILL, power loss) leaves it behind: :func:`remove_stale_temporaries` deletes those of
 one target (call it only when no other process writes that folder)."""
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,13 @@
 """The ``moekit`` command: train, generate, inspect.
 
-    moekit train                                  # MoE LM + dense twin on the embedded corpus (CPU, minutes)
-    moekit train --steps 200 --set model.moe.num_experts=16 --set train.lr=0.002
-    moekit train --resume runs/<name>
-    moekit generate --run runs/<name> --prompt "def "
-    moekit inspect --run runs/<name>
-    moekit convert --run runs/<name>              # sharded checkpoint of a torchrun run -> one file
+moekit train                                  # MoE LM + dense twin on the embedded corpus (CPU, minutes)
+moekit train --steps 200 --set model.moe.num_experts=16 --set train.lr=0.002
+moekit train --resume runs/<name>
+moekit generate --run runs/<name> --prompt "def "
+moekit inspect --run runs/<name>
+moekit convert --run runs/<name>              # sharded checkpoint of a torchrun run -> one file
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,23 @@ from typing import Any, Optional
 from .config import LMConfig, TrainConfig, _DictMixin, check_device_available, check_positive
 
 TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
-    "steps": ("train", "steps"), "batch_size": ("train", "batch_size"), "seq_len": ("train", "seq_len"),
-    "lr": ("train", "lr"), "seed": ("train", "seed"), "device": ("train", "device"), "data": ("train", "data"),
-    "threads": ("train", "threads"), "tokenizer": ("train", "tokenizer"), "eval_every": ("train", "eval_every"),
-    "dim": ("model", "dim"), "layers": ("model", "n_layers"), "experts": ("model", "moe.num_experts"),
-    "top_k_experts": ("model", "moe.top_k"), "router": ("model", "moe.router"),
-    "expert_parallel": ("train", "expert_parallel"), "compile": ("train", "compile"),
+    "steps": ("train", "steps"),
+    "batch_size": ("train", "batch_size"),
+    "seq_len": ("train", "seq_len"),
+    "lr": ("train", "lr"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "data": ("train", "data"),
+    "threads": ("train", "threads"),
+    "tokenizer": ("train", "tokenizer"),
+    "eval_every": ("train", "eval_every"),
+    "dim": ("model", "dim"),
+    "layers": ("model", "n_layers"),
+    "experts": ("model", "moe.num_experts"),
+    "top_k_experts": ("model", "moe.top_k"),
+    "router": ("model", "moe.router"),
+    "expert_parallel": ("train", "expert_parallel"),
+    "compile": ("train", "compile"),
 }
 SECTIONS: dict[str, type[_DictMixin]] = {"model": LMConfig, "train": TrainConfig}
 RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
@@ -43,11 +55,15 @@ def _load_config_file(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--config {path}: not valid JSON ({err})") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"--config {path}: the top level must be an object like "
-                         f'{{"model": {{...}}, "train": {{...}}}}; got {type(loaded).__name__}')
+        raise ValueError(
+            f"--config {path}: the top level must be an object like "
+            f'{{"model": {{...}}, "train": {{...}}}}; got {type(loaded).__name__}'
+        )
     unknown = sorted(set(loaded) - set(SECTIONS) - set(RUN_KEYS))
     if unknown:
-        raise ValueError(f"--config {path}: unknown key(s) {', '.join(map(repr, unknown))}; expected 'model' and 'train'")
+        raise ValueError(
+            f"--config {path}: unknown key(s) {', '.join(map(repr, unknown))}; expected 'model' and 'train'"
+        )
     if loaded.get("init_from"):
         raise ValueError(f"--config {path}: init_from is given with --init-from HF_DIR, not in a config file")
     for section in SECTIONS:
@@ -65,8 +81,10 @@ def _set_dotted(section: str, d: dict, dotted: str, text: str) -> None:
         if sub is None:
             raise ValueError(f"{where} is not a config section")
         if not isinstance(d.get(k), dict):
-            raise ValueError(f"{where} is None here (a dense model); give it fields first, e.g. "
-                             f"{where}='{{\"dim\": 128, \"hidden_dim\": 128}}'")
+            raise ValueError(
+                f"{where} is None here (a dense model); give it fields first, e.g. "
+                f'{where}=\'{{"dim": 128, "hidden_dim": 128}}\''
+            )
         d, cls = d[k], sub
     d[keys[-1]] = cls.parse_field(keys[-1], text, label=f"{section}.{dotted}")
 
@@ -81,7 +99,12 @@ def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
         loaded = _load_config_file(Path(args.config))
         for section in SECTIONS:
             for k, v in loaded.get(section, {}).items():
-                if section == "model" and k == "moe" and isinstance(v, dict) and isinstance(cfg["model"].get("moe"), dict):
+                if (
+                    section == "model"
+                    and k == "moe"
+                    and isinstance(v, dict)
+                    and isinstance(cfg["model"].get("moe"), dict)
+                ):
                     cfg["model"]["moe"].update(v)
                 else:
                     cfg[section][k] = v
@@ -140,16 +163,32 @@ def _resume_changes(args: argparse.Namespace) -> dict:
     """The train fields a ``--resume`` command line changes; ValueError for any other setting."""
     from .train.run import RESUME_CHANGES
 
-    fixed = [f"--{f.replace('_', '-')}" for f in TRAIN_SHORTCUTS
-             if getattr(args, f, None) is not None and f not in RESUME_CHANGES]
-    fixed += [flag for flag, given in (("--set", args.set), ("--config", args.config), ("--preset", args.preset),
-                                       ("--name", args.name), ("--init-from", args.init_from), ("--dense", args.dense),
-                                       ("--no-baseline", args.no_baseline), ("--out", args.out != "runs"),
-                                       ("--print-config", args.print_config)) if given]
+    fixed = [
+        f"--{f.replace('_', '-')}"
+        for f in TRAIN_SHORTCUTS
+        if getattr(args, f, None) is not None and f not in RESUME_CHANGES
+    ]
+    fixed += [
+        flag
+        for flag, given in (
+            ("--set", args.set),
+            ("--config", args.config),
+            ("--preset", args.preset),
+            ("--name", args.name),
+            ("--init-from", args.init_from),
+            ("--dense", args.dense),
+            ("--no-baseline", args.no_baseline),
+            ("--out", args.out != "runs"),
+            ("--print-config", args.print_config),
+        )
+        if given
+    ]
     if fixed:
-        raise ValueError(f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
-                         f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
-                         f"--compile, --stop-at, --quiet, --restart-missing)")
+        raise ValueError(
+            f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
+            f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
+            f"--compile, --stop-at, --quiet, --restart-missing)"
+        )
     return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
 
 
@@ -160,7 +199,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         changes = _resume_changes(args)
-        _main_print(f"resuming {run_dir}" + (f" with {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else ""))
+        _main_print(
+            f"resuming {run_dir}" + (f" with {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else "")
+        )
         call = dict(resume=True, changes=changes, restart_missing=args.restart_missing)
     else:
         model_cfg, train_cfg = build_configs(args)
@@ -174,16 +215,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not name or Path(name).name != name or name in (".", ".."):
             raise ValueError(f"--name must be a plain folder name (no '/'); got {name!r}")
         run_dir = Path(args.out) / name
-        call = dict(model_cfg=None if args.init_from else model_cfg, train_cfg=train_cfg, baseline=not args.no_baseline,
-                    dense_only=args.dense, init_from=args.init_from)
+        call = dict(
+            model_cfg=None if args.init_from else model_cfg,
+            train_cfg=train_cfg,
+            baseline=not args.no_baseline,
+            dense_only=args.dense,
+            init_from=args.init_from,
+        )
     try:
         comparison = run_train(run_dir, progress=not args.quiet, stop_at=args.stop_at, **call)
     except TrainingInterrupted as err:
         _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
         return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     if "stopped_at" in comparison:
-        _main_print(f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
-                    f"Continue with: moekit train --resume {run_dir}")
+        _main_print(
+            f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
+            f"Continue with: moekit train --resume {run_dir}"
+        )
         return 0
     if _rank() == 0:
         print_summary(run_dir, comparison)
@@ -202,14 +250,26 @@ def _main_print(msg: str) -> None:
 def print_summary(run_dir: Path, comparison: dict) -> None:
     s = comparison["summaries"]
     print(f"\nrun folder: {run_dir}")
-    print(f"{'model':<6} {'params total':>13} {'active/token':>13} {'val loss':>9} " +
-          " ".join(f"{'val ' + d:>10}" for d in comparison["data"]["domains"]) + f" {'tokens/s':>9}")
+    print(
+        f"{'model':<6} {'params total':>13} {'active/token':>13} {'val loss':>9} "
+        + " ".join(f"{'val ' + d:>10}" for d in comparison["data"]["domains"])
+        + f" {'tokens/s':>9}"
+    )
     for label, r in s.items():
         doms = " ".join(f"{r.get('val_loss_' + d, float('nan')):>10.4f}" for d in comparison["data"]["domains"])
-        print(f"{label:<6} {r['params_total']:>13,} {r['params_active']:>13,} {r['val_loss']:>9.4f} {doms} {r['tokens_per_s'] or 0:>9.0f}")
+        print(
+            f"{label:<6} {r['params_total']:>13,} {r['params_active']:>13,} {r['val_loss']:>9.4f} {doms} "
+            f"{r['tokens_per_s'] or 0:>9.0f}"
+        )
     if "moe" in s and "dense" in s:
         d = s["dense"]["val_loss"] - s["moe"]["val_loss"]
-        verdict = "not comparable: a loss is not finite" if not math.isfinite(d) else "MoE is better" if d > 0 else "dense is better"
+        verdict = (
+            "not comparable: a loss is not finite"
+            if not math.isfinite(d)
+            else "MoE is better"
+            if d > 0
+            else "dense is better"
+        )
         print(f"dense - MoE validation loss: {d:+.4f} nats/token ({verdict})")
     print(f"plots: {', '.join(p.name for p in sorted(run_dir.glob('*.png')))}")
 
@@ -220,9 +280,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_sampling(args)
     check_device_available("--device", args.device)
     stats: list[GenerationStats] = []
-    text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, top_k_experts=args.top_k_experts, seed=args.seed, model=args.model,
-                         use_cache=not args.no_cache, device=args.device, on_stats=stats.append, compile=args.compile)
+    text = generate_text(
+        args.run,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k_experts=args.top_k_experts,
+        seed=args.seed,
+        model=args.model,
+        use_cache=not args.no_cache,
+        device=args.device,
+        on_stats=stats.append,
+        compile=args.compile,
+    )
     print(text, flush=True)
     note = "; torch.compile, its compilation included" if args.compile else ""
     print(f"moekit generate: {stats[0].line()}{note}", file=sys.stderr, flush=True)  # stdout holds only the text
@@ -259,7 +330,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+        if (
+            "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -293,82 +368,148 @@ def _version() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts for PyTorch", formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moekit", description="Mixture-of-Experts for PyTorch", formatter_class=_HelpFormatter
+    )
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a MoE LM and its dense twin on the embedded corpus",
-                       formatter_class=_HelpFormatter,
-                       description="Train a MoE LM and its dense twin (same active parameters per token) into RUN "
-                                   "= OUT/NAME. Config: --preset, then --config, then the flags, then --set; "
-                                   "`--print-config` lists every field with its meaning.")
+    t = sub.add_parser(
+        "train",
+        help="train a MoE LM and its dense twin on the embedded corpus",
+        formatter_class=_HelpFormatter,
+        description="Train a MoE LM and its dense twin (same active parameters per token) into RUN "
+        "= OUT/NAME. Config: --preset, then --config, then the flags, then --set; "
+        "`--print-config` lists every field with its meaning.",
+    )
     t.add_argument("--name", help="run name (default: a timestamp)")
     t.add_argument("--out", default="runs", help="folder that holds run folders")
-    t.add_argument("--preset", default=None, choices=("deepseek", "mixtral", "switch", "qwen_moe"),
-                   help="model layout: deepseek (default: 16 fine-grained experts, top-4, 1 shared, sigmoid router), "
-                        "mixtral (8 experts, top-2), switch (top-1), qwen_moe")
-    t.add_argument("--config", metavar="FILE", help='JSON file {"model": {...}, "train": {...}} (a run\'s config.json works)')
-    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, converted to its type (repeatable; e.g. "
-                        "--set model.moe.renormalize=false --set model.moe.capacity_factor=none)")
-    t.add_argument("--print-config", nargs="?", const="text", choices=("text", "json"), default=None,
-                   help="print the resolved config (text: every field with its meaning; json: a --config file) and exit")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly (also after Ctrl-C, SIGTERM or a crash); "
-                   "with --steps N, extend a finished run to N steps")
-    t.add_argument("--restart-missing", action="store_true",
-                   help="with --resume: train a model whose checkpoint is missing again from step 0 (else refused)")
-    t.add_argument("--init-from", metavar="HF_DIR", help="fine-tune a Hugging Face MoE checkpoint folder (Mixtral, "
-                   "Qwen2-MoE, Qwen3-MoE, OLMoE) with its tokenizer.json; model flags are ignored, no dense baseline")
+    t.add_argument(
+        "--preset",
+        default=None,
+        choices=("deepseek", "mixtral", "switch", "qwen_moe"),
+        help="model layout: deepseek (default: 16 fine-grained experts, top-4, 1 shared, sigmoid router), "
+        "mixtral (8 experts, top-2), switch (top-1), qwen_moe",
+    )
+    t.add_argument(
+        "--config", metavar="FILE", help='JSON file {"model": {...}, "train": {...}} (a run\'s config.json works)'
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, converted to its type (repeatable; e.g. "
+        "--set model.moe.renormalize=false --set model.moe.capacity_factor=none)",
+    )
+    t.add_argument(
+        "--print-config",
+        nargs="?",
+        const="text",
+        choices=("text", "json"),
+        default=None,
+        help="print the resolved config (text: every field with its meaning; json: a --config file) and exit",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run exactly (also after Ctrl-C, SIGTERM or a crash); "
+        "with --steps N, extend a finished run to N steps",
+    )
+    t.add_argument(
+        "--restart-missing",
+        action="store_true",
+        help="with --resume: train a model whose checkpoint is missing again from step 0 (else refused)",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="HF_DIR",
+        help="fine-tune a Hugging Face MoE checkpoint folder (Mixtral, "
+        "Qwen2-MoE, Qwen3-MoE, OLMoE) with its tokenizer.json; model flags are ignored, no dense baseline",
+    )
     t.add_argument("--no-baseline", action="store_true", help="skip the dense baseline")
     t.add_argument("--dense", action="store_true", help="train only the dense model")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--compile", action="store_const", const=True, default=None,
-                   help="torch.compile the model for the training steps (= --set train.compile=true; faster after "
-                        "the first steps: see benchmarks/RESULTS.md)")
-    t.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume")
-    extra = {"expert_parallel": "; launch with torchrun --nproc-per-node, remaining ranks are data parallel; "
-                                "with --resume, continue on another layout"}
+    t.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        default=None,
+        help="torch.compile the model for the training steps (= --set train.compile=true; faster after "
+        "the first steps: see benchmarks/RESULTS.md)",
+    )
+    t.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume",
+    )
+    extra = {
+        "expert_parallel": "; launch with torchrun --nproc-per-node, remaining ranks are data parallel; "
+        "with --resume, continue on another layout"
+    }
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str}
     for flag in TRAIN_SHORTCUTS:
         if flag == "compile":  # a switch, added above
             continue
         names = ["--" + flag.replace("_", "-")] + (["--top-k"] if flag == "top_k_experts" else [])
-        t.add_argument(*names, dest=flag, type=types.get(flag, int), default=None,
-                       help=_shortcut_help(flag) + extra.get(flag, ""))
+        t.add_argument(
+            *names, dest=flag, type=types.get(flag, int), default=None, help=_shortcut_help(flag) + extra.get(flag, "")
+        )
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="sample text from a trained run (or a Hugging Face folder)",
-                       formatter_class=_HelpFormatter)
+    g = sub.add_parser(
+        "generate", help="sample text from a trained run (or a Hugging Face folder)", formatter_class=_HelpFormatter
+    )
     g.add_argument("--run", required=True, help="a run folder (RUN) or a Hugging Face checkpoint folder")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate (capped by the model's context)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens with this probability")
-    g.add_argument("--top-k-experts", type=int, default=None, help="experts per token at inference (default: as trained)")
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling: keep the smallest set of tokens with this probability",
+    )
+    g.add_argument(
+        "--top-k-experts", type=int, default=None, help="experts per token at inference (default: as trained)"
+    )
     g.add_argument("--model", default="moe", choices=("moe", "dense"), help="which model of the run")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (no KV cache)")
-    g.add_argument("--compile", action="store_true", help="decode with torch.compile and a static KV cache (the first "
-                   "token waits for the compilation, then faster: see benchmarks/RESULTS.md)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with torch.compile and a static KV cache (the first "
+        "token waits for the compilation, then faster: see benchmarks/RESULTS.md)",
+    )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="which experts take which tokens: tables, heatmaps, HTML report",
-                       formatter_class=_HelpFormatter)
+    i = sub.add_parser(
+        "inspect", help="which experts take which tokens: tables, heatmaps, HTML report", formatter_class=_HelpFormatter
+    )
     i.add_argument("--run", required=True, help="a run folder with a MoE model")
     i.add_argument("--out", default=None, help="output folder (default: RUN/inspect)")
-    i.add_argument("--windows", type=int, default=64, help="validation sequences to route (at most the split's non-overlapping windows)")
+    i.add_argument(
+        "--windows",
+        type=int,
+        default=64,
+        help="validation sequences to route (at most the split's non-overlapping windows)",
+    )
     i.add_argument("--top-k-experts", type=int, default=None, help="experts per token (default: as trained)")
     i.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("convert", help="turn a torchrun run's sharded checkpoints into one-process files",
-                       formatter_class=_HelpFormatter,
-                       description="Replace each model's sharded checkpoint (checkpoint.dcp, one part per rank, written "
-                                   "under torchrun) by the one-process file checkpoint.safetensors with the same state "
-                                   "(weights, optimizer, RNG, step), on this one process. Not needed to generate, "
-                                   "inspect or resume: those read either format.")
+    c = sub.add_parser(
+        "convert",
+        help="turn a torchrun run's sharded checkpoints into one-process files",
+        formatter_class=_HelpFormatter,
+        description="Replace each model's sharded checkpoint (checkpoint.dcp, one part per rank, written "
+        "under torchrun) by the one-process file checkpoint.safetensors with the same state "
+        "(weights, optimizer, RNG, step), on this one process. Not needed to generate, "
+        "inspect or resume: those read either format.",
+    )
     c.add_argument("--run", required=True, help="a run folder")
     c.add_argument("--keep", action="store_true", help="keep the checkpoint.dcp folder too")
     c.set_defaults(func=cmd_convert)

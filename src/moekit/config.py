@@ -1,5 +1,6 @@
 """Configuration dataclasses. One comment per field; validation lives in ``__post_init__`` so a
 bad value fails where it is written, naming the field and what was expected."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,9 @@ import json
 import math
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 EXPERT_KINDS = ("swiglu", "geglu", "gelu", "relu")
 # Routers and expert backends register their names here from the module that implements them
@@ -43,8 +45,13 @@ def check_positive(name: str, value: Any, *, allow_none: bool = False, integer: 
 
 def check_nonneg(name: str, value: Any, *, finite: bool = False) -> None:
     """ValueError unless ``value`` is a number >= 0 (not NaN; not infinite either when ``finite``)."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or math.isnan(value)
-            or (finite and not math.isfinite(value))):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < 0
+        or math.isnan(value)
+        or (finite and not math.isfinite(value))
+    ):
         raise ValueError(f"{name} must be a {'finite ' if finite else ''}number >= 0; got {value!r}")
 
 
@@ -173,8 +180,11 @@ class _DictMixin:
                 raise ValueError
         except (ValueError, json.JSONDecodeError):
             pass
-        extra = (f"; set its fields one by one ({label}.FIELD=VALUE) or give a JSON object"
-                 if cls.section_type(name) is not None else "")
+        extra = (
+            f"; set its fields one by one ({label}.FIELD=VALUE) or give a JSON object"
+            if cls.section_type(name) is not None
+            else ""
+        )
         raise ValueError(f"{label} must be {_type_name(hints[name])}; got {text!r}{extra}")
 
     if typing.TYPE_CHECKING:  # every subclass is a dataclass (asdict / fields below)
@@ -192,13 +202,13 @@ class _DictMixin:
         return cls(**d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolved_hints(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_comments(cls: type) -> dict[str, str]:
     comments = {}
     for line in inspect.getsource(cls).splitlines():
@@ -233,22 +243,30 @@ class MoEConfig(_DictMixin):
     router_jitter: float = 0.0  # multiplicative input jitter U(1-eps, 1+eps) in training (Switch, Fedus et al. 2021)
     router_dtype: str = "float32"  # router logits are computed in this dtype (Switch's selective precision)
     noise_eps: float = 1e-2  # noisy_topk: minimum noise std added to softplus(x @ W_noise) (Shazeer et al. 2017)
-    second_expert_policy: str = "random"  # router="random": GShard second-expert dispatch, "random" in training or "all"
+    second_expert_policy: str = (
+        "random"  # router="random": GShard second-expert dispatch, "random" in training or "all"
+    )
     hash_seed: int = 0  # router="hash": seed of the fixed token-id hash (Roller et al. 2021)
     num_groups: Optional[int] = None  # router="sigmoid": expert groups for group-limited routing (DeepSeek-V3)
     topk_groups: Optional[int] = None  # router="sigmoid": groups kept per token before picking experts
     routed_scaling_factor: float = 1.0  # multiply routed weights (DeepSeek-V3)
-    bias_update_rate: float = 1e-3  # router="sigmoid": step of the aux-loss-free balancing bias (DeepSeek-V3); 0 disables
+    bias_update_rate: float = (
+        1e-3  # router="sigmoid": step of the aux-loss-free balancing bias (DeepSeek-V3); 0 disables
+    )
     # auxiliary losses: the weight of each in res.aux_loss (0 = computed for monitoring, not added)
     balance_loss_weight: float = 1e-2  # E * sum_i f_i P_i (Switch, Fedus et al. 2021; GShard)
     sq_load_loss_weight: float = 0.0  # E * sum_i P_i^2, a differentiable squared-load-fraction penalty
     importance_loss_weight: float = 0.0  # CV^2 of summed gate weights (Shazeer et al. 2017)
     load_loss_weight: float = 0.0  # CV^2 of the smooth load estimator (noisy_topk only, Shazeer et al. 2017)
     z_loss_weight: float = 1e-3  # mean logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)
-    entropy_loss_weight: float = 0.0  # mean routing entropy (negative weight rewards spread, positive rewards confidence)
+    entropy_loss_weight: float = (
+        0.0  # mean routing entropy (negative weight rewards spread, positive rewards confidence)
+    )
     # dead experts
     usage_decay: float = 0.99  # running average of each expert's share of routed slots (stats["expert_usage"])
-    revive_after: Optional[int] = None  # re-initialise an expert that got no token for this many optimizer steps (None = never; see MoE.after_optimizer_step)
+    revive_after: Optional[int] = (
+        None  # re-initialise an expert that got no token for this many optimizer steps (None = never; see MoE.after_optimizer_step)
+    )
     revive_noise: float = 1e-2  # relative noise added to the live expert copied into a revived one
     check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
 
@@ -273,10 +291,23 @@ class MoEConfig(_DictMixin):
         check_positive("shared_hidden_dim", self.shared_hidden_dim, allow_none=True, integer=True)
         check_positive("routed_scaling_factor", self.routed_scaling_factor)
         check_positive("revive_after", self.revive_after, allow_none=True, integer=True)
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+        if (
+            isinstance(self.num_shared_experts, bool)
+            or not isinstance(self.num_shared_experts, int)
+            or self.num_shared_experts < 0
+        ):
             raise ValueError(f"num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
-        for name in ("router_jitter", "noise_eps", "bias_update_rate", "revive_noise", "balance_loss_weight",
-                     "sq_load_loss_weight", "importance_loss_weight", "load_loss_weight", "z_loss_weight"):
+        for name in (
+            "router_jitter",
+            "noise_eps",
+            "bias_update_rate",
+            "revive_noise",
+            "balance_loss_weight",
+            "sq_load_loss_weight",
+            "importance_loss_weight",
+            "load_loss_weight",
+            "z_loss_weight",
+        ):
             check_nonneg(name, getattr(self, name))
         if not 0.0 <= self.usage_decay < 1.0:
             raise ValueError(f"usage_decay must be in [0, 1); got {self.usage_decay!r}")
@@ -286,7 +317,9 @@ class MoEConfig(_DictMixin):
             raise ValueError("num_groups and topk_groups must be set together (group-limited routing)")
         if self.num_groups is not None:
             if self.router != "sigmoid" and self.router != "topk":
-                raise ValueError(f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}")
+                raise ValueError(
+                    f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}"
+                )
             check_positive("num_groups", self.num_groups, integer=True)
             check_positive("topk_groups", self.topk_groups, integer=True)
             if self.num_experts % self.num_groups:
@@ -368,7 +401,9 @@ class HierarchicalMoEConfig(_DictMixin):
         if self.top_k_groups > self.num_groups:
             raise ValueError(f"top_k_groups must be <= num_groups ({self.num_groups}); got {self.top_k_groups}")
         if self.top_k_experts > self.experts_per_group:
-            raise ValueError(f"top_k_experts must be <= experts_per_group ({self.experts_per_group}); got {self.top_k_experts}")
+            raise ValueError(
+                f"top_k_experts must be <= experts_per_group ({self.experts_per_group}); got {self.top_k_experts}"
+            )
         check_choice("expert", self.expert, EXPERT_KINDS)
         check_choice("backend", self.backend, BACKENDS)
         for name in ("importance_loss_weight", "balance_loss_weight"):
@@ -412,7 +447,9 @@ class LMConfig(_DictMixin):
     first_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeekMoE)
     tie_embeddings: bool = True  # share the input embedding with the output projection
     init_std: float = 0.02  # std of the normal initialisation (GPT-2)
-    qk_norm: Optional[str] = None  # RMSNorm on queries and keys before rotary: None, "head" (per head, Qwen3-MoE) or "full" (whole projection, OLMoE)
+    qk_norm: Optional[str] = (
+        None  # RMSNorm on queries and keys before rotary: None, "head" (per head, Qwen3-MoE) or "full" (whole projection, OLMoE)
+    )
     attn_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2-MoE)
     balance_pooling: str = "layer"  # balance loss: "layer" (each MoE layer's own, summed) or "model" (one loss on slot counts and router probabilities pooled over the MoE layers, transformers' convention; weight moe.balance_loss_weight)
 
@@ -428,24 +465,31 @@ class LMConfig(_DictMixin):
         if self.n_heads % kv:
             raise ValueError(f"n_kv_heads must divide n_heads ({self.n_heads}); got {kv}")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}")
+            raise ValueError(
+                f"head width dim/n_heads must be even for rotary positions; got {self.dim // self.n_heads}"
+            )
         check_choice("qk_norm", self.qk_norm, (None, "head", "full"))
         check_choice("balance_pooling", self.balance_pooling, ("layer", "model"))
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
 
     def is_moe_layer(self, i: int) -> bool:
-        return self.moe is not None and i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+        return (
+            self.moe is not None
+            and i >= self.first_dense_layers
+            and (i - self.first_dense_layers) % self.moe_every == 0
+        )
 
-
-    def dense_twin(self) -> "LMConfig":
+    def dense_twin(self) -> LMConfig:
         """The dense baseline with the same active parameters per token: each MoE FFN becomes a
         dense FFN as wide as the K routed experts plus the shared ones."""
         if self.moe is None:
             return dataclasses.replace(self)
         m = self.moe
         width = m.top_k * m.hidden_dim + m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)
-        if any(self.is_moe_layer(i) for i in range(self.n_layers)) and all(self.is_moe_layer(i) for i in range(self.n_layers)):
+        if any(self.is_moe_layer(i) for i in range(self.n_layers)) and all(
+            self.is_moe_layer(i) for i in range(self.n_layers)
+        ):
             return dataclasses.replace(self, moe=None, ffn_hidden_dim=width, ffn_kind=m.expert)
         raise ValueError("dense_twin needs a MoE FFN in every layer (moe_every=1, first_dense_layers=0)")
 
@@ -469,19 +513,31 @@ class TrainConfig(_DictMixin):
     seed: int = 0  # seeds model init, data order and routing noise
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 on CUDA, none on CPU)
-    compile: bool = False  # torch.compile the model for the training steps (inductor; the first steps compile, then faster)
+    compile: bool = (
+        False  # torch.compile the model for the training steps (inductor; the first steps compile, then faster)
+    )
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
     vocab_size: int = 4096  # BPE vocabulary size
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
-    expert_parallel: int = 1  # ranks each MoE layer's experts are split over (launch with torchrun; the rest is data parallel)
+    expert_parallel: int = (
+        1  # ranks each MoE layer's experts are split over (launch with torchrun; the rest is data parallel)
+    )
     dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:
         self._check_types()
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "vocab_size",
-                     "expert_parallel"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "eval_windows",
+            "checkpoint_every",
+            "vocab_size",
+            "expert_parallel",
+        ):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("lr", self.lr)
         check_positive("dist_timeout_s", self.dist_timeout_s)
@@ -490,4 +546,3 @@ class TrainConfig(_DictMixin):
         check_device("device", self.device)
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
             check_nonneg(name, getattr(self, name))
-

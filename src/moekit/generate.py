@@ -1,10 +1,12 @@
 """Text generation from a trained run folder."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -45,14 +47,27 @@ class GenerationStats:
     def line(self) -> str:
         """``120 tokens in 0.85 s (141 tokens/s, KV cache on)``."""
         rate = f"{self.tokens_per_s:.0f} tokens/s" if self.new_tokens and self.seconds > 0 else "no tokens"
-        return (f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''} in {self.seconds:.2f} s "
-                f"({rate}, KV cache {'on' if self.use_cache else 'off'})")
+        return (
+            f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''} in {self.seconds:.2f} s "
+            f"({rate}, KV cache {'on' if self.use_cache else 'off'})"
+        )
 
 
-def generate_text(run: str, prompt: str, *, max_new_tokens: int = 120, temperature: float = 0.8, top_p: float = 0.95,
-                  top_k_experts: Optional[int] = None, seed: int = 0, model: str = "moe", use_cache: bool = True,
-                  device: str = "cpu", on_stats: Optional[Callable[[GenerationStats], None]] = None,
-                  compile: bool = False) -> str:
+def generate_text(
+    run: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 120,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    top_k_experts: Optional[int] = None,
+    seed: int = 0,
+    model: str = "moe",
+    use_cache: bool = True,
+    device: str = "cpu",
+    on_stats: Optional[Callable[[GenerationStats], None]] = None,
+    compile: bool = False,
+) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
@@ -66,8 +81,16 @@ def generate_text(run: str, prompt: str, *, max_new_tokens: int = 120, temperatu
     idx = torch.tensor([ids], device=device)
     _sync(idx.device)
     t0 = time.perf_counter()
-    out = net.generate(idx, min(max_new_tokens, room), temperature=temperature,
-                       top_p=top_p, top_k_experts=top_k_experts, use_cache=use_cache, generator=gen, compile=compile)
+    out = net.generate(
+        idx,
+        min(max_new_tokens, room),
+        temperature=temperature,
+        top_p=top_p,
+        top_k_experts=top_k_experts,
+        use_cache=use_cache,
+        generator=gen,
+        compile=compile,
+    )
     _sync(idx.device)
     seconds = time.perf_counter() - t0
     if on_stats is not None:

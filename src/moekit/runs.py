@@ -3,6 +3,7 @@ the sub-runs (one per trained model). ``train`` writes them; ``train``, ``genera
 ``analysis`` read them from here.
 
 A sub-run folder's own files (checkpoint, metrics, summary) belong to :mod:`moekit.train.trainer`."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,22 @@ TOKENIZER = "tokenizer.json"
 COMPARISON = "comparison.json"
 
 
-def save_run_config(run_dir: Path, model_cfg: LMConfig, train_cfg: TrainConfig, *, baseline: bool, dense_only: bool,
-                    init_from: Optional[str] = None) -> None:
-    cfg = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "baseline": baseline, "dense_only": dense_only,
-           "init_from": init_from}
+def save_run_config(
+    run_dir: Path,
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    *,
+    baseline: bool,
+    dense_only: bool,
+    init_from: Optional[str] = None,
+) -> None:
+    cfg = {
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "baseline": baseline,
+        "dense_only": dense_only,
+        "init_from": init_from,
+    }
     atomic_write_bytes(run_dir / CONFIG, json.dumps(cfg, indent=2).encode())
 
 

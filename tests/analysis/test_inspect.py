@@ -3,6 +3,7 @@ report on a real tiny training run (no mocks).
 
 Shape legend: T tokens, K slots per token, E experts, D domains, V vocabulary.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,18 @@ import torch
 from moekit.analysis import inspect_run, layer_table, routing_table
 from moekit.analysis.report import capacity_text, id_list, layer_reading, show_token, text_table, trained_steps
 from moekit.analysis.routing import (
-    available_windows, collect_routing, conditional_mutual_information, dead_experts, expert_domain_counts, expert_token_counts,
-    mutual_information, overloaded_experts, permute_within_groups, specialisation, top_tokens_by_count, top_tokens_by_lift,
+    available_windows,
+    collect_routing,
+    conditional_mutual_information,
+    dead_experts,
+    expert_domain_counts,
+    expert_token_counts,
+    mutual_information,
+    overloaded_experts,
+    permute_within_groups,
+    specialisation,
+    top_tokens_by_count,
+    top_tokens_by_lift,
 )
 from moekit.cli import main
 
@@ -31,10 +42,35 @@ def runs(tmp_path_factory):
     """A tiny MoE run, a tiny dense-only run (bytes tokenizer, 20 steps) and a MoE run stopped at
     step 10 of 30, trained through the CLI."""
     root = tmp_path_factory.mktemp("inspect")
-    common = ["--out", str(root), "--steps", "20", "--eval-every", "20", "--batch-size", "4", "--seq-len", str(SEQ_LEN),
-              "--dim", "32", "--layers", "2", "--quiet", "--preset", "mixtral", "--set", "train.code_chars=100000",
-              "--set", 'train.tokenizer="bytes"', "--set", "train.eval_windows=4", "--set", "model.max_seq_len=64",
-              "--set", "model.ffn_hidden_dim=64"]
+    common = [
+        "--out",
+        str(root),
+        "--steps",
+        "20",
+        "--eval-every",
+        "20",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        str(SEQ_LEN),
+        "--dim",
+        "32",
+        "--layers",
+        "2",
+        "--quiet",
+        "--preset",
+        "mixtral",
+        "--set",
+        "train.code_chars=100000",
+        "--set",
+        'train.tokenizer="bytes"',
+        "--set",
+        "train.eval_windows=4",
+        "--set",
+        "model.max_seq_len=64",
+        "--set",
+        "model.ffn_hidden_dim=64",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEKIT_CACHE", str(root / "cache"))
         assert main(["train", "--name", "moe", "--no-baseline", "--set", "model.moe.hidden_dim=32", *common]) == 0
@@ -204,8 +240,12 @@ def test_layer_table_is_json_ready_and_reading_follows_the_numbers():
     domain_T = torch.tensor([CODE, PROSE] * 50)
     token_T = torch.arange(100) % 7
     special_TK = torch.where(domain_T == CODE, 0, 1)[:, None]  # expert 0 code, 1 prose, 2 and 3 dead
-    table = {"layer": 3, **layer_table(special_TK, token_T, domain_T, E, DOMAINS, torch.full((100,), 0.5),
-                                        token_str=lambda i: f"<t{i}>")}
+    table = {
+        "layer": 3,
+        **layer_table(
+            special_TK, token_T, domain_T, E, DOMAINS, torch.full((100,), 0.5), token_str=lambda i: f"<t{i}>"
+        ),
+    }
     json.dumps(table, allow_nan=False)
     assert table["dead"] == [2, 3] and table["overloaded"] == []
     assert table["experts"][2]["domain_share"] == {"prose": None, "code": None}
@@ -213,7 +253,11 @@ def test_layer_table_is_json_ready_and_reading_follows_the_numbers():
     assert table["mi"]["normalised"] == pytest.approx(1.0)
     assert table["routing_entropy_normalised"] == pytest.approx(0.5 / math.log(E))
     text = layer_reading(table, DOMAINS)
-    assert "clear domain preference" in text and "expert 0 takes 100% code" in text and "experts 2 and 3 received no token" in text
+    assert (
+        "clear domain preference" in text
+        and "expert 0 takes 100% code" in text
+        and "experts 2 and 3 received no token" in text
+    )
 
     mixed_TK = (torch.arange(100) // 2 % 2)[:, None]  # each expert sees both domains equally
     table = {"layer": 0, **layer_table(mixed_TK, token_T, domain_T, E, DOMAINS)}
@@ -227,11 +271,22 @@ def test_text_table_columns_align_with_long_dead_lists():
     token_T = torch.arange(200) % 11
     few_TK = torch.where(domain_T == CODE, 0, 1)[:, None]  # experts 2..63 dead
     many_TK = (torch.arange(200) % E)[:, None]  # every expert used
-    layers = [{"layer": 0, **layer_table(few_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 0.2))},
-              {"layer": 1, **layer_table(many_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 4.0))}]
+    layers = [
+        {"layer": 0, **layer_table(few_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 0.2))},
+        {"layer": 1, **layer_table(many_TK, token_T, domain_T, E, DOMAINS, torch.full((200,), 4.0))},
+    ]
     layers[1]["overloaded"] = list(range(0, 60, 2))  # a long overloaded list as well
-    rep = {"run": "synthetic", "tokens": 200, "windows": 4, "seq_len": 50, "top_k": 1, "config": {"num_experts": E},
-           "base_rate": {"prose": 0.5, "code": 0.5}, "domains": DOMAINS, "layers": layers}
+    rep = {
+        "run": "synthetic",
+        "tokens": 200,
+        "windows": 4,
+        "seq_len": 50,
+        "top_k": 1,
+        "config": {"num_experts": E},
+        "base_rate": {"prose": 0.5, "code": 0.5},
+        "domains": DOMAINS,
+        "layers": layers,
+    }
     head, *rows = text_table(rep).splitlines()[2:5]
     assert len(rows) == 2 and all(len(r) <= len(head) + 24 for r in rows)
     for name in ("most prose-leaning", "most code-leaning", "dead", "overloaded"):  # left-aligned columns
@@ -291,13 +346,13 @@ def test_inspect_run_writes_the_report(report, runs):
 
 
 def _run_table(page: str) -> str:
-    return page[page.index("<h2>Run</h2>"):page.index("<h2>Layers</h2>")]
+    return page[page.index("<h2>Run</h2>") : page.index("<h2>Layers</h2>")]
 
 
 def test_html_reading_has_one_paragraph_per_layer(report, runs):
     page = (runs["moe"] / "inspect" / "report.html").read_text()
-    block = page[page.index("<div class=reading>"):]
-    block = block[:block.index("</div>")]
+    block = page[page.index("<div class=reading>") :]
+    block = block[: block.index("</div>")]
     paragraphs = re.findall(r"<p>(.*?)</p>", block)
     assert len(paragraphs) == 1 + len(report["layers"])
     assert paragraphs[0].startswith("Measured on")
@@ -351,7 +406,9 @@ def _val_tokens(run) -> int:
 
     _, train_cfg, _ = load_run_config(run)
     tok = load_tokenizer(run / "tokenizer.json")
-    return build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok).val_ids_N.numel()
+    return build_data(
+        train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok
+    ).val_ids_N.numel()
 
 
 def test_windows_beyond_the_validation_split_are_capped_with_a_note(runs, cache_env, tmp_path, capsys):

@@ -74,8 +74,7 @@ def test_pipelines_as_experts_and_gate(laws):
         ({"gate": LinearRegression()}, "gate must be a classifier with predict_proba"),
         ({"experts": "linear"}, "experts must be a scikit-learn estimator"),
         ({"experts": []}, "non-empty list"),
-        ({"experts": [LinearRegression(), Ridge()], "n_experts": 3},
-         "n_experts=3 does not match the 2 estimators"),
+        ({"experts": [LinearRegression(), Ridge()], "n_experts": 3}, "n_experts=3 does not match the 2 estimators"),
     ],
 )
 def test_bad_parameters(regimes, params, match):

@@ -72,8 +72,7 @@ def test_string_labels_and_heterogeneous_experts(xor):
     experts = [LogisticRegression(), DecisionTreeClassifier(max_depth=2), GaussianNB()]
     moe = MixtureOfExpertsClassifier(experts=experts, random_state=0).fit(X, names[y])
     assert list(moe.classes_) == ["no", "yes"]
-    assert [type(e) for e in moe.experts_] == [LogisticRegression, DecisionTreeClassifier,
-                                                GaussianNB]
+    assert [type(e) for e in moe.experts_] == [LogisticRegression, DecisionTreeClassifier, GaussianNB]
     pred = moe.predict(Xt)
     assert set(pred) <= {"no", "yes"}
     assert np.mean(pred == names[yt]) > 0.85

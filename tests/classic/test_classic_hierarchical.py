@@ -14,8 +14,7 @@ from moekit.classic import (
 
 def test_hierarchy_beats_flat_mixture_on_four_regimes(four):
     (X, y), (Xt, yt) = four
-    hme = HierarchicalMixtureOfExpertsRegressor(n_groups=2, n_experts_per_group=2,
-                                                random_state=0).fit(X, y)
+    hme = HierarchicalMixtureOfExpertsRegressor(n_groups=2, n_experts_per_group=2, random_state=0).fit(X, y)
     flat = MixtureOfExpertsRegressor(n_experts=2, random_state=0).fit(X, y)
     assert hme.score(Xt, yt) > 0.95
     assert hme.score(Xt, yt) - flat.score(Xt, yt) > 0.3
@@ -26,8 +25,9 @@ def test_hierarchy_beats_flat_mixture_on_four_regimes(four):
 
 def test_tree_gate_structure(four):
     (X, y), (Xt, _) = four
-    hme = HierarchicalMixtureOfExpertsRegressor(n_groups=2, n_experts_per_group=3,
-                                                max_iter=30, random_state=0).fit(X, y)
+    hme = HierarchicalMixtureOfExpertsRegressor(n_groups=2, n_experts_per_group=3, max_iter=30, random_state=0).fit(
+        X, y
+    )
     assert hme.n_experts_ == len(hme.experts_) == 6
     assert len(hme.group_gates_) == 2
     G = hme.group_proba(Xt)
@@ -43,8 +43,7 @@ def test_tree_gate_structure(four):
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_tree_em_log_likelihood_non_decreasing(four):
     (X, y), _ = four
-    hme = HierarchicalMixtureOfExpertsRegressor(init="random", tol=0.0, max_iter=20,
-                                                random_state=1).fit(X, y)
+    hme = HierarchicalMixtureOfExpertsRegressor(init="random", tol=0.0, max_iter=20, random_state=1).fit(X, y)
     assert len(hme.loglik_history_) == 20
     assert np.all(np.diff(hme.loglik_history_) >= -1e-9)
     assert hme.log_likelihood(X, y) == pytest.approx(hme.loglik_history_[-1], abs=1e-9)
@@ -55,8 +54,7 @@ def test_other_methods_fit_the_tree(four, method):
     # Hard assignments are more prone to bad local optima (horizontal "bands" of
     # the target); k-means on the inputs starts them from contiguous regions.
     (X, y), (Xt, yt) = four
-    hme = HierarchicalMixtureOfExpertsRegressor(method=method, init="kmeans_x",
-                                                random_state=0).fit(X, y)
+    hme = HierarchicalMixtureOfExpertsRegressor(method=method, init="kmeans_x", random_state=0).fit(X, y)
     assert hme.score(Xt, yt) > 0.95
 
 

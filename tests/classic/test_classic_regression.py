@@ -38,24 +38,22 @@ def test_recovers_two_regimes(regimes, method):
 def test_recovers_interleaved_laws(laws):
     (X, y, _), (Xt, yt, lt) = laws
     moe = MixtureOfExpertsRegressor(n_experts=2, random_state=0).fit(X, y)
-    coefs = sorted((float(e.coef_[0]), float(e.coef_[1]), float(e.intercept_))
-                   for e in moe.experts_)
+    coefs = sorted((float(e.coef_[0]), float(e.coef_[1]), float(e.intercept_)) for e in moe.experts_)
     assert coefs[0] == pytest.approx((-2.0, 0.0, 1.0), abs=0.1)
     assert coefs[1] == pytest.approx((1.5, 0.0, -1.0), abs=0.1)
     assert moe.score(Xt, yt) - LinearRegression().fit(X, y).score(Xt, yt) > 0.5
     assert _agreement(moe.predict_expert(Xt), lt) > 0.95
     # The gate splits on the second feature, the one that selects the law.
-    assert _agreement(moe.predict_expert(np.c_[np.zeros(5), [-1.5, -1, -0.5, -0.3, -1.8]]),
-                      np.zeros(5)) == 1.0
+    assert _agreement(moe.predict_expert(np.c_[np.zeros(5), [-1.5, -1, -0.5, -0.3, -1.8]]), np.zeros(5)) == 1.0
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@pytest.mark.parametrize("method,init", [("em", "random"), ("em", "kmeans_x"),
-                                         ("hard_em", "random")])
+@pytest.mark.parametrize("method,init", [("em", "random"), ("em", "kmeans_x"), ("hard_em", "random")])
 def test_loglik_non_decreasing(laws, method, init):
     (X, y, _), _ = laws
-    moe = MixtureOfExpertsRegressor(n_experts=3, method=method, init=init, tol=0.0,
-                                    max_iter=25, random_state=3).fit(X, y)
+    moe = MixtureOfExpertsRegressor(n_experts=3, method=method, init=init, tol=0.0, max_iter=25, random_state=3).fit(
+        X, y
+    )
     hist = moe.loglik_history_
     assert hist.shape == (moe.n_iter_,) and moe.n_iter_ >= 2
     assert np.all(np.diff(hist) >= -1e-9), np.diff(hist).min()
@@ -110,8 +108,7 @@ def test_expert_without_sample_weight_is_rejected(regimes):
         moe.fit(X, y)
     assert "LinearRegression" in str(info.value) and "DecisionTreeRegressor" in str(info.value)
     # Hard partitions need no weights: "divide" trains each expert on its own subset.
-    moe = MixtureOfExpertsRegressor(experts=KNeighborsRegressor(), method="divide",
-                                    random_state=0).fit(X, y)
+    moe = MixtureOfExpertsRegressor(experts=KNeighborsRegressor(), method="divide", random_state=0).fit(X, y)
     assert np.isfinite(moe.predict(X)).all()
 
 
@@ -163,8 +160,7 @@ def test_weights_equal_repetitions():
     a = MixtureOfExpertsRegressor(**kwargs).fit(X, y, sample_weight=w)
     b = MixtureOfExpertsRegressor(**kwargs).fit(np.repeat(X, w, axis=0), np.repeat(y, w))
     Xq = np.linspace(-3, 3, 25)[:, None]
-    np.testing.assert_allclose(a.predict(Xq, return_std=True), b.predict(Xq, return_std=True),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(a.predict(Xq, return_std=True), b.predict(Xq, return_std=True), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(a.loglik_history_, b.loglik_history_, rtol=1e-6)
 
 

@@ -23,8 +23,7 @@ ESTIMATORS = [
     HierarchicalMixtureOfExpertsClassifier(max_iter=2, random_state=0),
     # The other training methods and a learned combiner.
     MixtureOfExpertsRegressor(method="divide", pooling="stacking", max_iter=3, random_state=0),
-    MixtureOfExpertsClassifier(method="hard_em", pooling="stacking", max_iter=3,
-                               random_state=0),
+    MixtureOfExpertsClassifier(method="hard_em", pooling="stacking", max_iter=3, random_state=0),
 ]
 
 _SW_REASON = (

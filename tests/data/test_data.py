@@ -1,9 +1,19 @@
 """The embedded corpus, the split, the tokenizers and the token streams."""
+
 import pytest
 import torch
 
-from moekit.data import (ByteTokenizer, BPETokenizer, build_data, embedded_corpus, fixed_windows, load_text_path,
-                         load_tokenizer, random_batches, split_documents)
+from moekit.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    build_data,
+    embedded_corpus,
+    fixed_windows,
+    load_text_path,
+    load_tokenizer,
+    random_batches,
+    split_documents,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +71,9 @@ def test_streams_keep_domain_labels():
     eos = (data.train_ids_N == 256).nonzero().flatten()
     assert eos.numel() > 10
     first_doc = data.tokenizer.decode(data.train_ids_N[: eos[0]].tolist())
-    assert int(data.train_domain_N[0]) == 0 and first_doc.strip()[:1].isalpha(), "the stream starts with prose (a pydoc topic)"
+    assert int(data.train_domain_N[0]) == 0 and first_doc.strip()[:1].isalpha(), (
+        "the stream starts with prose (a pydoc topic)"
+    )
     assert set(data.val_domain_N.unique().tolist()) == {0, 1}
 
 

@@ -1,4 +1,5 @@
 """Fine-tuning a Hugging Face checkpoint with moekit's trainer, and generating from one."""
+
 import json
 
 import pytest
@@ -15,9 +16,18 @@ def hf_dir(tmp_path, monkeypatch):
     """A tiny random Mixtral with a real (locally trained) tokenizer.json, saved with save_pretrained."""
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
     tok = BPETokenizer.train((d.text for d in embedded_corpus(code_chars=50_000)[:20]), 300)
-    cfg = transformers.MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=64, router_aux_loss_coef=0.02)
+    cfg = transformers.MixtralConfig(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        router_aux_loss_coef=0.02,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float()
     with torch.no_grad():
@@ -32,9 +42,30 @@ def hf_dir(tmp_path, monkeypatch):
 def test_init_from_fine_tunes_the_checkpoint_with_its_balance_loss(hf_dir, tmp_path):
     """`moekit train --init-from` starts from the checkpoint's weights, trains with its tokenizer and its aux loss."""
     path, hf_model, tok = hf_dir
-    args = ["train", "--out", str(tmp_path / "runs"), "--name", "ft", "--init-from", str(path), "--steps", "8",
-            "--eval-every", "4", "--batch-size", "4", "--seq-len", "32", "--quiet", "--set", "train.code_chars=60000",
-            "--set", "train.eval_windows=8", "--set", "train.lr=0.003"]
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "ft",
+        "--init-from",
+        str(path),
+        "--steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--quiet",
+        "--set",
+        "train.code_chars=60000",
+        "--set",
+        "train.eval_windows=8",
+        "--set",
+        "train.lr=0.003",
+    ]
     assert main(args) == 0
     run = tmp_path / "runs" / "ft"
     cfg = json.loads((run / "config.json").read_text())

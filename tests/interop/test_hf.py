@@ -1,4 +1,5 @@
 """moekit.interop against transformers' own Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE on tiny random models."""
+
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="moekit.interop tests need Hugging Face transformers")
 
-from moekit.interop import (
+from moekit.interop import (  # noqa: E402 - after the importorskip
     UnsupportedModelError,
     WeightMismatchError,
     accelerate,
@@ -15,24 +16,40 @@ from moekit.interop import (
 )
 
 TOL = 1e-4
-COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              num_experts_per_tok=2, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+)
 
 
 def _configs(**extra):
     common = {**COMMON, **extra}
     return {
         "mixtral": transformers.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, rope_theta=1e6),
-        "qwen2_moe": transformers.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24,
-                                                 shared_expert_intermediate_size=40, num_experts=4, norm_topk_prob=False),
-        "qwen3_moe": transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
-                                                 num_experts=6, norm_topk_prob=True),
+        "qwen2_moe": transformers.Qwen2MoeConfig(
+            **common,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            norm_topk_prob=False,
+        ),
+        "qwen3_moe": transformers.Qwen3MoeConfig(
+            **common, intermediate_size=64, moe_intermediate_size=24, head_dim=8, num_experts=6, norm_topk_prob=True
+        ),
         "olmoe": transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=4, norm_topk_prob=False),
     }
 
 
 def build(family, seed=0, **overrides):
-    cfg = _configs(**{k: overrides.pop(k) for k in ("num_hidden_layers",) if k in overrides})[family]  # constructor-only
+    cfg = _configs(**{k: overrides.pop(k) for k in ("num_hidden_layers",) if k in overrides})[
+        family
+    ]  # constructor-only
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
@@ -134,8 +151,13 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"'llama'.*mixtral.*qwen2_moe.*qwen3_moe.*olmoe"):
         load_hf(tmp_path)
     with pytest.raises(UnsupportedModelError, match="llama"):
-        accelerate(transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)))
+        accelerate(
+            transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
+                )
+            )
+        )
 
 
 def test_qwen2_without_qkv_bias(tmp_path):
@@ -174,12 +196,16 @@ def test_missing_and_mismatched_tensors(tmp_path):
     key = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
     bad[key] = bad[key][:, :20].contiguous()
     save_file(bad, path)
-    with pytest.raises(WeightMismatchError, match=key.replace(".", r"\.") + r".*expected shape \(32, 48\), got \(32, 20\)"):
+    with pytest.raises(
+        WeightMismatchError, match=key.replace(".", r"\.") + r".*expected shape \(32, 48\), got \(32, 20\)"
+    ):
         load_hf(tmp_path)
     bad = dict(sd)
     bad["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(32, 31)
     save_file(bad, path)
-    with pytest.raises(WeightMismatchError, match=r"blocks\.0\.attn\.wo\.weight.*expected shape \(32, 32\), got \(32, 31\)"):
+    with pytest.raises(
+        WeightMismatchError, match=r"blocks\.0\.attn\.wo\.weight.*expected shape \(32, 32\), got \(32, 31\)"
+    ):
         load_hf(tmp_path)
     bad = dict(sd)
     bad["model.layers.0.mlp.extra"] = torch.zeros(3)
@@ -192,8 +218,15 @@ def test_export_rejects_incompatible(tmp_path):
     from moekit.config import LMConfig, MoEConfig
     from moekit.models.lm import MoETransformer
 
-    m = MoETransformer(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4,
-                                moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, router="sigmoid")))
+    m = MoETransformer(
+        LMConfig(
+            vocab_size=50,
+            dim=32,
+            n_layers=1,
+            n_heads=4,
+            moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, router="sigmoid"),
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="router='sigmoid'"):
         export_hf(m, tmp_path, "mixtral")
     with pytest.raises(UnsupportedModelError, match="unsupported family 'gpt2'"):
@@ -214,9 +247,17 @@ def test_deepseek_v3_block(norm):
 
     from moekit.interop import deepseek_v3_moe
 
-    cfg = transformers.DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4,
-                                        topk_group=2, num_experts_per_tok=3, n_shared_experts=2,
-                                        routed_scaling_factor=2.5, norm_topk_prob=norm)
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=32,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        n_shared_experts=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=norm,
+    )
     block = _randomize(DeepseekV3MoE(cfg))
     block.gate.e_score_correction_bias.normal_(0.0, 0.3)  # makes selection differ from the raw scores
     moe = deepseek_v3_moe(block, cfg)
@@ -230,8 +271,9 @@ def test_gpt_oss_block():
 
     from moekit.interop import gpt_oss_moe
 
-    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
-                                    swiglu_limit=0.08)  # a small limit so that the clamps are exercised
+    cfg = transformers.GptOssConfig(
+        hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=0.08
+    )  # a small limit so that the clamps are exercised
     cfg._experts_implementation = "eager"
     block = _randomize(GptOssMLP(cfg), std=0.1)
     moe = gpt_oss_moe(block, cfg)
@@ -291,8 +333,9 @@ def _assert_bf16_close(got, ref):
     assert maxdiff(got.float(), ref.float()) <= 2.0**-8 * ref.float().abs().max().item()
 
 
-@pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}),
-                                              ("qwen3_moe", {"num_experts_per_tok": 3})])
+@pytest.mark.parametrize(
+    "family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}), ("qwen3_moe", {"num_experts_per_tok": 3})]
+)
 def test_accelerate_bf16_matches_eager(family, overrides):
     """In bf16 the accelerated block equals transformers' eager block (routing weights multiplied in
     the router's dtype, each product rounded, a token's slots summed in ascending expert id)."""
@@ -364,12 +407,18 @@ def test_set_experts_implementation_after_accelerate():
         assert not calls
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("mixtral", {"router_aux_loss_coef": 0.02}),
-    ("qwen2_moe", {"router_aux_loss_coef": 0.03, "num_hidden_layers": 4, "decoder_sparse_step": 2}),  # 2 MoE of 4 layers
-    ("qwen3_moe", {"router_aux_loss_coef": 0.05, "num_experts_per_tok": 3}),
-    ("olmoe", {}),  # router_aux_loss_coef from the config class's default (0.01)
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("mixtral", {"router_aux_loss_coef": 0.02}),
+        (
+            "qwen2_moe",
+            {"router_aux_loss_coef": 0.03, "num_hidden_layers": 4, "decoder_sparse_step": 2},
+        ),  # 2 MoE of 4 layers
+        ("qwen3_moe", {"router_aux_loss_coef": 0.05, "num_experts_per_tok": 3}),
+        ("olmoe", {}),  # router_aux_loss_coef from the config class's default (0.01)
+    ],
+)
 def test_training_losses_equal_transformers(family, overrides, tmp_path):
     """load_hf(..., training_losses=True) (what `moekit train --init-from` fine-tunes) adds exactly
     transformers' router_aux_loss_coef * aux_loss (output_router_logits=True): same value, same

@@ -6,6 +6,7 @@ imported) imports ``moekit.kernels.triton`` once with the variable set, and an a
 it around each test here; between tests and in other folders it is as the caller left it. On a
 machine without Triton the import fails and the Triton test modules skip themselves.
 """
+
 import pytest
 import torch
 

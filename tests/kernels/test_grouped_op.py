@@ -2,6 +2,7 @@
 (float64), forward and gradients, with incoming gradients of every layout autograd produces:
 ``y.sum()`` (expanded, strides (0, 0)), a broadcast row (strides (0, 1)), a transposed one whose
 leading stride is not 16-byte aligned, and a plain contiguous one. Eager only (no torch.compile)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ def grad_layout(kind: str, y, w) -> tuple:
 
 
 LAYOUTS = {"sum": (0, 0), "row_broadcast": (0, 1), "transposed": (1, R), "contiguous": (N, 1)}
+
+
 @pytest.mark.parametrize("kind", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_op_gradients_match_a_per_group_loop(dtype, kind):
@@ -93,8 +96,7 @@ def test_wgrad_op_takes_any_gradient_layout(dtype):
     cases.append(("contiguous", torch.randn(D, R).to(dtype).t(), base))  # a column-major, leading stride R
     for name, a, g in cases:
         got = _grouped_mm_wgrad_op(a, g, offs)
-        want = torch.stack([torch.mm(a[s:e].double().t(), g[s:e].double())
-                            for s, e in zip([0] + OFFS[:-1], OFFS)])
+        want = torch.stack([torch.mm(a[s:e].double().t(), g[s:e].double()) for s, e in zip([0] + OFFS[:-1], OFFS)])
         close(got, want, dtype, f"wgrad with a {name} gradient, a strides {a.stride()}")
         assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[4], torch.zeros_like(got[4]))
 

@@ -3,6 +3,7 @@ Triton's CPU interpreter, small shapes: strided inputs, double backward, autocas
 tuner's trial calls inside the caller's autograd graph (activation checkpointing) and with stale
 cache entries.
 """
+
 import pytest
 import torch
 
@@ -28,8 +29,8 @@ def _problem(T=7, K=2, E=3, D=16, F=16, dtype=torch.float64, seed=0):
     experts_TK = torch.rand(T, E, generator=g).argsort(-1)[:, :K]
     plan = plan_dispatch(experts_TK, E)
     x_TD = torch.randn(T, D, generator=g, dtype=dtype)
-    w_up = (torch.randn(E, D, 2 * F, generator=g, dtype=dtype) / D**0.5)
-    w_down = (torch.randn(E, F, D, generator=g, dtype=dtype) / F**0.5)
+    w_up = torch.randn(E, D, 2 * F, generator=g, dtype=dtype) / D**0.5
+    w_down = torch.randn(E, F, D, generator=g, dtype=dtype) / F**0.5
     weights_TK = torch.rand(T, K, generator=g, dtype=dtype)
     return plan, x_TD, w_up, w_down, weights_TK
 
@@ -64,13 +65,23 @@ def fresh_tuner(tmp_path):
 
 
 def _slot_call(plan, x, w_up, w_down, weights_TK):
-    return triton_moe_ffn(x, plan.counts_E, w_up, w_down, ACT, scale_R=weights_TK.reshape(-1)[plan.order_R],
-                          out_idx_R=plan.order_R, top_k=plan.top_k)
+    return triton_moe_ffn(
+        x,
+        plan.counts_E,
+        w_up,
+        w_down,
+        ACT,
+        scale_R=weights_TK.reshape(-1)[plan.order_R],
+        out_idx_R=plan.order_R,
+        top_k=plan.top_k,
+    )
 
 
 def _reference_grads(plan, x_TD, w_up, w_down, weights_TK):
     leaves = [_leaf(t) for t in (x_TD, w_up, w_down, weights_TK)]
-    ref = combine(loop_ffn(dispatch(leaves[0], plan), plan.counts_E, leaves[1], leaves[2], ACTIVATIONS[ACT]), plan, leaves[3])
+    ref = combine(
+        loop_ffn(dispatch(leaves[0], plan), plan.counts_E, leaves[1], leaves[2], ACTIVATIONS[ACT]), plan, leaves[3]
+    )
     ref.sum().backward()
     return ref, [t.grad for t in leaves]
 
@@ -85,8 +96,11 @@ def test_autotune_inside_a_non_reentrant_checkpoint(fresh_tuner):
     problem = _problem(dtype=torch.float32)
     plan = problem[0]
     leaves = [_leaf(t) for t in problem[1:]]
-    out = checkpoint(lambda x, wu, wd, w: _slot_call(plan, x, wu, wd, w).view(-1, plan.top_k, x.shape[1]).sum(1),
-                     *leaves, use_reentrant=False)
+    out = checkpoint(
+        lambda x, wu, wd, w: _slot_call(plan, x, wu, wd, w).view(-1, plan.top_k, x.shape[1]).sum(1),
+        *leaves,
+        use_reentrant=False,
+    )
     out.sum().backward()
     assert fresh_tuner.tuned_here == 1
     ref, grads = _reference_grads(*problem)
@@ -107,7 +121,7 @@ def test_stale_cached_config_is_retuned(fresh_tuner):
     _slot_call(problem[0], *leaves).sum().backward()
     assert fresh_tuner.tuned_here == 1
     data = json.loads(fresh_tuner.path.read_text())
-    (key, entry), = data["entries"].items()
+    ((key, entry),) = data["entries"].items()
     for k in ("DBWD_BLOCK_N", "DBWD_num_warps"):
         entry["config"].pop(k)
     fresh_tuner.path.write_text(json.dumps(data))

@@ -2,6 +2,7 @@
 and every gradient, against the loop reference): under Triton's CPU interpreter here, and on a
 GPU in the test marked ``gpu`` (run in a fresh process, without the interpreter).
 """
+
 import os
 import subprocess
 import sys
@@ -18,8 +19,10 @@ def _interpreted() -> bool:
     return INTERPRETED
 
 
-cpu_only = pytest.mark.skipif(torch.cuda.is_available() or not _interpreted(),
-                              reason="the Triton kernels are not interpreted in this process (see conftest.py)")
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available() or not _interpreted(),
+    reason="the Triton kernels are not interpreted in this process (see conftest.py)",
+)
 
 
 def _passes(dtype):
@@ -43,11 +46,15 @@ def test_self_check_passes_whatever_the_callers_mode(mode, recwarn):
     inference_mode, a reentrant checkpoint's forward) or under autocast it still checks the
     forward and every gradient in the dtype asked for, and passes."""
     import contextlib
+
     from torch.utils.checkpoint import checkpoint
 
-    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
-           "autocast": torch.autocast("cpu", dtype=torch.float16),
-           "reentrant_checkpoint": contextlib.nullcontext()}[mode]
+    ctx = {
+        "no_grad": torch.no_grad(),
+        "inference_mode": torch.inference_mode(),
+        "autocast": torch.autocast("cpu", dtype=torch.float16),
+        "reentrant_checkpoint": contextlib.nullcontext(),
+    }[mode]
     result = []
     with ctx:
         if mode == "reentrant_checkpoint":
@@ -100,7 +107,9 @@ def test_self_check_passes_on_the_gpu(dtype):
     opt-in). A fresh process, so that no kernel here was decorated under the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)  # this process's moekit
-    code = ("import torch; from moekit.kernels.triton.check import self_check; "
-            f"self_check(torch.device('cuda'), torch.{dtype})")
+    code = (
+        "import torch; from moekit.kernels.triton.check import self_check; "
+        f"self_check(torch.device('cuda'), torch.{dtype})"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -6,6 +6,7 @@ gather / row scale / scatter switched on and off.
 The kernels are imported under TRITON_INTERPRET=1 by this folder's conftest.py, which also sets
 it around each test (and only there).
 """
+
 import pytest
 import torch
 
@@ -83,14 +84,17 @@ def _counts_from_routing(T, K, E, drop):
     return counts_E, T * K
 
 
-@pytest.mark.parametrize("T,K,E,drop,kind", [
-    (23, 1, 1, 0, "swiglu"),  # one expert, K=1
-    (37, 1, 6, 5, "gelu"),  # K=1, padding
-    (7, 8, 8, 0, "swiglu"),  # K=8 of 8: every expert busy, R=56
-    (6, 8, 16, 3, "geglu"),  # K=8 of 16, padding
-    (9, 2, 128, 2, "relu"),  # E=128, most experts empty
-    (5, 1, 3, 5, "swiglu"),  # every row padding: no real tile at all
-])
+@pytest.mark.parametrize(
+    "T,K,E,drop,kind",
+    [
+        (23, 1, 1, 0, "swiglu"),  # one expert, K=1
+        (37, 1, 6, 5, "gelu"),  # K=1, padding
+        (7, 8, 8, 0, "swiglu"),  # K=8 of 8: every expert busy, R=56
+        (6, 8, 16, 3, "geglu"),  # K=8 of 16, padding
+        (9, 2, 128, 2, "relu"),  # E=128, most experts empty
+        (5, 1, 3, 5, "swiglu"),  # every row padding: no real tile at all
+    ],
+)
 def test_routing_shapes(T, K, E, drop, kind):
     counts_E, R = _counts_from_routing(T, K, E, drop)
     D, F = (16, 16) if E > 16 else (32, 24)
@@ -117,9 +121,15 @@ def test_fused_gather_scale_scatter(gather, scale, scatter):
 
     x, wu, wd, s = _leaf(x_src), _leaf(w_up), _leaf(w_down), _leaf(s_R)
     y = triton_moe_ffn(
-        x, plan.counts_E, wu, wd, kind,
-        token_idx_R=plan.token_R if gather else None, scale_R=s if scale else None,
-        out_idx_R=plan.order_R if scatter else None, num_out_rows=S if scatter else None,
+        x,
+        plan.counts_E,
+        wu,
+        wd,
+        kind,
+        token_idx_R=plan.token_R if gather else None,
+        scale_R=s if scale else None,
+        out_idx_R=plan.order_R if scatter else None,
+        num_out_rows=S if scatter else None,
     )
     xr, wur, wdr, sr = (_leaf(t) for t in (x_src, w_up, w_down, s_R))
     y_ref = loop_ffn(xr[plan.token_R] if gather else xr, plan.counts_E, wur, wdr, ACTIVATIONS[kind])
@@ -154,15 +164,18 @@ def test_fused_path_makes_combine_a_sum_over_k(slot_mode):
 
     x, wu, wd, w = _leaf(x_TD), _leaf(w_up), _leaf(w_down), _leaf(weights_TK)
     routing = dict(top_k=K) if slot_mode else dict(token_idx_R=plan.token_R, num_out_rows=T * K)
-    y_SD = triton_moe_ffn(x, plan.counts_E, wu, wd, kind, scale_R=w.reshape(-1)[plan.order_R],
-                          out_idx_R=plan.order_R, **routing)
+    y_SD = triton_moe_ffn(
+        x, plan.counts_E, wu, wd, kind, scale_R=w.reshape(-1)[plan.order_R], out_idx_R=plan.order_R, **routing
+    )
     out = y_SD.view(T, K, D).sum(1)
     xr, wur, wdr, wr = (_leaf(t) for t in (x_TD, w_up, w_down, weights_TK))
     ref = combine(loop_ffn(dispatch(xr, plan), plan.counts_E, wur, wdr, ACTIVATIONS[kind]), plan, wr)
     g = torch.randn_like(ref)
-    for name, a, b in zip(["out", "dx", "dw_up", "dw_down", "dweights"],
-                          (out, *torch.autograd.grad(out, (x, wu, wd, w), g)),
-                          (ref, *torch.autograd.grad(ref, (xr, wur, wdr, wr), g))):
+    for name, a, b in zip(
+        ["out", "dx", "dw_up", "dw_down", "dweights"],
+        (out, *torch.autograd.grad(out, (x, wu, wd, w), g)),
+        (ref, *torch.autograd.grad(ref, (xr, wur, wdr, wr), g)),
+    ):
         _close(a, b, dtype, name)
 
 
@@ -234,7 +247,7 @@ def test_tile_table_covers_each_expert_once(block_m):
         covered[rows] += 1
         owner[rows] = e
     ends = counts_E.cumsum(0)
-    assert (covered[: ends[-1]] == 1).all() and (covered[ends[-1]:] == 0).all()
+    assert (covered[: ends[-1]] == 1).all() and (covered[ends[-1] :] == 0).all()
     assert (owner[: ends[-1]] == torch.repeat_interleave(torch.arange(6), counts_E)).all()
 
 
@@ -267,12 +280,15 @@ def test_fused_path_computes_in_the_autocast_dtype():
     assert torch.equal(got_rows, experts(x[plan.token_R].half(), plan.counts_E, backend="triton"))
 
 
-@pytest.mark.parametrize("extra", [
-    dict(top_k=2),
-    dict(top_k=2, capacity_factor=0.75, num_shared_experts=1),
-    dict(router="expert_choice", top_k=2),
-    dict(top_k=1, router="switch", expert="gelu"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(top_k=2),
+        dict(top_k=2, capacity_factor=0.75, num_shared_experts=1),
+        dict(router="expert_choice", top_k=2),
+        dict(top_k=1, router="switch", expert="gelu"),
+    ],
+)
 def test_moe_layer_with_the_fused_triton_path_equals_the_loop(extra):
     """MoE(backend='triton') runs dispatch, experts and combine in the fused kernels: same output
     and gradients as the loop backend, with drops, empty slots and shared experts."""

@@ -5,15 +5,20 @@ E = 512, int32 and int64 ids; and the errors for bad input.
 
 The interpreter is switched on by this folder's conftest.py.
 """
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from moekit.kernels.triton import INTERPRETED, routing_plan  # noqa: E402
-from moekit.kernels.triton import routing  # noqa: E402
+from moekit.kernels.triton import (  # noqa: E402
+    INTERPRETED,
+    routing,  # noqa: E402
+    routing_plan,
+)
 from moekit.layer.dispatch import apply_capacity, expert_capacity, plan_dispatch  # noqa: E402
 
 if not INTERPRETED:
@@ -41,18 +46,21 @@ def _check(experts_TK, E, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("T,K,E,empty,block_s", [
-    (1, 8, 128, 0.0, None),  # decode: one token, K = 8
-    (64, 8, 128, 0.0, None),  # S = 512 in one program
-    (200, 8, 16, 0.1, None),  # S = 1600 > FUSED_MAX_S: default blocks, the last one partial
-    (13, 1, 1, 0.0, None),  # E = 1
-    (13, 2, 1, 0.4, 16),
-    (7, 8, 512, 0.0, None),  # E = 512: the one-hot tile loops over chunks of ids
-    (50, 4, 512, 0.2, 64),
-    (37, 3, 8, 0.0, 16),  # S = 111, not a multiple of the block
-    (37, 3, 8, 0.5, 32),
-    (20, 4, 6, 1.0, 16),  # every slot empty
-])
+@pytest.mark.parametrize(
+    "T,K,E,empty,block_s",
+    [
+        (1, 8, 128, 0.0, None),  # decode: one token, K = 8
+        (64, 8, 128, 0.0, None),  # S = 512 in one program
+        (200, 8, 16, 0.1, None),  # S = 1600 > FUSED_MAX_S: default blocks, the last one partial
+        (13, 1, 1, 0.0, None),  # E = 1
+        (13, 2, 1, 0.4, 16),
+        (7, 8, 512, 0.0, None),  # E = 512: the one-hot tile loops over chunks of ids
+        (50, 4, 512, 0.2, 64),
+        (37, 3, 8, 0.0, 16),  # S = 111, not a multiple of the block
+        (37, 3, 8, 0.5, 32),
+        (20, 4, 6, 1.0, 16),  # every slot empty
+    ],
+)
 def test_matches_plan_dispatch(T, K, E, empty, block_s, dtype):
     _check(_ids(T, K, E, empty).to(dtype), E, block_s=block_s, has_empty=empty > 0)
 
@@ -86,8 +94,12 @@ def test_no_slots_gives_an_empty_plan(shape):
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
-    T=st.integers(1, 90), K=st.integers(1, 4), E=st.integers(1, 40), empty=st.sampled_from([0.0, 0.3]),
-    block_s=st.sampled_from([None, 16, 32]), seed=st.integers(0, 2**16),
+    T=st.integers(1, 90),
+    K=st.integers(1, 4),
+    E=st.integers(1, 40),
+    empty=st.sampled_from([0.0, 0.3]),
+    block_s=st.sampled_from([None, 16, 32]),
+    seed=st.integers(0, 2**16),
 )
 def test_random_routings(T, K, E, empty, block_s, seed):
     torch.manual_seed(seed)
@@ -101,18 +113,21 @@ def test_unvalidated_out_of_range_ids_are_empty_slots():
     assert torch.equal(got.order_R, ref.order_R) and torch.equal(got.counts_E, ref.counts_E)
 
 
-@pytest.mark.parametrize("args,kw,match", [
-    ((torch.zeros(6, dtype=torch.int64), 4), {}, "experts_TK"),  # 1-D
-    ((torch.zeros(2, 3), 4), {}, "experts_TK"),  # float
-    ((torch.zeros(2, 3, dtype=torch.int16), 4), {}, "experts_TK"),
-    (([[0, 1]], 4), {}, "experts_TK"),  # not a tensor
-    ((torch.zeros(2, 3, dtype=torch.int64), 0), {}, "num_experts"),
-    ((torch.zeros(2, 3, dtype=torch.int64), 2.0), {}, "num_experts"),
-    ((torch.tensor([[0, 5]]), 4), {}, r"experts_TK ids must lie in \[0, num_experts=4\]"),
-    ((torch.tensor([[0, -1]], dtype=torch.int32), 4), {}, "experts_TK ids"),
-    ((torch.zeros(2, 3, dtype=torch.int64), 4), {"max_rows": -1}, "max_rows"),
-    ((torch.zeros(2, 3, dtype=torch.int64), 4), {"block_s": 24}, "block_s"),
-])
+@pytest.mark.parametrize(
+    "args,kw,match",
+    [
+        ((torch.zeros(6, dtype=torch.int64), 4), {}, "experts_TK"),  # 1-D
+        ((torch.zeros(2, 3), 4), {}, "experts_TK"),  # float
+        ((torch.zeros(2, 3, dtype=torch.int16), 4), {}, "experts_TK"),
+        (([[0, 1]], 4), {}, "experts_TK"),  # not a tensor
+        ((torch.zeros(2, 3, dtype=torch.int64), 0), {}, "num_experts"),
+        ((torch.zeros(2, 3, dtype=torch.int64), 2.0), {}, "num_experts"),
+        ((torch.tensor([[0, 5]]), 4), {}, r"experts_TK ids must lie in \[0, num_experts=4\]"),
+        ((torch.tensor([[0, -1]], dtype=torch.int32), 4), {}, "experts_TK ids"),
+        ((torch.zeros(2, 3, dtype=torch.int64), 4), {"max_rows": -1}, "max_rows"),
+        ((torch.zeros(2, 3, dtype=torch.int64), 4), {"block_s": 24}, "block_s"),
+    ],
+)
 def test_bad_input_raises(args, kw, match):
     with pytest.raises(ValueError, match=match):
         routing_plan(*args, **kw)

@@ -5,6 +5,7 @@ reuses it in a new process-wide tuner, without touching the caller's autograd gr
 
 (Timings under the interpreter mean nothing; these tests check the machinery, not the choice.)
 """
+
 import json
 
 import pytest
@@ -13,10 +14,12 @@ import torch
 pytest.importorskip("triton")
 
 from moekit.kernels.reference import loop_ffn  # noqa: E402
-from moekit.kernels.triton import INTERPRETED, triton_moe_ffn  # noqa: E402
-from moekit.kernels.triton import tune  # noqa: E402
-from moekit.kernels.triton.config import (  # noqa: E402
-    DECODE_CANDIDATES, TRAIN_CANDIDATES, candidates, heuristic_config)
+from moekit.kernels.triton import (  # noqa: E402
+    INTERPRETED,
+    triton_moe_ffn,
+    tune,  # noqa: E402
+)
+from moekit.kernels.triton.config import DECODE_CANDIDATES, TRAIN_CANDIDATES, candidates, heuristic_config  # noqa: E402
 from moekit.layer.dispatch import plan_dispatch  # noqa: E402
 from moekit.layer.experts import ACTIVATIONS  # noqa: E402
 
@@ -50,8 +53,17 @@ def _run(plan, x, w_up, w_down, s, config=None):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w_up, w_down, s)]
     T = x.shape[0]
     K = plan.order_R.numel() // T
-    y = triton_moe_ffn(leaves[0], plan.counts_E, leaves[1], leaves[2], "swiglu",
-                       scale_R=leaves[3][plan.order_R], out_idx_R=plan.order_R, top_k=K, config=config)
+    y = triton_moe_ffn(
+        leaves[0],
+        plan.counts_E,
+        leaves[1],
+        leaves[2],
+        "swiglu",
+        scale_R=leaves[3][plan.order_R],
+        out_idx_R=plan.order_R,
+        top_k=K,
+        config=config,
+    )
     g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     return (y, *torch.autograd.grad(y, leaves, g))
 
@@ -73,8 +85,11 @@ def _assert_close(got, ref, tol=1e-4):
         assert err <= tol * max(b.abs().max().item(), 1e-6), f"{name}: error {err:.3e}"
 
 
-@pytest.mark.parametrize("cfg", DECODE_CANDIDATES + TRAIN_CANDIDATES,
-                         ids=lambda c: f"M{c['BLOCK_M']}N{c['BLOCK_N']}K{c['BLOCK_K']}P{c['WGRAD_BLOCK_P']}Q{c['WGRAD_BLOCK_Q']}")
+@pytest.mark.parametrize(
+    "cfg",
+    DECODE_CANDIDATES + TRAIN_CANDIDATES,
+    ids=lambda c: f"M{c['BLOCK_M']}N{c['BLOCK_N']}K{c['BLOCK_K']}P{c['WGRAD_BLOCK_P']}Q{c['WGRAD_BLOCK_Q']}",
+)
 def test_every_candidate_config_is_correct(cfg):
     """Each config the tuner may pick gives the loop's result (fp32, all gradients), with rows
     fewer than one tile, one expert idle and D, F smaller than some of the blocks."""
@@ -105,7 +120,7 @@ def test_autotune_measures_once_persists_and_reuses(fresh_tuner):
     _assert_close(_run(*problem), ref)  # tuned inside the call; the caller's grads are unaffected
     assert fresh_tuner.tuned_here == 1
     data = json.loads(fresh_tuner.path.read_text())
-    (key, entry), = data["entries"].items()
+    ((key, entry),) = data["entries"].items()
     assert "|R32|" in key and key.endswith("|train") and "float32" in key
     assert len(entry["tried"]) == len(candidates(20, 3))
     assert entry["config"] in [c for _, c in entry["tried"]]
@@ -113,8 +128,9 @@ def test_autotune_measures_once_persists_and_reuses(fresh_tuner):
     _run(*_problem(T=13, seed=1))  # 26 rows: same bucket, no new measurement
     assert fresh_tuner.tuned_here == 1
     with torch.no_grad():  # inference is its own key
-        triton_moe_ffn(problem[1], problem[0].counts_E, problem[2], problem[3], "swiglu",
-                       out_idx_R=problem[0].order_R, top_k=2)
+        triton_moe_ffn(
+            problem[1], problem[0].counts_E, problem[2], problem[3], "swiglu", out_idx_R=problem[0].order_R, top_k=2
+        )
     assert fresh_tuner.tuned_here == 2
 
     again = tune.reset_tuner(fresh_tuner.path, reps=1)  # a new process reads the file

@@ -3,6 +3,7 @@ re-routing of overflowing slots, and capacity as seen through the MoE layer.
 
 Shape legend: T tokens, D model width, E experts, K slots per token, C capacity per expert.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,16 @@ def counts_of(experts_TK: torch.Tensor, E: int) -> torch.Tensor:
 
 
 CASES = [  # (T, E, K, skew)
-    (1, 1, 1, 0.0), (5, 2, 1, 0.0), (7, 3, 2, 4.0), (16, 4, 2, 0.0), (16, 4, 2, 5.0), (9, 5, 3, 3.0),
-    (20, 8, 2, 6.0), (12, 6, 6, 0.0), (3, 8, 1, 10.0), (31, 7, 4, 2.0),
+    (1, 1, 1, 0.0),
+    (5, 2, 1, 0.0),
+    (7, 3, 2, 4.0),
+    (16, 4, 2, 0.0),
+    (16, 4, 2, 5.0),
+    (9, 5, 3, 3.0),
+    (20, 8, 2, 6.0),
+    (12, 6, 6, 0.0),
+    (3, 8, 1, 10.0),
+    (31, 7, 4, 2.0),
 ]
 
 
@@ -99,8 +108,9 @@ def test_no_expert_exceeds_capacity(priority, overflow):
         for T, E, K, skew in CASES:
             experts_TK, weights_TK, probs_TE = topk_routing(T, E, K, skew=skew, seed=seed)
             for C in sorted({1, 2, max(1, T * K // E), T}):
-                new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE,
-                                                                overflow=overflow, priority=priority)
+                new_experts_TK, new_weights_TK = apply_capacity(
+                    experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow=overflow, priority=priority
+                )
                 assert new_experts_TK.shape == (T, K) and new_weights_TK.shape == (T, K)
                 assert int(counts_of(new_experts_TK, E).max()) <= C, (seed, T, E, K, skew, C)
                 empty_TK = new_experts_TK == E
@@ -138,8 +148,9 @@ def test_drop_matches_reference_walk(priority):
             experts_TK, weights_TK, _ = topk_routing(T, E, K, skew=skew, seed=seed)
             for C in sorted({1, 2, max(1, T * K // E), T}):
                 keep_TK, kept_E = ref_drop(experts_TK, weights_TK, C, E, priority)
-                new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, overflow="drop",
-                                                                priority=priority)
+                new_experts_TK, new_weights_TK = apply_capacity(
+                    experts_TK, weights_TK, C, E, overflow="drop", priority=priority
+                )
                 assert torch.equal(new_experts_TK, torch.where(keep_TK, experts_TK, E)), (seed, T, E, K, C)
                 assert torch.equal(new_weights_TK, weights_TK * keep_TK)
                 assert torch.equal(counts_of(new_experts_TK, E), kept_E)
@@ -166,8 +177,9 @@ def check_reroute(experts_TK, weights_TK, probs_TE, C, E, priority):
     """Every reroute property against the drop policy on the same input; returns the result."""
     T, K = experts_TK.shape
     drop_experts_TK, drop_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, overflow="drop", priority=priority)
-    new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE,
-                                                    overflow="reroute", priority=priority)
+    new_experts_TK, new_weights_TK = apply_capacity(
+        experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow="reroute", priority=priority
+    )
     counts_E = counts_of(new_experts_TK, E)
     assert int(counts_E.max()) <= C
     kept_TK = drop_experts_TK < E
@@ -190,7 +202,8 @@ def check_reroute(experts_TK, weights_TK, probs_TE, C, E, priority):
                 usable = set(range(E)) - original - set(now)
                 usable = {e for e in usable if probs_TE[t, e] > 0}
                 assert all(int(counts_E[e]) == C for e in usable), (
-                    f"token {t} slot {k} dropped although experts {[e for e in usable if counts_E[e] < C]} have room")
+                    f"token {t} slot {k} dropped although experts {[e for e in usable if counts_E[e] < C]} have room"
+                )
             if e_old == E:
                 assert e_new == E, "an originally empty slot must stay empty"
     return new_experts_TK, new_weights_TK
@@ -199,7 +212,8 @@ def check_reroute(experts_TK, weights_TK, probs_TE, C, E, priority):
 @pytest.mark.parametrize("priority", ["order", "score"])
 def test_reroute_properties(priority):
     """Reroute: within capacity, no duplicate expert per token, new experts outside the original top-k,
-    weights p_new*w_old/p_old, never more drops than 'drop', and a slot stays dropped only if all its options are full."""
+    weights p_new*w_old/p_old, never more drops than 'drop', and a slot stays dropped only if all
+    its options are full."""
     for seed in range(4):
         for T, E, K, skew in CASES:
             for renormalize in (True, False):
@@ -228,7 +242,9 @@ def test_reroute_fills_all_room_top2():
     new_experts_TK, new_weights_TK = check_reroute(experts_TK, weights_TK, probs_TE, C, E, "order")
     assert (new_experts_TK < E).all(), new_experts_TK
     assert new_experts_TK.tolist() == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    torch.testing.assert_close(new_weights_TK, torch.tensor([[4 / 7, 3 / 7], [4 / 7, 3 / 7], [2 / 7, 1 / 7], [2 / 7, 1 / 7]]))
+    torch.testing.assert_close(
+        new_weights_TK, torch.tensor([[4 / 7, 3 / 7], [4 / 7, 3 / 7], [2 / 7, 1 / 7], [2 / 7, 1 / 7]])
+    )
     assert torch.equal(counts_of(new_experts_TK, E), torch.full((E,), C))
 
 
@@ -244,7 +260,9 @@ def test_reroute_with_total_room_only_forced_drops():
             n_dropped_by_drop += int((apply_capacity(experts_TK, weights_TK, C, E)[0] == E).sum())
             if K == 1:  # one slot per token: a token can always use any expert with room
                 assert (new_experts_TK < E).all(), (seed, T, E, K, new_experts_TK)
-    assert n_dropped < 0.1 * n_dropped_by_drop, "rerouting should rescue almost every overflowing slot when there is room"
+    assert n_dropped < 0.1 * n_dropped_by_drop, (
+        "rerouting should rescue almost every overflowing slot when there is room"
+    )
 
 
 def test_capacity_gradients_flow_through_kept_and_rerouted_weights():
@@ -258,7 +276,7 @@ def test_capacity_gradients_flow_through_kept_and_rerouted_weights():
 
     new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, overflow="drop")
     (new_weights_TK * g_TK).sum().backward()
-    keep_T = (new_experts_TK[:, 0] < E)
+    keep_T = new_experts_TK[:, 0] < E
     assert keep_T.tolist() == [True, True, False, False, False, False]
     want_TE = torch.zeros(T, E)
     want_TE[:, 0] = g_TK[:, 0] * keep_T  # d/dp0 of the kept weight p0
@@ -271,7 +289,8 @@ def test_capacity_gradients_flow_through_kept_and_rerouted_weights():
     new_experts_TK, new_weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow="reroute")
     assert new_experts_TK.flatten().tolist() == [0, 0, 1, 1, 2, 2]
     (new_weights_TK * g_TK).sum().backward()
-    # w_new = p_new * w_old / p_old with w_old == p_old: d/dp_new = g, and w_old / p_old has zero net derivative in p_old
+    # w_new = p_new * w_old / p_old with w_old == p_old: d/dp_new = g, and w_old / p_old has zero
+    # net derivative in p_old
     want_TE = torch.zeros(T, E)
     want_TE[torch.arange(T), new_experts_TK[:, 0]] = g_TK[:, 0]
     torch.testing.assert_close(probs_TE.grad, want_TE, rtol=1e-5, atol=1e-6)
@@ -300,8 +319,17 @@ def test_moe_dropped_tokens_output_zero_and_stats(priority):
     """Through MoE (top-1, small cf): dropped tokens output exactly 0, kept ones the expert's output,
     and the stats report the reference drop fraction and kept counts."""
     T, D, E = 24, 8, 4
-    cfg = MoEConfig(dim=D, hidden_dim=16, num_experts=E, top_k=1, router="topk", renormalize=False, router_bias=True,
-                    capacity_factor=0.5, capacity_priority=priority)
+    cfg = MoEConfig(
+        dim=D,
+        hidden_dim=16,
+        num_experts=E,
+        top_k=1,
+        router="topk",
+        renormalize=False,
+        router_bias=True,
+        capacity_factor=0.5,
+        capacity_priority=priority,
+    )
     moe = skewed_moe(cfg).eval()
     x_TD = torch.randn(T, D)
     res = moe(x_TD)
@@ -314,8 +342,14 @@ def test_moe_dropped_tokens_output_zero_and_stats(priority):
     dropped_T = ~keep_TK[:, 0]
     assert torch.all(res.out[dropped_T] == 0), "a dropped token's MoE output must be exactly zero"
     assert torch.all(res.out[~dropped_T].abs().sum(-1) > 0)
-    want_TD = moe_reference(x_TD, torch.where(keep_TK, experts_TK, E), weights_TK * keep_TK,
-                            moe.experts.w_up.detach(), moe.experts.w_down.detach(), cfg.expert)
+    want_TD = moe_reference(
+        x_TD,
+        torch.where(keep_TK, experts_TK, E),
+        weights_TK * keep_TK,
+        moe.experts.w_up.detach(),
+        moe.experts.w_down.detach(),
+        cfg.expert,
+    )
     torch.testing.assert_close(res.out, want_TD, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(res.stats["dropped_fraction"].float(), torch.tensor(n_drop / T))
     assert torch.equal(res.stats["tokens_per_expert"].cpu(), kept_E)
@@ -332,8 +366,14 @@ def test_moe_top2_capacity_matches_reference():
     experts_TK, weights_TK, _ = route_ref(moe, x_TD, K)
     keep_TK, kept_E = ref_drop(experts_TK, weights_TK, C, E, "order")
     assert int((~keep_TK).sum()) > 0
-    want_TD = moe_reference(x_TD, torch.where(keep_TK, experts_TK, E), weights_TK * keep_TK,
-                            moe.experts.w_up.detach(), moe.experts.w_down.detach(), cfg.expert)
+    want_TD = moe_reference(
+        x_TD,
+        torch.where(keep_TK, experts_TK, E),
+        weights_TK * keep_TK,
+        moe.experts.w_up.detach(),
+        moe.experts.w_down.detach(),
+        cfg.expert,
+    )
     torch.testing.assert_close(res.out, want_TD, rtol=1e-5, atol=1e-6)
     assert torch.equal(res.stats["tokens_per_expert"].cpu(), kept_E)
     torch.testing.assert_close(res.stats["dropped_fraction"].float(), torch.tensor(int((~keep_TK).sum()) / (T * K)))
@@ -342,8 +382,17 @@ def test_moe_top2_capacity_matches_reference():
 def test_moe_eval_capacity_factor_in_eval_train_factor_in_train():
     """capacity_factor applies in train mode, eval_capacity_factor in eval mode."""
     T, D, E = 32, 8, 4
-    cfg = MoEConfig(dim=D, hidden_dim=16, num_experts=E, top_k=1, router="topk", renormalize=False, router_bias=True,
-                    capacity_factor=0.5, eval_capacity_factor=1.0)
+    cfg = MoEConfig(
+        dim=D,
+        hidden_dim=16,
+        num_experts=E,
+        top_k=1,
+        router="topk",
+        renormalize=False,
+        router_bias=True,
+        capacity_factor=0.5,
+        eval_capacity_factor=1.0,
+    )
     moe = skewed_moe(cfg)
     x_TD = torch.randn(T, D)
     experts_TK, weights_TK, _ = route_ref(moe, x_TD, 1)
@@ -362,8 +411,9 @@ def test_moe_eval_capacity_factor_in_eval_train_factor_in_train():
 def test_moe_eval_without_eval_factor_uses_capacity_factor():
     """With eval_capacity_factor=None, eval mode keeps the training capacity_factor."""
     T, D, E = 32, 8, 4
-    cfg = MoEConfig(dim=D, hidden_dim=16, num_experts=E, top_k=1, renormalize=False, router_bias=True,
-                    capacity_factor=0.5)
+    cfg = MoEConfig(
+        dim=D, hidden_dim=16, num_experts=E, top_k=1, renormalize=False, router_bias=True, capacity_factor=0.5
+    )
     moe = skewed_moe(cfg).eval()
     x_TD = torch.randn(T, D)
     experts_TK, weights_TK, _ = route_ref(moe, x_TD, 1)
@@ -388,8 +438,9 @@ def test_moe_reroute_through_layer():
     experts_TK, weights_TK, probs_TE = route_ref(moe_re, x_TD, K)
     new_experts_TK, new_weights_TK = check_reroute(experts_TK, weights_TK, probs_TE, C, E, "order")
     assert float(r_re.stats["dropped_fraction"]) == pytest.approx(int((new_experts_TK == E).sum()) / (T * K))
-    want_TD = moe_reference(x_TD, new_experts_TK, new_weights_TK, moe_re.experts.w_up.detach(),
-                            moe_re.experts.w_down.detach(), "swiglu")
+    want_TD = moe_reference(
+        x_TD, new_experts_TK, new_weights_TK, moe_re.experts.w_up.detach(), moe_re.experts.w_down.detach(), "swiglu"
+    )
     torch.testing.assert_close(r_re.out, want_TD, rtol=1e-5, atol=1e-6)
 
 
@@ -397,8 +448,9 @@ def test_moe_reroute_through_layer():
 def test_moe_reroute_never_uses_disabled_expert(router):
     """Rerouted slots never land on a disabled expert (its probability is 0); capacity is shared by the enabled ones."""
     T, D, E, K = 24, 8, 4, 2
-    cfg = MoEConfig(dim=D, hidden_dim=16, num_experts=E, top_k=K, router=router, capacity_factor=0.75,
-                    overflow="reroute")
+    cfg = MoEConfig(
+        dim=D, hidden_dim=16, num_experts=E, top_k=K, router=router, capacity_factor=0.75, overflow="reroute"
+    )
     moe = MoE(cfg).train()
     moe.disable_experts(1)
     for _ in range(3):
@@ -411,8 +463,17 @@ def test_moe_reroute_never_uses_disabled_expert(router):
 def test_moe_capacity_router_gets_gradients(overflow):
     """With capacity on, the router and the experts used by kept/rerouted slots get finite nonzero grads."""
     T, D, E, K = 24, 8, 4, 2
-    cfg = MoEConfig(dim=D, hidden_dim=16, num_experts=E, top_k=K, router_bias=True, capacity_factor=0.75,
-                    overflow=overflow, balance_loss_weight=0.0, z_loss_weight=0.0)
+    cfg = MoEConfig(
+        dim=D,
+        hidden_dim=16,
+        num_experts=E,
+        top_k=K,
+        router_bias=True,
+        capacity_factor=0.75,
+        overflow=overflow,
+        balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+    )
     moe = skewed_moe(cfg, skew=2.0).train()
     x_TD = torch.randn(T, D)
     res = moe(x_TD)
@@ -450,9 +511,21 @@ def reference_routing(moe: MoE, x_TD: torch.Tensor, k: int):
 
 
 def prio_moe(router: str, k: int, renormalize: bool, overflow: str = "drop") -> MoE:
-    cfg = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=k, router=router, renormalize=renormalize,
-                    router_bias=True, router_dtype="same", capacity_factor=0.5, capacity_priority="score",
-                    overflow=overflow, balance_loss_weight=0.0, z_loss_weight=0.0)
+    cfg = MoEConfig(
+        dim=8,
+        hidden_dim=16,
+        num_experts=4,
+        top_k=k,
+        router=router,
+        renormalize=renormalize,
+        router_bias=True,
+        router_dtype="same",
+        capacity_factor=0.5,
+        capacity_priority="score",
+        overflow=overflow,
+        balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+    )
     moe = skewed_moe(cfg, skew=2.0).double()
     if router == "sigmoid":  # a balancing bias, so the selection (on s + b) differs from the score order
         with torch.no_grad():
@@ -465,8 +538,14 @@ def order_kept(experts_TK: torch.Tensor, C: int, E: int) -> torch.Tensor:
     return torch.where(keep_TK, experts_TK, E)
 
 
-TOP1_CASES = [("topk", True), ("topk", False), ("switch", False), ("noisy_topk", True), ("sigmoid", True),
-              ("sigmoid", False)]
+TOP1_CASES = [
+    ("topk", True),
+    ("topk", False),
+    ("switch", False),
+    ("noisy_topk", True),
+    ("sigmoid", True),
+    ("sigmoid", False),
+]
 
 
 @pytest.mark.filterwarnings("ignore:moekit.*no gradient")
@@ -498,19 +577,33 @@ def test_score_priority_top1_keeps_the_tokens_with_the_highest_router_probabilit
             mine_M = (chosen_T == e).nonzero().flatten()
             keep_TK[mine_M[p_T[mine_M].argsort(descending=True)[:C]], 0] = True
         _, weights_TK, _ = reference_routing(moe, x_TD, 1)
-        want_TD = moe_reference(x_TD, torch.where(keep_TK, experts_TK, E), weights_TK * keep_TK,
-                                moe.experts.w_up, moe.experts.w_down, moe.cfg.expert)
+        want_TD = moe_reference(
+            x_TD,
+            torch.where(keep_TK, experts_TK, E),
+            weights_TK * keep_TK,
+            moe.experts.w_up,
+            moe.experts.w_down,
+            moe.cfg.expert,
+        )
         torch.testing.assert_close(res.out, want_TD)
         g_TD = torch.randn_like(want_TD)
         params = [x_TD, moe.router.linear.weight, moe.router.linear.bias, moe.experts.w_up, moe.experts.w_down]
         got = torch.autograd.grad((res.out * g_TD).sum(), params, allow_unused=True)
         want = torch.autograd.grad((want_TD * g_TD).sum(), params, allow_unused=True)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a))
+            torch.testing.assert_close(
+                a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a)
+            )
 
 
-TOP2_CASES = [("topk", True), ("topk", False), ("noisy_topk", True), ("sigmoid", True), ("sigmoid", False),
-              ("random", True)]
+TOP2_CASES = [
+    ("topk", True),
+    ("topk", False),
+    ("noisy_topk", True),
+    ("sigmoid", True),
+    ("sigmoid", False),
+    ("random", True),
+]
 
 
 @pytest.mark.parametrize("router,renormalize", TOP2_CASES)
@@ -534,17 +627,28 @@ def test_score_priority_top2_ranks_by_router_probability(router, renormalize, ov
             assert torch.equal(res.stats["tokens_per_expert"], kept_E)
         else:  # the reroute result on top of the reference drop walk, with the priority from the router scores
             with torch.no_grad():
-                p_TE = (x_TD @ moe.router.linear.weight.t() + moe.router.linear.bias)
-                p_TE = p_TE.sigmoid() / p_TE.sigmoid().sum(-1, keepdim=True) if router == "sigmoid" else p_TE.softmax(-1)
-            new_experts_TK, _ = apply_capacity(experts_TK.detach(), weights_TK.detach(), C, E, probs_TE=p_TE,
-                                               overflow="reroute", priority="score", scores_TK=scores_TK.detach())
+                p_TE = x_TD @ moe.router.linear.weight.t() + moe.router.linear.bias
+                p_TE = (
+                    p_TE.sigmoid() / p_TE.sigmoid().sum(-1, keepdim=True) if router == "sigmoid" else p_TE.softmax(-1)
+                )
+            new_experts_TK, _ = apply_capacity(
+                experts_TK.detach(),
+                weights_TK.detach(),
+                C,
+                E,
+                probs_TE=p_TE,
+                overflow="reroute",
+                priority="score",
+                scores_TK=scores_TK.detach(),
+            )
             keep_TK, _ = ref_drop(experts_TK, scores_TK, C, E, "score")  # reroute leaves the walk's kept slots alone
             assert torch.equal(torch.where(keep_TK, res.experts_TK, E), torch.where(keep_TK, experts_TK, E))
         assert torch.equal(res.experts_TK, new_experts_TK), seed
         differs += not torch.equal(res.experts_TK, order_kept(experts_TK, C, E))
         if overflow == "drop":
-            want_TD = moe_reference(x_TD, new_experts_TK, new_weights_TK, moe.experts.w_up, moe.experts.w_down,
-                                    moe.cfg.expert)
+            want_TD = moe_reference(
+                x_TD, new_experts_TK, new_weights_TK, moe.experts.w_up, moe.experts.w_down, moe.cfg.expert
+            )
             torch.testing.assert_close(res.out, want_TD)
             g_TD = torch.randn_like(want_TD)
             params = [x_TD, moe.router.linear.weight, moe.router.linear.bias, moe.experts.w_up, moe.experts.w_down]

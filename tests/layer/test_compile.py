@@ -1,11 +1,14 @@
 """torch.compile captures the dropless grouped path in one graph (no host sync, no graph break)."""
+
 import pytest
 import torch
 
 from moekit import MoE, MoEConfig
 
 
-@pytest.mark.parametrize("router,dtype", [("topk", torch.float32), ("sigmoid", torch.float32), ("topk", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "router,dtype", [("topk", torch.float32), ("sigmoid", torch.float32), ("topk", torch.bfloat16)]
+)
 def test_compile_fullgraph_dropless_grouped(router, dtype):
     """fullgraph=True raises on any graph break; outputs and gradients equal eager."""
     torch._dynamo.reset()

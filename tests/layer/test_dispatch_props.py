@@ -2,6 +2,7 @@
 
 Shape legend: T tokens, D model width, E experts, K slots per token, S = T*K slots, R rows.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,9 @@ def routings(draw):
     D = draw(st.integers(1, 5))
     rows = [draw(st.permutations(range(E)))[:K] for _ in range(T)]
     empty = [[draw(st.booleans()) for _ in range(K)] for _ in range(T)] if draw(st.booleans()) else [[False] * K] * T
-    experts_TK = torch.tensor([[E if empty[t][k] else rows[t][k] for k in range(K)] for t in range(T)], dtype=torch.int64)
+    experts_TK = torch.tensor(
+        [[E if empty[t][k] else rows[t][k] for k in range(K)] for t in range(T)], dtype=torch.int64
+    )
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     weights_TK = torch.randn(T, K, generator=g, dtype=torch.float64)
@@ -123,7 +126,8 @@ def test_expert_dependent_outputs_land_on_their_slots(case, bounded):
 @settings(max_examples=40, deadline=None)
 @given(routings())
 def test_combine_gradients(case):
-    """Gradients: d out / d x_t = sum of its non-empty weights; d out / d w_tk = <g_t, x_t> for non-empty slots, 0 for empty."""
+    """Gradients: d out / d x_t = sum of its non-empty weights; d out / d w_tk = <g_t, x_t> for
+    non-empty slots, 0 for empty."""
     E, experts_TK, weights_TK, x_TD = case
     x_TD = x_TD.clone().requires_grad_(True)
     weights_TK = weights_TK.clone().requires_grad_(True)

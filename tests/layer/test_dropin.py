@@ -3,6 +3,7 @@ and ``moekit.aux_loss(model)`` collects the auxiliary losses it kept aside, each
 
 Checked against the plain ``MoE`` (same weights): outputs, aux losses and their gradients.
 """
+
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """The equivalence ladder (MegaBlocks-style): dense FFN == 1-expert top-1 MoE == the plain
 reference loop == the grouped backend, forward and every gradient."""
+
 import copy
 import dataclasses
 
@@ -48,7 +49,7 @@ def _skewed(moe: MoE, dead: int) -> MoE:
     """Give the last ``dead`` experts a huge negative router bias so they receive no token."""
     with torch.no_grad():
         moe.router.linear.bias.zero_()
-        moe.router.linear.bias[moe.num_experts - dead:] = -1e4
+        moe.router.linear.bias[moe.num_experts - dead :] = -1e4
     return moe
 
 
@@ -80,7 +81,7 @@ def test_loop_equals_grouped(shape, dtype):
         results.append((res.out.detach(), gx, gp, res.stats["tokens_per_expert"]))
     (o1, gx1, gp1, c1), (o2, gx2, gp2, c2) = results
     if dead:
-        assert (c1[E - dead:] == 0).all()
+        assert (c1[E - dead :] == 0).all()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(o2, o1, **tol)
     torch.testing.assert_close(gx2, gx1, **tol)
@@ -97,8 +98,16 @@ def test_grouped_backend_really_uses_grouped_mm():
     assert not grouped_mm_supported(torch.empty(3, 32, dtype=torch.float64), w.double())
 
 
-ROUTERS = [("topk", 2), ("topk", 1), ("switch", 1), ("noisy_topk", 2), ("expert_choice", 2), ("hash", 2),
-           ("random", 2), ("sigmoid", 3)]
+ROUTERS = [
+    ("topk", 2),
+    ("topk", 1),
+    ("switch", 1),
+    ("noisy_topk", 2),
+    ("expert_choice", 2),
+    ("hash", 2),
+    ("random", 2),
+    ("sigmoid", 3),
+]
 
 
 @pytest.mark.parametrize("router,k", ROUTERS)
@@ -119,6 +128,7 @@ def test_moe_matches_reference_for_every_router(router, k, capacity_factor, trai
     experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
     if capacity_factor is not None:
         from moekit.layer import apply_capacity, expert_capacity
+
         C = expert_capacity(40, k, 6, capacity_factor)
         experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, 6, probs_TE=routing.probs_TE)
     ref = moe_reference(x_TD, experts_TK, weights_TK, moe.experts.w_up, moe.experts.w_down)
@@ -131,8 +141,16 @@ def test_moe_matches_reference_for_every_router(router, k, capacity_factor, trai
 
 def test_gradcheck_float64():
     """float64 finite differences agree with autograd through router, dispatch, experts and combine."""
-    cfg = MoEConfig(dim=4, hidden_dim=6, num_experts=3, top_k=2, router_dtype="same", backend="grouped",
-                    balance_loss_weight=0.1, z_loss_weight=0.01)
+    cfg = MoEConfig(
+        dim=4,
+        hidden_dim=6,
+        num_experts=3,
+        top_k=2,
+        router_dtype="same",
+        backend="grouped",
+        balance_loss_weight=0.1,
+        z_loss_weight=0.01,
+    )
     moe = MoE(cfg).double()
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     params = dict(moe.named_parameters())
@@ -148,8 +166,15 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("gate", [False, True])
 def test_shared_experts_add_a_dense_ffn(gate):
     """Shared experts (DeepSeekMoE) add one dense FFN of n * shared width to the routed output (gated in Qwen2-MoE)."""
-    cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, num_shared_experts=2, shared_hidden_dim=12,
-                    shared_expert_gate=gate)
+    cfg = MoEConfig(
+        dim=16,
+        hidden_dim=8,
+        num_experts=4,
+        top_k=2,
+        num_shared_experts=2,
+        shared_hidden_dim=12,
+        shared_expert_gate=gate,
+    )
     moe = MoE(cfg).eval()
     assert moe.shared.w_up.shape == (16, 2 * 2 * 12)
     x = torch.randn(10, 16)
@@ -172,6 +197,7 @@ class _Conv(nn.Module):
 
 class _Attn(nn.Module):
     """Self-attention over the feature vector cut into 4 pieces."""
+
     def __init__(self, d):
         super().__init__()
         self.attn = nn.MultiheadAttention(d // 4, 1, batch_first=True)
@@ -184,8 +210,13 @@ class _Attn(nn.Module):
 def test_heterogeneous_experts_match_reference():
     """A list of different modules (widths, activations, a conv, an attention block) routes like the stacked experts."""
     D = 16
-    experts = [FeedForward(D, 8, "relu"), FeedForward(D, 40, "swiglu"), nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, D)),
-               _Conv(D), _Attn(D)]
+    experts = [
+        FeedForward(D, 8, "relu"),
+        FeedForward(D, 40, "swiglu"),
+        nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, D)),
+        _Conv(D),
+        _Attn(D),
+    ]
     moe = MoE(MoEConfig(dim=D, hidden_dim=1, num_experts=5, top_k=2), experts=experts).eval()
     x = torch.randn(30, D, requires_grad=True)
     res = moe(x)
@@ -196,4 +227,6 @@ def test_heterogeneous_experts_match_reference():
         ref = ref + w_T[:, None] * m(x)
     torch.testing.assert_close(res.out, ref, rtol=1e-5, atol=1e-6)
     res.out.sum().backward()
-    assert all(p.grad is not None for m in experts for p in m.parameters()), "every expert that got a token gets a gradient"
+    assert all(p.grad is not None for m in experts for p in m.parameters()), (
+        "every expert that got a token gets a gradient"
+    )

@@ -2,6 +2,7 @@
 
 Shape legend: T tokens, D model width, E experts.
 """
+
 from __future__ import annotations
 
 import math
@@ -147,9 +148,17 @@ def test_min_capacity_in_config():
 
 
 # ----------------------------------------------------------------------------- names
-@pytest.mark.parametrize("field,value", [("router", "top2"), ("expert", "tanh"), ("backend", "cuda"),
-                                         ("overflow", "spill"), ("capacity_priority", "random"),
-                                         ("router_dtype", "bfloat16")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("router", "top2"),
+        ("expert", "tanh"),
+        ("backend", "cuda"),
+        ("overflow", "spill"),
+        ("capacity_priority", "random"),
+        ("router_dtype", "bfloat16"),
+    ],
+)
 def test_unknown_names(field, value):
     """Unknown router/expert/backend/overflow/priority names raise ValueError naming the field and the bad value."""
     with pytest.raises(ValueError, match=rf"{field}.*{value}"):

@@ -1,6 +1,7 @@
 """Adding a router or an expert backend touches one module: a class or function registered with
 ``register_router`` / ``register_backend`` is accepted by MoEConfig and used by the layer, with
 no other change. Checked here with a router and a backend defined in this test file only."""
+
 import pytest
 import torch
 

@@ -1,10 +1,10 @@
 """The few-slot inference path (kernels/slots.py) equals the plain loop: every form, every router
 that can take it, shared experts, autocast, and the layer under torch.compile."""
+
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig
 from moekit.kernels import slots
@@ -51,10 +51,16 @@ def pair(cfg):
     return fast, ref
 
 
-ROUTERS = [dict(router="topk"), dict(router="topk", renormalize=False), dict(router="sigmoid", num_shared_experts=1),
-           dict(router="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
-           dict(router="noisy_topk"), dict(router="random"), dict(router="hash"),
-           dict(router="topk", num_shared_experts=2, shared_expert_gate=True)]
+ROUTERS = [
+    dict(router="topk"),
+    dict(router="topk", renormalize=False),
+    dict(router="sigmoid", num_shared_experts=1),
+    dict(router="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+    dict(router="noisy_topk"),
+    dict(router="random"),
+    dict(router="hash"),
+    dict(router="topk", num_shared_experts=2, shared_expert_gate=True),
+]
 
 
 @pytest.mark.parametrize("extra", ROUTERS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))

@@ -1,4 +1,5 @@
 """Hierarchical MoE (Shazeer et al. 2017, appendix B)."""
+
 import pytest
 import torch
 from torch import nn
@@ -32,14 +33,16 @@ def _ref(m, x):
             we, ie = q.topk(m.top_k_experts)
             we = we / we.sum() if m.renormalize else we
             for b, j in zip(we, ie.tolist()):
-                out[t] += a * b * m.experts.experts[g * m.experts_per_group + j](x[t:t + 1])[0]
+                out[t] += a * b * m.experts.experts[g * m.experts_per_group + j](x[t : t + 1])[0]
     return out
 
 
 @pytest.mark.parametrize("kg,ke,renormalize", [(1, 1, True), (1, 2, True), (2, 2, True), (1, 2, False), (2, 3, False)])
 def test_matches_reference(kg, ke, renormalize):
     G, Eg, D = 3, 4, 6
-    m = HierarchicalMoE(D, 8, G, Eg, kg, ke, experts=[Counting(D) for _ in range(G * Eg)], renormalize=renormalize).double()
+    m = HierarchicalMoE(
+        D, 8, G, Eg, kg, ke, experts=[Counting(D) for _ in range(G * Eg)], renormalize=renormalize
+    ).double()
     x = torch.randn(10, D, dtype=torch.float64)
     torch.testing.assert_close(m(x).out, _ref(m, x))
 
@@ -59,7 +62,9 @@ def test_only_selected_branches_run():
     m = HierarchicalMoE(D, 8, G, Eg, top_k_groups=1, top_k_experts=1, experts=experts)
     gate_calls = [0] * G
     for g, gate in enumerate(m.group_gates):
-        gate.register_forward_hook(lambda mod, inp, out, g=g: gate_calls.__setitem__(g, gate_calls[g] + inp[0].shape[0]))
+        gate.register_forward_hook(
+            lambda mod, inp, out, g=g: gate_calls.__setitem__(g, gate_calls[g] + inp[0].shape[0])
+        )
     for ex in experts:  # ModuleListExperts probes each expert once at construction
         ex.calls = ex.rows = 0
     x = torch.randn(9, D)
@@ -93,7 +98,7 @@ def test_losses_at_both_levels_and_gradients():
     assert m.primary.weight.grad.abs().sum() > 0
     used = res.stats["tokens_per_expert"]
     for g, gate in enumerate(m.group_gates):
-        if used[g * 4:(g + 1) * 4].sum() > 0:
+        if used[g * 4 : (g + 1) * 4].sum() > 0:
             assert gate.weight.grad.abs().sum() > 0
     rows = m.experts.w_up.grad.flatten(1).abs().sum(1) > 0
     assert (rows == (used > 0)).all()  # exactly the experts that ran get gradients

@@ -1,5 +1,6 @@
 """The config objects of SoftMoE, HierarchicalMoE and MultiGateMoE: built like MoEConfig, accepted
 as ``cfg`` (or built from the old keyword arguments), validated, round-tripped through dicts."""
+
 import pytest
 
 from moekit import HierarchicalMoE, HierarchicalMoEConfig, MultiGateMoE, MultiGateMoEConfig, SoftMoE, SoftMoEConfig

@@ -3,6 +3,7 @@ them into aux_loss, and noisy top-k's smooth load estimator against a direct re-
 
 Shape legend: T tokens, D model width, E experts, K slots per token.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ from moekit.layer import losses as L
 
 
 def close(a, b, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=tol, atol=tol
+    )
 
 
 PROBS_TE = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])  # P = [0.65, 0.35]
@@ -113,8 +115,13 @@ def direct_losses(moe: MoE, x_TD: torch.Tensor) -> dict:
 
 def test_moe_aux_loss_is_weighted_sum():
     """aux_loss == sum weight_i * losses[i]; a zero-weight loss is reported but not added."""
-    weights = dict(balance_loss_weight=0.5, sq_load_loss_weight=0.25, importance_loss_weight=0.125,
-                   z_loss_weight=0.01, entropy_loss_weight=0.0)
+    weights = dict(
+        balance_loss_weight=0.5,
+        sq_load_loss_weight=0.25,
+        importance_loss_weight=0.125,
+        z_loss_weight=0.01,
+        entropy_loss_weight=0.0,
+    )
     cfg = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, **weights)
     moe = MoE(cfg).eval()
     x_TD = torch.randn(10, 8)
@@ -124,15 +131,22 @@ def test_moe_aux_loss_is_weighted_sum():
     for name, value in want.items():
         close(res.losses[name].detach(), value, tol=1e-5)
     assert float(res.losses["entropy"].detach()) > 0.1, "entropy is computed even though its weight is 0"
-    total = (0.5 * want["balance"] + 0.25 * want["sq_load"] + 0.125 * want["importance"] + 0.01 * want["z"])
+    total = 0.5 * want["balance"] + 0.25 * want["sq_load"] + 0.125 * want["importance"] + 0.01 * want["z"]
     close(res.aux_loss.detach(), total, tol=1e-5)
     assert res.aux_loss.requires_grad
 
 
 def test_moe_aux_loss_negative_entropy_weight_and_all_zero():
     """A negative entropy weight subtracts the entropy; all-zero weights give aux_loss == 0."""
-    cfg = MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=1, balance_loss_weight=0.0, z_loss_weight=0.0,
-                    entropy_loss_weight=-0.3)
+    cfg = MoEConfig(
+        dim=8,
+        hidden_dim=16,
+        num_experts=4,
+        top_k=1,
+        balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+        entropy_loss_weight=-0.3,
+    )
     moe = MoE(cfg).eval()
     x_TD = torch.randn(6, 8)
     res = moe(x_TD)
@@ -160,8 +174,17 @@ def shazeer_load_loss(clean_TE, noisy_TE, std_TE, k):
 
 
 def noisy_moe(E=5, k=2, D=6):
-    cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=E, top_k=k, router="noisy_topk", load_loss_weight=0.7,
-                    balance_loss_weight=0.0, z_loss_weight=0.0, noise_eps=1e-2)
+    cfg = MoEConfig(
+        dim=D,
+        hidden_dim=8,
+        num_experts=E,
+        top_k=k,
+        router="noisy_topk",
+        load_loss_weight=0.7,
+        balance_loss_weight=0.0,
+        z_loss_weight=0.0,
+        noise_eps=1e-2,
+    )
     moe = MoE(cfg)
     with torch.no_grad():
         moe.router.noise.weight.normal_(0.0, 0.5)  # make the noise std depend on the token
@@ -258,8 +281,16 @@ def test_lm_aux_loss_sums_the_layers_on_access():
     from moekit.models.lm import MoETransformer
 
     torch.manual_seed(0)
-    lm = MoETransformer(LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, max_seq_len=16,
-                                 moe=dict(dim=32, num_experts=4, top_k=2, hidden_dim=32)))
+    lm = MoETransformer(
+        LMConfig(
+            vocab_size=50,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            max_seq_len=16,
+            moe=dict(dim=32, num_experts=4, top_k=2, hidden_dim=32),
+        )
+    )
     idx = torch.randint(0, 50, (2, 8))
     out = lm.eval()(idx)
     expected = sum(r.aux_loss for r in out.moe if r is not None)

@@ -1,4 +1,5 @@
 """Multi-gate MoE (Ma et al. 2018) and the multi-task baselines."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """Invariants of each router, checked against direct re-computations."""
+
 import math
 
 import pytest
@@ -243,7 +244,11 @@ def test_usage_stats_running_average():
     moe.after_optimizer_step()
     assert torch.equal(moe.steps_unused, (res.stats["tokens_per_expert"] == 0).long())
     assert res.stats["dropped_fraction"] == 0
-    ent = -(torch.softmax(x @ moe.router.linear.weight.t(), -1) * torch.log_softmax(x @ moe.router.linear.weight.t(), -1)).sum(-1).mean()
+    ent = (
+        -(torch.softmax(x @ moe.router.linear.weight.t(), -1) * torch.log_softmax(x @ moe.router.linear.weight.t(), -1))
+        .sum(-1)
+        .mean()
+    )
     torch.testing.assert_close(res.stats["router_entropy"], ent)
 
 
@@ -260,10 +265,21 @@ def test_expert_choice_rejects_per_call_capacity_factor():
 # over one kept logit is 1): the router then gets no gradient from the layer's output. The layer
 # warns at construction, the way a user would want to hear about it.
 WARN_CASES = [  # (router, top_k, renormalize, warns)
-    ("topk", 1, True, True), ("topk", 1, False, False), ("topk", 2, True, False), ("topk", 2, False, False),
-    ("sigmoid", 1, True, True), ("sigmoid", 1, False, False), ("sigmoid", 2, True, False), ("sigmoid", 3, False, False),
-    ("noisy_topk", 1, True, True), ("noisy_topk", 1, False, True), ("noisy_topk", 2, True, False),
-    ("switch", 1, True, False), ("switch", 1, False, False), ("random", 2, True, False), ("hash", 1, True, False),
+    ("topk", 1, True, True),
+    ("topk", 1, False, False),
+    ("topk", 2, True, False),
+    ("topk", 2, False, False),
+    ("sigmoid", 1, True, True),
+    ("sigmoid", 1, False, False),
+    ("sigmoid", 2, True, False),
+    ("sigmoid", 3, False, False),
+    ("noisy_topk", 1, True, True),
+    ("noisy_topk", 1, False, True),
+    ("noisy_topk", 2, True, False),
+    ("switch", 1, True, False),
+    ("switch", 1, False, False),
+    ("random", 2, True, False),
+    ("hash", 1, True, False),
     ("expert_choice", 1, True, False),
 ]
 
@@ -274,8 +290,9 @@ def test_constant_top1_weight_warns_at_construction_and_is_true(router, k, renor
     (checked on the router's parameters: ~0 when it warns, clearly nonzero otherwise)."""
     import warnings
 
-    cfg = _cfg(router=router, top_k=k, renormalize=renormalize, balance_loss_weight=0.0, z_loss_weight=0.0,
-               router_dtype="same")  # float64 throughout: 1 - p / p is exactly 0, not float32 rounding (~1e-8)
+    cfg = _cfg(
+        router=router, top_k=k, renormalize=renormalize, balance_loss_weight=0.0, z_loss_weight=0.0, router_dtype="same"
+    )  # float64 throughout: 1 - p / p is exactly 0, not float32 rounding (~1e-8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         moe = MoE(cfg).double()

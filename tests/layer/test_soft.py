@@ -1,4 +1,5 @@
 """Soft MoE (Puigcerver et al. 2023)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

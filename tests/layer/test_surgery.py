@@ -2,6 +2,7 @@
 
 Shape legend: T tokens, D model width, E experts, K slots per token, H up-projection width.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,9 @@ def routed_reference(moe: MoE, x_TD: torch.Tensor, k: int, removed=()) -> torch.
     if moe.cfg.renormalize:
         vals_TK = vals_TK / vals_TK.sum(-1, keepdim=True)
     experts_TK = torch.tensor(keep)[idx_TK]
-    return moe_reference(x_TD, experts_TK, vals_TK, moe.experts.w_up.detach(), moe.experts.w_down.detach(), moe.cfg.expert)
+    return moe_reference(
+        x_TD, experts_TK, vals_TK, moe.experts.w_up.detach(), moe.experts.w_down.detach(), moe.cfg.expert
+    )
 
 
 # ----------------------------------------------------------------------------- sparse upcycling
@@ -115,13 +118,16 @@ def test_add_experts_copy_from():
     logits_TE = moe.router.logits(x_TD)
     torch.testing.assert_close(logits_TE[:, 4], logits_TE[:, 2], rtol=0, atol=0)
     moe.add_experts(2, copy_from=[0, 1])
-    assert torch.equal(moe.experts.w_up[5], moe.experts.w_up[0]) and torch.equal(moe.experts.w_up[6], moe.experts.w_up[1])
+    assert torch.equal(moe.experts.w_up[5], moe.experts.w_up[0]) and torch.equal(
+        moe.experts.w_up[6], moe.experts.w_up[1]
+    )
     assert torch.equal(moe.router.linear.weight[6], moe.router.linear.weight[1])
 
 
 @pytest.mark.parametrize("router", ["noisy_topk", "sigmoid"])
 def test_add_experts_copy_from_copies_all_router_state(router):
-    """A copied expert is routed exactly like its source: noisy top-k's noise row and the sigmoid router's selection bias too."""
+    """A copied expert is routed exactly like its source: noisy top-k's noise row and the sigmoid
+    router's selection bias too."""
     moe = MoE(MoEConfig(dim=D, hidden_dim=F_, num_experts=4, top_k=2, router=router))
     with torch.no_grad():
         if router == "noisy_topk":
@@ -189,7 +195,9 @@ def test_disable_two_then_enable_one():
     moe.disable_experts([0, 4])
     moe.enable_experts(4)
     assert moe.router.disabled_E.tolist() == [True, False, False, False, False]
-    torch.testing.assert_close(moe(x_TD).out.detach(), routed_reference(moe, x_TD, 2, removed=[0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        moe(x_TD).out.detach(), routed_reference(moe, x_TD, 2, removed=[0]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_disable_all_or_too_many_raises():
@@ -212,8 +220,16 @@ def test_disable_all_or_too_many_raises():
 # ----------------------------------------------------------------------------- dead experts
 def dead_moe(revive_after=None, E=4, k=2):
     """A MoE whose router bias makes the last expert unreachable."""
-    cfg = MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=k, router_bias=True, revive_after=revive_after,
-                    usage_decay=0.5, revive_noise=1e-2)
+    cfg = MoEConfig(
+        dim=D,
+        hidden_dim=F_,
+        num_experts=E,
+        top_k=k,
+        router_bias=True,
+        revive_after=revive_after,
+        usage_decay=0.5,
+        revive_noise=1e-2,
+    )
     moe = MoE(cfg).train()
     with torch.no_grad():
         moe.router.linear.bias.zero_()
@@ -241,7 +257,9 @@ def test_revive_dead_experts():
     assert torch.equal(new_up[:3], old_up[:3]), "live experts must not change"
     rel_E = (new_up - old_up[src]).flatten(1).norm(dim=-1) / old_up[src].norm()
     assert 0 < rel_E[3] < 0.05, rel_E
-    assert rel_E[3] < rel_E[[e for e in range(3) if e != src]].min(), "revived expert is not a copy of the most used one"
+    assert rel_E[3] < rel_E[[e for e in range(3) if e != src]].min(), (
+        "revived expert is not a copy of the most used one"
+    )
     assert float(moe.router.linear.bias.detach()[3]) > -1.0, "the dead expert's router row must be reset"
     assert not torch.equal(moe.router.linear.weight[3], old_W[3])
     assert torch.equal(moe.router.linear.weight[:3], old_W[:3])

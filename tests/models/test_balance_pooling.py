@@ -1,5 +1,6 @@
 """LMConfig.balance_pooling="model": one Switch balance loss on counts and router probabilities pooled
 over the MoE layers (transformers' load_balancing_loss_func convention, divided by top_k)."""
+
 import pytest
 import torch
 
@@ -12,8 +13,17 @@ def tiny(pooling, n_layers=3, **moe_kw):
     moe = dict(dim=32, hidden_dim=24, num_experts=4, top_k=2, balance_loss_weight=0.1, z_loss_weight=1e-3)
     moe.update(moe_kw)
     torch.manual_seed(0)
-    return MoETransformer(LMConfig(vocab_size=50, dim=32, n_layers=n_layers, n_heads=4, max_seq_len=16,
-                                   balance_pooling=pooling, moe=MoEConfig(**moe))).train()
+    return MoETransformer(
+        LMConfig(
+            vocab_size=50,
+            dim=32,
+            n_layers=n_layers,
+            n_heads=4,
+            max_seq_len=16,
+            balance_pooling=pooling,
+            moe=MoEConfig(**moe),
+        )
+    ).train()
 
 
 def _reference(logits_per_layer, E, K):

@@ -1,4 +1,5 @@
 """The MoE language model: causality, KV cache, parameter counting, dense twin, presets."""
+
 import pytest
 import torch
 
@@ -78,14 +79,26 @@ def test_dense_twin_has_the_same_active_parameters_per_token():
         cfg = default_model_config(preset, vocab_size=100)
         moe, dense = MoETransformer(cfg), MoETransformer(cfg.dense_twin())
         router = sum(p.numel() for layer in moe.moe_layers for p in layer.router.parameters())
-        gate = sum(p.numel() for layer in moe.moe_layers if layer.shared_gate is not None for p in layer.shared_gate.parameters())
+        gate = sum(
+            p.numel()
+            for layer in moe.moe_layers
+            if layer.shared_gate is not None
+            for p in layer.shared_gate.parameters()
+        )
         assert moe.param_counts()["active"] - router - gate == dense.param_counts()["active"], preset
 
 
 def test_moe_every_and_first_dense_layers():
     """MoE FFNs only where configured (DeepSeekMoE keeps the first layers dense)."""
-    cfg = LMConfig(vocab_size=20, dim=16, n_layers=5, n_heads=2, moe_every=2, first_dense_layers=1,
-                   moe=MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=1))
+    cfg = LMConfig(
+        vocab_size=20,
+        dim=16,
+        n_layers=5,
+        n_heads=2,
+        moe_every=2,
+        first_dense_layers=1,
+        moe=MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=1),
+    )
     m = MoETransformer(cfg)
     assert [i for i, b in enumerate(m.blocks) if b.ffn.__class__.__name__ == "MoE"] == [1, 3]
     out = m(torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6)))
@@ -93,8 +106,10 @@ def test_moe_every_and_first_dense_layers():
     assert out.loss.isfinite() and out.aux_loss > 0
 
 
-@pytest.mark.parametrize("bad,match", [(dict(dim=30, n_heads=4), "n_heads"), (dict(n_kv_heads=3), "n_kv_heads"),
-                                       (dict(vocab_size=0), "vocab_size")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [(dict(dim=30, n_heads=4), "n_heads"), (dict(n_kv_heads=3), "n_kv_heads"), (dict(vocab_size=0), "vocab_size")],
+)
 def test_bad_lm_config(bad, match):
     """LMConfig names the field it rejects."""
     kw = dict(vocab_size=10, dim=32, n_layers=1, n_heads=4)
@@ -116,8 +131,14 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens():
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    moe_cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32,
-                       moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1))
+    moe_cfg = LMConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=32,
+        moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1),
+    )
     for cfg in (moe_cfg, moe_cfg.dense_twin()):
         model = MoETransformer(cfg).eval()
         for B in (1, 3):
@@ -134,8 +155,15 @@ def test_decode_step_logits_equal_the_forward_at_every_position():
     from moekit.config import LMConfig, MoEConfig
     from moekit.models.lm import KVCache
 
-    cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
-                   moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2))
+    cfg = LMConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=16,
+        moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2),
+    )
     model = MoETransformer(cfg).eval()
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -152,9 +180,13 @@ def test_meta_built_model_materialises_to_the_same_init(variant):
     directly from the same seed: every parameter, every buffer, and the random state after."""
     from moekit.train.run import default_model_config
 
-    cfg = {"default": default_model_config(), "hash": default_model_config(moe=MoEConfig(dim=128, hidden_dim=64, router="hash")),
-           "qwen": default_model_config("qwen_moe"), "untied_qknorm": default_model_config(tie_embeddings=False, qk_norm="head"),
-           "dense": default_model_config().dense_twin()}[variant]
+    cfg = {
+        "default": default_model_config(),
+        "hash": default_model_config(moe=MoEConfig(dim=128, hidden_dim=64, router="hash")),
+        "qwen": default_model_config("qwen_moe"),
+        "untied_qknorm": default_model_config(tie_embeddings=False, qk_norm="head"),
+        "dense": default_model_config().dense_twin(),
+    }[variant]
     torch.manual_seed(11)
     ref = MoETransformer(cfg)
     after = torch.get_rng_state()

@@ -1,4 +1,5 @@
 """V-MoE: Batch Prioritized Routing through the MoE layer, and the small ViT."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,16 @@ from moekit.models.vit import VisionTransformer, ViTConfig, patchify
 
 
 def _bpr_moe(top_k):
-    cfg = MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=top_k, expert="gelu", renormalize=False,
-                    capacity_factor=0.5, capacity_priority="score")
+    cfg = MoEConfig(
+        dim=8,
+        hidden_dim=8,
+        num_experts=4,
+        top_k=top_k,
+        expert="gelu",
+        renormalize=False,
+        capacity_factor=0.5,
+        capacity_priority="score",
+    )
     return MoE(cfg).double()
 
 
@@ -70,6 +79,7 @@ def test_inference_sweep_changes_kept_slots_and_flops():
 def test_short_training_lowers_the_loss():
     torch.manual_seed(0)
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = torch.tensor(d.images[:256], dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     y = torch.tensor(d.target[:256])

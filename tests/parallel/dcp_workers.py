@@ -1,6 +1,7 @@
 """Workers for test_distributed_checkpoint.py: sharded (DCP) checkpoints in real gloo process
 groups, and a process that saves in a loop until the test kills it (spawned processes import this
 module by name, so it must not be a test module itself)."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from ep_workers import _lm_cfg, init
 
 from moekit.config import LMConfig
 from moekit.models import MoETransformer
 from moekit.parallel import apply_expert_parallel
 from moekit.train.checkpoint import CheckpointError
 from moekit.train.distcp import MANIFEST, load_distributed, save_distributed
-
-from ep_workers import _lm_cfg, init
 
 # the damaged copies of one good checkpoint, and what loading each must say
 CASES = {
@@ -75,7 +75,9 @@ def bad_checkpoints(rank: int, world: int, store: str, out_dir: str) -> None:
     good = os.path.join(out_dir, "good")
     save_distributed(good, model, opt, h, rng={"torch": torch.get_rng_state()}, meta={"step": 1})
     other = MoETransformer(LMConfig.from_dict({**_lm_cfg().to_dict(), "vocab_size": 96, "n_layers": 3})).double()
-    save_distributed(os.path.join(out_dir, "other_model"), other, None, apply_expert_parallel(other, expert_parallel=world))
+    save_distributed(
+        os.path.join(out_dir, "other_model"), other, None, apply_expert_parallel(other, expert_parallel=world)
+    )
     if rank == 0:
         damage(good, out_dir)
     dist.barrier()
@@ -108,8 +110,14 @@ def bad_checkpoints(rank: int, world: int, store: str, out_dir: str) -> None:
 def mixtral_cfg() -> LMConfig:
     from moekit import MoEConfig
 
-    return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
-                    moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2))
+    return LMConfig(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=16,
+        moe=MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2),
+    )
 
 
 def save_mixtral(rank: int, world: int, store: str, sub_dir: str) -> None:

@@ -3,6 +3,7 @@
 
 Each worker writes one line per rank to ``out_dir`` (``<case>.<rank>``) starting with "ok" or with
 what went wrong, so a failure on any rank shows in the test's message."""
+
 from __future__ import annotations
 
 import os
@@ -10,11 +11,10 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from ep_workers import close, init
 
 from moekit import MoE, MoEConfig
 from moekit.parallel import apply_expert_parallel
-
-from ep_workers import close, init
 
 
 def _record(out_dir: str, case: str, fn) -> None:
@@ -43,8 +43,10 @@ def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
         x = torch.randn(12, 8, dtype=torch.float64)
         r = ref(x)
         (r.out.sum() / world + r.aux_loss).backward()
-        h = apply_expert_parallel(moe, expert_parallel=world)
-        assert not moe.experts.w_up.requires_grad and not moe.experts.w_down.requires_grad, "sharding unfroze the experts"
+        apply_expert_parallel(moe, expert_parallel=world)
+        assert not moe.experts.w_up.requires_grad and not moe.experts.w_down.requires_grad, (
+            "sharding unfroze the experts"
+        )
         lo = 12 // world * rank
         o = moe(x[lo : lo + 12 // world])
         (o.out.sum() + o.aux_loss).backward()
@@ -60,14 +62,22 @@ def sigmoid_bias_replicated(rank: int, world: int, store: str, out_dir: str) -> 
     moves by the global load: it stays equal on every rank and equals one process's."""
     init(rank, world, store, timeout_s=20)
     for statistics, ep in (("local", world), ("expert", 1)):
+
         def check():
             torch.manual_seed(0)
-            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router="sigmoid", bias_update_rate=0.1,
-                            router_dtype="float64")
+            cfg = MoEConfig(
+                dim=8,
+                hidden_dim=4,
+                num_experts=4,
+                top_k=2,
+                router="sigmoid",
+                bias_update_rate=0.1,
+                router_dtype="float64",
+            )
             ref = MoE(cfg).double()
             moe = MoE(cfg).double()
             moe.load_state_dict(ref.state_dict())
-            h = apply_expert_parallel(moe, expert_parallel=ep, statistics=statistics)
+            apply_expert_parallel(moe, expert_parallel=ep, statistics=statistics)
             x = torch.randn(world * 6, 8, dtype=torch.float64)
             x[6:, 0] += 3.0  # the ranks see different loads
             for _ in range(3):
@@ -90,6 +100,7 @@ def mismatched_settings(rank: int, world: int, store: str, out_dir: str) -> None
     difference is a clear error on every rank at setup, not a hang until the timeout."""
     init(rank, world, store, timeout_s=10)
     for case in MISMATCHES:
+
         def check():
             kw, apply_kw = dict(top_k=2), {}
             if case == "capacity_factor":
@@ -125,17 +136,23 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
 
     init(rank, world, store, timeout_s=20)
     sizes = [7] + [0] * (world - 1)
-    for name, kw in (("capacity", dict(capacity_factor=1.0, overflow="reroute")), ("expert_choice", dict(router="expert_choice"))):
+    for name, kw in (
+        ("capacity", dict(capacity_factor=1.0, overflow="reroute")),
+        ("expert_choice", dict(router="expert_choice")),
+    ):
+
         def layer():
             torch.manual_seed(1)
-            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1, **kw)
+            cfg = MoEConfig(
+                dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1, **kw
+            )
             ref = MoE(cfg).double()
             moe = MoE(cfg).double()
             moe.load_state_dict(ref.state_dict())
             x = torch.randn(sum(sizes), 8, dtype=torch.float64)
             r = ref(x)
             (r.out.sum() / world + r.aux_loss).backward()
-            h = apply_expert_parallel(moe, expert_parallel=world)
+            apply_expert_parallel(moe, expert_parallel=world)
             lo = sum(sizes[:rank])
             o = moe(x[lo : lo + sizes[rank]])
             assert o.out.shape == (sizes[rank], 8)
@@ -151,14 +168,25 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
     def validation():
         moe_cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64")
         torch.manual_seed(2)
-        ref = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
-        model = MoETransformer(LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)).double()
+        ref = MoETransformer(
+            LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)
+        ).double()
+        model = MoETransformer(
+            LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)
+        ).double()
         model.load_state_dict(ref.state_dict())
         h = apply_expert_parallel(model, expert_parallel=world)
         g = torch.Generator().manual_seed(0)
         val = torch.randint(0, 32, (60,), generator=g)
-        data = TokenData(None, ["prose", "code"], val, torch.zeros(60, dtype=torch.uint8), val,
-                         (torch.arange(60) % 3 == 0).to(torch.uint8), "test")
+        data = TokenData(
+            None,
+            ["prose", "code"],
+            val,
+            torch.zeros(60, dtype=torch.uint8),
+            val,
+            (torch.arange(60) % 3 == 0).to(torch.uint8),
+            "test",
+        )
         cfg = TrainConfig(batch_size=4, seq_len=8, eval_windows=5)  # batches of 4 and 1 windows
         want = evaluate(ref, data, cfg, torch.device("cpu"))
         got = evaluate(model, data, cfg, torch.device("cpu"), parallel=h)
@@ -180,12 +208,19 @@ def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int, sync_
 
     def check():
         torch.manual_seed(0)
-        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64",
-                        balance_loss_weight=0.1)
+        cfg = MoEConfig(
+            dim=8,
+            hidden_dim=4,
+            num_experts=4,
+            top_k=2,
+            capacity_factor=1.0,
+            router_dtype="float64",
+            balance_loss_weight=0.1,
+        )
         ref = MoE(cfg).double()
         moe = MoE(cfg).double()
         moe.load_state_dict(ref.state_dict())
-        h = apply_expert_parallel(moe, expert_parallel=ep)
+        apply_expert_parallel(moe, expert_parallel=ep)
         micro = [torch.randn(world * 5, 8, dtype=torch.float64) for _ in range(2)]
         for i, x in enumerate(micro):
             r = ref(x)

@@ -3,6 +3,7 @@ import this module by name, so it must not be a test module itself).
 
 Every worker compares the expert-parallel model on its slice of a global batch with the
 single-process model on the whole batch, built on every rank from the same seed."""
+
 from __future__ import annotations
 
 import os
@@ -11,21 +12,22 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from moekit import MoE, MoEConfig
 from moekit.config import LMConfig
 from moekit.layer import after_optimizer_step
 from moekit.models import MoETransformer
 from moekit.parallel import ExpertParallelError, apply_expert_parallel, make_mesh
-from torch.distributed.tensor import DTensor
 
 TOL = 1e-9  # float64 everywhere, router included
 
 
 def init(rank: int, world: int, store: str, timeout_s: float = float(os.environ.get("EP_TIMEOUT", 60))) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def close(a, b, what, tol=TOL):
@@ -46,12 +48,22 @@ def _skew(moe: MoE, dead: list[int]) -> None:
 
 
 SCENARIOS = {
-    "topk": dict(top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01, importance_loss_weight=0.1, sq_load_loss_weight=0.1,
-                 entropy_loss_weight=0.01),
+    "topk": dict(
+        top_k=2,
+        balance_loss_weight=0.1,
+        z_loss_weight=0.01,
+        importance_loss_weight=0.1,
+        sq_load_loss_weight=0.1,
+        entropy_loss_weight=0.01,
+    ),
     "drop": dict(top_k=2, capacity_factor=1.0, balance_loss_weight=0.1),
-    "reroute": dict(top_k=2, capacity_factor=1.0, overflow="reroute", capacity_priority="score", balance_loss_weight=0.1),
+    "reroute": dict(
+        top_k=2, capacity_factor=1.0, overflow="reroute", capacity_priority="score", balance_loss_weight=0.1
+    ),
     "expert_choice": dict(router="expert_choice", top_k=2, balance_loss_weight=0.1),
-    "sigmoid": dict(router="sigmoid", top_k=3, num_groups=4, topk_groups=2, bias_update_rate=0.01, num_shared_experts=1),
+    "sigmoid": dict(
+        router="sigmoid", top_k=3, num_groups=4, topk_groups=2, bias_update_rate=0.01, num_shared_experts=1
+    ),
     "noisy_eval": dict(router="noisy_topk", top_k=2, load_loss_weight=0.1, importance_loss_weight=0.1),
     "shared_gate": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True, renormalize=True),
     # router randomness in training: drawn for the global batch, so equal to one process's
@@ -69,8 +81,14 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
     sizes = [10 + 3 * r for r in range(world)]
     for name in names:
         torch.manual_seed(1)
-        cfg = MoEConfig(dim=D, hidden_dim=8, num_experts=8, router_bias=name != "expert_choice", router_dtype="float64",
-                        **SCENARIOS[name])
+        cfg = MoEConfig(
+            dim=D,
+            hidden_dim=8,
+            num_experts=8,
+            router_bias=name != "expert_choice",
+            router_dtype="float64",
+            **SCENARIOS[name],
+        )
         ref = MoE(cfg).double()
         _skew(ref, [5, 6, 7] if name != "expert_choice" else [])
         x = torch.randn(sum(sizes), D, dtype=torch.float64)
@@ -83,10 +101,16 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
         torch.manual_seed(2)  # the same random state before each forward: routing noise must match
         r = ref(x)
         # the objective of a data-parallel run: mean over ranks of (local mean task loss + aux)
-        ref_loss = sum((r.out[sum(sizes[:q]) : sum(sizes[: q + 1])] * tgt[sum(sizes[:q]) : sum(sizes[: q + 1])]).mean()
-                       for q in range(world)) / world + r.aux_loss
+        ref_loss = (
+            sum(
+                (r.out[sum(sizes[:q]) : sum(sizes[: q + 1])] * tgt[sum(sizes[:q]) : sum(sizes[: q + 1])]).mean()
+                for q in range(world)
+            )
+            / world
+            + r.aux_loss
+        )
         ref_loss.backward()
-        h = apply_expert_parallel(moe, expert_parallel=ep)
+        apply_expert_parallel(moe, expert_parallel=ep)
         torch.manual_seed(2)
         o = moe(x[lo : lo + T])
         ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()  # FSDP reduces the gradients here
@@ -125,8 +149,17 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
 
 
 def _lm_cfg() -> LMConfig:
-    moe = MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, capacity_factor=1.5, balance_loss_weight=0.01,
-                    z_loss_weight=1e-3, num_shared_experts=1, router_dtype="float64")
+    moe = MoEConfig(
+        dim=32,
+        hidden_dim=16,
+        num_experts=8,
+        top_k=2,
+        capacity_factor=1.5,
+        balance_loss_weight=0.01,
+        z_loss_weight=1e-3,
+        num_shared_experts=1,
+        router_dtype="float64",
+    )
     return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, moe=moe)
 
 
@@ -195,7 +228,11 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
     load_checkpoint(path, model2, opt2, parallel=h2)
     model2.eval()
     pb = torch.randint(0, 64, (world, 12))
-    close(model2(pb[rank : rank + 1]).logits, ref(pb).logits[rank : rank + 1], f"EP={other} model from an EP={ep} checkpoint")
+    close(
+        model2(pb[rank : rank + 1]).logits,
+        ref(pb).logits[rank : rank + 1],
+        f"EP={other} model from an EP={ep} checkpoint",
+    )
 
     # the sharded checkpoint: every rank writes its part, it loads on every other layout, exactly
     dcp_path = os.path.join(ckpt_dir, "ep.dcp")
@@ -215,9 +252,15 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
         assert got["param_groups"] == opt_full["param_groups"], (got["param_groups"], opt_full["param_groups"])
         for i, st in opt_full["state"].items():
             for key, v in st.items():
-                assert torch.equal(got["state"][i][key], v), f"rank {rank}: optimizer state {i}.{key} differs (EP={other})"
+                assert torch.equal(got["state"][i][key], v), (
+                    f"rank {rank}: optimizer state {i}.{key} differs (EP={other})"
+                )
         m.eval()
-        close(m(pb[rank : rank + 1]).logits, ref(pb).logits[rank : rank + 1], f"EP={other} model from an EP={ep} DCP checkpoint")
+        close(
+            m(pb[rank : rank + 1]).logits,
+            ref(pb).logits[rank : rank + 1],
+            f"EP={other} model from an EP={ep} DCP checkpoint",
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -322,8 +365,14 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
     buffers are the constructor's and the random state after it is the same as after one process."""
     init(rank, world, store)
     try:
-        cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16,
-                       moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1))
+        cfg = LMConfig(
+            vocab_size=64,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=16,
+            moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1),
+        )
         for ep in eps:
             torch.manual_seed(7)
             ref = MoETransformer(cfg)
@@ -331,18 +380,22 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
             torch.manual_seed(7)
             with torch.device("meta"):
                 model = MoETransformer(cfg)
-            par = apply_expert_parallel(model, expert_parallel=ep)
+            apply_expert_parallel(model, expert_parallel=ep)
             model.materialize_("cpu")
             assert torch.equal(torch.get_rng_state(), after_ref), "the random state after init differs"
             full = ref.state_dict()
             for name, t in model.state_dict().items():
                 got = t.full_tensor() if isinstance(t, DTensor) else t
-                assert torch.equal(got, full[name]), f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+                assert torch.equal(got, full[name]), (
+                    f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+                )
             # every parameter is sharded over all ranks: each holds about 1/world of them
             total = sum(p.numel() for p in ref.parameters())
             mine = sum(p.to_local().numel() for p in model.parameters())
             biggest = max(p.numel() for p in ref.parameters())
-            assert abs(mine - total / world) <= biggest, f"rank {rank}, ep {ep}: holds {mine} of {total} parameter values"
+            assert abs(mine - total / world) <= biggest, (
+                f"rank {rank}, ep {ep}: holds {mine} of {total} parameter values"
+            )
             for (name, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
                 assert torch.equal(b, b_ref), f"rank {rank}: buffer {name}"
     finally:
@@ -359,14 +412,20 @@ def call_mismatch(rank: int, world: int, store: str, case: str) -> None:
         apply_expert_parallel(moe, expert_parallel=world)
         x = torch.randn(5, 8)
         if case == "top_k":
-            call = lambda: moe(x, top_k=1 if rank == 1 else 2)
+
+            def call():
+                return moe(x, top_k=1 if rank == 1 else 2)
         elif case == "eval":
             moe.train(rank != 1)
-            call = lambda: moe(x)
+
+            def call():
+                return moe(x)
         else:  # grad mode
+
             def call():
                 with torch.set_grad_enabled(rank != 1):
                     return moe(x)
+
         t0 = time.monotonic()
         try:
             call()

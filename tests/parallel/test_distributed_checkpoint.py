@@ -1,6 +1,7 @@
 """Sharded checkpoints (torch.distributed.checkpoint): damaged or foreign checkpoints are a clear
 error on every rank, and a save killed at any point leaves a complete checkpoint. The round trips
 across layouts are in test_expert_parallel.py (ep_dp_step) and test_train_ep.py (torchrun)."""
+
 from __future__ import annotations
 
 import os
@@ -12,19 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+import dcp_workers as W
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
-
-import dcp_workers as W
 from ep_workers import _lm_cfg
+
 from moekit.models import MoETransformer
 from moekit.train.checkpoint import CheckpointError
 from moekit.train.distcp import MANIFEST, load_distributed, old_path, read_manifest, repair, resolve, save_distributed
 from moekit.train.distcp import tmp_path as tmp_of
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def test_damaged_or_foreign_checkpoints_are_a_clear_error_on_every_rank(tmp_path):
@@ -73,13 +76,16 @@ def _step_of(path: Path) -> int:
     return meta["step"]
 
 
-@pytest.mark.parametrize("state, expect", [
-    ("before the swap", 1),          # checkpoint.dcp (step 1) and a finished .tmp (step 2)
-    ("between the renames", 2),      # .old (step 1) and the finished .tmp (step 2)
-    ("before removing .old", 2),     # checkpoint.dcp (step 2) and .old (step 1)
-    ("unfinished tmp", 1),           # checkpoint.dcp (step 1) and a .tmp without its manifest
-    ("only .old", 1),
-])
+@pytest.mark.parametrize(
+    "state, expect",
+    [
+        ("before the swap", 1),  # checkpoint.dcp (step 1) and a finished .tmp (step 2)
+        ("between the renames", 2),  # .old (step 1) and the finished .tmp (step 2)
+        ("before removing .old", 2),  # checkpoint.dcp (step 2) and .old (step 1)
+        ("unfinished tmp", 1),  # checkpoint.dcp (step 1) and a .tmp without its manifest
+        ("only .old", 1),
+    ],
+)
 def test_every_state_a_crashed_save_leaves_reads_a_complete_checkpoint(tmp_path, state, expect):
     one, two = tmp_path / "one", tmp_path / "two"
     _saved(one, 1)
@@ -113,13 +119,21 @@ def test_every_state_a_crashed_save_leaves_reads_a_complete_checkpoint(tmp_path,
 def test_a_save_killed_at_any_moment_leaves_the_last_complete_checkpoint(tmp_path):
     """SIGKILL a process that saves in a loop, at random moments: the checkpoint found is complete,
     its weights match its step, and no finished save is lost."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     rnd = random.Random(0)
     for trial in range(4):
         path = tmp_path / f"t{trial}" / "checkpoint.dcp"
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dcp_workers.py"), str(path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "dcp_workers.py"), str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         done = 0
         try:
             while done < 3 + trial:

@@ -1,15 +1,17 @@
 """Edge cases of expert parallelism in real gloo process groups (see ep_edge_workers.py)."""
+
 from __future__ import annotations
 
 import time
 
+import ep_edge_workers as W
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-import ep_edge_workers as W
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:

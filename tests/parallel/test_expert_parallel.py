@@ -1,17 +1,19 @@
 """Expert parallelism in real multi-process gloo groups (no mocks): the EP model on each rank's
 slice of a global batch must equal the single-process model on the whole batch."""
+
 from __future__ import annotations
 
 import multiprocessing
 import time
 
+import ep_workers as W
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-import ep_workers as W
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:
@@ -41,12 +43,15 @@ def test_ep2_step_and_checkpoint_into_ep_world(tmp_path):
     W.check_dcp_in_one_process(str(tmp_path), 2, 2)
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("indivisible", "num_experts=7, which the expert-parallel size 2 must divide"),
-    ("world", "expert_parallel=4 must divide the world size 2"),
-    ("mismatch", "built a different model"),
-    ("zero", "expert_parallel must be a positive integer; got 0"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("indivisible", "num_experts=7, which the expert-parallel size 2 must divide"),
+        ("world", "expert_parallel=4 must divide the world size 2"),
+        ("mismatch", "built a different model"),
+        ("zero", "expert_parallel must be a positive integer; got 0"),
+    ],
+)
 def test_setup_errors_are_clear_on_every_rank(tmp_path, case, expect):
     spawn(W.bad_setup, 2, tmp_path, case, str(tmp_path))
     for rank in range(2):
@@ -83,7 +88,6 @@ def test_apply_needs_an_initialised_process_group():
         pytest.skip("a process group already exists in this process")
     with pytest.raises(ValueError, match="torchrun"):
         apply_expert_parallel(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), expert_parallel=2)
-
 
 
 @pytest.mark.parametrize("world, eps", [(2, [2, 1]), (4, [4, 2])])

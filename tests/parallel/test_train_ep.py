@@ -1,6 +1,7 @@
 """`moekit train` under torchrun with expert parallelism (real processes, gloo on CPU): the run
 equals the single-process run, and its sharded checkpoints (each rank writes its part) resume on
 another layout, one process included, and are read by generate, inspect and convert."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,33 @@ import torch.distributed as dist
 
 import moekit as moekit_pkg
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
-TINY = ["--tokenizer", "bytes", "--set", "train.code_chars=100000", "--dim", "64", "--layers", "2", "--set", "model.n_heads=2",
-        "--seq-len", "32", "--batch-size", "8", "--eval-every", "4", "--set", "train.eval_windows=7",
-        "--set", "train.checkpoint_every=100", "--quiet"]
+TINY = [
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=100000",
+    "--dim",
+    "64",
+    "--layers",
+    "2",
+    "--set",
+    "model.n_heads=2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "4",
+    "--set",
+    "train.eval_windows=7",
+    "--set",
+    "train.checkpoint_every=100",
+    "--quiet",
+]
 SRC = Path(moekit_pkg.__file__).resolve().parents[1]  # the moekit under test
 
 
@@ -34,8 +57,17 @@ def _env(tmp_path: Path) -> dict:
 
 def moekit(tmp_path, *args, nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "moekit", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "moekit",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "moekit", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
@@ -70,7 +102,9 @@ def _summary(run: Path, label: str = "moe") -> dict:
 
 
 def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
-    ep = moekit(tmp_path, "train", "--name", "ep", "--out", "runs", "--steps", "8", "--expert-parallel", "2", *TINY, nproc=2)
+    ep = moekit(
+        tmp_path, "train", "--name", "ep", "--out", "runs", "--steps", "8", "--expert-parallel", "2", *TINY, nproc=2
+    )
     assert ep.returncode == 0, ep.stderr[-3000:]
     one = moekit(tmp_path, "train", "--name", "one", "--out", "runs", "--steps", "8", *TINY)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -103,7 +137,9 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
     conv = moekit(tmp_path, "convert", "--run", "runs/ep")
     assert conv.returncode == 0, conv.stderr[-2000:]
     for label in ("moe", "dense"):
-        assert (runs / "ep" / label / "checkpoint.safetensors").is_file() and not (runs / "ep" / label / "checkpoint.dcp").exists()
+        assert (runs / "ep" / label / "checkpoint.safetensors").is_file() and not (
+            runs / "ep" / label / "checkpoint.dcp"
+        ).exists()
     again = moekit(tmp_path, *greedy)
     assert again.returncode == 0 and again.stdout == gen.stdout, (gen.stdout, again.stdout)
 
@@ -112,7 +148,9 @@ def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_pa
     """EP=2 -> EP=1 (data parallel on 2 ranks) -> one process, and one process -> EP=2: the
     per-step losses are those of an uninterrupted run."""
     args = ["--steps", "10", "--no-baseline", *TINY]
-    stop = moekit(tmp_path, "train", "--name", "r", "--out", "runs", "--expert-parallel", "2", "--stop-at", "4", *args, nproc=2)
+    stop = moekit(
+        tmp_path, "train", "--name", "r", "--out", "runs", "--expert-parallel", "2", "--stop-at", "4", *args, nproc=2
+    )
     assert stop.returncode == 0, stop.stderr[-3000:]
     assert "stopped at step 4" in stop.stdout
     _dcp(tmp_path / "runs/r/moe", 4, 2)
@@ -145,13 +183,17 @@ def test_expert_parallel_without_torchrun_is_a_clear_error(tmp_path):
 
 
 def test_world_size_that_expert_parallel_does_not_divide_is_a_clear_error(tmp_path):
-    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "3", *TINY, nproc=2)
+    res = moekit(
+        tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "3", *TINY, nproc=2
+    )
     assert res.returncode != 0
     assert "expert_parallel=3 must divide the number of ranks (2)" in res.stderr
 
 
 def test_batch_size_the_ranks_do_not_divide_is_a_clear_error(tmp_path):
     args = [a if a != "8" else "7" for a in TINY]  # --batch-size 7 on 2 ranks
-    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "2", *args, nproc=2)
+    res = moekit(
+        tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--expert-parallel", "2", *args, nproc=2
+    )
     assert res.returncode != 0
     assert "batch_size=7 must be divisible by the number of ranks (2)" in res.stderr

@@ -1,4 +1,5 @@
 """Every test here gets its own tokenizer cache (no test reads another's, or the user's)."""
+
 import pytest
 
 

@@ -1,5 +1,6 @@
 """The command line as a user meets it: typed --set values, one writer per run folder, validation
 before any file is written, extending and resuming runs, help, --print-config and one-line errors."""
+
 import json
 import os
 import signal
@@ -15,9 +16,33 @@ from moekit.train.checkpoint import read_checkpoint
 from moekit.train.lock import RunLock
 from moekit.train.trainer import METRICS, lr_at
 
-TINY = ["--steps", "6", "--eval-every", "3", "--batch-size", "2", "--seq-len", "16", "--dim", "32", "--layers", "1",
-        "--quiet", "--tokenizer", "bytes", "--set", "train.code_chars=30000", "--set", "train.eval_windows=4",
-        "--set", "model.moe.hidden_dim=16", "--set", "model.max_seq_len=32", "--set", "train.checkpoint_every=2"]
+TINY = [
+    "--steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=30000",
+    "--set",
+    "train.eval_windows=4",
+    "--set",
+    "model.moe.hidden_dim=16",
+    "--set",
+    "model.max_seq_len=32",
+    "--set",
+    "train.checkpoint_every=2",
+]
 
 
 def configs(*argv):
@@ -38,17 +63,43 @@ def one_line_error(capsys, argv, *words):
 
 
 # ------------------------------------------------------------------ typed --set (wrong answers before)
-@pytest.mark.parametrize("text, value", [("False", False), ("false", False), ("no", False), ("0", False),
-                                         ("True", True), ("yes", True), ("on", True), ("1", True)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("False", False),
+        ("false", False),
+        ("no", False),
+        ("0", False),
+        ("True", True),
+        ("yes", True),
+        ("on", True),
+        ("1", True),
+    ],
+)
 def test_set_booleans_are_parsed(text, value):
     model, _ = configs("--set", f"model.moe.renormalize={text}", "--set", f"model.tie_embeddings={text}")
     assert model.moe.renormalize is value and model.tie_embeddings is value
 
 
 def test_set_converts_every_declared_type():
-    model, train = configs("--set", "model.moe.capacity_factor=1.5", "--set", "model.moe.eval_capacity_factor=none",
-                           "--set", "model.n_kv_heads=2", "--set", "train.lr=2e-3", "--set", "train.data=null",
-                           "--set", "model.moe.router=topk", "--set", 'model.moe.expert="gelu"', "--set", "train.steps=7")
+    model, train = configs(
+        "--set",
+        "model.moe.capacity_factor=1.5",
+        "--set",
+        "model.moe.eval_capacity_factor=none",
+        "--set",
+        "model.n_kv_heads=2",
+        "--set",
+        "train.lr=2e-3",
+        "--set",
+        "train.data=null",
+        "--set",
+        "model.moe.router=topk",
+        "--set",
+        'model.moe.expert="gelu"',
+        "--set",
+        "train.steps=7",
+    )
     assert model.moe.capacity_factor == 1.5 and model.moe.eval_capacity_factor is None and model.n_kv_heads == 2
     assert train.lr == 2e-3 and train.data is None and train.steps == 7 and isinstance(train.steps, int)
     assert model.moe.router == "topk" and model.moe.expert == "gelu"
@@ -58,15 +109,18 @@ def test_set_converts_every_declared_type():
     assert fresh.moe == MoEConfig(dim=128, hidden_dim=64, num_experts=4, top_k=1)
 
 
-@pytest.mark.parametrize("item, words", [
-    ("model.moe.renormalize=maybe", ["model.moe.renormalize", "true or false", "maybe"]),
-    ("model.moe.top_k=2.5", ["model.moe.top_k", "integer", "2.5"]),
-    ("train.lr=fast", ["train.lr", "number", "fast"]),
-    ("model.moe=3", ["model.moe", "section", "model.moe.FIELD=VALUE"]),
-    ("model.dim.x=3", ["model.dim", "not a config section"]),
-    ("train.stepz=3", ["train.stepz", "--print-config"]),
-    ("model.moe.top_k=none", ["model.moe.top_k", "none"]),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("model.moe.renormalize=maybe", ["model.moe.renormalize", "true or false", "maybe"]),
+        ("model.moe.top_k=2.5", ["model.moe.top_k", "integer", "2.5"]),
+        ("train.lr=fast", ["train.lr", "number", "fast"]),
+        ("model.moe=3", ["model.moe", "section", "model.moe.FIELD=VALUE"]),
+        ("model.dim.x=3", ["model.dim", "not a config section"]),
+        ("train.stepz=3", ["train.stepz", "--print-config"]),
+        ("model.moe.top_k=none", ["model.moe.top_k", "none"]),
+    ],
+)
 def test_set_rejects_text_that_is_not_the_fields_type(capsys, item, words):
     one_line_error(capsys, ["train", "--set", item], "--set", *words)
 
@@ -150,21 +204,72 @@ def test_binary_data_warns(tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 40 + b"some text\n" * 20)
     with pytest.warns(UserWarning, match=r"--data: .*blob.txt does not look like text \(\d+%"):
-        assert main(["train", "--out", str(tmp_path), "--name", "b", "--data", str(binary), "--no-baseline", *TINY,
-                     "--steps", "1"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "b",
+                    "--data",
+                    str(binary),
+                    "--no-baseline",
+                    *TINY,
+                    "--steps",
+                    "1",
+                ]
+            )
+            == 0
+        )
     text = tmp_path / "plain.txt"
     text.write_text("def f(x):\n    return x\n" * 200)
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error")
-        assert main(["train", "--out", str(tmp_path), "--name", "t", "--data", str(text), "--no-baseline", *TINY,
-                     "--steps", "1"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--out",
+                    str(tmp_path),
+                    "--name",
+                    "t",
+                    "--data",
+                    str(text),
+                    "--no-baseline",
+                    *TINY,
+                    "--steps",
+                    "1",
+                ]
+            )
+            == 0
+        )
 
 
 def test_cli_warnings_print_as_one_line(tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 40 + b"some text\n" * 20)
-    res = subprocess.run([sys.executable, "-m", "moekit", "train", "--out", str(tmp_path), "--name", "b", "--data",
-                          str(binary), "--no-baseline", *TINY, "--steps", "1"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moekit",
+            "train",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "b",
+            "--data",
+            str(binary),
+            "--no-baseline",
+            *TINY,
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if "warning" in ln.lower()]
     assert len(lines) == 1 and lines[0].startswith("moekit train: warning: --data:"), res.stderr
@@ -175,17 +280,23 @@ def test_errors_found_late_leave_no_folder_behind(tmp_path, capsys):
     out = str(tmp_path)
     small = tmp_path / "small.txt"
     small.write_text("hello world\n")
-    one_line_error(capsys, ["train", "--out", out, "--name", "r", *TINY, "--seq-len", "64"], "seq_len=64", "max_seq_len=32")
+    one_line_error(
+        capsys, ["train", "--out", out, "--name", "r", *TINY, "--seq-len", "64"], "seq_len=64", "max_seq_len=32"
+    )
     one_line_error(capsys, ["train", "--out", out, "--name", "r", *TINY, "--data", str(small)], "tokens", "--data")
     assert not (tmp_path / "r").exists()
-    assert main(["train", "--out", out, "--name", "r", *TINY, "--no-baseline", "--steps", "2"]) == 0, "the corrected command runs"
+    assert main(["train", "--out", out, "--name", "r", *TINY, "--no-baseline", "--steps", "2"]) == 0, (
+        "the corrected command runs"
+    )
 
 
 # ------------------------------------------------------------------ one writer per run folder
 def test_a_locked_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
     run = tmp_path / "r"
     with RunLock(run):  # another process's training would hold this
-        err = one_line_error(capsys, ["train", "--out", str(tmp_path), "--name", "r", *TINY], "in use by", f"pid {os.getpid()}")
+        err = one_line_error(
+            capsys, ["train", "--out", str(tmp_path), "--name", "r", *TINY], "in use by", f"pid {os.getpid()}"
+        )
         assert not (run / "config.json").exists()
     assert main(["train", "--out", str(tmp_path), "--name", "r", *TINY, "--no-baseline", "--steps", "2"]) == 0
     assert "in use" in err
@@ -195,8 +306,9 @@ def test_resume_while_training_is_refused_then_extend_after_sigint(tmp_path, cap
     """A --resume of a run another process is training is refused (its metrics stay clean); after
     that process stops, --resume --steps finishes the run without duplicated steps."""
     args = [sys.executable, "-m", "moekit", "train", "--out", str(tmp_path), "--name", "c", *TINY, "--steps", "100000"]
-    proc = subprocess.Popen(args, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        args, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = tmp_path / "c" / "moe" / METRICS
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -241,8 +353,9 @@ def test_a_deleted_checkpoint_is_refused_unless_asked(tmp_path, capsys):
     run = tmp_path / "d"
     assert main(["train", "--out", str(tmp_path), "--name", "d", *TINY, "--no-baseline", "--stop-at", "4"]) == 0
     (run / "moe" / "checkpoint.safetensors").unlink()
-    one_line_error(capsys, ["train", "--resume", str(run)], "checkpoint.safetensors is missing", "4 steps",
-                   "--restart-missing")
+    one_line_error(
+        capsys, ["train", "--resume", str(run)], "checkpoint.safetensors is missing", "4 steps", "--restart-missing"
+    )
     assert len(rows(run / "moe" / METRICS)) == 4, "the refused resume changed nothing"
     assert main(["train", "--resume", str(run), "--restart-missing"]) == 0
     assert [r["step"] for r in rows(run / "moe" / METRICS)] == list(range(1, 7))

@@ -1,6 +1,7 @@
 """`moekit generate` reports its decoding speed on stderr, one line after the text; stdout holds the
 text alone. ``generate_text`` hands the same numbers to an ``on_stats`` callback and still returns
 the text (its existing callers are unchanged)."""
+
 import re
 import time
 
@@ -9,9 +10,32 @@ import pytest
 from moekit.cli import main
 from moekit.generate import GenerationStats, generate_text
 
-TINY = ["--steps", "2", "--eval-every", "2", "--batch-size", "2", "--seq-len", "16", "--dim", "32", "--layers", "1",
-        "--quiet", "--tokenizer", "bytes", "--no-baseline", "--set", "train.code_chars=30000",
-        "--set", "train.eval_windows=4", "--set", "model.moe.hidden_dim=16", "--set", "model.max_seq_len=32"]
+TINY = [
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--dim",
+    "32",
+    "--layers",
+    "1",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--no-baseline",
+    "--set",
+    "train.code_chars=30000",
+    "--set",
+    "train.eval_windows=4",
+    "--set",
+    "model.moe.hidden_dim=16",
+    "--set",
+    "model.max_seq_len=32",
+]
 LINE = re.compile(r"moekit generate: (\d+) tokens? in (\d+\.\d\d) s \((\d+) tokens/s, KV cache (on|off)\)")
 
 

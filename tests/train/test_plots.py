@@ -1,6 +1,7 @@
 """The run folder's plots, read back from the real matplotlib figures of real tiny runs: every
 legend entry names a series that is drawn, few-point curves are visible, expert colours have a
 key, and a dense-only run is not called a MoE."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,29 @@ import pytest
 from moekit.cli import main
 from moekit.train.plots import expert_load_figure, plot_run, val_loss_figure
 
-TINY = ["--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2", "--quiet", "--tokenizer", "bytes",
-        "--set", "train.code_chars=100000", "--set", "train.eval_windows=24", "--set", "model.max_seq_len=64",
-        "--set", "model.ffn_hidden_dim=64", "--set", "model.moe.hidden_dim=32"]
+TINY = [
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--dim",
+    "32",
+    "--layers",
+    "2",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=100000",
+    "--set",
+    "train.eval_windows=24",
+    "--set",
+    "model.max_seq_len=64",
+    "--set",
+    "model.ffn_hidden_dim=64",
+    "--set",
+    "model.moe.hidden_dim=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +52,45 @@ def runs(tmp_path_factory):
         out = ["--out", str(root)]
         assert main(["train", "--name", "short", "--steps", "10", "--eval-every", "10", *out, *TINY]) == 0
         assert main(["train", "--name", "dense", "--dense", "--steps", "10", "--eval-every", "5", *out, *TINY]) == 0
-        assert main(["train", "--name", "wide", "--no-baseline", "--steps", "4", "--eval-every", "2", "--experts", "32",
-                     "--top-k", "2", *out, *TINY]) == 0
-        assert main(["train", "--name", "nomoe", "--steps", "4", "--eval-every", "2", "--set", "model.moe=null",
-                     *out, *TINY[:-2]]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--name",
+                    "wide",
+                    "--no-baseline",
+                    "--steps",
+                    "4",
+                    "--eval-every",
+                    "2",
+                    "--experts",
+                    "32",
+                    "--top-k",
+                    "2",
+                    *out,
+                    *TINY,
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "train",
+                    "--name",
+                    "nomoe",
+                    "--steps",
+                    "4",
+                    "--eval-every",
+                    "2",
+                    "--set",
+                    "model.moe=null",
+                    *out,
+                    *TINY[:-2],
+                ]
+            )
+            == 0
+        )
     yield {name: root / name for name in ("short", "dense", "wide", "nomoe")}
 
 
@@ -74,7 +130,7 @@ def test_one_evaluation_shows_a_marker_for_every_legend_entry(runs):
         assert len(drawn) >= 2  # MoE and dense, one point each
         entries = _legend_entries(fig)
         assert entries and len(entries) == len({label for _, label in entries})
-        for handle, label in entries:
+        for _, label in entries:
             line = next(ln for ln in ax.get_lines() if ln.get_label() == label)
             assert _is_drawn(line), f"legend entry {label!r} names a series that is not drawn"
         assert {ln.get_label() for ln in drawn if not ln.get_label().startswith("_")} == {label for _, label in entries}
@@ -86,8 +142,10 @@ def test_a_domain_without_finite_values_gets_no_legend_entry(tmp_path):
     """A domain measured at no evaluation (NaN, None or absent) is left out, not listed empty."""
     for label, base in (("moe", 4.0), ("dense", 4.2)):
         (tmp_path / label).mkdir()
-        rows = [{"step": s, "val_loss": base - s / 100, "val_loss_prose": base - s / 90, "val_loss_code": math.nan}
-                for s in (5, 10, 15)]
+        rows = [
+            {"step": s, "val_loss": base - s / 100, "val_loss_prose": base - s / 90, "val_loss_code": math.nan}
+            for s in (5, 10, 15)
+        ]
         rows[1]["val_loss_code"] = None
         (tmp_path / label / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fig = val_loss_figure(tmp_path)
@@ -176,11 +234,13 @@ def test_plots_are_written_as_png(runs):
 def test_plotting_modules_leave_the_callers_matplotlib_backend_alone(tmp_path):
     """Importing moekit's plotting modules and writing a plot does not switch matplotlib's backend
     (run in a fresh process, whose backend this test sets first)."""
-    code = ("import matplotlib; matplotlib.use('svg'); "
-            "import moekit.train.plots as p, moekit.analysis.report; "
-            "fig = p.agg_figure(); fig.subplots().plot([0, 1]); "
-            f"fig.savefig({str(tmp_path / 'x.png')!r}); "
-            "print(matplotlib.get_backend())")
+    code = (
+        "import matplotlib; matplotlib.use('svg'); "
+        "import moekit.train.plots as p, moekit.analysis.report; "
+        "fig = p.agg_figure(); fig.subplots().plot([0, 1]); "
+        f"fig.savefig({str(tmp_path / 'x.png')!r}); "
+        "print(matplotlib.get_backend())"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

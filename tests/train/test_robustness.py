@@ -1,5 +1,6 @@
 """Training survives what happens to real runs: damaged checkpoints, divergence, SIGTERM, kills
 during a write. Real files, real subprocesses, real signals; tiny models, few steps."""
+
 import json
 import os
 import shutil
@@ -20,9 +21,33 @@ from moekit.train import CheckpointError, Trainer, TrainingDiverged, load_checkp
 from moekit.train.checkpoint import CHECKSUMS, read_checkpoint
 from moekit.train.trainer import CHECKPOINT, METRICS
 
-TINY = ["--steps", "12", "--eval-every", "6", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2",
-        "--quiet", "--tokenizer", "bytes", "--threads", "1", "--set", "train.code_chars=150000",
-        "--set", "train.eval_windows=24", "--set", "model.moe.hidden_dim=32", "--set", "model.max_seq_len=64"]
+TINY = [
+    "--steps",
+    "12",
+    "--eval-every",
+    "6",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--dim",
+    "32",
+    "--layers",
+    "2",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--threads",
+    "1",
+    "--set",
+    "train.code_chars=150000",
+    "--set",
+    "train.eval_windows=24",
+    "--set",
+    "model.moe.hidden_dim=32",
+    "--set",
+    "model.max_seq_len=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +72,9 @@ def rows(path):
 
 def weights_finite(path):
     tensors, _ = read_checkpoint(path)
-    return all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point())
+    return all(
+        bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("model.") and v.is_floating_point()
+    )
 
 
 # ------------------------------------------------------------------ damaged checkpoints, divergence
@@ -75,7 +102,11 @@ def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path):
     """A checkpoint written before the checksums (no moekit.sha256 metadata) still loads, with a warning naming it."""
     model = torch.nn.Linear(3, 2)
     path = tmp_path / "old.safetensors"
-    save_file({"model." + k: v for k, v in model.state_dict().items()}, str(path), metadata={"moekit": json.dumps({"meta": {"step": 4}})})
+    save_file(
+        {"model." + k: v for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"moekit": json.dumps({"meta": {"step": 4}})},
+    )
     m2 = torch.nn.Linear(3, 2)
     with pytest.warns(UserWarning, match="no checksums") as rec:
         meta, _ = load_checkpoint(path, m2)
@@ -104,10 +135,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run, capsys):
 
 
 def tiny_trainer(path, steps=12):
-    model = LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
-                     moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
-    train = TrainConfig(steps=steps, batch_size=4, seq_len=32, eval_every=6, eval_windows=8, tokenizer="bytes",
-                        code_chars=60_000, checkpoint_every=5, warmup_steps=2)
+    model = LMConfig(
+        vocab_size=257,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=64,
+        moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2),
+    )
+    train = TrainConfig(
+        steps=steps,
+        batch_size=4,
+        seq_len=32,
+        eval_every=6,
+        eval_windows=8,
+        tokenizer="bytes",
+        code_chars=60_000,
+        checkpoint_every=5,
+        warmup_steps=2,
+    )
     data = build_data(None, "bytes", 257, 60_000)
     return Trainer(path, model, train, data, progress=False)
 
@@ -143,11 +189,20 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     args[args.index("12")] = "40"
     assert main([*args, "--name", "ref"]) == 0
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "moekit", *args, "--name", "cut"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moekit", *args, "--name", "cut"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "cut" / "moe" / METRICS
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -166,6 +221,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_stop_signal_handlers_are_restored(tmp_path):
     """Training installs its SIGINT / SIGTERM handlers only while it runs."""
+
     def mine(signum, frame):
         pass
 

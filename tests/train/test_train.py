@@ -1,4 +1,5 @@
 """The main job end to end on tiny configs: learning, exact resume, atomic checkpoints, Ctrl-C, CLI."""
+
 import json
 import os
 import signal
@@ -15,16 +16,54 @@ from moekit.train import CheckpointError, load_checkpoint, run_train, save_check
 from moekit.train.checkpoint import read_checkpoint
 from moekit.train.trainer import METRICS
 
-TINY = ["--steps", "12", "--eval-every", "6", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2",
-        "--quiet", "--tokenizer", "bytes", "--set", "train.code_chars=150000", "--set", "train.eval_windows=24",
-        "--set", "model.moe.hidden_dim=32", "--set", "model.max_seq_len=64"]
+TINY = [
+    "--steps",
+    "12",
+    "--eval-every",
+    "6",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--dim",
+    "32",
+    "--layers",
+    "2",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=150000",
+    "--set",
+    "train.eval_windows=24",
+    "--set",
+    "model.moe.hidden_dim=32",
+    "--set",
+    "model.max_seq_len=64",
+]
 
 
 def tiny_cfgs(steps=12, **train_kw):
-    model = LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
-                     moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2))
-    train = TrainConfig(steps=steps, batch_size=4, seq_len=32, eval_every=6, eval_windows=8, tokenizer="bytes",
-                        code_chars=60_000, checkpoint_every=5, warmup_steps=2, **train_kw)
+    model = LMConfig(
+        vocab_size=257,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=64,
+        moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2),
+    )
+    train = TrainConfig(
+        steps=steps,
+        batch_size=4,
+        seq_len=32,
+        eval_every=6,
+        eval_windows=8,
+        tokenizer="bytes",
+        code_chars=60_000,
+        checkpoint_every=5,
+        warmup_steps=2,
+        **train_kw,
+    )
     return model, train
 
 
@@ -82,8 +121,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense - MoE validation loss" in out and "active/token" in out
     run = tmp_path / "t"
-    for f in ("config.json", "tokenizer.json", "comparison.json", "val_loss.png", "expert_load.png",
-              "tokens_per_expert.png", "moe/checkpoint.safetensors", "dense/checkpoint.safetensors", "moe/metrics.jsonl"):
+    for f in (
+        "config.json",
+        "tokenizer.json",
+        "comparison.json",
+        "val_loss.png",
+        "expert_load.png",
+        "tokens_per_expert.png",
+        "moe/checkpoint.safetensors",
+        "dense/checkpoint.safetensors",
+        "moe/metrics.jsonl",
+    ):
         assert (run / f).exists(), f
     assert (run / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = json.loads((run / "config.json").read_text())

@@ -1,4 +1,5 @@
 """Analysis of trained runs: which experts take which tokens (``moekit inspect``)."""
+
 from .report import inspect_run
 from .routing import RoutingData, collect_routing, layer_table, routing_table
 

@@ -9,11 +9,13 @@ left out. Without capacity limits the slot counts of a layer sum to tokens x K.
 Shape legend: T routed tokens (windows x sequence length), K slots per token, E routed experts,
 D domains, V vocabulary, N routed (non-empty) slots, B batch, S sequence length.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -50,8 +52,9 @@ def available_windows(val_tokens: int, seq_len: int) -> int:
 
 
 @torch.no_grad()
-def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu",
-                    top_k: Optional[int] = None) -> RoutingData:
+def collect_routing(
+    model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu", top_k: Optional[int] = None
+) -> RoutingData:
     """Run ``model`` in eval mode on ``windows`` fixed validation windows (split evenly over the
     domains, see :func:`moekit.data.stream.balanced_windows`) and record each MoE layer's
     expert per (token, slot), with the token id, domain and routing entropy of each token.
@@ -62,11 +65,15 @@ def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_si
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     if data.val_ids_N.numel() < seq_len + 1:
-        raise ValueError(f"the validation stream ({data.val_ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})")
+        raise ValueError(
+            f"the validation stream ({data.val_ids_N.numel()} tokens) is shorter than seq_len+1 ({seq_len + 1})"
+        )
     most = available_windows(data.val_ids_N.numel(), seq_len)
     if windows > most:
-        raise ValueError(f"windows must be at most {most} (the non-overlapping windows of {seq_len} tokens in the "
-                         f"{data.val_ids_N.numel():,}-token validation stream); got {windows}")
+        raise ValueError(
+            f"windows must be at most {most} (the non-overlapping windows of {seq_len} tokens in the "
+            f"{data.val_ids_N.numel():,}-token validation stream); got {windows}"
+        )
     moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
     if not moe_blocks:
         raise ValueError("the model has no MoE layer")
@@ -80,6 +87,7 @@ def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_si
     def hook_for(i: int):
         def hook(_module, _inputs, routing):
             entropies[i].append(_entropy_nats(routing.probs_TE).cpu())
+
         return hook
 
     handles = [b.ffn.router.register_forward_hook(hook_for(i)) for i, b in enumerate(moe_blocks)]
@@ -100,10 +108,17 @@ def collect_routing(model, data: TokenData, windows: int, seq_len: int, batch_si
         model.train(was_training)
     k = top_k if top_k is not None else moe_blocks[0].ffn.cfg.top_k
     return RoutingData(
-        layers=[b.layer for b in moe_blocks], num_experts=[b.ffn.cfg.num_experts for b in moe_blocks],
-        experts=[torch.cat(e) for e in experts], entropy=[torch.cat(h) for h in entropies],
-        token_T=torch.cat(tokens), domain_T=torch.cat(domains), domains=list(data.domains),
-        windows=int(starts.numel()), seq_len=seq_len, top_k=int(k))
+        layers=[b.layer for b in moe_blocks],
+        num_experts=[b.ffn.cfg.num_experts for b in moe_blocks],
+        experts=[torch.cat(e) for e in experts],
+        entropy=[torch.cat(h) for h in entropies],
+        token_T=torch.cat(tokens),
+        domain_T=torch.cat(domains),
+        domains=list(data.domains),
+        windows=int(starts.numel()),
+        seq_len=seq_len,
+        top_k=int(k),
+    )
 
 
 def _entropy_nats(probs_TE: Tensor) -> Tensor:
@@ -175,7 +190,7 @@ def _entropy_bits(counts: Tensor) -> float:
     n = c.sum()
     if n <= 0:
         return 0.0
-    return float((torch.log2(n) - (c * torch.log2(c)).sum() / n))
+    return float(torch.log2(n) - (c * torch.log2(c)).sum() / n)
 
 
 def mutual_information(counts_ED: Tensor) -> dict:
@@ -187,12 +202,21 @@ def mutual_information(counts_ED: Tensor) -> dict:
     and domains seen: measured values near it mean "no detectable dependence".
     """
     n = int(counts_ED.sum())
-    h_e, h_d, h_ed = _entropy_bits(counts_ED.sum(1)), _entropy_bits(counts_ED.sum(0)), _entropy_bits(counts_ED.flatten())
+    h_e, h_d, h_ed = (
+        _entropy_bits(counts_ED.sum(1)),
+        _entropy_bits(counts_ED.sum(0)),
+        _entropy_bits(counts_ED.flatten()),
+    )
     mi = max(0.0, h_e + h_d - h_ed)
     e_seen, d_seen = int((counts_ED.sum(1) > 0).sum()), int((counts_ED.sum(0) > 0).sum())
     bias = (e_seen - 1) * (d_seen - 1) / (2 * n * LN2) if n else 0.0
-    return {"mi_bits": mi, "domain_entropy_bits": h_d, "normalised": mi / h_d if h_d > 1e-12 else None,
-            "bias_bits": bias, "slots": n}
+    return {
+        "mi_bits": mi,
+        "domain_entropy_bits": h_d,
+        "normalised": mi / h_d if h_d > 1e-12 else None,
+        "bias_bits": bias,
+        "slots": n,
+    }
 
 
 def _mm_entropy_bits(key_N: Tensor) -> float:
@@ -205,6 +229,7 @@ def _mm_entropy_bits(key_N: Tensor) -> float:
 
 def permute_within_groups(values_T: Tensor, groups_T: Tensor, generator: torch.Generator) -> Tensor:
     """``values_T`` randomly permuted among the positions of the same group (each group keeps its values)."""
+
     def grouped_order() -> Tensor:  # positions sorted by group, in random order within each group
         jitter = torch.rand(groups_T.numel(), generator=generator, dtype=torch.float64) * 0.5
         return torch.argsort(groups_T.double() + jitter)
@@ -224,8 +249,15 @@ def _cmi_bits(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, E: int, D: 
     return max(0.0, h_ve + h_vd - h_ved - h_v), max(0.0, h_vd - h_v)
 
 
-def conditional_mutual_information(experts_TK: Tensor, domain_T: Tensor, token_T: Tensor, num_experts: int,
-                                   num_domains: int, permutations: int = 3, seed: int = 0) -> dict:
+def conditional_mutual_information(
+    experts_TK: Tensor,
+    domain_T: Tensor,
+    token_T: Tensor,
+    num_experts: int,
+    num_domains: int,
+    permutations: int = 3,
+    seed: int = 0,
+) -> dict:
     """I(expert; domain | token id) in bits: what the routing knows about the domain beyond the token
     itself (i.e. from context), normalised by H(domain | token).
 
@@ -236,15 +268,27 @@ def conditional_mutual_information(experts_TK: Tensor, domain_T: Tensor, token_T
     domain_T, token_T = domain_T.long(), token_T.long()
     cmi, h_d_given_v = _cmi_bits(experts_TK, domain_T, token_T, num_experts, num_domains)
     if h_d_given_v <= 1e-3:
-        return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v, "normalised": None, "null_normalised": None,
-                "excess": None}
+        return {
+            "mi_bits": cmi,
+            "domain_entropy_bits": h_d_given_v,
+            "normalised": None,
+            "null_normalised": None,
+            "excess": None,
+        }
     g = torch.Generator().manual_seed(seed)
-    nulls = [_cmi_bits(experts_TK, permute_within_groups(domain_T, token_T, g), token_T, num_experts, num_domains)[0]
-             for _ in range(permutations)]
+    nulls = [
+        _cmi_bits(experts_TK, permute_within_groups(domain_T, token_T, g), token_T, num_experts, num_domains)[0]
+        for _ in range(permutations)
+    ]
     norm = min(1.0, cmi / h_d_given_v)
     null = min(1.0, sum(nulls) / len(nulls) / h_d_given_v) if nulls else 0.0
-    return {"mi_bits": cmi, "domain_entropy_bits": h_d_given_v, "normalised": norm, "null_normalised": null,
-            "excess": max(0.0, norm - null)}
+    return {
+        "mi_bits": cmi,
+        "domain_entropy_bits": h_d_given_v,
+        "normalised": norm,
+        "null_normalised": null,
+        "excess": max(0.0, norm - null),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- tokens
@@ -258,8 +302,9 @@ def top_tokens_by_count(counts_EV: Tensor, n: int = 8) -> list[list[tuple[int, i
     return out
 
 
-def top_tokens_by_lift(counts_EV: Tensor, n: int = 8, min_count: int = 5, occurrences_V: Optional[Tensor] = None,
-                       prior: float = LIFT_PRIOR) -> list[list[tuple[int, int, float]]]:
+def top_tokens_by_lift(
+    counts_EV: Tensor, n: int = 8, min_count: int = 5, occurrences_V: Optional[Tensor] = None, prior: float = LIFT_PRIOR
+) -> list[list[tuple[int, int, float]]]:
     """Per expert: the ``n`` tokens it over-represents most, as (token id, count, lift), among the
     tokens the expert received >= ``min_count`` times; ties go to the larger count, then the smaller id.
 
@@ -296,9 +341,19 @@ def _none_if_nan(x: float) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def layer_table(experts_TK: Tensor, token_T: Tensor, domain_T: Tensor, num_experts: int, domains: list,
-                entropy_T: Optional[Tensor] = None, token_str: Optional[Callable[[int], str]] = None,
-                n_tokens: int = 8, min_count: int = 5, overload_factor: float = 2.0, lift_prior: float = LIFT_PRIOR) -> dict:
+def layer_table(
+    experts_TK: Tensor,
+    token_T: Tensor,
+    domain_T: Tensor,
+    num_experts: int,
+    domains: list,
+    entropy_T: Optional[Tensor] = None,
+    token_str: Optional[Callable[[int], str]] = None,
+    n_tokens: int = 8,
+    min_count: int = 5,
+    overload_factor: float = 2.0,
+    lift_prior: float = LIFT_PRIOR,
+) -> dict:
     """Every statistic of one MoE layer as plain JSON-ready Python values (``top_lift``: see
     :func:`top_tokens_by_lift`; ``lift_prior`` its smoothing)."""
     E, D = num_experts, len(domains)
@@ -308,43 +363,64 @@ def layer_table(experts_TK: Tensor, token_T: Tensor, domain_T: Tensor, num_exper
     vocab = int(token_T.max()) + 1 if token_T.numel() else 1
     counts_EV = expert_token_counts(experts_TK, token_T, E, vocab)
     occurrences_V = torch.bincount(token_T, minlength=vocab)
-    share_E, dom_ED, spec_ED, rate_D = load_share(counts_E), domain_share(counts_ED), specialisation(counts_ED), base_rate(counts_ED)
+    share_E, dom_ED, spec_ED, rate_D = (
+        load_share(counts_E),
+        domain_share(counts_ED),
+        specialisation(counts_ED),
+        base_rate(counts_ED),
+    )
     by_count = top_tokens_by_count(counts_EV, n_tokens)
     by_lift = top_tokens_by_lift(counts_EV, n_tokens, min_count, occurrences_V, lift_prior)
     name = token_str or str
     experts = []
     for e in range(E):
-        experts.append({
-            "expert": e, "tokens": int(counts_E[e]), "share": float(share_E[e]),
-            "domain_share": {d: _none_if_nan(float(dom_ED[e, i])) for i, d in enumerate(domains)},
-            "specialisation": {d: _none_if_nan(float(spec_ED[e, i])) for i, d in enumerate(domains)},
-            "top_tokens": [{"id": v, "token": name(v), "count": c} for v, c in by_count[e]],
-            "top_lift": [{"id": v, "token": name(v), "count": c, "lift": round(l, 4)} for v, c, l in by_lift[e]],
-        })
+        experts.append(
+            {
+                "expert": e,
+                "tokens": int(counts_E[e]),
+                "share": float(share_E[e]),
+                "domain_share": {d: _none_if_nan(float(dom_ED[e, i])) for i, d in enumerate(domains)},
+                "specialisation": {d: _none_if_nan(float(spec_ED[e, i])) for i, d in enumerate(domains)},
+                "top_tokens": [{"id": v, "token": name(v), "count": c} for v, c in by_count[e]],
+                "top_lift": [
+                    {"id": v, "token": name(v), "count": c, "lift": round(lift, 4)} for v, c, lift in by_lift[e]
+                ],
+            }
+        )
     table = {
-        "num_experts": E, "routed_slots": int(counts_E.sum()), "empty_slots": int((experts_TK >= E).sum()),
-        "tokens": int(experts_TK.shape[0]), "slots_per_token": int(experts_TK.shape[1]),
+        "num_experts": E,
+        "routed_slots": int(counts_E.sum()),
+        "empty_slots": int((experts_TK >= E).sum()),
+        "tokens": int(experts_TK.shape[0]),
+        "slots_per_token": int(experts_TK.shape[1]),
         "base_rate": {d: float(rate_D[i]) for i, d in enumerate(domains)},
         "mi": mutual_information(counts_ED),
         "mi_given_token": conditional_mutual_information(experts_TK, domain_T, token_T, E, D) if D > 1 else None,
-        "dead": dead_experts(counts_E), "overloaded": overloaded_experts(counts_E, overload_factor),
-        "overload_factor": overload_factor, "lift_min_count": min_count, "lift_prior": lift_prior, "experts": experts,
+        "dead": dead_experts(counts_E),
+        "overloaded": overloaded_experts(counts_E, overload_factor),
+        "overload_factor": overload_factor,
+        "lift_min_count": min_count,
+        "lift_prior": lift_prior,
+        "experts": experts,
     }
     if entropy_T is not None and entropy_T.numel():
         h = entropy_T.double()
         table["routing_entropy_nats"] = float(h.mean())
         table["routing_entropy_normalised"] = float(h.mean() / math.log(E)) if E > 1 else 0.0
-        table["routing_entropy_by_domain"] = {d: float(h[domain_T == i].mean()) for i, d in enumerate(domains)
-                                              if bool((domain_T == i).any())}
+        table["routing_entropy_by_domain"] = {
+            d: float(h[domain_T == i].mean()) for i, d in enumerate(domains) if bool((domain_T == i).any())
+        }
     return table
 
 
-def routing_table(routing: RoutingData, token_str: Optional[Callable[[int], str]] = None, n_tokens: int = 8,
-                  min_count: int = 5) -> list[dict]:
+def routing_table(
+    routing: RoutingData, token_str: Optional[Callable[[int], str]] = None, n_tokens: int = 8, min_count: int = 5
+) -> list[dict]:
     """:func:`layer_table` of every MoE layer of ``routing`` (with its block index under ``layer``)."""
     out = []
     for layer, E, experts_TK, entropy_T in zip(routing.layers, routing.num_experts, routing.experts, routing.entropy):
-        t = layer_table(experts_TK, routing.token_T, routing.domain_T, E, routing.domains, entropy_T, token_str,
-                        n_tokens, min_count)
+        t = layer_table(
+            experts_TK, routing.token_T, routing.domain_T, E, routing.domains, entropy_T, token_str, n_tokens, min_count
+        )
         out.append({"layer": layer, **t})
     return out

@@ -4,9 +4,10 @@ outputs, minus storages that existed before the call (inputs, parameters). On CU
 ``memory_allocated`` after the forward minus before (the benchmark's "activations" column) up to
 allocator rounding; here it works on any device, the Triton interpreter included.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor

@@ -66,12 +66,10 @@ class _BaseMixture(BaseEstimator):
         experts = self.experts
         if isinstance(experts, (list, tuple)):
             if len(experts) == 0:
-                raise ValueError("experts must be an estimator or a non-empty list of "
-                                 "estimators, got an empty list.")
+                raise ValueError("experts must be an estimator or a non-empty list of estimators, got an empty list.")
             if value is not None and value != len(experts):
                 raise ValueError(
-                    f"{name}={value} does not match the {len(experts)} estimators passed "
-                    f"in experts; {hint}."
+                    f"{name}={value} does not match the {len(experts)} estimators passed in experts; {hint}."
                 )
             return len(experts)
         return None
@@ -93,10 +91,7 @@ class _BaseMixture(BaseEstimator):
         templates = self._expert_templates(n_leaves)
         gate = default_gate() if self.gate is None else self.gate
         if not is_estimator_like(gate) or not hasattr(gate, "predict_proba"):
-            raise ValueError(
-                f"gate must be a classifier with predict_proba (e.g. LogisticRegression), "
-                f"got {gate!r}."
-            )
+            raise ValueError(f"gate must be a classifier with predict_proba (e.g. LogisticRegression), got {gate!r}.")
         stacker = default_stacker(self._task) if self.stacker is None else self.stacker
         need = "predict" if self._task == "regression" else "predict_proba"
         if not is_estimator_like(stacker) or not hasattr(stacker, need):
@@ -114,14 +109,11 @@ class _BaseMixture(BaseEstimator):
         need = "predict" if self._task == "regression" else "predict_proba"
         for est in templates:
             if not is_estimator_like(est):
-                raise ValueError(
-                    f"experts must be a scikit-learn estimator or a list of them, got {est!r}."
-                )
+                raise ValueError(f"experts must be a scikit-learn estimator or a list of them, got {est!r}.")
             if not hasattr(est, need):
                 hint = " (for SVC pass probability=True)" if self._task != "regression" else ""
                 raise ValueError(
-                    f"The expert {type(est).__name__} has no {need}, which "
-                    f"{self._task} experts need{hint}."
+                    f"The expert {type(est).__name__} has no {need}, which {self._task} experts need{hint}."
                 )
             if self.method == "em" and not supports_sample_weight(est):
                 raise ValueError(no_sample_weight_message(est, "expert", self._task))
@@ -171,7 +163,9 @@ class _BaseMixture(BaseEstimator):
             self._fit_stacker(X, y, w, templates, gate, stacker, n_groups, n_per_group, rng)
         return self
 
-    def _validated_fit_data(self, X: Any, y: Any, sample_weight: Any, n_leaves: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _validated_fit_data(
+        self, X: Any, y: Any, sample_weight: Any, n_leaves: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(X, y, w)`` checked for fitting ``n_leaves`` experts; sets ``classes_`` (classification)
         and the variance floor (regression: ``variance_floor`` times the weighted variance of y)."""
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=self._task == "regression")
@@ -192,8 +186,17 @@ class _BaseMixture(BaseEstimator):
             self._var_floor = self.variance_floor * (var_y if var_y > 0 else 1.0)
         return X, y, w
 
-    def _best_run(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, templates: list[Any], gate: Any,
-                  n_groups: int, n_per_group: int, rng: np.random.RandomState) -> Any:
+    def _best_run(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        templates: list[Any],
+        gate: Any,
+        n_groups: int,
+        n_per_group: int,
+        rng: np.random.RandomState,
+    ) -> Any:
         """The EM / hard-assignment / gradient run (:func:`run_method`) with the highest final
         log-likelihood over ``n_init`` initialisations, each seeded from ``rng``."""
         classes = self.classes_ if self._task == "classification" else None
@@ -239,8 +242,18 @@ class _BaseMixture(BaseEstimator):
         if self._task == "regression":
             self.expert_std_ = np.sqrt(best.experts.var_)
 
-    def _fit_stacker(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, templates: list[Any], gate: Any, stacker: Any,
-                     n_groups: int, n_per_group: int, rng: np.random.RandomState) -> None:
+    def _fit_stacker(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        templates: list[Any],
+        gate: Any,
+        stacker: Any,
+        n_groups: int,
+        n_per_group: int,
+        rng: np.random.RandomState,
+    ) -> None:
         """``pooling="stacking"``: fit ``stacker_`` on cross-validated expert outputs, with the
         fitted mixture's responsibilities (one-hot for the hard methods, whose experts train on
         disjoint subsets)."""
@@ -361,4 +374,3 @@ class _ClassifierMixture(_BaseMixture):
         """Most probable class under the pooled prediction."""
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
-

@@ -43,9 +43,7 @@ class ExpertSet:
         """Number of experts."""
         return len(self.templates)
 
-    def m_step(
-        self, X: np.ndarray, y: np.ndarray, W: np.ndarray, old_pred: np.ndarray | None = None
-    ) -> np.ndarray:
+    def m_step(self, X: np.ndarray, y: np.ndarray, W: np.ndarray, old_pred: np.ndarray | None = None) -> np.ndarray:
         """Refit each expert on weights ``W[:, k]``; return the predictions on ``X``."""
         preds = []
         for k in range(self.n_experts):
@@ -84,8 +82,7 @@ class ExpertSet:
     def _accept(self, k: int, est: Any, pred: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
         raise NotImplementedError
 
-    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray,
-                w: np.ndarray) -> np.ndarray:
+    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def log_lik(self, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -130,8 +127,7 @@ class GaussianExperts(ExpertSet):
         self.estimators_[k] = est
         self.var_[k] = self._var_and_q(pred, y, w)[0]
 
-    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray,
-                w: np.ndarray) -> np.ndarray:
+    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         var_new, q_new = self._var_and_q(pred, y, w)
         var_old, q_old = self._var_and_q(old, y, w)
         if q_new >= q_old:
@@ -189,8 +185,7 @@ class CategoricalExperts(ExpertSet):
     def _accept(self, k: int, est: Any, pred: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
         self.estimators_[k] = est
 
-    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray,
-                w: np.ndarray) -> np.ndarray:
+    def _choose(self, k: int, cand: Any, pred: np.ndarray, old: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         if self._q(pred, y, w) >= self._q(old, y, w):
             self.estimators_[k] = cand
             return pred

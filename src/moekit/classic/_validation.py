@@ -24,8 +24,7 @@ POOLINGS = ("average", "winner", "stacking")
 INITS = ("kmeans_xy", "kmeans_x", "random")
 
 _SUGGESTIONS = {
-    "regression": "LinearRegression, Ridge, DecisionTreeRegressor, SVR, "
-    "HistGradientBoostingRegressor",
+    "regression": "LinearRegression, Ridge, DecisionTreeRegressor, SVR, HistGradientBoostingRegressor",
     "classification": "LogisticRegression, DecisionTreeClassifier, GaussianNB, "
     "SVC(probability=True), HistGradientBoostingClassifier",
 }
@@ -112,8 +111,9 @@ def fit_weighted(
             with warnings.catch_warnings():
                 # A weighted StandardScaler can compute a variance of -1e-17 for a
                 # constant feature; it detects such features and uses scale 1 anyway.
-                warnings.filterwarnings("ignore", "invalid value encountered in sqrt",
-                                        RuntimeWarning, "sklearn.preprocessing._data")
+                warnings.filterwarnings(
+                    "ignore", "invalid value encountered in sqrt", RuntimeWarning, "sklearn.preprocessing._data"
+                )
                 return est.fit(X, y, **{key: w for key in _pipeline_weight_keys(est)})
         return est.fit(X, y, sample_weight=w)
     if np.allclose(w, w[0]):
@@ -126,9 +126,7 @@ def _pipeline_weight_keys(pipe: Pipeline, prefix: str = "") -> list[str]:
     for name, step in pipe.steps:
         if isinstance(step, Pipeline):
             keys += _pipeline_weight_keys(step, f"{prefix}{name}__")
-        elif step is not None and step != "passthrough" and has_fit_parameter(
-            step, "sample_weight"
-        ):
+        elif step is not None and step != "passthrough" and has_fit_parameter(step, "sample_weight"):
             keys.append(f"{prefix}{name}__sample_weight")
     return keys
 

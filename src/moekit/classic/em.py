@@ -175,7 +175,7 @@ def run_divide(
     labels: np.ndarray,
     max_iter: int,
 ) -> FitResult:
-    """"Divide, then train": clusterwise fitting (Späth 1979), then fit the gate.
+    """ "Divide, then train": clusterwise fitting (Späth 1979), then fit the gate.
 
     Each iteration fits expert ``k`` on the samples of part ``k`` and moves
     every sample to the expert with the smallest loss (squared error for

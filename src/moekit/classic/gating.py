@@ -80,9 +80,7 @@ def proba_columns(clf: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
     return P
 
 
-def fit_soft_classifier(
-    template: Any, X: np.ndarray, T: np.ndarray, w: np.ndarray, seed: int
-) -> Any:
+def fit_soft_classifier(template: Any, X: np.ndarray, T: np.ndarray, w: np.ndarray, seed: int) -> Any:
     """Fit a classifier to soft targets by weighting an expanded dataset.
 
     Args:
@@ -195,8 +193,7 @@ class Gating:
             self.top_ = self._update(self.top_, X, h_group, w, self.n_groups)
         for j in range(self.n_groups):
             hj = h_group[:, j]
-            T = np.divide(Rg[:, j, :], hj[:, None], out=np.zeros_like(Rg[:, j, :]),
-                          where=hj[:, None] > 0)
+            T = np.divide(Rg[:, j, :], hj[:, None], out=np.zeros_like(Rg[:, j, :]), where=hj[:, None] > 0)
             self.groups_[j] = self._update(self.groups_[j], X, T, w * hj, self.n_per_group)
 
     def _update(self, old: Any, X: np.ndarray, T: np.ndarray, w: np.ndarray, C: int) -> Any:

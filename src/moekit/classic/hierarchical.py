@@ -80,9 +80,7 @@ class _HierarchicalMixin(_BaseMixture):
         return np.argmax(self.group_proba(X), axis=1)
 
 
-class HierarchicalMixtureOfExpertsRegressor(
-    _HierarchicalMixin, RegressorMixin, _RegressorMixture
-):
+class HierarchicalMixtureOfExpertsRegressor(_HierarchicalMixin, RegressorMixin, _RegressorMixture):
     __doc__ = (
         """Two-level hierarchical mixture of Gaussian regression experts (Jordan & Jacobs 1994).
 """
@@ -130,15 +128,11 @@ class HierarchicalMixtureOfExpertsRegressor(
         self.random_state = random_state
 
 
-class HierarchicalMixtureOfExpertsClassifier(
-    _HierarchicalMixin, ClassifierMixin, _ClassifierMixture
-):
+class HierarchicalMixtureOfExpertsClassifier(_HierarchicalMixin, ClassifierMixin, _ClassifierMixture):
     __doc__ = (
         """Two-level hierarchical mixture of classification experts (Jordan & Jacobs 1994).
 """
-        + _PARAMS_DOC.format(
-            default_expert="``StandardScaler`` + ``LogisticRegression``", extra=""
-        )
+        + _PARAMS_DOC.format(default_expert="``StandardScaler`` + ``LogisticRegression``", extra="")
         + """
         classes_: Class labels.
 """

@@ -177,9 +177,7 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _ClassifierMixture):
 def _flat_size(model: _BaseMixture) -> int:
     check_int(model.n_experts, "n_experts", 1, allow_none=True)
     n = model.n_experts
-    from_list = model._n_from_experts(
-        "n_experts", n, f"leave n_experts=None or give {n} estimators"
-    )
+    from_list = model._n_from_experts("n_experts", n, f"leave n_experts=None or give {n} estimators")
     if from_list is not None:
         return from_list
     return 2 if model.n_experts is None else int(model.n_experts)

@@ -9,9 +9,7 @@ from sklearn.base import is_classifier
 from sklearn.utils.validation import check_is_fitted
 
 
-def plot_experts(
-    model: Any, X: Any, y: Any, ax: Any = None, resolution: int = 200
-) -> Any:
+def plot_experts(model: Any, X: Any, y: Any, ax: Any = None, resolution: int = 200) -> Any:
     """Draw the experts of a fitted mixture and the regions their gate gives them.
 
     1-D inputs: the data coloured by owning expert, each expert's prediction
@@ -34,14 +32,10 @@ def plot_experts(
     check_is_fitted(model, "experts_")
     X = np.asarray(X, dtype=float)
     if X.ndim != 2 or X.shape[1] not in (1, 2):
-        raise ValueError(
-            f"X must have shape (n_samples, 1) or (n_samples, 2) to be plotted, got {X.shape}."
-        )
+        raise ValueError(f"X must have shape (n_samples, 1) or (n_samples, 2) to be plotted, got {X.shape}.")
     y = np.asarray(y).reshape(-1)
     if y.shape[0] != X.shape[0]:
-        raise ValueError(
-            f"X and y have inconsistent numbers of samples: {X.shape[0]} != {y.shape[0]}."
-        )
+        raise ValueError(f"X and y have inconsistent numbers of samples: {X.shape[0]} != {y.shape[0]}.")
     if ax is None:
         import matplotlib.pyplot as plt
 
@@ -57,8 +51,7 @@ def plot_experts(
     return ax
 
 
-def _plot_1d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any],
-             resolution: int) -> None:
+def _plot_1d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any], resolution: int) -> None:
     lo, hi = X[:, 0].min(), X[:, 0].max()
     pad = 0.05 * (hi - lo if hi > lo else 1.0)
     grid = np.linspace(lo - pad, hi + pad, resolution)[:, None]
@@ -72,16 +65,20 @@ def _plot_1d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any
             ax.plot(grid[:, 0], g[:, k], "--", color=colors[k], label=f"gate {k}")
         proba = model.predict_proba(grid)
         for c, label in enumerate(model.classes_):
-            ax.plot(grid[:, 0], proba[:, c], color="black", alpha=0.4 + 0.6 * c / max(
-                len(model.classes_) - 1, 1), label=f"P(y={label})")
+            ax.plot(
+                grid[:, 0],
+                proba[:, c],
+                color="black",
+                alpha=0.4 + 0.6 * c / max(len(model.classes_) - 1, 1),
+                label=f"P(y={label})",
+            )
         ax.set_ylabel("probability / class")
     else:
         ax.scatter(X[:, 0], y, c=[colors[k] for k in owner], s=12, alpha=0.6)
         for k, est in enumerate(model.experts_):
             mu = np.asarray(est.predict(grid), dtype=float).reshape(-1)
             ax.plot(grid[:, 0], mu, ":", color=colors[k], alpha=0.6)
-            ax.plot(grid[:, 0], np.where(owner_grid == k, mu, np.nan), "-", color=colors[k],
-                    lw=2, label=f"expert {k}")
+            ax.plot(grid[:, 0], np.where(owner_grid == k, mu, np.nan), "-", color=colors[k], lw=2, label=f"expert {k}")
         mean, std = model.predict(grid, return_std=True)
         ax.plot(grid[:, 0], mean, color="black", lw=1, label="mixture")
         ax.fill_between(grid[:, 0], mean - 2 * std, mean + 2 * std, color="grey", alpha=0.2)
@@ -90,8 +87,7 @@ def _plot_1d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any
     ax.legend(loc="best", fontsize="small")
 
 
-def _plot_2d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any],
-             resolution: int) -> None:
+def _plot_2d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any], resolution: int) -> None:
     from matplotlib.colors import ListedColormap
 
     lo, hi = X.min(axis=0), X.max(axis=0)
@@ -101,15 +97,12 @@ def _plot_2d(model: Any, X: np.ndarray, y: np.ndarray, ax: Any, colors: list[Any
     xx, yy = np.meshgrid(g0, g1)
     owner = model.predict_expert(np.c_[xx.ravel(), yy.ravel()]).reshape(xx.shape)
     K = model.n_experts_
-    ax.contourf(xx, yy, owner, levels=np.arange(-0.5, K), cmap=ListedColormap(colors[:K]),
-                alpha=0.25)
+    ax.contourf(xx, yy, owner, levels=np.arange(-0.5, K), cmap=ListedColormap(colors[:K]), alpha=0.25)
     if is_classifier(model):
         c = np.searchsorted(model.classes_, y)
-        sc = ax.scatter(X[:, 0], X[:, 1], c=c, cmap="coolwarm", s=14, edgecolors="k",
-                        linewidths=0.3)
+        sc = ax.scatter(X[:, 0], X[:, 1], c=c, cmap="coolwarm", s=14, edgecolors="k", linewidths=0.3)
     else:
-        sc = ax.scatter(X[:, 0], X[:, 1], c=y, cmap="viridis", s=14, edgecolors="k",
-                        linewidths=0.3)
+        sc = ax.scatter(X[:, 0], X[:, 1], c=y, cmap="viridis", s=14, edgecolors="k", linewidths=0.3)
     ax.figure.colorbar(sc, ax=ax, label="y")
     ax.set_xlabel("x0")
     ax.set_ylabel("x1")

@@ -40,8 +40,7 @@ def pool_winner(g: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return pred[np.arange(g.shape[0]), np.argmax(g, axis=1)]
 
 
-def mixture_variance(g: np.ndarray, mean: np.ndarray, var: np.ndarray, center: np.ndarray
-                     ) -> np.ndarray:
+def mixture_variance(g: np.ndarray, mean: np.ndarray, var: np.ndarray, center: np.ndarray) -> np.ndarray:
     """Predictive variance of a Gaussian mixture around ``center``.
 
     ``sum_k g_k (sigma_k^2 + (mu_k - center)^2)``; with ``center`` the mixture

@@ -7,6 +7,7 @@ Documents keep their domain so that each token can be traced back to prose or co
 held-out split is fixed: the last 10% of every document is validation.
 ``load_text_path`` reads users' own data instead (a text file or a folder of text files).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,27 @@ from pathlib import Path
 from typing import Optional
 
 DOMAINS = ("prose", "code")
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".csv",
-                 ".html", ".tex", ".yaml", ".yml", ".toml", ".sh"}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".c",
+    ".h",
+    ".js",
+    ".ts",
+    ".java",
+    ".go",
+    ".rs",
+    ".json",
+    ".csv",
+    ".html",
+    ".tex",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".sh",
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,9 @@ def code_documents(max_chars: int = 6_000_000) -> list[Document]:
 def embedded_corpus(code_chars: int = 6_000_000) -> list[Document]:
     """Prose and code documents, evenly interleaved so that both domains run through the stream."""
     prose, code = prose_documents(), code_documents(code_chars)
-    keyed = [((i + 0.5) / len(prose), d) for i, d in enumerate(prose)] + [((j + 0.5) / len(code), d) for j, d in enumerate(code)]
+    keyed = [((i + 0.5) / len(prose), d) for i, d in enumerate(prose)] + [
+        ((j + 0.5) / len(code), d) for j, d in enumerate(code)
+    ]
     return [d for _, d in sorted(keyed, key=lambda kd: kd[0])]
 
 
@@ -89,8 +111,11 @@ def _read_text(path: Path, max_binary: float = 0.3) -> str:
     if text:
         bad = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
         if bad > max_binary * len(text):
-            warnings.warn(f"--data: {path} does not look like text ({bad / len(text):.0%} of it is binary or "
-                          f"undecodable as UTF-8); training on it anyway", stacklevel=2)
+            warnings.warn(
+                f"--data: {path} does not look like text ({bad / len(text):.0%} of it is binary or "
+                f"undecodable as UTF-8); training on it anyway",
+                stacklevel=2,
+            )
     return text
 
 

@@ -2,10 +2,12 @@
 
 Shape legend: B batch, S sequence length, N tokens in a stream.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -55,8 +57,13 @@ def _stream(docs: list[Document], tok: Tokenizer, domains: list) -> tuple[Tensor
     return torch.cat(ids), torch.cat(dom)
 
 
-def build_data(data_path: Optional[str] = None, tokenizer: str = "bpe", vocab_size: int = 4096,
-               code_chars: int = 6_000_000, tok: Optional[Tokenizer] = None) -> TokenData:
+def build_data(
+    data_path: Optional[str] = None,
+    tokenizer: str = "bpe",
+    vocab_size: int = 4096,
+    code_chars: int = 6_000_000,
+    tok: Optional[Tokenizer] = None,
+) -> TokenData:
     """Load the corpus (embedded, or ``data_path``), split it, tokenize it."""
     docs = load_text_path(data_path) if data_path else embedded_corpus(code_chars)
     train, val = split_documents(docs)
@@ -67,7 +74,9 @@ def build_data(data_path: Optional[str] = None, tokenizer: str = "bpe", vocab_si
     return TokenData(tok, domains, tr_ids, tr_dom, va_ids, va_dom, data_path or "embedded")
 
 
-def random_batches(ids_N: Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+def random_batches(
+    ids_N: Tensor, seq_len: int, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless (inputs_BS, targets_BS) pairs from random windows of the stream."""
     n = ids_N.numel() - seq_len - 1
     if n <= 0:

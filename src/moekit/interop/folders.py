@@ -1,4 +1,5 @@
 """Hugging Face checkpoint folders on disk: telling one from a moekit run folder, and its tokenizer."""
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ Weight layouts (transformers 5): ``experts.gate_up_proj`` (E, 2F, D) holds [gate
 columns and ``w_down`` (E, F, D): one transpose of the last two dims each way. q/k/v projections
 are concatenated (q heads, then k, then v) into moekit's fused ``wqkv``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,18 @@ from ..layer.experts import stacked_ffn
 from ..models.lm import MoETransformer
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-_CAUSAL_LM = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-              "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
-_CONFIG = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
-           "olmoe": "OlmoeConfig"}
+_CAUSAL_LM = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+_CONFIG = {
+    "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "olmoe": "OlmoeConfig",
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -40,8 +49,10 @@ class WeightMismatchError(ValueError):
 
 
 def _unsupported(what: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{what}; moekit.interop supports model_type {', '.join(map(repr, SUPPORTED))} "
-                                 f"({', '.join(_CAUSAL_LM[f] for f in SUPPORTED)})")
+    return UnsupportedModelError(
+        f"{what}; moekit.interop supports model_type {', '.join(map(repr, SUPPORTED))} "
+        f"({', '.join(_CAUSAL_LM[f] for f in SUPPORTED)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -66,8 +77,9 @@ def _router_aux_loss_coef(c: dict, family: str) -> float:
         try:
             import transformers
         except ImportError as err:
-            raise _unsupported("config.json has no router_aux_loss_coef and transformers (for its default) is "
-                               "not installed") from err
+            raise _unsupported(
+                "config.json has no router_aux_loss_coef and transformers (for its default) is not installed"
+            ) from err
         coef = getattr(transformers, _CONFIG[family])().router_aux_loss_coef
     if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 or coef == float("inf"):
         raise ValueError(f"router_aux_loss_coef must be a finite number >= 0; got {coef!r}")
@@ -88,11 +100,15 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
     family = c.get("model_type")
     if family not in SUPPORTED:
         archs = c.get("architectures") or []
-        raise _unsupported(f"unsupported architecture model_type={family!r}" + (f" ({', '.join(archs)})" if archs else ""))
+        raise _unsupported(
+            f"unsupported architecture model_type={family!r}" + (f" ({', '.join(archs)})" if archs else "")
+        )
     D, H = c["hidden_size"], c["num_attention_heads"]
     head_dim = c.get("head_dim")
     if head_dim is not None and head_dim * H != D:
-        raise _unsupported(f"head_dim={head_dim} with num_attention_heads*head_dim != hidden_size ({H}*{head_dim} != {D})")
+        raise _unsupported(
+            f"head_dim={head_dim} with num_attention_heads*head_dim != hidden_size ({H}*{head_dim} != {D})"
+        )
     if c.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act={c.get('hidden_act')!r} (only 'silu', i.e. SwiGLU experts)")
     if c.get("sliding_window") and (family == "mixtral" or c.get("use_sliding_window")):
@@ -111,21 +127,40 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
     K = c["num_experts_per_tok"]
     moe = MoEConfig(
-        dim=D, hidden_dim=F_, num_experts=E, top_k=K, expert="swiglu", router="topk",
+        dim=D,
+        hidden_dim=F_,
+        num_experts=E,
+        top_k=K,
+        expert="swiglu",
+        router="topk",
         renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
-        router_dtype="same", z_loss_weight=0.0, router_jitter=0.0,
+        router_dtype="same",
+        z_loss_weight=0.0,
+        router_jitter=0.0,
         balance_loss_weight=_router_aux_loss_coef(c, family) * K if training_losses else 0.0,
-        sq_load_loss_weight=0.0, importance_loss_weight=0.0, load_loss_weight=0.0, entropy_loss_weight=0.0,
+        sq_load_loss_weight=0.0,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        entropy_loss_weight=0.0,
         num_shared_experts=1 if family == "qwen2_moe" else 0,
         shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
         shared_expert_gate=family == "qwen2_moe",
     )
     cfg = LMConfig(
-        vocab_size=c["vocab_size"], dim=D, n_layers=c["num_hidden_layers"], n_heads=H,
-        n_kv_heads=_get(c, "num_key_value_heads", H), max_seq_len=_get(c, "max_position_embeddings", 4096),
-        rope_theta=_rope_theta(c), norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
-        ffn_hidden_dim=_get(c, "intermediate_size", F_), ffn_kind="swiglu", moe=moe, moe_every=every,
-        first_dense_layers=first_dense, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        vocab_size=c["vocab_size"],
+        dim=D,
+        n_layers=c["num_hidden_layers"],
+        n_heads=H,
+        n_kv_heads=_get(c, "num_key_value_heads", H),
+        max_seq_len=_get(c, "max_position_embeddings", 4096),
+        rope_theta=_rope_theta(c),
+        norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
+        ffn_hidden_dim=_get(c, "intermediate_size", F_),
+        ffn_kind="swiglu",
+        moe=moe,
+        moe_every=every,
+        first_dense_layers=first_dense,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
         attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
         balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
@@ -157,39 +192,78 @@ def config_to_hf(cfg: LMConfig, family: str):
         problems.append("renormalize=False (Mixtral always renormalises the top-k weights)")
     want_shared = family == "qwen2_moe"
     if want_shared != bool(m.num_shared_experts) or (want_shared and not m.shared_expert_gate):
-        problems.append(f"shared experts ({m.num_shared_experts}, gate={m.shared_expert_gate}) "
-                        + ("(Qwen2-MoE needs one gated shared expert)" if want_shared else f"({family} has none)"))
+        problems.append(
+            f"shared experts ({m.num_shared_experts}, gate={m.shared_expert_gate}) "
+            + ("(Qwen2-MoE needs one gated shared expert)" if want_shared else f"({family} has none)")
+        )
     want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
     if cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
     if cfg.attn_bias and family != "qwen2_moe":
         problems.append(f"attn_bias=True ({family} has no q/k/v bias)")
     if family in ("mixtral", "olmoe") and (cfg.moe_every != 1 or cfg.first_dense_layers != 0):
-        problems.append(f"dense layers (moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers}): {family} has MoE in every layer")
-    if family in ("qwen2_moe", "qwen3_moe") and (cfg.moe_every > 1 or cfg.first_dense_layers) and cfg.first_dense_layers != cfg.moe_every - 1:
-        problems.append(f"layer placement moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers} "
-                        "(Qwen's decoder_sparse_step needs first_dense_layers == moe_every - 1)")
+        problems.append(
+            f"dense layers (moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers}): {family} has "
+            "MoE in every layer"
+        )
+    if (
+        family in ("qwen2_moe", "qwen3_moe")
+        and (cfg.moe_every > 1 or cfg.first_dense_layers)
+        and cfg.first_dense_layers != cfg.moe_every - 1
+    ):
+        problems.append(
+            f"layer placement moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers} "
+            "(Qwen's decoder_sparse_step needs first_dense_layers == moe_every - 1)"
+        )
     if problems:
         raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
-                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=m.top_k,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        tie_word_embeddings=cfg.tie_embeddings,
+        num_experts_per_tok=m.top_k,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
     extra: dict[str, Any]
     if family == "mixtral":
-        extra = dict(num_local_experts=m.num_experts, intermediate_size=m.hidden_dim, router_jitter_noise=0.0,
-                     router_aux_loss_coef=0.0, sliding_window=None)
+        extra = dict(
+            num_local_experts=m.num_experts,
+            intermediate_size=m.hidden_dim,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.0,
+            sliding_window=None,
+        )
     elif family == "olmoe":
-        extra = dict(num_experts=m.num_experts, intermediate_size=m.hidden_dim, norm_topk_prob=m.renormalize,
-                     router_aux_loss_coef=0.0, clip_qkv=None, attention_bias=False)
+        extra = dict(
+            num_experts=m.num_experts,
+            intermediate_size=m.hidden_dim,
+            norm_topk_prob=m.renormalize,
+            router_aux_loss_coef=0.0,
+            clip_qkv=None,
+            attention_bias=False,
+        )
     else:
-        extra = dict(num_experts=m.num_experts, moe_intermediate_size=m.hidden_dim, norm_topk_prob=m.renormalize,
-                     intermediate_size=cfg.ffn_hidden_dim, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
-                     router_aux_loss_coef=0.0, use_sliding_window=False)
+        extra = dict(
+            num_experts=m.num_experts,
+            moe_intermediate_size=m.hidden_dim,
+            norm_topk_prob=m.renormalize,
+            intermediate_size=cfg.ffn_hidden_dim,
+            decoder_sparse_step=cfg.moe_every,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.0,
+            use_sliding_window=False,
+        )
         if family == "qwen2_moe":
-            extra.update(shared_expert_intermediate_size=m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim),
-                         qkv_bias=cfg.attn_bias)
+            extra.update(
+                shared_expert_intermediate_size=m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim),
+                qkv_bias=cfg.attn_bias,
+            )
         else:
             extra.update(head_dim=cfg.dim // cfg.n_heads, attention_bias=False)
     return getattr(transformers, _CONFIG[family])(**common, **extra)
@@ -230,8 +304,9 @@ def _fuse_experts(sd: dict, cfg: LMConfig, family: str) -> dict:
                 key = pre + f"{e}.{n}.weight"
                 if tuple(sd[key].shape) != want:
                     raise WeightMismatchError(f"tensor {key!r}: expected shape {want}, got {tuple(sd[key].shape)}")
-        sd[dst + "gate_up_proj"] = torch.stack([torch.cat([sd[pre + f"{e}.{g}.weight"], sd[pre + f"{e}.{u}.weight"]], 0)
-                                                for e in range(E)])
+        sd[dst + "gate_up_proj"] = torch.stack(
+            [torch.cat([sd[pre + f"{e}.{g}.weight"], sd[pre + f"{e}.{u}.weight"]], 0) for e in range(E)]
+        )
         sd[dst + "down_proj"] = torch.stack([sd[pre + f"{e}.{d}.weight"] for e in range(E)])
         for n in names:
             del sd[n]
@@ -257,8 +332,10 @@ def _split_experts(sd: dict, family: str) -> dict:
         else:
             out[k] = v
     if family == "mixtral":
-        out = {k.replace(".mlp.", ".block_sparse_moe.") if ".mlp.gate." in k or ".mlp.experts." in k else k: v
-               for k, v in out.items()}
+        out = {
+            k.replace(".mlp.", ".block_sparse_moe.") if ".mlp.gate." in k or ".mlp.experts." in k else k: v
+            for k, v in out.items()
+        }
     return out
 
 
@@ -299,7 +376,9 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
             out[q + "ffn.experts.w_down"] = take(m + "experts.down_proj").transpose(1, 2)
             if cfg.moe.num_shared_experts:
                 s = m + "shared_expert."
-                out[q + "ffn.shared.w_up"] = torch.cat([take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1)
+                out[q + "ffn.shared.w_up"] = torch.cat(
+                    [take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1
+                )
                 out[q + "ffn.shared.w_down"] = take(s + "down_proj.weight").t()
                 if cfg.moe.shared_expert_gate:
                     out[q + "ffn.shared_gate.weight"] = take(m + "shared_expert_gate.weight")
@@ -308,8 +387,10 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
             out[q + "ffn.w_down"] = take(m + "down_proj.weight").t()
     extra = sorted(k for k in set(sd) - used if not k.endswith(("rotary_emb.inv_freq",)))
     if extra:
-        raise WeightMismatchError(f"unexpected tensor(s) in the transformers checkpoint: {', '.join(extra[:8])}"
-                                  + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        raise WeightMismatchError(
+            f"unexpected tensor(s) in the transformers checkpoint: {', '.join(extra[:8])}"
+            + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+        )
     return out
 
 
@@ -482,8 +563,9 @@ class SharedWeightExperts(nn.Module):
         elif isinstance(getattr(hf_experts, "act_fn", None), nn.Module):
             self.act = _GatedActivation(hf_experts.act_fn)
         else:
-            raise _unsupported(f"hidden_act={hidden_act!r} with an experts module without act_fn "
-                               f"({type(hf_experts).__name__})")
+            raise _unsupported(
+                f"hidden_act={hidden_act!r} with an experts module without act_fn ({type(hf_experts).__name__})"
+            )
         self.num_experts = hf_experts.gate_up_proj.shape[0]
 
     @property
@@ -557,23 +639,33 @@ class AcceleratedMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         impl = self.experts_implementation()
-        if impl != self.accelerated_implementation or self._handed_back_to is not None:  # handed back until accelerate()
+        if (
+            impl != self.accelerated_implementation or self._handed_back_to is not None
+        ):  # handed back until accelerate()
             if impl != self._handed_back_to:
-                warnings.warn(f"moekit.interop.accelerate: the experts implementation was set to {impl!r} after "
-                              f"accelerate() (was {self.accelerated_implementation!r}); the MoE blocks run transformers' "
-                              f"{impl!r} path again. Call accelerate(model) to return to moekit's.", UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"moekit.interop.accelerate: the experts implementation was set to {impl!r} after "
+                    f"accelerate() (was {self.accelerated_implementation!r}); the MoE blocks run transformers' "
+                    f"{impl!r} path again. Call accelerate(model) to return to moekit's.",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 self._handed_back_to = impl
             self.original.train(self.training)
             return self.original(hidden_states)
         shape = hidden_states.shape
         if self.training and self.jitter_noise > 0:  # as Mixtral: the jittered input feeds router and experts
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
         x_TD = hidden_states.reshape(-1, shape[-1])
         # transformers' own router module (softmax, top-k, norm_topk_prob): calling it keeps the hooks
         # that collect router logits for output_router_logits / the load-balancing loss
         _, weights_TK, experts_TK = self.gate(x_TD)
         plan = plan_dispatch(experts_TK, self.num_experts)
-        y_RD = self.moe_experts(dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD)))
+        y_RD = self.moe_experts(
+            dispatch(x_TD, plan), plan.counts_E, resolve_backend(self.backend, x_TD.device, compute_dtype(x_TD))
+        )
         out_TD = _sum_as_transformers(undispatch(y_RD, plan), weights_TK, experts_TK, x_TD.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
@@ -594,8 +686,10 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
         raise _unsupported(f"cannot accelerate model_type={family!r} ({type(hf_model).__name__})")
     hidden_act = getattr(config, "hidden_act", "silu")
     if backend == "triton" and hidden_act not in _NATIVE_GATED:
-        raise ValueError(f"backend='triton' fuses the activations {', '.join(map(repr, _NATIVE_GATED))}; this model has "
-                         f"hidden_act={hidden_act!r}: use backend='grouped' (or 'auto')")
+        raise ValueError(
+            f"backend='triton' fuses the activations {', '.join(map(repr, _NATIVE_GATED))}; this model has "
+            f"hidden_act={hidden_act!r}: use backend='grouped' (or 'auto')"
+        )
     replaced = 0
     for module in list(hf_model.modules()):
         for name, child in list(module.named_children()):
@@ -608,5 +702,7 @@ def accelerate(hf_model: nn.Module, backend: str = "auto") -> nn.Module:
                 setattr(module, name, AcceleratedMoEBlock(child, backend, hidden_act))
                 replaced += 1
     if replaced == 0 and not any(isinstance(m, AcceleratedMoEBlock) for m in hf_model.modules()):
-        raise WeightMismatchError(f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}")
+        raise WeightMismatchError(
+            f"no sparse MoE block (with gate and experts.gate_up_proj) found in {type(hf_model).__name__}"
+        )
     return hf_model

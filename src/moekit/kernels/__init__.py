@@ -11,10 +11,12 @@ output (R, H) to the down projection's input (R, F): the torch backends take a c
 Triton kernels an activation name (the registry in :mod:`.activations`); :func:`expert_ffn`
 takes either name or callable and hands each backend what it needs.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -23,7 +25,16 @@ from .activations import Act, activation_fn
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
-__all__ = ["expert_ffn", "register_backend", "resolve_backend", "loop_ffn", "grouped_ffn", "grouped_mm_supported", "triton_available", "compute_dtype"]
+__all__ = [
+    "expert_ffn",
+    "register_backend",
+    "resolve_backend",
+    "loop_ffn",
+    "grouped_ffn",
+    "grouped_mm_supported",
+    "triton_available",
+    "compute_dtype",
+]
 
 
 def _interpreting() -> bool:
@@ -83,6 +94,7 @@ def register_backend(name: str, ffn: Backend) -> None:
 def _with_torch_activation(ffn: Callable) -> Backend:
     def run(x_RD, counts_E, w_up_EDH, w_down_EFD, act):
         return ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, activation_fn(act))
+
     return run
 
 
@@ -97,8 +109,9 @@ register_backend("grouped", _with_torch_activation(grouped_ffn))
 register_backend("triton", _triton_ffn)
 
 
-def expert_ffn(x_RD: torch.Tensor, counts_E: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor, act: Act,
-               backend: str) -> torch.Tensor:
+def expert_ffn(
+    x_RD: torch.Tensor, counts_E: torch.Tensor, w_up_EDH: torch.Tensor, w_down_EFD: torch.Tensor, act: Act, backend: str
+) -> torch.Tensor:
     """Run the stacked expert FFNs with the named concrete backend. ``act``: an activation name
     (:data:`.activations.ACTIVATIONS`), or any callable for the torch backends."""
     ffn = _BACKENDS.get(backend)

@@ -5,10 +5,12 @@ Gated kinds split the columns ``[gate | up]`` (H = 2F) and compute ``f(gate) * u
 compute ``f(pre)`` (H = F). ``kernel_code`` names the elementwise ``f`` for the Triton epilogues
 (:mod:`moekit.kernels.triton.activations`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch.nn.functional as F
 from torch import Tensor

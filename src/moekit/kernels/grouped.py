@@ -10,9 +10,10 @@ shape function and backward, so ``torch.compile(fullgraph=True)`` captures it in
 pointer; an incoming gradient need not be one (``y.sum()``'s gradient is an expanded tensor with
 zero strides). Such operands are copied to a fresh contiguous tensor, and only those.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,9 @@ def _gmm(a_RD: Tensor, b_EDN: Tensor, offs_E: Tensor) -> Tensor:
     return _grouped_mm_op(a_RD, b_EDN, offs_E)
 
 
-def grouped_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+def grouped_ffn(
+    x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]
+) -> Tensor:
     """Both projections as grouped GEMMs; rows past ``sum(counts_E)`` hold unspecified values."""
     if not grouped_mm_supported(x_RD, w_up_EDH, w_down_EFD):
         return loop_ffn(x_RD, counts_E, w_up_EDH, w_down_EFD, act)

@@ -4,6 +4,7 @@ combine (:mod:`moekit.layer.dispatch`) and the kernels that fuse them (:mod:`moe
 Shape legend: T tokens, E experts, K slots per token, S = T*K slots, R rows handed to the experts
 (R = S, or E*C under a capacity C).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ def slot_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
     return counts[:num_experts]
 
 
-def plan_dispatch(experts_TK: Tensor, num_experts: int, *, max_rows: Optional[int] = None, has_empty: bool = False) -> DispatchPlan:
+def plan_dispatch(
+    experts_TK: Tensor, num_experts: int, *, max_rows: Optional[int] = None, has_empty: bool = False
+) -> DispatchPlan:
     """Sort the slots by expert. ``max_rows`` is a static bound on the non-empty slots (E*C under
     a capacity): only that many rows are handed to the experts."""
     T, K = experts_TK.shape

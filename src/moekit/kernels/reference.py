@@ -1,7 +1,8 @@
 """The plain per-expert loop: the reference every faster backend is tested against."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ def per_expert(x_RD: Tensor, counts_E: Tensor, fn: Callable[[int, Tensor], Tenso
     return torch.cat(outs)
 
 
-def loop_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+def loop_ffn(
+    x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Callable[[Tensor], Tensor]
+) -> Tensor:
     """One matmul pair per expert over its contiguous rows."""
     return per_expert(x_RD, counts_E, lambda e, rows: act(rows @ w_up_EDH[e]) @ w_down_EFD[e], w_down_EFD.shape[-1])

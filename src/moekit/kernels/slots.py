@@ -16,9 +16,11 @@ Three forms with one contract, ``out_TD = sum_k weights_TK[t, k] * ffn_{experts_
 Forward only: the layer takes this path when autograd is off. Shape legend: T tokens, K slots per
 token, D model width, H up-projection width (2F when gated), F expert width, E experts.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,8 +33,15 @@ SMALL_SLOTS = 64  # at most this many routed slots per call take this path (meas
 ALL_EXPERTS_BYTES_PER_TOKEN = 3 * 2**20
 
 
-def slot_ffn(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
-             act: Callable[[Tensor], Tensor], into_TD: Optional[Tensor] = None) -> Tensor:
+def slot_ffn(
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    w_up_EDH: Tensor,
+    w_down_EFD: Tensor,
+    act: Callable[[Tensor], Tensor],
+    into_TD: Optional[Tensor] = None,
+) -> Tensor:
     """The routed experts' output for a few tokens, reading only the chosen experts' weights,
     added to ``into_TD`` (in place, when given: e.g. the shared experts' output)."""
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -41,7 +50,9 @@ def slot_ffn(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, w_up_EDH: Ten
         if x_TD.shape[0] > 1 and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN:
             return out_TD.add_(_all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act))
         return _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD)
-    form = _reduce_form if x_TD.device.type == "cpu" else _gathered_bmm  # compiled, the fused reduce wins at T = 1..8 too
+    form = (
+        _reduce_form if x_TD.device.type == "cpu" else _gathered_bmm
+    )  # compiled, the fused reduce wins at T = 1..8 too
     y_TD = form(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act)
     return y_TD if into_TD is None else into_TD + y_TD
 

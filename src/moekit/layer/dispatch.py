@@ -13,6 +13,7 @@ ranks holding their experts and back; the experts see the same ``(x_RD, counts_E
 Shape legend: T tokens, D model width, E experts, K slots per token, S = T*K slots,
 R rows handed to the experts (R = S, or E*C under a capacity C).
 """
+
 from __future__ import annotations
 
 import math
@@ -94,7 +95,9 @@ def apply_capacity(
     if overflow == "reroute":
         if probs_TE is None:
             raise ValueError("overflow='reroute' needs the router's probs_TE")
-        new_experts_S, new_weights_S = _reroute(experts_TK, weights_TK, new_experts_S, new_weights_S, probs_TE, capacity, prio_S)
+        new_experts_S, new_weights_S = _reroute(
+            experts_TK, weights_TK, new_experts_S, new_weights_S, probs_TE, capacity, prio_S
+        )
     return new_experts_S.view(T, K), new_weights_S.view(T, K)
 
 

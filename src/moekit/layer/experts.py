@@ -4,10 +4,12 @@ generalise (used for shared experts, dense baselines and sparse upcycling).
 Shape legend: R rows (routed slots in expert order), D model width, F expert width,
 H up-projection width (2F for gated units, else F), E experts.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +30,14 @@ def _init_uniform_(w: Tensor, fan_in: int) -> Tensor:
     return nn.init.uniform_(w, -bound, bound)
 
 
-def stacked_ffn(x_RD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor,
-                act: Union[str, Callable[[Tensor], Tensor]], backend: str) -> Tensor:
+def stacked_ffn(
+    x_RD: Tensor,
+    counts_E: Tensor,
+    w_up_EDH: Tensor,
+    w_down_EFD: Tensor,
+    act: Union[str, Callable[[Tensor], Tensor]],
+    backend: str,
+) -> Tensor:
     """Stacked expert FFNs ``act(x @ w_up[e]) @ w_down[e]`` on rows in expert order (``act``: an
     activation name of :mod:`moekit.kernels.activations`, or any callable for the torch backends), by the named
     concrete backend, with the weights in the rows' dtype (under autocast the rows arrive in bf16).
@@ -90,7 +98,9 @@ class GroupedExperts(nn.Module):
             return w_up, w_down
         return w_up.to(x.dtype), w_down.to(x.dtype)
 
-    def few_slots(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None) -> Tensor:
+    def few_slots(
+        self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
+    ) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, reading only the chosen
         experts' weights (the decode path, :mod:`moekit.kernels.slots`; forward only, so
         ``into_TD``, e.g. the shared experts' output, may be updated in place)."""
@@ -112,8 +122,9 @@ class GroupedExperts(nn.Module):
         w_up, w_down = self._weights_like(x_TD)
         T, K = plan.num_tokens, plan.top_k
         scale_R = weights_TK.reshape(-1)[plan.order_R].to(x_TD.dtype)
-        y_SD = triton_moe_ffn(x_TD, plan.counts_E, w_up, w_down, self.kind, scale_R=scale_R,
-                              out_idx_R=plan.order_R, top_k=K)
+        y_SD = triton_moe_ffn(
+            x_TD, plan.counts_E, w_up, w_down, self.kind, scale_R=scale_R, out_idx_R=plan.order_R, top_k=K
+        )
         return y_SD.view(T, K, -1).sum(1)
 
     def expert(self, e: int) -> FeedForward:
@@ -133,7 +144,7 @@ class GroupedExperts(nn.Module):
                 w += noise * w.std() * torch.randn_like(w)
             p[dst] = w
 
-    def resized(self, num_experts: int) -> "GroupedExperts":
+    def resized(self, num_experts: int) -> GroupedExperts:
         """A new module with ``num_experts`` experts: the current ones first, fresh ones after."""
         new = GroupedExperts(num_experts, self.dim, self.hidden_dim, self.kind).to(self.w_up.device, self.w_up.dtype)
         n = min(num_experts, self.num_experts)
@@ -162,18 +173,29 @@ class ModuleListExperts(nn.Module):
     def _probe(self) -> None:
         for i, m in enumerate(self.experts):
             p = next(iter(m.parameters()), None)
-            x = torch.zeros(2, self.dim, device=p.device if p is not None else None, dtype=p.dtype if p is not None and p.is_floating_point() else None)
+            x = torch.zeros(
+                2,
+                self.dim,
+                device=p.device if p is not None else None,
+                dtype=p.dtype if p is not None and p.is_floating_point() else None,
+            )
             was_training = m.training
             m.eval()
             try:
                 y = m(x)
             except Exception as err:  # noqa: BLE001 - the module's own error is kept as the cause
-                raise ValueError(f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); calling it on (2, {self.dim}) failed: {err}") from err
+                raise ValueError(
+                    f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); calling it "
+                    f"on (2, {self.dim}) failed: {err}"
+                ) from err
             finally:
                 m.train(was_training)
             if not isinstance(y, Tensor) or tuple(y.shape) != (2, self.dim):
                 got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                raise ValueError(f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); got output {got} for input (2, {self.dim})")
+                raise ValueError(
+                    f"experts[{i}] ({type(m).__name__}) must map (N, dim={self.dim}) to (N, {self.dim}); got output "
+                    f"{got} for input (2, {self.dim})"
+                )
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "loop") -> Tensor:
         return per_expert(x_RD, counts_E, lambda e, rows: self.experts[e](rows), self.dim)

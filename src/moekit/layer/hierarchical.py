@@ -26,6 +26,7 @@ Auxiliary losses at both levels, returned unweighted in ``losses`` and weighted 
 Shape legend: T tokens, D model width, G groups, Eg experts per group, E = G*Eg experts,
 Kg groups per token, Ke experts per chosen group, K = Kg*Ke slots per token.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -70,8 +71,9 @@ class HierarchicalMoE(nn.Module):
         loss = task_loss(res.out) + res.aux_loss
     """
 
-    def __init__(self, *args, cfg: HierarchicalMoEConfig | None = None, experts: Sequence[nn.Module] | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, cfg: HierarchicalMoEConfig | None = None, experts: Sequence[nn.Module] | None = None, **kwargs
+    ):
         super().__init__()
         self.cfg = cfg = config_from_args(HierarchicalMoEConfig, cfg, args, kwargs)
         self.dim, self.num_groups, self.experts_per_group = cfg.dim, cfg.num_groups, cfg.experts_per_group
@@ -80,7 +82,9 @@ class HierarchicalMoE(nn.Module):
         self.backend, self.renormalize = cfg.backend, cfg.renormalize
         E = cfg.num_groups * cfg.experts_per_group
         self.primary = nn.Linear(cfg.dim, cfg.num_groups, bias=False)
-        self.group_gates = nn.ModuleList([nn.Linear(cfg.dim, cfg.experts_per_group, bias=False) for _ in range(cfg.num_groups)])
+        self.group_gates = nn.ModuleList(
+            [nn.Linear(cfg.dim, cfg.experts_per_group, bias=False) for _ in range(cfg.num_groups)]
+        )
         if experts is not None:
             if len(experts) != E:
                 raise ValueError(f"got {len(experts)} experts but num_groups * experts_per_group is {E}")
@@ -119,7 +123,11 @@ class HierarchicalMoE(nn.Module):
         experts_TK = experts_TKgKe.view(T, Kg * Ke)
         weights_TK = weights_TKgKe.view(T, Kg * Ke)
         plan = plan_dispatch(experts_TK, E)
-        backend = resolve_backend(self.backend, x.device, compute_dtype(x)) if isinstance(self.experts, GroupedExperts) else "loop"
+        backend = (
+            resolve_backend(self.backend, x.device, compute_dtype(x))
+            if isinstance(self.experts, GroupedExperts)
+            else "loop"
+        )
         y_RD = self.experts(dispatch(x_TD, plan), plan.counts_E, backend)
         out_TD = combine(y_RD, plan, weights_TK)
 
@@ -130,8 +138,9 @@ class HierarchicalMoE(nn.Module):
             "expert_importance": L.cv_squared(importance_E) if T else zero,
             "expert_balance": torch.stack(balances).mean() if balances else zero,
         }
-        aux = (self.importance_loss_weight * (losses["group_importance"] + losses["expert_importance"])
-               + self.balance_loss_weight * (losses["group_balance"] + losses["expert_balance"]))
+        aux = self.importance_loss_weight * (
+            losses["group_importance"] + losses["expert_importance"]
+        ) + self.balance_loss_weight * (losses["group_balance"] + losses["expert_balance"])
         with torch.no_grad():
             stats = {
                 "tokens_per_expert": plan.counts_E.detach(),
@@ -141,8 +150,10 @@ class HierarchicalMoE(nn.Module):
         return MoEOutput(out_TD.reshape(*lead, self.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, groups={self.num_groups}, experts_per_group={self.experts_per_group}, "
-                f"top_k_groups={self.top_k_groups}, top_k_experts={self.top_k_experts}")
+        return (
+            f"dim={self.dim}, groups={self.num_groups}, experts_per_group={self.experts_per_group}, "
+            f"top_k_groups={self.top_k_groups}, top_k_experts={self.top_k_experts}"
+        )
 
 
 __all__ = ["HierarchicalMoE"]

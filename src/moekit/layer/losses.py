@@ -5,13 +5,13 @@ All losses are unweighted scalars; the layer multiplies each by its configured w
 a function of sums over tokens (``*_from_stats``, ``*_per_token``, ``importance_E``), so that under
 expert/data parallelism the layer all-reduces the sums and gets the loss of the global batch.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from ..kernels.plan import slot_counts
-
 
 # every auxiliary loss the layer returns in ``losses`` -> the MoEConfig field weighting it in ``aux_loss``
 LOSS_WEIGHTS = {

@@ -8,13 +8,15 @@ just the tensor and keeps them on the layer until :func:`aux_loss` collects them
 Shape legend: T tokens (all leading dims flattened), D model width, E routed experts,
 K slots per token, R rows handed to the experts.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from types import FrameType
-from typing import Optional, Sequence, Union, cast
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +26,11 @@ from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from . import surgery
 from .dispatch import apply_capacity, expert_capacity
+from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .losses import LOSS_WEIGHTS
 from .paths import choose_path
-from .scope import LOCAL_SCOPE, LocalScope
-from .experts import FeedForward, GroupedExperts, ModuleListExperts
 from .router import Routing, SigmoidRouter, build_router
-
+from .scope import LOCAL_SCOPE, LocalScope
 
 
 class MoEOutput:
@@ -42,9 +43,17 @@ class MoEOutput:
 
     __slots__ = ("out", "experts_TK", "weights_TK", "_aux_loss", "_losses", "_stats", "_pending")
 
-    def __init__(self, out: Tensor, aux_loss: Optional[Tensor] = None, losses: Optional[dict] = None,
-                 stats: Optional[dict] = None, experts_TK: Optional[Tensor] = None, weights_TK: Optional[Tensor] = None,
-                 *, pending=None):
+    def __init__(
+        self,
+        out: Tensor,
+        aux_loss: Optional[Tensor] = None,
+        losses: Optional[dict] = None,
+        stats: Optional[dict] = None,
+        experts_TK: Optional[Tensor] = None,
+        weights_TK: Optional[Tensor] = None,
+        *,
+        pending=None,
+    ):
         self.out = out  # (..., D)
         self.experts_TK = experts_TK  # the slots' experts after capacity (E = empty), for analysis
         self.weights_TK = weights_TK  # their combine weights
@@ -80,7 +89,9 @@ class MoEOutput:
 
 
 _UNSET = object()
-_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(cast(str, m.__file__))) + os.sep for m in (sys.modules["moekit"], torch))
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(cast(str, m.__file__))) + os.sep for m in (sys.modules["moekit"], torch)
+)
 
 
 def _user_stacklevel() -> int:
@@ -126,8 +137,12 @@ class MoE(nn.Module):
         self.router = build_router(cfg)
         why = self.router.constant_weight(cfg.top_k)
         if why is not None and cfg.num_experts > 1:  # one expert: nothing to route, nothing to learn
-            warnings.warn(f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
-                          f"from the auxiliary losses: {why}", UserWarning, stacklevel=_user_stacklevel())
+            warnings.warn(
+                f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
+                f"from the auxiliary losses: {why}",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
         self.shared: Optional[FeedForward] = None
         self.shared_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts:
@@ -156,8 +171,9 @@ class MoE(nn.Module):
         return self.cfg.num_experts
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, *, top_k: Optional[int] = None, token_ids: Optional[Tensor] = None,
-                capacity_factor=_UNSET) -> MoEOutput:
+    def forward(
+        self, x: Tensor, *, top_k: Optional[int] = None, token_ids: Optional[Tensor] = None, capacity_factor=_UNSET
+    ) -> MoEOutput:
         """Route, compute and combine.
 
         Args:
@@ -178,10 +194,25 @@ class MoE(nn.Module):
         routing = self.router(x_TD, k, token_ids, scope=self.scope)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)
         backend = self._backend(x_TD)
-        path = choose_path(self.experts, backend, local=not self.scope.spans_ranks, capacity_limited=max_rows is not None,
-                           grad=torch.is_grad_enabled(), num_slots=experts_TK.numel())
-        out_TD, kept_E = path(self.experts, x_TD, experts_TK, weights_TK, self._shared(x_TD), num_experts=self.cfg.num_experts,
-                              max_rows=max_rows, has_empty=routing.has_empty or max_rows is not None, backend=backend)
+        path = choose_path(
+            self.experts,
+            backend,
+            local=not self.scope.spans_ranks,
+            capacity_limited=max_rows is not None,
+            grad=torch.is_grad_enabled(),
+            num_slots=experts_TK.numel(),
+        )
+        out_TD, kept_E = path(
+            self.experts,
+            x_TD,
+            experts_TK,
+            weights_TK,
+            self._shared(x_TD),
+            num_experts=self.cfg.num_experts,
+            max_rows=max_rows,
+            has_empty=routing.has_empty or max_rows is not None,
+            backend=backend,
+        )
         out = out_TD.reshape(*lead, self.cfg.dim).to(x.dtype)
         return self._output(out, routing, experts_TK, weights_TK, kept_E)
 
@@ -190,8 +221,9 @@ class MoE(nn.Module):
             return "loop"
         return resolve_backend(self.cfg.backend, x_TD.device, compute_dtype(x_TD))
 
-    def _output(self, out: Tensor, routing: Routing, experts_TK: Tensor, weights_TK: Tensor,
-                kept_E: Optional[Tensor]) -> MoEOutput:
+    def _output(
+        self, out: Tensor, routing: Routing, experts_TK: Tensor, weights_TK: Tensor, kept_E: Optional[Tensor]
+    ) -> MoEOutput:
         """The output with its losses and stats: computed now in training or across ranks (usage
         bookkeeping and collectives happen in the call), else deferred until read."""
         cfg, training = self.cfg, self.training
@@ -242,11 +274,21 @@ class MoE(nn.Module):
         experts_TK, start = g.gather_rows(r.experts_TK)
         weights_TK, _ = g.gather_rows(r.weights_TK)
         probs_TE = g.gather_rows(r.probs_TE)[0] if self.cfg.overflow == "reroute" else None
-        scores_TK = g.gather_rows(r.priority_scores_TK.detach())[0] if by_score else None  # router scores, not renormalised weights
+        scores_TK = (
+            g.gather_rows(r.priority_scores_TK.detach())[0] if by_score else None
+        )  # router scores, not renormalised weights
         K = experts_TK.shape[1]
         C = expert_capacity(experts_TK.shape[0], K, E - self.router.num_disabled, factor, self.cfg.min_capacity)
-        experts_TK, weights_TK = apply_capacity(experts_TK, weights_TK, C, E, probs_TE=probs_TE, overflow=self.cfg.overflow,
-                                                priority=self.cfg.capacity_priority, scores_TK=scores_TK)
+        experts_TK, weights_TK = apply_capacity(
+            experts_TK,
+            weights_TK,
+            C,
+            E,
+            probs_TE=probs_TE,
+            overflow=self.cfg.overflow,
+            priority=self.cfg.capacity_priority,
+            scores_TK=scores_TK,
+        )
         return experts_TK[start : start + T], weights_TK[start : start + T], E * C
 
     def _empty_output(self, x: Tensor, lead) -> MoEOutput:
@@ -254,8 +296,12 @@ class MoE(nn.Module):
         E = self.cfg.num_experts
         zero = x.new_zeros((), dtype=torch.float32)
         names = L.loss_names(self.router.learned, smooth_load=self.cfg.router == "noisy_topk")
-        stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device), "dropped_fraction": zero,
-                 "router_entropy": zero, "expert_usage": self.expert_usage.clone()}
+        stats = {
+            "tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=x.device),
+            "dropped_fraction": zero,
+            "router_entropy": zero,
+            "expert_usage": self.expert_usage.clone(),
+        }
         return MoEOutput(x * 0, zero, {n: zero for n in names}, stats)  # x * 0 keeps x's graph for backward
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
@@ -283,8 +329,10 @@ class MoE(nn.Module):
 
     def _capacity_factor(self, override) -> Optional[float]:
         if override is not _UNSET and self.cfg.router == "expert_choice":
-            raise ValueError("capacity_factor cannot be overridden per call for router 'expert_choice': its capacity "
-                             "comes from cfg.capacity_factor, or from top_k when that is None (pass top_k=...)")
+            raise ValueError(
+                "capacity_factor cannot be overridden per call for router 'expert_choice': its capacity "
+                "comes from cfg.capacity_factor, or from top_k when that is None (pass top_k=...)"
+            )
         if override is not _UNSET:
             check_positive("capacity_factor", override, allow_none=True)
             return override
@@ -297,24 +345,32 @@ class MoE(nn.Module):
         the sums are all-reduced first, so both describe the global batch on every rank."""
         E, g = self.cfg.num_experts, self.scope
         wide = torch.promote_types(r.probs_TE.dtype, torch.float32)
-        sums = {"probs": r.probs_TE.to(wide).sum(0), "importance": L.importance_E(r.experts_TK, r.weights_TK, E).to(wide),
-                "entropy": L.entropy_per_token(r.probs_TE).sum().reshape(1).to(wide)}
+        sums = {
+            "probs": r.probs_TE.to(wide).sum(0),
+            "importance": L.importance_E(r.experts_TK, r.weights_TK, E).to(wide),
+            "entropy": L.entropy_per_token(r.probs_TE).sum().reshape(1).to(wide),
+        }
         if self.router.learned:
             sums["z"] = L.z_per_token(r.logits_TE).sum().reshape(1).to(wide)
         if r.load_E is not None:
             sums["load"] = r.load_E.to(wide)
-        counts = {"routed": L.slot_counts(r.experts_TK, E), "kept": kept_E,
-                  "tokens": torch.full((1,), r.experts_TK.shape[0], dtype=torch.int64, device=kept_E.device)}
+        counts = {
+            "routed": L.slot_counts(r.experts_TK, E),
+            "kept": kept_E,
+            "tokens": torch.full((1,), r.experts_TK.shape[0], dtype=torch.int64, device=kept_E.device),
+        }
         sums, counts = g.all_sum_dict(sums), g.all_sum_dict(counts)
         T = counts["tokens"].to(wide)[0].clamp_min(1)  # 0 only when every rank's batch is empty
         mean_probs_E = sums["probs"] / T
         losses = dict(r.losses)
-        losses.update({
-            "balance": L.balance_from_stats(counts["routed"], mean_probs_E),
-            "sq_load": L.sq_load_from_stats(mean_probs_E),
-            "importance": L.cv_squared(sums["importance"]),
-            "entropy": sums["entropy"][0] / T,
-        })
+        losses.update(
+            {
+                "balance": L.balance_from_stats(counts["routed"], mean_probs_E),
+                "sq_load": L.sq_load_from_stats(mean_probs_E),
+                "importance": L.cv_squared(sums["importance"]),
+                "entropy": sums["entropy"][0] / T,
+            }
+        )
         if "z" in sums:
             losses["z"] = sums["z"][0] / T
         if "load" in sums:
@@ -356,7 +412,9 @@ class MoE(nn.Module):
         """Aux-loss-free balancing (DeepSeek-V3): move the sigmoid router's selection bias from the
         load seen since the last call. A no-op for other routers. Call once per optimizer step."""
         if isinstance(self.router, SigmoidRouter) and self.cfg.bias_update_rate > 0:
-            self.router.load_E.copy_(self.scope.world_sum(self.router.load_E))  # every rank moves its replicated bias alike
+            self.router.load_E.copy_(
+                self.scope.world_sum(self.router.load_E)
+            )  # every rank moves its replicated bias alike
             self.router.update_bias()
 
     # ------------------------------------------------------------------ expert surgery (moekit.layer.surgery)
@@ -372,18 +430,21 @@ class MoE(nn.Module):
         """Re-initialise dead experts: see :func:`moekit.layer.surgery.revive_dead_experts`."""
         return surgery.revive_dead_experts(self, min_unused_steps, noise)
 
-    def add_experts(self, n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> "MoE":
+    def add_experts(self, n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> MoE:
         """Grow the layer by ``n`` experts: see :func:`moekit.layer.surgery.add_experts`."""
         return surgery.add_experts(self, n, copy_from, noise)
 
     @classmethod
-    def from_dense(cls, ffn: FeedForward, cfg: MoEConfig, noise: float = 0.0) -> "MoE":
+    def from_dense(cls, ffn: FeedForward, cfg: MoEConfig, noise: float = 0.0) -> MoE:
         """Sparse upcycling of a dense FFN: see :func:`moekit.layer.surgery.upcycle`."""
         return surgery.upcycle(ffn, cfg, noise, build=cls)
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, router={c.router!r}, backend={c.backend!r}"
+        return (
+            f"dim={c.dim}, hidden_dim={c.hidden_dim}, experts={c.num_experts}, top_k={c.top_k}, "
+            f"router={c.router!r}, backend={c.backend!r}"
+        )
 
 
 def after_optimizer_step(model: nn.Module) -> dict:
@@ -429,7 +490,8 @@ class MoEFeedForward(nn.Module):
     ``last.stats``), and :func:`aux_loss` collects the weighted auxiliary loss of every call since
     the previous collection, in every such layer of a model, to be added to the training loss::
 
-        model = nn.Sequential(nn.Linear(64, 512), MoEFeedForward(MoEConfig(dim=512, hidden_dim=1024)), nn.Linear(512, 10))
+        ffn = MoEFeedForward(MoEConfig(dim=512, hidden_dim=1024))
+        model = nn.Sequential(nn.Linear(64, 512), ffn, nn.Linear(512, 10))
         loss = F.cross_entropy(model(x), y) + moekit.aux_loss(model)
         loss.backward()
 

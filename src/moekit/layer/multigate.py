@@ -14,6 +14,7 @@ gives the paper's one-gate baseline OMoE (all tasks read the same mixture).
 Shape legend: B examples, I input width, E experts, H expert output width, T tasks,
 Ht tower hidden width, O outputs per task.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,15 +60,23 @@ class MultiGateMoE(nn.Module):
     def __init__(self, *args, cfg: MultiGateMoEConfig | None = None, **kwargs):
         super().__init__()
         self.cfg = cfg = config_from_args(MultiGateMoEConfig, cfg, args, kwargs)
-        self.in_dim, self.num_experts, self.num_tasks, self.shared_gate = cfg.in_dim, cfg.num_experts, cfg.num_tasks, cfg.shared_gate
-        I, E, H = cfg.in_dim, cfg.num_experts, cfg.expert_dim
-        bound = 1.0 / math.sqrt(I)  # nn.Linear's default initialisation, per expert
-        self.w_EIH = nn.Parameter(torch.empty(E, I, H).uniform_(-bound, bound))
+        self.in_dim, self.num_experts, self.num_tasks, self.shared_gate = (
+            cfg.in_dim,
+            cfg.num_experts,
+            cfg.num_tasks,
+            cfg.shared_gate,
+        )
+        In, E, H = cfg.in_dim, cfg.num_experts, cfg.expert_dim
+        bound = 1.0 / math.sqrt(In)  # nn.Linear's default initialisation, per expert
+        self.w_EIH = nn.Parameter(torch.empty(E, In, H).uniform_(-bound, bound))
         self.b_EH = nn.Parameter(torch.empty(E, H).uniform_(-bound, bound))
-        self.gates = nn.ModuleList([nn.Linear(I, E) for _ in range(1 if cfg.shared_gate else cfg.num_tasks)])
-        self.towers = nn.ModuleList([
-            nn.Sequential(nn.Linear(H, cfg.tower_hidden), nn.ReLU(), nn.Linear(cfg.tower_hidden, cfg.out_dim))
-            for _ in range(cfg.num_tasks)])
+        self.gates = nn.ModuleList([nn.Linear(In, E) for _ in range(1 if cfg.shared_gate else cfg.num_tasks)])
+        self.towers = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(H, cfg.tower_hidden), nn.ReLU(), nn.Linear(cfg.tower_hidden, cfg.out_dim))
+                for _ in range(cfg.num_tasks)
+            ]
+        )
 
     def experts(self, x_BI: Tensor) -> Tensor:
         """All experts' outputs (B, E, H)."""
@@ -84,8 +93,10 @@ class MultiGateMoE(nn.Module):
         mix_TBH = torch.einsum("tbe,beh->tbh", gates_TBE, h_BEH)
         outs = [tower(mix_TBH[t]) for t, tower in enumerate(self.towers)]
         with torch.no_grad():
-            stats = {"gate_entropy": -torch.special.xlogy(gates_TBE, gates_TBE).sum(-1).mean(-1),
-                     "expert_share_TE": gates_TBE.mean(1)}
+            stats = {
+                "gate_entropy": -torch.special.xlogy(gates_TBE, gates_TBE).sum(-1).mean(-1),
+                "expert_share_TE": gates_TBE.mean(1),
+            }
         return MultiGateOutput(outs, gates_TBE, x_BI.new_zeros(()), stats)
 
 

@@ -15,9 +15,11 @@ no shared experts), and the slots each expert computed (None: count them from ``
 
 Shape legend: T tokens, D width, E routed experts, K slots per token, R rows handed to the experts.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -28,16 +30,36 @@ from .experts import GroupedExperts
 Path = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
 
 
-def dispatched(experts: nn.Module, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], *,
-               num_experts: int, max_rows: Optional[int], has_empty: bool, backend: str) -> tuple[Tensor, Optional[Tensor]]:
+def dispatched(
+    experts: nn.Module,
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    shared_TD: Optional[Tensor],
+    *,
+    num_experts: int,
+    max_rows: Optional[int],
+    has_empty: bool,
+    backend: str,
+) -> tuple[Tensor, Optional[Tensor]]:
     plan = plan_dispatch(experts_TK, num_experts, max_rows=max_rows, has_empty=has_empty)
     y_RD = experts(dispatch(x_TD, plan), plan.counts_E, backend)
     out_TD = combine(y_RD, plan, weights_TK)
     return (out_TD if shared_TD is None else out_TD + shared_TD), plan.counts_E
 
 
-def fused(experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], *,
-          num_experts: int, max_rows: Optional[int], has_empty: bool, backend: str) -> tuple[Tensor, Optional[Tensor]]:
+def fused(
+    experts: GroupedExperts,
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    shared_TD: Optional[Tensor],
+    *,
+    num_experts: int,
+    max_rows: Optional[int],
+    has_empty: bool,
+    backend: str,
+) -> tuple[Tensor, Optional[Tensor]]:
     from ..kernels.triton import routing_plan
 
     # the router's ids are valid: no host-side check, no host sync
@@ -46,13 +68,15 @@ def fused(experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK:
     return (out_TD if shared_TD is None else out_TD + shared_TD), plan.counts_E
 
 
-def few_slots(experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor],
-              **_) -> tuple[Tensor, Optional[Tensor]]:
+def few_slots(
+    experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], **_
+) -> tuple[Tensor, Optional[Tensor]]:
     return experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD), None  # shared_TD updated in place
 
 
-def choose_path(experts: nn.Module, backend: str, *, local: bool, capacity_limited: bool, grad: bool,
-                num_slots: int) -> Path:
+def choose_path(
+    experts: nn.Module, backend: str, *, local: bool, capacity_limited: bool, grad: bool, num_slots: int
+) -> Path:
     """The path for one call: few slots when decoding on one process with the grouped backend,
     the fused kernels for ``backend="triton"`` on one process, else the dispatch path."""
     if not isinstance(experts, GroupedExperts) or not local:

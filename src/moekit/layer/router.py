@@ -13,6 +13,7 @@ constant 1 at top-1 and p1 / (p1 + p2) at top-2.
 
 Shape legend: T tokens, D model width, E routed experts, K slots per token, G expert groups.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ROUTER_KINDS, MoEConfig
-from .scope import LOCAL_SCOPE
 from .losses import cv_squared, slot_counts
+from .scope import LOCAL_SCOPE
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class Routing:
     has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
     capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
     load_E: Optional[Tensor] = None  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
-    scores_TK: Optional[Tensor] = None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
+    scores_TK: Optional[Tensor] = (
+        None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
+    )
 
     @property
     def priority_scores_TK(self) -> Tensor:
@@ -166,8 +169,10 @@ class TopKRouter(Router):
 
     def constant_weight(self, top_k):
         if top_k == 1 and self.cfg.renormalize:
-            return ("renormalize=True makes every weight p / p = 1; use renormalize=False (Switch routing: the weight "
-                    "is the softmax probability) or top_k >= 2")
+            return (
+                "renormalize=True makes every weight p / p = 1; use renormalize=False (Switch routing: the weight "
+                "is the softmax probability) or top_k >= 2"
+            )
         return None
 
     def route(self, x_TD, top_k, token_ids_T=None):
@@ -176,7 +181,9 @@ class TopKRouter(Router):
         sel_TE = probs_TE
         if self.cfg.num_groups is not None:
             assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
-            sel_TE = probs_TE.masked_fill(~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0)
+            sel_TE = probs_TE.masked_fill(
+                ~group_limited_mask(probs_TE, self.cfg.num_groups, self.cfg.topk_groups, "max"), 0.0
+            )
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
         scores_TK = probs_TE.gather(1, experts_TK)
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True) if self.cfg.renormalize else scores_TK
@@ -208,7 +215,10 @@ class NoisyTopKRouter(Router):
 
     def constant_weight(self, top_k):
         if top_k == 1:
-            return "the weight is the softmax over the one kept noisy logit, always 1; use top_k >= 2 (as Shazeer et al. 2017) or router='switch'"
+            return (
+                "the weight is the softmax over the one kept noisy logit, always 1; "
+                "use top_k >= 2 (as Shazeer et al. 2017) or router='switch'"
+            )
         return None
 
     def __init__(self, cfg: MoEConfig):
@@ -225,7 +235,9 @@ class NoisyTopKRouter(Router):
         clean_TE = self.logits(x_TD)
         dt = clean_TE.dtype
         std_TE = F.softplus(F.linear(x_TD.to(dt), self.noise.weight.to(dt))) + self.cfg.noise_eps
-        noisy_TE = clean_TE + self.scope.random_rows(lambda t: t.normal_(), clean_TE) * std_TE if self.training else clean_TE
+        noisy_TE = (
+            clean_TE + self.scope.random_rows(lambda t: t.normal_(), clean_TE) * std_TE if self.training else clean_TE
+        )
         kp1 = min(top_k + 1, self.num_experts)
         top_TK1, experts_TK1 = noisy_TE.topk(kp1, dim=-1)
         experts_TK = experts_TK1[:, :top_k]
@@ -236,13 +248,16 @@ class NoisyTopKRouter(Router):
         if kp1 > top_k:  # with k = E every expert is chosen: the load is not random
             in_topk_TE = noisy_TE >= top_TK1[:, top_k - 1 : top_k]
             thresh_TE = torch.where(in_topk_TE, top_TK1[:, top_k : top_k + 1], top_TK1[:, top_k - 1 : top_k])
-            normal = torch.distributions.Normal(torch.zeros((), dtype=dt, device=x_TD.device), torch.ones((), dtype=dt, device=x_TD.device))
+            normal = torch.distributions.Normal(
+                torch.zeros((), dtype=dt, device=x_TD.device), torch.ones((), dtype=dt, device=x_TD.device)
+            )
             prob_TE = normal.cdf((clean_TE - thresh_TE) / std_TE)
             prob_TE = prob_TE.masked_fill(self.disabled_E, 0.0)
             load_E = prob_TE.sum(0)
             losses["load"] = cv_squared(load_E)
-        return Routing(experts_TK, self._scaled(weights_TK), clean_TE, probs_TE, losses, load_E=load_E,
-                       scores_TK=scores_TK)
+        return Routing(
+            experts_TK, self._scaled(weights_TK), clean_TE, probs_TE, losses, load_E=load_E, scores_TK=scores_TK
+        )
 
 
 class RandomSecondRouter(Router):
@@ -260,12 +275,13 @@ class RandomSecondRouter(Router):
         weights_TK = scores_TK / scores_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_TK.dtype).tiny)
         if not self.training or self.cfg.second_expert_policy == "all" or top_k == 1:
             return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
-        keep_TK = self.scope.random_rows(lambda t: t.uniform_(), weights_TK) < (top_k * weights_TK.detach()).clamp(max=1.0)
+        keep_TK = self.scope.random_rows(lambda t: t.uniform_(), weights_TK) < (top_k * weights_TK.detach()).clamp(
+            max=1.0
+        )
         keep_TK[:, 0] = True
         experts_TK = experts_TK.masked_fill(~keep_TK, self.num_experts)
         weights_TK, scores_TK = weights_TK * keep_TK, scores_TK * keep_TK
-        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, has_empty=True,
-                       scores_TK=scores_TK)
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, has_empty=True, scores_TK=scores_TK)
 
 
 class ExpertChoiceRouter(Router):
@@ -321,10 +337,14 @@ class HashRouter(Router):
 
     def route(self, x_TD, top_k, token_ids_T=None):
         if token_ids_T is None:
-            raise ValueError("router 'hash' needs token_ids: call moe(x, token_ids=ids) with ids shaped like x.shape[:-1]")
+            raise ValueError(
+                "router 'hash' needs token_ids: call moe(x, token_ids=ids) with ids shaped like x.shape[:-1]"
+            )
         T, E = x_TD.shape[0], self.num_experts
         if token_ids_T.shape != (T,):
-            raise ValueError(f"token_ids must have shape x.shape[:-1] ({T} tokens in all); got {tuple(token_ids_T.shape)} tokens")
+            raise ValueError(
+                f"token_ids must have shape x.shape[:-1] ({T} tokens in all); got {tuple(token_ids_T.shape)} tokens"
+            )
         if token_ids_T.dtype.is_floating_point or token_ids_T.dtype == torch.bool:
             raise TypeError(f"token_ids must be an integer tensor; got {token_ids_T.dtype}")
         h_T = _mix64(token_ids_T.to(torch.int64) + self.cfg.hash_seed * 0x632BE5AB)
@@ -349,8 +369,10 @@ class SigmoidRouter(Router):
 
     def constant_weight(self, top_k):
         if top_k == 1 and self.cfg.renormalize:
-            return ("renormalize=True makes every weight s / s = 1; use renormalize=False (the weight is the sigmoid "
-                    "score s) or top_k >= 2")
+            return (
+                "renormalize=True makes every weight s / s = 1; use renormalize=False (the weight is the sigmoid "
+                "score s) or top_k >= 2"
+            )
         return None
 
     bias_E: Tensor
@@ -378,7 +400,9 @@ class SigmoidRouter(Router):
         sel_TE = scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
         if self.cfg.num_groups is not None:
             assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
-            sel_TE = sel_TE.masked_fill(~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf"))
+            sel_TE = sel_TE.masked_fill(
+                ~group_limited_mask(sel_TE, self.cfg.num_groups, self.cfg.topk_groups, "top2"), float("-inf")
+            )
         if self.num_disabled:
             sel_TE = sel_TE.masked_fill(self.disabled_E, float("-inf"))
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
@@ -422,9 +446,15 @@ def register_router(name: str, cls: type[Router]) -> None:
         ROUTER_KINDS.append(name)
 
 
-for _name, _cls in (("topk", TopKRouter), ("noisy_topk", NoisyTopKRouter), ("switch", SwitchRouter),
-                    ("expert_choice", ExpertChoiceRouter), ("hash", HashRouter), ("random", RandomSecondRouter),
-                    ("sigmoid", SigmoidRouter)):
+for _name, _cls in (
+    ("topk", TopKRouter),
+    ("noisy_topk", NoisyTopKRouter),
+    ("switch", SwitchRouter),
+    ("expert_choice", ExpertChoiceRouter),
+    ("hash", HashRouter),
+    ("random", RandomSecondRouter),
+    ("sigmoid", SigmoidRouter),
+):
     register_router(_name, _cls)
 
 

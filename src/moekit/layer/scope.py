@@ -6,9 +6,10 @@ modules never test for parallel state. Whatever must be global under expert/data
 (balance losses and stats, the capacity limit, expert choice's selection, the sigmoid router's
 bias) goes through this one small object.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -16,6 +16,7 @@ later tokens. Use it for encoders (ViTs, classification), not for autoregressive
 Shape legend: B batch, N tokens per sequence, D model width, E experts, S slots per expert,
 M = E*S slots, R = B*M rows handed to the experts (expert-major).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import compute_dtype, resolve_backend
 from ..config import SoftMoEConfig, config_from_args
+from ..kernels import compute_dtype, resolve_backend
 from .experts import GroupedExperts
 
 
@@ -36,7 +37,9 @@ class SoftMoEOutput:
     out: Tensor  # (B, N, D)
     aux_loss: Tensor  # scalar 0: Soft MoE needs no balancing loss
     losses: dict = field(default_factory=dict)  # empty
-    stats: dict = field(default_factory=dict)  # dispatch_entropy, combine_entropy (mean, nats), tokens_per_expert (slot rows)
+    stats: dict = field(
+        default_factory=dict
+    )  # dispatch_entropy, combine_entropy (mean, nats), tokens_per_expert (slot rows)
     dispatch_BNM: Tensor | None = None  # dispatch weights (columns sum to 1 over tokens)
     combine_BNM: Tensor | None = None  # combine weights (rows sum to 1 over slots)
 
@@ -63,7 +66,7 @@ class SoftMoE(nn.Module):
         self.dim, self.num_experts, self.slots_per_expert = cfg.dim, cfg.num_experts, cfg.slots_per_expert
         self.normalize, self.backend = cfg.normalize, cfg.backend
         M = cfg.num_experts * cfg.slots_per_expert
-        self.phi_DM = nn.Parameter(torch.randn(cfg.dim, M) / cfg.dim ** 0.5)  # slot parameters, LeCun normal
+        self.phi_DM = nn.Parameter(torch.randn(cfg.dim, M) / cfg.dim**0.5)  # slot parameters, LeCun normal
         self.scale = nn.Parameter(torch.ones(()))  # learned temperature of the normalised logits
         self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
 
@@ -105,8 +108,10 @@ class SoftMoE(nn.Module):
         return SoftMoEOutput(out_BND, x.new_zeros((), dtype=torch.float32), {}, stats, dispatch_BNM, combine_BNM)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden_dim={self.experts.hidden_dim}, experts={self.num_experts}, "
-                f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}")
+        return (
+            f"dim={self.dim}, hidden_dim={self.experts.hidden_dim}, experts={self.num_experts}, "
+            f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}"
+        )
 
 
 __all__ = ["SoftMoE", "SoftMoEOutput"]

@@ -4,10 +4,12 @@ layer in place (``add_experts`` replaces its parameters: build the optimizer aft
 
 Shape legend: E routed experts.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor
@@ -20,16 +22,18 @@ if TYPE_CHECKING:  # the layer imports this module
     from .moe import MoE
 
 
-def _require_grouped(moe: "MoE", what: str) -> GroupedExperts:
+def _require_grouped(moe: MoE, what: str) -> GroupedExperts:
     if moe.scope.spans_ranks:
-        raise ValueError(f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
-                         "change the single-process model, then apply expert parallelism again")
+        raise ValueError(
+            f"{what} is not supported on an expert-parallel layer (each rank holds only some experts): "
+            "change the single-process model, then apply expert parallelism again"
+        )
     if not isinstance(moe.experts, GroupedExperts):
         raise TypeError(f"{what} needs the stacked FFN experts, not a heterogeneous expert list")
     return moe.experts
 
 
-def _expert_ids(moe: "MoE", ids: Union[int, Sequence[int], Tensor], name: str = "experts") -> list[int]:
+def _expert_ids(moe: MoE, ids: Union[int, Sequence[int], Tensor], name: str = "experts") -> list[int]:
     ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
     bad = [i for i in ids if not 0 <= i < moe.cfg.num_experts]
     if bad:
@@ -37,7 +41,7 @@ def _expert_ids(moe: "MoE", ids: Union[int, Sequence[int], Tensor], name: str = 
     return ids
 
 
-def disable_experts(moe: "MoE", experts: Union[int, Sequence[int]]) -> None:
+def disable_experts(moe: MoE, experts: Union[int, Sequence[int]]) -> None:
     """Mask experts out of routing (inference fault tolerance): the router's choice and
     weights renormalise over the remaining experts."""
     ids = _expert_ids(moe, experts)
@@ -48,7 +52,7 @@ def disable_experts(moe: "MoE", experts: Union[int, Sequence[int]]) -> None:
     moe.router.set_disabled(mask)
 
 
-def enable_experts(moe: "MoE", experts: Optional[Union[int, Sequence[int]]] = None) -> None:
+def enable_experts(moe: MoE, experts: Optional[Union[int, Sequence[int]]] = None) -> None:
     """Undo :func:`disable_experts` (all experts when ``experts`` is None)."""
     ids = list(range(moe.cfg.num_experts)) if experts is None else _expert_ids(moe, experts)
     mask = moe.router.disabled_E.clone()
@@ -58,7 +62,7 @@ def enable_experts(moe: "MoE", experts: Optional[Union[int, Sequence[int]]] = No
 
 
 @torch.no_grad()
-def revive_dead_experts(moe: "MoE", min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
+def revive_dead_experts(moe: MoE, min_unused_steps: int, noise: Optional[float] = None) -> list[int]:
     """Re-initialise every expert that got no token for ``min_unused_steps`` training steps from
     a copy of the most used live expert plus noise, and reset its router row. Returns the
     revived experts."""
@@ -79,7 +83,7 @@ def revive_dead_experts(moe: "MoE", min_unused_steps: int, noise: Optional[float
 
 
 @torch.no_grad()
-def add_experts(moe: "MoE", n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> "MoE":
+def add_experts(moe: MoE, n: int, copy_from: Optional[Union[int, Sequence[int]]] = None, noise: float = 0.0) -> MoE:
     """Grow the layer by ``n`` experts: fresh ones, or copies of ``copy_from`` (one index, or
     one per new expert) with their router rows copied. Parameters are replaced, so build
     the optimizer afterwards."""
@@ -103,7 +107,7 @@ def add_experts(moe: "MoE", n: int, copy_from: Optional[Union[int, Sequence[int]
     return moe
 
 
-def _grow_router(moe: "MoE", n: int, new_ids: Tensor, src: Optional[list[int]]) -> None:
+def _grow_router(moe: MoE, n: int, new_ids: Tensor, src: Optional[list[int]]) -> None:
     """A router for ``n`` more experts: the old rows kept, the new ones fresh or copied from ``src``."""
     old_router, old_E = moe.router, moe.cfg.num_experts
     ref = next(iter(old_router.parameters()), moe.expert_usage)
@@ -119,7 +123,7 @@ def _grow_router(moe: "MoE", n: int, new_ids: Tensor, src: Optional[list[int]]) 
     moe.router.train(old_router.training)
 
 
-def upcycle(ffn: FeedForward, cfg: MoEConfig, noise: float, build: Callable[[MoEConfig], "MoE"]) -> "MoE":
+def upcycle(ffn: FeedForward, cfg: MoEConfig, noise: float, build: Callable[[MoEConfig], MoE]) -> MoE:
     """Sparse upcycling (Komatsuzaki et al. 2022): a layer ``build(cfg)`` whose experts all start
     as copies of a trained dense FFN (plus relative Gaussian ``noise``); the router is fresh.
     ``cfg`` must match the FFN's width and kind."""
@@ -128,7 +132,8 @@ def upcycle(ffn: FeedForward, cfg: MoEConfig, noise: float, build: Callable[[MoE
     if (ffn.dim, ffn.hidden_dim, ffn.kind) != (cfg.dim, cfg.hidden_dim, cfg.expert):
         raise ValueError(
             f"cfg (dim={cfg.dim}, hidden_dim={cfg.hidden_dim}, expert={cfg.expert!r}) must match the dense FFN "
-            f"(dim={ffn.dim}, hidden_dim={ffn.hidden_dim}, kind={ffn.kind!r})")
+            f"(dim={ffn.dim}, hidden_dim={ffn.hidden_dim}, kind={ffn.kind!r})"
+        )
     moe = build(cfg).to(ffn.w_up.device, ffn.w_up.dtype)
     assert isinstance(moe.experts, GroupedExperts)  # built from cfg alone: the stacked FFN experts
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """MoE models built from moekit layers."""
+
 from ..config import LMConfig
 from .lm import PRESETS, KVCache, LMOutput, MoETransformer
 

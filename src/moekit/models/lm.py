@@ -7,14 +7,15 @@ for the first layers as in DeepSeekMoE). ``moe=None`` gives the dense baseline.
 Shape legend: B batch, S sequence, D model width, H heads, Hk key/value heads, Dh head width,
 V vocabulary, T = B*S tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,14 @@ class KVCache:
     length: int = 0  # positions filled
 
     @classmethod
-    def empty(cls, cfg: LMConfig, batch: int, device, dtype) -> "KVCache":
+    def empty(cls, cfg: LMConfig, batch: int, device, dtype) -> KVCache:
         hk, dh = cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
         shape = (batch, hk, cfg.max_seq_len, dh)
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)], 0)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            0,
+        )
 
 
 class Attention(nn.Module):
@@ -83,8 +87,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.h * self.dh if full else self.dh, cfg.norm_eps)
             self.k_norm = RMSNorm(self.hk * self.dh if full else self.dh, cfg.norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: Optional[KVCache], layer: int,
-                positions_S: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x_BSD: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: Optional[KVCache],
+        layer: int,
+        positions_S: Optional[Tensor] = None,
+    ) -> Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
         if self.qk_norm == "full":
@@ -109,11 +120,14 @@ class Attention(nn.Module):
         mask = None
         if start and S > 1:  # a chunk after cached positions: causal within the chunk, all of the past
             mask = torch.ones(S, start + S, dtype=torch.bool, device=x_BSD.device).tril(start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(start == 0 and S > 1),
-                                           enable_gqa=self.hk != self.h)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(start == 0 and S > 1), enable_gqa=self.hk != self.h
+        )
         return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
 
-    def _attend_static(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, positions_S: Tensor) -> Tensor:
+    def _attend_static(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, positions_S: Tensor
+    ) -> Tensor:
         """Write k, v at ``positions_S`` and attend over the whole cache, masking positions after
         each query's own: every shape is fixed, so one compiled graph serves every decode step."""
         B, _, S, _ = q.shape
@@ -136,12 +150,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.is_moe_layer(layer):  # a balance loss pooled over layers is the model's, not the layer's
             assert cfg.moe is not None  # is_moe_layer is False without it
-            moe_cfg = cfg.moe if cfg.balance_pooling == "layer" else dataclasses.replace(cfg.moe, balance_loss_weight=0.0)
+            moe_cfg = (
+                cfg.moe if cfg.balance_pooling == "layer" else dataclasses.replace(cfg.moe, balance_loss_weight=0.0)
+            )
             self.ffn = MoE(moe_cfg)
         else:
             self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden_dim, cfg.ffn_kind)
 
-    def forward(self, x: Tensor, cos, sin, cache, token_ids, top_k, positions_S=None) -> tuple[Tensor, Optional[MoEOutput]]:
+    def forward(
+        self, x: Tensor, cos, sin, cache, token_ids, top_k, positions_S=None
+    ) -> tuple[Tensor, Optional[MoEOutput]]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, positions_S)
         if isinstance(self.ffn, MoE):
             res = self.ffn(self.ffn_norm(x), top_k=top_k, token_ids=token_ids)
@@ -174,7 +192,9 @@ class LMOutput:
     logits: Tensor  # (B, S, V)
     loss: Optional[Tensor]  # mean next-token cross-entropy (when targets are given)
     moe: list  # per layer: MoEOutput or None (dense layer)
-    pooled_balance_weight: Optional[float] = None  # balance_pooling="model": weight of the pooled balance loss (None: per layer)
+    pooled_balance_weight: Optional[float] = (
+        None  # balance_pooling="model": weight of the pooled balance loss (None: per layer)
+    )
 
     @functools.cached_property
     def pooled_balance_loss(self) -> Optional[Tensor]:
@@ -200,7 +220,9 @@ def _copy_full_(p: Tensor, full: Tensor) -> None:
     """Copy ``full`` into ``p``; a DTensor ``p`` keeps only its own part (no communication)."""
     if isinstance(p, DTensor):
         local = p.to_local()
-        local.copy_(distribute_tensor(full.to(local.device), p.device_mesh, p.placements, src_data_rank=None).to_local())
+        local.copy_(
+            distribute_tensor(full.to(local.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        )
     else:
         p.copy_(full)
 
@@ -231,7 +253,7 @@ class MoETransformer(nn.Module):
             self.reset_parameters()
 
     @torch.no_grad()
-    def materialize_(self, device: Union[str, torch.device] = "cpu") -> "MoETransformer":
+    def materialize_(self, device: Union[str, torch.device] = "cpu") -> MoETransformer:
         """Allocate a model built on the meta device (after any sharding) and initialise it as
         :meth:`__init__` would have, from the CPU random state it was built with. Sharded
         parameters (DTensors: expert or FSDP parallelism) get their part of the full tensor, drawn
@@ -264,15 +286,23 @@ class MoETransformer(nn.Module):
             if not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
                 p.zero_()
                 continue
-            w = torch.empty(tuple(p.shape), dtype=p.dtype).normal_(0.0, out_std if name.endswith(("w_down", "wo.weight")) else std)
+            w = torch.empty(tuple(p.shape), dtype=p.dtype).normal_(
+                0.0, out_std if name.endswith(("w_down", "wo.weight")) else std
+            )
             _copy_full_(p, w)
 
     @property
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
-    def forward(self, idx_BS: Tensor, targets_BS: Optional[Tensor] = None, *, top_k: Optional[int] = None,
-                cache: Optional[KVCache] = None) -> LMOutput:
+    def forward(
+        self,
+        idx_BS: Tensor,
+        targets_BS: Optional[Tensor] = None,
+        *,
+        top_k: Optional[int] = None,
+        cache: Optional[KVCache] = None,
+    ) -> LMOutput:
         """Logits for every position (and the loss when ``targets_BS`` is given; -100 is ignored)."""
         B, S = idx_BS.shape
         start = cache.length if cache is not None else 0
@@ -290,7 +320,11 @@ class MoETransformer(nn.Module):
         loss = None
         if targets_BS is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
-        pooled = self.cfg.moe.balance_loss_weight if self.cfg.moe is not None and self.cfg.balance_pooling == "model" else None
+        pooled = (
+            self.cfg.moe.balance_loss_weight
+            if self.cfg.moe is not None and self.cfg.balance_pooling == "model"
+            else None
+        )
         return LMOutput(logits, loss, moe_out, pooled)
 
     def decode_step(self, idx_BS: Tensor, cache: KVCache, positions_S: Tensor, top_k: Optional[int] = None) -> Tensor:
@@ -315,16 +349,33 @@ class MoETransformer(nn.Module):
         for moe in self.moe_layers:
             c = moe.cfg
             expert_params = sum(p.numel() for p in moe.experts.parameters())
-            share = (c.capacity_factor or c.top_k) / c.num_experts if c.router == "expert_choice" else c.top_k / c.num_experts
+            share = (
+                (c.capacity_factor or c.top_k) / c.num_experts
+                if c.router == "expert_choice"
+                else c.top_k / c.num_experts
+            )
             inactive += expert_params * (1 - min(1.0, share))
         embed = self.embed.weight.numel()
-        return {"total": total, "active": int(total - inactive), "embedding": embed,
-                "active_non_embedding": int(total - inactive - embed)}
+        return {
+            "total": total,
+            "active": int(total - inactive),
+            "embedding": embed,
+            "active_non_embedding": int(total - inactive - embed),
+        }
 
     @torch.no_grad()
-    def generate(self, idx_BS: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k_experts: Optional[int] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-                 compile: bool = False) -> Tensor:
+    def generate(
+        self,
+        idx_BS: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k_experts: Optional[int] = None,
+        use_cache: bool = True,
+        generator: Optional[torch.Generator] = None,
+        compile: bool = False,
+    ) -> Tensor:
         """Sample continuations. temperature 0 is greedy; top_p is nucleus sampling (Holtzman et al. 2020).
 
         ``compile=True`` decodes with :meth:`decode_step` under ``torch.compile`` (a static KV
@@ -389,8 +440,10 @@ PRESETS = {
     # name: (MoEConfig overrides, LMConfig overrides) for the small CPU models; dims are filled in by the caller
     "mixtral": dict(num_experts=8, top_k=2, router="topk", renormalize=True),
     "switch": dict(num_experts=8, top_k=1, router="switch", capacity_factor=1.25, eval_capacity_factor=2.0),
-    "deepseek": dict(num_experts=16, top_k=4, router="sigmoid", num_shared_experts=1, renormalize=True,
-                     balance_loss_weight=1e-4),
-    "qwen_moe": dict(num_experts=16, top_k=4, router="topk", num_shared_experts=1, shared_expert_gate=True,
-                     renormalize=False),
+    "deepseek": dict(
+        num_experts=16, top_k=4, router="sigmoid", num_shared_experts=1, renormalize=True, balance_loss_weight=1e-4
+    ),
+    "qwen_moe": dict(
+        num_experts=16, top_k=4, router="topk", num_shared_experts=1, shared_expert_gate=True, renormalize=False
+    ),
 }

@@ -17,6 +17,7 @@
 
 Shape legend: B examples, I input width, T tasks.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,18 @@ class SharedBottom(nn.Module):
     def __init__(self, in_dim: int, bottom_dim: int, num_tasks: int, tower_hidden: int, out_dim: int = 1):
         super().__init__()
         self.bottom = nn.Sequential(nn.Linear(in_dim, bottom_dim), nn.ReLU())
-        self.towers = nn.ModuleList([
-            nn.Sequential(nn.Linear(bottom_dim, tower_hidden), nn.ReLU(), nn.Linear(tower_hidden, out_dim))
-            for _ in range(num_tasks)])
+        self.towers = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(bottom_dim, tower_hidden), nn.ReLU(), nn.Linear(tower_hidden, out_dim))
+                for _ in range(num_tasks)
+            ]
+        )
 
     def forward(self, x_BI: Tensor) -> MultiGateOutput:
         h = self.bottom(x_BI)
-        return MultiGateOutput([t(h) for t in self.towers], x_BI.new_zeros(len(self.towers), x_BI.shape[0], 0),
-                               x_BI.new_zeros(()))
+        return MultiGateOutput(
+            [t(h) for t in self.towers], x_BI.new_zeros(len(self.towers), x_BI.shape[0], 0), x_BI.new_zeros(())
+        )
 
 
 @dataclass
@@ -52,8 +57,16 @@ class SyntheticTasks:
     w_TI: Tensor  # the task weight vectors (cosine similarity = correlation)
 
 
-def synthetic_tasks(n: int, correlation: float, dim: int = 100, c: float = 1.0, m: int = 10,
-                    noise_var: float = 0.01, seed: int = 0, data_seed: int = 0) -> SyntheticTasks:
+def synthetic_tasks(
+    n: int,
+    correlation: float,
+    dim: int = 100,
+    c: float = 1.0,
+    m: int = 10,
+    noise_var: float = 0.01,
+    seed: int = 0,
+    data_seed: int = 0,
+) -> SyntheticTasks:
     """``n`` examples of the paper's two tasks with weight cosine similarity ``correlation``.
 
     ``data_seed`` fixes the task (u1, u2, alpha, beta); ``seed`` draws the examples and noise, so
@@ -64,7 +77,7 @@ def synthetic_tasks(n: int, correlation: float, dim: int = 100, c: float = 1.0, 
     q, _ = torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=torch.float64))
     u1, u2 = q[:, 0], q[:, 1]
     w1 = c * u1
-    w2 = c * (correlation * u1 + math.sqrt(max(0.0, 1 - correlation ** 2)) * u2)
+    w2 = c * (correlation * u1 + math.sqrt(max(0.0, 1 - correlation**2)) * u2)
     alpha = torch.randn(m, generator=g, dtype=torch.float64)
     beta = torch.randn(m, generator=g, dtype=torch.float64)
     gx = torch.Generator().manual_seed(1_000_003 * (seed + 1) + data_seed)

@@ -14,6 +14,7 @@ sparse MoE layer without retraining (V-MoE's compute/accuracy trade-off), and
 Shape legend: B images, C channels, Hi/Wi image height/width, N patches, P pixel values per
 patch, D model width, H heads, Dh head width, K classes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -61,8 +62,17 @@ class ViTConfig(_DictMixin):
         if self.dim % self.heads:
             raise ValueError(f"heads must divide dim ({self.dim}); got {self.heads}")
         if self.ffn == "moe" and self.moe is None:
-            self.moe = MoEConfig(dim=self.dim, hidden_dim=self.mlp_hidden, num_experts=8, top_k=2, expert="gelu",
-                                 renormalize=False, capacity_factor=1.0, capacity_priority="score", z_loss_weight=0.0)
+            self.moe = MoEConfig(
+                dim=self.dim,
+                hidden_dim=self.mlp_hidden,
+                num_experts=8,
+                top_k=2,
+                expert="gelu",
+                renormalize=False,
+                capacity_factor=1.0,
+                capacity_priority="score",
+                z_loss_weight=0.0,
+            )
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
 
@@ -101,7 +111,13 @@ class Block(nn.Module):
             assert cfg.moe is not None  # ViTConfig sets a default for ffn="moe"
             self.mlp = MoE(cfg.moe)
         elif self.kind == "soft":
-            self.mlp = SoftMoE(cfg.dim, cfg.soft_hidden or cfg.mlp_hidden, cfg.soft_experts, cfg.soft_slots_per_expert, expert=cfg.mlp_kind)
+            self.mlp = SoftMoE(
+                cfg.dim,
+                cfg.soft_hidden or cfg.mlp_hidden,
+                cfg.soft_experts,
+                cfg.soft_slots_per_expert,
+                expert=cfg.mlp_kind,
+            )
         else:
             self.mlp = FeedForward(cfg.dim, cfg.mlp_hidden, cfg.mlp_kind)
 
@@ -135,7 +151,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        P = cfg.channels * cfg.patch_size ** 2
+        P = cfg.channels * cfg.patch_size**2
         self.embed = nn.Linear(P, cfg.dim)
         self.pos_ND = nn.Parameter(torch.randn(cfg.num_patches, cfg.dim) * 0.02)
         self.blocks = nn.ModuleList([Block(cfg, cfg.is_moe_block(i)) for i in range(cfg.depth)])
@@ -161,7 +177,7 @@ class VisionTransformer(nn.Module):
         (embedding, attention, dense MLPs, router, head) plus the expert FFNs of the slots that
         were kept (dropped slots cost nothing). LayerNorms, softmaxes and activations are ignored."""
         c = self.cfg
-        N, D, P = c.num_patches, c.dim, c.channels * c.patch_size ** 2
+        N, D, P = c.num_patches, c.dim, c.channels * c.patch_size**2
         fl: float = 2 * N * P * D + 2 * D * c.num_classes
         moe_outs = iter(res.moe)
         for block in self.blocks:

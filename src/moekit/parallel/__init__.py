@@ -1,4 +1,5 @@
 """Expert parallelism (all-to-all token dispatch) combined with data parallelism, on torch.distributed."""
+
 from .expert_parallel import (
     ExpertAllToAll,
     ExpertParallel,
@@ -9,4 +10,12 @@ from .expert_parallel import (
     make_mesh,
 )
 
-__all__ = ["ExpertAllToAll", "ExpertParallel", "ExpertParallelError", "apply_expert_parallel", "barrier", "init_distributed", "make_mesh"]
+__all__ = [
+    "ExpertAllToAll",
+    "ExpertParallel",
+    "ExpertParallelError",
+    "apply_expert_parallel",
+    "barrier",
+    "init_distributed",
+    "make_mesh",
+]

@@ -38,6 +38,7 @@ bug the tests check for.
 Shape legend: T local tokens, D width, E experts, P EP ranks, El = E / P experts per rank,
 R rows of the local dispatch plan, N rows received by this rank's experts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..config import check_positive
 from ..layer.experts import GroupedExperts
-from ..layer.scope import LocalScope
 from ..layer.moe import MoE
+from ..layer.scope import LocalScope
 
 STATISTICS = ("global", "expert", "local")
 
@@ -72,8 +73,10 @@ def _check(what: str, fn, *args, **kwargs):
     except RuntimeError as err:
         msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise ExpertParallelError(f"{what} failed on rank {rank}: a peer rank stopped, crashed or did not answer "
-                                  f"within the process-group timeout ({msg})") from err
+        raise ExpertParallelError(
+            f"{what} failed on rank {rank}: a peer rank stopped, crashed or did not answer "
+            f"within the process-group timeout ({msg})"
+        ) from err
 
 
 def _summed(t: Tensor, what: str, group=None) -> Tensor:
@@ -91,15 +94,30 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_ND, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
-        _check("expert-parallel all-to-all", dist.all_to_all_single, out, x_ND.contiguous(), out_splits, in_splits, group=group)
+        _check(
+            "expert-parallel all-to-all",
+            dist.all_to_all_single,
+            out,
+            x_ND.contiguous(),
+            out_splits,
+            in_splits,
+            group=group,
+        )
         return out
 
     @staticmethod
     def backward(ctx, g_ND):
         out_splits, in_splits = ctx.splits
         gx = g_ND.new_empty((sum(in_splits), *g_ND.shape[1:]))
-        _check("expert-parallel all-to-all (backward)", dist.all_to_all_single, gx, g_ND.contiguous(), in_splits, out_splits,
-               group=ctx.group)
+        _check(
+            "expert-parallel all-to-all (backward)",
+            dist.all_to_all_single,
+            gx,
+            g_ND.contiguous(),
+            in_splits,
+            out_splits,
+            group=ctx.group,
+        )
         return gx, None, None, None
 
 
@@ -237,11 +255,15 @@ class _LayerScope(LocalScope):
         rows = [int(t[0]) for t in every]
         if any(not torch.equal(t[1:], mine[1:]) for t in every):
             names = ("top_k", "training", "grad enabled", "capacity factor x1e6 (-1: none)")
-            table = "; ".join(f"rank {r}: " + ", ".join(f"{n}={int(v)}" for n, v in zip(names, t[1:].tolist()))
-                              for r, t in enumerate(every))
-            raise ValueError(f"an expert-parallel MoE layer was called differently on different ranks ({table}): "
-                             f"every rank must call the model alike (same top_k, train/eval mode, grad mode, "
-                             f"capacity factor)")
+            table = "; ".join(
+                f"rank {r}: " + ", ".join(f"{n}={int(v)}" for n, v in zip(names, t[1:].tolist()))
+                for r, t in enumerate(every)
+            )
+            raise ValueError(
+                f"an expert-parallel MoE layer was called differently on different ranks ({table}): "
+                f"every rank must call the model alike (same top_k, train/eval mode, grad mode, "
+                f"capacity factor)"
+            )
         self._rows = rows
 
     def random_rows(self, draw, like_TX: Tensor) -> Tensor:
@@ -343,9 +365,13 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
         if moe.scope.spans_ranks:
             raise ValueError(f"{where} is already expert-parallel")
         if not isinstance(moe.experts, GroupedExperts):
-            raise ValueError(f"{where}: expert parallelism needs the stacked FFN experts, not a heterogeneous expert list")
+            raise ValueError(
+                f"{where}: expert parallelism needs the stacked FFN experts, not a heterogeneous expert list"
+            )
         if moe.cfg.num_experts % ep:
-            raise ValueError(f"{where} has num_experts={moe.cfg.num_experts}, which the expert-parallel size {ep} must divide")
+            raise ValueError(
+                f"{where} has num_experts={moe.cfg.num_experts}, which the expert-parallel size {ep} must divide"
+            )
         if moe.cfg.revive_after is not None:
             raise ValueError(f"{where}: revive_after (dead-expert revival) is not supported with expert parallelism")
 
@@ -441,18 +467,24 @@ class ExpertParallel:
         parameters by index; collective)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        by_name: dict[str, Any] = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=True))
+        by_name: dict[str, Any] = get_optimizer_state_dict(
+            self.model, opt, options=StateDictOptions(full_state_dict=True)
+        )
         index = {name: i for i, name in enumerate(_optimizer_names(self.model, opt))}
-        return {"state": {index[n]: st for n, st in by_name["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+        return {
+            "state": {index[n]: st for n, st in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+        }
 
     def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
         """Load a single-process optimizer state dict (parameters by index) into this layout."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         names = _optimizer_names(self.model, opt)
-        by_name: dict[str, Any] = {"state": {names[int(i)]: st for i, st in sd["state"].items()},
-                   "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+        by_name: dict[str, Any] = {
+            "state": {names[int(i)]: st for i, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
+        }
         set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 
@@ -473,7 +505,9 @@ def _shard_experts(experts: GroupedExperts, ep_mesh, lo: int, El: int) -> None:
         for pname in ("w_up", "w_down"):
             full = getattr(experts, pname)
             local = full[lo : lo + El].clone()
-            shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+            shard = DTensor.from_local(
+                local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
+            )
             setattr(experts, pname, nn.Parameter(shard, requires_grad=full.requires_grad))
 
 
@@ -505,9 +539,15 @@ def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[
     fully_shard(model, mesh=world, **kw)
 
 
-def apply_expert_parallel(model: nn.Module, mesh=None, *, expert_parallel: Optional[int] = None,
-                          statistics: str = "global", sync_init: bool = True,
-                          param_dtype: Optional[torch.dtype] = None) -> ExpertParallel:
+def apply_expert_parallel(
+    model: nn.Module,
+    mesh=None,
+    *,
+    expert_parallel: Optional[int] = None,
+    statistics: str = "global",
+    sync_init: bool = True,
+    param_dtype: Optional[torch.dtype] = None,
+) -> ExpertParallel:
     """Shard a built model over a (dp, ep) mesh (from :func:`make_mesh`; or pass
     ``expert_parallel`` to make one): the experts of every :class:`~moekit.MoE` layer become
     DTensors sharded on the expert dimension over ``ep`` with the token all-to-all as module hooks,
@@ -564,8 +604,10 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     if tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
         raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
     if mesh.device_type == "meta":
-        raise ValueError("mesh must be made for the device the parameters will live on ('cpu' or 'cuda'), not 'meta': "
-                         "build the model on meta if you like, but make the mesh with make_mesh(n, 'cpu' or 'cuda')")
+        raise ValueError(
+            "mesh must be made for the device the parameters will live on ('cpu' or 'cuda'), not 'meta': "
+            "build the model on meta if you like, but make the mesh with make_mesh(n, 'cpu' or 'cuda')"
+        )
     return mesh
 
 
@@ -576,9 +618,11 @@ def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool)
     _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
-        raise ValueError(f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
-                         f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
-                         f"build the same model with the same settings on every rank")
+        raise ValueError(
+            f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
+            f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
+            f"build the same model with the same settings on every rank"
+        )
 
 
 def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:

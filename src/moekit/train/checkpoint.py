@@ -8,6 +8,7 @@ the tensor data is caught instead of resuming into NaN. A missing or corrupt fil
 :class:`CheckpointError` with a one-line message naming it; a checkpoint from before the digests
 loads with a warning.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
 def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     state: dict = {}
     for key, v in tensors.items():
-        idx, k = key[len(OPTIM):].split(".", 1)
+        idx, k = key[len(OPTIM) :].split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     for key, v in meta.get("scalars", {}).items():
         idx, k = key.split(".", 1)
@@ -58,9 +59,16 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Union[str, Path], model: Optional[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, rng: Optional[dict] = None, meta: Optional[dict] = None, model_state: Optional[dict] = None,
-                    optimizer_state: Optional[dict] = None) -> None:
+def save_checkpoint(
+    path: Union[str, Path],
+    model: Optional[nn.Module],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    rng: Optional[dict] = None,
+    meta: Optional[dict] = None,
+    model_state: Optional[dict] = None,
+    optimizer_state: Optional[dict] = None,
+) -> None:
     """Save everything needed to continue training exactly. ``model_state`` / ``optimizer_state``
     replace the modules' own state dicts (an expert-parallel run passes the gathered, unsharded
     ones, so the file is the same as a single process would write)."""
@@ -98,10 +106,15 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:
             digests = json.loads(meta[CHECKSUMS]) if CHECKSUMS in meta else None
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for broken files
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
     if digests is None:
-        warnings.warn(f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data "
-                      "cannot be verified", stacklevel=2)
+        warnings.warn(
+            f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data "
+            "cannot be verified",
+            stacklevel=2,
+        )
     else:
         _verify(path, tensors, digests)
     return tensors, info
@@ -112,17 +125,20 @@ def _verify(path: Path, tensors: dict, digests) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupt: its checksum table does not list exactly its tensors")
     for name, t in tensors.items():
         if tensor_sha256(t) != digests[name]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: tensor {name!r} does not match its SHA-256 checksum "
-                                  "(the file was damaged after it was written)")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: tensor {name!r} does not match its SHA-256 checksum "
+                "(the file was damaged after it was written)"
+            )
 
 
-def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    *, parallel=None) -> tuple[dict, dict]:
+def load_checkpoint(
+    path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *, parallel=None
+) -> tuple[dict, dict]:
     """Load weights (and optimizer state) in place; returns (meta, rng states). ``parallel``: the
     model's :class:`~moekit.parallel.ExpertParallel` handle; each rank keeps its own experts of
     the (always unsharded) file, whatever expert-parallel size wrote it."""
     tensors, info = read_checkpoint(path)
-    model_sd = {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
+    model_sd = {k[len(MODEL) :]: v for k, v in tensors.items() if k.startswith(MODEL)}
     try:
         if parallel is not None:
             parallel.load_full_state_dict(model_sd)
@@ -139,5 +155,5 @@ def load_checkpoint(path: Union[str, Path], model: nn.Module, optimizer: Optiona
             parallel.load_full_optimizer_state_dict(optimizer, opt_sd)
         else:
             optimizer.load_state_dict(opt_sd)
-    rng = {k[len(RNG):]: v for k, v in tensors.items() if k.startswith(RNG)}
+    rng = {k[len(RNG) :]: v for k, v in tensors.items() if k.startswith(RNG)}
     return info.get("meta", {}), rng

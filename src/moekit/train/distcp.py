@@ -32,6 +32,7 @@ holds this model's tensors with their shapes; then the ranks share the work of c
 SHA-256 of every item they are about to read and agree on the outcome (one gather). Any failure is
 a :class:`CheckpointError` naming the folder, raised on every rank before DCP's own collectives.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_text
-from .checkpoint import CheckpointError, MODEL, OPTIM, RNG, read_checkpoint, save_checkpoint
+from .checkpoint import MODEL, OPTIM, RNG, CheckpointError, read_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -131,10 +132,14 @@ def read_manifest(path: Union[str, Path]) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not readable JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a moekit distributed checkpoint ({MANIFEST} has no format {FORMAT!r})")
+        raise CheckpointError(
+            f"checkpoint {path} is not a moekit distributed checkpoint ({MANIFEST} has no format {FORMAT!r})"
+        )
     if manifest.get("version", 0) > VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {manifest['version']}; this moekit reads up to "
-                              f"{VERSION} (upgrade moekit)")
+        raise CheckpointError(
+            f"checkpoint {path} has format version {manifest['version']}; this moekit reads up to "
+            f"{VERSION} (upgrade moekit)"
+        )
     for key in ("meta", "items", "files", "metadata_sha256"):
         if key not in manifest:
             raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} has no {key!r}")
@@ -244,14 +249,18 @@ def _balanced_planner():
                 if len(ranks) == 1:
                     keep[index] = ranks[0]
                     size[ranks[0]] += items[index].tensor_storage_size() or 1
-            shared = sorted((i for i, rs in holders.items() if len(rs) > 1),
-                            key=lambda i: (-(items[i].tensor_storage_size() or 1), _item_key(i)))
+            shared = sorted(
+                (i for i, rs in holders.items() if len(rs) > 1),
+                key=lambda i: (-(items[i].tensor_storage_size() or 1), _item_key(i)),
+            )
             for index in shared:
                 r = min(holders[index], key=lambda q: (size[q], q))
                 keep[index] = r
                 size[r] += items[index].tensor_storage_size() or 1
-            return [dataclasses.replace(plan, items=[it for it in plan.items if keep[it.index] == r])
-                    for r, plan in enumerate(all_plans)]
+            return [
+                dataclasses.replace(plan, items=[it for it in plan.items if keep[it.index] == r])
+                for r, plan in enumerate(all_plans)
+            ]
 
     return BalancedSavePlanner()
 
@@ -276,8 +285,15 @@ def _save_state(model: nn.Module, optimizer, par, rng: Optional[dict]) -> tuple[
     return state, opt_json
 
 
-def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, par=None, *, rng: Optional[dict] = None,
-                     meta: Optional[dict] = None) -> None:
+def save_distributed(
+    path: Union[str, Path],
+    model: nn.Module,
+    optimizer=None,
+    par=None,
+    *,
+    rng: Optional[dict] = None,
+    meta: Optional[dict] = None,
+) -> None:
     """Write a DCP checkpoint folder at ``path`` (collective: call on every rank).
 
     ``par``: the model's :class:`~moekit.parallel.ExpertParallel` handle (None: one process,
@@ -300,8 +316,14 @@ def save_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     parts = _gather_digests(par, _own_digests(path, md, rank), world)
     error = next((p[2] for p in parts if p[2]), None)
     if rank == 0 and error is None:
-        manifest = {"format": FORMAT, "version": VERSION, "meta": meta or {}, "world_size": world,
-                    "expert_parallel": getattr(par, "ep_size", 1), "optimizer": opt_json}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "meta": meta or {},
+            "world_size": world,
+            "expert_parallel": getattr(par, "ep_size", 1),
+            "optimizer": opt_json,
+        }
         error = _publish(path, manifest, parts)
     _agree(par, error if rank == 0 else None)
 
@@ -312,8 +334,9 @@ def _write_parts(path: Path, state: dict, par, rank: int):
     from torch.distributed.checkpoint import FileSystemWriter
 
     try:
-        writer = FileSystemWriter(str(tmp_path(path)), single_file_per_rank=True, sync_files=True, thread_count=1,
-                                  overwrite=True)
+        writer = FileSystemWriter(
+            str(tmp_path(path)), single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             return dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
@@ -329,8 +352,12 @@ def _own_digests(path: Path, md, rank: int) -> tuple[dict, dict, Optional[str]]:
         prefix = f"__{rank}_"
         for index, info in md.storage_data.items():
             if info.relative_path.startswith(prefix):
-                mine[_item_key(index)] = {"file": info.relative_path, "offset": info.offset, "length": info.length,
-                                          "sha256": _sha256_range(tmp / info.relative_path, info.offset, info.length)}
+                mine[_item_key(index)] = {
+                    "file": info.relative_path,
+                    "offset": info.offset,
+                    "length": info.length,
+                    "sha256": _sha256_range(tmp / info.relative_path, info.offset, info.length),
+                }
         files = {p.name: p.stat().st_size for p in tmp.glob(prefix + "*.distcp")}
     except OSError as err:
         return mine, files, f"checkpoint {path}: rank {rank} cannot read back what it wrote ({_one_line(err)})"
@@ -359,8 +386,12 @@ def _publish(path: Path, manifest: dict, parts: list) -> Optional[str]:
         for m, f, _ in parts:
             items.update(m)
             all_files.update(f)
-        manifest = {**manifest, "metadata_sha256": _sha256_range(tmp / METADATA, 0, (tmp / METADATA).stat().st_size),
-                    "files": dict(sorted(all_files.items())), "items": dict(sorted(items.items()))}
+        manifest = {
+            **manifest,
+            "metadata_sha256": _sha256_range(tmp / METADATA, 0, (tmp / METADATA).stat().st_size),
+            "files": dict(sorted(all_files.items())),
+            "items": dict(sorted(items.items())),
+        }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
         if old.exists():
@@ -386,11 +417,15 @@ def _read_metadata(path: Path, manifest: dict):
     for name, size in manifest["files"].items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing the shard file {name} (written by rank "
-                                  f"{name[2:].split('_')[0]}; copy the whole folder)")
+            raise CheckpointError(
+                f"checkpoint {path} is missing the shard file {name} (written by rank "
+                f"{name[2:].split('_')[0]}; copy the whole folder)"
+            )
         if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path} is corrupt: the shard file {name} has {f.stat().st_size} bytes, "
-                                  f"{size} were written (truncated or damaged)")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: the shard file {name} has {f.stat().st_size} bytes, "
+                f"{size} were written (truncated or damaged)"
+            )
     try:
         with open(md_file, "rb") as f:
             md = pickle.load(f)
@@ -401,7 +436,11 @@ def _read_metadata(path: Path, manifest: dict):
     for index, info in storage.items():
         key = _item_key(index)
         item = manifest["items"].get(key)
-        if item is None or (item["file"], item["offset"], item["length"]) != (info.relative_path, info.offset, info.length):
+        if item is None or (item["file"], item["offset"], item["length"]) != (
+            info.relative_path,
+            info.offset,
+            info.length,
+        ):
             raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} and {METADATA} disagree about {key!r}")
     return md, tensors
 
@@ -410,17 +449,31 @@ def _check_model(path: Path, tensors: dict, expected: dict) -> None:
     """CheckpointError unless the checkpoint holds exactly ``expected`` (name -> global shape) under ``model.``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    saved = {k[len(MODEL):]: tuple(v.size) for k, v in tensors.items()
-             if k.startswith(MODEL) and isinstance(v, TensorStorageMetadata)}
+    saved = {
+        k[len(MODEL) :]: tuple(v.size)
+        for k, v in tensors.items()
+        if k.startswith(MODEL) and isinstance(v, TensorStorageMetadata)
+    }
     missing = [k for k in expected if k not in saved]
     extra = [k for k in saved if k not in expected]
-    shapes = [f"{k} is {saved[k]} in the checkpoint, {expected[k]} in the model" for k in expected
-              if k in saved and saved[k] != tuple(expected[k])]
+    shapes = [
+        f"{k} is {saved[k]} in the checkpoint, {expected[k]} in the model"
+        for k in expected
+        if k in saved and saved[k] != tuple(expected[k])
+    ]
     if missing or extra or shapes:
+
         def few(names):
             return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        parts = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(extra)}"] if extra else []) + shapes[:2]
-        raise CheckpointError(f"checkpoint {path} does not fit this model (another model's checkpoint?): {'; '.join(parts)}")
+
+        parts = (
+            ([f"missing {few(missing)}"] if missing else [])
+            + ([f"unexpected {few(extra)}"] if extra else [])
+            + shapes[:2]
+        )
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (another model's checkpoint?): {'; '.join(parts)}"
+        )
 
 
 def _verify_items(path: Path, manifest: dict, md, keys: set, rank: int, world: int) -> Optional[str]:
@@ -433,14 +486,17 @@ def _verify_items(path: Path, manifest: dict, md, keys: set, rank: int, world: i
         if r != rank:
             continue
         if _sha256_range(path / info.relative_path, info.offset, info.length) != manifest["items"][key]["sha256"]:
-            return (f"checkpoint {path} is corrupt: {key.split('@')[0]!r} in {info.relative_path} does not match its "
-                    f"SHA-256 checksum (the file was damaged after it was written)")
+            return (
+                f"checkpoint {path} is corrupt: {key.split('@')[0]!r} in {info.relative_path} does not match its "
+                f"SHA-256 checksum (the file was damaged after it was written)"
+            )
     return None
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, par=None, *,
-                     rng: bool = True) -> tuple[dict, dict]:
+def load_distributed(
+    path: Union[str, Path], model: nn.Module, optimizer=None, par=None, *, rng: bool = True
+) -> tuple[dict, dict]:
     """Load a DCP checkpoint folder into ``model`` (and ``optimizer``) in place, resharding to this
     layout; returns (meta, rng states). Collective when ``par`` is given (every rank calls it);
     with ``par=None`` one process reads it without a process group, into full tensors.
@@ -483,11 +539,13 @@ def load_distributed(path: Union[str, Path], model: nn.Module, optimizer=None, p
     if optimizer is not None:
         assert opt_plan is not None
         _load_optimizer(path, optimizer, manifest, state, opt_plan)
-    rng_states = {k[len(RNG):]: v for k, v in state.items() if k.startswith(RNG)}
+    rng_states = {k[len(RNG) :]: v for k, v in state.items() if k.startswith(RNG)}
     return manifest["meta"], rng_states
 
 
-def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Module, optimizer, par, state: dict) -> list:
+def _optimizer_targets(
+    path: Path, manifest: dict, tensors: dict, model: nn.Module, optimizer, par, state: dict
+) -> list:
     """Add the optimizer's tensors to ``state`` (allocated as the checkpoint stores them, this
     rank's experts only); returns the saved parameter groups by index order of ``optimizer``."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -498,23 +556,28 @@ def _optimizer_targets(path: Path, manifest: dict, tensors: dict, model: nn.Modu
     names = _param_names(model, optimizer)
     saved_names = [g["params"] for g in saved["param_groups"]]
     if saved_names != names:
-        raise CheckpointError(f"checkpoint {path} does not fit this optimizer: its parameter groups hold other "
-                              f"parameters ({[len(n) for n in saved_names]} per group; this optimizer: {[len(n) for n in names]})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this optimizer: its parameter groups hold other "
+            f"parameters ({[len(n) for n in saved_names]} per group; this optimizer: {[len(n) for n in names]})"
+        )
     params = dict(model.named_parameters())
     for k, v in tensors.items():
         if not k.startswith(OPTIM) or not isinstance(v, TensorStorageMetadata):
             continue
-        name = k[len(OPTIM):].rsplit(".", 1)[0]
+        name = k[len(OPTIM) :].rsplit(".", 1)[0]
         if name not in params:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: optimizer state for an unknown parameter {name!r}")
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: optimizer state for an unknown parameter {name!r}"
+            )
         p = params[name]
         shape, dtype = tuple(v.size), v.properties.dtype
         if _is_dtensor(p) and shape == tuple(p.shape):  # a DTensor parameter: its state is laid out like it
             from torch.distributed.tensor import DTensor
 
             local = torch.empty(p.to_local().shape, dtype=dtype, device=p.device)
-            state[k] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                          stride=p.stride())
+            state[k] = DTensor.from_local(
+                local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
         else:
             state[k] = torch.empty(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
     return saved["param_groups"]
@@ -525,15 +588,20 @@ def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: 
     opt_state: dict = {}
     for k, v in state.items():
         if k.startswith(OPTIM):
-            name, key = k[len(OPTIM):].rsplit(".", 1)
+            name, key = k[len(OPTIM) :].rsplit(".", 1)
             i = index[name]
             opt_state.setdefault(i, {})[key] = v
     for k, v in (manifest["optimizer"].get("scalars") or {}).items():
         name, key = k.rsplit(".", 1)
         opt_state.setdefault(index[name], {})[key] = v
     # JSON made tuples (AdamW's betas) lists: give them back the optimizer's own types
-    param_groups = [{**{k: tuple(v) if isinstance(v, list) and isinstance(cur.get(k), tuple) else v for k, v in g.items()},
-                     "params": [index[n] for n in g["params"]]} for g, cur in zip(groups, optimizer.param_groups)]
+    param_groups = [
+        {
+            **{k: tuple(v) if isinstance(v, list) and isinstance(cur.get(k), tuple) else v for k, v in g.items()},
+            "params": [index[n] for n in g["params"]],
+        }
+        for g, cur in zip(groups, optimizer.param_groups)
+    ]
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
     except (RuntimeError, ValueError, KeyError) as err:
@@ -551,8 +619,11 @@ def read_full_state(path: Union[str, Path], *, optimizer: bool = True) -> tuple[
     path = Path(path)
     manifest = read_manifest(path)
     md, tensors = _read_metadata(path, manifest)
-    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in tensors.items()
-             if isinstance(v, TensorStorageMetadata) and (optimizer or not k.startswith(OPTIM))}
+    state = {
+        k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+        for k, v in tensors.items()
+        if isinstance(v, TensorStorageMetadata) and (optimizer or not k.startswith(OPTIM))
+    }
     error = _verify_items(path, manifest, md, set(state), 0, 1)
     if error:
         raise CheckpointError(error)
@@ -562,8 +633,8 @@ def read_full_state(path: Union[str, Path], *, optimizer: bool = True) -> tuple[
             dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"reading the checkpoint {path} failed: {_one_line(err)}") from err
-    model_state = {k[len(MODEL):]: v for k, v in state.items() if k.startswith(MODEL)}
-    rng = {k[len(RNG):]: v for k, v in state.items() if k.startswith(RNG)}
+    model_state = {k[len(MODEL) :]: v for k, v in state.items() if k.startswith(MODEL)}
+    rng = {k[len(RNG) :]: v for k, v in state.items() if k.startswith(RNG)}
     opt_sd = None
     if optimizer and manifest.get("optimizer"):
         groups = manifest["optimizer"]["param_groups"]
@@ -571,13 +642,15 @@ def read_full_state(path: Union[str, Path], *, optimizer: bool = True) -> tuple[
         opt_state: dict = {}
         for k, v in state.items():
             if k.startswith(OPTIM):
-                name, key = k[len(OPTIM):].rsplit(".", 1)
+                name, key = k[len(OPTIM) :].rsplit(".", 1)
                 opt_state.setdefault(index[name], {})[key] = v
         for k, v in (manifest["optimizer"].get("scalars") or {}).items():
             name, key = k.rsplit(".", 1)
             opt_state.setdefault(index[name], {})[key] = v
-        opt_sd = {"state": dict(sorted(opt_state.items())),
-                  "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
+        opt_sd = {
+            "state": dict(sorted(opt_state.items())),
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+        }
     return model_state, opt_sd, rng, manifest["meta"]
 
 
@@ -592,5 +665,14 @@ def convert_to_single_file(path: Union[str, Path], out: Union[str, Path]) -> Pat
     return Path(out)
 
 
-__all__ = ["DCP_DIR", "save_distributed", "load_distributed", "read_full_state", "convert_to_single_file", "read_manifest",
-           "resolve", "repair", "remove"]
+__all__ = [
+    "DCP_DIR",
+    "save_distributed",
+    "load_distributed",
+    "read_full_state",
+    "convert_to_single_file",
+    "read_manifest",
+    "resolve",
+    "repair",
+    "remove",
+]

@@ -4,6 +4,7 @@ The lock is ``fcntl.flock`` on ``RUN/.lock``: the kernel releases it when the ho
 after ``kill -9``, so a crashed run never leaves a stale lock behind. The holder writes its pid
 (and host) into the file so that a second process can say who holds the folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent} is in use by {holder}: one training process per run folder "
-                                 f"(wait for it to finish, or stop it; it checkpoints on Ctrl-C or SIGTERM)") from None
+            raise RunLockedError(
+                f"{self.path.parent} is in use by {holder}: one training process per run folder "
+                f"(wait for it to finish, or stop it; it checkpoints on Ctrl-C or SIGTERM)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -47,7 +50,7 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

@@ -6,6 +6,7 @@ through pyplot: importing or calling this module leaves the caller's matplotlib 
 
 Shape legend: E experts, S logged steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,27 +75,45 @@ def val_loss_figure(run_dir: Path):
         return None
     fig = agg_figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
-    domains = sorted({k[len("val_loss_"):] for *_, rows in present for r in rows for k in r if k.startswith("val_loss_")})
+    domains = sorted(
+        {k[len("val_loss_") :] for *_, rows in present for r in rows for k in r if k.startswith("val_loss_")}
+    )
     for name, colour, marker, rows in present:
         steps, loss = _finite_series(rows, "val_loss")
         every = max(1, len(steps) // 40)
         series = {dom: _finite_series(rows, f"val_loss_{dom}") for dom in domains}
         series = {dom: pts for dom, pts in series.items() if pts[0]}
-        same = [dom for dom, (d_steps, d_loss) in series.items()
-                if d_steps == steps and all(math.isclose(a, b) for a, b in zip(d_loss, loss))]
+        same = [
+            dom
+            for dom, (d_steps, d_loss) in series.items()
+            if d_steps == steps and all(math.isclose(a, b) for a, b in zip(d_loss, loss))
+        ]
         only = f" ({same[0]} only)" if len(series) == 1 and same else ""
         ax.plot(steps, loss, "-", color=colour, marker=marker, ms=4, markevery=every, label=f"{name}, all{only}")
         for i, dom in enumerate(domains):
             if dom not in series or dom in same:
                 continue
             d_steps, d_loss = series[dom]
-            ax.plot(d_steps, d_loss, linestyle=DOMAIN_LINES[i % len(DOMAIN_LINES)], color=colour, alpha=0.6, marker=marker,
-                    ms=3.5, mfc="none", markevery=every, label=f"{name}, {dom}")
+            ax.plot(
+                d_steps,
+                d_loss,
+                linestyle=DOMAIN_LINES[i % len(DOMAIN_LINES)],
+                color=colour,
+                alpha=0.6,
+                marker=marker,
+                ms=3.5,
+                mfc="none",
+                markevery=every,
+                label=f"{name}, {dom}",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     names = [name for name, *_ in present]
-    ax.set_title("validation loss: MoE vs. dense model of equal active parameters" if len(names) > 1
-                 else f"validation loss: {names[0]} model")
+    ax.set_title(
+        "validation loss: MoE vs. dense model of equal active parameters"
+        if len(names) > 1
+        else f"validation loss: {names[0]} model"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -145,13 +164,23 @@ def expert_load_figure(run_dir: Path):
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")
-    axes[0][0].set_title(f"share of routed tokens per expert over training ({E} experts, expert 0 at the bottom)",
-                         fontsize=10)
+    axes[0][0].set_title(
+        f"share of routed tokens per expert over training ({E} experts, expert 0 at the bottom)", fontsize=10
+    )
     if E <= LEGEND_MAX_EXPERTS:
         rows_fit = max(4, int(height * 5.5))
-        handles = [Patch(facecolor=colours[e], label=f"expert {e}") for e in reversed(range(E))]  # top of the stack first
-        fig.legend(handles=handles, loc="outside right upper", fontsize=7, ncol=math.ceil(E / rows_fit),
-                   title="expert", title_fontsize=8, frameon=False)
+        handles = [
+            Patch(facecolor=colours[e], label=f"expert {e}") for e in reversed(range(E))
+        ]  # top of the stack first
+        fig.legend(
+            handles=handles,
+            loc="outside right upper",
+            fontsize=7,
+            ncol=math.ceil(E / rows_fit),
+            title="expert",
+            title_fontsize=8,
+            frameon=False,
+        )
     else:
         cmap = ListedColormap(colours)
         norm = BoundaryNorm([e - 0.5 for e in range(E + 1)], E)

@@ -1,5 +1,6 @@
 """The main job: train a MoE language model and its dense twin (same active parameters per token,
 same tokens, same steps) into one run folder, then compare them and plot."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,16 +10,16 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from .._io import atomic_write_bytes, remove_stale_temporaries
 from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
-from .._io import atomic_write_bytes, remove_stale_temporaries
 from ..interop import load_hf
 from ..interop.folders import hf_tokenizer, is_hf_folder
 from ..runs import COMPARISON, CONFIG, TOKENIZER, load_run_config, save_run_config, sub_runs
-from .checkpoint import CheckpointError
-from .lock import RunLock
 from . import distcp
+from .checkpoint import CheckpointError
 from .distcp import DCP_DIR
+from .lock import RunLock
 from .trainer import CHECKPOINT, SUMMARY, Trainer, find_checkpoint, read_metrics
 
 
@@ -29,7 +30,9 @@ def default_model_config(preset: str = "deepseek", **overrides) -> LMConfig:
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
-    moe: dict[str, Any] = dict(dim=128, hidden_dim=128 if preset in ("deepseek", "qwen_moe") else 256, **PRESETS[preset])
+    moe: dict[str, Any] = dict(
+        dim=128, hidden_dim=128 if preset in ("deepseek", "qwen_moe") else 256, **PRESETS[preset]
+    )
     model: dict[str, Any] = dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256, moe=MoEConfig(**moe))
     model.update(overrides)
     return LMConfig(**model)
@@ -41,7 +44,9 @@ def _hf_start(path: str):
     ``router_aux_loss_coef`` times the balance loss pooled over the MoE layers, and no other term
     (see :func:`moekit.interop.config_from_hf`)."""
     if not is_hf_folder(path):
-        raise FileNotFoundError(f"--init-from: {path} is not a Hugging Face checkpoint folder (config.json with model_type)")
+        raise FileNotFoundError(
+            f"--init-from: {path} is not a Hugging Face checkpoint folder (config.json with model_type)"
+        )
     model = load_hf(str(path), training_losses=True)
     return model.cfg, model.state_dict(), hf_tokenizer(path)
 
@@ -54,11 +59,22 @@ def distributed_launch() -> bool:
 RESUME_CHANGES = ("steps", "expert_parallel", "device", "threads", "compile")  # train fields a --resume may change
 
 
-def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Optional[TrainConfig] = None, *,
-              baseline: bool = True, dense_only: bool = False, resume: bool = False, progress: bool = True,
-              stop_at: Optional[int] = None, plots: bool = True, init_from: Optional[str] = None,
-              expert_parallel: Optional[int] = None, changes: Optional[dict] = None,
-              restart_missing: bool = False) -> dict:
+def run_train(
+    run_dir: Path,
+    model_cfg: Optional[LMConfig] = None,
+    train_cfg: Optional[TrainConfig] = None,
+    *,
+    baseline: bool = True,
+    dense_only: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: Optional[int] = None,
+    plots: bool = True,
+    init_from: Optional[str] = None,
+    expert_parallel: Optional[int] = None,
+    changes: Optional[dict] = None,
+    restart_missing: bool = False,
+) -> dict:
     """Train the run's models (resuming where a checkpoint exists) and write the comparison.
     ``init_from``: fine-tune a Hugging Face checkpoint folder (its tokenizer, no dense baseline).
 
@@ -81,8 +97,9 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
     if resume:
         model_cfg, train_cfg, raw = load_run_config(run_dir)
         tok = load_tokenizer(run_dir / TOKENIZER)
-        train_cfg = _apply_resume_changes(train_cfg, {**(changes or {}),
-                                                      **({} if expert_parallel is None else {"expert_parallel": expert_parallel})})
+        train_cfg = _apply_resume_changes(
+            train_cfg, {**(changes or {}), **({} if expert_parallel is None else {"expert_parallel": expert_parallel})}
+        )
     else:
         if train_cfg is None or (model_cfg is None and init_from is None):
             raise ValueError("train_cfg and model_cfg (or init_from) are required for a new run")
@@ -97,7 +114,9 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
         model_cfg, init_state, tok = _hf_start(init_from)
         raw = {"baseline": False, "dense_only": False}
     assert model_cfg is not None  # given, read from the run folder, or from init_from
-    data, model_cfg = _prepare_data(train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None)
+    data, model_cfg = _prepare_data(
+        train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None
+    )
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:
         if is_main:  # under the lock no other process is writing: temporaries left here are a killed write's
@@ -110,16 +129,47 @@ def run_train(run_dir: Path, model_cfg: Optional[LMConfig] = None, train_cfg: Op
         elif is_main:
             _check_new_run(run_dir)  # again, under the lock: another process may have started it meanwhile
             data.tokenizer.save(run_dir / TOKENIZER)
-            save_run_config(run_dir, model_cfg, train_cfg, baseline=raw["baseline"], dense_only=raw["dense_only"],
-                            init_from=init_from)
-        return _train_sub_runs(run_dir, raw, model_cfg, train_cfg, data, resume=resume, progress=progress,
-                               stop_at=stop_at, plots=plots, init_state=init_state, distributed=distributed,
-                               device=device, is_main=is_main)
+            save_run_config(
+                run_dir,
+                model_cfg,
+                train_cfg,
+                baseline=raw["baseline"],
+                dense_only=raw["dense_only"],
+                init_from=init_from,
+            )
+        return _train_sub_runs(
+            run_dir,
+            raw,
+            model_cfg,
+            train_cfg,
+            data,
+            resume=resume,
+            progress=progress,
+            stop_at=stop_at,
+            plots=plots,
+            init_state=init_state,
+            distributed=distributed,
+            device=device,
+            is_main=is_main,
+        )
 
 
-def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, data, *, resume: bool,
-                    progress: bool, stop_at: Optional[int], plots: bool, init_state: Optional[dict], distributed: bool,
-                    device, is_main: bool) -> dict:
+def _train_sub_runs(
+    run_dir: Path,
+    raw: dict,
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    data,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_at: Optional[int],
+    plots: bool,
+    init_state: Optional[dict],
+    distributed: bool,
+    device,
+    is_main: bool,
+) -> dict:
     """Train (or continue) each model of the run in turn, then write the comparison and plots."""
     summaries = {}
     for label, cfg in sub_runs(raw, model_cfg):
@@ -128,15 +178,32 @@ def _train_sub_runs(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: Tr
         if done is not None:
             summaries[label] = done
             continue
-        trainer = Trainer(sub, cfg, train_cfg, data, label=label, progress=progress, init_state=init_state,
-                          distributed=distributed, device=device)
+        trainer = Trainer(
+            sub,
+            cfg,
+            train_cfg,
+            data,
+            label=label,
+            progress=progress,
+            init_state=init_state,
+            distributed=distributed,
+            device=device,
+        )
         res = trainer.fit(resume=resume and find_checkpoint(sub) is not None, stop_at=stop_at)
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "label": label}
         summaries[label] = res
-    comparison = {"summaries": summaries, "data": {"source": data.source, "domains": data.domains,
-                                                   "train_tokens": data.train_ids_N.numel(), "val_tokens": data.val_ids_N.numel(),
-                                                   "tokenizer": data.tokenizer.kind, "vocab_size": data.tokenizer.vocab_size}}
+    comparison = {
+        "summaries": summaries,
+        "data": {
+            "source": data.source,
+            "domains": data.domains,
+            "train_tokens": data.train_ids_N.numel(),
+            "val_tokens": data.val_ids_N.numel(),
+            "tokenizer": data.tokenizer.kind,
+            "vocab_size": data.tokenizer.vocab_size,
+        },
+    }
     if not is_main:
         return comparison
     atomic_write_bytes(run_dir / COMPARISON, json.dumps(comparison, indent=2).encode())
@@ -175,8 +242,11 @@ def convert_run(run_dir: Path, *, keep: bool = False, verbose: bool = True) -> l
 
 
 def _run_flags(raw: dict) -> dict:
-    return {"baseline": raw.get("baseline", True), "dense_only": raw.get("dense_only", False),
-            "init_from": raw.get("init_from")}
+    return {
+        "baseline": raw.get("baseline", True),
+        "dense_only": raw.get("dense_only", False),
+        "init_from": raw.get("init_from"),
+    }
 
 
 def _check_folder_path(run_dir: Path) -> None:
@@ -194,8 +264,10 @@ def _apply_resume_changes(train_cfg: TrainConfig, changes: dict) -> TrainConfig:
     """The run's train config with the fields a resume may change replaced (others: ValueError)."""
     bad = sorted(set(changes) - set(RESUME_CHANGES))
     if bad:
-        raise ValueError(f"a resumed run keeps its settings; {', '.join('train.' + b for b in bad)} cannot change "
-                         f"(a resume may change: {', '.join(RESUME_CHANGES)})")
+        raise ValueError(
+            f"a resumed run keeps its settings; {', '.join('train.' + b for b in bad)} cannot change "
+            f"(a resume may change: {', '.join(RESUME_CHANGES)})"
+        )
     return dataclasses.replace(train_cfg, **changes) if changes else train_cfg
 
 
@@ -205,8 +277,9 @@ def _trained_steps(sub: Path) -> int:
     return max([r["step"] for r in read_metrics(sub)] + [summary["steps"] if summary else 0])
 
 
-def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, restart_missing: bool,
-                     verbose: bool = True) -> None:
+def _check_resumable(
+    run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: TrainConfig, restart_missing: bool, verbose: bool = True
+) -> None:
     """Refuse to silently restart a model whose checkpoint is gone, or to shorten a run below
     what was already trained."""
     for label, _ in sub_runs(raw, model_cfg):
@@ -214,10 +287,12 @@ def _check_resumable(run_dir: Path, raw: dict, model_cfg: LMConfig, train_cfg: T
         trained = _trained_steps(sub)
         if trained and find_checkpoint(sub) is None and _finished_summary(sub, train_cfg.steps) is None:
             if not restart_missing:
-                raise CheckpointError(f"{sub / CHECKPOINT} is missing (and there is no {DCP_DIR} folder), but {label} "
-                                      f"has trained {trained} steps "
-                                      f"(deleted, or killed before its first checkpoint): restore the file, or pass "
-                                      f"--restart-missing to train {label} again from step 0")
+                raise CheckpointError(
+                    f"{sub / CHECKPOINT} is missing (and there is no {DCP_DIR} folder), but {label} "
+                    f"has trained {trained} steps "
+                    f"(deleted, or killed before its first checkpoint): restore the file, or pass "
+                    f"--restart-missing to train {label} again from step 0"
+                )
             if verbose:
                 print(f"{label}: no checkpoint; training it again from step 0 (--restart-missing)")
         if trained > train_cfg.steps:
@@ -240,8 +315,9 @@ def _finished_summary(sub: Path, steps: int) -> Optional[dict]:
     return summary if summary is not None and summary["steps"] >= steps else None
 
 
-def _prepare_data(train_cfg: TrainConfig, model_cfg: LMConfig, tok, distributed: bool, is_main: bool, *,
-                  fixed_vocab: bool):
+def _prepare_data(
+    train_cfg: TrainConfig, model_cfg: LMConfig, tok, distributed: bool, is_main: bool, *, fixed_vocab: bool
+):
     """(data, model config with the tokenizer's vocabulary) after checking that they fit together:
     the vocabulary, the sequence length and the size of both splits."""
     if distributed:
@@ -254,17 +330,23 @@ def _prepare_data(train_cfg: TrainConfig, model_cfg: LMConfig, tok, distributed:
     if data.tokenizer.vocab_size != model_cfg.vocab_size:
         if fixed_vocab:
             if data.tokenizer.vocab_size > model_cfg.vocab_size:
-                raise ValueError(f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}")
+                raise ValueError(
+                    f"tokenizer vocabulary {data.tokenizer.vocab_size} > model vocab_size {model_cfg.vocab_size}"
+                )
         else:
             model_cfg = LMConfig.from_dict({**model_cfg.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     if train_cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} "
-                         f"(lower --seq-len or set model.max_seq_len)")
+        raise ValueError(
+            f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len} "
+            f"(lower --seq-len or set model.max_seq_len)"
+        )
     need = train_cfg.seq_len + 2
     for split, ids in (("training", data.train_ids_N), ("validation", data.val_ids_N)):
         if ids.numel() < need:
-            raise ValueError(f"the {split} split of {train_cfg.data or 'the corpus'} has {ids.numel()} tokens; "
-                             f"seq_len={train_cfg.seq_len} needs at least {need} (more --data, or a lower --seq-len)")
+            raise ValueError(
+                f"the {split} split of {train_cfg.data or 'the corpus'} has {ids.numel()} tokens; "
+                f"seq_len={train_cfg.seq_len} needs at least {need} (more --data, or a lower --seq-len)"
+            )
     return data, model_cfg
 
 
@@ -276,8 +358,10 @@ def _setup_distributed(cfg: TrainConfig):
     check_device_available("device", cfg.device)
     if not distributed_launch():
         if cfg.expert_parallel > 1:
-            raise ValueError(f"expert_parallel={cfg.expert_parallel} needs one process per rank: launch with "
-                             f"torchrun --nproc-per-node {cfg.expert_parallel} -m moekit train ...")
+            raise ValueError(
+                f"expert_parallel={cfg.expert_parallel} needs one process per rank: launch with "
+                f"torchrun --nproc-per-node {cfg.expert_parallel} -m moekit train ..."
+            )
         return False, torch.device(cfg.device), True
     from ..parallel import init_distributed
 

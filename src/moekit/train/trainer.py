@@ -12,6 +12,7 @@ current step, write a checkpoint and raise :class:`TrainingInterrupted` (the CLI
 not finite stops training before the step is applied, with :class:`TrainingDiverged`; a
 checkpoint is never written with non-finite weights, so the last good one stays on disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write_text, remove_stale_temporaries
 from ..config import LMConfig, TrainConfig, check_device_available
 from ..data import TokenData, fixed_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
-from .._io import atomic_write_text, remove_stale_temporaries
 from . import distcp
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distcp import DCP_DIR, load_distributed, save_distributed
@@ -65,7 +66,7 @@ class _DeferredInterrupt:
     stops at once (the last checkpoint is kept). Under torchrun the ranks agree on stopping at the
     same step. The previous handlers are restored on exit."""
 
-    def __enter__(self) -> "_DeferredInterrupt":
+    def __enter__(self) -> _DeferredInterrupt:
         self.requested, self.signum, self._old, self._first = False, None, {}, 0.0
         for sig in STOP_SIGNALS:
             try:
@@ -125,8 +126,15 @@ def balance_of(tokens_per_expert: list) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: torch.device, *, top_k: Optional[int] = None,
-             parallel=None) -> dict:
+def evaluate(
+    model: MoETransformer,
+    data: TokenData,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    top_k: Optional[int] = None,
+    parallel=None,
+) -> dict:
     """Validation loss overall and per domain, and the tokens each expert received. With an
     expert-parallel ``parallel`` handle every batch of windows is split over the ranks (some may
     get none: they still join the collectives) and the sums are all-reduced, so the result is
@@ -147,7 +155,9 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig, device: t
         dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(x.to(device), top_k=top_k)
-        tok_loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu().double()
+        tok_loss = (
+            F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu().double()
+        )
         loss_sum += torch.zeros(n_dom, dtype=torch.float64).index_add_(0, dom.flatten(), tok_loss)
         count += torch.bincount(dom.flatten(), minlength=n_dom).double()
         layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
@@ -188,9 +198,19 @@ class Trainer:
 
     _last_eval: dict  # the latest evaluate() row ({} before the first)
 
-    def __init__(self, run_dir: Path, model_cfg: LMConfig, cfg: TrainConfig, data: TokenData, *, label: str = "moe",
-                 progress: bool = True, init_state: Optional[dict] = None, distributed: bool = False,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        model_cfg: LMConfig,
+        cfg: TrainConfig,
+        data: TokenData,
+        *,
+        label: str = "moe",
+        progress: bool = True,
+        init_state: Optional[dict] = None,
+        distributed: bool = False,
+        device: Optional[torch.device] = None,
+    ):
         self.dir = Path(run_dir)
         self.model_cfg, self.cfg, self.data, self.label = model_cfg, cfg, data, label
         self.device = device if device is not None else torch.device(cfg.device)
@@ -210,7 +230,9 @@ class Trainer:
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
         if cfg.compile and self.par is not None:
-            raise ValueError("compile=True is not supported with expert or data parallelism yet; train without --compile")
+            raise ValueError(
+                "compile=True is not supported with expert or data parallelism yet; train without --compile"
+            )
         # the training steps run the compiled module; weights, checkpoints and evaluation use the model itself
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -226,7 +248,9 @@ class Trainer:
         from ..parallel import apply_expert_parallel, make_mesh
 
         if self.cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
-            raise ValueError(f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})")
+            raise ValueError(
+                f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})"
+            )
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
         amp = autocast_dtype(self.cfg, self.device)
@@ -244,10 +268,18 @@ class Trainer:
         params = [_local(p) for p in self.model.parameters()]
         p_bytes = sum(p.numel() * p.element_size() for p in params)
         g_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-        o_bytes = sum(_local(v).numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
-                      if torch.is_tensor(v))
-        return {"parameters": p_bytes, "gradients": g_bytes, "optimizer": o_bytes,
-                "ranks": self.par.world_size if self.par is not None else 1}
+        o_bytes = sum(
+            _local(v).numel() * v.element_size()
+            for st in self.opt.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
+        return {
+            "parameters": p_bytes,
+            "gradients": g_bytes,
+            "optimizer": o_bytes,
+            "ranks": self.par.world_size if self.par is not None else 1,
+        }
 
     # -------------------------------------------------------------- state
     def _rng(self) -> dict:
@@ -264,12 +296,20 @@ class Trainer:
     def save(self, finished: bool = False) -> None:
         """Write the checkpoint (collective under torchrun); TrainingDiverged instead if a weight is
         not finite, so the checkpoint on disk stays the last good one."""
-        bad = next((k for k, v in self.model.state_dict().items()
-                    if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())), None)
+        bad = next(
+            (
+                k
+                for k, v in self.model.state_dict().items()
+                if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())
+            ),
+            None,
+        )
         if self._any(bad is not None):
             where = f" ({bad})" if bad is not None else " (on another rank)"
-            raise TrainingDiverged(f"{self.label}: the weights after step {self.step} are not finite{where}; "
-                                   f"no checkpoint written; {self._kept()}")
+            raise TrainingDiverged(
+                f"{self.label}: the weights after step {self.step} are not finite{where}; "
+                f"no checkpoint written; {self._kept()}"
+            )
         meta = {"step": self.step, "label": self.label, "finished": finished}
         if self.par is None:
             save_checkpoint(self.dir / CHECKPOINT, self.model, self.opt, rng=self._rng(), meta=meta)
@@ -324,8 +364,11 @@ class Trainer:
                 rows.append(line)
         if unreadable:
             lines = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
-            warnings.warn(f"moekit: {path}: dropped {len(unreadable)} unreadable line(s) (line {lines}; a write cut "
-                          "short by a kill leaves a torn last line)", stacklevel=2)
+            warnings.warn(
+                f"moekit: {path}: dropped {len(unreadable)} unreadable line(s) (line {lines}; a write cut "
+                "short by a kill leaves a torn last line)",
+                stacklevel=2,
+            )
         atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _log(self, row: dict) -> None:
@@ -345,8 +388,9 @@ class Trainer:
                 stopped = self._train_steps(bar, interrupt, stop_at)
             except _HardInterrupt:
                 bar.close()
-                raise TrainingInterrupted(f"stopped at once during step {self.step + 1}; {self._kept()}",
-                                          interrupt.signum) from None
+                raise TrainingInterrupted(
+                    f"stopped at once during step {self.step + 1}; {self._kept()}", interrupt.signum
+                ) from None
             except KeyboardInterrupt:
                 bar.close()
                 self._save_interrupted(interrupt)
@@ -359,8 +403,11 @@ class Trainer:
             self.save(finished=True)
             summary = self._summary()
             if self._any(interrupt.requested):  # a signal after the last step
-                raise TrainingInterrupted(f"interrupted ({interrupt.name}) after {self.label} finished; "
-                                          f"its checkpoint is saved in {self.dir}", interrupt.signum)
+                raise TrainingInterrupted(
+                    f"interrupted ({interrupt.name}) after {self.label} finished; "
+                    f"its checkpoint is saved in {self.dir}",
+                    interrupt.signum,
+                )
         return summary
 
     def _start(self, resume: bool) -> None:
@@ -381,14 +428,21 @@ class Trainer:
     def _progress_bar(self):
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.label}", disable=not self.progress,
-                    dynamic_ncols=True, leave=True, mininterval=0.2 if sys.stderr.isatty() else 30.0)
+        return tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc=f"train {self.label}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.2 if sys.stderr.isatty() else 30.0,
+        )
 
     def _any(self, flag: bool) -> bool:
         """``flag`` on any rank (one process: ``flag``)."""
         return self.par.any(flag) if self.par is not None else bool(flag)
 
-    def _train_steps(self, bar, interrupt: "_DeferredInterrupt", stop_at: Optional[int]) -> bool:
+    def _train_steps(self, bar, interrupt: _DeferredInterrupt, stop_at: Optional[int]) -> bool:
         """Steps until ``cfg.steps``; True when stopped at ``stop_at`` (checkpoint written)."""
         cfg = self.cfg
         self.model.train()
@@ -427,9 +481,14 @@ class Trainer:
             out = self.step_model(x.to(self.device), y.to(self.device))
         loss = out.loss + out.aux_loss
         loss.backward()  # under torchrun FSDP reduces the gradients here
-        # without clipping, an infinite bound still returns the norm (to check and log) and leaves the gradients as they are
+        # without clipping, an infinite bound still returns the norm (to check and log) and leaves
+        # the gradients as they are
         clip = cfg.grad_clip or math.inf
-        gnorm = par.clip_grad_norm_(clip) if par is not None else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        gnorm = (
+            par.clip_grad_norm_(clip)
+            if par is not None
+            else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        )
         self._check_finite(loss.detach().item(), float(gnorm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -445,21 +504,29 @@ class Trainer:
         loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
         dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
         task_loss = out.loss.item() if self.par is None else self.par.mean(out.loss.item())
-        row = {"step": self.step, "loss": task_loss, "aux_loss": out.aux_loss.item(), "lr": lr,
-               "grad_norm": float(gnorm), "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / dt}
+        row = {
+            "step": self.step,
+            "loss": task_loss,
+            "aux_loss": out.aux_loss.item(),
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / dt,
+        }
         if loads:
             row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
         return row
 
-    def _save_interrupted(self, interrupt: "_DeferredInterrupt") -> None:
+    def _save_interrupted(self, interrupt: _DeferredInterrupt) -> None:
         """After Ctrl-C or SIGTERM: checkpoint, then raise TrainingInterrupted."""
         try:
             self.save()
         except _HardInterrupt:  # a second signal while saving: the atomic write leaves the old file
-            raise TrainingInterrupted(f"stopped at once while saving step {self.step}; {self._kept()}",
-                                      interrupt.signum) from None
-        raise TrainingInterrupted(f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}",
-                                  interrupt.signum) from None
+            raise TrainingInterrupted(
+                f"stopped at once while saving step {self.step}; {self._kept()}", interrupt.signum
+            ) from None
+        raise TrainingInterrupted(
+            f"interrupted ({interrupt.name}) at step {self.step}; checkpoint saved in {self.dir}", interrupt.signum
+        ) from None
 
     def _summary(self) -> dict:
         """The finished sub-run's summary (written by the main rank to summary.json)."""
@@ -470,21 +537,29 @@ class Trainer:
                 counts = MoETransformer(self.model_cfg).param_counts()
         last_eval = self._last_eval or evaluate(self.model, self.data, self.cfg, self.device, parallel=self.par)
         tokens_per_step = self.cfg.batch_size * self.cfg.seq_len
-        summary = {"label": self.label, "steps": self.step, **{f"params_{k}": v for k, v in counts.items()},
-                   "tokens_per_s": tokens_per_step * self._n_timed / self._t_train if self._t_train else None,
-                   **{k: v for k, v in last_eval.items() if k.startswith("val_loss")},
-                   "state_bytes_per_rank": self._state_bytes()}
+        summary = {
+            "label": self.label,
+            "steps": self.step,
+            **{f"params_{k}": v for k, v in counts.items()},
+            "tokens_per_s": tokens_per_step * self._n_timed / self._t_train if self._t_train else None,
+            **{k: v for k, v in last_eval.items() if k.startswith("val_loss")},
+            "state_bytes_per_rank": self._state_bytes(),
+        }
         if self.main:
             atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
 
     def _check_finite(self, loss: float, gnorm: float) -> None:
         """TrainingDiverged (on every rank) unless this step's loss and gradient norm are finite."""
-        bad = [f"{what} is {v}" for what, v in (("the loss", loss), ("the gradient norm", gnorm)) if not math.isfinite(v)]
+        bad = [
+            f"{what} is {v}" for what, v in (("the loss", loss), ("the gradient norm", gnorm)) if not math.isfinite(v)
+        ]
         if self._any(bool(bad)):
             what = " and ".join(bad) if bad else "another rank's loss or gradient norm is not finite"
-            raise TrainingDiverged(f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
-                                   f"applying the step (lower train.lr or check the data); {self._kept()}")
+            raise TrainingDiverged(
+                f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
+                f"applying the step (lower train.lr or check the data); {self._kept()}"
+            )
 
 
 def _postfix(row: dict) -> dict:
@@ -549,5 +624,14 @@ def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoE
     return model.to(device).eval()
 
 
-__all__ = ["Trainer", "TrainingInterrupted", "TrainingDiverged", "CheckpointError", "evaluate", "lr_at", "load_trained",
-           "find_checkpoint", "checkpoint_step"]
+__all__ = [
+    "Trainer",
+    "TrainingInterrupted",
+    "TrainingDiverged",
+    "CheckpointError",
+    "evaluate",
+    "lr_at",
+    "load_trained",
+    "find_checkpoint",
+    "checkpoint_step",
+]

@@ -27,6 +27,7 @@ fp64/fp32/fp16) against ``moekit.kernels.reference.loop_ffn``, and compiled for 
 GPU (``benchmarks/compile_sm90.py``). Never run on a GPU: nothing about their speed is known and
 the tuning candidates are unmeasured. See docs/kernels.md.
 """
+
 from .activations import act_kind
 from .autograd import triton_ffn, triton_moe_ffn
 from .gemm import INTERPRETED

@@ -5,6 +5,7 @@ A kind is an elementwise function ``f`` plus a flag: gated kinds split the up pr
 columns ``[gate | up]`` (H = 2F) and compute ``f(gate) * up``; the others compute ``f(pre)``.
 Everything is evaluated in the accumulator's dtype (fp32, or fp64 for fp64 inputs).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

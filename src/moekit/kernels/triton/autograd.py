@@ -16,6 +16,7 @@ Backward (four launches):
 Shape legend: T source rows, R rows in expert order, S output rows, D model width, F expert
 width, H = F or 2F, E experts.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -25,8 +26,8 @@ from torch import Tensor
 
 from ...config import check_positive
 from ..activations import Act
-from .activations import ActKind, act_kind
 from . import tune
+from .activations import ActKind, act_kind
 from .config import KNOWN_KEYS, candidates, check_config, default_config, heuristic_config
 from .gemm import INTERPRETED, grouped_down_bwd, grouped_mm, grouped_up, grouped_wgrad
 from .schedule import TileTable, tile_table
@@ -42,8 +43,22 @@ def _as_index(idx: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 
 class _TritonExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w_up_EDH, w_down_EFD, scale_R, counts_E, token_idx_R, out_idx_R, num_rows,
-                num_out_rows, act_code, gated, top_k, cfg):
+    def forward(
+        ctx,
+        x_TD,
+        w_up_EDH,
+        w_down_EFD,
+        scale_R,
+        counts_E,
+        token_idx_R,
+        out_idx_R,
+        num_rows,
+        num_out_rows,
+        act_code,
+        gated,
+        top_k,
+        cfg,
+    ):
         tiles = tile_table(counts_E, num_rows, cfg["BLOCK_M"])
         needs_grad = any(ctx.needs_input_grad[:4])
         pre_RH, h_RF = grouped_up(x_TD, token_idx_R, w_up_EDH, tiles, act_code, gated, num_rows, needs_grad, cfg)
@@ -51,23 +66,56 @@ class _TritonExpertFFN(torch.autograd.Function):
         y_SD = x_TD.new_zeros(num_out_rows, D)  # rows no tile writes (padding, unscattered) stay zero
         grouped_mm(h_RF, None, w_down_EFD, tiles, y_SD, scale_R, out_idx_R, cfg)
         if needs_grad:
-            ctx.save_for_backward(x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
-                                  tiles.expert_N, tiles.start_N, tiles.end_N, tiles.starts_E, tiles.ends_E)
+            ctx.save_for_backward(
+                x_TD,
+                w_up_EDH,
+                w_down_EFD,
+                scale_R,
+                token_idx_R,
+                out_idx_R,
+                pre_RH,
+                tiles.expert_N,
+                tiles.start_N,
+                tiles.end_N,
+                tiles.starts_E,
+                tiles.ends_E,
+            )
             ctx.act_code, ctx.gated, ctx.cfg, ctx.block_m, ctx.top_k = act_code, gated, cfg, tiles.block_m, top_k
         return y_SD
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels' backward builds no graph: raise on double backward
     def backward(ctx, g_SD):
-        (x_TD, w_up_EDH, w_down_EFD, scale_R, token_idx_R, out_idx_R, pre_RH,
-         expert_N, start_N, end_N, starts_E, ends_E) = ctx.saved_tensors
+        (
+            x_TD,
+            w_up_EDH,
+            w_down_EFD,
+            scale_R,
+            token_idx_R,
+            out_idx_R,
+            pre_RH,
+            expert_N,
+            start_N,
+            end_N,
+            starts_E,
+            ends_E,
+        ) = ctx.saved_tensors
         tiles = TileTable(expert_N, start_N, end_N, starts_E, ends_E, ctx.block_m)
         cfg = ctx.cfg
         need_x, need_up, need_down, need_s = ctx.needs_input_grad[:4]
         need_s = need_s and scale_R is not None
         d_pre_RH, h_RF, ds_R = grouped_down_bwd(
-            g_SD, out_idx_R, w_down_EFD, pre_RH, scale_R, tiles, ctx.act_code, ctx.gated,
-            store_h=need_down, store_ds=need_s, cfg=cfg,
+            g_SD,
+            out_idx_R,
+            w_down_EFD,
+            pre_RH,
+            scale_R,
+            tiles,
+            ctx.act_code,
+            ctx.gated,
+            store_h=need_down,
+            store_ds=need_s,
+            cfg=cfg,
         )
         dx = dw_up = dw_down = ds = None
         if need_x:
@@ -131,8 +179,18 @@ def triton_moe_ffn(
     ``out_idx_R[r]`` of the ``T*K`` output rows, and the input gradient is summed per token in a
     fixed order (deterministic), instead of the atomic ``index_add_`` a general gather needs.
     """
-    rows = _check_arguments(x_TD, counts_E, w_up_EDH, w_down_EFD, act, token_idx_R=token_idx_R, scale_R=scale_R,
-                            out_idx_R=out_idx_R, num_out_rows=num_out_rows, top_k=top_k)
+    rows = _check_arguments(
+        x_TD,
+        counts_E,
+        w_up_EDH,
+        w_down_EFD,
+        act,
+        token_idx_R=token_idx_R,
+        scale_R=scale_R,
+        out_idx_R=out_idx_R,
+        num_out_rows=num_out_rows,
+        top_k=top_k,
+    )
     return _moe_ffn(x_TD, w_up_EDH, w_down_EFD, rows, top_k, config)
 
 
@@ -148,9 +206,19 @@ class _Rows(NamedTuple):
     num_out_rows: int  # S
 
 
-def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, act: Act, *,
-                     token_idx_R: Optional[Tensor], scale_R: Optional[Tensor], out_idx_R: Optional[Tensor],
-                     num_out_rows: Optional[int], top_k: Optional[int]) -> _Rows:
+def _check_arguments(
+    x_TD: Tensor,
+    counts_E: Tensor,
+    w_up_EDH: Tensor,
+    w_down_EFD: Tensor,
+    act: Act,
+    *,
+    token_idx_R: Optional[Tensor],
+    scale_R: Optional[Tensor],
+    out_idx_R: Optional[Tensor],
+    num_out_rows: Optional[int],
+    top_k: Optional[int],
+) -> _Rows:
     """Check :func:`triton_moe_ffn`'s arguments (ValueError naming the first that does not fit) and
     normalise the row indices: slot mode's gather, int32 indices, the output row count."""
     kind = act_kind(act)
@@ -160,7 +228,9 @@ def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EF
     if x_TD.dim() != 2 or w_up_EDH.dim() != 3 or w_down_EFD.dim() != 3:
         raise ValueError("expected x (T, D), w_up (E, D, H), w_down (E, F, D)")
     if not (x_TD.dtype == w_up_EDH.dtype == w_down_EFD.dtype):
-        raise ValueError(f"x, w_up and w_down must share a dtype; got {x_TD.dtype}, {w_up_EDH.dtype}, {w_down_EFD.dtype}")
+        raise ValueError(
+            f"x, w_up and w_down must share a dtype; got {x_TD.dtype}, {w_up_EDH.dtype}, {w_down_EFD.dtype}"
+        )
     E, D, H = w_up_EDH.shape
     F = w_down_EFD.shape[1]
     if x_TD.shape[1] != D or w_down_EFD.shape != (E, F, D) or H != (2 * F if kind.gated else F):
@@ -173,7 +243,9 @@ def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EF
     if top_k is not None:
         check_positive("top_k", top_k, integer=True)
         if out_idx_R is None or token_idx_R is not None:
-            raise ValueError("top_k (slot mode) needs out_idx_R (slot ids) and no token_idx_R: rows read x[slot // top_k]")
+            raise ValueError(
+                "top_k (slot mode) needs out_idx_R (slot ids) and no token_idx_R: rows read x[slot // top_k]"
+            )
         T = x_TD.shape[0]
         if num_out_rows is not None and num_out_rows != T * top_k:
             raise ValueError(f"in slot mode num_out_rows must be T * top_k = {T * top_k}; got {num_out_rows}")
@@ -195,28 +267,45 @@ def _check_arguments(x_TD: Tensor, counts_E: Tensor, w_up_EDH: Tensor, w_down_EF
     return _Rows(kind, counts_E.to(dev), token_idx_R, out_idx_R, scale_R, R, num_out_rows)
 
 
-def _moe_ffn(x_TD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, rows: _Rows, top_k: Optional[int],
-             config: Optional[dict]) -> Tensor:
+def _moe_ffn(
+    x_TD: Tensor, w_up_EDH: Tensor, w_down_EFD: Tensor, rows: _Rows, top_k: Optional[int], config: Optional[dict]
+) -> Tensor:
     """Choose the launch config (tuning it on first sight of the shape) and run the autograd op."""
     kind, scale_R = rows.kind, rows.scale_R
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TD, w_up_EDH, w_down_EFD, scale_R))
+    train = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)
+    )
 
     def call(inputs, cfg):
-        return _TritonExpertFFN.apply(*inputs, rows.counts_E, rows.token_idx_R, rows.out_idx_R, rows.num_rows,
-                                      rows.num_out_rows, kind.code, kind.gated, top_k, cfg)
+        return _TritonExpertFFN.apply(
+            *inputs,
+            rows.counts_E,
+            rows.token_idx_R,
+            rows.out_idx_R,
+            rows.num_rows,
+            rows.num_out_rows,
+            kind.code,
+            kind.gated,
+            top_k,
+            cfg,
+        )
 
     def trial(cfg):  # one timed call for the tuner, on detached copies (the caller's graph is untouched)
         # identity hooks: the trial's saved tensors bypass an enclosing activation checkpoint's
         # hooks (whose unpack would recompute the caller's region inside this backward)
         with torch.enable_grad() if train else torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-            ins = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                   for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)]
+            ins = [
+                t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                for t in (x_TD, w_up_EDH, w_down_EFD, scale_R)
+            ]
             y = call(ins, cfg)
             if train:
                 torch.autograd.grad(y, [t for t in ins if t is not None and t.requires_grad], torch.ones_like(y))
 
-    flags = (f"{'gather' if rows.token_idx_R is not None else ''}{'scale' if scale_R is not None else ''}"
-             f"{'scatter' if rows.out_idx_R is not None else ''}{f'k{top_k}' if top_k else ''}")
+    flags = (
+        f"{'gather' if rows.token_idx_R is not None else ''}{'scale' if scale_R is not None else ''}"
+        f"{'scatter' if rows.out_idx_R is not None else ''}{f'k{top_k}' if top_k else ''}"
+    )
     E, D, F = w_up_EDH.shape[0], w_up_EDH.shape[1], w_down_EFD.shape[1]
     cfg = _choose_config(config, x_TD.device, x_TD.dtype, rows.num_rows, E, D, F, kind, flags, train, trial)
     return call((x_TD, w_up_EDH, w_down_EFD, scale_R), cfg)
@@ -231,8 +320,18 @@ def _choose_config(config, dev, dtype, R, E, D, F, kind, flags, train, trial) ->
         return {**untuned, **config}
     if not tune.autotune_enabled(dev, INTERPRETED):
         return untuned
-    key = tune.shape_key(dev, dtype, num_rows=R, num_experts=E, dim=D, hidden=F, act_code=kind.code,
-                         gated=kind.gated, flags=flags, train=train)
+    key = tune.shape_key(
+        dev,
+        dtype,
+        num_rows=R,
+        num_experts=E,
+        dim=D,
+        hidden=F,
+        act_code=kind.code,
+        gated=kind.gated,
+        flags=flags,
+        train=train,
+    )
     chosen = tune.tuner().lookup(key)
     if chosen is not None and not _usable(chosen):
         chosen = None  # e.g. written by an older moekit with other keys: measure again

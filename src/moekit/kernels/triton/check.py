@@ -4,6 +4,7 @@ reference in float64 on the same rounded inputs. Run by the tests (``tests/kerne
 on a GPU by the test marked ``gpu``) and by hand before trusting ``backend="triton"`` on a new device:
 ``self_check(torch.device("cuda"), torch.bfloat16)`` raises if a kernel fails to compile or disagrees.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
     global RNG is not advanced).
     """
     identity = lambda t: t  # noqa: E731
-    with (torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False),
-          torch.autograd.graph.saved_tensors_hooks(identity, identity)):
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False),
+        torch.autograd.graph.saved_tensors_hooks(identity, identity),
+    ):
         _check(device, dtype)
 
 
@@ -38,8 +43,12 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1234)
     experts_TK = torch.rand(T, E - 1, generator=g).argsort(-1)[:, :K].to(device)
     plan = plan_dispatch(experts_TK, E)
-    inputs = [torch.randn(T, D, generator=g), torch.randn(E, D, 2 * F, generator=g) / D**0.5,
-              torch.randn(E, F, D, generator=g) / F**0.5, torch.rand(T, K, generator=g)]
+    inputs = [
+        torch.randn(T, D, generator=g),
+        torch.randn(E, D, 2 * F, generator=g) / D**0.5,
+        torch.randn(E, F, D, generator=g) / F**0.5,
+        torch.rand(T, K, generator=g),
+    ]
     inputs = [t.to(device=device, dtype=dtype) for t in inputs]  # rounded once; both sides use these
     grad_SD = torch.randn(T * K, D, generator=g).to(device=device, dtype=dtype)
     act = "swiglu"
@@ -48,8 +57,9 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
         x, w_up, w_down, w_TK = (t.detach().clone().requires_grad_(True) for t in ins)
         s_R = w_TK.reshape(-1)[plan.order_R]
         if fused:
-            y = triton_moe_ffn(x, plan.counts_E, w_up, w_down, act, scale_R=s_R, out_idx_R=plan.order_R, top_k=K,
-                               config={})  # the default/heuristic config: no tuning from inside the check
+            y = triton_moe_ffn(
+                x, plan.counts_E, w_up, w_down, act, scale_R=s_R, out_idx_R=plan.order_R, top_k=K, config={}
+            )  # the default/heuristic config: no tuning from inside the check
         else:
             y_R = loop_ffn(x[plan.token_R], plan.counts_E, w_up, w_down, activation_fn(act)) * s_R[:, None]
             y = y_R.new_zeros(T * K, D).index_copy(0, plan.order_R, y_R)
@@ -61,4 +71,6 @@ def _check(device: torch.device, dtype: torch.dtype) -> None:
         err = (a.double() - b).abs().max().item()
         scale = b.abs().max().item()
         if not err <= TOLERANCE[dtype] * max(scale, 1e-6):  # also catches NaN
-            raise AssertionError(f"{name} differs from the loop reference: max error {err:.3e} (scale {scale:.3e}, {dtype})")
+            raise AssertionError(
+                f"{name} differs from the loop reference: max error {err:.3e} (scale {scale:.3e}, {dtype})"
+            )

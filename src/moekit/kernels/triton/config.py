@@ -14,6 +14,7 @@ How a call gets its config (first match):
 None of these numbers has been measured on a GPU yet: the kernels have only run under
 ``TRITON_INTERPRET=1``. The candidates are the usual starting points for Hopper bf16 GEMMs.
 """
+
 from __future__ import annotations
 
 # Defaults for a real GPU launch: a common starting point for fp16/bf16 GEMMs, not measured.
@@ -54,18 +55,36 @@ def _cfg(m, n, k, warps, stages, p=64, q=64, r=32) -> dict:
     """A candidate; the down projection's backward gets at most 16 fp32 values per thread per tile."""
     dbwd_warps = 8 if m >= 64 else 4
     dbwd_n = max(16, min(n, 16 * 32 * dbwd_warps // m))
-    return {**CUDA_CONFIG, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages,
-            "WGRAD_BLOCK_P": p, "WGRAD_BLOCK_Q": q, "WGRAD_BLOCK_R": r, "DBWD_BLOCK_N": dbwd_n, "DBWD_num_warps": dbwd_warps}
+    return {
+        **CUDA_CONFIG,
+        "BLOCK_M": m,
+        "BLOCK_N": n,
+        "BLOCK_K": k,
+        "num_warps": warps,
+        "num_stages": stages,
+        "WGRAD_BLOCK_P": p,
+        "WGRAD_BLOCK_Q": q,
+        "WGRAD_BLOCK_R": r,
+        "DBWD_BLOCK_N": dbwd_n,
+        "DBWD_num_warps": dbwd_warps,
+    }
 
 
 # What the tuner tries on CUDA, by rows per busy expert (the tile table's M dimension). Wider
 # than 128 columns is left out: the gated up projection keeps two (M, N) fp32 accumulators.
 DECODE_CANDIDATES: list[dict] = [  # <= 32 rows per expert: weight-read bound, many programs wanted
-    _cfg(16, 32, 128, 4, 3), _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 64, 4, 3), _cfg(32, 64, 128, 4, 3),
+    _cfg(16, 32, 128, 4, 3),
+    _cfg(16, 64, 128, 4, 4),
+    _cfg(16, 128, 64, 4, 3),
+    _cfg(32, 64, 128, 4, 3),
 ]
 TRAIN_CANDIDATES: list[dict] = [  # large row tiles: compute bound
-    _cfg(64, 64, 32, 4, 3), _cfg(64, 128, 64, 4, 3), _cfg(128, 64, 64, 4, 4), _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 32, 8, 4, 128, 128, 32), _cfg(64, 128, 64, 4, 4, 128, 64, 64),
+    _cfg(64, 64, 32, 4, 3),
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4, 128, 128, 32),
+    _cfg(64, 128, 64, 4, 4, 128, 64, 64),
 ]
 
 DECODE_ROWS_PER_EXPERT = 32  # at or below this many rows per busy expert a call counts as decode-shaped

@@ -25,6 +25,7 @@ Shape legend: T tokens, K slots per token, S = T*K slots, E experts (E + 1 ids w
 id), R = min(S, max_rows) rows handed to the experts, B slot blocks of BLOCK_S, C = E_CHUNK ids
 per one-hot tile.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -69,9 +70,19 @@ def _count_kernel(experts_ptr, table_ptr, S, E, num_blocks, BLOCK_S: tl.constexp
 
 @triton.jit
 def _place_kernel(
-    experts_ptr, ends_ptr, order_ptr, inverse_ptr, counts_ptr,
-    S, E, R, num_blocks,
-    FUSED: tl.constexpr, WRITE_INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, E_CHUNK: tl.constexpr,
+    experts_ptr,
+    ends_ptr,
+    order_ptr,
+    inverse_ptr,
+    counts_ptr,
+    S,
+    E,
+    R,
+    num_blocks,
+    FUSED: tl.constexpr,
+    WRITE_INVERSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    E_CHUNK: tl.constexpr,
 ):
     """``order[row] = slot``, ``inverse[slot] = row`` for block ``pid``'s slots, and ``counts``
     (written by the last program). FUSED: a single program that finds the experts' rows itself;
@@ -138,8 +149,16 @@ def routing_plan(
         DispatchPlan with ``order_R`` (R,) int64, ``counts_E`` (E,) int64, ``inverse_S`` (S,)
         int64 when R == S else None.
     """
-    if not isinstance(experts_TK, Tensor) or experts_TK.dim() != 2 or experts_TK.dtype not in (torch.int32, torch.int64):
-        what = f"{tuple(experts_TK.shape)} {experts_TK.dtype}" if isinstance(experts_TK, Tensor) else type(experts_TK).__name__
+    if (
+        not isinstance(experts_TK, Tensor)
+        or experts_TK.dim() != 2
+        or experts_TK.dtype not in (torch.int32, torch.int64)
+    ):
+        what = (
+            f"{tuple(experts_TK.shape)} {experts_TK.dtype}"
+            if isinstance(experts_TK, Tensor)
+            else type(experts_TK).__name__
+        )
         raise ValueError(f"experts_TK must be a 2-D int32/int64 tensor (T, K); got {what}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1; got {num_experts!r}")
@@ -181,7 +200,19 @@ def routing_plan(
         _count_kernel[(B,)](experts_S, table, S, E, B, BLOCK_S=bs, E_CHUNK=chunk, num_warps=warps)
         ends = table.view(-1).cumsum(0, dtype=torch.int32)
     _place_kernel[(B,)](
-        experts_S, ends, order_R, inv, counts_E, S, E, R, B,
-        FUSED=fused, WRITE_INVERSE=inverse_S is not None, BLOCK_S=bs, E_CHUNK=chunk, num_warps=warps,
+        experts_S,
+        ends,
+        order_R,
+        inv,
+        counts_E,
+        S,
+        E,
+        R,
+        B,
+        FUSED=fused,
+        WRITE_INVERSE=inverse_S is not None,
+        BLOCK_S=bs,
+        E_CHUNK=chunk,
+        num_warps=warps,
     )
     return DispatchPlan(order_R, counts_E, inverse_S, T, K, has_empty or R < S)

@@ -10,6 +10,7 @@ and programs past the real tile count find an empty row range and return at once
 
 Shape legend: E experts, R rows, N_tiles the bound above, M = BLOCK_M.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

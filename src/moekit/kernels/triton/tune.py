@@ -15,15 +15,18 @@ nothing, unless switched on with :func:`set_autotune` (tests do, to run the mach
 tunes while a CUDA graph is being captured: a captured call uses a cached choice or the
 heuristic.
 """
+
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -54,15 +57,28 @@ def cache_path() -> Optional[Path]:
     return Path.home() / ".cache" / "moekit" / "triton-tuning.json"
 
 
-def shape_key(device: torch.device, dtype: torch.dtype, *, num_rows: int, num_experts: int, dim: int,
-              hidden: int, act_code: int, gated: bool, flags: str, train: bool) -> str:
+def shape_key(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    num_rows: int,
+    num_experts: int,
+    dim: int,
+    hidden: int,
+    act_code: int,
+    gated: bool,
+    flags: str,
+    train: bool,
+) -> str:
     """The cache key of a call: shapes with rows bucketed to the next power of two."""
     import triton
 
     bucket = 1 << max(0, num_rows - 1).bit_length()
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return (f"{dev}|triton-{triton.__version__}|{str(dtype).replace('torch.', '')}|E{num_experts}|D{dim}|F{hidden}"
-            f"|act{act_code}{'g' if gated else ''}|R{bucket}|{flags}|{'train' if train else 'infer'}")
+    return (
+        f"{dev}|triton-{triton.__version__}|{str(dtype).replace('torch.', '')}|E{num_experts}|D{dim}|F{hidden}"
+        f"|act{act_code}{'g' if gated else ''}|R{bucket}|{flags}|{'train' if train else 'infer'}"
+    )
 
 
 def _time_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
@@ -122,7 +138,7 @@ class Tuner:
         timings, first_error = [], None
         for cfg in cands:
             try:
-                timings.append((_time_ms(lambda: run(cfg), device, self.reps), cfg))
+                timings.append((_time_ms(functools.partial(run, cfg), device, self.reps), cfg))
             except Exception as err:  # noqa: BLE001 - e.g. a tile too large for the device's shared memory
                 first_error = first_error or err
         if not timings:
