@@ -368,6 +368,8 @@ def _version() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The ``moekit`` command line: every subcommand and option, declared in one place (a table
+    of ``add_argument`` calls, long by nature; the commands themselves are the ``cmd_*`` functions)."""
     p = argparse.ArgumentParser(
         prog="moekit", description="Mixture-of-Experts for PyTorch", formatter_class=_HelpFormatter
     )

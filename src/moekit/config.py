@@ -243,30 +243,22 @@ class MoEConfig(_DictMixin):
     router_jitter: float = 0.0  # multiplicative input jitter U(1-eps, 1+eps) in training (Switch, Fedus et al. 2021)
     router_dtype: str = "float32"  # router logits are computed in this dtype (Switch's selective precision)
     noise_eps: float = 1e-2  # noisy_topk: minimum noise std added to softplus(x @ W_noise) (Shazeer et al. 2017)
-    second_expert_policy: str = (
-        "random"  # router="random": GShard second-expert dispatch, "random" in training or "all"
-    )
+    second_expert_policy: str = "random"  # router="random": GShard's second expert, "random" in training or "all"
     hash_seed: int = 0  # router="hash": seed of the fixed token-id hash (Roller et al. 2021)
     num_groups: Optional[int] = None  # router="sigmoid": expert groups for group-limited routing (DeepSeek-V3)
     topk_groups: Optional[int] = None  # router="sigmoid": groups kept per token before picking experts
     routed_scaling_factor: float = 1.0  # multiply routed weights (DeepSeek-V3)
-    bias_update_rate: float = (
-        1e-3  # router="sigmoid": step of the aux-loss-free balancing bias (DeepSeek-V3); 0 disables
-    )
+    bias_update_rate: float = 1e-3  # router="sigmoid": aux-loss-free balancing bias step (DeepSeek-V3); 0 = off
     # auxiliary losses: the weight of each in res.aux_loss (0 = computed for monitoring, not added)
     balance_loss_weight: float = 1e-2  # E * sum_i f_i P_i (Switch, Fedus et al. 2021; GShard)
     sq_load_loss_weight: float = 0.0  # E * sum_i P_i^2, a differentiable squared-load-fraction penalty
     importance_loss_weight: float = 0.0  # CV^2 of summed gate weights (Shazeer et al. 2017)
     load_loss_weight: float = 0.0  # CV^2 of the smooth load estimator (noisy_topk only, Shazeer et al. 2017)
     z_loss_weight: float = 1e-3  # mean logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)
-    entropy_loss_weight: float = (
-        0.0  # mean routing entropy (negative weight rewards spread, positive rewards confidence)
-    )
+    entropy_loss_weight: float = 0.0  # mean routing entropy (< 0 rewards spread, > 0 rewards confidence)
     # dead experts
     usage_decay: float = 0.99  # running average of each expert's share of routed slots (stats["expert_usage"])
-    revive_after: Optional[int] = (
-        None  # re-initialise an expert that got no token for this many optimizer steps (None = never; see MoE.after_optimizer_step)
-    )
+    revive_after: Optional[int] = None  # revive an expert idle for this many optimizer steps (None = never)
     revive_noise: float = 1e-2  # relative noise added to the live expert copied into a revived one
     check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
 
@@ -447,9 +439,7 @@ class LMConfig(_DictMixin):
     first_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeekMoE)
     tie_embeddings: bool = True  # share the input embedding with the output projection
     init_std: float = 0.02  # std of the normal initialisation (GPT-2)
-    qk_norm: Optional[str] = (
-        None  # RMSNorm on queries and keys before rotary: None, "head" (per head, Qwen3-MoE) or "full" (whole projection, OLMoE)
-    )
+    qk_norm: Optional[str] = None  # RMSNorm on q and k before rotary: None, "head" (Qwen3-MoE) or "full" (OLMoE)
     attn_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2-MoE)
     balance_pooling: str = "layer"  # balance loss: "layer" (each MoE layer's own, summed) or "model" (one loss on slot counts and router probabilities pooled over the MoE layers, transformers' convention; weight moe.balance_loss_weight)
 
@@ -513,17 +503,13 @@ class TrainConfig(_DictMixin):
     seed: int = 0  # seeds model init, data order and routing noise
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 on CUDA, none on CPU)
-    compile: bool = (
-        False  # torch.compile the model for the training steps (inductor; the first steps compile, then faster)
-    )
+    compile: bool = False  # torch.compile the model for the training steps (inductor; the first steps compile)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
     vocab_size: int = 4096  # BPE vocabulary size
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
-    expert_parallel: int = (
-        1  # ranks each MoE layer's experts are split over (launch with torchrun; the rest is data parallel)
-    )
+    expert_parallel: int = 1  # ranks each MoE layer's experts are split over (under torchrun; the rest: data parallel)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:

@@ -95,20 +95,11 @@ def run_train(
     _check_folder_path(run_dir)
     init_state, tok = None, None
     if resume:
-        model_cfg, train_cfg, raw = load_run_config(run_dir)
-        tok = load_tokenizer(run_dir / TOKENIZER)
-        train_cfg = _apply_resume_changes(
-            train_cfg, {**(changes or {}), **({} if expert_parallel is None else {"expert_parallel": expert_parallel})}
-        )
+        model_cfg, train_cfg, raw, tok = _resumed_configs(run_dir, changes, expert_parallel)
     else:
-        if train_cfg is None or (model_cfg is None and init_from is None):
-            raise ValueError("train_cfg and model_cfg (or init_from) are required for a new run")
-        if changes:
-            raise ValueError("changes apply to a resumed run only")
-        _check_new_run(run_dir)
-        if expert_parallel is not None:
-            train_cfg = dataclasses.replace(train_cfg, expert_parallel=expert_parallel)
-        raw = {"baseline": baseline, "dense_only": dense_only}
+        train_cfg, raw = _new_run_configs(
+            run_dir, model_cfg, train_cfg, init_from, changes, expert_parallel, baseline=baseline, dense_only=dense_only
+        )
     distributed, device, is_main = _setup_distributed(train_cfg)
     if init_from is not None and not resume:
         model_cfg, init_state, tok = _hf_start(init_from)
@@ -119,23 +110,14 @@ def run_train(
     )
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:
-        if is_main:  # under the lock no other process is writing: temporaries left here are a killed write's
+        if is_main:  # no other process writes here now: temporaries left are a killed write's
             for name in (CONFIG, TOKENIZER, COMPARISON):
                 remove_stale_temporaries(run_dir / name)
         if resume:
             _check_resumable(run_dir, raw, model_cfg, train_cfg, restart_missing, is_main)
-            if is_main and changes:
-                save_run_config(run_dir, model_cfg, train_cfg, **_run_flags(raw))
-        elif is_main:
-            _check_new_run(run_dir)  # again, under the lock: another process may have started it meanwhile
-            data.tokenizer.save(run_dir / TOKENIZER)
-            save_run_config(
-                run_dir,
-                model_cfg,
-                train_cfg,
-                baseline=raw["baseline"],
-                dense_only=raw["dense_only"],
-                init_from=init_from,
+        if is_main:
+            _write_run_files(
+                run_dir, raw, model_cfg, train_cfg, data, resume=resume, changes=changes, init_from=init_from
             )
         return _train_sub_runs(
             run_dir,
@@ -152,6 +134,60 @@ def run_train(
             device=device,
             is_main=is_main,
         )
+
+
+def _resumed_configs(run_dir: Path, changes: Optional[dict], expert_parallel: Optional[int]):
+    """(model config, train config with the allowed changes, run flags, tokenizer) of a run to resume."""
+    model_cfg, train_cfg, raw = load_run_config(run_dir)
+    tok = load_tokenizer(run_dir / TOKENIZER)
+    extra = {} if expert_parallel is None else {"expert_parallel": expert_parallel}
+    return model_cfg, _apply_resume_changes(train_cfg, {**(changes or {}), **extra}), raw, tok
+
+
+def _new_run_configs(
+    run_dir: Path,
+    model_cfg: Optional[LMConfig],
+    train_cfg: Optional[TrainConfig],
+    init_from: Optional[str],
+    changes: Optional[dict],
+    expert_parallel: Optional[int],
+    *,
+    baseline: bool,
+    dense_only: bool,
+) -> tuple[TrainConfig, dict]:
+    """(train config, run flags) of a new run, after checking the arguments and the folder."""
+    if train_cfg is None or (model_cfg is None and init_from is None):
+        raise ValueError("train_cfg and model_cfg (or init_from) are required for a new run")
+    if changes:
+        raise ValueError("changes apply to a resumed run only")
+    _check_new_run(run_dir)
+    if expert_parallel is not None:
+        train_cfg = dataclasses.replace(train_cfg, expert_parallel=expert_parallel)
+    return train_cfg, {"baseline": baseline, "dense_only": dense_only}
+
+
+def _write_run_files(
+    run_dir: Path,
+    raw: dict,
+    model_cfg: LMConfig,
+    train_cfg: TrainConfig,
+    data,
+    *,
+    resume: bool,
+    changes: Optional[dict],
+    init_from: Optional[str],
+) -> None:
+    """Main rank, under the run lock: the config (a resumed run's only when settings changed) and,
+    for a new run, the tokenizer."""
+    if resume:
+        if changes:
+            save_run_config(run_dir, model_cfg, train_cfg, **_run_flags(raw))
+        return
+    _check_new_run(run_dir)  # again, under the lock: another process may have started it meanwhile
+    data.tokenizer.save(run_dir / TOKENIZER)
+    save_run_config(
+        run_dir, model_cfg, train_cfg, baseline=raw["baseline"], dense_only=raw["dense_only"], init_from=init_from
+    )
 
 
 def _train_sub_runs(

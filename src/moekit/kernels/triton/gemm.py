@@ -124,6 +124,9 @@ def _up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """The down projection's backward for one (tile of rows, block of F columns): d_pre, and
+    optionally the recomputed activation h and the routing-weight gradient ds. One GPU program,
+    kept whole on purpose: splitting it into device functions would only move its ~60 lines."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, rows_M, mask_M, spare = _tile_rows(tile_expert_ptr, tile_start_ptr, tile_end_ptr, pid_t, BLOCK_M)
@@ -532,7 +535,8 @@ def grouped_down_bwd(
     store_ds: bool,
     cfg: dict,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``(d_pre_RH, h_RF or None, ds_R or None)``; ``ds_R`` is zero on rows no tile covers."""
+    """``(d_pre_RH, h_RF or None, ds_R or None)``; ``ds_R`` is zero on rows no tile covers. (Long
+    only because the kernel launch lists its 40 arguments one per line.)"""
     E, F, D = w_down_EFD.shape
     R, H = pre_RH.shape
     d_pre_RH = pre_RH.new_empty(R, H)

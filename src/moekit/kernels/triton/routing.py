@@ -149,6 +149,25 @@ def routing_plan(
         DispatchPlan with ``order_R`` (R,) int64, ``counts_E`` (E,) int64, ``inverse_S`` (S,)
         int64 when R == S else None.
     """
+    experts_S, R = _checked_slots(experts_TK, num_experts, max_rows, block_s, validate)
+    T, K = experts_TK.shape
+    S, E, dev = T * K, num_experts, experts_TK.device
+    i64 = torch.int64
+    order_R = torch.empty(R, dtype=i64, device=dev)
+    counts_E = torch.empty(E, dtype=i64, device=dev)
+    inverse_S = torch.empty(S, dtype=i64, device=dev) if R == S else None
+    if S == 0:
+        counts_E.zero_()
+    else:
+        _launch_plan(experts_S, order_R, counts_E, inverse_S, E, R, block_s)
+    return DispatchPlan(order_R, counts_E, inverse_S, T, K, has_empty or R < S)
+
+
+def _checked_slots(
+    experts_TK: Tensor, num_experts: int, max_rows: Optional[int], block_s: Optional[int], validate: bool
+) -> tuple[Tensor, int]:
+    """(the slots' expert ids as one contiguous (S,) tensor, the rows R of the plan), after
+    checking every argument of :func:`routing_plan`."""
     if (
         not isinstance(experts_TK, Tensor)
         or experts_TK.dim() != 2
@@ -179,14 +198,21 @@ def routing_plan(
         bad = experts_S[(experts_S < 0) | (experts_S > E)]
         raise ValueError(f"experts_TK ids must lie in [0, num_experts={E}] (E = empty slot); found {bad[:5].tolist()}")
 
-    i64 = torch.int64
-    order_R = torch.empty(R, dtype=i64, device=dev)
-    counts_E = torch.empty(E, dtype=i64, device=dev)
-    inverse_S = torch.empty(S, dtype=i64, device=dev) if R == S else None
-    if S == 0:
-        counts_E.zero_()
-        return DispatchPlan(order_R, counts_E, inverse_S, T, K, has_empty or R < S)
+    return experts_S, R
 
+
+def _launch_plan(
+    experts_S: Tensor,
+    order_R: Tensor,
+    counts_E: Tensor,
+    inverse_S: Optional[Tensor],
+    E: int,
+    R: int,
+    block_s: Optional[int],
+) -> None:
+    """The counting sort on the device: one fused program up to ``FUSED_MAX_S`` slots, else a
+    count kernel per block, a prefix sum, and a place kernel per block."""
+    S, dev = experts_S.numel(), experts_S.device
     fused = block_s is None and S <= FUSED_MAX_S
     bs = max(16, triton.next_power_of_2(S)) if fused else (block_s or BLOCK_S)
     chunk = _e_chunk(bs, E + 1)
@@ -215,4 +241,3 @@ def routing_plan(
         E_CHUNK=chunk,
         num_warps=warps,
     )
-    return DispatchPlan(order_R, counts_E, inverse_S, T, K, has_empty or R < S)
