@@ -263,13 +263,24 @@ class MoEConfig(_DictMixin):
     check_finite: bool = False  # raise on NaN/inf inputs (costs one device sync per call)
 
     def __post_init__(self) -> None:
+        # the checks run in this order, so a config with several bad fields names the same one first
         self._check_types()
+        self._check_sizes()
+        self._check_choices()
+        self._check_counts()
+        self._check_rates_and_weights()
+        self._check_groups()
+        self._check_router_rules()
+
+    def _check_sizes(self) -> None:
         check_positive("dim", self.dim, integer=True)
         check_positive("hidden_dim", self.hidden_dim, integer=True)
         check_positive("num_experts", self.num_experts, integer=True)
         check_positive("top_k", self.top_k, integer=True)
         if self.router != "expert_choice" and self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}); got {self.top_k}")
+
+    def _check_choices(self) -> None:
         check_choice("expert", self.expert, EXPERT_KINDS)
         check_choice("router", self.router, ROUTER_KINDS)
         check_choice("backend", self.backend, BACKENDS)
@@ -277,6 +288,9 @@ class MoEConfig(_DictMixin):
         check_choice("capacity_priority", self.capacity_priority, CAPACITY_PRIORITIES)
         check_choice("second_expert_policy", self.second_expert_policy, ("random", "all"))
         check_choice("router_dtype", self.router_dtype, ("float32", "float64", "same"))
+
+    def _check_counts(self) -> None:
+        """Capacity, shared experts, scaling and revival: positive numbers (or None where optional)."""
         check_positive("capacity_factor", self.capacity_factor, allow_none=True)
         check_positive("eval_capacity_factor", self.eval_capacity_factor, allow_none=True)
         check_positive("min_capacity", self.min_capacity, integer=True)
@@ -289,6 +303,9 @@ class MoEConfig(_DictMixin):
             or self.num_shared_experts < 0
         ):
             raise ValueError(f"num_shared_experts must be an integer >= 0; got {self.num_shared_experts!r}")
+
+    def _check_rates_and_weights(self) -> None:
+        """Noise, update rates and auxiliary-loss weights: numbers >= 0; the two bounded ones below 1."""
         for name in (
             "router_jitter",
             "noise_eps",
@@ -305,22 +322,29 @@ class MoEConfig(_DictMixin):
             raise ValueError(f"usage_decay must be in [0, 1); got {self.usage_decay!r}")
         if self.router_jitter >= 1.0:
             raise ValueError(f"router_jitter must be < 1; got {self.router_jitter!r}")
+
+    def _check_groups(self) -> None:
+        """Group-limited routing (DeepSeek-V3): num_groups and topk_groups set together and consistent."""
         if (self.num_groups is None) != (self.topk_groups is None):
             raise ValueError("num_groups and topk_groups must be set together (group-limited routing)")
-        if self.num_groups is not None:
-            if self.router != "sigmoid" and self.router != "topk":
-                raise ValueError(
-                    f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}"
-                )
-            check_positive("num_groups", self.num_groups, integer=True)
-            check_positive("topk_groups", self.topk_groups, integer=True)
-            if self.num_experts % self.num_groups:
-                raise ValueError(f"num_groups must divide num_experts ({self.num_experts}); got {self.num_groups}")
-            assert self.topk_groups is not None  # set together with num_groups (checked above)
-            if self.topk_groups > self.num_groups:
-                raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}); got {self.topk_groups}")
-            if self.topk_groups * (self.num_experts // self.num_groups) < self.top_k:
-                raise ValueError("topk_groups * experts-per-group must be >= top_k so that top_k experts can be chosen")
+        if self.num_groups is None:
+            return
+        if self.router != "sigmoid" and self.router != "topk":
+            raise ValueError(
+                f"num_groups (group-limited routing) needs router 'sigmoid' or 'topk'; got {self.router!r}"
+            )
+        check_positive("num_groups", self.num_groups, integer=True)
+        check_positive("topk_groups", self.topk_groups, integer=True)
+        if self.num_experts % self.num_groups:
+            raise ValueError(f"num_groups must divide num_experts ({self.num_experts}); got {self.num_groups}")
+        assert self.topk_groups is not None  # set together with num_groups (checked above)
+        if self.topk_groups > self.num_groups:
+            raise ValueError(f"topk_groups must be <= num_groups ({self.num_groups}); got {self.topk_groups}")
+        if self.topk_groups * (self.num_experts // self.num_groups) < self.top_k:
+            raise ValueError("topk_groups * experts-per-group must be >= top_k so that top_k experts can be chosen")
+
+    def _check_router_rules(self) -> None:
+        """The rules tying a router to k and to the overflow policy."""
         check_router_top_k(self.router, self.top_k)
         if self.router == "random" and self.top_k < 2:
             raise ValueError("router 'random' (GShard) drops later experts at random: it needs top_k >= 2")

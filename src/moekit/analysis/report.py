@@ -29,7 +29,7 @@ from ..layer import MoE
 from ..runs import COMPARISON, load_run_config, sub_runs
 from ..train.plots import agg_figure
 from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics
-from .routing import available_windows, collect_routing, routing_table
+from .routing import RoutingData, available_windows, collect_routing, routing_table
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
 NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisation"
@@ -57,22 +57,9 @@ def inspect_run(
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     check_positive("windows", windows, integer=True)
-    model_cfg, train_cfg, raw = load_run_config(run_dir)
-    if model_cfg.moe is None or "moe" not in dict(sub_runs(raw, model_cfg)):
-        raise ValueError(f"inspect needs a MoE run; {run_dir} holds only a dense model")
-    model, tok = load_run_model(str(run_dir), "moe", device)
-    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    model, tok, model_cfg, train_cfg = _load_moe_run(run_dir, device)
     seq_len = min(train_cfg.seq_len, model_cfg.max_seq_len)
-    most = available_windows(data.val_ids_N.numel(), seq_len)
-    if windows > most > 0 and not quiet:
-        print(
-            f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
-            f"{most} non-overlapping windows of {seq_len} tokens",
-            file=sys.stderr,
-        )
-    routing = collect_routing(
-        model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k
-    )
+    routing = _route_validation(model, tok, train_cfg, seq_len, windows, device, top_k, quiet)
     layers = routing_table(routing, token_str=tok.token_str)
 
     report: dict[str, Any] = {
@@ -90,22 +77,48 @@ def inspect_run(
     report["reading"] = reading(report)
 
     out = Path(out_dir) if out_dir is not None else run_dir / "inspect"
-    out.mkdir(parents=True, exist_ok=True)
-    focus = focus_domain(routing.domains)
-    plot_domain_heatmap(layers, focus, report["base_rate"].get(focus, 0.5), out / DOMAIN_PNG)
-    plot_load_heatmap(layers, out / LOAD_PNG)
-    report["files"] = {name: str(out / name) for name in (DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML)}
-    atomic_write_bytes(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False).encode())
-    atomic_write_bytes(
-        out / REPORT_HTML,
-        render_html(
-            report, {DOMAIN_PNG: (out / DOMAIN_PNG).read_bytes(), LOAD_PNG: (out / LOAD_PNG).read_bytes()}
-        ).encode(),
-    )
+    _write_report_files(report, out)
     if not quiet:
         print(text_table(report))
         print(f"report: {out / REPORT_HTML}")
     return report
+
+
+def _load_moe_run(run_dir: Path, device: str) -> tuple:
+    """(model, tokenizer, model config, train config) of the run's MoE sub-run."""
+    model_cfg, train_cfg, raw = load_run_config(run_dir)
+    if model_cfg.moe is None or "moe" not in dict(sub_runs(raw, model_cfg)):
+        raise ValueError(f"inspect needs a MoE run; {run_dir} holds only a dense model")
+    model, tok = load_run_model(str(run_dir), "moe", device)
+    return model, tok, model_cfg, train_cfg
+
+
+def _route_validation(
+    model, tok, train_cfg, seq_len: int, windows: int, device: str, top_k: Optional[int], quiet: bool
+) -> RoutingData:
+    """The routing of ``windows`` validation windows, capped (with a note) to those the split holds."""
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    most = available_windows(data.val_ids_N.numel(), seq_len)
+    if windows > most > 0 and not quiet:
+        print(
+            f"moekit inspect: note: windows {windows} is more than the validation split holds; routing all "
+            f"{most} non-overlapping windows of {seq_len} tokens",
+            file=sys.stderr,
+        )
+    return collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
+
+
+def _write_report_files(report: dict, out: Path) -> None:
+    """Write the heatmaps, ``report.json`` and ``report.html`` to ``out`` (recording them under ``report["files"]``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    layers = report["layers"]
+    focus = focus_domain(report["domains"])
+    plot_domain_heatmap(layers, focus, report["base_rate"].get(focus, 0.5), out / DOMAIN_PNG)
+    plot_load_heatmap(layers, out / LOAD_PNG)
+    report["files"] = {name: str(out / name) for name in (DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML)}
+    atomic_write_bytes(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False).encode())
+    images = {DOMAIN_PNG: (out / DOMAIN_PNG).read_bytes(), LOAD_PNG: (out / LOAD_PNG).read_bytes()}
+    atomic_write_bytes(out / REPORT_HTML, render_html(report, images).encode())
 
 
 def _token_base_rate(routing) -> dict:

@@ -60,6 +60,31 @@ def collect_routing(
     expert per (token, slot), with the token id, domain and routing entropy of each token.
     ``windows`` may be at most :func:`available_windows` of the validation stream: more would
     count the same tokens several times (and grow memory with no new information)."""
+    _check_windows(model, data, windows, seq_len, batch_size)
+    moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
+    if not moe_blocks:
+        raise ValueError("the model has no MoE layer")
+    starts = balanced_windows(data.val_domain_N, seq_len, windows)
+    experts, entropies, tokens, domains = _route_windows(
+        model, moe_blocks, data, starts, seq_len, batch_size, device, top_k
+    )
+    k = top_k if top_k is not None else moe_blocks[0].ffn.cfg.top_k
+    return RoutingData(
+        layers=[b.layer for b in moe_blocks],
+        num_experts=[b.ffn.cfg.num_experts for b in moe_blocks],
+        experts=experts,
+        entropy=entropies,
+        token_T=tokens,
+        domain_T=domains,
+        domains=list(data.domains),
+        windows=int(starts.numel()),
+        seq_len=seq_len,
+        top_k=int(k),
+    )
+
+
+def _check_windows(model, data: TokenData, windows: int, seq_len: int, batch_size: int) -> None:
+    """Raise ValueError unless the sizes are positive and ``windows`` fit the validation stream and the model."""
     if windows <= 0 or seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"windows, seq_len and batch_size must be positive; got {windows}, {seq_len}, {batch_size}")
     if seq_len > model.cfg.max_seq_len:
@@ -74,12 +99,15 @@ def collect_routing(
             f"windows must be at most {most} (the non-overlapping windows of {seq_len} tokens in the "
             f"{data.val_ids_N.numel():,}-token validation stream); got {windows}"
         )
-    moe_blocks = [b for b in model.blocks if isinstance(b.ffn, MoE)]
-    if not moe_blocks:
-        raise ValueError("the model has no MoE layer")
+
+
+def _route_windows(
+    model, moe_blocks: list, data: TokenData, starts: Tensor, seq_len: int, batch_size: int, device, top_k
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """(experts_TK per layer, entropy_T per layer, token_T, domain_T): the model run in eval mode over
+    the windows at ``starts``, the router entropies taken by forward hooks (removed afterwards)."""
     was_training = model.training
     model.eval()
-    starts = balanced_windows(data.val_domain_N, seq_len, windows)
     entropies: list[list[Tensor]] = [[] for _ in moe_blocks]
     experts: list[list[Tensor]] = [[] for _ in moe_blocks]
     tokens, domains = [], []
@@ -106,19 +134,7 @@ def collect_routing(
         for h in handles:
             h.remove()
         model.train(was_training)
-    k = top_k if top_k is not None else moe_blocks[0].ffn.cfg.top_k
-    return RoutingData(
-        layers=[b.layer for b in moe_blocks],
-        num_experts=[b.ffn.cfg.num_experts for b in moe_blocks],
-        experts=[torch.cat(e) for e in experts],
-        entropy=[torch.cat(h) for h in entropies],
-        token_T=torch.cat(tokens),
-        domain_T=torch.cat(domains),
-        domains=list(data.domains),
-        windows=int(starts.numel()),
-        seq_len=seq_len,
-        top_k=int(k),
-    )
+    return [torch.cat(e) for e in experts], [torch.cat(h) for h in entropies], torch.cat(tokens), torch.cat(domains)
 
 
 def _entropy_nats(probs_TE: Tensor) -> Tensor:
@@ -360,33 +376,8 @@ def layer_table(
     token_T, domain_T = token_T.long(), domain_T.long()
     counts_ED = expert_domain_counts(experts_TK, domain_T, E, D)
     counts_E = counts_ED.sum(1)
-    vocab = int(token_T.max()) + 1 if token_T.numel() else 1
-    counts_EV = expert_token_counts(experts_TK, token_T, E, vocab)
-    occurrences_V = torch.bincount(token_T, minlength=vocab)
-    share_E, dom_ED, spec_ED, rate_D = (
-        load_share(counts_E),
-        domain_share(counts_ED),
-        specialisation(counts_ED),
-        base_rate(counts_ED),
-    )
-    by_count = top_tokens_by_count(counts_EV, n_tokens)
-    by_lift = top_tokens_by_lift(counts_EV, n_tokens, min_count, occurrences_V, lift_prior)
-    name = token_str or str
-    experts = []
-    for e in range(E):
-        experts.append(
-            {
-                "expert": e,
-                "tokens": int(counts_E[e]),
-                "share": float(share_E[e]),
-                "domain_share": {d: _none_if_nan(float(dom_ED[e, i])) for i, d in enumerate(domains)},
-                "specialisation": {d: _none_if_nan(float(spec_ED[e, i])) for i, d in enumerate(domains)},
-                "top_tokens": [{"id": v, "token": name(v), "count": c} for v, c in by_count[e]],
-                "top_lift": [
-                    {"id": v, "token": name(v), "count": c, "lift": round(lift, 4)} for v, c, lift in by_lift[e]
-                ],
-            }
-        )
+    experts = _expert_rows(experts_TK, token_T, counts_ED, domains, token_str, n_tokens, min_count, lift_prior)
+    rate_D = base_rate(counts_ED)
     table = {
         "num_experts": E,
         "routed_slots": int(counts_E.sum()),
@@ -404,13 +395,54 @@ def layer_table(
         "experts": experts,
     }
     if entropy_T is not None and entropy_T.numel():
-        h = entropy_T.double()
-        table["routing_entropy_nats"] = float(h.mean())
-        table["routing_entropy_normalised"] = float(h.mean() / math.log(E)) if E > 1 else 0.0
-        table["routing_entropy_by_domain"] = {
-            d: float(h[domain_T == i].mean()) for i, d in enumerate(domains) if bool((domain_T == i).any())
-        }
+        table.update(_entropy_fields(entropy_T, domain_T, domains, E))
     return table
+
+
+def _expert_rows(
+    experts_TK: Tensor,
+    token_T: Tensor,
+    counts_ED: Tensor,
+    domains: list,
+    token_str: Optional[Callable[[int], str]],
+    n_tokens: int,
+    min_count: int,
+    lift_prior: float,
+) -> list[dict]:
+    """One dict per expert: its load, domain mix, specialisation and characteristic tokens."""
+    E = counts_ED.shape[0]
+    counts_E = counts_ED.sum(1)
+    vocab = int(token_T.max()) + 1 if token_T.numel() else 1
+    counts_EV = expert_token_counts(experts_TK, token_T, E, vocab)
+    occurrences_V = torch.bincount(token_T, minlength=vocab)
+    share_E, dom_ED, spec_ED = load_share(counts_E), domain_share(counts_ED), specialisation(counts_ED)
+    by_count = top_tokens_by_count(counts_EV, n_tokens)
+    by_lift = top_tokens_by_lift(counts_EV, n_tokens, min_count, occurrences_V, lift_prior)
+    name = token_str or str
+    return [
+        {
+            "expert": e,
+            "tokens": int(counts_E[e]),
+            "share": float(share_E[e]),
+            "domain_share": {d: _none_if_nan(float(dom_ED[e, i])) for i, d in enumerate(domains)},
+            "specialisation": {d: _none_if_nan(float(spec_ED[e, i])) for i, d in enumerate(domains)},
+            "top_tokens": [{"id": v, "token": name(v), "count": c} for v, c in by_count[e]],
+            "top_lift": [{"id": v, "token": name(v), "count": c, "lift": round(lift, 4)} for v, c, lift in by_lift[e]],
+        }
+        for e in range(E)
+    ]
+
+
+def _entropy_fields(entropy_T: Tensor, domain_T: Tensor, domains: list, num_experts: int) -> dict:
+    """The layer's mean routing entropy (nats), normalised by log E, and per domain."""
+    h = entropy_T.double()
+    return {
+        "routing_entropy_nats": float(h.mean()),
+        "routing_entropy_normalised": float(h.mean() / math.log(num_experts)) if num_experts > 1 else 0.0,
+        "routing_entropy_by_domain": {
+            d: float(h[domain_T == i].mean()) for i, d in enumerate(domains) if bool((domain_T == i).any())
+        },
+    }
 
 
 def routing_table(

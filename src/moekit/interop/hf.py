@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any, Optional, Union, cast
 
 import torch
@@ -103,6 +104,34 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
         raise _unsupported(
             f"unsupported architecture model_type={family!r}" + (f" ({', '.join(archs)})" if archs else "")
         )
+    _check_hf_options(c, family)
+    first_dense, every = _hf_layer_placement(c, family)
+    moe = _moe_config_from_hf(c, family, training_losses)
+    H = c["num_attention_heads"]
+    cfg = LMConfig(
+        vocab_size=c["vocab_size"],
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=H,
+        n_kv_heads=_get(c, "num_key_value_heads", H),
+        max_seq_len=_get(c, "max_position_embeddings", 4096),
+        rope_theta=_rope_theta(c),
+        norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
+        ffn_hidden_dim=_get(c, "intermediate_size", moe.hidden_dim),
+        ffn_kind="swiglu",
+        moe=moe,
+        moe_every=every,
+        first_dense_layers=first_dense,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
+        attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
+        balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
+    )
+    return family, cfg
+
+
+def _check_hf_options(c: dict, family: str) -> None:
+    """Raise UnsupportedModelError for a config option of a supported family that moekit does not implement."""
     D, H = c["hidden_size"], c["num_attention_heads"]
     head_dim = c.get("head_dim")
     if head_dim is not None and head_dim * H != D:
@@ -117,17 +146,25 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
         raise _unsupported(f"OLMoE clip_qkv={c['clip_qkv']}")
     if family in ("olmoe", "qwen3_moe") and c.get("attention_bias"):
         raise _unsupported(f"{family} attention_bias=True")
-    first_dense, every = 0, 1
-    if family in ("qwen2_moe", "qwen3_moe"):
-        if c.get("mlp_only_layers"):
-            raise _unsupported(f"mlp_only_layers={c['mlp_only_layers']}")
-        step = _get(c, "decoder_sparse_step", 1)
-        first_dense, every = step - 1, step  # HF: MoE where (i + 1) % step == 0
+
+
+def _hf_layer_placement(c: dict, family: str) -> tuple[int, int]:
+    """(first_dense_layers, moe_every) of the checkpoint's MoE layers."""
+    if family not in ("qwen2_moe", "qwen3_moe"):
+        return 0, 1
+    if c.get("mlp_only_layers"):
+        raise _unsupported(f"mlp_only_layers={c['mlp_only_layers']}")
+    step = _get(c, "decoder_sparse_step", 1)
+    return step - 1, step  # HF: MoE where (i + 1) % step == 0
+
+
+def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfig:
+    """The MoE layer config of a supported family's checkpoint (see :func:`config_from_hf` for the losses)."""
     E: Any = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
     K = c["num_experts_per_tok"]
-    moe = MoEConfig(
-        dim=D,
+    return MoEConfig(
+        dim=c["hidden_size"],
         hidden_dim=F_,
         num_experts=E,
         top_k=K,
@@ -146,26 +183,6 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
         shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
         shared_expert_gate=family == "qwen2_moe",
     )
-    cfg = LMConfig(
-        vocab_size=c["vocab_size"],
-        dim=D,
-        n_layers=c["num_hidden_layers"],
-        n_heads=H,
-        n_kv_heads=_get(c, "num_key_value_heads", H),
-        max_seq_len=_get(c, "max_position_embeddings", 4096),
-        rope_theta=_rope_theta(c),
-        norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
-        ffn_hidden_dim=_get(c, "intermediate_size", F_),
-        ffn_kind="swiglu",
-        moe=moe,
-        moe_every=every,
-        first_dense_layers=first_dense,
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
-        attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
-        balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
-    )
-    return family, cfg
 
 
 def config_to_hf(cfg: LMConfig, family: str):
@@ -177,6 +194,14 @@ def config_to_hf(cfg: LMConfig, family: str):
     m = cfg.moe
     if m is None:
         raise _unsupported("a dense moekit model (cfg.moe is None) has no MoE family equivalent")
+    problems = _moe_export_problems(m, family) + _layout_export_problems(cfg, family)
+    if problems:
+        raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
+    return getattr(transformers, _CONFIG[family])(**_hf_common_fields(cfg, m), **_hf_family_fields(cfg, m, family))
+
+
+def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
+    """What in the MoE layer config ``family`` cannot express (empty when it can)."""
     problems = []
     if m.expert != "swiglu":
         problems.append(f"expert={m.expert!r} (needs 'swiglu')")
@@ -196,6 +221,12 @@ def config_to_hf(cfg: LMConfig, family: str):
             f"shared experts ({m.num_shared_experts}, gate={m.shared_expert_gate}) "
             + ("(Qwen2-MoE needs one gated shared expert)" if want_shared else f"({family} has none)")
         )
+    return problems
+
+
+def _layout_export_problems(cfg: LMConfig, family: str) -> list[str]:
+    """What in the attention and layer placement ``family`` cannot express (empty when it can)."""
+    problems = []
     want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
     if cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
@@ -215,9 +246,12 @@ def config_to_hf(cfg: LMConfig, family: str):
             f"layer placement moe_every={cfg.moe_every}, first_dense_layers={cfg.first_dense_layers} "
             "(Qwen's decoder_sparse_step needs first_dense_layers == moe_every - 1)"
         )
-    if problems:
-        raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
-    common = dict(
+    return problems
+
+
+def _hf_common_fields(cfg: LMConfig, m: MoEConfig) -> dict[str, Any]:
+    """The transformers config fields every supported family shares."""
+    return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
         num_hidden_layers=cfg.n_layers,
@@ -230,6 +264,10 @@ def config_to_hf(cfg: LMConfig, family: str):
         num_experts_per_tok=m.top_k,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
+
+
+def _hf_family_fields(cfg: LMConfig, m: MoEConfig, family: str) -> dict[str, Any]:
+    """The transformers config fields particular to ``family`` (expert sizes, layer placement, switched-off options)."""
     extra: dict[str, Any]
     if family == "mixtral":
         extra = dict(
@@ -266,7 +304,7 @@ def config_to_hf(cfg: LMConfig, family: str):
             )
         else:
             extra.update(head_dim=cfg.dim // cfg.n_heads, attention_bias=False)
-    return getattr(transformers, _CONFIG[family])(**common, **extra)
+    return extra
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -360,31 +398,11 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        a = p + "self_attn."
-        out[q + "attn.wqkv.weight"] = torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"], 0)
-        if cfg.attn_bias:
-            out[q + "attn.wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"], 0)
-        out[q + "attn.wo.weight"] = take(a + "o_proj.weight")
-        if cfg.qk_norm:
-            out[q + "attn.q_norm.weight"] = take(a + "q_norm.weight")
-            out[q + "attn.k_norm.weight"] = take(a + "k_norm.weight")
-        m = p + "mlp."
+        out.update(_hf_attention_to_moekit(take, cfg, p + "self_attn.", q + "attn."))
         if cfg.is_moe_layer(i):
-            assert cfg.moe is not None  # is_moe_layer
-            out[q + "ffn.router.linear.weight"] = take(m + "gate.weight")
-            out[q + "ffn.experts.w_up"] = take(m + "experts.gate_up_proj").transpose(1, 2)
-            out[q + "ffn.experts.w_down"] = take(m + "experts.down_proj").transpose(1, 2)
-            if cfg.moe.num_shared_experts:
-                s = m + "shared_expert."
-                out[q + "ffn.shared.w_up"] = torch.cat(
-                    [take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1
-                )
-                out[q + "ffn.shared.w_down"] = take(s + "down_proj.weight").t()
-                if cfg.moe.shared_expert_gate:
-                    out[q + "ffn.shared_gate.weight"] = take(m + "shared_expert_gate.weight")
+            out.update(_hf_moe_to_moekit(take, cfg, p + "mlp.", q + "ffn."))
         else:
-            out[q + "ffn.w_up"] = torch.cat([take(m + "gate_proj.weight").t(), take(m + "up_proj.weight").t()], 1)
-            out[q + "ffn.w_down"] = take(m + "down_proj.weight").t()
+            out.update(_hf_mlp_to_moekit(take, p + "mlp.", q + "ffn."))
     extra = sorted(k for k in set(sd) - used if not k.endswith(("rotary_emb.inv_freq",)))
     if extra:
         raise WeightMismatchError(
@@ -392,6 +410,43 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
             + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
         )
     return out
+
+
+def _hf_attention_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, a: str, q: str) -> dict:
+    """One attention block's tensors (transformers prefix ``a``, moekit prefix ``q``): q/k/v fused into ``wqkv``."""
+    out = {q + "wqkv.weight": torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"], 0)}
+    if cfg.attn_bias:
+        out[q + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"], 0)
+    out[q + "wo.weight"] = take(a + "o_proj.weight")
+    if cfg.qk_norm:
+        out[q + "q_norm.weight"] = take(a + "q_norm.weight")
+        out[q + "k_norm.weight"] = take(a + "k_norm.weight")
+    return out
+
+
+def _hf_moe_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, m: str, q: str) -> dict:
+    """One MoE block's tensors (transformers prefix ``m``, moekit prefix ``q``): router, experts, shared expert."""
+    assert cfg.moe is not None  # only called for MoE layers
+    out = {
+        q + "router.linear.weight": take(m + "gate.weight"),
+        q + "experts.w_up": take(m + "experts.gate_up_proj").transpose(1, 2),
+        q + "experts.w_down": take(m + "experts.down_proj").transpose(1, 2),
+    }
+    if cfg.moe.num_shared_experts:
+        s = m + "shared_expert."
+        out[q + "shared.w_up"] = torch.cat([take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1)
+        out[q + "shared.w_down"] = take(s + "down_proj.weight").t()
+        if cfg.moe.shared_expert_gate:
+            out[q + "shared_gate.weight"] = take(m + "shared_expert_gate.weight")
+    return out
+
+
+def _hf_mlp_to_moekit(take: Callable[[str], Tensor], m: str, q: str) -> dict:
+    """One dense SwiGLU block's tensors (transformers prefix ``m``, moekit prefix ``q``)."""
+    return {
+        q + "w_up": torch.cat([take(m + "gate_proj.weight").t(), take(m + "up_proj.weight").t()], 1),
+        q + "w_down": take(m + "down_proj.weight").t(),
+    }
 
 
 def _moekit_to_hf(model: MoETransformer) -> dict:

@@ -101,28 +101,11 @@ class HierarchicalMoE(nn.Module):
             raise ValueError(f"x must be a floating-point tensor with last dimension dim={self.dim}")
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, self.dim)
-        T, G, Eg, Kg, Ke = x_TD.shape[0], self.num_groups, self.experts_per_group, self.top_k_groups, self.top_k_experts
-        E = G * Eg
-        gp_probs_TG, groups_TKg, gp_w_TKg = _keep_top_k(self.primary(x_TD), Kg, self.renormalize)
+        T, G = x_TD.shape[0], self.num_groups
+        gp_probs_TG, groups_TKg, gp_w_TKg = _keep_top_k(self.primary(x_TD), self.top_k_groups, self.renormalize)
+        experts_TK, weights_TK, importance_E, balances = self._route_in_groups(x_TD, groups_TKg, gp_w_TKg)
 
-        experts_TKgKe = torch.full((T, Kg, Ke), E, dtype=torch.int64, device=x.device)
-        weights_TKgKe = x_TD.new_zeros((T, Kg, Ke), dtype=gp_w_TKg.dtype)
-        importance_E = x_TD.new_zeros(E, dtype=gp_w_TKg.dtype)
-        balances = []
-        for g in range(G):  # only the groups some token picked run their gate
-            tok_P, slot_P = (groups_TKg == g).nonzero(as_tuple=True)
-            if tok_P.numel() == 0:
-                continue
-            probs_PEg, idx_PKe, w_PKe = _keep_top_k(self.group_gates[g](x_TD[tok_P]), Ke, self.renormalize)
-            w_PKe = w_PKe * gp_w_TKg[tok_P, slot_P, None]  # Gp(x)_g * Gg(x)_j
-            experts_TKgKe = experts_TKgKe.index_put((tok_P, slot_P), g * Eg + idx_PKe)
-            weights_TKgKe = weights_TKgKe.index_put((tok_P, slot_P), w_PKe)
-            importance_E = importance_E.index_add(0, g * Eg + idx_PKe.reshape(-1), w_PKe.reshape(-1))
-            balances.append(L.load_balancing_loss(probs_PEg, idx_PKe))
-
-        experts_TK = experts_TKgKe.view(T, Kg * Ke)
-        weights_TK = weights_TKgKe.view(T, Kg * Ke)
-        plan = plan_dispatch(experts_TK, E)
+        plan = plan_dispatch(experts_TK, self.num_experts)
         backend = (
             resolve_backend(self.backend, x.device, compute_dtype(x))
             if isinstance(self.experts, GroupedExperts)
@@ -148,6 +131,29 @@ class HierarchicalMoE(nn.Module):
                 "group_entropy": L.routing_entropy(gp_probs_TG) if T else zero,
             }
         return MoEOutput(out_TD.reshape(*lead, self.dim).to(x.dtype), aux, losses, stats, experts_TK, weights_TK)
+
+    def _route_in_groups(
+        self, x_TD: Tensor, groups_TKg: Tensor, gp_w_TKg: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """(experts_TK flat ids g*Eg+j, weights_TK = Gp(x)_g * Gg(x)_j, importance_E, per-group balance
+        losses): each chosen group's gate, run only on the tokens that picked it."""
+        T, G, Eg, Kg, Ke = x_TD.shape[0], self.num_groups, self.experts_per_group, self.top_k_groups, self.top_k_experts
+        E = G * Eg
+        experts_TKgKe = torch.full((T, Kg, Ke), E, dtype=torch.int64, device=x_TD.device)
+        weights_TKgKe = x_TD.new_zeros((T, Kg, Ke), dtype=gp_w_TKg.dtype)
+        importance_E = x_TD.new_zeros(E, dtype=gp_w_TKg.dtype)
+        balances = []
+        for g in range(G):  # only the groups some token picked run their gate
+            tok_P, slot_P = (groups_TKg == g).nonzero(as_tuple=True)
+            if tok_P.numel() == 0:
+                continue
+            probs_PEg, idx_PKe, w_PKe = _keep_top_k(self.group_gates[g](x_TD[tok_P]), Ke, self.renormalize)
+            w_PKe = w_PKe * gp_w_TKg[tok_P, slot_P, None]  # Gp(x)_g * Gg(x)_j
+            experts_TKgKe = experts_TKgKe.index_put((tok_P, slot_P), g * Eg + idx_PKe)
+            weights_TKgKe = weights_TKgKe.index_put((tok_P, slot_P), w_PKe)
+            importance_E = importance_E.index_add(0, g * Eg + idx_PKe.reshape(-1), w_PKe.reshape(-1))
+            balances.append(L.load_balancing_loss(probs_PEg, idx_PKe))
+        return experts_TKgKe.view(T, Kg * Ke), weights_TKgKe.view(T, Kg * Ke), importance_E, balances
 
     def extra_repr(self) -> str:
         return (

@@ -64,13 +64,7 @@ def val_loss_figure(run_dir: Path):
     twice still shows its points; a domain with no finite value, or one identical to the overall
     curve (the only domain evaluated), is not drawn and gets no legend entry."""
     run_dir = Path(run_dir)
-    present = []
-    for label, name, colour, marker in MODELS:
-        rows = [r for r in read_metrics(run_dir / label) if "val_loss" in r]
-        if label == "moe" and not _has_moe_layers(run_dir):
-            name = "dense"
-        if rows:
-            present.append((name, colour, marker, rows))
+    present = _val_loss_runs(run_dir)
     if not present:
         return None
     fig = agg_figure(figsize=(6.4, 4.0))
@@ -79,33 +73,7 @@ def val_loss_figure(run_dir: Path):
         {k[len("val_loss_") :] for *_, rows in present for r in rows for k in r if k.startswith("val_loss_")}
     )
     for name, colour, marker, rows in present:
-        steps, loss = _finite_series(rows, "val_loss")
-        every = max(1, len(steps) // 40)
-        series = {dom: _finite_series(rows, f"val_loss_{dom}") for dom in domains}
-        series = {dom: pts for dom, pts in series.items() if pts[0]}
-        same = [
-            dom
-            for dom, (d_steps, d_loss) in series.items()
-            if d_steps == steps and all(math.isclose(a, b) for a, b in zip(d_loss, loss))
-        ]
-        only = f" ({same[0]} only)" if len(series) == 1 and same else ""
-        ax.plot(steps, loss, "-", color=colour, marker=marker, ms=4, markevery=every, label=f"{name}, all{only}")
-        for i, dom in enumerate(domains):
-            if dom not in series or dom in same:
-                continue
-            d_steps, d_loss = series[dom]
-            ax.plot(
-                d_steps,
-                d_loss,
-                linestyle=DOMAIN_LINES[i % len(DOMAIN_LINES)],
-                color=colour,
-                alpha=0.6,
-                marker=marker,
-                ms=3.5,
-                mfc="none",
-                markevery=every,
-                label=f"{name}, {dom}",
-            )
+        _plot_val_loss_model(ax, name, colour, marker, rows, domains)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     names = [name for name, *_ in present]
@@ -117,6 +85,49 @@ def val_loss_figure(run_dir: Path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def _val_loss_runs(run_dir: Path) -> list[tuple]:
+    """(name, colour, marker, metric rows with ``val_loss``) of each sub-run that was evaluated."""
+    present = []
+    for label, name, colour, marker in MODELS:
+        rows = [r for r in read_metrics(run_dir / label) if "val_loss" in r]
+        if label == "moe" and not _has_moe_layers(run_dir):
+            name = "dense"
+        if rows:
+            present.append((name, colour, marker, rows))
+    return present
+
+
+def _plot_val_loss_model(ax, name: str, colour: str, marker: str, rows: list, domains: list) -> None:
+    """One model's overall validation loss, and each domain's where it is finite and differs from the overall."""
+    steps, loss = _finite_series(rows, "val_loss")
+    every = max(1, len(steps) // 40)
+    series = {dom: _finite_series(rows, f"val_loss_{dom}") for dom in domains}
+    series = {dom: pts for dom, pts in series.items() if pts[0]}
+    same = [
+        dom
+        for dom, (d_steps, d_loss) in series.items()
+        if d_steps == steps and all(math.isclose(a, b) for a, b in zip(d_loss, loss))
+    ]
+    only = f" ({same[0]} only)" if len(series) == 1 and same else ""
+    ax.plot(steps, loss, "-", color=colour, marker=marker, ms=4, markevery=every, label=f"{name}, all{only}")
+    for i, dom in enumerate(domains):
+        if dom not in series or dom in same:
+            continue
+        d_steps, d_loss = series[dom]
+        ax.plot(
+            d_steps,
+            d_loss,
+            linestyle=DOMAIN_LINES[i % len(DOMAIN_LINES)],
+            color=colour,
+            alpha=0.6,
+            marker=marker,
+            ms=3.5,
+            mfc="none",
+            markevery=every,
+            label=f"{name}, {dom}",
+        )
 
 
 def plot_val_loss(run_dir: Path) -> Optional[Path]:
@@ -153,43 +164,57 @@ def expert_load_figure(run_dir: Path):
     for layer in range(n_layers):
         counts_SE = [r["tokens_per_expert"][layer] for r in rows]
         shares_ES = list(zip(*[[c / max(1, sum(cs)) for c in cs] for cs in counts_SE]))
-        ax = axes[layer][0]
-        if len(steps) > 1:
-            ax.stackplot(steps, shares_ES, colors=colours[: len(shares_ES)], edgecolor="white", linewidth=0.25)
-        else:  # a single logged step: one stacked bar instead of a zero-width area
-            bottom = 0.0
-            for e, share in enumerate(shares_ES):
-                ax.bar(steps, share, bottom=bottom, color=colours[e], edgecolor="white", linewidth=0.25, width=0.8)
-                bottom += share[0]
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"layer {layer}\nshare", fontsize=8)
+        _plot_layer_shares(axes[layer][0], steps, shares_ES, colours)
+        axes[layer][0].set_ylabel(f"layer {layer}\nshare", fontsize=8)
     axes[-1][0].set_xlabel("step")
     axes[0][0].set_title(
         f"share of routed tokens per expert over training ({E} experts, expert 0 at the bottom)", fontsize=10
     )
     if E <= LEGEND_MAX_EXPERTS:
-        rows_fit = max(4, int(height * 5.5))
-        handles = [
-            Patch(facecolor=colours[e], label=f"expert {e}") for e in reversed(range(E))
-        ]  # top of the stack first
-        fig.legend(
-            handles=handles,
-            loc="outside right upper",
-            fontsize=7,
-            ncol=math.ceil(E / rows_fit),
-            title="expert",
-            title_fontsize=8,
-            frameon=False,
-        )
+        _expert_legend(fig, colours, height)
     else:
-        cmap = ListedColormap(colours)
-        norm = BoundaryNorm([e - 0.5 for e in range(E + 1)], E)
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[a[0] for a in axes], fraction=0.04, pad=0.02)
-        step = max(1, math.ceil(E / 16))
-        bar.set_ticks(list(range(0, E, step)))
-        bar.set_label("expert (stacked bottom to top in this order)", fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        _expert_colourbar(fig, [a[0] for a in axes], colours)
     return fig
+
+
+def _plot_layer_shares(ax, steps: list, shares_ES: list, colours: list) -> None:
+    """One layer's expert shares stacked in expert order: an area over steps, or one bar for a single step."""
+    if len(steps) > 1:
+        ax.stackplot(steps, shares_ES, colors=colours[: len(shares_ES)], edgecolor="white", linewidth=0.25)
+    else:  # a single logged step: one stacked bar instead of a zero-width area
+        bottom = 0.0
+        for e, share in enumerate(shares_ES):
+            ax.bar(steps, share, bottom=bottom, color=colours[e], edgecolor="white", linewidth=0.25, width=0.8)
+            bottom += share[0]
+    ax.set_ylim(0, 1)
+
+
+def _expert_legend(fig: Figure, colours: list, height: float) -> None:
+    """A legend of one patch per expert outside the axes, top of the stack first."""
+    E = len(colours)
+    rows_fit = max(4, int(height * 5.5))
+    handles = [Patch(facecolor=colours[e], label=f"expert {e}") for e in reversed(range(E))]  # top of the stack first
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize=7,
+        ncol=math.ceil(E / rows_fit),
+        title="expert",
+        title_fontsize=8,
+        frameon=False,
+    )
+
+
+def _expert_colourbar(fig: Figure, axes: list, colours: list) -> None:
+    """A colourbar keyed by expert index (for more experts than a legend can hold)."""
+    E = len(colours)
+    cmap = ListedColormap(colours)
+    norm = BoundaryNorm([e - 0.5 for e in range(E + 1)], E)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, fraction=0.04, pad=0.02)
+    step = max(1, math.ceil(E / 16))
+    bar.set_ticks(list(range(0, E, step)))
+    bar.set_label("expert (stacked bottom to top in this order)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def plot_expert_load(run_dir: Path) -> Optional[Path]:
