@@ -234,3 +234,42 @@ def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int, sync_
 
     _record(out_dir, f"accumulation-{ep}{'-each' if sync_each else ''}", check)
     dist.destroy_process_group()
+
+
+def other_layers_data_parallel(rank: int, world: int, store: str, out_dir: str) -> None:
+    """SoftMoE, HierarchicalMoE and MultiGateMoE as the model itself, data parallel (EP=1, FSDP over
+    the ranks): every parameter's gradient equals one process's on the global batch. (A root layer
+    whose output FSDP cannot see into gets no gradient reduction at all.)"""
+    from moekit import HierarchicalMoE, MultiGateMoE, SoftMoE
+
+    init(rank, world, store, timeout_s=30)
+    cases = {
+        "soft": (lambda: SoftMoE(8, 8, 4, 1), lambda: torch.randn(2 * world, 5, 8, dtype=torch.float64)),
+        "hierarchical": (lambda: HierarchicalMoE(8, 8, 2, 2), lambda: torch.randn(4 * world, 8, dtype=torch.float64)),
+        "multigate": (lambda: MultiGateMoE(8, 8, 3, 2, 4), lambda: torch.randn(4 * world, 8, dtype=torch.float64)),
+    }
+    for name, (build, data) in cases.items():
+
+        def check(build=build, data=data):
+            torch.manual_seed(0)
+            ref, model = build().double(), build().double()
+            model.load_state_dict(ref.state_dict())
+            x = data()
+            n = x.shape[0] // world
+
+            def loss(m, xs):
+                res = m(xs)
+                outs = res.outs if hasattr(res, "outs") else [res.out]
+                return sum(o.square().mean() for o in outs) + res.aux_loss
+
+            (sum(loss(ref, x[q * n : (q + 1) * n]) for q in range(world)) / world).backward()
+            apply_expert_parallel(model, expert_parallel=1)
+            loss(model, x[rank * n : (rank + 1) * n]).backward()
+            mine = dict(model.named_parameters())
+            for pname, p in ref.named_parameters():
+                g = mine[pname].grad
+                assert g is not None, f"{pname}: no gradient"
+                close(g.full_tensor() if hasattr(g, "full_tensor") else g, p.grad, f"{name}: gradient of {pname}")
+
+        _record(out_dir, f"layers-{name}", check)
+    dist.destroy_process_group()

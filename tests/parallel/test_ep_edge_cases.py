@@ -52,3 +52,9 @@ def test_a_rank_without_tokens_joins_in_and_validation_uses_every_window(tmp_pat
 def test_gradient_accumulation_with_one_sync_per_step_or_per_micro_batch(tmp_path, sync_each):
     spawn(W.accumulation, 2, tmp_path, 2, sync_each)
     results(tmp_path, f"accumulation-2{'-each' if sync_each else ''}", 2)
+
+
+def test_soft_hierarchical_and_multigate_layers_train_data_parallel(tmp_path):
+    spawn(W.other_layers_data_parallel, 2, tmp_path)
+    for name in ("soft", "hierarchical", "multigate"):
+        results(tmp_path, f"layers-{name}", 2)

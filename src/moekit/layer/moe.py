@@ -11,10 +11,11 @@ K slots per token, R rows handed to the experts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Optional, Union, cast
 
@@ -33,15 +34,25 @@ from .router import Routing, SigmoidRouter, build_router
 from .scope import LOCAL_SCOPE, LocalScope
 
 
+@dataclasses.dataclass(init=False, repr=False, eq=False)
 class MoEOutput:
     """What one MoE call returns.
 
     ``aux_loss``, ``losses`` and ``stats`` may be deferred: a layer in eval mode (not expert
     parallel) computes them on first access, so inference that never reads them (decoding)
-    launches none of their ~50 small ops. Training computes them during the call.
+    launches none of their ~50 small ops. Training computes them during the call. A dataclass
+    so that FSDP2 finds its tensors (it hooks a module's outputs for the backward's all-gather
+    and gradient reduction; an opaque object would leave a root layer's gradients unreduced).
     """
 
     __slots__ = ("out", "experts_TK", "weights_TK", "_aux_loss", "_losses", "_stats", "_pending")
+    out: Tensor
+    experts_TK: Optional[Tensor]
+    weights_TK: Optional[Tensor]
+    _aux_loss: Optional[Tensor]
+    _losses: Optional[dict]
+    _stats: Optional[dict]
+    _pending: Optional[Callable]
 
     def __init__(
         self,

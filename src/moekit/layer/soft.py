@@ -67,7 +67,8 @@ class SoftMoE(nn.Module):
         self.normalize, self.backend = cfg.normalize, cfg.backend
         M = cfg.num_experts * cfg.slots_per_expert
         self.phi_DM = nn.Parameter(torch.randn(cfg.dim, M) / cfg.dim**0.5)  # slot parameters, LeCun normal
-        self.scale = nn.Parameter(torch.ones(()))  # learned temperature of the normalised logits
+        # learned temperature of the normalised logits; shape (1,), not a scalar: FSDP2 shards along dim 0
+        self.scale = nn.Parameter(torch.ones(1))
         self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
 
     @property
@@ -80,6 +81,12 @@ class SoftMoE(nn.Module):
         if self.normalize:
             return self.scale * (F.normalize(x_BND, dim=-1) @ F.normalize(phi_DM, dim=0))
         return x_BND @ phi_DM
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        key = prefix + "scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved when the scale was a scalar
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> SoftMoEOutput:
         if not isinstance(x, Tensor) or not x.is_floating_point():

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from ..config import LMConfig
 from ..layer import FeedForward, MoE, MoEOutput
@@ -219,10 +220,10 @@ class LMOutput:
 def _copy_full_(p: Tensor, full: Tensor) -> None:
     """Copy ``full`` into ``p``; a DTensor ``p`` keeps only its own part (no communication)."""
     if isinstance(p, DTensor):
-        local = p.to_local()
-        local.copy_(
-            distribute_tensor(full.to(local.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-        )
+        # this rank's block of the full tensor, sliced where ``full`` lies (the CPU): only the
+        # block travels to the device
+        shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+        p.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
     else:
         p.copy_(full)
 

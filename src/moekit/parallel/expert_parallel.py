@@ -360,6 +360,12 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
     """Everything that can be checked before any communication."""
     if statistics not in STATISTICS:
         raise ValueError(f"statistics must be one of {', '.join(map(repr, STATISTICS))}; got {statistics!r}")
+    scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ValueError(
+            f"parameter {scalars[0]} is a scalar (0-d): FSDP2 shards parameters along their first "
+            f"dimension; make it a tensor of shape (1,)"
+        )
     for name, moe in _moe_layers(model):
         where = f"MoE layer {name or '(root)'}"
         if moe.scope.spans_ranks:
@@ -460,7 +466,8 @@ class ExpertParallel:
         """Load a single-process state dict (from any layout): each rank keeps its part."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+        # a copy: PyTorch replaces the dict's values by this rank's shards
+        set_model_state_dict(self.model, dict(sd), options=StateDictOptions(full_state_dict=True))
 
     def full_optimizer_state_dict(self, opt: torch.optim.Optimizer) -> dict:
         """The optimizer state as a single process holds it (``Optimizer.state_dict()``'s format,
@@ -477,12 +484,14 @@ class ExpertParallel:
         }
 
     def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
-        """Load a single-process optimizer state dict (parameters by index) into this layout."""
+        """Load a single-process optimizer state dict (parameters by index) into this layout.
+        Clears the parameters' gradients (PyTorch's loader initialises the state with a step)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        opt.zero_grad(set_to_none=True)
         names = _optimizer_names(self.model, opt)
-        by_name: dict[str, Any] = {
-            "state": {names[int(i)]: st for i, st in sd["state"].items()},
+        by_name: dict[str, Any] = {  # new dicts: PyTorch replaces their values by this rank's shards
+            "state": {names[int(i)]: dict(st) for i, st in sd["state"].items()},
             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
         }
         set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
@@ -563,8 +572,11 @@ def apply_expert_parallel(
             global load in every case, so the replicated bias stays equal on all ranks.
         sync_init: broadcast rank 0's parameters and buffers first, so replicas start equal
             (skipped for a model on the meta device).
-        param_dtype: FSDP's mixed-precision compute dtype (e.g. ``torch.bfloat16`` on GPUs;
-            gradients are reduced in float32); None computes in the parameters' dtype.
+        param_dtype: FSDP's mixed-precision policy (e.g. ``torch.bfloat16`` on GPUs: bf16
+            all-gathers and compute, gradients reduced in float32). It casts every parameter and
+            each block's input, so the embeddings, norms and residual stream run in bf16 too: a
+            different run from one process under autocast (what ``moekit train`` does: None,
+            the parameters' own dtype).
 
     Returns:
         The :class:`ExpertParallel` handle. Gradients are reduced by FSDP during ``backward``;
@@ -589,9 +601,11 @@ def apply_expert_parallel(
 
 def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statistics: str):
     """The (dp, ep) mesh to use, after every check that needs no communication."""
-    ep = expert_parallel if mesh is None else mesh.size(1)
     if mesh is None and expert_parallel is None:
         raise ValueError("pass a (dp, ep) mesh or expert_parallel=N")
+    if mesh is not None and tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
+        raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
+    ep = expert_parallel if mesh is None else mesh.size(1)
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     check_positive("expert_parallel", ep, integer=True)
@@ -601,8 +615,6 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     _validate(model, ep, statistics)
     if mesh is None:
         return make_mesh(ep, _device_type(model))
-    if tuple(mesh.mesh_dim_names or ()) != ("dp", "ep"):
-        raise ValueError(f"mesh must have dimensions ('dp', 'ep'); got {mesh.mesh_dim_names}")
     if mesh.device_type == "meta":
         raise ValueError(
             "mesh must be made for the device the parameters will live on ('cpu' or 'cuda'), not 'meta': "

@@ -253,10 +253,10 @@ class Trainer:
             )
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
-        amp = autocast_dtype(self.cfg, self.device)
         mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
-        # on GPUs FSDP computes in bf16 (its mixed-precision policy) and reduces gradients in fp32
-        par = apply_expert_parallel(model, mesh, param_dtype=amp if self.device.type == "cuda" else None)
+        # fp32 parameters under autocast, as one process trains (FSDP's bf16 param_dtype would also
+        # put the embeddings, norms and residual stream in bf16: another training run)
+        par = apply_expert_parallel(model, mesh)
         model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
