@@ -161,7 +161,7 @@ def fsdp_round_trip(rank: int, world: int, store: str, out_dir: str) -> None:
     o = model(idx, idx)
     (o.loss + o.aux_loss).backward()
     opt.step()
-    par = SimpleNamespace(expert_params={}, ep_size=1)  # no expert shards of its own: only what DCP needs
+    par = SimpleNamespace(ep_size=1)  # no expert parallelism: only what DCP needs
     path = os.path.join(out_dir, "fsdp")
     save_distributed(path, model, opt, par, meta={"step": 1})
     model2 = _fsdp_model()

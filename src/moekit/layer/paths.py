@@ -45,7 +45,7 @@ def dispatched(
     plan = plan_dispatch(experts_TK, num_experts, max_rows=max_rows, has_empty=has_empty)
     y_RD = experts(dispatch(x_TD, plan), plan.counts_E, backend)
     out_TD = combine(y_RD, plan, weights_TK)
-    return (out_TD if shared_TD is None else out_TD + shared_TD), plan.counts_E
+    return _plus(out_TD, shared_TD), plan.counts_E
 
 
 def fused(
@@ -65,13 +65,18 @@ def fused(
     # the router's ids are valid: no host-side check, no host sync
     plan = routing_plan(experts_TK, num_experts, max_rows=max_rows, has_empty=has_empty, validate=False)
     out_TD = experts.fused(x_TD, plan, weights_TK)
-    return (out_TD if shared_TD is None else out_TD + shared_TD), plan.counts_E
+    return _plus(out_TD, shared_TD), plan.counts_E
 
 
 def few_slots(
     experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], **_
 ) -> tuple[Tensor, Optional[Tensor]]:
     return experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD), None  # shared_TD updated in place
+
+
+def _plus(out_TD: Tensor, shared_TD: Optional[Tensor]) -> Tensor:
+    """The routed output plus the shared experts' (None: there are none)."""
+    return out_TD if shared_TD is None else out_TD + shared_TD
 
 
 def choose_path(

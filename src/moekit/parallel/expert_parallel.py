@@ -188,13 +188,7 @@ class ExpertAllToAll:
         return (x_ND, counts_El, *rest)
 
     def _after(self, module: nn.Module, args: tuple, y_ND: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and y_ND.shape[0] == 0:
-            # FSDP reduces a layer's expert gradients in one collective over the ranks holding the
-            # same experts: experts that got no rows here must still get (zero) gradients
-            held = [p.to_local() if isinstance(p, DTensor) else p for p in module.parameters() if p.requires_grad]
-            if held:
-                y_ND = y_ND + sum(p.sum() for p in held) * 0
-        return self.combine(y_ND, self._handles.pop())
+        return self.combine(y_ND, self._handles.pop(), module)
 
     def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _Handle]:
         """(rows of this rank's experts in local-expert order, rows per local expert, handle)."""
@@ -219,14 +213,19 @@ class ExpertAllToAll:
             x_ND = _ScaleGrad.apply(x_ND, float(P))
         return x_ND, C_PL.sum(0), _Handle(x_ND, inverse_N, send, recv, n_send, x_RD.shape[0])
 
-    def combine(self, y_ND: Tensor, h: _Handle) -> Tensor:
+    def combine(self, y_ND: Tensor, h: _Handle, experts: nn.Module) -> Tensor:
         """The experts' rows back on the ranks that sent them, in the layer's row order."""
         if torch.is_grad_enabled():
             # Every rank must run the same collectives in backward. A rank whose experts got no
-            # rows may get an output with no graph (or none back to the received rows); tie it to
-            # them, and make it require grad, so its backward all-to-alls run like everyone else's.
-            if h.x_ND.requires_grad and y_ND.shape[0] == 0:
-                y_ND = y_ND + h.x_ND.sum() * 0
+            # rows may get an output with no graph (or none back to the received rows or to the
+            # weights); tie it to both, and make it require grad, so its backward all-to-alls run
+            # like everyone else's and FSDP's reduction over the expert's replicas gets (zero)
+            # gradients from it too.
+            if y_ND.shape[0] == 0:
+                held = [p.to_local() if isinstance(p, DTensor) else p for p in experts.parameters() if p.requires_grad]
+                ties = ([h.x_ND] if h.x_ND.requires_grad else []) + held
+                if ties:
+                    y_ND = y_ND + sum(t.sum() for t in ties) * 0
             if not y_ND.requires_grad:
                 y_ND = y_ND.detach().requires_grad_()
             if self.P > 1:  # the experts' gradients sum P ranks' tokens: make them a mean
@@ -404,7 +403,6 @@ class ExpertParallel:
         self.ep_size, self.dp_size = mesh.size(1), mesh.size(0)
         self.ep_rank, self.dp_rank = mesh.get_local_rank("ep"), mesh.get_local_rank("dp")
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        self.expert_params: dict[str, int] = {}  # name -> number of experts in the full tensor
 
     @property
     def is_main(self) -> bool:
@@ -650,8 +648,6 @@ def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:
     assert isinstance(moe.experts, GroupedExperts)  # checked with the model
     _shard_experts(moe.experts, handle.mesh["ep"], handle.ep_rank * El, El)
     moe.experts.num_experts = El
-    prefix = f"{name}.experts." if name else "experts."
-    handle.expert_params.update({prefix + "w_up": E, prefix + "w_down": E})
     moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
     ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
 

@@ -297,8 +297,8 @@ def save_distributed(
     """Write a DCP checkpoint folder at ``path`` (collective: call on every rank).
 
     ``par``: the model's :class:`~moekit.parallel.ExpertParallel` handle (None: one process,
-    e.g. a conversion); its ``expert_params`` are saved as expert-sharded DTensors over its
-    ``mesh``. ``rng``: rank 0's generator states (the other ranks' are ignored). ``meta``: a
+    e.g. a conversion); the model's DTensor parameters are saved as the shards each rank holds.
+    ``rng``: rank 0's generator states (the other ranks' are ignored). ``meta``: a
     JSON-able dict stored in ``moekit.json``. Atomic (see the module docstring)."""
     path = Path(path)
     tmp = tmp_path(path)

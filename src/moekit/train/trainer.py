@@ -424,6 +424,10 @@ class Trainer:
         # every rank draws the same global batch and keeps its slice: the run equals one process's
         self._batches = random_batches(self.data.train_ids_N, self.cfg.seq_len, self.cfg.batch_size, self.gen)
         self._t_train, self._n_timed, self._last_eval = 0.0, 0, {}
+        share = self.cfg.batch_size // (self.par.world_size if self.par else 1)
+        lo = share * (self.par.rank if self.par else 0)
+        self._my_rows = slice(lo, lo + share)  # this rank's slice of every global batch
+        self._amp = autocast_dtype(self.cfg, self.device)
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -472,11 +476,9 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = lr
-        share = cfg.batch_size // (par.world_size if par else 1)
-        lo = share * (par.rank if par else 0)
         x, y = next(self._batches)
-        x, y = x[lo : lo + share], y[lo : lo + share]
-        amp = autocast_dtype(cfg, self.device)
+        x, y = x[self._my_rows], y[self._my_rows]
+        amp = self._amp
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             out = self.step_model(x.to(self.device), y.to(self.device))
         loss = out.loss + out.aux_loss
