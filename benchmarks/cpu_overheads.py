@@ -3,8 +3,10 @@
 1. few-slot decoding (kernels/slots.py): one matmul pair per chosen expert (``_host_loop``) vs every
    expert on every token in two batched matmuls (``_all_experts``), at several shapes and T, which
    set ``ALL_EXPERTS_BYTES_PER_TOKEN``;
-2. dispatch gathers: advanced indexing vs ``index_select`` (layer/dispatch.py);
-3. the combine: (T,1,K) x (T,K,D) bmm vs broadcast multiply + sum (``dispatch.weighted_sum``).
+2. dispatch gathers: advanced indexing vs ``index_select``, and the gather's backward: rows back
+   in slot order + sum over K vs one ``index_add_`` (layer/dispatch.py, ``_GatherSlots``);
+3. the combine's weighted sum, forward + backward: broadcast multiply + sum vs (T,1,K) x (T,K,D)
+   bmm, both under autograd, vs ``dispatch.weighted_sum`` (bmm forward, its own backward).
 
     PYTHONPATH=src python benchmarks/cpu_overheads.py
 """
@@ -17,6 +19,7 @@ import time
 import torch
 
 from moekit.kernels.slots import _all_experts, _host_loop
+from moekit.layer.dispatch import weighted_sum
 from moekit.layer.experts import ACTIVATIONS
 
 
@@ -50,19 +53,54 @@ def few_slots() -> None:
             print(f"| {D} | {F} | {E} | {K} | {T} | {mib:.1f} | {a:.0f} | {b:.0f} |")
 
 
+def interleaved_ms(fns: list, reps: int = 25) -> list[float]:
+    """Median ms of each function, timed in turn round after round (this machine's speed drifts)."""
+    for fn in fns:
+        fn()
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) * 1e3 for ts in times]
+
+
 def gathers_and_combine() -> None:
-    print("\n| dtype | gather x[idx] ms | index_select ms | combine bmm ms | multiply + sum ms |")
-    print("|---|---|---|---|---|")
+    """The dispatch gather (forward; its backward's two forms) and the combine's weighted sum
+    (forward + backward, each form moekit had or has), at T*K = 8192 rows."""
+    print(
+        "\n| dtype | K | D | gather x[idx] ms | index_select ms | gather bwd: slot order + sum ms | index_add_ ms"
+        " | combine fwd+bwd: multiply + sum ms | bmm ms | moekit weighted_sum ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dt in (torch.float32, torch.bfloat16):
-        x, idx = torch.randn(2048, 128).to(dt), torch.randint(0, 2048, (8192,))
-        w, y = torch.rand(2048, 2).to(dt), torch.randn(2048, 2, 128).to(dt)
-        cells = [
-            us(lambda: x[idx]),
-            us(lambda: x.index_select(0, idx)),
-            us(lambda: torch.bmm(w.unsqueeze(1), y).squeeze(1)),
-            us(lambda: (w.unsqueeze(-1) * y).sum(1)),
-        ]
-        print(f"| {str(dt).split('.')[-1]} | " + " | ".join(f"{c / 1e3:.2f}" for c in cells) + " |")
+        for K, D in ((2, 128), (4, 128), (2, 512)):
+            T = 8192 // K
+            x, idx = torch.randn(T, D).to(dt), torch.randint(0, T, (T * K,))
+            perm = torch.randperm(T * K)
+            g_RD, g_TD = torch.randn(T * K, D).to(dt), torch.randn(T, D).to(dt)
+            w = torch.rand(T, K).to(dt).requires_grad_()
+            y = torch.randn(T, K, D).to(dt).requires_grad_()
+
+            def fwd_bwd(f):
+                w.grad = y.grad = None
+                f().backward(g_TD)
+
+            cells = interleaved_ms(
+                [
+                    lambda: x[idx],
+                    lambda: x.index_select(0, idx),
+                    lambda: g_RD.index_select(0, perm).view(T, K, D).sum(1),
+                    lambda: g_RD.new_zeros(T, D).index_add_(0, idx, g_RD),
+                    lambda: fwd_bwd(lambda: (w.unsqueeze(-1) * y).sum(1)),
+                    lambda: fwd_bwd(lambda: torch.bmm(w.unsqueeze(1), y).squeeze(1)),
+                    lambda: fwd_bwd(lambda: weighted_sum(w, y)),
+                ]
+            )
+            row = " | ".join(f"{c:.2f}" for c in cells)
+            print(f"| {str(dt).split('.')[-1]} | {K} | {D} | {row} |")
 
 
 if __name__ == "__main__":

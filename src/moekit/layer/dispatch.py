@@ -144,19 +144,25 @@ def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S
 
 
 class _GatherSlots(torch.autograd.Function):
-    """``x_RD = x_TD[order_R // K]``. Backward puts the row gradients back in slot order (a
-    permutation, no atomics) and sums each token's K slots: deterministic and faster than the
-    scatter-add that plain indexing would use."""
+    """``x_RD = x_TD[order_R // K]``. Backward sums each token's K row gradients. On the CPU one
+    ``index_add_`` does it (serial per index there, so deterministic; torch 2.13 accumulates 16-bit
+    floats in float32, so each sum rounds once, tested): against putting the rows back in slot
+    order and summing over K, 0.73 -> 0.42 ms at fp32 K=4 D=128, 4.72 -> 1.97 at K=2 D=512, 8.07
+    -> 1.31 in bf16 (T*K = 8192, 1 thread). Elsewhere the rows go back in slot order (a
+    permutation, no atomics) and are summed: deterministic, where a CUDA index_add_ is not."""
 
     @staticmethod
     def forward(ctx, x_TD, order_R, inverse_S, K):
-        ctx.save_for_backward(order_R, inverse_S)
+        token_R = torch.div(order_R, K, rounding_mode="floor")
+        ctx.save_for_backward(token_R, order_R, inverse_S)
         ctx.K, ctx.T = K, x_TD.shape[0]
-        return x_TD.index_select(0, torch.div(order_R, K, rounding_mode="floor"))
+        return x_TD.index_select(0, token_R)
 
     @staticmethod
     def backward(ctx, g_RD):
-        order_R, inverse_S = ctx.saved_tensors
+        token_R, order_R, inverse_S = ctx.saved_tensors
+        if g_RD.device.type == "cpu":
+            return g_RD.new_zeros(ctx.T, g_RD.shape[-1]).index_add_(0, token_R, g_RD), None, None, None
         g_SD = _to_slot_order(g_RD, order_R, inverse_S, ctx.T * ctx.K)
         return g_SD.view(ctx.T, ctx.K, g_SD.shape[-1]).sum(1), None, None, None
 
@@ -198,10 +204,41 @@ def undispatch(y_RD: Tensor, plan: DispatchPlan) -> Tensor:
     return _ScatterSlots.apply(y_RD, plan.order_R, plan.inverse_S, T * K).view(T, K, y_RD.shape[-1])
 
 
+class _WeightedSum(torch.autograd.Function):
+    """``out_TD = sum_k weights_TK[t, k] * y_TKD[t, k]``, each step in its cheapest CPU form.
+
+    Forward: an ``addcmul_`` chain for K <= 2 (the (1,K) x (K,D) batches of a bmm are slow
+    there), else one (T,1,K) x (T,K,D) bmm. Backward: ``g_y`` one broadcast multiply; ``g_w`` a
+    (1,D) x (D,K) bmm in float32, a ``vecdot`` in 16-bit floats. Fwd+bwd, T*K = 8192, 1 thread,
+    ms, autograd's multiply + sum / autograd's bmm / this: fp32 K=2 D=128 4.7 / 6.5 / 1.6, K=4
+    D=128 3.3 / 1.0 / 0.9, K=2 D=512 16.4 / 7.7 / 6.8; bf16 K=2 D=128 3.0 / 3.3 / 1.9, K=2 D=512
+    13.9 / 14.5 / 7.0 (benchmarks/cpu_overheads.py measures the three side by side)."""
+
+    @staticmethod
+    def forward(ctx, weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
+        ctx.save_for_backward(weights_TK, y_TKD)
+        K = y_TKD.shape[1]
+        if K > 2:
+            return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+        out_TD = y_TKD[:, 0] * weights_TK[:, :1]
+        for k in range(1, K):
+            out_TD.addcmul_(y_TKD[:, k], weights_TK[:, k : k + 1])
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        weights_TK, y_TKD = ctx.saved_tensors
+        g_T1D = g_TD.unsqueeze(1)
+        g_w = None
+        if ctx.needs_input_grad[0]:
+            if y_TKD.dtype in (torch.float32, torch.float64):
+                g_w = torch.bmm(g_T1D, y_TKD.transpose(1, 2)).squeeze(1)
+            else:
+                g_w = torch.linalg.vecdot(y_TKD, g_T1D)
+        g_y = weights_TK.unsqueeze(-1) * g_T1D if ctx.needs_input_grad[1] else None
+        return g_w, g_y
+
+
 def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
-    """``sum_k weights_TK[t, k] * y_TKD[t, k]``. In float32 a broadcast multiply and sum beats the
-    batched (T,1,K) x (T,K,D) matmul on the CPU (0.52 vs 1.52 ms at T=2048, K=2, D=128, 1 thread);
-    in 16-bit floats the matmul wins (0.57 vs 1.03 ms): elementwise bf16 math is slow there."""
-    if y_TKD.dtype == torch.float32 or y_TKD.dtype == torch.float64:
-        return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)
-    return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+    """``sum_k weights_TK[t, k] * y_TKD[t, k]`` (both in one dtype)."""
+    return _WeightedSum.apply(weights_TK, y_TKD)
