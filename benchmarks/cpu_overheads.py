@@ -6,7 +6,8 @@
 2. dispatch gathers: advanced indexing vs ``index_select``, and the gather's backward: rows back
    in slot order + sum over K vs one ``index_add_`` (layer/dispatch.py, ``_GatherSlots``);
 3. the combine's weighted sum, forward + backward: broadcast multiply + sum vs (T,1,K) x (T,K,D)
-   bmm, both under autograd, vs ``dispatch.weighted_sum`` (bmm forward, its own backward).
+   bmm, both under autograd, vs ``dispatch.weighted_sum`` (bmm forward, its own backward);
+4. SwiGLU fwd+bwd: autograd through chunk vs the registry's (kernels/activations.py).
 
     PYTHONPATH=src python benchmarks/cpu_overheads.py
 """
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from moekit.kernels.activations import get_activation
 from moekit.kernels.slots import _all_experts, _host_loop
 from moekit.layer.dispatch import weighted_sum
 from moekit.layer.experts import ACTIVATIONS
@@ -103,8 +105,29 @@ def gathers_and_combine() -> None:
             print(f"| {str(dt).split('.')[-1]} | {K} | {D} | {row} |")
 
 
+def swiglu() -> None:
+    """SwiGLU fwd+bwd: autograd through chunk, silu and * vs moekit's (both halves of the gradient
+    written into one tensor, no cat), at R*F = 1M."""
+    print("\n| dtype | R | F | autograd ms | moekit swiglu ms |")
+    print("|---|---|---|---|---|")
+    fused = get_activation("swiglu").fn
+    for dt in (torch.float32, torch.bfloat16):
+        for R, F in ((8192, 128), (4096, 256)):
+            h = torch.randn(R, 2 * F).to(dt).requires_grad_()
+            g_a = torch.randn(R, F).to(dt)
+
+            def fwd_bwd(fn):
+                h.grad = None
+                gate, up = h.chunk(2, dim=-1)
+                (fn(h) if fn is not None else torch.nn.functional.silu(gate) * up).backward(g_a)
+
+            plain, ours = interleaved_ms([lambda: fwd_bwd(None), lambda: fwd_bwd(fused)])
+            print(f"| {str(dt).split('.')[-1]} | {R} | {F} | {plain:.2f} | {ours:.2f} |")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.manual_seed(0)
     few_slots()
     gathers_and_combine()
+    swiglu()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,7 +20,36 @@ from torch import Tensor
 SILU, GELU_TANH, GELU_ERF, RELU = 0, 1, 2, 3
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """``silu(gate) * up`` whose backward writes both halves of the gradient into one (R, 2F)
+    tensor: autograd's backward of the chunked form computes each half apart and then ``cat``s
+    them, one more pass over R*2F. Fwd+bwd at R*F = 1M, 1 thread: fp32 6.3 -> 5.1 ms, bf16 5.1 ->
+    4.6; bit-identical results (benchmarks/cpu_overheads.py)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(h, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, g_a: Tensor) -> Tensor:
+        h, silu_gate = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops of h alone (silu_gate has no history)
+            sig = torch.sigmoid(gate)
+            return torch.cat([g_a * up * sig * (1 + gate * (1 - sig)), g_a * gate * sig], dim=-1)
+        g_h = torch.empty_like(h)
+        g_gate, g_up = g_h.chunk(2, dim=-1)
+        torch.mul(g_a, silu_gate, out=g_up)
+        torch.ops.aten.silu_backward.grad_input(g_a * up, gate, grad_input=g_gate)
+        return g_h
+
+
 def _swiglu(h: Tensor) -> Tensor:
+    if h.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _SwiGLUFn.apply(h)
     gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
     return F.silu(gate) * up
 
