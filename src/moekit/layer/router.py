@@ -55,6 +55,11 @@ def _dtype(name: str, x: Tensor) -> torch.dtype:
     return x.dtype if name == "same" else getattr(torch, name)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, with no op launched when it already is (a decode step runs ~20 router ops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
     """Boolean (T, E) mask of the experts in each token's ``topk_groups`` best expert groups
     (``num_groups`` equal, contiguous blocks of experts).
@@ -98,9 +103,8 @@ class Router(nn.Module):
         if self.training and self.cfg.router_jitter > 0:
             eps = self.cfg.router_jitter
             x_TD = x_TD * self.scope.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
-        w = self.linear.weight.to(dt)
-        b = None if self.linear.bias is None else self.linear.bias.to(dt)
-        logits_TE = F.linear(x_TD.to(dt), w, b)
+        w, b = _as(self.linear.weight, dt), self.linear.bias
+        logits_TE = F.linear(_as(x_TD, dt), w, None if b is None else _as(b, dt))
         return self._mask(logits_TE)
 
     def _mask(self, logits_TE: Tensor) -> Tensor:
@@ -122,7 +126,9 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, top_k: int, token_ids_T: Optional[Tensor] = None, scope=None) -> Routing:
         """``scope``: the layer's :class:`~moekit.layer.scope.LocalScope` (or its expert-parallel
         replacement), whose ``gather_rows`` routers that choose over the whole batch use (expert choice)."""
-        self.scope = scope or LOCAL_SCOPE  # random draws of this call go through it (random_rows)
+        scope = scope or LOCAL_SCOPE
+        if self.scope is not scope:  # nn.Module.__setattr__ costs microseconds a decode step feels
+            self.scope = scope  # random draws of this call go through it (random_rows)
         if self.batch_dependent:
             return self.route(x_TD, top_k, token_ids_T, scope=self.scope)  # type: ignore[call-arg]  # batch-dependent routers take scope
         return self.route(x_TD, top_k, token_ids_T)
@@ -397,7 +403,7 @@ class SigmoidRouter(Router):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        sel_TE = scores_TE.detach() + self.bias_E.to(scores_TE.dtype)
+        sel_TE = scores_TE.detach() + _as(self.bias_E, scores_TE.dtype)
         if self.cfg.num_groups is not None:
             assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
             sel_TE = sel_TE.masked_fill(
