@@ -329,3 +329,25 @@ def test_constant_weight_warning_points_at_the_user_code():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoE(_cfg(num_experts=1, top_k=1))
+
+
+def test_sigmoid_router_defers_probs_in_eval():
+    """In eval the sigmoid router hands over a function for probs_TE (a decode step never reads
+    it); reading it gives the normalised sigmoid scores, and the deferred losses of an eval call
+    equal those the same call computes in training mode (same routing: no jitter, no noise)."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, router="sigmoid", balance_loss_weight=0.1))
+    x_TD = torch.randn(5, 8)
+    moe.eval()
+    r = moe.router(x_TD, 2)
+    assert callable(r.probs)
+    scores_TE = r.logits_TE.sigmoid()
+    torch.testing.assert_close(r.probs_TE, scores_TE / scores_TE.sum(-1, keepdim=True))
+    assert isinstance(r.probs, torch.Tensor)  # computed once, then kept
+    eval_losses = {k: v.detach() for k, v in moe(x_TD).losses.items()}
+    moe.train()
+    assert isinstance(moe.router(x_TD, 2).probs, torch.Tensor)
+    train_losses = moe(x_TD).losses
+    assert eval_losses.keys() == train_losses.keys() and "balance" in eval_losses
+    for k in eval_losses:
+        torch.testing.assert_close(eval_losses[k], train_losses[k].detach())

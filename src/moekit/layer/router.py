@@ -17,8 +17,9 @@ Shape legend: T tokens, D model width, E routed experts, K slots per token, G ex
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class Routing:
     experts_TK: Tensor  # int64 expert id per slot; E marks an empty slot
     weights_TK: Tensor  # combine weight per slot (0 for an empty slot); differentiable
     logits_TE: Tensor  # router logits (z-loss); -inf for disabled experts
-    probs_TE: Tensor  # routing distribution per token (rows sum to 1), used by balance losses
+    probs: Union[Tensor, Callable[[], Tensor]]  # probs_TE, or a function computing it on first read
     losses: dict = field(default_factory=dict)  # router-specific unweighted losses
     has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
     capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
@@ -44,6 +45,16 @@ class Routing:
     scores_TK: Optional[Tensor] = (
         None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
     )
+
+    @property
+    def probs_TE(self) -> Tensor:
+        """Routing distribution per token (rows sum to 1), used by the balance losses and stats.
+        A router may hand over a function instead, so that decoding, whose losses are never read,
+        does not compute it."""
+        if callable(self.probs):
+            object.__setattr__(self, "probs", self.probs())
+        assert isinstance(self.probs, Tensor)
+        return self.probs
 
     @property
     def priority_scores_TK(self) -> Tensor:
@@ -403,7 +414,7 @@ class SigmoidRouter(Router):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        sel_TE = scores_TE.detach() + _as(self.bias_E, scores_TE.dtype)
+        sel_TE = (scores_TE.detach() if scores_TE.requires_grad else scores_TE) + _as(self.bias_E, scores_TE.dtype)
         if self.cfg.num_groups is not None:
             assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
             sel_TE = sel_TE.masked_fill(
@@ -414,11 +425,15 @@ class SigmoidRouter(Router):
         experts_TK = sel_TE.topk(top_k, dim=-1).indices
         scores_TK = scores_TE.gather(1, experts_TK)  # the sigmoid affinities: capacity priority ranks by these
         weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
-        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+
+        def probs_TE() -> Tensor:
+            return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+
         if self.training:
             with torch.no_grad():
                 self.load_E += slot_counts(experts_TK, self.num_experts).float()
-        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs_TE, scores_TK=scores_TK)
+        probs = probs_TE() if self.training else probs_TE  # in eval only losses and stats read it
+        return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs, scores_TK=scores_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: Optional[Tensor] = None) -> None:
