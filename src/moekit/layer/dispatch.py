@@ -148,20 +148,23 @@ class _GatherSlots(torch.autograd.Function):
     ``index_add_`` does it (serial per index there, so deterministic; torch 2.13 accumulates 16-bit
     floats in float32, so each sum rounds once, tested): against putting the rows back in slot
     order and summing over K, 0.73 -> 0.42 ms at fp32 K=4 D=128, 4.72 -> 1.97 at K=2 D=512, 8.07
-    -> 1.31 in bf16 (T*K = 8192, 1 thread). Elsewhere the rows go back in slot order (a
-    permutation, no atomics) and are summed: deterministic, where a CUDA index_add_ is not."""
+    -> 1.31 in bf16 (T*K = 8192, 1 thread). Elsewhere, and under torch.compile (whose inductor
+    fuses it), the rows go back in slot order (a permutation, no atomics) and are summed:
+    deterministic, where a CUDA index_add_ is not."""
 
     @staticmethod
     def forward(ctx, x_TD, order_R, inverse_S, K):
         token_R = torch.div(order_R, K, rounding_mode="floor")
         ctx.save_for_backward(token_R, order_R, inverse_S)
         ctx.K, ctx.T = K, x_TD.shape[0]
+        # under torch.compile the permutation + sum, which inductor fuses into one loop
+        ctx.index_add = x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
         return x_TD.index_select(0, token_R)
 
     @staticmethod
     def backward(ctx, g_RD):
         token_R, order_R, inverse_S = ctx.saved_tensors
-        if g_RD.device.type == "cpu":
+        if ctx.index_add:
             return g_RD.new_zeros(ctx.T, g_RD.shape[-1]).index_add_(0, token_R, g_RD), None, None, None
         g_SD = _to_slot_order(g_RD, order_R, inverse_S, ctx.T * ctx.K)
         return g_SD.view(ctx.T, ctx.K, g_SD.shape[-1]).sum(1), None, None, None
@@ -240,5 +243,8 @@ class _WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
-    """``sum_k weights_TK[t, k] * y_TKD[t, k]`` (both in one dtype)."""
+    """``sum_k weights_TK[t, k] * y_TKD[t, k]`` (both in one dtype). Under torch.compile the plain
+    multiply + sum, which inductor fuses with the gather before it."""
+    if torch.compiler.is_compiling():
+        return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)
     return _WeightedSum.apply(weights_TK, y_TKD)
