@@ -119,3 +119,29 @@ def test_under_torch_compile_the_layer_equals_eager():
     x = torch.randn(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).out, moe(x).out, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_expert_views_follow_the_weights():
+    """The per-expert weight views kept for eager decoding see in-place updates (an optimizer
+    step, surgery) and are rebuilt when the weights' storage changes (a dtype move), so decoding
+    always equals the dispatch path on the current weights."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2, num_shared_experts=1)).eval()
+    x = torch.randn(1, 16)
+
+    def check():
+        with torch.no_grad():
+            fast = moe(x).out  # few-slot path (no grad, one token)
+        ref = moe(x).out.detach()  # with grad enabled: the dispatch path
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        moe.experts.w_up.mul_(-2.0)  # in place: the kept views see it
+        moe.experts.w_down.add_(0.5)
+    check()
+    moe.double()
+    x = x.double()
+    assert moe.experts._views is None  # dropped by the move
+    check()
+    assert moe.experts._views is not None and moe.experts._views[1][0].dtype == torch.float64

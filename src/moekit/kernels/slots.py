@@ -19,7 +19,7 @@ token, D model width, H up-projection width (2F when gated), F expert width, E e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -41,15 +41,18 @@ def slot_ffn(
     w_down_EFD: Tensor,
     act: Callable[[Tensor], Tensor],
     into_TD: Optional[Tensor] = None,
+    views: Optional[tuple[Sequence[Tensor], Sequence[Tensor]]] = None,
 ) -> Tensor:
     """The routed experts' output for a few tokens, reading only the chosen experts' weights,
-    added to ``into_TD`` (in place, when given: e.g. the shared experts' output)."""
+    added to ``into_TD`` (in place, when given: e.g. the shared experts' output). ``views``:
+    ``(w_up_EDH[e] for e, w_down_EFD[e] for e)`` made beforehand, so eager decoding indexes no weights."""
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         out_TD = into_TD if into_TD is not None else x_TD.new_zeros(x_TD.shape[0], w_down_EFD.shape[-1])
         expert_bytes = (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
         if x_TD.shape[0] > 1 and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN:
             return out_TD.add_(_all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act))
-        return _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD)
+        ups, downs = views if views is not None else (w_up_EDH, w_down_EFD)
+        return _host_loop(x_TD, experts_TK, weights_TK, ups, downs, act, out_TD)
     form = (
         _reduce_form if x_TD.device.type == "cpu" else _gathered_bmm
     )  # compiled, the fused reduce wins at T = 1..8 too
@@ -64,7 +67,8 @@ def _valid(experts_TK: Tensor, weights_TK: Tensor, E: int) -> tuple[Tensor, Tens
 
 
 def _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD: Tensor) -> Tensor:
-    E, T = w_up_EDH.shape[0], x_TD.shape[0]
+    """``w_up_EDH`` / ``w_down_EFD``: the stacked weights, or sequences of each expert's."""
+    E, T = len(w_up_EDH), x_TD.shape[0]
     ids = experts_TK.tolist()
     slots: dict[int, list[tuple[int, int]]] = {}
     for t, row in enumerate(ids):

@@ -106,10 +106,35 @@ class GroupedExperts(nn.Module):
         ``into_TD``, e.g. the shared experts' output, may be updated in place)."""
         from ..kernels.slots import slot_ffn
 
-        x_TD = x_TD.to(compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
+        dt = compute_dtype(x_TD)  # under autocast: its dtype, as a matmul would get
+        if x_TD.dtype != dt:
+            x_TD = x_TD.to(dt)
         if into_TD is not None and into_TD.dtype != x_TD.dtype:
             into_TD = into_TD.to(x_TD.dtype)
-        return slot_ffn(x_TD, experts_TK, weights_TK, *self._weights_like(x_TD), ACTIVATIONS[self.kind], into_TD)
+        w_up, w_down = self._weights_like(x_TD)
+        views = self._expert_views(w_up, w_down)
+        return slot_ffn(x_TD, experts_TK, weights_TK, w_up, w_down, ACTIVATIONS[self.kind], into_TD, views)
+
+    _views: Optional[tuple] = None  # (key, up views, down views), see _expert_views
+
+    def _apply(self, fn, recurse=True):
+        self._views = None  # .to() / .cuda() / .half(): do not keep the old storage alive through the views
+        return super()._apply(fn, recurse)
+
+    def _expert_views(self, w_up: Tensor, w_down: Tensor) -> Optional[tuple[Sequence[Tensor], Sequence[Tensor]]]:
+        """Each expert's ``(w_up[e], w_down[e])`` as views made once and kept while the weights'
+        storage stays the same (in-place updates keep them valid): indexing per call costs one op
+        per expert and projection, which a decode step feels (T = 1, four experts: 110 -> 91 µs).
+        None for weights that are not this module's parameters (e.g. cast under autocast)."""
+        if torch.compiler.is_compiling() or w_up.device.type != "cpu":  # only the CPU eager loop indexes experts
+            return None
+        if w_up is not self.w_up or w_down is not self.w_down:
+            return None
+        key = (w_up.data_ptr(), w_down.data_ptr(), w_up.shape, w_down.shape, w_up.dtype, w_up.device)
+        if self._views is None or self._views[0] != key:
+            with torch.no_grad():
+                self._views = (key, w_up.unbind(0), w_down.unbind(0))
+        return self._views[1], self._views[2]
 
     def fused(self, x_TD: Tensor, plan, weights_TK: Tensor) -> Tensor:
         """Dispatch, experts and combine in moekit's Triton kernels (ScatterMoE-style): the token

@@ -224,7 +224,9 @@ class MoE(nn.Module):
             has_empty=routing.has_empty or max_rows is not None,
             backend=backend,
         )
-        out = out_TD.reshape(*lead, self.cfg.dim).to(x.dtype)
+        out = out_TD.reshape(*lead, self.cfg.dim)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return self._output(out, routing, experts_TK, weights_TK, kept_E)
 
     def _backend(self, x_TD: Tensor) -> str:
