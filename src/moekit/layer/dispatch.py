@@ -212,7 +212,8 @@ class _WeightedSum(torch.autograd.Function):
 
     Forward: an ``addcmul_`` chain for K <= 2 (the (1,K) x (K,D) batches of a bmm are slow
     there), else one (T,1,K) x (T,K,D) bmm. Backward: ``g_y`` one broadcast multiply; ``g_w`` a
-    (1,D) x (D,K) bmm in float32, a ``vecdot`` in 16-bit floats. Fwd+bwd, T*K = 8192, 1 thread,
+    (1,D) x (D,K) bmm in float32, a ``vecdot`` in 16-bit floats (where the K <= 2 chain rounds
+    after each term, the bmm once: at most a unit in the last place apart). Fwd+bwd, T*K = 8192, 1 thread,
     ms, autograd's multiply + sum / autograd's bmm / this: fp32 K=2 D=128 4.7 / 6.5 / 1.6, K=4
     D=128 3.3 / 1.0 / 0.9, K=2 D=512 16.4 / 7.7 / 6.8; bf16 K=2 D=128 3.0 / 3.3 / 1.9, K=2 D=512
     13.9 / 14.5 / 7.0 (benchmarks/cpu_overheads.py measures the three side by side)."""
@@ -243,8 +244,12 @@ class _WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
-    """``sum_k weights_TK[t, k] * y_TKD[t, k]`` (both in one dtype). Under torch.compile the plain
-    multiply + sum, which inductor fuses with the gather before it."""
-    if torch.compiler.is_compiling():
+    """``sum_k weights_TK[t, k] * y_TKD[t, k]`` (both in one dtype). Eager on the CPU
+    :class:`_WeightedSum`; under torch.compile and on other devices (not measured there) a plain
+    multiply + sum in float32/64, which inductor fuses with the gather before it, and a bmm in
+    16-bit floats (one rounding)."""
+    if y_TKD.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _WeightedSum.apply(weights_TK, y_TKD)
+    if y_TKD.dtype in (torch.float32, torch.float64):
         return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)
-    return _WeightedSum.apply(weights_TK, y_TKD)
+    return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
