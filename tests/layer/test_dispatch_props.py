@@ -207,3 +207,26 @@ def test_dispatch_combine_bf16_gradients_round_once():
     out64 = combine(y, plan, w64)
     out16 = combine(y.bfloat16(), plan, w64.bfloat16())
     torch.testing.assert_close(out16.double(), out64, rtol=3e-2, atol=3e-2)
+
+
+def test_cpu_autocast_training_any_top_k():
+    """Under CPU bf16 autocast the combine runs in the experts' output dtype and its backward works,
+    for the bmm form (K > 2) and the addcmul form (K <= 2); gradients stay within bf16 error of
+    float32 without autocast. (The bmm form once produced bf16 from fp32 inputs under autocast and
+    its backward then failed on mixed dtypes.)"""
+    from moekit import MoE, MoEConfig
+
+    for k in (2, 3, 4):  # every expert chosen (K = E), so bf16 cannot flip the routing
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=k, top_k=k, router="topk")).train()
+        x = torch.randn(12, 16)
+        grads = []
+        for amp in (False, True):
+            moe.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = moe(x)
+            (out.out.float().square().sum() + out.aux_loss).backward()
+            grads.append([p.grad.clone() for p in moe.parameters()])
+        for g32, g16 in zip(*grads):
+            assert torch.isfinite(g16).all()
+            torch.testing.assert_close(g16, g32, rtol=0.1, atol=0.1 * g32.abs().max().item())

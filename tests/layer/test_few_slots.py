@@ -145,3 +145,16 @@ def test_cached_expert_views_follow_the_weights():
     assert moe.experts._views is None  # dropped by the move
     check()
     assert moe.experts._views is not None and moe.experts._views[1][0].dtype == torch.float64
+
+
+def test_expert_views_only_without_grad_and_dropped_on_load():
+    """The kept views carry no gradient, so they are never handed out with grad enabled; and
+    ``load_state_dict(assign=True)``, which replaces the parameters, drops them at once."""
+    moe = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=4, top_k=2)).eval()
+    ex = moe.experts
+    assert ex._expert_views(ex.w_up, ex.w_down) is None  # grad enabled
+    with torch.no_grad():
+        assert ex._expert_views(ex.w_up, ex.w_down) is not None
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.load_state_dict(state, assign=True)
+    assert ex._views is None

@@ -351,3 +351,26 @@ def test_sigmoid_router_defers_probs_in_eval():
     assert eval_losses.keys() == train_losses.keys() and "balance" in eval_losses
     for k in eval_losses:
         torch.testing.assert_close(eval_losses[k], train_losses[k].detach())
+
+
+def test_routing_keeps_its_constructor_and_pickles():
+    """``Routing(..., probs_TE=...)`` by keyword, ``dataclasses.replace`` and pickling (of an eval
+    sigmoid routing whose probabilities are still deferred) keep working."""
+    import dataclasses
+    import pickle
+
+    from moekit.layer.router import Routing
+
+    e, w, lg = torch.zeros(3, 2, dtype=torch.int64), torch.rand(3, 2), torch.randn(3, 4)
+    p = lg.softmax(-1)
+    r = Routing(e, w, lg, probs_TE=p, has_empty=True)
+    assert r.probs_TE is p and r.has_empty and r.losses == {}
+    r2 = dataclasses.replace(r, weights_TK=w * 2)
+    assert r2.probs_TE is p and torch.equal(r2.weights_TK, w * 2)
+    moe = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2, router="sigmoid")).eval()
+    deferred = moe.router(torch.randn(5, 8), 2)
+    assert callable(deferred.probs)
+    back = pickle.loads(pickle.dumps(deferred))
+    torch.testing.assert_close(back.probs_TE, deferred.probs_TE)
+    with pytest.raises(TypeError, match="probs_TE"):
+        Routing(e, w, lg)

@@ -48,7 +48,12 @@ class _SwiGLUFn(torch.autograd.Function):
 
 
 def _swiglu(h: Tensor) -> Tensor:
-    if h.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if (
+        h.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()  # torch.func: no vmap rule here
+    ):
         return _SwiGLUFn.apply(h)
     gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
     return F.silu(gate) * up

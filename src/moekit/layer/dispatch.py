@@ -136,6 +136,12 @@ def _reroute(experts_TK, weights_TK, experts_S, weights_S, probs_TE, capacity, p
     return experts_S, weights_S
 
 
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev) is tracing: the custom autograd
+    Functions below define no vmap rule, so the plain ops run instead."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S: int) -> Tensor:
     """Rows back in slot order (S, D); slots that got no row are zero."""
     if inverse_S is not None:
@@ -155,17 +161,18 @@ class _GatherSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, order_R, inverse_S, K):
         token_R = torch.div(order_R, K, rounding_mode="floor")
-        ctx.save_for_backward(token_R, order_R, inverse_S)
         ctx.K, ctx.T = K, x_TD.shape[0]
         # under torch.compile the permutation + sum, which inductor fuses into one loop
         ctx.index_add = x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+        ctx.save_for_backward(*((token_R,) if ctx.index_add else (order_R, inverse_S)))
         return x_TD.index_select(0, token_R)
 
     @staticmethod
     def backward(ctx, g_RD):
-        token_R, order_R, inverse_S = ctx.saved_tensors
         if ctx.index_add:
+            (token_R,) = ctx.saved_tensors
             return g_RD.new_zeros(ctx.T, g_RD.shape[-1]).index_add_(0, token_R, g_RD), None, None, None
+        order_R, inverse_S = ctx.saved_tensors
         g_SD = _to_slot_order(g_RD, order_R, inverse_S, ctx.T * ctx.K)
         return g_SD.view(ctx.T, ctx.K, g_SD.shape[-1]).sum(1), None, None, None
 
@@ -222,12 +229,13 @@ class _WeightedSum(torch.autograd.Function):
     def forward(ctx, weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
         ctx.save_for_backward(weights_TK, y_TKD)
         K = y_TKD.shape[1]
-        if K > 2:
-            return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-        out_TD = y_TKD[:, 0] * weights_TK[:, :1]
-        for k in range(1, K):
-            out_TD.addcmul_(y_TKD[:, k], weights_TK[:, k : k + 1])
-        return out_TD
+        with torch.autocast("cpu", enabled=False):  # in y's dtype, as the backward (run outside autocast) expects
+            if K > 2:
+                return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+            out_TD = y_TKD[:, 0] * weights_TK[:, :1]
+            for k in range(1, K):
+                out_TD.addcmul_(y_TKD[:, k], weights_TK[:, k : k + 1])
+            return out_TD
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
@@ -248,7 +256,7 @@ def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
     :class:`_WeightedSum`; under torch.compile and on other devices (not measured there) a plain
     multiply + sum in float32/64, which inductor fuses with the gather before it, and a bmm in
     16-bit floats (one rounding)."""
-    if y_TKD.device.type == "cpu" and not torch.compiler.is_compiling():
+    if y_TKD.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_active():
         return _WeightedSum.apply(weights_TK, y_TKD)
     if y_TKD.dtype in (torch.float32, torch.float64):
         return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)

@@ -121,16 +121,20 @@ class GroupedExperts(nn.Module):
         self._views = None  # .to() / .cuda() / .half(): do not keep the old storage alive through the views
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._views = None  # load_state_dict(assign=True) replaces the parameters
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _expert_views(self, w_up: Tensor, w_down: Tensor) -> Optional[tuple[Sequence[Tensor], Sequence[Tensor]]]:
         """Each expert's ``(w_up[e], w_down[e])`` as views made once and kept while the weights'
         storage stays the same (in-place updates keep them valid): indexing per call costs one op
         per expert and projection, which a decode step feels (T = 1, four experts: 110 -> 91 µs).
         None for weights that are not this module's parameters (e.g. cast under autocast)."""
-        if torch.compiler.is_compiling() or w_up.device.type != "cpu":  # only the CPU eager loop indexes experts
-            return None
+        if torch.compiler.is_compiling() or w_up.device.type != "cpu" or torch.is_grad_enabled():
+            return None  # only the CPU eager no-grad loop indexes experts; the views carry no gradient
         if w_up is not self.w_up or w_down is not self.w_down:
             return None
-        key = (w_up.data_ptr(), w_down.data_ptr(), w_up.shape, w_down.shape, w_up.dtype, w_up.device)
+        key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype) for w in (w_up, w_down))
         if self._views is None or self._views[0] != key:
             with torch.no_grad():
                 self._views = (key, w_up.unbind(0), w_down.unbind(0))

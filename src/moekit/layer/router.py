@@ -16,9 +16,10 @@ Shape legend: T tokens, D model width, E routed experts, K slots per token, G ex
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -30,7 +31,7 @@ from .losses import cv_squared, slot_counts
 from .scope import LOCAL_SCOPE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Routing:
     """The router's decision for T tokens."""
 
@@ -38,13 +39,45 @@ class Routing:
     weights_TK: Tensor  # combine weight per slot (0 for an empty slot); differentiable
     logits_TE: Tensor  # router logits (z-loss); -inf for disabled experts
     probs: Union[Tensor, Callable[[], Tensor]]  # probs_TE, or a function computing it on first read
-    losses: dict = field(default_factory=dict)  # router-specific unweighted losses
-    has_empty: bool = False  # True when some slots may be empty (static: decides masking downstream)
-    capacity: Optional[int] = None  # per-expert capacity the router already enforces (expert choice)
-    load_E: Optional[Tensor] = None  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
-    scores_TK: Optional[Tensor] = (
-        None  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
-    )
+    losses: dict  # router-specific unweighted losses
+    has_empty: bool  # True when some slots may be empty (static: decides masking downstream)
+    capacity: Optional[int]  # per-expert capacity the router already enforces (expert choice)
+    load_E: Optional[Tensor]  # noisy top-k: the smooth load estimate summed over tokens (for the load loss)
+    scores_TK: Optional[
+        Tensor
+    ]  # router score of each slot's expert before renormalisation/scaling (0 if empty); None = weights_TK
+
+    def __init__(
+        self,
+        experts_TK: Tensor,
+        weights_TK: Tensor,
+        logits_TE: Tensor,
+        probs_TE: Union[Tensor, Callable[[], Tensor], None] = None,
+        losses: Optional[dict] = None,
+        has_empty: bool = False,
+        capacity: Optional[int] = None,
+        load_E: Optional[Tensor] = None,
+        scores_TK: Optional[Tensor] = None,
+        *,
+        probs: Union[Tensor, Callable[[], Tensor], None] = None,
+    ):
+        """``probs_TE``: the routing distribution (T, E), or a zero-argument function returning it
+        (``probs=`` is the same, the field's own name, as ``dataclasses.replace`` passes it)."""
+        probs = probs_TE if probs_TE is not None else probs
+        if probs is None:
+            raise TypeError("Routing needs probs_TE: the (T, E) routing distribution or a function returning it")
+        for name, value in (
+            ("experts_TK", experts_TK),
+            ("weights_TK", weights_TK),
+            ("logits_TE", logits_TE),
+            ("probs", probs),
+            ("losses", {} if losses is None else losses),
+            ("has_empty", has_empty),
+            ("capacity", capacity),
+            ("load_E", load_E),
+            ("scores_TK", scores_TK),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def probs_TE(self) -> Tensor:
@@ -64,6 +97,11 @@ class Routing:
 
 def _dtype(name: str, x: Tensor) -> torch.dtype:
     return x.dtype if name == "same" else getattr(torch, name)
+
+
+def _sum_normalized(scores_TE: Tensor) -> Tensor:
+    """Each row divided by its sum (the sigmoid router's routing distribution)."""
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -426,9 +464,7 @@ class SigmoidRouter(Router):
         scores_TK = scores_TE.gather(1, experts_TK)  # the sigmoid affinities: capacity priority ranks by these
         weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
 
-        def probs_TE() -> Tensor:
-            return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-
+        probs_TE = functools.partial(_sum_normalized, scores_TE)  # a partial, not a closure: picklable
         if self.training:
             with torch.no_grad():
                 self.load_E += slot_counts(experts_TK, self.num_experts).float()
