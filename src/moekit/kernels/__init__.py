@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..config import BACKENDS
-from .activations import Act, activation_fn
+from .activations import Act, activation_fn, eager_autograd
 from .grouped import grouped_ffn, grouped_mm_supported
 from .reference import loop_ffn
 
@@ -34,6 +34,8 @@ __all__ = [
     "grouped_mm_supported",
     "triton_available",
     "compute_dtype",
+    "as_dtype",
+    "eager_autograd",
 ]
 
 
@@ -51,6 +53,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, with no op launched when it already is: ``t.to(dtype)`` returns ``t``
+    then too, but through the dispatcher, which a decode step of ~40 small ops feels."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -20,6 +20,13 @@ from torch import Tensor
 SILU, GELU_TANH, GELU_ERF, RELU = 0, 1, 2, 3
 
 
+def eager_autograd() -> bool:
+    """Whether moekit's hand-written autograd Functions may run: not under torch.compile (the
+    plain ops, which inductor fuses, run there) and not under a torch.func transform (the
+    Functions define no vmap rule)."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 class _SwiGLUFn(torch.autograd.Function):
     """``silu(gate) * up`` whose backward writes both halves of the gradient into one (R, 2F)
     tensor: autograd's backward of the chunked form computes each half apart and then ``cat``s
@@ -48,12 +55,7 @@ class _SwiGLUFn(torch.autograd.Function):
 
 
 def _swiglu(h: Tensor) -> Tensor:
-    if (
-        h.requires_grad
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()  # torch.func: no vmap rule here
-    ):
+    if h.requires_grad and torch.is_grad_enabled() and eager_autograd():
         return _SwiGLUFn.apply(h)
     gate, up = h.chunk(2, dim=-1)  # chunk, not two slices: its backward is one cat, not two zero-filled copies
     return F.silu(gate) * up

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kernels import eager_autograd
 from ..kernels.plan import DispatchPlan, plan_dispatch, slot_counts  # noqa: F401  (plan_dispatch: re-exported)
 
 
@@ -136,12 +137,6 @@ def _reroute(experts_TK, weights_TK, experts_S, weights_S, probs_TE, capacity, p
     return experts_S, weights_S
 
 
-def _functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vmap, jacrev) is tracing: the custom autograd
-    Functions below define no vmap rule, so the plain ops run instead."""
-    return torch._C._are_functorch_transforms_active()
-
-
 def _to_slot_order(y_RD: Tensor, order_R: Tensor, inverse_S: Optional[Tensor], S: int) -> Tensor:
     """Rows back in slot order (S, D); slots that got no row are zero."""
     if inverse_S is not None:
@@ -163,7 +158,7 @@ class _GatherSlots(torch.autograd.Function):
         token_R = torch.div(order_R, K, rounding_mode="floor")
         ctx.K, ctx.T = K, x_TD.shape[0]
         # under torch.compile the permutation + sum, which inductor fuses into one loop
-        ctx.index_add = x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+        ctx.index_add = x_TD.device.type == "cpu" and eager_autograd()
         ctx.save_for_backward(*((token_R,) if ctx.index_add else (order_R, inverse_S)))
         return x_TD.index_select(0, token_R)
 
@@ -256,7 +251,7 @@ def weighted_sum(weights_TK: Tensor, y_TKD: Tensor) -> Tensor:
     :class:`_WeightedSum`; under torch.compile and on other devices (not measured there) a plain
     multiply + sum in float32/64, which inductor fuses with the gather before it, and a bmm in
     16-bit floats (one rounding)."""
-    if y_TKD.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_active():
+    if y_TKD.device.type == "cpu" and eager_autograd():
         return _WeightedSum.apply(weights_TK, y_TKD)
     if y_TKD.dtype in (torch.float32, torch.float64):
         return (weights_TK.unsqueeze(-1) * y_TKD).sum(1)

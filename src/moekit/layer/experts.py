@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from ..kernels import compute_dtype, expert_ffn
+from ..kernels import as_dtype, compute_dtype, expert_ffn
 from ..kernels.activations import ACTIVATIONS as _REGISTRY
 from ..kernels.reference import per_expert
 
@@ -106,11 +106,9 @@ class GroupedExperts(nn.Module):
         ``into_TD``, e.g. the shared experts' output, may be updated in place)."""
         from ..kernels.slots import slot_ffn
 
-        dt = compute_dtype(x_TD)  # under autocast: its dtype, as a matmul would get
-        if x_TD.dtype != dt:
-            x_TD = x_TD.to(dt)
-        if into_TD is not None and into_TD.dtype != x_TD.dtype:
-            into_TD = into_TD.to(x_TD.dtype)
+        x_TD = as_dtype(x_TD, compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
+        if into_TD is not None:
+            into_TD = as_dtype(into_TD, x_TD.dtype)
         w_up, w_down = self._weights_like(x_TD)
         views = self._expert_views(w_up, w_down)
         return slot_ffn(x_TD, experts_TK, weights_TK, w_up, w_down, ACTIVATIONS[self.kind], into_TD, views)

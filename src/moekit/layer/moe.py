@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MoEConfig, check_positive, check_router_top_k
-from ..kernels import compute_dtype, resolve_backend
+from ..kernels import as_dtype, compute_dtype, resolve_backend
 from . import losses as L
 from . import surgery
 from .dispatch import apply_capacity, expert_capacity
@@ -224,9 +224,7 @@ class MoE(nn.Module):
             has_empty=routing.has_empty or max_rows is not None,
             backend=backend,
         )
-        out = out_TD.reshape(*lead, self.cfg.dim)
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        out = as_dtype(out_TD.reshape(*lead, self.cfg.dim), x.dtype)
         return self._output(out, routing, experts_TK, weights_TK, kept_E)
 
     def _backend(self, x_TD: Tensor) -> str:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ROUTER_KINDS, MoEConfig
+from ..kernels import as_dtype
 from .losses import cv_squared, slot_counts
 from .scope import LOCAL_SCOPE
 
@@ -104,11 +105,6 @@ def _sum_normalized(scores_TE: Tensor) -> Tensor:
     return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``, with no op launched when it already is (a decode step runs ~20 router ops)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per_group: str = "top2") -> Tensor:
     """Boolean (T, E) mask of the experts in each token's ``topk_groups`` best expert groups
     (``num_groups`` equal, contiguous blocks of experts).
@@ -152,8 +148,8 @@ class Router(nn.Module):
         if self.training and self.cfg.router_jitter > 0:
             eps = self.cfg.router_jitter
             x_TD = x_TD * self.scope.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
-        w, b = _as(self.linear.weight, dt), self.linear.bias
-        logits_TE = F.linear(_as(x_TD, dt), w, None if b is None else _as(b, dt))
+        w, b = as_dtype(self.linear.weight, dt), self.linear.bias
+        logits_TE = F.linear(as_dtype(x_TD, dt), w, None if b is None else as_dtype(b, dt))
         return self._mask(logits_TE)
 
     def _mask(self, logits_TE: Tensor) -> Tensor:
@@ -452,7 +448,7 @@ class SigmoidRouter(Router):
     def route(self, x_TD, top_k, token_ids_T=None):
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        sel_TE = (scores_TE.detach() if scores_TE.requires_grad else scores_TE) + _as(self.bias_E, scores_TE.dtype)
+        sel_TE = (scores_TE.detach() if scores_TE.requires_grad else scores_TE) + as_dtype(self.bias_E, scores_TE.dtype)
         if self.cfg.num_groups is not None:
             assert self.cfg.topk_groups is not None  # MoEConfig sets both or neither
             sel_TE = sel_TE.masked_fill(
