@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moekit.kernels.activations import ACTIVATIONS
+from reference import act
 
 
 def plain_swiglu(h):
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return act("swiglu", h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

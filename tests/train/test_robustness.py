@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import tiny_cfgs
 
 from moekit.cli import main
-from moekit.config import LMConfig, MoEConfig, TrainConfig
 from moekit.data import build_data
 from moekit.train import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from moekit.train.checkpoint import CHECKSUMS, read_checkpoint
@@ -135,25 +135,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run, capsys):
 
 
 def tiny_trainer(path, steps=12):
-    model = LMConfig(
-        vocab_size=257,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        max_seq_len=64,
-        moe=MoEConfig(dim=32, hidden_dim=32, num_experts=4, top_k=2),
-    )
-    train = TrainConfig(
-        steps=steps,
-        batch_size=4,
-        seq_len=32,
-        eval_every=6,
-        eval_windows=8,
-        tokenizer="bytes",
-        code_chars=60_000,
-        checkpoint_every=5,
-        warmup_steps=2,
-    )
+    model, train = tiny_cfgs(steps)
     data = build_data(None, "bytes", 257, 60_000)
     return Trainer(path, model, train, data, progress=False)
 
