@@ -30,8 +30,8 @@ def eager_autograd() -> bool:
 class _SwiGLUFn(torch.autograd.Function):
     """``silu(gate) * up`` whose backward writes both halves of the gradient into one (R, 2F)
     tensor: autograd's backward of the chunked form computes each half apart and then ``cat``s
-    them, one more pass over R*2F. Fwd+bwd at R*F = 1M, 1 thread: fp32 6.3 -> 5.1 ms, bf16 5.1 ->
-    4.6; bit-identical results (benchmarks/cpu_overheads.py)."""
+    them, one more pass over R*2F. Fwd+bwd at R*F = 1M, 1 thread: fp32 6.4 -> 5.6 ms, bf16 5.0 ->
+    4.7; bit-identical results (benchmarks/cpu_overheads.py; table in benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:

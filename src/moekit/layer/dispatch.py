@@ -148,10 +148,10 @@ class _GatherSlots(torch.autograd.Function):
     """``x_RD = x_TD[order_R // K]``. Backward sums each token's K row gradients. On the CPU one
     ``index_add_`` does it (serial per index there, so deterministic; torch 2.13 accumulates 16-bit
     floats in float32, so each sum rounds once, tested): against putting the rows back in slot
-    order and summing over K, 0.73 -> 0.42 ms at fp32 K=4 D=128, 4.72 -> 1.97 at K=2 D=512, 8.07
-    -> 1.31 in bf16 (T*K = 8192, 1 thread). Elsewhere, and under torch.compile (whose inductor
-    fuses it), the rows go back in slot order (a permutation, no atomics) and are summed:
-    deterministic, where a CUDA index_add_ is not."""
+    order and summing over K, 1.21 -> 0.70 ms at fp32 K=4 D=128, 7.05 -> 3.36 at K=2 D=512, 7.86
+    -> 3.08 in bf16 (T*K = 8192, 1 thread; benchmarks/cpu_overheads.py, table in RESULTS.md).
+    Elsewhere, and under torch.compile (whose inductor fuses it), the rows go back in slot order
+    (a permutation, no atomics) and are summed: deterministic, where a CUDA index_add_ is not."""
 
     @staticmethod
     def forward(ctx, x_TD, order_R, inverse_S, K):
@@ -215,10 +215,10 @@ class _WeightedSum(torch.autograd.Function):
     Forward: an ``addcmul_`` chain for K <= 2 (the (1,K) x (K,D) batches of a bmm are slow
     there), else one (T,1,K) x (T,K,D) bmm. Backward: ``g_y`` one broadcast multiply; ``g_w`` a
     (1,D) x (D,K) bmm in float32, a ``vecdot`` in 16-bit floats (where the K <= 2 chain rounds
-    after each term, the bmm once: at most a unit in the last place apart). Fwd+bwd, T*K = 8192, 1 thread,
-    ms, autograd's multiply + sum / autograd's bmm / this: fp32 K=2 D=128 4.7 / 6.5 / 1.6, K=4
-    D=128 3.3 / 1.0 / 0.9, K=2 D=512 16.4 / 7.7 / 6.8; bf16 K=2 D=128 3.0 / 3.3 / 1.9, K=2 D=512
-    13.9 / 14.5 / 7.0 (benchmarks/cpu_overheads.py measures the three side by side)."""
+    after each term, the bmm once: at most a unit in the last place apart). Fwd+bwd, T*K = 8192,
+    1 thread, ms, autograd's multiply + sum / autograd's bmm / this: fp32 K=2 D=128 3.97 / 10.10 /
+    2.64, K=4 D=128 2.77 / 1.61 / 1.28, K=2 D=512 16.68 / 8.12 / 6.78; bf16 K=2 D=128 2.94 / 3.24 /
+    1.81, K=2 D=512 13.36 / 15.96 / 7.07 (benchmarks/cpu_overheads.py; table in RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, weights_TK: Tensor, y_TKD: Tensor) -> Tensor:

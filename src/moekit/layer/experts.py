@@ -126,7 +126,8 @@ class GroupedExperts(nn.Module):
     def _expert_views(self, w_up: Tensor, w_down: Tensor) -> Optional[tuple[Sequence[Tensor], Sequence[Tensor]]]:
         """Each expert's ``(w_up[e], w_down[e])`` as views made once and kept while the weights'
         storage stays the same (in-place updates keep them valid): indexing per call costs one op
-        per expert and projection, which a decode step feels (T = 1, four experts: 110 -> 91 µs).
+        per expert and projection, which a decode step feels (decode batch 1, MoE / dense twin 0.55-0.57
+        -> 0.59: benchmarks/RESULTS.md).
         None for weights that are not this module's parameters (e.g. cast under autocast)."""
         if torch.compiler.is_compiling() or w_up.device.type != "cpu" or torch.is_grad_enabled():
             return None  # only the CPU eager no-grad loop indexes experts; the views carry no gradient
