@@ -166,7 +166,9 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
         _record(out_dir, f"empty-{name}", layer)
 
     def validation():
-        moe_cfg = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=1.0, router_dtype="float64")
+        moe_cfg = MoEConfig(
+            dim=16, hidden_dim=8, num_experts=4, top_k=1, renormalize=False, capacity_factor=1.0, router_dtype="float64"
+        )
         torch.manual_seed(2)
         ref = MoETransformer(
             LMConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8, moe=moe_cfg)
@@ -273,3 +275,40 @@ def other_layers_data_parallel(rank: int, world: int, store: str, out_dir: str) 
 
         _record(out_dir, f"layers-{name}", check)
     dist.destroy_process_group()
+
+
+def collectives_release_their_tensors(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Every collective moekit runs returns only once gloo's worker threads hold none of its
+    tensors (a tensor freed last by a worker during interpreter shutdown aborts the process), and
+    the object gather equals torch's."""
+    from moekit.parallel.collectives import all_gather_objects, run_collective
+
+    init(rank, world, store, timeout_s=20)
+
+    def held(tensors) -> list[int]:
+        return [i for i, t in enumerate(tensors) if t._use_count() > 1]
+
+    def check():
+        for step in range(60):
+            mine = torch.full((3,), float(rank + step))
+            every = [torch.empty_like(mine) for _ in range(world)]
+            run_collective("gather", dist.all_gather, every, mine)
+            assert not held([mine, *every]), f"step {step}: all_gather's tensors still held: {held([mine, *every])}"
+            total = mine.clone()
+            run_collective("sum", dist.all_reduce, total)
+            assert not held([total]), f"step {step}: all_reduce's tensor still held"
+            sent, got = torch.arange(4.0) + rank, torch.empty(4)
+            run_collective("exchange", dist.all_to_all_single, got, sent)
+            assert not held([sent, got]), f"step {step}: all_to_all's tensors still held"
+            assert torch.equal(torch.stack(every)[:, 0], torch.arange(world, dtype=torch.float32) + step)
+        objects = [None, "x" * (rank * 1000), ("rank", rank, {"nested": [rank] * rank})]
+        for obj in objects:
+            ours = all_gather_objects("objects", obj)
+            theirs = [None] * world
+            dist.all_gather_object(theirs, obj)
+            assert ours == theirs, (ours, theirs)
+
+    try:
+        _record(out_dir, "collectives", check)
+    finally:
+        dist.destroy_process_group()

@@ -153,7 +153,8 @@ def _lm_cfg() -> LMConfig:
         dim=32,
         hidden_dim=16,
         num_experts=8,
-        top_k=2,
+        top_k=1,  # a causal LM with a capacity limit takes top-1 (top-2 drops would see later tokens)
+        renormalize=False,
         capacity_factor=1.5,
         balance_loss_weight=0.01,
         z_loss_weight=1e-3,

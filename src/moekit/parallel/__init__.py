@@ -1,9 +1,9 @@
 """Expert parallelism (all-to-all token dispatch) combined with data parallelism, on torch.distributed."""
 
+from .collectives import ExpertParallelError
 from .expert_parallel import (
     ExpertAllToAll,
     ExpertParallel,
-    ExpertParallelError,
     apply_expert_parallel,
     barrier,
     init_distributed,

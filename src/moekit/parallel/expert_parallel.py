@@ -56,33 +56,15 @@ from ..config import check_positive
 from ..layer.experts import GroupedExperts
 from ..layer.moe import MoE
 from ..layer.scope import LocalScope
+from .collectives import all_gather_objects, run_collective
 
 STATISTICS = ("global", "expert", "local")
-
-
-class ExpertParallelError(RuntimeError):
-    """A collective failed: a peer rank raised, died or did not answer within the timeout."""
-
-
-def _check(what: str, fn, *args, **kwargs):
-    """Run a collective; turn a backend failure into one clear error naming the rank."""
-    try:
-        return fn(*args, **kwargs)
-    except ExpertParallelError:
-        raise
-    except RuntimeError as err:
-        msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        rank = dist.get_rank() if dist.is_initialized() else "?"
-        raise ExpertParallelError(
-            f"{what} failed on rank {rank}: a peer rank stopped, crashed or did not answer "
-            f"within the process-group timeout ({msg})"
-        ) from err
 
 
 def _summed(t: Tensor, what: str, group=None) -> Tensor:
     """A copy of ``t`` summed over the ranks of ``group`` (all ranks when None)."""
     out = t.clone()
-    _check(what, dist.all_reduce, out, group=group)
+    run_collective(what, dist.all_reduce, out, group=group)
     return out
 
 
@@ -94,7 +76,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x_ND, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x_ND.new_empty((sum(out_splits), *x_ND.shape[1:]))
-        _check(
+        run_collective(
             "expert-parallel all-to-all",
             dist.all_to_all_single,
             out,
@@ -109,7 +91,7 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, g_ND):
         out_splits, in_splits = ctx.splits
         gx = g_ND.new_empty((sum(in_splits), *g_ND.shape[1:]))
-        _check(
+        run_collective(
             "expert-parallel all-to-all (backward)",
             dist.all_to_all_single,
             gx,
@@ -194,7 +176,7 @@ class ExpertAllToAll:
         """(rows of this rank's experts in local-expert order, rows per local expert, handle)."""
         P, El = self.P, self.El
         recv_PL = torch.empty_like(counts_E)
-        _check("expert-parallel count exchange", dist.all_to_all_single, recv_PL, counts_E, group=self.group)
+        run_collective("expert-parallel count exchange", dist.all_to_all_single, recv_PL, counts_E, group=self.group)
         host = torch.cat([counts_E.view(P, El).sum(1), recv_PL]).tolist()  # one host sync: split sizes
         send, recv_host = host[:P], host[P:]
         recv = [sum(recv_host[p * El : (p + 1) * El]) for p in range(P)]
@@ -250,7 +232,7 @@ class _LayerScope(LocalScope):
         code = [num_tokens] + [-1 if v is None else int(round(float(v) * 1e6)) for v in settings]
         mine = torch.tensor(code, dtype=torch.int64, device=device)  # on the input's device: NCCL needs CUDA tensors
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        _check("layer-call check", dist.all_gather, every, mine)
+        run_collective("layer-call check", dist.all_gather, every, mine)
         rows = [int(t[0]) for t in every]
         if any(not torch.equal(t[1:], mine[1:]) for t in every):
             names = ("top_k", "training", "grad enabled", "capacity factor x1e6 (-1: none)")
@@ -282,12 +264,12 @@ class _LayerScope(LocalScope):
         g, W = self.stats_group, self.stats_size
         n = torch.tensor([t.shape[0]], device=t.device)
         sizes: list = [torch.empty_like(n) for _ in range(W)]  # tensors, then their ints
-        _check("row-count gather", dist.all_gather, sizes, n, group=g)
+        run_collective("row-count gather", dist.all_gather, sizes, n, group=g)
         sizes = torch.cat(sizes).tolist()
         pad = max(sizes) - t.shape[0]
         mine = F.pad(t.detach(), (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t.detach().contiguous()
         parts = [torch.empty_like(mine) for _ in range(W)]
-        _check("routing gather", dist.all_gather, parts, mine, group=g)
+        run_collective("routing gather", dist.all_gather, parts, mine, group=g)
         me = dist.get_rank(g)
         rows = [t if i == me else parts[i][: sizes[i]] for i in range(W)]
         return torch.cat(rows), sum(sizes[:me])
@@ -314,7 +296,7 @@ class _LayerScope(LocalScope):
 # ---------------------------------------------------------------------------- mesh and setup
 def barrier() -> None:
     """Wait for every rank (under the process-group timeout)."""
-    _check("barrier", dist.barrier)
+    run_collective("barrier", dist.barrier)
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
@@ -432,7 +414,7 @@ class ExpertParallel:
     def mean(self, value: float) -> float:
         """Mean of a Python number over all ranks (for logging)."""
         t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
-        _check("metric all-reduce", dist.all_reduce, t)
+        run_collective("metric all-reduce", dist.all_reduce, t)
         return float(t) / self.world_size
 
     def sum(self, t: Tensor) -> Tensor:
@@ -442,7 +424,7 @@ class ExpertParallel:
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
         t = torch.tensor([int(bool(flag))], device=self._device())
-        _check("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        run_collective("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX)
         return bool(t)
 
     def barrier(self) -> None:
@@ -589,7 +571,7 @@ def apply_expert_parallel(
     if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                _check("initial broadcast", dist.broadcast, t.data, src=0)
+                run_collective("initial broadcast", dist.broadcast, t.data, src=0)
     moes = _moe_layers(model)
     for name, moe in moes:
         _make_expert_parallel(moe, name, handle)
@@ -624,8 +606,7 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
 def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> None:
     """The first communication: every rank must hold the same model and layout (else a clear
     error on every rank, before any collective could hang on a difference)."""
-    prints = [None] * dist.get_world_size()
-    _check("model check", dist.all_gather_object, prints, _fingerprint(model, ep, statistics, sync_init))
+    prints = all_gather_objects("model check", _fingerprint(model, ep, statistics, sync_init))
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
         raise ValueError(

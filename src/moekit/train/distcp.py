@@ -196,12 +196,9 @@ def _agree(par, error: Optional[str]) -> None:
     """Raise CheckpointError on every rank when any rank has an error (one gather); with one
     process, raise it directly."""
     if par is not None:
-        import torch.distributed as dist
+        from ..parallel.collectives import all_gather_objects
 
-        from ..parallel.expert_parallel import _check
-
-        errors = [None] * dist.get_world_size()
-        _check("checkpoint check", dist.all_gather_object, errors, error)
+        errors = all_gather_objects("checkpoint check", error)
         error = next((e for e in errors if e), None)
     if error:
         raise CheckpointError(error)
@@ -368,13 +365,9 @@ def _gather_digests(par, own: tuple, world: int) -> list:
     """Every rank's :func:`_own_digests` (one process: its own)."""
     if par is None:
         return [own]
-    import torch.distributed as dist
+    from ..parallel.collectives import all_gather_objects
 
-    from ..parallel.expert_parallel import _check
-
-    parts = [None] * world
-    _check("checkpoint digests gather", dist.all_gather_object, parts, own)
-    return parts
+    return all_gather_objects("checkpoint digests gather", own)
 
 
 def _publish(path: Path, manifest: dict, parts: list) -> Optional[str]:
