@@ -1,5 +1,6 @@
 """Configuration dataclasses. One comment per field; validation lives in ``__post_init__`` so a
-bad value fails where it is written, naming the field and what was expected."""
+bad value fails where it is written, naming the field and what was expected: at construction, and
+again when a field of a built config is assigned (``cfg.top_k = 1``), with the same messages."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def check_router_top_k(router: str, top_k: int) -> None:
         raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1; got {top_k}")
 
 
+BPE_MIN_VOCAB = 257  # a byte-level BPE holds its 256 base tokens (one per byte) and the end-of-document token
+
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 _NONE = ("none", "null")
 
@@ -122,10 +125,51 @@ def check_device_available(name: str, value: str) -> None:
         raise ValueError(f"{name}={value!r}: this torch has no {kind!r} backend; use --device cpu")
 
 
+_CHECKED = "_moekit_checked"  # the slot marking a config whose __post_init__ has run: assignments are checked
+
+
 class _DictMixin:
     """to_dict / from_dict for the config dataclasses (unknown keys are an error, not ignored),
-    the declared type of every field checked on construction, and the typed parsing of the
-    command line's ``--set field=text``."""
+    the declared type of every field checked on construction, every later assignment of a field
+    checked the same way, and the typed parsing of the command line's ``--set field=text``."""
+
+    # a slot, not an entry of __dict__: vars(cfg) / cfg.__dict__ hold the fields only (MoEConfig(**vars(cfg)));
+    # copy, deepcopy and pickle carry it
+    __slots__ = (_CHECKED,)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a subclass's __post_init__ (its checks) marks the object checked when the outermost one
+        # returns; from then on __setattr__ runs the checks again. Assignments inside __post_init__
+        # (a dict section converted, a default filled in) are the construction's own.
+        super().__init_subclass__(**kwargs)
+        checks = cls.__dict__.get("__post_init__")
+        if checks is None:
+            return
+
+        @functools.wraps(checks)
+        def __post_init__(self: _DictMixin) -> None:
+            checks(self)
+            if type(self).__post_init__ is __post_init__:
+                object.__setattr__(self, _CHECKED, True)
+
+        setattr(cls, "__post_init__", __post_init__)  # noqa: B010 (mypy: a method assigned on the class)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assign a field of a built config and check the config again, as the constructor does
+        (the same message); a refused value leaves the config as it was."""
+        if not getattr(self, _CHECKED, False) or name not in self.__dataclass_fields__:
+            object.__setattr__(self, name, value)
+            return
+        saved = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, _CHECKED, False)  # the checks may set fields as at construction
+        try:
+            self.__post_init__()  # marks the config checked again when it passes
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            object.__setattr__(self, _CHECKED, True)
+            raise
 
     @classmethod
     def field_types(cls: type) -> dict[str, Any]:
@@ -187,8 +231,10 @@ class _DictMixin:
         )
         raise ValueError(f"{label} must be {_type_name(hints[name])}; got {text!r}{extra}")
 
-    if typing.TYPE_CHECKING:  # every subclass is a dataclass (asdict / fields below)
+    if typing.TYPE_CHECKING:  # every subclass is a dataclass (asdict / fields below) with its checks
         __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+
+        def __post_init__(self) -> None: ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,17 +405,38 @@ class MoEConfig(_DictMixin):
         return self.capacity_factor
 
 
-def config_from_args(config_cls: type, cfg: Any, args: tuple, kwargs: dict) -> Any:
+def check_config_type(layer: str, config_cls: type, cfg: Any, *, fields_too: bool = False) -> None:
+    """TypeError unless ``cfg`` is a ``config_cls``, saying which config ``layer`` takes (and which
+    layer takes the config given, when it is another layer's)."""
+    if isinstance(cfg, config_cls):
+        return
+    takes = f"{layer} takes cfg: a {config_cls.__name__}" + (" (or its fields as arguments)" if fields_too else "")
+    users = {
+        MoEConfig: "MoE",
+        SoftMoEConfig: "SoftMoE",
+        HierarchicalMoEConfig: "HierarchicalMoE",
+        MultiGateMoEConfig: "MultiGateMoE",
+        LMConfig: "MoETransformer",
+    }
+    hint = ""
+    if isinstance(cfg, dict):
+        hint = f"; build it with {config_cls.__name__}.from_dict(d) or pass the fields as keywords (**d)"
+    elif type(cfg) in users:
+        hint = f" (the config of {users[type(cfg)]})"
+    raise TypeError(f"{takes}; got a {type(cfg).__name__}{hint}")
+
+
+def config_from_args(config_cls: type, cfg: Any, args: tuple, kwargs: dict, *, layer: str) -> Any:
     """The config of a layer built as ``Layer(cfg)``, ``Layer(cfg=cfg)`` or ``Layer(field=value, ...)``
-    (the config's fields as arguments, positional ones in field order)."""
-    if cfg is None and args and isinstance(args[0], config_cls):
-        cfg, args = args[0], args[1:]
+    (the config's fields as arguments, positional ones in field order); ``layer`` names the layer
+    in errors."""
+    if cfg is None and args and (isinstance(args[0], (dict, _DictMixin)) or dataclasses.is_dataclass(args[0])):
+        cfg, args = args[0], args[1:]  # a config object, perhaps of another layer (checked below)
     if cfg is None:
         return config_cls(*args, **kwargs)
     if args or kwargs:
         raise TypeError(f"give either cfg or the {config_cls.__name__} fields as arguments, not both")
-    if not isinstance(cfg, config_cls):
-        raise TypeError(f"cfg must be a {config_cls.__name__}; got {type(cfg).__name__}")
+    check_config_type(layer, config_cls, cfg, fields_too=True)
     return cfg
 
 
@@ -444,11 +511,37 @@ class MultiGateMoEConfig(_DictMixin):
             check_positive(name, getattr(self, name), integer=True)
 
 
+def causal_lm_problem(moe: MoEConfig, top_k: Optional[int] = None) -> Optional[str]:
+    """Why a MoE layer with this config (at ``top_k``; default ``moe.top_k``) would make a causal
+    language model's output at a position depend on later positions of its sequence (its loss could
+    see the future), with the way out; None when it would not."""
+    if moe.router == "expert_choice":
+        return (
+            "router 'expert_choice' (Zhou et al. 2022) lets each expert pick among all tokens of the batch, so a "
+            "token's output depends on later tokens; use a token-choice router ('topk', 'sigmoid', ...)"
+        )
+    if moe.capacity_factor is None and moe.eval_capacity_factor is None:
+        return None
+    k = moe.top_k if top_k is None else top_k
+    if k > 1:
+        why = f"with top_k={k} takes all first choices before any second: a later first choice drops an earlier second"
+    elif moe.overflow == "reroute":
+        why = "with overflow='reroute' re-routes a dropped token only to experts that later tokens left room in"
+    elif moe.capacity_priority == "score" and moe.router != "hash":  # hash has no scores: token order
+        why = "with capacity_priority='score' lets a later token with a higher score take an earlier one's place"
+    else:
+        return None  # top-1 kept in token order: a token competes only with those before it (earlier positions, earlier sequences)
+    return (
+        f"a capacity limit {why}; use capacity_factor=None and eval_capacity_factor=None (dropless), or top_k=1 "
+        "with overflow='drop' and capacity_priority='order'"
+    )
+
+
 @dataclass
 class LMConfig(_DictMixin):
     """A MoE (or dense) decoder-only language model."""
 
-    vocab_size: int = 4096  # tokens V
+    vocab_size: int = 4096  # tokens V (moekit train: the tokenizer's, see train.vocab_size)
     dim: int = 128  # model width D
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads H
@@ -458,7 +551,7 @@ class LMConfig(_DictMixin):
     norm_eps: float = 1e-5  # RMSNorm epsilon
     ffn_hidden_dim: int = 512  # hidden width of the dense FFN layers
     ffn_kind: str = "swiglu"  # activation of the dense FFN layers
-    moe: Optional[MoEConfig] = None  # the MoE feed-forward (None = a dense model)
+    moe: Optional[MoEConfig] = None  # the MoE feed-forward (None = a dense model); its dim follows dim
     moe_every: int = 1  # a MoE FFN in every n-th layer (1 = all)
     first_dense_layers: int = 0  # the first layers keep a dense FFN (DeepSeekMoE)
     tie_embeddings: bool = True  # share the input embedding with the output projection
@@ -468,8 +561,8 @@ class LMConfig(_DictMixin):
     balance_pooling: str = "layer"  # balance loss: "layer" (each MoE layer's own, summed) or "model" (one loss on slot counts and router probabilities pooled over the MoE layers, transformers' convention; weight moe.balance_loss_weight)
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.moe, dict):  # the MoE layer's width follows the model's unless the dict gives it
+            self.moe = MoEConfig.from_dict({"dim": self.dim, **self.moe})
         self._check_types()
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden_dim", "moe_every"):
             check_positive(name, getattr(self, name), integer=True)
@@ -486,6 +579,9 @@ class LMConfig(_DictMixin):
         check_choice("balance_pooling", self.balance_pooling, ("layer", "model"))
         if self.moe is not None and self.moe.dim != self.dim:
             raise ValueError(f"moe.dim must equal dim ({self.dim}); got {self.moe.dim}")
+        why = None if self.moe is None else causal_lm_problem(self.moe)
+        if why:
+            raise ValueError(f"moe: a causal language model cannot use this MoE layer: {why}")
 
     def is_moe_layer(self, i: int) -> bool:
         return (
@@ -530,7 +626,7 @@ class TrainConfig(_DictMixin):
     compile: bool = False  # torch.compile the model for the training steps (inductor; the first steps compile)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
-    vocab_size: int = 4096  # BPE vocabulary size
+    vocab_size: int = 4096  # BPE vocabulary size (>= 257: 256 bytes + end-of-document); model.vocab_size follows
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
     expert_parallel: int = 1  # ranks each MoE layer's experts are split over (under torchrun; the rest: data parallel)
@@ -553,6 +649,11 @@ class TrainConfig(_DictMixin):
         check_positive("dist_timeout_s", self.dist_timeout_s)
         check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        if self.tokenizer == "bpe" and self.vocab_size < BPE_MIN_VOCAB:
+            raise ValueError(
+                f"vocab_size (the BPE vocabulary) must be at least {BPE_MIN_VOCAB} with tokenizer 'bpe' "
+                f"(its 256 byte-level base tokens and the end-of-document token); got {self.vocab_size}"
+            )
         check_device("device", self.device)
         for name in ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "threads"):
             check_nonneg(name, getattr(self, name))

@@ -84,6 +84,8 @@ def test_set_booleans_are_parsed(text, value):
 def test_set_converts_every_declared_type():
     model, train = configs(
         "--set",
+        "model.moe.top_k=1",
+        "--set",
         "model.moe.capacity_factor=1.5",
         "--set",
         "model.moe.eval_capacity_factor=none",

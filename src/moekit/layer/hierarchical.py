@@ -75,7 +75,7 @@ class HierarchicalMoE(nn.Module):
         self, *args, cfg: HierarchicalMoEConfig | None = None, experts: Sequence[nn.Module] | None = None, **kwargs
     ):
         super().__init__()
-        self.cfg = cfg = config_from_args(HierarchicalMoEConfig, cfg, args, kwargs)
+        self.cfg = cfg = config_from_args(HierarchicalMoEConfig, cfg, args, kwargs, layer="HierarchicalMoE")
         self.dim, self.num_groups, self.experts_per_group = cfg.dim, cfg.num_groups, cfg.experts_per_group
         self.top_k_groups, self.top_k_experts = cfg.top_k_groups, cfg.top_k_experts
         self.importance_loss_weight, self.balance_loss_weight = cfg.importance_loss_weight, cfg.balance_loss_weight

@@ -12,6 +12,7 @@ K slots per token, R rows handed to the experts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import warnings
@@ -22,7 +23,7 @@ from typing import Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
-from ..config import MoEConfig, check_positive, check_router_top_k
+from ..config import MoEConfig, check_config_type, check_positive, check_router_top_k
 from ..kernels import as_dtype, compute_dtype, resolve_backend
 from . import losses as L
 from . import surgery
@@ -136,9 +137,9 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: MoEConfig, experts: Optional[Sequence[nn.Module]] = None):
         super().__init__()
-        if not isinstance(cfg, MoEConfig):
-            raise TypeError(f"cfg must be a MoEConfig; got {type(cfg).__name__}")
-        self.cfg = cfg
+        check_config_type("MoE", MoEConfig, cfg)
+        # the layer's own copy (router included): changing the caller's cfg later leaves this layer as built
+        self.cfg = cfg = dataclasses.replace(cfg)
         if experts is not None:
             if len(experts) != cfg.num_experts:
                 raise ValueError(f"got {len(experts)} experts but cfg.num_experts is {cfg.num_experts}")
@@ -480,15 +481,28 @@ def _in_backward() -> bool:
 class _Call:
     """One MoEFeedForward call whose auxiliary loss has not been collected yet."""
 
-    __slots__ = ("output", "trainable", "backpropagated")
+    __slots__ = ("output", "trainable", "_reached")
 
     def __init__(self, output: MoEOutput, trainable: bool):
         self.output = output
         self.trainable = trainable  # made in training mode with autograd: its loss may still be backpropagated
-        self.backpropagated = False
+        # set by a hook on output.out when a backward pass reaches it. The hook holds this list, not
+        # the call: a hook holding the call would close a cycle (call -> output -> out -> hook ->
+        # call) through autograd's C++ side, which Python's garbage collector cannot see, and every
+        # call's output would live forever
+        self._reached = [False]
 
-    def mark_backpropagated(self, grad: Tensor) -> None:
-        self.backpropagated = True
+    @property
+    def backpropagated(self) -> bool:
+        return self._reached[0]
+
+    def watch_backward(self) -> None:
+        """Mark the call when a backward pass goes through its output."""
+        self.output.out.register_hook(functools.partial(_set_reached, self._reached))
+
+
+def _set_reached(reached: list, grad: Tensor) -> None:
+    reached[0] = True
 
 
 class MoEFeedForward(nn.Module):
@@ -510,7 +524,12 @@ class MoEFeedForward(nn.Module):
     two forwards before one backward count both), except that at the layer's next call it forgets
     the calls whose loss can no longer be trained on: those a backward pass has already gone
     through, and those made in eval mode or without autograd (of these only the last is kept, for
-    reading). So a loop that never collects, or an evaluation loop, does not pile up graphs.
+    reading). So a loop that never collects, or an evaluation loop, does not pile up graphs. Two
+    bounds hold whatever the loop does: with every loss weight 0 (the loss is a constant 0) no call
+    is kept, only ``last``; and at most ``max_uncollected`` (128) calls are kept: beyond that the
+    layer warns once and forgets the oldest (forwards in training mode that are never
+    backpropagated nor collected, e.g. under ``torch.compile``, which does not report backward
+    passes to the layer).
     Re-runs of the forward inside a backward pass (non-reentrant activation checkpointing) are not
     new calls; reentrant checkpointing runs the forward without autograd, so its loss would carry
     no gradient: use ``use_reentrant=False``. The kept outputs are left out of ``copy.deepcopy``
@@ -521,6 +540,8 @@ class MoEFeedForward(nn.Module):
             (e.g. ``MoE.from_dense(ffn, cfg)``).
         experts: heterogeneous expert modules, as for :class:`MoE` (only with a config).
     """
+
+    max_uncollected = 128  # calls kept for aux_loss at most; beyond, the oldest are forgotten (with a warning)
 
     def __init__(self, cfg: Union[MoEConfig, MoE], experts: Optional[Sequence[nn.Module]] = None):
         super().__init__()
@@ -534,6 +555,7 @@ class MoEFeedForward(nn.Module):
             raise TypeError(f"cfg must be a MoEConfig or a MoE; got {type(cfg).__name__}")
         self.last: Optional[MoEOutput] = None
         self._uncollected: list[_Call] = []
+        self._warned_uncollected = False
 
     @property
     def cfg(self) -> MoEConfig:
@@ -550,13 +572,31 @@ class MoEFeedForward(nn.Module):
         res = self.moe(x, **kwargs)
         if _in_backward():
             return res.out
+        self.last = res
+        if not any(getattr(self.cfg, w) for w in LOSS_WEIGHTS.values()):  # the aux loss is a constant 0
+            self._uncollected = []
+            return res.out
         self._uncollected = [c for c in self._uncollected if c.trainable and not c.backpropagated]
         call = _Call(res, self.training and res.out.requires_grad)
         if call.trainable and not torch.compiler.is_compiling():
-            res.out.register_hook(call.mark_backpropagated)
+            call.watch_backward()
         self._uncollected.append(call)
-        self.last = res
+        if len(self._uncollected) > self.max_uncollected:
+            self._forget_oldest()
         return res.out
+
+    def _forget_oldest(self) -> None:
+        """Keep the newest ``max_uncollected`` calls; warn the first time."""
+        if not getattr(self, "_warned_uncollected", False):  # (a layer unpickled from an older moekit lacks it)
+            self._warned_uncollected = True
+            warnings.warn(
+                f"moekit: a MoEFeedForward layer holds the auxiliary losses of {self.max_uncollected} calls "
+                "that were neither collected with moekit.aux_loss(model) nor backpropagated; it now forgets the "
+                "oldest. Collect them after each forward, or set every loss weight to 0 if you do not train on them",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        del self._uncollected[: len(self._uncollected) - self.max_uncollected]
 
     def pop_aux_loss(self) -> Optional[Tensor]:
         """The summed aux loss of this layer's calls since the last collection (None if none), forgotten here."""

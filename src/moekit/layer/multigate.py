@@ -59,7 +59,7 @@ class MultiGateMoE(nn.Module):
 
     def __init__(self, *args, cfg: MultiGateMoEConfig | None = None, **kwargs):
         super().__init__()
-        self.cfg = cfg = config_from_args(MultiGateMoEConfig, cfg, args, kwargs)
+        self.cfg = cfg = config_from_args(MultiGateMoEConfig, cfg, args, kwargs, layer="MultiGateMoE")
         self.in_dim, self.num_experts, self.num_tasks, self.shared_gate = (
             cfg.in_dim,
             cfg.num_experts,

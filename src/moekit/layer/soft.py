@@ -62,7 +62,7 @@ class SoftMoE(nn.Module):
 
     def __init__(self, *args, cfg: SoftMoEConfig | None = None, **kwargs):
         super().__init__()
-        self.cfg = cfg = config_from_args(SoftMoEConfig, cfg, args, kwargs)
+        self.cfg = cfg = config_from_args(SoftMoEConfig, cfg, args, kwargs, layer="SoftMoE")
         self.dim, self.num_experts, self.slots_per_expert = cfg.dim, cfg.num_experts, cfg.slots_per_expert
         self.normalize, self.backend = cfg.normalize, cfg.backend
         M = cfg.num_experts * cfg.slots_per_expert

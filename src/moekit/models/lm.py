@@ -4,6 +4,12 @@ RMSNorm, rotary positions, grouped-query attention through ``F.scaled_dot_produc
 and a ``moekit.MoE`` feed-forward in every layer or every n-th (dense FFNs elsewhere, optionally
 for the first layers as in DeepSeekMoE). ``moe=None`` gives the dense baseline.
 
+The model is causal: the logits at a position depend on no later position of its sequence, in
+training as in evaluation. MoE settings that would break that are refused with a ValueError
+(:func:`moekit.config.causal_lm_problem`): expert-choice routing (Zhou et al. 2022) and capacity
+limits whose drops a later token can cause (top_k > 1, re-routing, score priority). Top-1 capacity
+with token-order drops is kept: a token then competes only with the tokens before it in the batch.
+
 Shape legend: B batch, S sequence, D model width, H heads, Hk key/value heads, Dh head width,
 V vocabulary, T = B*S tokens.
 """
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
-from ..config import LMConfig
+from ..config import LMConfig, causal_lm_problem
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.losses import balance_from_stats
 
@@ -240,6 +246,9 @@ class MoETransformer(nn.Module):
         when construction starts (the submodules' own construction-time draws are undone), so a
         model materialised later, or sharded first, gets exactly the same values."""
         super().__init__()
+        why = None if cfg.moe is None else causal_lm_problem(cfg.moe)
+        if why:  # LMConfig checks this too; here for a config changed after it was made
+            raise ValueError(f"moe: a causal language model cannot use this MoE layer: {why}")
         self.cfg = cfg
         rng = torch.get_rng_state()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -249,6 +258,12 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
         torch.set_rng_state(rng)
+        for moe in self.moe_layers:  # e.g. a registered router that, like expert choice, looks at the whole batch
+            if moe.router.batch_dependent:
+                raise ValueError(
+                    f"moe: a causal language model cannot use router {moe.cfg.router!r}: it routes each token "
+                    "by the whole batch, later tokens included"
+                )
         if not self.embed.weight.is_meta:
             self.reset_buffers()
             self.reset_parameters()
@@ -304,7 +319,9 @@ class MoETransformer(nn.Module):
         top_k: Optional[int] = None,
         cache: Optional[KVCache] = None,
     ) -> LMOutput:
-        """Logits for every position (and the loss when ``targets_BS`` is given; -100 is ignored)."""
+        """Logits for every position (and the loss when ``targets_BS`` is given; -100 is ignored).
+        A per-call ``top_k`` that would make the model's capacity limit non-causal is refused."""
+        self._check_top_k(top_k)
         B, S = idx_BS.shape
         start = cache.length if cache is not None else 0
         if start + S > self.cfg.max_seq_len:
@@ -327,6 +344,14 @@ class MoETransformer(nn.Module):
             else None
         )
         return LMOutput(logits, loss, moe_out, pooled)
+
+    def _check_top_k(self, top_k: Optional[int]) -> None:
+        """ValueError when experts per token ``top_k`` would let a capacity limit drop tokens
+        because of later ones (:func:`~moekit.config.causal_lm_problem`)."""
+        if top_k is not None and self.cfg.moe is not None and top_k != self.cfg.moe.top_k:
+            why = causal_lm_problem(self.cfg.moe, top_k)
+            if why:
+                raise ValueError(f"top_k={top_k} would make this causal language model see later tokens: {why}")
 
     def decode_step(self, idx_BS: Tensor, cache: KVCache, positions_S: Tensor, top_k: Optional[int] = None) -> Tensor:
         """Logits (B, S, V) of ``idx_BS`` at ``positions_S`` of a full-size ``cache`` (updated in
@@ -385,6 +410,7 @@ class MoETransformer(nn.Module):
         if compile and not use_cache:
             raise ValueError("compile=True decodes with the static KV cache: it needs use_cache=True")
         check_sampling(temperature, top_p)
+        self._check_top_k(top_k_experts)  # the compiled decode_step does not go through forward
         total = idx_BS.shape[1] + max_new_tokens
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.cfg.max_seq_len}")
