@@ -48,6 +48,8 @@ DEFAULT_PRESET = "deepseek"
 
 def _load_config_file(path: Path) -> dict:
     """The ``--config`` JSON file: an object with optional 'model' and 'train' objects."""
+    if path.is_dir():
+        raise ValueError(f"--config: {path} is a directory; expected a JSON file like a run's config.json")
     if not path.is_file():
         raise FileNotFoundError(f"--config: no such file: {path}")
     try:
@@ -89,12 +91,62 @@ def _set_dotted(section: str, d: dict, dotted: str, text: str) -> None:
     d[keys[-1]] = cls.parse_field(keys[-1], text, label=f"{section}.{dotted}")
 
 
+def _mark(given: dict[str, int], key: str, when: int, value: Any = None) -> None:
+    """Record that the user set ``key`` (``"model.dim"``) in source number ``when`` (the config
+    file 0, the flags 1, each --set after them); a section given whole (``model.moe={...}``)
+    forgets what was set inside it before and records its own fields."""
+    for k in [k for k in given if k.startswith(key + ".")]:
+        del given[k]
+    given[key] = when
+    if isinstance(value, dict):
+        given.update({f"{key}.{k}": when for k in value})
+
+
+def _derive(d: dict, key: str, value: Any, label: str, sources: tuple[str, ...], given: dict, why: str) -> None:
+    """A derived field follows its source (``d[key] = value``) unless the user set it in the same
+    source or a later one: then it must agree, else a one-line error ``label=X but why``."""
+    when = given.get(label)
+    if when is None or when < max(given.get(s, -1) for s in sources):
+        d[key] = value
+    elif d[key] != value:
+        raise ValueError(f"{label}={_show(d[key])} but {why}")
+
+
+def _follow_derived(cfg: dict, given: dict[str, int], train: TrainConfig) -> None:
+    """The fields derived from others, whichever way (--config, a flag, --set) either was set: the
+    MoE layer's width is the model's (model.moe.dim follows model.dim), the model's vocabulary is
+    the tokenizer's (model.vocab_size follows train.vocab_size / train.tokenizer). Hidden widths
+    (model.moe.hidden_dim, model.ffn_hidden_dim) are settings of their own."""
+    from .config import BPE_MIN_VOCAB
+    from .data.tokenizer import ByteTokenizer
+
+    model = cfg["model"]
+    if isinstance(model.get("moe"), dict) and isinstance(model.get("dim"), int):
+        why = f"model.dim={model['dim']}: the MoE layer's width is the model's (leave model.moe.dim out: it follows)"
+        _derive(model["moe"], "dim", model["dim"], "model.moe.dim", ("model.dim",), given, why)
+    if train.tokenizer == "bytes":
+        vocab = ByteTokenizer().vocab_size
+        why = f"train.tokenizer='bytes' has {vocab} tokens: the model's vocabulary is the tokenizer's (leave it out)"
+    else:
+        vocab = train.vocab_size
+        why = (
+            f"the model's vocabulary is the trained tokenizer's, train.vocab_size={vocab} with train.tokenizer='bpe' "
+            f"(set train.vocab_size instead, or leave model.vocab_size out)"
+        )
+        v, when = model.get("vocab_size"), given.get("model.vocab_size")
+        if when == 0 == given.get("train.vocab_size") and isinstance(v, int) and BPE_MIN_VOCAB <= v <= vocab:
+            return  # a run's config.json: the vocabulary trained on a small corpus can be smaller than asked
+    _derive(model, "vocab_size", vocab, "model.vocab_size", ("train.vocab_size", "train.tokenizer"), given, why)
+
+
 def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     """Preset -> config file -> shortcut flags -> --set overrides, validated at the end. Every
-    value is converted to its field's declared type, or rejected naming the field."""
+    value is converted to its field's declared type, or rejected naming the field; derived fields
+    follow the field they derive from (:func:`_follow_derived`)."""
     from .train.run import default_model_config
 
     cfg = {"model": default_model_config(args.preset or DEFAULT_PRESET).to_dict(), "train": TrainConfig().to_dict()}
+    given: dict[str, int] = {}  # "section.field" -> the source that set it last (_mark)
     if args.config:
         loaded = _load_config_file(Path(args.config))
         for section in SECTIONS:
@@ -106,17 +158,18 @@ def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
                     and isinstance(cfg["model"].get("moe"), dict)
                 ):
                     cfg["model"]["moe"].update(v)
+                    given.update({f"model.moe.{kk}": 0 for kk in v})
                 else:
                     cfg[section][k] = v
+                    _mark(given, f"{section}.{k}", 0, v)
         args.no_baseline = args.no_baseline or loaded.get("baseline", True) is False
         args.dense = args.dense or loaded.get("dense_only", False) is True
     for flag, (section, dotted) in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value is not None:
             _set_dotted(section, cfg[section], dotted, str(value))
-    if args.dim is not None and isinstance(cfg["model"].get("moe"), dict):
-        cfg["model"]["moe"]["dim"] = args.dim
-    for item in args.set or []:
+            _mark(given, f"{section}.{dotted}", 1)
+    for i, item in enumerate(args.set or []):
         if "=" not in item:
             raise ValueError(f"--set expects section.field=value (e.g. model.moe.top_k=1); got {item!r}")
         key, value = item.split("=", 1)
@@ -127,7 +180,13 @@ def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
             _set_dotted(section, cfg[section], dotted, value)
         except ValueError as err:
             raise ValueError(f"--set {item}: {err}") from None
-    return LMConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
+        node = cfg[section]
+        for k in dotted.split("."):
+            node = node[k]
+        _mark(given, key, 2 + i, node)
+    train = TrainConfig.from_dict(cfg["train"])
+    _follow_derived(cfg, given, train)
+    return LMConfig.from_dict(cfg["model"]), train
 
 
 def describe_config(model_cfg: LMConfig, train_cfg: TrainConfig) -> str:
@@ -193,6 +252,7 @@ def _resume_changes(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.checkpoint import CheckpointWriteError
     from .train.run import run_train
     from .train.trainer import TrainingInterrupted
 
@@ -211,8 +271,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         if args.restart_missing:
             raise ValueError("--restart-missing applies to --resume only")
-        name = args.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        if not name or Path(name).name != name or name in (".", ".."):
+        if args.name is not None and not args.name.strip():
+            raise ValueError("--name must not be empty (leave --name out for a timestamp)")
+        name = args.name if args.name is not None else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if Path(name).name != name or name in (".", ".."):
             raise ValueError(f"--name must be a plain folder name (no '/'); got {name!r}")
         run_dir = Path(args.out) / name
         call = dict(
@@ -227,6 +289,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
         return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
+    except CheckpointWriteError as err:  # a full disk: what was saved before is intact
+        raise CheckpointWriteError(f"{err}; make room, then continue with: moekit train --resume {run_dir}") from None
     if "stopped_at" in comparison:
         _main_print(
             f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
@@ -256,7 +320,8 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
         + f" {'tokens/s':>9}"
     )
     for label, r in s.items():
-        doms = " ".join(f"{r.get('val_loss_' + d, float('nan')):>10.4f}" for d in comparison["data"]["domains"])
+        losses = [r.get("val_loss_" + d) for d in comparison["data"]["domains"]]
+        doms = " ".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in losses)
         print(
             f"{label:<6} {r['params_total']:>13,} {r['params_active']:>13,} {r['val_loss']:>9.4f} {doms} "
             f"{r['tokens_per_s'] or 0:>9.0f}"
@@ -271,14 +336,25 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
             else "dense is better"
         )
         print(f"dense - MoE validation loss: {d:+.4f} nats/token ({verdict})")
+    missing = [d for d in comparison["data"]["domains"] if any("val_loss_" + d not in r for r in s.values())]
+    if missing:
+        print(f"-: no validation window held {' or '.join(missing)} tokens")
     print(f"plots: {', '.join(p.name for p in sorted(run_dir.glob('*.png')))}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationStats, generate_text
+    from .generate import GenerationStats, generate_text, run_progress
 
     _check_sampling(args)
     check_device_available("--device", args.device)
+    progress = run_progress(args.run, args.model)
+    if progress is not None and progress[0] < progress[1]:
+        print(
+            f"moekit generate: note: run {Path(args.run).name} stopped at step {progress[0]} of {progress[1]} "
+            f"(moekit train --resume {args.run} continues it)",
+            file=sys.stderr,
+            flush=True,
+        )
     stats: list[GenerationStats] = []
     text = generate_text(
         args.run,
@@ -519,8 +595,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
+    from ._io import os_error_text
     from .parallel import ExpertParallelError
-    from .train.checkpoint import CheckpointError
+    from .train.checkpoint import CheckpointError, CheckpointWriteError
     from .train.lock import RunLockedError
     from .train.trainer import TrainingDiverged
 
@@ -530,12 +607,15 @@ def main(argv: Optional[list] = None) -> int:
     warnings.formatwarning = lambda msg, *a, **k: f"moekit {args.command}: warning: {msg}\n"  # one line, no source
     try:
         return args.func(args)
+    except (ExpertParallelError, TrainingDiverged, CheckpointWriteError) as err:  # failures while running
+        print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
+        return 1
     except (CheckpointError, RunLockedError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
         # the errors moekit raises for bad input; anything else (a TypeError, ...) is a bug: its traceback shows
         print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
-    except (ExpertParallelError, TrainingDiverged) as err:
-        print(f"moekit {args.command}{where}: error: {err}", file=sys.stderr)
+    except OSError as err:  # what the machine refused (a read-only or full disk, no permission): not a bug
+        print(f"moekit {args.command}{where}: error: {os_error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)
         print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)

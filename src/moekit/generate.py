@@ -14,21 +14,45 @@ from .data import load_tokenizer
 from .interop import load_hf
 from .interop.folders import hf_tokenizer, is_hf_folder
 from .runs import TOKENIZER, load_run_config, sub_runs
-from .train.trainer import load_trained
+from .train.trainer import checkpoint_step, find_checkpoint, load_trained
 
 
-def load_run_model(run: str, model: str = "moe", device: str = "cpu"):
+def load_run_model(run: str, model: str = "moe", device: str = "cpu", *, top_k_experts: Optional[int] = None):
     """(model, tokenizer) of a run folder's ``moe`` or ``dense`` sub-run, or of a Hugging Face
-    checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`."""
+    checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`.
+    ``top_k_experts`` (experts per token the caller will ask for) is refused for a model without
+    MoE layers, before its weights are read."""
     run_dir = Path(run)
     if is_hf_folder(run_dir):
-        return load_hf(str(run_dir)).to(device).eval(), hf_tokenizer(run_dir)
+        net = load_hf(str(run_dir))
+        _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
+        return net.to(device).eval(), hf_tokenizer(run_dir)
     model_cfg, _, raw = load_run_config(run_dir)
     available = dict(sub_runs(raw, model_cfg))
     if model not in available:
         raise ValueError(f"run {run_dir} has no {model!r} model (it has: {', '.join(available)})")
+    _check_top_k_experts(available[model].moe, top_k_experts, f"the {model} model of {run_dir}")
     tok = load_tokenizer(run_dir / TOKENIZER)
     return load_trained(run_dir / model, available[model], device), tok
+
+
+def _check_top_k_experts(moe, top_k_experts: Optional[int], which: str) -> None:
+    if top_k_experts is not None and moe is None:
+        raise ValueError(
+            f"--top-k-experts {top_k_experts}: {which} is dense (no MoE layers, no experts to choose); leave it out"
+        )
+
+
+def run_progress(run: str, model: str = "moe") -> Optional[tuple[int, int]]:
+    """(step of the checkpoint, steps the run was configured for) of a run folder's sub-run, read
+    without loading a tensor; None for a Hugging Face folder or when the step is unknown."""
+    run_dir = Path(run)
+    if is_hf_folder(run_dir):
+        return None
+    _, train_cfg, _ = load_run_config(run_dir)
+    path = find_checkpoint(run_dir / model)
+    step = checkpoint_step(path) if path is not None else None
+    return None if step is None else (step, train_cfg.steps)
 
 
 @dataclass(frozen=True)
@@ -72,7 +96,7 @@ def generate_text(
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
     before the text is returned."""
-    net, tok = load_run_model(run, model, device)
+    net, tok = load_run_model(run, model, device, top_k_experts=top_k_experts)
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
     if room <= 0:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, read_json
 from .config import LMConfig, TrainConfig
 
 CONFIG = "config.json"
@@ -42,11 +42,22 @@ def load_run_config(run_dir: Union[str, Path]) -> tuple[LMConfig, TrainConfig, d
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a moekit run folder (no {CONFIG})")
+    raw = read_json(path)  # ValueError naming the file when it is not JSON
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or not isinstance(raw.get("train"), dict):
+        raise ValueError(f"{path} is not a valid run config: expected an object with 'model' and 'train' objects")
     try:
-        raw = json.loads(path.read_text())
         return LMConfig.from_dict(raw["model"]), TrainConfig.from_dict(raw["train"]), raw
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid run config: {err}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid run config: {err}") from None
+
+
+def read_run_json(path: Union[str, Path], what: str) -> dict:
+    """A JSON object of a run folder (``what``: e.g. "summary"), read with :func:`moekit._io.read_json`
+    (errors name the file); ValueError naming the file when it holds something else than an object."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a valid {what}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def sub_runs(raw: dict, model_cfg: LMConfig) -> list[tuple[str, LMConfig]]:

@@ -121,8 +121,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(gen + ["--no-cache"]) == 0
     assert capsys.readouterr().out == a, "greedy output is the same with and without the KV cache"
     assert a.startswith("def ")
-    assert main(gen + ["--top-k-experts", "1", "--model", "dense"]) == 0
+    assert main(gen + ["--model", "dense"]) == 0
     capsys.readouterr()  # its text and its speed line (stderr)
+    assert main(gen + ["--top-k-experts", "1", "--model", "dense"]) == 2, "a dense model has no experts to choose"
+    assert "--top-k-experts 1" in capsys.readouterr().err
 
     (run / "moe" / "checkpoint.safetensors").write_bytes(b"garbage")
     assert main(gen) == 2

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,12 +22,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import TwoSlopeNorm
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, check_writable, os_error_text
 from ..config import check_positive
 from ..data import build_data
 from ..generate import load_run_model
 from ..layer import MoE
-from ..runs import COMPARISON, load_run_config, sub_runs
+from ..runs import COMPARISON, load_run_config, read_run_json, sub_runs
 from ..train.plots import agg_figure
 from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics
 from .routing import RoutingData, available_windows, collect_routing, routing_table
@@ -57,6 +58,8 @@ def inspect_run(
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     check_positive("windows", windows, integer=True)
+    out = Path(out_dir) if out_dir is not None else run_dir / "inspect"
+    check_writable(out, "--out" if out_dir is not None else f"inspect writes its report to {out} (give --out DIR)")
     model, tok, model_cfg, train_cfg = _load_moe_run(run_dir, device)
     seq_len = min(train_cfg.seq_len, model_cfg.max_seq_len)
     routing = _route_validation(model, tok, train_cfg, seq_len, windows, device, top_k, quiet)
@@ -76,8 +79,10 @@ def inspect_run(
     }
     report["reading"] = reading(report)
 
-    out = Path(out_dir) if out_dir is not None else run_dir / "inspect"
-    _write_report_files(report, out)
+    try:
+        _write_report_files(report, out)
+    except OSError as err:  # checked writable above; the disk may still fill up
+        raise ValueError(f"inspect could not write its report: {os_error_text(err)}") from None
     if not quiet:
         print(text_table(report))
         print(f"report: {out / REPORT_HTML}")
@@ -118,7 +123,8 @@ def _write_report_files(report: dict, out: Path) -> None:
     report["files"] = {name: str(out / name) for name in (DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML)}
     atomic_write_bytes(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False).encode())
     images = {DOMAIN_PNG: (out / DOMAIN_PNG).read_bytes(), LOAD_PNG: (out / LOAD_PNG).read_bytes()}
-    atomic_write_bytes(out / REPORT_HTML, render_html(report, images).encode())
+    # "replace": a path that is not valid UTF-8 (a --data file name) shows '?' in the page
+    atomic_write_bytes(out / REPORT_HTML, render_html(report, images).encode("utf-8", "replace"))
 
 
 def _token_base_rate(routing) -> dict:
@@ -156,11 +162,18 @@ def config_summary(model, train_cfg, run_dir: Path) -> dict:
     }
     comp = Path(run_dir) / COMPARISON
     if comp.is_file():
+        reason = None
         try:
-            summaries = json.loads(comp.read_text()).get("summaries", {})
+            summaries = read_run_json(comp, "comparison").get("summaries", {})
             out["val_loss"] = {k: v.get("val_loss") for k, v in summaries.items()}
-        except (json.JSONDecodeError, AttributeError):
-            pass
+        except ValueError as err:  # read_run_json's message names the file
+            reason = str(err)
+        except OSError as err:
+            reason = os_error_text(err, comp)
+        except AttributeError:
+            reason = f"{comp} is not a valid comparison: its 'summaries' are not objects"
+        if reason is not None:
+            warnings.warn(f"{reason}; the report leaves out the validation losses", stacklevel=2)
     return out
 
 

@@ -136,7 +136,7 @@ def split_documents(docs: list[Document], val_fraction: float = 0.1) -> tuple[li
 def corpus_fingerprint(docs: list[Document]) -> str:
     h = hashlib.sha256()
     for d in docs:
-        h.update(d.name.encode())
+        h.update(d.name.encode("utf-8", "surrogateescape"))  # a file name need not be UTF-8
         h.update(hashlib.sha256(d.text.encode("utf-8", "replace")).digest())
     return h.hexdigest()[:16]
 

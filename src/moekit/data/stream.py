@@ -100,6 +100,32 @@ def fixed_windows(n_tokens: int, seq_len: int, max_windows: int) -> Tensor:
     return starts
 
 
+def covering_windows(domain_N: Tensor, seq_len: int, max_windows: int) -> tuple[Tensor, Tensor]:
+    """(starts_W, extra_W): :func:`fixed_windows`, then, for each domain of the stream whose tokens
+    none of those windows predicts, ``max(1, max_windows // domains)`` windows whose first target is
+    of that domain, evenly spaced over its tokens (``extra_W`` marks them). The fixed windows give the
+    overall validation loss as before; the extra ones give a rare domain (a few short documents
+    among long ones) a loss instead of none."""
+    starts = fixed_windows(domain_N.numel(), seq_len, max_windows)
+    n = domain_N.numel() - seq_len - 1
+    if n <= 0:
+        return starts, torch.zeros(starts.numel(), dtype=torch.bool)
+    covered = set(domain_N[starts[:, None] + torch.arange(1, seq_len + 1)].unique().tolist())
+    present = domain_N[1 : n + 1].unique().tolist()  # a window starting at s predicts tokens s+1 .. s+seq_len
+    extra = []
+    for d in present:
+        if d in covered:
+            continue
+        cand = (domain_N[1 : n + 1] == d).nonzero().flatten()
+        share = min(cand.numel(), max(1, max_windows // len(present)))
+        extra.append(cand[torch.linspace(0, cand.numel() - 1, share).long()].unique())
+    if not extra:
+        return starts, torch.zeros(starts.numel(), dtype=torch.bool)
+    more = torch.cat(extra)
+    mask = torch.cat([torch.zeros(starts.numel(), dtype=torch.bool), torch.ones(more.numel(), dtype=torch.bool)])
+    return torch.cat([starts, more]), mask
+
+
 def balanced_windows(domain_N: Tensor, seq_len: int, windows: int) -> Tensor:
     """Start offsets of ``windows`` windows split evenly over the domains (by the domain of each
     window's first token), evenly spaced inside each domain: a rare domain (prose in the default

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, read_json
 
 EOS = "<|eos|>"
 OTHER_EOS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>")  # Hugging Face tokenizers
@@ -83,16 +83,24 @@ Tokenizer = Union[ByteTokenizer, BPETokenizer]
 
 
 def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+    """The tokenizer saved at ``path``: ``{"kind": "bytes"}`` or a ``tokenizers`` JSON (a trained BPE,
+    a Hugging Face ``tokenizer.json``). ValueError naming the file when it is neither."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    text = path.read_text()
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"tokenizer file {path} is not valid JSON: {err}") from err
-    if obj.get("kind") == "bytes":
+    obj = read_json(path)  # ValueError naming the file when it is not JSON
+    if isinstance(obj, dict) and obj.get("kind") == "bytes":
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_str(text))
+    try:
+        if not isinstance(obj, dict) or "model" not in obj:
+            raise ValueError("no 'model' entry")
+        tok = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(
+            f'tokenizer file {path} is invalid: expected {{"kind": "bytes"}} or a tokenizers JSON '
+            f"with a model ({reason})"
+        ) from None
+    return BPETokenizer(tok)

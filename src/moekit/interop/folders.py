@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Union
 
+from .._io import read_json
 from ..data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -15,9 +15,10 @@ def is_hf_folder(path: Union[str, Path]) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "model_type" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
+        obj = read_json(cfg)
+    except ValueError:  # not JSON (random bytes included): not a Hugging Face folder; the run reader names it
         return False
+    return isinstance(obj, dict) and "model_type" in obj
 
 
 def hf_tokenizer(path: Union[str, Path]) -> Tokenizer:

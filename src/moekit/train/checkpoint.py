@@ -32,6 +32,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read (missing, truncated, corrupt, or for another model)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file system gone read-only): the file it
+    would have replaced is intact (atomic writes), and the message says which step it holds."""
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     """Hex SHA-256 of a CPU tensor's raw bytes, as safetensors stores them (row-major)."""
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()  # type: ignore[arg-type]  # ndarray is a buffer; numpy's stubs lack __buffer__
@@ -88,7 +93,36 @@ def save_checkpoint(
     for name, state in (rng or {}).items():
         tensors[RNG + name] = state.cpu().contiguous()
     digests = {k: tensor_sha256(v) for k, v in tensors.items()}
-    atomic_write_bytes(path, save(tensors, metadata={"moekit": json.dumps(info), CHECKSUMS: json.dumps(digests)}))
+    data = save(tensors, metadata={"moekit": json.dumps(info), CHECKSUMS: json.dumps(digests)})
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:  # the temporary file is removed; the checkpoint it would replace is intact
+        step = (meta or {}).get("step")
+        raise CheckpointWriteError(
+            f"could not write the checkpoint{f' of step {step}' if step is not None else ''} to {path} "
+            f"({err.strerror or err}); {_kept_text(Path(path))}"
+        ) from None
+
+
+def _kept_text(path: Path) -> str:
+    """What a failed save left at ``path``: the earlier checkpoint (and its step), or nothing."""
+    if not path.exists():
+        return "no earlier checkpoint was there"
+    step = file_step(path)
+    return f"the last checkpoint{f' (step {step})' if step is not None else ''} is intact at {path}"
+
+
+def file_step(path: Union[str, Path]) -> Optional[int]:
+    """The step in a checkpoint file's metadata (its header only, no tensor read); None when the file
+    is missing, unreadable or not a checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
+    except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: no step
+        return None
+    return step if isinstance(step, int) else None
 
 
 def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:

@@ -7,15 +7,16 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from .._io import atomic_write_bytes, remove_stale_temporaries
+from .._io import atomic_write_bytes, check_writable, os_error_text, remove_stale_temporaries
 from ..config import LMConfig, MoEConfig, TrainConfig, check_device_available
 from ..data import build_data, load_tokenizer
 from ..interop import load_hf
 from ..interop.folders import hf_tokenizer, is_hf_folder
-from ..runs import COMPARISON, CONFIG, TOKENIZER, load_run_config, save_run_config, sub_runs
+from ..runs import COMPARISON, CONFIG, TOKENIZER, load_run_config, read_run_json, save_run_config, sub_runs
 from . import distcp
 from .checkpoint import CheckpointError
 from .distcp import DCP_DIR
@@ -93,6 +94,7 @@ def run_train(
     the sharded checkpoint (``checkpoint.dcp``, which resumes on any layout, one process included)."""
     run_dir = Path(run_dir)
     _check_folder_path(run_dir)
+    check_writable(run_dir, f"--resume {run_dir} (a resumed run writes its checkpoints there)" if resume else "--out")
     init_state, tok = None, None
     if resume:
         model_cfg, train_cfg, raw, tok = _resumed_configs(run_dir, changes, expert_parallel)
@@ -100,14 +102,21 @@ def run_train(
         train_cfg, raw = _new_run_configs(
             run_dir, model_cfg, train_cfg, init_from, changes, expert_parallel, baseline=baseline, dense_only=dense_only
         )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_device_available("device", train_cfg.device)
+    if model_cfg is not None:  # (a fine-tuned checkpoint's config is known once it is read, below)
+        check_run_fits(train_cfg, [cfg for _, cfg in sub_runs(raw, model_cfg)], world)
     distributed, device, is_main = _setup_distributed(train_cfg)
     if init_from is not None and not resume:
         model_cfg, init_state, tok = _hf_start(init_from)
         raw = {"baseline": False, "dense_only": False}
+        check_run_fits(train_cfg, [model_cfg], world)
     assert model_cfg is not None  # given, read from the run folder, or from init_from
     data, model_cfg = _prepare_data(
         train_cfg, model_cfg, tok, distributed, is_main, fixed_vocab=resume or init_state is not None
     )
+    if is_main:  # every check above passed: the run folder is created here, not before
+        _make_run_folder(run_dir)
     lock = RunLock(run_dir) if is_main else contextlib.nullcontext()
     with lock:
         if is_main:  # no other process writes here now: temporaries left are a killed write's
@@ -291,6 +300,148 @@ def _check_folder_path(run_dir: Path) -> None:
             raise ValueError(f"{p} is a file; the run folder {run_dir} needs a folder there (check --out and --name)")
 
 
+def _make_run_folder(run_dir: Path) -> None:
+    """Create the run folder (after every check): a one-line error naming it when the file system refuses."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the run folder {run_dir} ({os_error_text(err)}); check --out") from None
+
+
+def check_run_fits(train_cfg: TrainConfig, model_cfgs: list[LMConfig], world_size: int) -> None:
+    """The checks of a run that need neither its data nor a process group, run before the run folder
+    is created: the parallel layout (:func:`check_parallel_layout`) and the memory the models'
+    training state needs (:func:`check_memory`). ``model_cfgs``: the models the run trains, in turn."""
+    check_parallel_layout(train_cfg, model_cfgs, world_size)
+    check_memory(train_cfg, model_cfgs, world_size)
+
+
+def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], world_size: int) -> None:
+    """The expert x data parallel layout of ``world_size`` ranks (1: one process) for these models:
+    every rule :func:`moekit.parallel.apply_expert_parallel` and the trainer enforce once the process
+    group exists, checked here from the configs alone (pure: no communication, no file), so that a
+    bad layout is refused before the run folder exists. ValueError naming the setting."""
+    ep = train_cfg.expert_parallel
+    if world_size <= 1:
+        if ep > 1:
+            raise ValueError(
+                f"expert_parallel={ep} needs one process per rank: launch with "
+                f"torchrun --nproc-per-node {ep} -m moekit train ..."
+            )
+        return
+    if world_size % ep:
+        raise ValueError(f"expert_parallel={ep} must divide the number of ranks ({world_size})")
+    if train_cfg.batch_size % world_size:
+        raise ValueError(f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})")
+    if train_cfg.compile:
+        raise ValueError("compile=True is not supported with expert or data parallelism yet; train without --compile")
+    for cfg in model_cfgs:
+        moe = cfg.moe
+        if moe is None or not any(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
+            continue
+        if moe.num_experts % ep:
+            raise ValueError(
+                f"expert_parallel={ep} must divide model.moe.num_experts={moe.num_experts} (each of the {ep} "
+                f"expert-parallel ranks holds an equal share of the experts): change --expert-parallel or --experts"
+            )
+        if moe.revive_after is not None:
+            raise ValueError(
+                "model.moe.revive_after (dead-expert revival) is not supported under torchrun (expert or data "
+                "parallel); set model.moe.revive_after=none"
+            )
+
+
+def training_state_bytes(model_cfg: LMConfig) -> tuple[int, int]:
+    """(parameters, bytes): the model's parameter count, and the least memory training it with AdamW
+    holds: its parameters, their gradients and the optimizer's two moments (4 x the parameter bytes)
+    and its buffers. Counted on the meta device from the config: nothing is allocated, whatever the size."""
+    import torch
+
+    from ..models import MoETransformer
+
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    params = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params, 4 * param_bytes + buffers
+
+
+def available_memory(device: str) -> Optional[tuple[int, str]]:
+    """(bytes free for a new process's tensors on ``device``, where the figure comes from), or None
+    when unknown. The CPU: the smallest of psutil's (else /proc/meminfo's) available memory and the
+    cgroup's memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``). CUDA: the device's free memory."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.cuda.mem_get_info(index)[0], f"free memory of cuda:{index}"
+    if dev.type != "cpu":
+        return None
+    found: list[tuple[int, str]] = []
+    try:
+        import psutil
+
+        found.append((int(psutil.virtual_memory().available), "available memory"))
+    except ImportError:
+        meminfo = _read_small("/proc/meminfo") or ""
+        for line in meminfo.splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        text = (_read_small(path) or "").strip()
+        if text.isdigit() and int(text) < 2**62:  # "max" / a huge number: no limit
+            found.append((int(text), f"the cgroup limit {path}"))
+    return min(found) if found else None
+
+
+def _read_small(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(1 << 16)
+    except OSError:
+        return None
+
+
+def check_memory(train_cfg: TrainConfig, model_cfgs: list[LMConfig], world_size: int = 1) -> None:
+    """ValueError, before anything is allocated, when a model's training state
+    (:func:`training_state_bytes`, the least training needs) cannot fit in the memory available on
+    the training device. Under torchrun each rank holds its share (the state is sharded over the
+    ranks); on the CPU the ranks of this machine share its memory."""
+    import torch
+
+    free = available_memory(train_cfg.device)
+    if free is None:
+        return
+    avail, source = free
+    share = 1 if world_size <= 1 else world_size
+    if world_size > 1 and torch.device(train_cfg.device).type == "cpu":
+        share = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+    for cfg in model_cfgs:
+        params, need = training_state_bytes(cfg)
+        need //= share
+        if need <= avail:
+            continue
+        if cfg.moe is not None:
+            label = "the MoE model"
+            shape = f"model.moe.num_experts={cfg.moe.num_experts}, model.moe.hidden_dim={cfg.moe.hidden_dim}, "
+        else:
+            label, shape = "the dense model", f"model.ffn_hidden_dim={cfg.ffn_hidden_dim}, "
+        raise ValueError(
+            f"{label} ({params:,} parameters: {shape}model.n_layers={cfg.n_layers}, model.dim={cfg.dim}) needs "
+            f"at least {_gib(need)} for its parameters, gradients and AdamW state"
+            + (f" (its share on this machine, with {world_size} ranks)" if world_size > 1 else "")
+            + f", but {_gib(avail)} is free here ({source}): make the model smaller"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
 def _check_new_run(run_dir: Path) -> None:
     if (run_dir / CONFIG).exists():
         raise FileExistsError(f"{run_dir} already holds a run: pick another --name, or --resume {run_dir}")
@@ -336,13 +487,21 @@ def _check_resumable(
 
 
 def _read_summary(sub: Path) -> Optional[dict]:
-    """A sub-run's summary (with an integer ``steps``), or None when it has none or it is unreadable."""
+    """A sub-run's summary (with an integer ``steps``), or None when it has none or it is unreadable
+    (with a warning naming the file: the sub-run counts as unfinished, so a resume writes it again)."""
+    path = sub / SUMMARY
+    if not path.exists():
+        return None
     try:
-        summary = json.loads((sub / SUMMARY).read_text())
+        summary = read_run_json(path, "summary")  # errors name the file
         summary["steps"] = int(summary["steps"])
         return summary
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except OSError as err:
+        reason = os_error_text(err, path)
+    except (KeyError, TypeError, ValueError) as err:
+        reason = str(err) if str(path) in str(err) else f"{path} is not a valid summary (no integer 'steps')"
+    warnings.warn(f"{reason}; ignoring it (a resume writes it again)", stacklevel=1)  # one place: shown once
+    return None
 
 
 def _finished_summary(sub: Path, steps: int) -> Optional[dict]:
@@ -392,17 +551,10 @@ def _setup_distributed(cfg: TrainConfig):
     import torch
 
     check_device_available("device", cfg.device)
+    check_parallel_layout(cfg, [], int(os.environ.get("WORLD_SIZE", "1")))  # (run_train checked it with the models)
     if not distributed_launch():
-        if cfg.expert_parallel > 1:
-            raise ValueError(
-                f"expert_parallel={cfg.expert_parallel} needs one process per rank: launch with "
-                f"torchrun --nproc-per-node {cfg.expert_parallel} -m moekit train ..."
-            )
         return False, torch.device(cfg.device), True
     from ..parallel import init_distributed
 
-    world = int(os.environ["WORLD_SIZE"])
-    if world % cfg.expert_parallel:
-        raise ValueError(f"expert_parallel={cfg.expert_parallel} must divide the number of ranks ({world})")
     rank, _, device = init_distributed(cfg.device, cfg.dist_timeout_s)
     return True, device, rank == 0

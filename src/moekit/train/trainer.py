@@ -5,6 +5,9 @@ A run folder holds one sub-folder per model (``moe/``, ``dense/``), each with ``
 ``summary.json`` and the checkpoint: ``checkpoint.safetensors`` (one file) when trained on one
 process, the folder ``checkpoint.dcp`` (one part per rank, :mod:`moekit.train.distcp`) when
 trained under torchrun. Either resumes on any layout; :func:`find_checkpoint` says which is there.
+A metrics row's ``tokens_per_s`` is its step's; the summary's is the steady state: the steps after
+the first :data:`TIMING_WARMUP_STEPS` of the process (``tokens_per_s_steps`` says how many), so a
+``--compile`` run's figure leaves its compilation out.
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM (what schedulers and ``docker stop`` send) both finish the
 current step, write a checkpoint and raise :class:`TrainingInterrupted` (the CLI exits with
@@ -29,16 +32,17 @@ import torch.nn.functional as F
 
 from .._io import atomic_write_text, remove_stale_temporaries
 from ..config import LMConfig, TrainConfig, check_device_available
-from ..data import TokenData, fixed_windows, random_batches, window
+from ..data import TokenData, covering_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
 from . import distcp
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriteError, file_step, load_checkpoint, save_checkpoint
 from .distcp import DCP_DIR, load_distributed, save_distributed
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+TIMING_WARMUP_STEPS = 3  # a summary's tokens/s leaves out a process's first steps (torch.compile compiles in them)
 
 
 class TrainingInterrupted(Exception):
@@ -135,40 +139,50 @@ def evaluate(
     top_k: Optional[int] = None,
     parallel=None,
 ) -> dict:
-    """Validation loss overall and per domain, and the tokens each expert received. With an
-    expert-parallel ``parallel`` handle every batch of windows is split over the ranks (some may
-    get none: they still join the collectives) and the sums are all-reduced, so the result is
-    the single-process one."""
+    """Validation loss overall and per domain, and the tokens each expert received. The overall loss
+    and the expert loads are those of ``cfg.eval_windows`` evenly spaced windows; a domain those
+    windows miss gets its loss from extra windows inside it (:func:`~moekit.data.covering_windows`),
+    so every domain of the validation split has a loss. With an expert-parallel ``parallel`` handle
+    every batch of windows is split over the ranks (some may get none: they still join the
+    collectives) and the sums are all-reduced, so the result is the single-process one."""
     was_training = model.training
     model.eval()
-    starts = fixed_windows(data.val_ids_N.numel(), cfg.seq_len, cfg.eval_windows)
+    starts, extra_W = covering_windows(data.val_domain_N, cfg.seq_len, cfg.eval_windows)
     n_dom = len(data.domains)
-    loss_sum = torch.zeros(n_dom, dtype=torch.float64)
-    count = torch.zeros(n_dom, dtype=torch.float64)
+    sums = torch.zeros(2, n_dom + 1, dtype=torch.float64)  # (loss, tokens) x (each domain, the fixed windows)
     load = None
     amp = autocast_dtype(cfg, device)
-    for i in range(0, starts.numel(), cfg.batch_size):
-        s = starts[i : i + cfg.batch_size]
-        if parallel is not None:
-            s = s.tensor_split(parallel.world_size)[parallel.rank]
-        x, y = window(data.val_ids_N, s, cfg.seq_len)
-        dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(x.to(device), top_k=top_k)
-        tok_loss = (
-            F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none").cpu().double()
-        )
-        loss_sum += torch.zeros(n_dom, dtype=torch.float64).index_add_(0, dom.flatten(), tok_loss)
-        count += torch.bincount(dom.flatten(), minlength=n_dom).double()
-        layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
-        load = layer_counts if load is None else [a + b for a, b in zip(load, layer_counts)]
+    # the domains the extra windows are for (only their tokens count there: the others have theirs)
+    missing_D = torch.zeros(n_dom, dtype=torch.bool)
+    missing_D[data.val_domain_N[starts[extra_W] + 1].long()] = True
+    for group, extra in ((starts[~extra_W], False), (starts[extra_W], True)):
+        for i in range(0, group.numel(), cfg.batch_size):
+            s = group[i : i + cfg.batch_size]
+            if parallel is not None:
+                s = s.tensor_split(parallel.world_size)[parallel.rank]
+            x, y = window(data.val_ids_N, s, cfg.seq_len)
+            dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1].flatten()
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(x.to(device), top_k=top_k)
+            tok_loss = (
+                F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
+                .cpu()
+                .double()
+            )
+            keep = missing_D[dom] if extra else torch.ones_like(dom, dtype=torch.bool)
+            sums[0, :n_dom].index_add_(0, dom[keep], tok_loss[keep])
+            sums[1, :n_dom] += torch.bincount(dom[keep], minlength=n_dom).double()
+            if not extra:  # the fixed windows: the overall loss and the expert loads
+                sums[:, n_dom] += torch.stack([tok_loss.sum(), torch.tensor(float(tok_loss.numel()))])
+                layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
+                load = layer_counts if load is None else [a + b for a, b in zip(load, layer_counts)]
     model.train(was_training)
     if parallel is not None:
-        loss_sum, count = parallel.sum(loss_sum), parallel.sum(count)  # tokens_per_expert is global already
-    res: dict[str, Any] = {"val_loss": float(loss_sum.sum() / count.sum())}
+        sums = parallel.sum(sums)  # tokens_per_expert is global already
+    res: dict[str, Any] = {"val_loss": float(sums[0, n_dom] / sums[1, n_dom])}
     for d, name in enumerate(data.domains):
-        if count[d] > 0:
-            res[f"val_loss_{name}"] = float(loss_sum[d] / count[d])
+        if sums[1, d] > 0:
+            res[f"val_loss_{name}"] = float(sums[0, d] / sums[1, d])
     if load:
         res["val_tokens_per_expert"] = [c.tolist() for c in load]
     return res
@@ -394,7 +408,7 @@ class Trainer:
             except KeyboardInterrupt:
                 bar.close()
                 self._save_interrupted(interrupt)
-            except TrainingDiverged:
+            except (TrainingDiverged, CheckpointWriteError):  # the error goes on a line of its own
                 bar.close()
                 raise
             bar.close()
@@ -423,7 +437,8 @@ class Trainer:
             (self.dir / METRICS).unlink(missing_ok=True)
         # every rank draws the same global batch and keeps its slice: the run equals one process's
         self._batches = random_batches(self.data.train_ids_N, self.cfg.seq_len, self.cfg.batch_size, self.gen)
-        self._t_train, self._n_timed, self._last_eval = 0.0, 0, {}
+        self._step_seconds: list[float] = []  # each training step of this fit(), timed
+        self._last_eval = {}
         share = self.cfg.batch_size // (self.par.world_size if self.par else 1)
         lo = share * (self.par.rank if self.par else 0)
         self._my_rows = slice(lo, lo + share)  # this rank's slice of every global batch
@@ -497,8 +512,7 @@ class Trainer:
         after_optimizer_step(self.model)
         self.step += 1
         dt = time.perf_counter() - t0
-        self._t_train += dt
-        self._n_timed += 1
+        self._step_seconds.append(dt)
         return out, gnorm, dt
 
     def _metrics(self, out, lr: float, gnorm, dt: float) -> dict:
@@ -538,18 +552,30 @@ class Trainer:
             with torch.device("meta"):
                 counts = MoETransformer(self.model_cfg).param_counts()
         last_eval = self._last_eval or evaluate(self.model, self.data, self.cfg, self.device, parallel=self.par)
-        tokens_per_step = self.cfg.batch_size * self.cfg.seq_len
+        tokens_per_s, timed_steps = self._steady_tokens_per_s()
         summary = {
             "label": self.label,
             "steps": self.step,
             **{f"params_{k}": v for k, v in counts.items()},
-            "tokens_per_s": tokens_per_step * self._n_timed / self._t_train if self._t_train else None,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_steps": timed_steps,
             **{k: v for k, v in last_eval.items() if k.startswith("val_loss")},
             "state_bytes_per_rank": self._state_bytes(),
         }
         if self.main:
             atomic_write_text(self.dir / SUMMARY, json.dumps(summary, indent=2))
         return summary
+
+    def _steady_tokens_per_s(self) -> tuple[Optional[float], int]:
+        """(training tokens per second in the steady state, the steps it is measured over): the steps
+        of this process after its first :data:`TIMING_WARMUP_STEPS` (torch.compile's compilation, the
+        allocator's first requests; evaluation and checkpoints are not in any step's time), or all its
+        steps when it took no more than those. The summary's ``tokens_per_s`` and ``tokens_per_s_steps``."""
+        timed = self._step_seconds[TIMING_WARMUP_STEPS:] or self._step_seconds
+        seconds = sum(timed)
+        if not seconds:
+            return None, 0
+        return self.cfg.batch_size * self.cfg.seq_len * len(timed) / seconds, len(timed)
 
     def _check_finite(self, loss: float, gnorm: float) -> None:
         """TrainingDiverged (on every rank) unless this step's loss and gradient norm are finite."""
@@ -582,14 +608,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def checkpoint_step(path: Path) -> Optional[int]:
     """The step a checkpoint (file or DCP folder) was written at, read from its metadata without
     loading a tensor; None when unreadable."""
+    if not Path(path).is_dir():
+        return file_step(path)
     try:
-        if Path(path).is_dir():
-            step = distcp.read_manifest(path)["meta"].get("step")
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
+        step = distcp.read_manifest(path)["meta"].get("step")
     except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: no step
         return None
     return step if isinstance(step, int) else None
