@@ -66,7 +66,24 @@ class FeedForward(nn.Module):
         return ACTIVATIONS[self.kind](x @ self.w_up) @ self.w_down
 
 
-class GroupedExperts(nn.Module):
+class StackedExperts(nn.Module):
+    """The seam the layer's stacked paths call for E homogeneous FFN experts: ``forward(x_RD,
+    counts_E, backend)`` on rows in expert order, and ``few_slots`` for decoding. Where the weights
+    live is the subclass's business: :class:`GroupedExperts` holds all of them, the expert store
+    (:mod:`moekit.store`) a budgeted pool of slots filled from a file."""
+
+    num_experts: int
+    dim: int
+    hidden_dim: int
+    kind: str
+
+    def few_slots(
+        self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class GroupedExperts(StackedExperts):
     """E homogeneous FFN experts stored as stacked (E, ...) weights, each initialised like a dense
     FFN of the same width, computed in one grouped pass by the chosen backend."""
 

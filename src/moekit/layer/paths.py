@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..kernels.slots import SMALL_SLOTS
 from .dispatch import combine, dispatch, plan_dispatch
-from .experts import GroupedExperts
+from .experts import GroupedExperts, StackedExperts
 
 Path = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
 
@@ -69,7 +69,7 @@ def fused(
 
 
 def few_slots(
-    experts: GroupedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], **_
+    experts: StackedExperts, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, shared_TD: Optional[Tensor], **_
 ) -> tuple[Tensor, Optional[Tensor]]:
     return experts.few_slots(x_TD, experts_TK, weights_TK, into_TD=shared_TD), None  # shared_TD updated in place
 
@@ -84,8 +84,8 @@ def choose_path(
 ) -> Path:
     """The path for one call: few slots when decoding on one process with the grouped backend,
     the fused kernels for ``backend="triton"`` on one process, else the dispatch path."""
-    if not isinstance(experts, GroupedExperts) or not local:
+    if not isinstance(experts, StackedExperts) or not local:
         return dispatched
     if backend == "grouped" and not capacity_limited and not grad and num_slots <= SMALL_SLOTS:
         return few_slots
-    return fused if backend == "triton" else dispatched
+    return fused if backend == "triton" and isinstance(experts, GroupedExperts) else dispatched

@@ -1,0 +1,187 @@
+"""The expert store against the all-in-memory model: same logits bit for bit (fp32 and bf16) and
+same greedy tokens at budgets from one layer's top_k to every expert; the budget holds by
+construction; policies against Belady's optimum on traces; bad input is one clear error."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moekit.config import LMConfig, MoEConfig
+from moekit.models.lm import MoETransformer
+from moekit.store import (
+    LFRU,
+    LFU,
+    LRU,
+    SafetensorsFiles,
+    StoredExperts,
+    StoreFileError,
+    belady,
+    load_run_with_store,
+    parse_bytes,
+    plan_budget,
+    record_traces,
+    replay,
+    store_stats,
+)
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def lm_cfg(**moe_kw) -> LMConfig:
+    moe = dict(dim=32, hidden_dim=16, num_experts=8, top_k=2, num_shared_experts=1, router="sigmoid")
+    moe.update(moe_kw)
+    return LMConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, max_seq_len=96, moe=MoEConfig(**moe))
+
+
+def saved(tmp_path, cfg: LMConfig, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).to(dtype)
+    for m in model.moe_layers:  # a trained model's routing is skewed: make the biases differ
+        if hasattr(m.router, "bias_E"):
+            m.router.bias_E.normal_(0, 0.5)
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, model)
+    ref = MoETransformer(cfg).to(dtype)
+    load_checkpoint(path, ref)
+    return path, ref.eval()
+
+
+def expert_bytes(cfg: LMConfig, dtype=torch.float32) -> int:
+    m = cfg.moe
+    return (m.dim * 2 * m.hidden_dim + m.hidden_dim * m.dim) * torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("slots", [2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_and_greedy_tokens_equal_the_all_in_memory_model(tmp_path, slots, dtype):
+    cfg = lm_cfg()
+    path, ref = saved(tmp_path, cfg, dtype)
+    budget = slots * 3 * expert_bytes(cfg, dtype)
+    model = load_run_with_store(path, cfg, budget)
+    assert all(m.experts.slots == slots for m in model.moe_layers)
+    idx = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)  # the prompt: grouped path, chunked when slots < needed
+        assert torch.equal(model(idx[:, :1]).logits, ref(idx[:, :1]).logits)  # one token per row: few-slot path
+        few, few_ref = model(idx[:1, :5]).logits, ref(idx[:1, :5]).logits  # few-slot path, 5 tokens
+        if slots == 8:
+            assert torch.equal(few, few_ref)
+        else:  # more experts than slots: served in chunks, summed in another order
+            tol = 1e-6 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(few, few_ref, rtol=tol, atol=tol)
+    out = model.generate(idx[:1, :6], 40, temperature=0.0)
+    assert torch.equal(out, ref.generate(idx[:1, :6], 40, temperature=0.0))
+    stats = store_stats(model)
+    assert stats.misses > 0 and stats.bytes_read == stats.misses * expert_bytes(cfg, dtype)
+    if slots == 8:  # every expert fits: each is read once
+        assert stats.misses <= 3 * 8
+
+
+def test_the_pool_is_all_the_expert_memory_there_is(tmp_path):
+    cfg = lm_cfg(num_experts=16)
+    path, _ = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 3 * 3 * expert_bytes(cfg))
+    pools = [m.experts for m in model.moe_layers]
+    assert all(isinstance(p, StoredExperts) for p in pools)
+    held = sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools)
+    assert held == 3 * 3 * expert_bytes(cfg)
+    assert not any("experts" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        model.generate(torch.randint(0, 97, (1, 4)), 30, temperature=0.0)
+    assert sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools) == held  # nothing grew
+
+
+def test_too_small_a_budget_and_a_damaged_file_are_clear_errors(tmp_path):
+    cfg = lm_cfg()
+    path, _ = saved(tmp_path, cfg)
+    with pytest.raises(ValueError, match="decoding needs at least top_k=2 per layer"):
+        load_run_with_store(path, cfg, 3 * expert_bytes(cfg))
+    with pytest.raises(StoreFileError, match="does not exist"):
+        load_run_with_store(tmp_path / "nope.safetensors", cfg, 10**9)
+    other = lm_cfg(num_experts=4)
+    with pytest.raises(StoreFileError, match=r"has shape \(8, 32, 32\); the model expects \(4, 32, 32\)"):
+        load_run_with_store(path, LMConfig(**{**other.to_dict(), "moe": other.moe}), 10**9)
+    for text in ("12XB", "-1", "", "1.5.2GB"):
+        with pytest.raises(ValueError, match="size"):
+            parse_bytes(text)
+    assert parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes("200MB") == 200 * 10**6
+
+
+def test_a_read_leaves_no_page_cache_copy_of_what_it_read(tmp_path):
+    """posix_fadvise(DONTNEED) after each read: the expert bytes are not kept twice (pool + cache).
+    Checked through mincore-free means: the file's pages dropped means a re-read is a real read."""
+    cfg = lm_cfg()
+    path, _ = saved(tmp_path, cfg)
+    files = SafetensorsFiles.of(path)
+    name = "model.blocks.0.ffn.experts.w_up"
+    row = torch.empty(files.entry(name).shape[1:])
+    files.read_rows(name, row, 3)
+    full = files.read(name)
+    assert torch.equal(row, full[3]) and files.bytes_read == row.nbytes + full.nbytes
+
+
+def policy_trace(seed: int, calls: int, experts: int, k: int) -> list[list[int]]:
+    """Skewed, bursty routing: a Zipf-like popularity and runs of similar tokens."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** 1.1 for i in range(experts)]
+    out, last = [], rng.choices(range(experts), weights, k=k)
+    for _ in range(calls):
+        pick = set(last[: k // 2]) if rng.random() < 0.5 else set()
+        while len(pick) < k:
+            pick.add(rng.choices(range(experts), weights)[0])
+        last = list(pick)
+        out.append(sorted(pick))
+    return out
+
+
+@pytest.mark.parametrize("slots", [4, 8, 16])
+def test_no_policy_beats_belady_and_each_policy_counts_every_access(slots):
+    trace = policy_trace(0, 800, 64, 8)
+    best_hits, best_misses = belady(trace, slots)
+    for policy in (LRU(), LFU(), LFRU()):
+        hits, misses = replay(trace, slots, policy)
+        assert hits + misses == best_hits + best_misses == sum(len(c) for c in trace)
+        assert hits <= best_hits, f"{policy.name} beat Belady's optimum"
+    assert best_hits > 0
+
+
+def test_belady_is_optimal_on_a_trace_small_enough_to_search():
+    """Against every eviction choice, exhaustively, on short random traces."""
+    import functools
+
+    rng = random.Random(1)
+    for _ in range(30):
+        trace = [[rng.randrange(5)] for _ in range(10)]
+        slots = 2
+
+        @functools.cache
+        def best(i: int, resident: frozenset) -> int:
+            if i == len(trace):
+                return 0
+            e = trace[i][0]
+            if e in resident:
+                return 1 + best(i + 1, resident)
+            if len(resident) < slots:
+                return best(i + 1, resident | {e})
+            return max(best(i + 1, (resident - {r}) | {e}) for r in resident)
+
+        assert belady(trace, slots)[0] == best(0, frozenset())
+
+
+def test_the_replayed_trace_of_a_model_matches_its_store_counts(tmp_path):
+    """The hits a policy scores in replay are the hits the store got on the same calls."""
+    cfg = lm_cfg()
+    path, _ = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 3 * 3 * expert_bytes(cfg), policy="lru")
+    record_traces(model)
+    with torch.no_grad():
+        model.generate(torch.randint(0, 97, (1, 8)), 40, temperature=0.0)
+    for m in model.moe_layers:
+        assert replay(m.experts.stats.trace, 3, LRU()) == (m.experts.stats.hits, m.experts.stats.misses)
+
+
+def test_plan_budget_splits_evenly_and_caps_at_every_expert():
+    assert plan_budget(10_000, 100, 4, 64, 2).slots == 25
+    assert plan_budget(10**9, 100, 4, 64, 2).slots == 64
