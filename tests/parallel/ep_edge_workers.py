@@ -312,3 +312,33 @@ def collectives_release_their_tensors(rank: int, world: int, store: str, out_dir
         _record(out_dir, "collectives", check)
     finally:
         dist.destroy_process_group()
+
+
+def no_gloo_thread_left_at_exit(rank: int, world: int, store: str, out_dir: str) -> None:
+    """A data-parallel (FSDP) model, a step, the groups destroyed, the function returns: when the
+    interpreter starts to finalize, no gloo worker thread of a group moekit's layout made is left
+    (one holding a tensor then aborts the process); only the user's own default group's threads,
+    which torch keeps, may be. The check runs at exit after moekit's own exit step (atexit is
+    last-in, first-out: it is registered before moekit's)."""
+    import atexit
+
+    def gloo_threads() -> list[str]:
+        names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        return [n for n in names if n.startswith(("pt_gloo", "gloo"))]
+
+    def threads_at_exit() -> None:
+        left = gloo_threads()
+        with open(os.path.join(out_dir, f"exit.{rank}"), "w") as f:
+            f.write("ok" if len(left) <= len(own) else f"gloo threads alive at exit: {left}; after init: {own}")
+
+    atexit.register(threads_at_exit)
+    init(rank, world, store, timeout_s=30)
+    torch.ones(1).sum()
+    dist.barrier()  # the default group's threads exist now
+    own = gloo_threads()
+    torch.manual_seed(0)
+    model = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2)).double()
+    apply_expert_parallel(model, expert_parallel=1)
+    res = model(torch.randn(6, 8, dtype=torch.float64))
+    (res.out.square().mean() + res.aux_loss).backward()
+    dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import ep_edge_workers as W
@@ -66,3 +67,11 @@ def test_collectives_return_only_after_the_backend_released_their_tensors(tmp_pa
     third of calls returned with the tensors still held."""
     spawn(W.collectives_release_their_tensors, 2, tmp_path)
     results(tmp_path, "collectives", 2)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
+def test_no_gloo_worker_thread_of_moekits_groups_is_left_when_the_interpreter_finalizes(tmp_path):
+    """The other way a rank aborted at exit: FSDP's hooks (cycles) and DTensor's caches keep the
+    mesh's process groups alive, so their worker threads outlived the interpreter's teardown."""
+    spawn(W.no_gloo_thread_left_at_exit, 2, tmp_path)
+    results(tmp_path, "exit", 2)

@@ -8,11 +8,18 @@ worker later frees the tensor's Python object and must take the GIL to do it; wh
 during interpreter shutdown (an error raised right after a collective, then exit), CPython ends
 the worker with a forced unwind through C++ and the process aborts ("terminate called without an
 active exception", SIGABRT instead of the error's exit code). So every synchronous collective
-here returns only once the backend has let go of the tensors it was given.
+here returns only once the backend has let go of the tensors it was given. Collectives that
+torch runs for moekit (FSDP's all-gathers and reduce-scatters, DCP) are not issued here: for those,
+:func:`drain_at_exit` (registered once by moekit's parallel entry points) frees at exit, while the
+interpreter is still whole, the process groups that only reference cycles keep alive (their
+destructor joins the worker threads with the GIL released), then releases the GIL briefly so a
+worker of a group still in use can finish.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import pickle
 import time
 from collections.abc import Callable
@@ -24,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _RELEASE_TIMEOUT_S = 5.0  # the backend drops a finished call within microseconds; this is a backstop
+_EXIT_GIL_RELEASE_S = 0.05
+_drain_registered = False
 
 
 class ExpertParallelError(RuntimeError):
@@ -92,3 +101,24 @@ def all_gather_objects(what: str, obj: Any, group: Optional[Any] = None) -> list
     parts = [torch.empty_like(padded) for _ in range(world)]
     run_collective(what, dist.all_gather, parts, padded, group=group)
     return [pickle.loads(p[:n].cpu().numpy().tobytes()) for p, n in zip(parts, lengths)]
+
+
+def _drain() -> None:
+    gc.collect()  # process groups held only by cycles (FSDP's hooks, meshes): freed now, threads joined
+    if dist.is_available() and not dist.is_initialized():
+        # the groups were destroyed, yet DTensor's sharding caches keep device meshes alive, and a
+        # mesh keeps its groups in a registry: empty it, so the groups go (threads joined) now
+        from torch.distributed.device_mesh import DeviceMesh
+
+        for obj in gc.get_objects():
+            if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+                obj._pg_registry.clear()
+    time.sleep(_EXIT_GIL_RELEASE_S)  # a worker of a group still in use, waiting for the GIL, gets it
+
+
+def drain_at_exit() -> None:
+    """Register (once per process) the exit step of the module docstring."""
+    global _drain_registered
+    if not _drain_registered:
+        atexit.register(_drain)
+        _drain_registered = True

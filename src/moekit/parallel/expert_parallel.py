@@ -56,7 +56,7 @@ from ..config import check_positive
 from ..layer.experts import GroupedExperts
 from ..layer.moe import MoE
 from ..layer.scope import LocalScope
-from .collectives import all_gather_objects, run_collective
+from .collectives import all_gather_objects, drain_at_exit, run_collective
 
 STATISTICS = ("global", "expert", "local")
 
@@ -312,6 +312,7 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+    drain_at_exit()
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
@@ -564,6 +565,7 @@ def apply_expert_parallel(
         without MoE layers gets plain FSDP data parallelism.
     """
     mesh = _checked_mesh(model, mesh, expert_parallel, statistics)
+    drain_at_exit()
     ep = mesh.size(1)
     _agree_on_model(model, ep, statistics, sync_init)
     handle = ExpertParallel(model, mesh, statistics)
