@@ -20,6 +20,7 @@ SKIP = {  # a string in the block -> why it cannot run here
     "init_distributed(": "needs torchrun (several processes) and GPUs",
     "triton_moe_ffn(": "needs a GPU (Triton kernels)",
     "path/to/save_pretrained_folder": "needs a Hugging Face checkpoint folder (downloaded: the network)",
+    'load_run_model("runs/NAME"': "needs a trained run folder (tests/store/test_generate_store.py trains one)",
 }
 
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

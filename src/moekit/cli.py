@@ -3,6 +3,7 @@
 moekit train                                  # MoE LM + dense twin on the embedded corpus (CPU, minutes)
 moekit train --steps 200 --set model.moe.num_experts=16 --set train.lr=0.002
 moekit train --resume runs/<name>
+moekit train --nproc 2 --expert-parallel 2     # 2 processes on this machine (torchrun's launcher, inside)
 moekit generate --run runs/<name> --prompt "def "
 moekit inspect --run runs/<name>
 moekit convert --run runs/<name>              # sharded checkpoint of a torchrun run -> one file
@@ -44,6 +45,8 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
 SECTIONS: dict[str, type[_DictMixin]] = {"model": LMConfig, "train": TrainConfig}
 RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
 DEFAULT_PRESET = "deepseek"
+LAUNCH_DIR_ENV = "MOEKIT_LAUNCH_DIR"  # set by `moekit train --nproc N` for the processes it starts
+LAUNCH_SHUTDOWN_S = 600  # --nproc: how long the processes may take to save and stop after Ctrl-C / SIGTERM
 
 
 def _load_config_file(path: Path) -> dict:
@@ -246,7 +249,7 @@ def _resume_changes(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
             f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
-            f"--compile, --stop-at, --quiet, --restart-missing)"
+            f"--compile, --stop-at, --quiet, --restart-missing, --nproc)"
         )
     return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
 
@@ -256,9 +259,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import run_train
     from .train.trainer import TrainingInterrupted
 
+    launching = args.nproc is not None and not _launched()
+    if launching:
+        check_positive("--nproc", args.nproc, integer=True)
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError(
+                "--nproc starts the processes itself: give it without torchrun (or torchrun without --nproc)"
+            )
     if args.resume:
         run_dir = Path(args.resume)
         changes = _resume_changes(args)
+        if launching and args.nproc > 1:  # the processes it starts say what they resume
+            return launch_train(args.nproc, args.argv)
         _main_print(
             f"resuming {run_dir}" + (f" with {', '.join(f'{k}={v}' for k, v in changes.items())}" if changes else "")
         )
@@ -277,6 +289,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if Path(name).name != name or name in (".", ".."):
             raise ValueError(f"--name must be a plain folder name (no '/'); got {name!r}")
         run_dir = Path(args.out) / name
+        if launching and args.nproc > 1:
+            from .train.run import check_parallel_layout
+
+            # checked once here, not once per process; every process then trains in the same folder
+            check_parallel_layout(train_cfg, [] if args.init_from or args.dense else [model_cfg], args.nproc)
+            return launch_train(args.nproc, args.argv + ([] if args.name is not None else ["--name", name]))
         call = dict(
             model_cfg=None if args.init_from else model_cfg,
             train_cfg=train_cfg,
@@ -287,14 +305,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         comparison = run_train(run_dir, progress=not args.quiet, stop_at=args.stop_at, **call)
     except TrainingInterrupted as err:
-        _main_print(f"\n{err}. Continue with: moekit train --resume {run_dir}")
+        _main_print(f"\n{err}. Continue with: {_resume_command(run_dir)}")
         return err.exit_code  # 130 after Ctrl-C, 143 after SIGTERM
     except CheckpointWriteError as err:  # a full disk: what was saved before is intact
-        raise CheckpointWriteError(f"{err}; make room, then continue with: moekit train --resume {run_dir}") from None
+        raise CheckpointWriteError(f"{err}; make room, then continue with: {_resume_command(run_dir)}") from None
     if "stopped_at" in comparison:
         _main_print(
             f"stopped at step {comparison['stopped_at']} ({comparison['label']}); checkpoint saved. "
-            f"Continue with: moekit train --resume {run_dir}"
+            f"Continue with: {_resume_command(run_dir)}"
         )
         return 0
     if _rank() == 0:
@@ -304,6 +322,169 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def _launched() -> bool:
+    """This process is one of those ``moekit train --nproc N`` started."""
+    return bool(os.environ.get(LAUNCH_DIR_ENV)) and "RANK" in os.environ
+
+
+def _resume_command(run_dir: Path) -> str:
+    """The command that continues the run on the layout it ran on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return f"moekit train --resume {run_dir}"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) == world:  # one machine (--nproc or torchrun)
+        return f"moekit train --resume {run_dir} --nproc {world}"
+    return f"your torchrun command with -m moekit train --resume {run_dir}"
+
+
+def _report(what: str, value: int) -> None:
+    """A process started by ``moekit train --nproc`` tells the launcher its pid, then its exit code."""
+    folder = Path(os.environ[LAUNCH_DIR_ENV])
+    tmp = folder / f".rank{_rank()}.{what}"
+    try:
+        tmp.write_text(str(value))
+        tmp.replace(folder / f"rank{_rank()}.{what}")
+    except OSError:  # the launcher is gone (it removes the folder last): nobody to tell
+        pass
+
+
+def launch_train(nproc: int, argv: list[str]) -> int:
+    """``moekit train --nproc N``: run ``moekit train`` (the same arguments) on N processes of this
+    machine under torchrun's elastic agent (``torch.distributed.launcher.api.elastic_launch``,
+    standalone rendezvous, no restarts) and end as one process does.
+
+    torchrun's agent handles Ctrl-C and SIGTERM by forwarding the signal to every worker (each runs
+    in a session of its own, so a terminal's Ctrl-C reaches the agent only), waiting for them, then
+    raising ``SignalException``: torchrun prints its traceback and exits 1. Here the agent does the
+    same inside this process, the exception is caught, and the exit status is the workers': 130
+    after Ctrl-C and 143 after SIGTERM once every worker saved and stopped (rank 0 prints the one
+    line), a worker's own error code if one failed, 128 + N for a worker ended by signal N. The
+    workers get :data:`LAUNCH_SHUTDOWN_S` to save (torchrun: 30 s, then SIGKILL;
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` overrides both). A second signal makes the agent send
+    SIGTERM, which stops the workers at once (they keep their last checkpoint); a third kills
+    them. Each worker writes its pid and exit code into a folder this function removes."""
+    import dataclasses
+    import logging
+    import shutil
+    import signal
+    import tempfile
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    status = Path(tempfile.mkdtemp(prefix="moekit-launch-"))
+    kw: dict[str, Any] = dict(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port
+        max_restarts=0,
+        logs_specs=DefaultLogsSpecs(log_dir=str(status / "logs")),
+    )
+    if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:  # (older torch: 30 s)
+        kw["shutdown_timeout"] = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", LAUNCH_SHUTDOWN_S))
+    env = {LAUNCH_DIR_ENV: str(status)}  # the agent hands its environment to the workers
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; share the cores instead
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    if "LOGLEVEL" not in os.environ:  # the agent's lines ("Sending process 123 closing signal SIGINT", "failed
+        # (exitcode: 2) local_rank: 0"): what they say, the workers and this function say in a line
+        env["LOGLEVEL"] = "CRITICAL"  # read by the loggers made from here on
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+
+    def stop(signum, frame):  # until the agent installs its own handler (the same), and after
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in stop_signals}
+    for s in stop_signals:
+        signal.signal(s, stop)
+    sig: Optional[signal.Signals] = None
+    failure = None
+    try:
+        elastic_launch(LaunchConfig(**kw), sys.executable)("-u", "-m", "moekit", *argv)
+    except SignalException as err:
+        sig = signal.Signals(err.sigval)
+    except ChildFailedError as err:
+        failure = err.get_first_failure()
+    finally:
+        for s in stop_signals:  # no exception from a signal while cleaning up
+            signal.signal(s, signal.SIG_IGN)
+        killed = _kill_unfinished(status, nproc)
+        codes = {
+            r: int((status / f"rank{r}.exit").read_text()) for r in range(nproc) if (status / f"rank{r}.exit").exists()
+        }
+        shutil.rmtree(status, ignore_errors=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if sig is not None:
+        code = 128 + sig
+        lost = sorted(set(killed) | {r for r in range(nproc) if r not in codes}) if codes else killed
+        if lost:
+            who = f"rank {lost[0]} was" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))} were"
+            print(
+                f"moekit train: stopped ({sig.name}); {who} killed before finishing; "
+                f"each model keeps its last complete checkpoint",
+                file=sys.stderr,
+            )
+        elif not codes:  # stopped before training began (nothing saved, nothing printed)
+            print(f"moekit train: interrupted ({sig.name})", file=sys.stderr)
+        worse = [c for c in codes.values() if c not in (0, code)]
+        if worse and not lost:
+            return worse[0]  # e.g. a save that failed: that rank printed why
+        return 0 if codes and not lost and all(c == 0 for c in codes.values()) else code
+    if failure is not None:
+        rank, proc = failure
+        if proc.exitcode < 0:  # ended by a signal, with no word of its own (the OOM killer's SIGKILL, ...)
+            print(f"moekit train: rank {rank} was ended by {signal.Signals(-proc.exitcode).name}", file=sys.stderr)
+            return 128 - proc.exitcode
+        return proc.exitcode  # the rank printed its error (or, after a signal sent to it alone, its line)
+    return 0
+
+
+def _kill_unfinished(status: Path, nproc: int) -> list[int]:
+    """SIGKILL the launched processes still running (after a third signal the agent stops waiting):
+    the ranks that reported a pid but no exit code and are still this process's children."""
+    import signal
+    import time
+
+    killed = []
+    for r in range(nproc):
+        pid_file = status / f"rank{r}.pid"
+        if not pid_file.exists() or (status / f"rank{r}.exit").exists():
+            continue
+        pid = int(pid_file.read_text())
+        try:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                continue  # it had ended
+            if os.getpgid(pid) == pid:  # torchrun starts each in a session of its own: its children too
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(50):  # reaped within 5 s, unless stuck in the kernel (then left to init)
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break
+                time.sleep(0.1)
+        except (ChildProcessError, ProcessLookupError):  # ended and reaped: not ours to kill
+            continue
+        killed.append(r)
+    return killed
 
 
 def _main_print(msg: str) -> None:
@@ -369,6 +550,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         on_stats=stats.append,
         compile=args.compile,
+        expert_memory=args.expert_memory,
+        expert_policy=args.expert_policy,
     )
     print(text, flush=True)
     note = "; torch.compile, its compilation included" if args.compile else ""
@@ -383,6 +566,17 @@ def _check_sampling(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0; got {args.max_new_tokens}")
     check_positive("--top-k-experts", args.top_k_experts, integer=True, allow_none=True)
+    if getattr(args, "expert_memory", None) is not None:
+        from .store import POLICIES, parse_bytes
+
+        try:
+            args.expert_memory = parse_bytes(args.expert_memory)
+        except ValueError as err:
+            raise ValueError(f"--expert-memory: {err}") from None
+        if args.expert_policy not in POLICIES:
+            raise ValueError(f"--expert-policy must be one of {', '.join(POLICIES)}; got {args.expert_policy!r}")
+        if args.compile:
+            raise ValueError("--expert-memory decodes eagerly (experts are read as routing asks): leave out --compile")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -516,6 +710,14 @@ def make_parser() -> argparse.ArgumentParser:
         "the first steps: see benchmarks/RESULTS.md)",
     )
     t.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (torchrun's launcher, run inside: Ctrl-C and SIGTERM "
+        "end with 130 and 143 as with one process); with --expert-parallel; several machines: torchrun",
+    )
+    t.add_argument(
         "--stop-at",
         type=int,
         default=None,
@@ -523,7 +725,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="checkpoint and exit at this step (as after Ctrl-C); continue later with --resume",
     )
     extra = {
-        "expert_parallel": "; launch with torchrun --nproc-per-node, remaining ranks are data parallel; "
+        "expert_parallel": "; with --nproc N (or under torchrun), the remaining ranks are data parallel; "
         "with --resume, continue on another layout"
     }
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str}
@@ -562,6 +764,17 @@ def make_parser() -> argparse.ArgumentParser:
         "token waits for the compilation, then faster: see benchmarks/RESULTS.md)",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument(
+        "--expert-memory",
+        default=None,
+        help="keep the experts in the checkpoint file and at most this much of them in memory "
+        "(e.g. 200MB, 1GiB): a pool of slots per MoE layer filled as routing asks (see docs/inference.md)",
+    )
+    g.add_argument(
+        "--expert-policy",
+        default="lfru",
+        help="which resident expert a full pool gives up: lfru (recency-weighted frequency), lru or lfu",
+    )
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(
@@ -595,6 +808,22 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _launched():
+        return _main(argv)
+    _report("pid", os.getpid())  # a process `moekit train --nproc` started: tell it how this one ends
+    code = 1  # an exception that escapes: Python's exit status
+    try:
+        code = _main(argv)
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else int(err.code is not None)
+        raise
+    finally:
+        _report("exit", code)
+    return code
+
+
+def _main(argv: list) -> int:
     from ._io import os_error_text
     from .parallel import ExpertParallelError
     from .train.checkpoint import CheckpointError, CheckpointWriteError
@@ -602,6 +831,7 @@ def main(argv: Optional[list] = None) -> int:
     from .train.trainer import TrainingDiverged
 
     args = make_parser().parse_args(argv)
+    args.argv = argv  # what `train --nproc` passes on to the processes it starts
     where = f" (rank {_rank()})" if "WORLD_SIZE" in os.environ else ""
     old_format = warnings.formatwarning
     warnings.formatwarning = lambda msg, *a, **k: f"moekit {args.command}: warning: {msg}\n"  # one line, no source
@@ -618,7 +848,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"moekit {args.command}{where}: error: {os_error_text(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint itself)
-        print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
+        if _rank() == 0:
+            print(f"\nmoekit {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = old_format

@@ -17,12 +17,23 @@ from .runs import TOKENIZER, load_run_config, sub_runs
 from .train.trainer import checkpoint_step, find_checkpoint, load_trained
 
 
-def load_run_model(run: str, model: str = "moe", device: str = "cpu", *, top_k_experts: Optional[int] = None):
+def load_run_model(
+    run: str,
+    model: str = "moe",
+    device: str = "cpu",
+    *,
+    top_k_experts: Optional[int] = None,
+    expert_memory: Optional[int] = None,
+    expert_policy: str = "lfru",
+):
     """(model, tokenizer) of a run folder's ``moe`` or ``dense`` sub-run, or of a Hugging Face
     checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`.
     ``top_k_experts`` (experts per token the caller will ask for) is refused for a model without
-    MoE layers, before its weights are read."""
+    MoE layers, before its weights are read. ``expert_memory`` (bytes): the experts stay in the
+    checkpoint file and come into a pool of that size as routing asks (:mod:`moekit.store`)."""
     run_dir = Path(run)
+    if expert_memory is not None:
+        return _load_with_store(run_dir, model, device, top_k_experts, expert_memory, expert_policy)
     if is_hf_folder(run_dir):
         net = load_hf(str(run_dir))
         _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
@@ -34,6 +45,30 @@ def load_run_model(run: str, model: str = "moe", device: str = "cpu", *, top_k_e
     _check_top_k_experts(available[model].moe, top_k_experts, f"the {model} model of {run_dir}")
     tok = load_tokenizer(run_dir / TOKENIZER)
     return load_trained(run_dir / model, available[model], device), tok
+
+
+def _load_with_store(run_dir: Path, model: str, device: str, top_k_experts, expert_memory: int, policy: str):
+    from .store import load_run_with_store
+
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"--expert-memory keeps experts in host memory for now: use --device cpu (got {device!r})")
+    if is_hf_folder(run_dir):
+        raise ValueError(
+            f"--expert-memory: {run_dir} is a Hugging Face folder; the expert store reads moekit run folders so far "
+            "(convert it once: load_hf(...) then save it as a run, or leave --expert-memory out)"
+        )
+    model_cfg, _, raw = load_run_config(run_dir)
+    available = dict(sub_runs(raw, model_cfg))
+    if model not in available:
+        raise ValueError(f"run {run_dir} has no {model!r} model (it has: {', '.join(available)})")
+    cfg = available[model]
+    _check_top_k_experts(cfg.moe, top_k_experts, f"the {model} model of {run_dir}")
+    if cfg.moe is None:
+        raise ValueError(f"--expert-memory: the {model} model of {run_dir} is dense (no experts to keep on disk)")
+    path = find_checkpoint(run_dir / model)
+    if path is None:
+        raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
+    return load_run_with_store(path, cfg, expert_memory, policy), load_tokenizer(run_dir / TOKENIZER)
 
 
 def _check_top_k_experts(moe, top_k_experts: Optional[int], which: str) -> None:
@@ -63,6 +98,7 @@ class GenerationStats:
     seconds: float  # wall time of the decoding loop (device synchronised on CUDA)
     use_cache: bool  # whether the KV cache was on
     prompt_tokens: int
+    expert_store: Optional[str] = None  # the expert store's budget and counts, when there is one
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +110,7 @@ class GenerationStats:
         return (
             f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''} in {self.seconds:.2f} s "
             f"({rate}, KV cache {'on' if self.use_cache else 'off'})"
+            + (f"; {self.expert_store}" if self.expert_store else "")
         )
 
 
@@ -91,12 +128,16 @@ def generate_text(
     device: str = "cpu",
     on_stats: Optional[Callable[[GenerationStats], None]] = None,
     compile: bool = False,
+    expert_memory: Optional[int] = None,
+    expert_policy: str = "lfru",
 ) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
-    before the text is returned."""
-    net, tok = load_run_model(run, model, device, top_k_experts=top_k_experts)
+    before the text is returned. ``expert_memory``: see :func:`load_run_model`."""
+    net, tok = load_run_model(
+        run, model, device, top_k_experts=top_k_experts, expert_memory=expert_memory, expert_policy=expert_policy
+    )
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
     if room <= 0:
@@ -118,8 +159,23 @@ def generate_text(
     _sync(idx.device)
     seconds = time.perf_counter() - t0
     if on_stats is not None:
-        on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids)))
+        store = _store_line(net) if expert_memory is not None else None
+        on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids), store))
     return tok.decode(out[0].tolist())
+
+
+def _store_line(net) -> str:
+    """The expert store's budget and what it did (prompt and decoding together)."""
+    from .store import StoredExperts, store_stats
+
+    pools = [m for m in net.modules() if isinstance(m, StoredExperts)]
+    held = sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools)
+    s = store_stats(net)
+    return (
+        f"expert memory {held / 2**20:.1f} MiB ({pools[0].slots} of {pools[0].num_experts} experts per layer, "
+        f"{pools[0].policy.name}): hit rate {s.hit_rate:.1%}, {s.misses} experts read "
+        f"({s.bytes_read / 2**20:.1f} MiB in {s.read_s:.2f} s)"
+    )
 
 
 def _sync(device: torch.device) -> None:

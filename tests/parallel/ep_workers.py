@@ -28,6 +28,7 @@ def init(rank: int, world: int, store: str, timeout_s: float = float(os.environ.
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+    dist.barrier()  # as moekit's init_distributed: no rank leaves while a peer is still connecting
 
 
 def close(a, b, what, tol=TOL):

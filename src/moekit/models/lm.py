@@ -170,8 +170,19 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, positions_S)
         if isinstance(self.ffn, MoE):
             res = self.ffn(self.ffn_norm(x), top_k=top_k, token_ids=token_ids)
-            return x + res.out, res
+            x = x + res.out
+            # The layer's output and combine weights reach the loss through ``x`` (and the router
+            # through the auxiliary losses): what the block returns of them is for reading. Detached
+            # (no copy) because they are views (the output reshaped from the layer's token rows, the
+            # weights sliced from the global routing under expert parallelism): FSDP2 hooks every
+            # tensor a wrapped block returns that requires grad, and warns for each view it finds.
+            res.out, res.weights_TK = res.out.detach(), _detached(res.weights_TK)
+            return x, res
         return x + self.ffn(self.ffn_norm(x)), None
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
 
 
 def pooled_balance_loss(moe: Sequence[Optional[MoEOutput]]) -> Optional[Tensor]:
@@ -198,7 +209,7 @@ def pooled_balance_loss(moe: Sequence[Optional[MoEOutput]]) -> Optional[Tensor]:
 class LMOutput:
     logits: Tensor  # (B, S, V)
     loss: Optional[Tensor]  # mean next-token cross-entropy (when targets are given)
-    moe: list  # per layer: MoEOutput or None (dense layer)
+    moe: list  # per layer: MoEOutput (its out and weights_TK detached) or None (dense layer)
     pooled_balance_weight: Optional[float] = (
         None  # balance_pooling="model": weight of the pooled balance loss (None: per layer)
     )

@@ -110,8 +110,8 @@ def _drain() -> None:
         # mesh keeps its groups in a registry: empty it, so the groups go (threads joined) now
         from torch.distributed.device_mesh import DeviceMesh
 
-        for obj in gc.get_objects():
-            if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+        for obj in gc.get_objects():  # type(), not isinstance(): no attribute of a stranger is read
+            if issubclass(type(obj), DeviceMesh) and isinstance(getattr(obj, "__dict__", {}).get("_pg_registry"), dict):
                 obj._pg_registry.clear()
     time.sleep(_EXIT_GIL_RELEASE_S)  # a worker of a group still in use, waiting for the GIL, gets it
 

@@ -81,8 +81,10 @@ class _DeferredInterrupt:
 
     def _handler(self, signum, frame) -> None:
         now = time.monotonic()
-        # a repeat within a second is the same signal delivered twice (torchrun forwards the
-        # terminal's SIGINT to workers that already got it)
+        # a repeat within a second is the same stop delivered twice: a scheduler that signals every
+        # process (Slurm's scancel) while the launcher (torchrun, `moekit train --nproc`) forwards
+        # it too. (A terminal's Ctrl-C reaches only the launcher: its workers run in sessions of
+        # their own, and it forwards the signal; a second Ctrl-C makes it send SIGTERM.)
         if self.requested and now - self._first > 1.0:
             raise _HardInterrupt
         if not self.requested:

@@ -1,0 +1,245 @@
+"""Experts on a memory budget (moekit.store): decode speed, memory and hit rates against the
+all-in-memory model, and the cache policies against Belady's optimum on recorded traces.
+
+    PYTHONPATH=src python benchmarks/offload.py prepare --dir /tmp/offload --shape olmoe8
+    PYTHONPATH=src python benchmarks/offload.py run --dir /tmp/offload --fracs 1,0.5,0.25,0.125
+    PYTHONPATH=src python benchmarks/offload.py policies --run runs/NAME
+
+``prepare`` writes a synthetic checkpoint of the named shape (random weights, fixed seed; never
+from a hub). ``run`` measures each setting in a fresh process (so peak RSS is that setting's):
+the all-in-memory model as ``moekit generate`` loads it today (``load_trained``), then the
+expert store at each fraction of the experts' bytes, each after dropping the file from the page
+cache (a cold start). It reports tokens/s of greedy decoding (prompt excluded), the store's hit
+rate and bytes read per token, peak RSS with the anonymous / file-backed split at the end, and
+the byte-model bound: bytes missed per token / the file's cold read bandwidth measured in the
+same run. ``policies`` records each MoE layer's expert accesses while a trained run decodes and
+replays them for LRU, LFU and LFRU at budgets of 1/8 and 1/4 of the experts, next to Belady.
+Random weights route almost uniformly: the policy table needs a trained run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.config import LMConfig, MoEConfig
+from moekit.models.lm import MoETransformer
+from moekit.store import (
+    LFRU,
+    LFU,
+    LRU,
+    SafetensorsFiles,
+    belady,
+    load_run_with_store,
+    record_traces,
+    replay,
+    store_stats,
+)
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+
+SHAPES = {
+    # OLMoE-1B-7B's expert shape at half its width and layers: 0.94 B parameters, 3.0 GiB of fp32 experts
+    "olmoe8": dict(dim=1024, n_layers=8, n_heads=16, hidden=512, experts=64, top_k=8),
+    "small": dict(dim=256, n_layers=4, n_heads=4, hidden=256, experts=32, top_k=4),
+}
+
+
+def shape_cfg(name: str) -> LMConfig:
+    s = SHAPES[name]
+    moe = MoEConfig(dim=s["dim"], hidden_dim=s["hidden"], num_experts=s["experts"], top_k=s["top_k"])
+    layout = dict(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_seq_len=512)
+    return LMConfig(vocab_size=4096, moe=moe, **layout)
+
+
+def prepare(args) -> None:
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = shape_cfg(args.shape)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    save_checkpoint(out / "checkpoint.safetensors", model)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    print(f"wrote {out / 'checkpoint.safetensors'} ({(out / 'checkpoint.safetensors').stat().st_size / 2**30:.2f} GiB)")
+
+
+def _status() -> dict:
+    fields = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmHWM", "RssAnon", "RssFile"):
+            fields[k] = int(v.split()[0]) * 1024
+    return fields
+
+
+def decode(args) -> None:
+    """One setting, in this process; prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    d = Path(args.dir)
+    cfg = LMConfig.from_dict(json.loads((d / "config.json").read_text()))
+    path = d / "checkpoint.safetensors"
+    SafetensorsFiles.of(path).drop_cache()
+    t0 = time.perf_counter()
+    if args.frac >= 1.0 and not args.store:
+        model = MoETransformer(cfg)
+        load_checkpoint(path, model)
+        model.eval()
+        budget = None
+    else:
+        m = cfg.moe
+        expert_bytes = 3 * m.dim * m.hidden_dim * 4
+        budget = int(args.frac * expert_bytes * m.num_experts * cfg.n_layers)
+        model = load_run_with_store(path, cfg, budget, args.policy)
+    load_s = time.perf_counter() - t0
+    after_load = _status()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
+    with torch.no_grad():
+        model.generate(prompt, 1, temperature=0.0)  # the prompt (and the first reads)
+        before = store_stats(model)
+        t0 = time.perf_counter()
+        model.generate(prompt, args.new_tokens, temperature=0.0)
+        secs = time.perf_counter() - t0
+    after = store_stats(model)
+    misses = after.misses - before.misses
+    print(
+        json.dumps(
+            dict(
+                frac=args.frac,
+                store=budget is not None,
+                policy=args.policy if budget is not None else None,
+                tok_s=args.new_tokens / secs,
+                load_s=load_s,
+                hit_rate=(after.hits - before.hits) / max(1, after.hits - before.hits + misses),
+                bytes_per_token=(after.bytes_read - before.bytes_read) / args.new_tokens,
+                read_s=after.read_s - before.read_s,
+                peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                load_peak=after_load.get("VmHWM", 0),
+                anon=_status().get("RssAnon", 0),
+                file=_status().get("RssFile", 0),
+            )
+        ),
+        flush=True,
+    )
+
+
+def read_bandwidth(path: Path, nbytes: int = 512 * 2**20) -> float:
+    """Cold sequential read bandwidth of ``path`` (bytes/s) through the store's reader."""
+    files = SafetensorsFiles.of(path)
+    files.drop_cache()
+    name = max(files.entries, key=lambda n: files.entries[n].shape[0] * files.entries[n].row_bytes)
+    e = files.entries[name]
+    rows = max(1, min(e.shape[0], nbytes // e.row_bytes))
+    buf = torch.empty((rows, *e.shape[1:]), dtype=e.dtype)
+    t0 = time.perf_counter()
+    files.read_rows(name, buf, 0)
+    return buf.nbytes / (time.perf_counter() - t0)
+
+
+def run(args) -> None:
+    d = Path(args.dir)
+    bw = read_bandwidth(d / "checkpoint.safetensors")
+    rows = []
+    settings = [(1.0, False)] + [(float(f), True) for f in args.fracs.split(",")]
+    for frac, store in settings:
+        cmd = [sys.executable, __file__, "decode", "--dir", str(d), "--frac", str(frac), "--policy", args.policy]
+        cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--store"] if store else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
+        if res.returncode:
+            rows.append(dict(frac=frac, store=store, error=res.stderr.strip().splitlines()[-1][:200]))
+            continue
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    gib = 2**30
+    print(f"cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, {args.threads} thread(s)")
+    print(
+        "| setting | tok/s | hit rate | MiB read / token | byte-model bound tok/s | of bound | load s "
+        "| peak RSS GiB (load) | anon / file GiB at end |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"store {r['frac']:g} of experts ({r.get('policy')})" if r["store"] else "all in memory (load_trained)"
+        if "error" in r:
+            print(f"| {name} | FAIL: {r['error']} |")
+            continue
+        per_tok = r["bytes_per_token"]
+        bound = bw / per_tok if per_tok else float("inf")
+        of = f"{r['tok_s'] / bound:.2f}" if per_tok else "-"
+        print(
+            f"| {name} | {r['tok_s']:.2f} | {r['hit_rate']:.1%} | {per_tok / 2**20:.1f} | "
+            f"{bound:.2f} | {of} | {r['load_s']:.1f} | {r['peak_rss'] / gib:.2f} ({r['load_peak'] / gib:.2f}) | "
+            f"{r['anon'] / gib:.2f} / {r['file'] / gib:.2f} |"
+        )
+
+
+def policies(args) -> None:
+    """Hit rates of each policy and Belady's on the recorded traces of a trained run."""
+    from moekit.generate import load_run_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_run_model(args.run, expert_memory=10**12)  # every expert resident: the trace only
+    record_traces(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = ["def ", "The ", "import ", "class ", "If the", "    return ", "# ", "A "]
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok.encode(p)])
+            model.generate(ids, args.new_tokens, temperature=0.8, top_p=0.95, generator=g)
+    layers = [m.experts for m in model.moe_layers]
+    E = layers[0].num_experts
+    print(f"{args.run}: {len(layers)} MoE layers x {E} experts, {len(prompts)} prompts x {args.new_tokens} tokens")
+    print("| slots per layer | LRU | LFU | LFRU | Belady |")
+    print("|---|---|---|---|---|")
+    for slots in sorted({max(1, E // 8), max(1, E // 4)} | ({args.slots} if args.slots else set())):
+        rates = {}
+        for name, make in (("LRU", LRU), ("LFU", LFU), ("LFRU", LFRU)):
+            hits = total = 0
+            for ex in layers:
+                h, m = replay(ex.stats.trace, slots, make())
+                hits, total = hits + h, total + h + m
+            rates[name] = hits / total
+        hits = total = 0
+        for ex in layers:
+            h, m = belady(ex.stats.trace, slots)
+            hits, total = hits + h, total + h + m
+        rates["Belady"] = hits / total
+        print(f"| {slots} of {E} | " + " | ".join(f"{rates[n]:.1%}" for n in ("LRU", "LFU", "LFRU", "Belady")) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--shape", default="olmoe8", choices=SHAPES)
+    p.set_defaults(fn=prepare)
+    for name, fn in (("decode", decode), ("run", run)):
+        q = sub.add_parser(name)
+        q.add_argument("--dir", required=True)
+        q.add_argument("--policy", default="lfru")
+        q.add_argument("--new-tokens", type=int, default=32)
+        q.add_argument("--threads", type=int, default=1)
+        if name == "decode":
+            q.add_argument("--frac", type=float, required=True)
+            q.add_argument("--store", action="store_true")
+        else:
+            q.add_argument("--fracs", default="1,0.5,0.25,0.125")
+        q.set_defaults(fn=fn)
+    q = sub.add_parser("policies")
+    q.add_argument("--run", required=True)
+    q.add_argument("--new-tokens", type=int, default=200)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--slots", type=int, default=0, help="another pool size to score")
+    q.set_defaults(fn=policies)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""`moekit generate --expert-memory`: the same greedy text as without it, the budget and the
+store's counts on stderr, and one-line errors for what it cannot do."""
+
+import re
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.generate import load_run_model
+
+TINY = [
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+    "--dim",
+    "32",
+    "--layers",
+    "2",
+    "--quiet",
+    "--tokenizer",
+    "bytes",
+    "--set",
+    "train.code_chars=30000",
+    "--set",
+    "train.eval_windows=4",
+    "--set",
+    "model.moe.hidden_dim=16",
+    "--set",
+    "model.max_seq_len=64",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEKIT_CACHE", str(out / "cache"))
+    assert main(["train", "--out", str(out), "--name", "s", *TINY]) == 0
+    yield str(out / "s")
+    mp.undo()
+
+
+def generate(capsys, run, *extra):
+    capsys.readouterr()
+    argv = ["generate", "--run", run, "--prompt", "def f(x):", "--max-new-tokens", "30", "--temperature", "0"]
+    code = main(argv + list(extra))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("policy", ["lfru", "lru", "lfu"])
+def test_budgeted_generation_gives_the_same_text_and_reports_the_store(run, capsys, policy):
+    code, ref, _ = generate(capsys, run)
+    assert code == 0
+    model, _ = load_run_model(run)
+    cfg = model.cfg.moe
+    expert_bytes = 3 * cfg.dim * cfg.hidden_dim * 4
+    budget = cfg.top_k * expert_bytes * len(model.moe_layers)  # top_k slots per layer: the least there is
+    code, out, err = generate(capsys, run, "--expert-memory", str(budget), "--expert-policy", policy)
+    assert code == 0 and out == ref
+    m = re.search(rf"expert memory ([\d.]+) MiB \({cfg.top_k} of {cfg.num_experts} experts per layer, {policy}\)", err)
+    assert m, err
+    assert re.search(r"hit rate \d+\.\d%, \d+ experts read", err), err
+
+
+def test_what_the_store_cannot_do_is_one_line(run, capsys):
+    for extra, msg in [
+        (["--expert-memory", "12XB"], "--expert-memory: expected a size"),
+        (["--expert-memory", "1KB"], "decoding needs at least top_k="),
+        (["--expert-memory", "1GB", "--expert-policy", "fifo"], "--expert-policy must be one of"),
+        (["--expert-memory", "1GB", "--compile"], "leave out --compile"),
+        (["--expert-memory", "1GB", "--model", "dense"], "is dense"),
+    ]:
+        code, out, err = generate(capsys, run, *extra)
+        assert code != 0 and out == "", (extra, out)
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+
+
+def test_the_budgeted_model_equals_the_run_model_on_a_prompt(run):
+    ref, _ = load_run_model(run)
+    model, _ = load_run_model(run, expert_memory=10**9)
+    idx = torch.randint(0, 257, (1, 60))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
