@@ -39,6 +39,7 @@ from moekit.store import (
     SafetensorsFiles,
     belady,
     load_run_with_store,
+    prefetch_stats,
     record_traces,
     replay,
     store_stats,
@@ -96,7 +97,7 @@ def decode(args) -> None:
         m = cfg.moe
         expert_bytes = 3 * m.dim * m.hidden_dim * 4
         budget = int(args.frac * expert_bytes * m.num_experts * cfg.n_layers)
-        model = load_run_with_store(path, cfg, budget, args.policy)
+        model = load_run_with_store(path, cfg, budget, args.policy, prefetch=args.prefetch)
     load_s = time.perf_counter() - t0
     after_load = _status()
     g = torch.Generator().manual_seed(0)
@@ -114,12 +115,13 @@ def decode(args) -> None:
             dict(
                 frac=args.frac,
                 store=budget is not None,
-                policy=args.policy if budget is not None else None,
+                policy=(args.policy + (" + prefetch" if args.prefetch else "")) if budget is not None else None,
                 tok_s=args.new_tokens / secs,
                 load_s=load_s,
                 hit_rate=(after.hits - before.hits) / max(1, after.hits - before.hits + misses),
                 bytes_per_token=(after.bytes_read - before.bytes_read) / args.new_tokens,
                 read_s=after.read_s - before.read_s,
+                recall=prefetch_stats(model).recall if args.prefetch and budget is not None else None,
                 peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 load_peak=after_load.get("VmHWM", 0),
                 anon=_status().get("RssAnon", 0),
@@ -151,6 +153,7 @@ def run(args) -> None:
     for frac, store in settings:
         cmd = [sys.executable, __file__, "decode", "--dir", str(d), "--frac", str(frac), "--policy", args.policy]
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--store"] if store else [])
+        cmd += ["--prefetch"] if store and args.prefetch else []
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
         if res.returncode:
             rows.append(dict(frac=frac, store=store, error=res.stderr.strip().splitlines()[-1][:200]))
@@ -159,10 +162,10 @@ def run(args) -> None:
     gib = 2**30
     print(f"cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, {args.threads} thread(s)")
     print(
-        "| setting | tok/s | hit rate | MiB read / token | byte-model bound tok/s | of bound | load s "
-        "| peak RSS GiB (load) | anon / file GiB at end |"
+        "| setting | tok/s | hit rate | prefetch recall | MiB read / token | byte-model bound tok/s | of bound "
+        "| load s | peak RSS GiB (load) | anon / file GiB at end |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = f"store {r['frac']:g} of experts ({r.get('policy')})" if r["store"] else "all in memory (load_trained)"
         if "error" in r:
@@ -172,7 +175,9 @@ def run(args) -> None:
         bound = bw / per_tok if per_tok else float("inf")
         of = f"{r['tok_s'] / bound:.2f}" if per_tok else "-"
         print(
-            f"| {name} | {r['tok_s']:.2f} | {r['hit_rate']:.1%} | {per_tok / 2**20:.1f} | "
+            f"| {name} | {r['tok_s']:.2f} | {r['hit_rate']:.1%} | "
+            + (f"{r['recall']:.1%}" if r.get("recall") is not None else "-")
+            + f" | {per_tok / 2**20:.1f} | "
             f"{bound:.2f} | {of} | {r['load_s']:.1f} | {r['peak_rss'] / gib:.2f} ({r['load_peak'] / gib:.2f}) | "
             f"{r['anon'] / gib:.2f} / {r['file'] / gib:.2f} |"
         )
@@ -225,6 +230,7 @@ def main() -> None:
         q.add_argument("--policy", default="lfru")
         q.add_argument("--new-tokens", type=int, default=32)
         q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--prefetch", action="store_true", help="read each next layer's guessed experts ahead")
         if name == "decode":
             q.add_argument("--frac", type=float, required=True)
             q.add_argument("--store", action="store_true")

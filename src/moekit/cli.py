@@ -552,6 +552,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
         expert_memory=args.expert_memory,
         expert_policy=args.expert_policy,
+        prefetch=args.prefetch,
     )
     print(text, flush=True)
     note = "; torch.compile, its compilation included" if args.compile else ""
@@ -577,6 +578,8 @@ def _check_sampling(args: argparse.Namespace) -> None:
             raise ValueError(f"--expert-policy must be one of {', '.join(POLICIES)}; got {args.expert_policy!r}")
         if args.compile:
             raise ValueError("--expert-memory decodes eagerly (experts are read as routing asks): leave out --compile")
+    elif getattr(args, "prefetch", False):
+        raise ValueError("--prefetch reads experts into an expert store: give --expert-memory too")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -774,6 +777,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--expert-policy",
         default="lfru",
         help="which resident expert a full pool gives up: lfru (recency-weighted frequency), lru or lfu",
+    )
+    g.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="with --expert-memory: read each next MoE layer's guessed experts (its router on this layer's "
+        "input) on a background thread while this layer computes",
     )
     g.set_defaults(func=cmd_generate)
 

@@ -25,15 +25,19 @@ def load_run_model(
     top_k_experts: Optional[int] = None,
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
+    prefetch: bool = False,
 ):
     """(model, tokenizer) of a run folder's ``moe`` or ``dense`` sub-run, or of a Hugging Face
     checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`.
     ``top_k_experts`` (experts per token the caller will ask for) is refused for a model without
     MoE layers, before its weights are read. ``expert_memory`` (bytes): the experts stay in the
-    checkpoint file and come into a pool of that size as routing asks (:mod:`moekit.store`)."""
+    checkpoint file and come into a pool of that size as routing asks (:mod:`moekit.store`);
+    ``prefetch``: each next layer's guessed experts are read while the current one computes."""
     run_dir = Path(run)
     if expert_memory is not None:
-        return _load_with_store(run_dir, model, device, top_k_experts, expert_memory, expert_policy)
+        return _load_with_store(run_dir, model, device, top_k_experts, expert_memory, expert_policy, prefetch)
+    if prefetch:
+        raise ValueError("prefetch reads experts into an expert store: give expert_memory (--expert-memory) too")
     if is_hf_folder(run_dir):
         net = load_hf(str(run_dir))
         _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
@@ -47,7 +51,9 @@ def load_run_model(
     return load_trained(run_dir / model, available[model], device), tok
 
 
-def _load_with_store(run_dir: Path, model: str, device: str, top_k_experts, expert_memory: int, policy: str):
+def _load_with_store(
+    run_dir: Path, model: str, device: str, top_k_experts, expert_memory: int, policy: str, prefetch: bool
+):
     from .store import load_run_with_store
 
     if torch.device(device).type != "cpu":
@@ -68,7 +74,7 @@ def _load_with_store(run_dir: Path, model: str, device: str, top_k_experts, expe
     path = find_checkpoint(run_dir / model)
     if path is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
-    return load_run_with_store(path, cfg, expert_memory, policy), load_tokenizer(run_dir / TOKENIZER)
+    return load_run_with_store(path, cfg, expert_memory, policy, prefetch), load_tokenizer(run_dir / TOKENIZER)
 
 
 def _check_top_k_experts(moe, top_k_experts: Optional[int], which: str) -> None:
@@ -130,13 +136,20 @@ def generate_text(
     compile: bool = False,
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
+    prefetch: bool = False,
 ) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
     before the text is returned. ``expert_memory``: see :func:`load_run_model`."""
     net, tok = load_run_model(
-        run, model, device, top_k_experts=top_k_experts, expert_memory=expert_memory, expert_policy=expert_policy
+        run,
+        model,
+        device,
+        top_k_experts=top_k_experts,
+        expert_memory=expert_memory,
+        expert_policy=expert_policy,
+        prefetch=prefetch,
     )
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
@@ -161,21 +174,27 @@ def generate_text(
     if on_stats is not None:
         store = _store_line(net) if expert_memory is not None else None
         on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids), store))
+    if getattr(net, "prefetcher", None) is not None:
+        net.prefetcher.close()
     return tok.decode(out[0].tolist())
 
 
 def _store_line(net) -> str:
     """The expert store's budget and what it did (prompt and decoding together)."""
-    from .store import StoredExperts, store_stats
+    from .store import StoredExperts, prefetch_stats, store_stats
 
     pools = [m for m in net.modules() if isinstance(m, StoredExperts)]
     held = sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools)
     s = store_stats(net)
-    return (
+    line = (
         f"expert memory {held / 2**20:.1f} MiB ({pools[0].slots} of {pools[0].num_experts} experts per layer, "
-        f"{pools[0].policy.name}): hit rate {s.hit_rate:.1%}, {s.misses} experts read "
-        f"({s.bytes_read / 2**20:.1f} MiB in {s.read_s:.2f} s)"
+        f"{pools[0].policy.name}): hit rate {s.hit_rate:.1%}, {s.misses} experts read on demand, "
+        f"{s.bytes_read / 2**20:.1f} MiB read in all in {s.read_s:.2f} s"
     )
+    if getattr(net, "prefetcher", None) is not None:
+        p = prefetch_stats(net)
+        line += f"; prefetch recall {p.recall:.1%}, precision {p.precision:.1%}"
+    return line
 
 
 def _sync(device: torch.device) -> None:

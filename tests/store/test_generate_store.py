@@ -76,6 +76,7 @@ def test_what_the_store_cannot_do_is_one_line(run, capsys):
         (["--expert-memory", "1GB", "--expert-policy", "fifo"], "--expert-policy must be one of"),
         (["--expert-memory", "1GB", "--compile"], "leave out --compile"),
         (["--expert-memory", "1GB", "--model", "dense"], "is dense"),
+        (["--prefetch"], "give --expert-memory too"),
     ]:
         code, out, err = generate(capsys, run, *extra)
         assert code != 0 and out == "", (extra, out)
@@ -88,3 +89,15 @@ def test_the_budgeted_model_equals_the_run_model_on_a_prompt(run):
     idx = torch.randint(0, 257, (1, 60))
     with torch.no_grad():
         assert torch.equal(model(idx).logits, ref(idx).logits)
+
+
+def test_prefetch_from_the_command_line_gives_the_same_text(run, capsys):
+    code, ref, _ = generate(capsys, run)
+    code, out, err = generate(capsys, run, "--expert-memory", "1KiB", "--prefetch")
+    assert code != 0 and "decoding needs at least" in err  # the budget is checked before the prefetch
+    model, _ = load_run_model(run)
+    cfg = model.cfg.moe
+    budget = cfg.top_k * 3 * cfg.dim * cfg.hidden_dim * 4 * len(model.moe_layers)
+    code, out, err = generate(capsys, run, "--expert-memory", str(budget), "--prefetch")
+    assert code == 0 and out == ref
+    assert re.search(r"prefetch recall \d+\.\d%, precision \d+\.\d%", err), err

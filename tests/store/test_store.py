@@ -185,3 +185,36 @@ def test_the_replayed_trace_of_a_model_matches_its_store_counts(tmp_path):
 def test_plan_budget_splits_evenly_and_caps_at_every_expert():
     assert plan_budget(10_000, 100, 4, 64, 2).slots == 25
     assert plan_budget(10**9, 100, 4, 64, 2).slots == 64
+
+
+@pytest.mark.parametrize("slots", [2, 4])
+def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots):
+    """With prefetch the greedy tokens and the decode logits are the all-in-memory model's; every
+    read is either a counted miss or a prefetch; the guess counts add up."""
+    from moekit.store import prefetch_stats
+
+    cfg = lm_cfg(router="topk")
+    path, ref = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, slots * 3 * expert_bytes(cfg), prefetch=True)
+    try:
+        prompt = torch.randint(0, 97, (1, 6))
+        out = model.generate(prompt, 40, temperature=0.0)
+        assert torch.equal(out, ref.generate(prompt, 40, temperature=0.0))
+        with torch.no_grad():
+            assert torch.equal(model(out[:, :1]).logits, ref(out[:, :1]).logits)
+        p, s = prefetch_stats(model), store_stats(model)
+        assert p.guessed > 0 and 0 < p.right <= min(p.guessed, p.needed)
+        prefetched_reads = s.bytes_read // expert_bytes(cfg) - s.misses
+        assert prefetched_reads >= 0 and p.wasted_bytes <= prefetched_reads * expert_bytes(cfg)
+    finally:
+        model.prefetcher.close()
+
+
+def test_prefetch_needs_two_budgeted_layers_and_a_store(tmp_path):
+    from moekit.generate import load_run_model
+    from moekit.store import Prefetcher
+
+    with pytest.raises(ValueError, match="at least two MoE layers"):
+        Prefetcher(MoETransformer(lm_cfg()))
+    with pytest.raises(ValueError, match="give expert_memory"):
+        load_run_model(str(tmp_path), prefetch=True)

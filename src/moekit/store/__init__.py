@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
-from .experts import ExpertSource, StoredExperts, StoreStats
+from .experts import ExpertSource, PrefetchStats, StoredExperts, StoreStats
 from .files import SafetensorsFiles, StoreFileError
 from .policies import LFRU, LFU, LRU, POLICIES, Policy, belady, make_policy, replay
+from .prefetch import Prefetcher, prefetch_stats
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -142,11 +143,14 @@ def record_traces(model: nn.Module, on: bool = True) -> None:
             m.stats.trace = [] if on else None
 
 
-def load_run_with_store(checkpoint: Union[str, Path], cfg, budget_bytes: int, policy: str = "lfru") -> nn.Module:
+def load_run_with_store(
+    checkpoint: Union[str, Path], cfg, budget_bytes: int, policy: str = "lfru", prefetch: bool = False
+) -> nn.Module:
     """The model of a run's single-file checkpoint with its experts in a store of ``budget_bytes``,
     in eval mode: built on the meta device, every non-expert tensor read into place (checked
     against the checkpoint's SHA-256 digests), the experts left in the file. Peak memory: the
-    non-expert weights plus the pool."""
+    non-expert weights plus the pool. ``prefetch``: a :class:`Prefetcher` reads each next layer's
+    guessed experts while the current one computes (kept as ``model.prefetcher``)."""
     import json
 
     from ..models.lm import MoETransformer
@@ -176,8 +180,10 @@ def load_run_with_store(checkpoint: Union[str, Path], cfg, budget_bytes: int, po
             files.read_rows(key, t)
             if key in digests and tensor_sha256(t) != digests[key]:
                 raise CheckpointError(
-                    f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 checksum"
+                    f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 digest"
                 )
+    if prefetch:
+        model.prefetcher = Prefetcher(model)
     return model.eval()
 
 
@@ -189,6 +195,8 @@ __all__ = [
     "LRU",
     "POLICIES",
     "Policy",
+    "PrefetchStats",
+    "Prefetcher",
     "SafetensorsFiles",
     "StackedSource",
     "StoreFileError",
@@ -200,6 +208,7 @@ __all__ = [
     "moe_layers",
     "parse_bytes",
     "plan_budget",
+    "prefetch_stats",
     "record_traces",
     "replay",
     "store_stats",

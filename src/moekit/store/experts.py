@@ -16,6 +16,7 @@ up-projection width (2F when gated), E experts, S pool slots.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -56,6 +57,25 @@ class StoreStats:
         return self.hits / n if n else float("nan")
 
 
+@dataclass
+class PrefetchStats:
+    """Guessed experts (a prefetch's whole guess) against those the next call needed, summed over
+    the calls that had a guess."""
+
+    guessed: int = 0
+    needed: int = 0
+    right: int = 0  # guessed and needed
+    wasted_bytes: int = 0  # read by a prefetch for an expert the next call did not need
+
+    @property
+    def precision(self) -> float:
+        return self.right / self.guessed if self.guessed else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.right / self.needed if self.needed else float("nan")
+
+
 class StoredExperts(StackedExperts):
     """One MoE layer's experts as ``slots`` resident copies out of ``num_experts`` on ``source``."""
 
@@ -87,6 +107,8 @@ class StoredExperts(StackedExperts):
         self.holder_S: list[Optional[int]] = [None] * slots  # the expert in each slot
         self.slot_of: dict[int, int] = {}
         self.stats = StoreStats()
+        self.prefetch_stats = PrefetchStats()
+        self._pending: Optional[Future] = None  # a prefetch into this pool, running on another thread
 
     @property
     def slots(self) -> int:
@@ -100,6 +122,30 @@ class StoredExperts(StackedExperts):
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.slots}, policy={self.policy.name}"
 
     # ------------------------------------------------------------------ residency
+    def expect(self, prefetch: Future) -> None:
+        """A prefetch into this pool has started (``prefetch`` returns its (guess, read) sets)."""
+        self._pending = prefetch
+
+    def prefetch(self, guess: list[int]) -> tuple[set[int], set[int]]:
+        """Make ``guess`` (at most ``slots`` ids) resident, on the prefetch thread, without counting
+        accesses (the call that follows counts them); (guess, experts read)."""
+        pinned, read = set(guess), set()
+        for e in guess:
+            if e not in self.slot_of:
+                self._load(e, self._free_slot(pinned))
+                read.add(e)
+        return pinned, read
+
+    def _settle(self, needed: list[int]) -> None:
+        """Wait for a pending prefetch and score its guess against what this call needs."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        guess, read = pending.result()  # a read error surfaces here, in the caller's thread
+        st, want = self.prefetch_stats, set(needed)
+        st.guessed, st.needed, st.right = st.guessed + len(guess), st.needed + len(want), st.right + len(guess & want)
+        st.wasted_bytes += len(read - want) * self.expert_bytes
+
     def resident(self, experts: list[int]) -> list[int]:
         """Make ``experts`` (at most ``slots`` distinct ids) resident; their slots, in order."""
         pinned = set(experts)
@@ -145,6 +191,7 @@ class StoredExperts(StackedExperts):
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
         needed = [e for e, c in enumerate(counts) if c]
+        self._settle(needed)
         self._record(needed)
         y_RD: Optional[Tensor] = None
         for chunk in _chunks(needed, self.slots):
@@ -173,6 +220,7 @@ class StoredExperts(StackedExperts):
         if into_TD is not None:
             into_TD = as_dtype(into_TD, x_TD.dtype)
         wanted = sorted(e for e in set(experts_TK.reshape(-1).tolist()) if e < self.num_experts)
+        self._settle(wanted)
         self._record(wanted)
         act = ACTIVATIONS[self.kind]
         chunks = _chunks(wanted, self.slots)
