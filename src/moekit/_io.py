@@ -1,5 +1,6 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename, so a reader
-never sees a half-written file and an interrupted write leaves the old file intact.
+"""Atomic file writes: a temporary file in the same folder, fsync, rename, then fsync of the
+folder, so a reader never sees a half-written file, an interrupted write leaves the old file
+intact, and a written file survives a power loss.
 
 The temporary file is ``<name>.<random>.tmp`` next to the target. A write killed before its
 rename (SIGKILL, power loss) leaves it behind: :func:`remove_stale_temporaries` deletes those of
@@ -24,6 +25,8 @@ TMP_SUFFIX = ".tmp"
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: temporary file, fsync, rename, then fsync
+    of the folder (see :func:`fsync_dir`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
@@ -39,6 +42,26 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Union[str, Path]) -> None:
+    """Flush ``folder``'s entries (a rename, a new file) to disk: without it, a power loss after
+    :func:`atomic_write_bytes` may lose the rename although the file's data was synced. Skipped
+    where the platform cannot open a folder (Windows) or the file system refuses to sync one
+    (EINVAL, ENOTSUP: some network and FUSE file systems)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(folder, flags)
+    except (PermissionError, IsADirectoryError):  # Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:

@@ -287,6 +287,7 @@ class MoEConfig(_DictMixin):
     # router details
     router_bias: bool = False  # a bias on the router's linear layer
     router_jitter: float = 0.0  # multiplicative input jitter U(1-eps, 1+eps) in training (Switch, Fedus et al. 2021)
+    router_jitter_experts: bool = False  # jitter the experts' input too, not only the router's (transformers' Mixtral)
     router_dtype: str = "float32"  # router logits are computed in this dtype (Switch's selective precision)
     noise_eps: float = 1e-2  # noisy_topk: minimum noise std added to softplus(x @ W_noise) (Shazeer et al. 2017)
     second_expert_policy: str = "random"  # router="random": GShard's second expert, "random" in training or "all"

@@ -342,3 +342,53 @@ def no_gloo_thread_left_at_exit(rank: int, world: int, store: str, out_dir: str)
     res = model(torch.randn(6, 8, dtype=torch.float64))
     (res.out.square().mean() + res.aux_loss).backward()
     dist.destroy_process_group()
+
+
+def experts_raise_once(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Experts that raise between the all-to-all hooks (after the rows were dispatched, before they
+    were combined), on every rank: the call leaves nothing behind (its received rows are freed,
+    not kept by a stale handle), and the next call and its backward equal one process's."""
+    import gc
+    import weakref
+
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        torch.manual_seed(3)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1)
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        x = torch.randn(12, 8, dtype=torch.float64)
+        r = ref(x)
+        (r.out.sum() / world + r.aux_loss).backward()
+        apply_expert_parallel(moe, expert_parallel=world)
+        received = []
+
+        def raise_once(_module, args):  # runs after the all-to-all pre-hook: args[0] are the received rows
+            if not received:
+                received.append(weakref.ref(args[0]))
+                raise RuntimeError("expert failure")
+
+        hook = moe.experts.register_forward_pre_hook(raise_once)
+        lo = 12 // world * rank
+        x_local = x[lo : lo + 12 // world]
+        try:
+            moe(x_local)
+            raise AssertionError("the experts did not raise")
+        except RuntimeError as err:
+            assert "expert failure" in str(err), err
+        gc.collect()
+        assert received and received[0]() is None, "the failed call's received rows are still held (a stale handle)"
+        o = moe(x_local)
+        (o.out.sum() + o.aux_loss).backward()
+        hook.remove()
+        close(o.out, r.out[lo : lo + 12 // world], "output")
+        close(o.aux_loss, r.aux_loss, "aux loss")
+        close(moe.router.linear.weight.grad.full_tensor(), ref.router.linear.weight.grad, "router gradient")
+        close(moe.experts.w_up.grad.full_tensor(), ref.experts.w_up.grad, "expert gradient")
+
+    try:
+        _record(out_dir, "raise-once", check)
+    finally:
+        dist.destroy_process_group()

@@ -75,3 +75,10 @@ def test_no_gloo_worker_thread_of_moekits_groups_is_left_when_the_interpreter_fi
     mesh's process groups alive, so their worker threads outlived the interpreter's teardown."""
     spawn(W.no_gloo_thread_left_at_exit, 2, tmp_path)
     results(tmp_path, "exit", 2)
+
+
+def test_experts_that_raise_leave_no_all_to_all_handle_behind(tmp_path):
+    """Before the fix the handle of a call whose experts raised stayed on the all-to-all hook's
+    stack for good, holding that call's received rows and their graph."""
+    spawn(W.experts_raise_once, 2, tmp_path)
+    results(tmp_path, "raise-once", 2)

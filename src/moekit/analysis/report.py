@@ -30,7 +30,7 @@ from ..layer import MoE
 from ..runs import COMPARISON, load_run_config, read_run_json, sub_runs
 from ..train.plots import agg_figure
 from ..train.trainer import checkpoint_step, find_checkpoint, read_metrics
-from .routing import RoutingData, available_windows, collect_routing, routing_table
+from .routing import RoutingData, available_windows, collect_routing, routing_batch_size, routing_table
 
 DOMAIN_PNG, LOAD_PNG, REPORT_JSON, REPORT_HTML = "domain_heatmap.png", "load_heatmap.png", "report.json", "report.html"
 NO_PREFERENCE = 0.05  # normalised MI below this reads as "no clear specialisation"
@@ -110,7 +110,8 @@ def _route_validation(
             f"{most} non-overlapping windows of {seq_len} tokens",
             file=sys.stderr,
         )
-    return collect_routing(model, data, min(windows, max(1, most)), seq_len, train_cfg.batch_size, device, top_k=top_k)
+    batch = routing_batch_size(model, seq_len, train_cfg.batch_size, top_k)  # no grad: larger batches than training's
+    return collect_routing(model, data, min(windows, max(1, most)), seq_len, batch, device, top_k=top_k)
 
 
 def _write_report_files(report: dict, out: Path) -> None:

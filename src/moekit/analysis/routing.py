@@ -26,6 +26,7 @@ from ..layer import MoE
 
 LN2 = math.log(2.0)
 LIFT_PRIOR = 5.0  # pseudo-occurrences at the expert's overall rate that smooth each token's lift
+ROUTE_BYTES = 256 * 2**20  # activation memory one routing forward may take (see routing_batch_size)
 
 
 @dataclass
@@ -56,7 +57,8 @@ def collect_routing(
     model, data: TokenData, windows: int, seq_len: int, batch_size: int, device="cpu", top_k: Optional[int] = None
 ) -> RoutingData:
     """Run ``model`` in eval mode on ``windows`` fixed validation windows (split evenly over the
-    domains, see :func:`moekit.data.stream.balanced_windows`) and record each MoE layer's
+    domains, see :func:`moekit.data.stream.balanced_windows`), ``batch_size`` windows per forward
+    (:func:`routing_batch_size` gives a memory-bounded one), and record each MoE layer's
     expert per (token, slot), with the token id, domain and routing entropy of each token.
     ``windows`` may be at most :func:`available_windows` of the validation stream: more would
     count the same tokens several times (and grow memory with no new information)."""
@@ -81,6 +83,31 @@ def collect_routing(
         seq_len=seq_len,
         top_k=int(k),
     )
+
+
+def routing_batch_size(
+    model, seq_len: int, batch_size: int, top_k: Optional[int] = None, budget_bytes: int = ROUTE_BYTES
+) -> int:
+    """Windows per no-grad forward for :func:`collect_routing`: as many as an upper estimate of the
+    forward's activations (experts per token: ``top_k`` or the layers') fits in ``budget_bytes``,
+    and at least ``batch_size`` (the training batch). Exactly ``batch_size`` where a token's routing
+    depends on the rest of the batch (a capacity limit in eval mode, a batch-dependent router such
+    as expert choice): the report then routes the windows as training and evaluation did.
+
+    The estimate per token, in the parameters' element size: logits 2V, attention and norms 16D,
+    each of the K slots 2D + 6F (dispatched rows, the up projection [gate | up], activation, down
+    projection), router 4E. The default model (V=4096, D=128, K=4, F=128, E=16) needs an
+    estimated 58 KB per token (47 KB measured as peak RSS growth), so 256 MiB routes 36 windows
+    of 128 tokens at once where training batches 16."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes or any(m.cfg.capacity_factor_for(False) is not None or m.router.batch_dependent for m in moes):
+        return batch_size
+    cfg, elem = model.cfg, next(model.parameters()).element_size()
+    K = max(top_k or 0, *(m.cfg.top_k for m in moes))
+    F = max(m.cfg.hidden_dim for m in moes)
+    E = max(m.cfg.num_experts for m in moes)
+    per_token = elem * (2 * cfg.vocab_size + 16 * cfg.dim + K * (2 * cfg.dim + 6 * F) + 4 * E)
+    return max(batch_size, budget_bytes // (per_token * seq_len))
 
 
 def _check_windows(model, data: TokenData, windows: int, seq_len: int, batch_size: int) -> None:

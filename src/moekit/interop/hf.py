@@ -57,6 +57,32 @@ def _unsupported(what: str) -> UnsupportedModelError:
 
 
 # ---------------------------------------------------------------------------------------- config
+# transformers activations (``hidden_act``) whose gated unit ``act(x W_gate) * (x W_up)`` is one of
+# moekit's gated expert kinds (experts, shared expert and dense MLPs alike)
+HF_ACTIVATIONS = {
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "gelu_pytorch_tanh": "geglu",  # torch's tanh approximation of GELU: the function moekit's GeGLU calls
+    # the same approximation written out in Python: equal up to rounding (a few ulp)
+    "gelu_python_tanh": "geglu",
+    "gelu_new": "geglu",
+    "gelu_fast": "geglu",
+    "gelu_accurate": "geglu",
+}
+_EXPORT_ACTIVATION = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}  # expert kind -> hidden_act written
+
+
+def _expert_kind(c: dict) -> str:
+    """moekit's expert kind for the checkpoint's ``hidden_act`` (UnsupportedModelError naming the choices)."""
+    act = _get(c, "hidden_act", "silu")
+    if act not in HF_ACTIVATIONS:
+        raise _unsupported(
+            f"hidden_act={act!r}: moekit's gated experts compute act(x W_gate) * (x W_up) for hidden_act "
+            f"{', '.join(map(repr, HF_ACTIVATIONS))} (accelerate() runs any activation on the transformers model)"
+        )
+    return HF_ACTIVATIONS[act]
+
+
 def _get(c: dict, key: str, default=None):
     v = c.get(key, default)
     return default if v is None else v
@@ -118,7 +144,7 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
         rope_theta=_rope_theta(c),
         norm_eps=float(_get(c, "rms_norm_eps", 1e-6)),
         ffn_hidden_dim=_get(c, "intermediate_size", moe.hidden_dim),
-        ffn_kind="swiglu",
+        ffn_kind=moe.expert,  # transformers' dense MLPs use the same hidden_act
         moe=moe,
         moe_every=every,
         first_dense_layers=first_dense,
@@ -138,8 +164,10 @@ def _check_hf_options(c: dict, family: str) -> None:
         raise _unsupported(
             f"head_dim={head_dim} with num_attention_heads*head_dim != hidden_size ({H}*{head_dim} != {D})"
         )
-    if c.get("hidden_act", "silu") != "silu":
-        raise _unsupported(f"hidden_act={c.get('hidden_act')!r} (only 'silu', i.e. SwiGLU experts)")
+    _expert_kind(c)
+    jitter = _get(c, "router_jitter_noise", 0.0) if family == "mixtral" else 0.0
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= jitter < 1.0:
+        raise _unsupported(f"router_jitter_noise={jitter!r} (moekit's router_jitter must be in [0, 1))")
     if c.get("sliding_window") and (family == "mixtral" or c.get("use_sliding_window")):
         raise _unsupported(f"sliding-window attention (sliding_window={c['sliding_window']})")
     if family == "olmoe" and c.get("clip_qkv") is not None:
@@ -168,12 +196,14 @@ def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfi
         hidden_dim=F_,
         num_experts=E,
         top_k=K,
-        expert="swiglu",
+        expert=_expert_kind(c),
         router="topk",
         renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
         router_dtype="same",
         z_loss_weight=0.0,
-        router_jitter=0.0,
+        # Mixtral's jitter (training only): the jittered hidden states feed router and experts
+        router_jitter=float(_get(c, "router_jitter_noise", 0.0)) if family == "mixtral" else 0.0,
+        router_jitter_experts=family == "mixtral",
         balance_loss_weight=_router_aux_loss_coef(c, family) * K if training_losses else 0.0,
         sq_load_loss_weight=0.0,
         importance_loss_weight=0.0,
@@ -203,8 +233,8 @@ def config_to_hf(cfg: LMConfig, family: str):
 def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
     """What in the MoE layer config ``family`` cannot express (empty when it can)."""
     problems = []
-    if m.expert != "swiglu":
-        problems.append(f"expert={m.expert!r} (needs 'swiglu')")
+    if m.expert not in _EXPORT_ACTIVATION:
+        problems.append(f"expert={m.expert!r} (needs a gated kind: {', '.join(map(repr, _EXPORT_ACTIVATION))})")
     if m.router != "topk" or m.num_groups is not None:
         problems.append(f"router={m.router!r} (needs plain 'topk')")
     if m.router_bias:
@@ -227,6 +257,10 @@ def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
 def _layout_export_problems(cfg: LMConfig, family: str) -> list[str]:
     """What in the attention and layer placement ``family`` cannot express (empty when it can)."""
     problems = []
+    m = cfg.moe
+    dense = any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    if dense and m is not None and cfg.ffn_kind != m.expert:
+        problems.append(f"ffn_kind={cfg.ffn_kind!r} != expert={m.expert!r} (one hidden_act for dense and MoE layers)")
     want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
     if cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
@@ -259,7 +293,7 @@ def _hf_common_fields(cfg: LMConfig, m: MoEConfig) -> dict[str, Any]:
         num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        hidden_act="silu",
+        hidden_act=_EXPORT_ACTIVATION[m.expert],
         tie_word_embeddings=cfg.tie_embeddings,
         num_experts_per_tok=m.top_k,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -273,7 +307,8 @@ def _hf_family_fields(cfg: LMConfig, m: MoEConfig, family: str) -> dict[str, Any
         extra = dict(
             num_local_experts=m.num_experts,
             intermediate_size=m.hidden_dim,
-            router_jitter_noise=0.0,
+            # training only; moekit's Switch form (the router's input alone) has no Mixtral equivalent
+            router_jitter_noise=m.router_jitter if m.router_jitter_experts else 0.0,
             router_aux_loss_coef=0.0,
             sliding_window=None,
         )
@@ -527,10 +562,13 @@ def _read_folder(path: str) -> tuple[dict, dict]:
 
 def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: bool = False) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
-    output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode,
-    with no router jitter, so its logits equal transformers'. Auxiliary-loss weights are 0, or with
-    ``training_losses`` the checkpoint's own (its ``aux_loss`` term then equals transformers'
-    ``router_aux_loss_coef * aux_loss`` with ``output_router_logits=True``; see :func:`config_from_hf`)."""
+    output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode, so
+    its logits equal transformers'. ``hidden_act`` becomes the expert kind (:data:`HF_ACTIVATIONS`);
+    Mixtral's ``router_jitter_noise`` becomes ``router_jitter`` with ``router_jitter_experts``, so a
+    fine-tune jitters the input of router and experts in training as transformers does.
+    Auxiliary-loss weights are 0, or with ``training_losses`` the checkpoint's own (its ``aux_loss``
+    term then equals transformers' ``router_aux_loss_coef * aux_loss`` with
+    ``output_router_logits=True``; see :func:`config_from_hf`)."""
     if isinstance(source, (str, os.PathLike)):
         config, sd = _read_folder(os.fspath(source))
     elif isinstance(source, nn.Module) and hasattr(source, "config"):

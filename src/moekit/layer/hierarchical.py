@@ -9,8 +9,9 @@ group's own gate picks ``top_k_experts`` of its Eg experts:
 Both gates are ``softmax(KeepTopK(x W))`` (the paper's gating without noise), i.e. the top-k
 softmax probabilities renormalised over the kept ones; with ``renormalize=False`` the weights are
 the raw softmax probabilities (Switch, Fedus et al. 2021). A top-1 gate needs the latter to learn
-from the task loss: renormalised, its single weight is the constant 1. Only the chosen branches run: a group's
-gate is evaluated only on the tokens that picked the group, and an expert only on its rows (the
+from the task loss: renormalised, its single weight is the constant 1 (the layer warns at
+construction, as :class:`~moekit.MoE` does). Only the chosen branches run: a group's gate is
+evaluated only on the tokens that picked the group, and an expert only on its rows (the
 flattened (token, expert) slots go through moekit's dispatch / experts / combine path, so the
 stacked experts run one grouped pass).
 
@@ -29,6 +30,7 @@ Kg groups per token, Ke experts per chosen group, K = Kg*Ke slots per token.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +41,7 @@ from ..kernels import compute_dtype, resolve_backend
 from . import losses as L
 from .dispatch import combine, dispatch, plan_dispatch
 from .experts import GroupedExperts, ModuleListExperts
-from .moe import MoEOutput
+from .moe import MoEOutput, _user_stacklevel
 
 
 def _keep_top_k(logits_NX: Tensor, k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,6 +50,33 @@ def _keep_top_k(logits_NX: Tensor, k: int, renormalize: bool) -> tuple[Tensor, T
     probs = logits_NX.to(torch.promote_types(logits_NX.dtype, torch.float32)).softmax(-1)
     w, idx = probs.topk(k, dim=-1)
     return probs, idx, (w / w.sum(-1, keepdim=True) if renormalize else w)
+
+
+def _warn_constant_weight(cfg: HierarchicalMoEConfig) -> None:
+    """Warn, as :class:`~moekit.MoE` does, when a gate that has a choice keeps 1 option with
+    renormalised weights: its weight is then the constant p / p = 1, and the gate gets no gradient
+    from the layer's output, only from the auxiliary losses."""
+    if not cfg.renormalize:
+        return
+    levels = [
+        (k, name, gate)
+        for k, name, gate, choices in (
+            (cfg.top_k_groups, "top_k_groups", "the primary gate", cfg.num_groups),
+            (cfg.top_k_experts, "top_k_experts", "the group gates", cfg.experts_per_group),
+        )
+        if k == 1 and choices > 1  # one group / one expert per group: nothing to choose, nothing to learn
+    ]
+    if levels:
+        settings = " and ".join(f"{name}=1" for _, name, _ in levels)
+        gates = " and ".join(gate for _, _, gate in levels)
+        remedy = " or ".join(f"{name} >= 2" for _, name, _ in levels)
+        warnings.warn(
+            f"moekit: HierarchicalMoE with {settings} gets no gradient for {gates} from the layer's output, "
+            f"only from the auxiliary losses: renormalize=True makes every such weight p / p = 1; use "
+            f"renormalize=False (the raw softmax probabilities, as Switch) or {remedy}",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
 
 class HierarchicalMoE(nn.Module):
@@ -66,7 +95,7 @@ class HierarchicalMoE(nn.Module):
     Example::
 
         hmoe = HierarchicalMoE(dim=64, hidden_dim=128, num_groups=4, experts_per_group=4,
-                               top_k_groups=1, top_k_experts=2)
+                               top_k_groups=1, top_k_experts=2, renormalize=False)
         res = hmoe(x)                          # res.out like x; res.experts_TK holds flat ids g*Eg+j
         loss = task_loss(res.out) + res.aux_loss
     """
@@ -91,6 +120,7 @@ class HierarchicalMoE(nn.Module):
             self.experts: nn.Module = ModuleListExperts(list(experts), cfg.dim)
         else:
             self.experts = GroupedExperts(E, cfg.dim, cfg.hidden_dim, cfg.expert)
+        _warn_constant_weight(cfg)
 
     @property
     def num_experts(self) -> int:

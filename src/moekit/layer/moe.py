@@ -28,10 +28,10 @@ from ..kernels import as_dtype, compute_dtype, resolve_backend
 from . import losses as L
 from . import surgery
 from .dispatch import apply_capacity, expert_capacity
-from .experts import FeedForward, GroupedExperts, ModuleListExperts
+from .experts import FeedForward, GroupedExperts, ModuleListExperts, StackedExperts
 from .losses import LOSS_WEIGHTS
 from .paths import choose_path
-from .router import Routing, SigmoidRouter, build_router
+from .router import Routing, SigmoidRouter, build_router, jitter
 from .scope import LOCAL_SCOPE, LocalScope
 
 
@@ -147,14 +147,8 @@ class MoE(nn.Module):
         else:
             self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, cfg.expert)
         self.router = build_router(cfg)
-        why = self.router.constant_weight(cfg.top_k)
-        if why is not None and cfg.num_experts > 1:  # one expert: nothing to route, nothing to learn
-            warnings.warn(
-                f"moekit: router {cfg.router!r} with top_k=1 gets no gradient from the layer's output, only "
-                f"from the auxiliary losses: {why}",
-                UserWarning,
-                stacklevel=_user_stacklevel(),
-            )
+        self._warned_constant_k: Optional[int] = None  # the per-call top_k already warned about (once)
+        self._warn_constant_weight(cfg.top_k)
         self.shared: Optional[FeedForward] = None
         self.shared_gate: Optional[nn.Linear] = None
         if cfg.num_shared_experts:
@@ -182,6 +176,22 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return self.cfg.num_experts
 
+    def _warn_constant_weight(self, top_k: int, per_call: bool = False) -> bool:
+        """Warn when every combine weight is a constant at ``top_k`` (the router then gets no
+        gradient from the layer's output, only from the auxiliary losses): at construction for
+        ``cfg.top_k``, and once per layer for a per-call override used in training. Returns whether it warned."""
+        why = self.router.constant_weight(top_k)
+        if why is None or self.cfg.num_experts == 1:  # one expert: nothing to route, nothing to learn
+            return False
+        when = " (this call's top_k override, in training)" if per_call else ""
+        warnings.warn(
+            f"moekit: router {self.cfg.router!r} with top_k={top_k}{when} gets no gradient from the layer's "
+            f"output, only from the auxiliary losses: {why}",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
+        return True
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, x: Tensor, *, top_k: Optional[int] = None, token_ids: Optional[Tensor] = None, capacity_factor=_UNSET
@@ -199,10 +209,15 @@ class MoE(nn.Module):
         """
         x_TD, lead = self._check_input(x)
         k, token_ids = self._check_top_k(top_k), self._check_token_ids(token_ids, lead)
+        if k != self.cfg.top_k and k != self._warned_constant_k and self.training and torch.is_grad_enabled():
+            if self._warn_constant_weight(k, per_call=True):
+                self._warned_constant_k = k
         if x_TD.shape[0] == 0 and not self.scope.spans_ranks:  # else every rank must run the same collectives
             return self._empty_output(x, lead)
         factor = self._capacity_factor(capacity_factor)
         self.scope.begin_call(x_TD.shape[0], (k, self.training, torch.is_grad_enabled(), factor), x_TD.device)
+        if self.training and self.cfg.router_jitter > 0 and self.cfg.router_jitter_experts:
+            x_TD = jitter(x_TD, self.cfg.router_jitter, self.scope)  # Mixtral's form: router and experts see it
         routing = self.router(x_TD, k, token_ids, scope=self.scope)
         experts_TK, weights_TK, max_rows = self._apply_capacity(routing, factor)
         backend = self._backend(x_TD)
@@ -229,7 +244,7 @@ class MoE(nn.Module):
         return self._output(out, routing, experts_TK, weights_TK, kept_E)
 
     def _backend(self, x_TD: Tensor) -> str:
-        if not isinstance(self.experts, GroupedExperts):
+        if not isinstance(self.experts, StackedExperts):
             return "loop"
         return resolve_backend(self.cfg.backend, x_TD.device, compute_dtype(x_TD))
 

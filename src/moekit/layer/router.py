@@ -123,6 +123,15 @@ def group_limited_mask(scores_TE: Tensor, num_groups: int, topk_groups: int, per
     return keep_TG.unsqueeze(-1).expand_as(scores_TGe).reshape(T, E)
 
 
+def jitter(x_TD: Tensor, eps: float, scope=LOCAL_SCOPE) -> Tensor:
+    """``x_TD`` times multiplicative noise drawn from U(1 - eps, 1 + eps) (Switch, Fedus et al. 2021),
+    drawn through ``scope`` (under expert parallelism: for the global batch, so it equals one
+    process's). One ``uniform_`` over a tensor shaped like ``x_TD``: the draws of transformers'
+    Mixtral block for the same generator state. Applied by the router to its own input, or with
+    ``router_jitter_experts`` by the layer to the input of router and experts alike."""
+    return x_TD * scope.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
+
+
 class Router(nn.Module):
     """Base class: a linear scorer ``logits_TE = x_TD @ W_ED^T`` plus expert masking.
 
@@ -145,9 +154,8 @@ class Router(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         dt = _dtype(self.cfg.router_dtype, x_TD)
-        if self.training and self.cfg.router_jitter > 0:
-            eps = self.cfg.router_jitter
-            x_TD = x_TD * self.scope.random_rows(lambda t: t.uniform_(1.0 - eps, 1.0 + eps), x_TD)
+        if self.training and self.cfg.router_jitter > 0 and not self.cfg.router_jitter_experts:
+            x_TD = jitter(x_TD, self.cfg.router_jitter, self.scope)  # the router's input only (Switch)
         w, b = as_dtype(self.linear.weight, dt), self.linear.bias
         logits_TE = F.linear(as_dtype(x_TD, dt), w, None if b is None else as_dtype(b, dt))
         return self._mask(logits_TE)

@@ -157,20 +157,29 @@ class ExpertAllToAll:
         self.group = group
         self.P = dist.get_world_size(group)
         self.El = num_experts // self.P
-        self._handles: list[_Handle] = []  # a stack: pre-hook pushes, forward hook pops
+        self._pending: Optional[_Handle] = None  # set by the pre-hook, taken by the forward hook of the same call
 
     def attach(self, experts: nn.Module) -> None:
         experts.register_forward_pre_hook(self._before)
-        experts.register_forward_hook(self._after)
+        experts.register_forward_hook(self._after, always_call=True)
 
     def _before(self, module: nn.Module, args: tuple) -> tuple:
         x_RD, counts_E, *rest = args
+        self._pending = None  # a call that raised before its forward hook ran leaves nothing behind
         x_ND, counts_El, handle = self.dispatch(x_RD, counts_E)
-        self._handles.append(handle)
+        self._pending = handle
         return (x_ND, counts_El, *rest)
 
-    def _after(self, module: nn.Module, args: tuple, y_ND: Tensor) -> Tensor:
-        return self.combine(y_ND, self._handles.pop(), module)
+    def _after(self, module: nn.Module, args: tuple, y_ND: Optional[Tensor]) -> Optional[Tensor]:
+        """The combine of this call's rows; also run (``always_call``) when the experts or a later
+        pre-hook raised, with ``y_ND`` None: then it only drops the call's handle (the received rows
+        and their graph), and the error goes on to the caller."""
+        h, self._pending = self._pending, None
+        if y_ND is None:
+            return None
+        if h is None:
+            raise RuntimeError("expert-parallel experts: the forward hook ran without its pre-hook's dispatch")
+        return self.combine(y_ND, h, module)
 
     def dispatch(self, x_RD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _Handle]:
         """(rows of this rank's experts in local-expert order, rows per local expert, handle)."""
@@ -317,6 +326,9 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        # every rank's connections are complete before any returns: a rank that then stops at
+        # once (a setup error) cannot cut a peer still connecting ("Connection closed by peer")
+        run_collective("process-group start", dist.barrier)
     return dist.get_rank(), dist.get_world_size(), dev
 
 

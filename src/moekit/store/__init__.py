@@ -179,11 +179,9 @@ def load_run_with_store(
             files.check_shape(key, tuple(t.shape))
             files.read_rows(key, t)
             if key in digests and tensor_sha256(t) != digests[key]:
-                raise CheckpointError(
-                    f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 digest"
-                )
+                raise CheckpointError(f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 digest")
     if prefetch:
-        model.prefetcher = Prefetcher(model)
+        setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return model.eval()
 
 
