@@ -145,6 +145,15 @@ def read_bandwidth(path: Path, nbytes: int = 512 * 2**20) -> float:
     return buf.nbytes / (time.perf_counter() - t0)
 
 
+def _capped(cmd: list[str], cap_bytes: int) -> list[str]:
+    """``cmd`` run inside a fresh cgroup-v1 memory group limited to ``cap_bytes`` (page cache
+    included, as a smaller machine would count it); needs a writable memory controller."""
+    group = Path("/sys/fs/cgroup/memory") / f"moekit-offload-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(cap_bytes))
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
 def run(args) -> None:
     d = Path(args.dir)
     bw = read_bandwidth(d / "checkpoint.safetensors")
@@ -154,13 +163,19 @@ def run(args) -> None:
         cmd = [sys.executable, __file__, "decode", "--dir", str(d), "--frac", str(frac), "--policy", args.policy]
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--store"] if store else [])
         cmd += ["--prefetch"] if store and args.prefetch else []
+        if args.cap_gib:
+            cmd = _capped(cmd, int(args.cap_gib * 2**30))
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
         if res.returncode:
-            rows.append(dict(frac=frac, store=store, error=res.stderr.strip().splitlines()[-1][:200]))
+            last = res.stderr.strip().splitlines()[-1][:200] if res.stderr.strip() else ""
+            killed = res.returncode in (-9, 137)
+            why = f"killed (exit {res.returncode}) under the {args.cap_gib} GiB cap" if killed else last
+            rows.append(dict(frac=frac, store=store, error=why))
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     gib = 2**30
-    print(f"cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, {args.threads} thread(s)")
+    cap = f", memory cap {args.cap_gib} GiB (cgroup v1, page cache included)" if args.cap_gib else ""
+    print(f"cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, {args.threads} thread(s){cap}")
     print(
         "| setting | tok/s | hit rate | prefetch recall | MiB read / token | byte-model bound tok/s | of bound "
         "| load s | peak RSS GiB (load) | anon / file GiB at end |"
@@ -236,6 +251,7 @@ def main() -> None:
             q.add_argument("--store", action="store_true")
         else:
             q.add_argument("--fracs", default="1,0.5,0.25,0.125")
+            q.add_argument("--cap-gib", type=float, default=0, help="run each setting under this memory cap")
         q.set_defaults(fn=fn)
     q = sub.add_parser("policies")
     q.add_argument("--run", required=True)
