@@ -59,10 +59,9 @@ def _load_with_store(
     if torch.device(device).type != "cpu":
         raise ValueError(f"--expert-memory keeps experts in host memory for now: use --device cpu (got {device!r})")
     if is_hf_folder(run_dir):
-        raise ValueError(
-            f"--expert-memory: {run_dir} is a Hugging Face folder; the expert store reads moekit run folders so far "
-            "(convert it once: load_hf(...) then save it as a run, or leave --expert-memory out)"
-        )
+        net = load_hf(str(run_dir), expert_memory=expert_memory, expert_policy=policy, prefetch=prefetch)
+        _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
+        return net, hf_tokenizer(run_dir)
     model_cfg, _, raw = load_run_config(run_dir)
     available = dict(sub_runs(raw, model_cfg))
     if model not in available:

@@ -560,7 +560,15 @@ def _read_folder(path: str) -> tuple[dict, dict]:
     return config, sd
 
 
-def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: bool = False) -> MoETransformer:
+def load_hf(
+    source,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    training_losses: bool = False,
+    expert_memory: Optional[int] = None,
+    expert_policy: str = "lfru",
+    prefetch: bool = False,
+) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
     output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode, so
     its logits equal transformers'. ``hidden_act`` becomes the expert kind (:data:`HF_ACTIVATIONS`);
@@ -568,7 +576,22 @@ def load_hf(source, *, dtype: Optional[torch.dtype] = None, training_losses: boo
     fine-tune jitters the input of router and experts in training as transformers does.
     Auxiliary-loss weights are 0, or with ``training_losses`` the checkpoint's own (its ``aux_loss``
     term then equals transformers' ``router_aux_loss_coef * aux_loss`` with
-    ``output_router_logits=True``; see :func:`config_from_hf`)."""
+    ``output_router_logits=True``; see :func:`config_from_hf`). ``expert_memory`` (bytes; a folder
+    only): the experts stay in the folder's shards and come into an expert store of that size as
+    routing asks (:mod:`moekit.store`; ``expert_policy``, ``prefetch`` as there)."""
+    if expert_memory is not None:
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError("expert_memory keeps the experts in a checkpoint folder: pass the folder's path")
+        from .stored import load_hf_with_store
+
+        return load_hf_with_store(
+            os.fspath(source),
+            expert_memory,
+            dtype=dtype,
+            training_losses=training_losses,
+            policy=expert_policy,
+            prefetch=prefetch,
+        )
     if isinstance(source, (str, os.PathLike)):
         config, sd = _read_folder(os.fspath(source))
     elif isinstance(source, nn.Module) and hasattr(source, "config"):

@@ -1,0 +1,80 @@
+"""Hugging Face folders with their experts in an expert store: every family's logits bit-identical
+to the all-in-memory load_hf (fp32 and bf16), the same greedy tokens at the smallest budget, the
+per-expert and the stacked (transformers 5) layouts, sharded folders, and clear errors."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="interop tests need Hugging Face transformers")
+
+from test_hf import FAMILIES, build, ids  # noqa: E402 - after the importorskip
+
+from moekit.interop import load_hf  # noqa: E402
+from moekit.store import StoredExperts, store_stats  # noqa: E402
+
+
+def expert_bytes(model, dtype) -> int:
+    m = model.cfg.moe
+    return 3 * m.dim * m.hidden_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_family_equals_the_all_in_memory_load(family, dtype, tmp_path):
+    hf = build(family).to(dtype)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # several shards
+    ref = load_hf(tmp_path / "hf")
+    layers = len(ref.moe_layers)
+    budget = ref.cfg.moe.top_k * layers * expert_bytes(ref, dtype)  # the least there is: top_k slots
+    mk = load_hf(tmp_path / "hf", expert_memory=budget)
+    assert all(isinstance(m.experts, StoredExperts) and m.experts.slots == ref.cfg.moe.top_k for m in mk.moe_layers)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits)  # one token: its experts fit, exact
+        full, full_ref = mk(x).logits, ref(x).logits
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # 24 tokens' experts outnumber the slots: chunks, summed apart
+    torch.testing.assert_close(full, full_ref, rtol=tol, atol=tol)
+    prompt = x[:1, :5]
+    assert torch.equal(mk.generate(prompt, 20, temperature=0.0), ref.generate(prompt, 20, temperature=0.0))
+    assert store_stats(mk).misses > 0
+
+
+def test_stacked_layout_and_mixtral_names_are_read(tmp_path):
+    """A folder whose experts are stacked (``experts.gate_up_proj``), written by hand in
+    transformers 5's in-memory layout, loads as the per-expert one does."""
+    from safetensors.torch import load_file, save_file
+
+    hf = build("olmoe")
+    hf.save_pretrained(tmp_path / "per")
+    sd = load_file(tmp_path / "per" / "model.safetensors")
+    stacked = {}
+    for k, v in sd.items():
+        if ".experts." not in k:
+            stacked[k] = v
+    for i in range(2):
+        pre = f"model.layers.{i}.mlp.experts."
+        E = 4
+        stacked[pre + "gate_up_proj"] = torch.stack(
+            [torch.cat([sd[f"{pre}{e}.gate_proj.weight"], sd[f"{pre}{e}.up_proj.weight"]]) for e in range(E)]
+        )
+        stacked[pre + "down_proj"] = torch.stack([sd[f"{pre}{e}.down_proj.weight"] for e in range(E)])
+    (tmp_path / "stacked").mkdir()
+    (tmp_path / "stacked" / "config.json").write_text((tmp_path / "per" / "config.json").read_text())
+    save_file(stacked, tmp_path / "stacked" / "model.safetensors")
+    ref = load_hf(tmp_path / "per")
+    mk = load_hf(tmp_path / "stacked", expert_memory=10**8)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(mk(x).logits, ref(x).logits)
+
+
+def test_what_the_folder_cannot_give_is_a_clear_error(tmp_path):
+    hf = build("mixtral")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="decoding needs at least top_k=2"):
+        load_hf(tmp_path / "hf", expert_memory=1000)
+    with pytest.raises(TypeError, match="pass the folder's path"):
+        load_hf(hf, expert_memory=10**8)
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        load_hf(tmp_path / "hf", expert_memory=10**8)
