@@ -22,8 +22,7 @@ from torch import Tensor
 
 from ..config import LMConfig
 from ..models.lm import MoETransformer
-from ..store import SafetensorsFiles, StoreFileError, apply_expert_store
-from ..store.prefetch import Prefetcher
+from ..store import SafetensorsFiles, StoreFileError, materialize_with_store
 from .hf import _PER_EXPERT, WeightMismatchError, _check_family, _hf_to_moekit, _load_state, config_from_hf
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.")
@@ -123,16 +122,12 @@ def load_hf_with_store(
     dtype = dtype or files.entry(first).dtype
     with torch.device("meta"):
         model = MoETransformer(cfg)
-    apply_expert_store(model, source, budget_bytes, policy, dtype)
-    model.to(dtype).to_empty(device="cpu")
-    model.reset_buffers()
+    materialize_with_store(model, source, budget_bytes, policy, dtype, prefetch)
     new = {k: v for k, v in _hf_to_moekit(_non_expert_state(files, cfg), cfg).items() if not v.is_meta}
     expected = {k for k in model.state_dict()}
     new = {k: v for k, v in new.items() if k in expected}  # the stacked experts are in the store
     with torch.no_grad():
         _load_state(model, new)
-    if prefetch:
-        setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return model.eval()
 
 

@@ -125,6 +125,20 @@ def apply_expert_store(
     return plan
 
 
+def materialize_with_store(
+    model: nn.Module, source: ExpertSource, budget_bytes: int, policy: str, dtype: torch.dtype, prefetch: bool
+) -> nn.Module:
+    """A meta-built model with its experts in a store (:func:`apply_expert_store`), the rest
+    allocated on the CPU in ``dtype`` with its buffers initialised (its weights left for the
+    caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``)."""
+    apply_expert_store(model, source, budget_bytes, policy, dtype)
+    model.to(dtype).to_empty(device="cpu")
+    model.reset_buffers()  # type: ignore[operator]  # MoETransformer's
+    if prefetch:
+        setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
+    return model
+
+
 def store_stats(model: nn.Module) -> StoreStats:
     """Every budgeted layer's counts summed (hits, misses, bytes and seconds read)."""
     total = StoreStats()
@@ -169,9 +183,7 @@ def load_run_with_store(
         i: (f"{MODEL}{n}.experts.w_up", f"{MODEL}{n}.experts.w_down") for i, (n, _) in enumerate(moe_layers(model))
     }
     dtype = files.entry(next(iter(names.values()))[0]).dtype
-    apply_expert_store(model, StackedSource(files, names), budget_bytes, policy, dtype)
-    model.to(dtype).to_empty(device="cpu")  # the checkpoint's dtype, as the run's model.to(dtype) gives
-    model.reset_buffers()
+    materialize_with_store(model, StackedSource(files, names), budget_bytes, policy, dtype, prefetch)
     digests = json.loads(next(iter(files.metadata.values())).get(CHECKSUMS, "{}"))
     with torch.no_grad():
         for name, t in model.state_dict().items():
@@ -180,8 +192,6 @@ def load_run_with_store(
             files.read_rows(key, t)
             if key in digests and tensor_sha256(t) != digests[key]:
                 raise CheckpointError(f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 digest")
-    if prefetch:
-        setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return model.eval()
 
 
@@ -203,6 +213,7 @@ __all__ = [
     "apply_expert_store",
     "belady",
     "load_run_with_store",
+    "materialize_with_store",
     "moe_layers",
     "parse_bytes",
     "plan_budget",
