@@ -39,6 +39,8 @@ from moekit.store import (
     SafetensorsFiles,
     belady,
     load_run_with_store,
+    make_policy,
+    pool_trace,
     prefetch_stats,
     record_traces,
     replay,
@@ -212,24 +214,31 @@ def policies(args) -> None:
             ids = torch.tensor([tok.encode(p)])
             model.generate(ids, args.new_tokens, temperature=0.8, top_p=0.95, generator=g)
     layers = [m.experts for m in model.moe_layers]
-    E = layers[0].num_experts
-    print(f"{args.run}: {len(layers)} MoE layers x {E} experts, {len(prompts)} prompts x {args.new_tokens} tokens")
-    print("| slots per layer | LRU | LFU | LFRU | Belady |")
-    print("|---|---|---|---|---|")
-    for slots in sorted({max(1, E // 8), max(1, E // 4)} | ({args.slots} if args.slots else set())):
-        rates = {}
-        for name, make in (("LRU", LRU), ("LFU", LFU), ("LFRU", LFRU)):
-            hits = total = 0
-            for ex in layers:
-                h, m = replay(ex.stats.trace, slots, make())
-                hits, total = hits + h, total + h + m
-            rates[name] = hits / total
-        hits = total = 0
-        for ex in layers:
-            h, m = belady(ex.stats.trace, slots)
-            hits, total = hits + h, total + h + m
-        rates["Belady"] = hits / total
-        print(f"| {slots} of {E} | " + " | ".join(f"{rates[n]:.1%}" for n in ("LRU", "LFU", "LFRU", "Belady")) + " |")
+    E, L = layers[0].num_experts, len(layers)
+    shared = pool_trace(model)
+    print(f"{args.run}: {L} MoE layers x {E} experts, {len(prompts)} prompts x {args.new_tokens} tokens")
+    print("| pool | slots | LRU | LFU | LFRU | Belady |")
+    print("|---|---|---|---|---|---|")
+    for frac in (8, 4):
+        for kind in ("per layer", "shared"):
+            slots = max(1, E // frac) if kind == "per layer" else max(1, L * E // frac)
+            traces = [ex.stats.trace for ex in layers] if kind == "per layer" else [shared]
+            rates = {}
+            for name, make in (("LRU", LRU), ("LFU", LFU), ("LFRU", LFRU)):
+                policy = (lambda: make_policy("lfru", L)) if (name == "LFRU" and kind == "shared") else make
+                rates[name] = _rate([replay(t, slots, policy()) for t in traces])
+            rates["Belady"] = _rate([belady(t, slots) for t in traces])
+            where = f"{slots} per layer" if kind == "per layer" else f"{slots} shared by {L} layers"
+            print(
+                f"| 1/{frac} of experts, {kind} | {where} | "
+                + " | ".join(f"{rates[n]:.1%}" for n in ("LRU", "LFU", "LFRU", "Belady"))
+                + " |"
+            )
+
+
+def _rate(counts: list[tuple[int, int]]) -> float:
+    hits = sum(h for h, _ in counts)
+    return hits / max(1, sum(h + m for h, m in counts))
 
 
 def main() -> None:
@@ -257,7 +266,6 @@ def main() -> None:
     q.add_argument("--run", required=True)
     q.add_argument("--new-tokens", type=int, default=200)
     q.add_argument("--threads", type=int, default=1)
-    q.add_argument("--slots", type=int, default=0, help="another pool size to score")
     q.set_defaults(fn=policies)
     args = ap.parse_args()
     args.fn(args)

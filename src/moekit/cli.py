@@ -771,7 +771,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--expert-memory",
         default=None,
         help="keep the experts in the checkpoint file and at most this much of them in memory "
-        "(e.g. 200MB, 1GiB): a pool of slots per MoE layer filled as routing asks (see docs/inference.md)",
+        "(e.g. 200MB, 1GiB): one pool of slots shared by the MoE layers, filled as routing asks "
+        "(see docs/inference.md)",
     )
     g.add_argument(
         "--expert-policy",

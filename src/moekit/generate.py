@@ -180,14 +180,17 @@ def generate_text(
 
 def _store_line(net) -> str:
     """The expert store's budget and what it did (prompt and decoding together)."""
-    from .store import StoredExperts, prefetch_stats, store_stats
+    from .store import StoredExperts, expert_pools, prefetch_stats, store_stats
 
-    pools = [m for m in net.modules() if isinstance(m, StoredExperts)]
-    held = sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools)
+    pools = expert_pools(net)
+    layers = [m for m in net.modules() if isinstance(m, StoredExperts)]
+    held = sum(p.nbytes for p in pools)
+    total = sum(m.num_experts for m in layers)
     s = store_stats(net)
     line = (
-        f"expert memory {held / 2**20:.1f} MiB ({pools[0].slots} of {pools[0].num_experts} experts per layer, "
-        f"{pools[0].policy.name}): hit rate {s.hit_rate:.1%}, {s.misses} experts read on demand, "
+        f"expert memory {held / 2**20:.1f} MiB ({sum(p.slots for p in pools)} of {total} experts, "
+        f"{len(layers)} layers sharing the slots, {pools[0].policy.name}): hit rate {s.hit_rate:.1%}, "
+        f"{s.misses} experts read on demand, "
         f"{s.bytes_read / 2**20:.1f} MiB read in all in {s.read_s:.2f} s"
     )
     if getattr(net, "prefetcher", None) is not None:

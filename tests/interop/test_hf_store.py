@@ -25,9 +25,10 @@ def test_every_family_equals_the_all_in_memory_load(family, dtype, tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # several shards
     ref = load_hf(tmp_path / "hf")
     layers = len(ref.moe_layers)
-    budget = ref.cfg.moe.top_k * layers * expert_bytes(ref, dtype)  # the least there is: top_k slots
+    budget = ref.cfg.moe.top_k * expert_bytes(ref, dtype)  # the least there is: one layer's top_k, shared
     mk = load_hf(tmp_path / "hf", expert_memory=budget)
-    assert all(isinstance(m.experts, StoredExperts) and m.experts.slots == ref.cfg.moe.top_k for m in mk.moe_layers)
+    assert layers > 1 and all(isinstance(m.experts, StoredExperts) for m in mk.moe_layers)
+    assert all(m.experts.slots == ref.cfg.moe.top_k for m in mk.moe_layers)
     x = ids()
     with torch.no_grad():
         assert torch.equal(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits)  # one token: its experts fit, exact
@@ -71,7 +72,7 @@ def test_stacked_layout_and_mixtral_names_are_read(tmp_path):
 def test_what_the_folder_cannot_give_is_a_clear_error(tmp_path):
     hf = build("mixtral")
     hf.save_pretrained(tmp_path / "hf")
-    with pytest.raises(ValueError, match="decoding needs at least top_k=2"):
+    with pytest.raises(ValueError, match="decoding needs at least one layer's top_k=2"):
         load_hf(tmp_path / "hf", expert_memory=1000)
     with pytest.raises(TypeError, match="pass the folder's path"):
         load_hf(hf, expert_memory=10**8)

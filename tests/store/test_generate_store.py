@@ -61,10 +61,15 @@ def test_budgeted_generation_gives_the_same_text_and_reports_the_store(run, caps
     model, _ = load_run_model(run)
     cfg = model.cfg.moe
     expert_bytes = 3 * cfg.dim * cfg.hidden_dim * 4
-    budget = cfg.top_k * expert_bytes * len(model.moe_layers)  # top_k slots per layer: the least there is
+    budget = cfg.top_k * expert_bytes  # one layer's top_k, shared by the layers: the least there is
     code, out, err = generate(capsys, run, "--expert-memory", str(budget), "--expert-policy", policy)
     assert code == 0 and out == ref
-    m = re.search(rf"expert memory ([\d.]+) MiB \({cfg.top_k} of {cfg.num_experts} experts per layer, {policy}\)", err)
+    L = len(model.moe_layers)
+    m = re.search(
+        rf"expert memory ([\d.]+) MiB \({cfg.top_k} of {cfg.num_experts * L} experts, {L} layers sharing the slots, "
+        rf"{policy}\)",
+        err,
+    )
     assert m, err
     assert re.search(r"hit rate \d+\.\d%, \d+ experts read", err), err
 
@@ -72,7 +77,7 @@ def test_budgeted_generation_gives_the_same_text_and_reports_the_store(run, caps
 def test_what_the_store_cannot_do_is_one_line(run, capsys):
     for extra, msg in [
         (["--expert-memory", "12XB"], "--expert-memory: expected a size"),
-        (["--expert-memory", "1KB"], "decoding needs at least top_k="),
+        (["--expert-memory", "1KB"], "decoding needs at least one layer's top_k="),
         (["--expert-memory", "1GB", "--expert-policy", "fifo"], "--expert-policy must be one of"),
         (["--expert-memory", "1GB", "--compile"], "leave out --compile"),
         (["--expert-memory", "1GB", "--model", "dense"], "is dense"),

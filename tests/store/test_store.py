@@ -19,9 +19,11 @@ from moekit.store import (
     StoredExperts,
     StoreFileError,
     belady,
+    expert_pools,
     load_run_with_store,
     parse_bytes,
     plan_budget,
+    pool_trace,
     record_traces,
     replay,
     store_stats,
@@ -53,20 +55,21 @@ def expert_bytes(cfg: LMConfig, dtype=torch.float32) -> int:
     return (m.dim * 2 * m.hidden_dim + m.hidden_dim * m.dim) * torch.empty((), dtype=dtype).element_size()
 
 
-@pytest.mark.parametrize("slots", [2, 3, 5, 8])
+@pytest.mark.parametrize("slots", [2, 3, 5, 8, 13, 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_and_greedy_tokens_equal_the_all_in_memory_model(tmp_path, slots, dtype):
+    """From one layer's top_k (2 slots for 3 layers of 8 experts) to every expert (24)."""
     cfg = lm_cfg()
     path, ref = saved(tmp_path, cfg, dtype)
-    budget = slots * 3 * expert_bytes(cfg, dtype)
+    budget = slots * expert_bytes(cfg, dtype) + expert_bytes(cfg, dtype) // 2
     model = load_run_with_store(path, cfg, budget)
-    assert all(m.experts.slots == slots for m in model.moe_layers)
+    assert len(expert_pools(model)) == 1 and all(m.experts.slots == slots for m in model.moe_layers)
     idx = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         assert torch.equal(model(idx).logits, ref(idx).logits)  # the prompt: grouped path, chunked when slots < needed
         assert torch.equal(model(idx[:1, :1]).logits, ref(idx[:1, :1]).logits)  # one token: few-slot path, exact
         few, few_ref = model(idx[:1, :5]).logits, ref(idx[:1, :5]).logits  # few-slot path, 5 tokens
-        if slots == 8:
+        if slots >= 8:  # one layer's experts fit at once: no chunks
             assert torch.equal(few, few_ref)
         else:  # more experts than slots: served in chunks, summed in another order
             tol = 1e-6 if dtype == torch.float32 else 2e-2
@@ -75,7 +78,7 @@ def test_logits_and_greedy_tokens_equal_the_all_in_memory_model(tmp_path, slots,
     assert torch.equal(out, ref.generate(idx[:1, :6], 40, temperature=0.0))
     stats = store_stats(model)
     assert stats.misses > 0 and stats.bytes_read == stats.misses * expert_bytes(cfg, dtype)
-    if slots == 8:  # every expert fits: each is read once
+    if slots == 24:  # every expert fits: each is read once
         assert stats.misses <= 3 * 8
 
 
@@ -83,10 +86,10 @@ def test_the_pool_is_all_the_expert_memory_there_is(tmp_path):
     cfg = lm_cfg(num_experts=16)
     path, _ = saved(tmp_path, cfg)
     model = load_run_with_store(path, cfg, 3 * 3 * expert_bytes(cfg))
-    pools = [m.experts for m in model.moe_layers]
-    assert all(isinstance(p, StoredExperts) for p in pools)
+    assert all(isinstance(m.experts, StoredExperts) for m in model.moe_layers)
+    pools = expert_pools(model)
     held = sum(p.up_SDH.nbytes + p.down_SFD.nbytes for p in pools)
-    assert held == 3 * 3 * expert_bytes(cfg)
+    assert len(pools) == 1 and held == 3 * 3 * expert_bytes(cfg)
     assert not any("experts" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         model.generate(torch.randint(0, 97, (1, 4)), 30, temperature=0.0)
@@ -96,8 +99,8 @@ def test_the_pool_is_all_the_expert_memory_there_is(tmp_path):
 def test_too_small_a_budget_and_a_damaged_file_are_clear_errors(tmp_path):
     cfg = lm_cfg()
     path, _ = saved(tmp_path, cfg)
-    with pytest.raises(ValueError, match="decoding needs at least top_k=2 per layer"):
-        load_run_with_store(path, cfg, 3 * expert_bytes(cfg))
+    with pytest.raises(ValueError, match="decoding needs at least one layer's top_k=2 resident at once"):
+        load_run_with_store(path, cfg, 2 * expert_bytes(cfg) - 1)
     with pytest.raises(StoreFileError, match="does not exist"):
         load_run_with_store(tmp_path / "nope.safetensors", cfg, 10**9)
     other = lm_cfg(num_experts=4)
@@ -178,16 +181,38 @@ def test_the_replayed_trace_of_a_model_matches_its_store_counts(tmp_path):
     record_traces(model)
     with torch.no_grad():
         model.generate(torch.randint(0, 97, (1, 8)), 40, temperature=0.0)
-    for m in model.moe_layers:
-        assert replay(m.experts.stats.trace, 3, LRU()) == (m.experts.stats.hits, m.experts.stats.misses)
+    s = store_stats(model)
+    assert replay(pool_trace(model), 9, LRU()) == (s.hits, s.misses)
+    assert belady(pool_trace(model), 9)[0] >= s.hits
 
 
-def test_plan_budget_splits_evenly_and_caps_at_every_expert():
-    assert plan_budget(10_000, 100, 4, 64, 2).slots == 25
-    assert plan_budget(10**9, 100, 4, 64, 2).slots == 64
+def test_the_shared_pool_gives_slots_to_the_layer_that_needs_them(tmp_path):
+    """One layer routes every token to the same two experts, the others spread: under LFU the
+    shared pool keeps the skewed layer's two and spends the other seven slots on the others, where
+    equal pools per layer (three each) would waste one on the skewed layer."""
+    cfg = lm_cfg(router="topk")
+    path, ref = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 9 * expert_bytes(cfg), policy="lfu")
+    skewed = model.moe_layers[0]
+    record_traces(model)
+    with torch.no_grad():
+        skewed.router.linear.weight.zero_()  # every token ties: the first two experts
+        ref.moe_layers[0].router.linear.weight.zero_()
+        prompt = torch.randint(0, 97, (1, 4))
+        out = model.generate(prompt, 40, temperature=0.0)
+    assert torch.equal(out, ref.generate(prompt, 40, temperature=0.0))
+    pool = expert_pools(model)[0]
+    used = {e for call in skewed.experts.stats.trace for e in call}
+    assert len(used) == 2 and set(pool.residents(0)) == used
+    assert len(pool.residents(1)) + len(pool.residents(2)) == 7
 
 
-@pytest.mark.parametrize("slots", [2, 4])
+def test_plan_budget_fills_one_shared_pool_and_caps_at_every_expert():
+    assert plan_budget(10_000, 100, 4, 64, 2).slots == 100
+    assert plan_budget(10**9, 100, 4, 64, 2).slots == 256
+
+
+@pytest.mark.parametrize("slots", [3, 6, 12])
 def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots):
     """With prefetch the greedy tokens and the decode logits are the all-in-memory model's; every
     read is either a counted miss or a prefetch; the guess counts add up."""
@@ -195,7 +220,7 @@ def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots):
 
     cfg = lm_cfg(router="topk")
     path, ref = saved(tmp_path, cfg)
-    model = load_run_with_store(path, cfg, slots * 3 * expert_bytes(cfg), prefetch=True)
+    model = load_run_with_store(path, cfg, slots * expert_bytes(cfg), prefetch=True)
     try:
         prompt = torch.randint(0, 97, (1, 6))
         out = model.generate(prompt, 40, temperature=0.0)

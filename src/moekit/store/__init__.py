@@ -4,9 +4,9 @@ come into a fixed pool of slots per layer as routing asks for them.
 ``apply_expert_store(model, weights, budget_bytes)`` turns the MoE layers of a moekit model into
 budgeted ones; :func:`load_run_with_store` builds a trained run's model that way without ever
 holding all its experts (the rest of the model is read tensor by tensor into place). The byte
-model: every MoE layer gets ``budget // (layers * expert_bytes)`` slots (at least ``top_k``, or
-decoding would re-read experts within one token); a miss costs one expert's bytes read from the
-file (``StoreStats``); nothing else grows with the number of experts.
+model: one pool of ``budget // expert_bytes`` slots, shared by every MoE layer (at least one
+layer's ``top_k``, or decoding would re-read experts within one token); a miss costs one expert's
+bytes read from the file (``StoreStats``); nothing else grows with the number of experts.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
-from .experts import ExpertSource, PrefetchStats, StoredExperts, StoreStats
+from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats
 from .files import SafetensorsFiles, StoreFileError
 from .policies import LFRU, LFU, LRU, POLICIES, Policy, belady, make_policy, replay
 from .prefetch import Prefetcher, prefetch_stats
@@ -63,35 +63,37 @@ class StackedSource:
 
 @dataclass(frozen=True)
 class Budget:
-    """How a byte budget splits: slots per MoE layer and what they cost."""
+    """How a byte budget is spent: one pool of ``slots`` experts shared by ``layers`` MoE layers."""
 
     budget_bytes: int
     expert_bytes: int
     layers: int
+    num_experts: int
     slots: int
 
     @property
     def used_bytes(self) -> int:
-        return self.slots * self.layers * self.expert_bytes
+        return self.slots * self.expert_bytes
 
     def line(self) -> str:
+        total = self.layers * self.num_experts
         return (
             f"expert memory {self.used_bytes / 2**20:.1f} MiB of {self.budget_bytes / 2**20:.1f} MiB: "
-            f"{self.slots} slots per layer x {self.layers} layers, {self.expert_bytes / 2**20:.2f} MiB per expert"
+            f"{self.slots} of {total} experts resident ({self.slots / self.layers:.1f} per layer on average, "
+            f"{self.layers} layers share the slots), {self.expert_bytes / 2**20:.2f} MiB per expert"
         )
 
 
 def plan_budget(budget_bytes: int, expert_bytes: int, layers: int, num_experts: int, top_k: int) -> Budget:
-    """Slots per layer for ``budget_bytes`` (ValueError when it cannot hold ``top_k`` per layer)."""
-    slots = min(num_experts, budget_bytes // (expert_bytes * layers))
-    need = top_k * expert_bytes * layers
+    """The shared pool's size for ``budget_bytes`` (ValueError when it cannot hold one layer's ``top_k``)."""
+    slots = min(num_experts * layers, budget_bytes // expert_bytes)
     if slots < top_k:
+        need = top_k * expert_bytes
         raise ValueError(
-            f"expert memory of {budget_bytes} bytes holds {slots} expert(s) per MoE layer; decoding needs at "
-            f"least top_k={top_k} per layer: {need} bytes ({need / 2**20:.1f} MiB; {layers} layers x {top_k} x "
-            f"{expert_bytes} bytes per expert)"
+            f"expert memory of {budget_bytes} bytes holds {slots} expert(s); decoding needs at least one layer's "
+            f"top_k={top_k} resident at once: {need} bytes ({need / 2**20:.1f} MiB; {expert_bytes} bytes per expert)"
         )
-    return Budget(budget_bytes, expert_bytes, layers, slots)
+    return Budget(budget_bytes, expert_bytes, layers, num_experts, slots)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -106,23 +108,37 @@ def apply_expert_store(
     policy: str = "lfru",
     dtype: torch.dtype = torch.float32,
 ) -> Budget:
-    """Replace the stacked experts of every MoE layer of ``model`` by a pool of slots filled from
-    ``source`` (layer ``i`` = the i-th MoE layer in model order), within ``budget_bytes`` in all.
-    The experts' own weights are dropped (on a meta-built model they were never allocated)."""
+    """Replace the stacked experts of every MoE layer of ``model`` by one pool of slots shared by
+    all of them, filled from ``source`` (layer ``i`` = the i-th MoE layer in model order), within
+    ``budget_bytes``. The experts' own weights are dropped (on a meta-built model they were never
+    allocated). Every layer's experts must have one shape (true of every moekit LM and HF family)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layer with stacked experts: nothing to put in an expert store")
-    first = cast(GroupedExperts, layers[0][1].experts)
+    stacks = [cast(GroupedExperts, m.experts) for _, m in layers]
+    shapes = {(ex.num_experts, ex.dim, ex.hidden_dim, GATED[ex.kind]) for ex in stacks}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"an expert store needs every MoE layer's experts of one shape; the model has {sorted(shapes)}"
+        )
+    first = stacks[0]
     h = first.hidden_dim * (2 if GATED[first.kind] else 1)
     expert_bytes = (first.dim * h + first.hidden_dim * first.dim) * torch.empty((), dtype=dtype).element_size()
     top_k = max(m.cfg.top_k for _, m in layers)
     plan = plan_budget(budget_bytes, expert_bytes, len(layers), first.num_experts, top_k)
-    for i, (_, moe) in enumerate(layers):
-        ex = cast(GroupedExperts, moe.experts)
-        moe.experts = StoredExperts(
-            source, i, ex.num_experts, ex.dim, ex.hidden_dim, ex.kind, plan.slots, make_policy(policy), dtype
-        )
+    pool = ExpertPool(source, plan.slots, first.dim, h, first.hidden_dim, make_policy(policy, len(layers)), dtype)
+    for i, ((_, moe), ex) in enumerate(zip(layers, stacks)):
+        moe.experts = StoredExperts(pool, i, ex.num_experts, ex.dim, ex.hidden_dim, ex.kind)
     return plan
+
+
+def expert_pools(model: nn.Module) -> list[ExpertPool]:
+    """The distinct slot pools of a model's budgeted layers."""
+    pools: dict[int, ExpertPool] = {}
+    for m in model.modules():
+        if isinstance(m, StoredExperts):
+            pools.setdefault(id(m.pool), m.pool)
+    return list(pools.values())
 
 
 def materialize_with_store(
@@ -148,6 +164,15 @@ def store_stats(model: nn.Module) -> StoreStats:
             total.hits, total.misses = total.hits + s.hits, total.misses + s.misses
             total.bytes_read, total.read_s = total.bytes_read + s.bytes_read, total.read_s + s.read_s
     return total
+
+
+def pool_trace(model: nn.Module) -> list[list[tuple[int, int]]]:
+    """The recorded per-layer traces (:func:`record_traces`) as the shared pool saw them: calls in
+    model order (every forward calls each layer once), experts keyed (layer, expert), ready for
+    :func:`replay` and :func:`belady` with the pool's slot count."""
+    layers = [m for m in model.modules() if isinstance(m, StoredExperts) and m.stats.trace is not None]
+    calls = zip(*(m.stats.trace for m in layers))
+    return [[(m.layer, e) for e in call] for step in calls for m, call in zip(layers, step)]
 
 
 def record_traces(model: nn.Module, on: bool = True) -> None:
@@ -197,6 +222,7 @@ def load_run_with_store(
 
 __all__ = [
     "Budget",
+    "ExpertPool",
     "ExpertSource",
     "LFRU",
     "LFU",
@@ -211,11 +237,14 @@ __all__ = [
     "StoreStats",
     "StoredExperts",
     "apply_expert_store",
+    "expert_pools",
     "belady",
     "load_run_with_store",
+    "make_policy",
     "materialize_with_store",
     "moe_layers",
     "parse_bytes",
+    "pool_trace",
     "plan_budget",
     "prefetch_stats",
     "record_traces",

@@ -1,13 +1,16 @@
-"""Experts on a memory budget: a fixed pool of slots per MoE layer, filled from the slow tier (a
-safetensors file read by byte range) as routing asks for experts, behind the layer's experts
-seam (:class:`~moekit.layer.experts.StackedExperts`): the layer and its paths do not know.
+"""Experts on a memory budget: one fixed pool of slots shared by every MoE layer, filled from the
+slow tier (a safetensors file read by byte range) as routing asks for experts, behind the layer's
+experts seam (:class:`~moekit.layer.experts.StackedExperts`): the layer and its paths do not know.
 
-The pool is allocated once, so the budget holds by construction. A call first makes every
-expert it needs resident (a hit costs nothing, a miss one read into a slot the policy frees),
-then computes exactly what :class:`~moekit.layer.experts.GroupedExperts` computes, on the pool's
-slots instead of the full stack: the same kernels on the same per-expert shapes, so outputs are
-bit-identical to the all-in-memory model's. A call that needs more experts than the pool has
-slots (a long prompt) is served in chunks of at most that many experts.
+The pool is allocated once, so the budget holds by construction. It is shared: decoding runs the
+layers one after another, so a token needs only one layer's ``top_k`` experts resident at a time,
+and the policy decides across layers which of the others to keep (a budget of ``top_k`` experts
+runs any depth; a layer whose routing is skewed keeps fewer slots than one that spreads). A call
+first makes every expert it needs resident (a hit costs nothing, a miss one read into a slot the
+policy frees), then computes exactly what :class:`~moekit.layer.experts.GroupedExperts` computes,
+on the pool's slots instead of the full stack: the same kernels on the same per-expert shapes, so
+outputs are bit-identical to the all-in-memory model's. A call that needs more experts than the
+pool has slots (a long prompt) is served in chunks of at most that many experts.
 
 Shape legend: R rows in expert order, T tokens, K slots per token, D width, F expert width, H
 up-projection width (2F when gated), E experts, S pool slots.
@@ -15,6 +18,7 @@ up-projection width (2F when gated), E experts, S pool slots.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -76,107 +80,177 @@ class PrefetchStats:
         return self.right / self.needed if self.needed else float("nan")
 
 
-class StoredExperts(StackedExperts):
-    """One MoE layer's experts as ``slots`` resident copies out of ``num_experts`` on ``source``."""
+Key = tuple[int, int]  # (MoE layer ordinal, expert)
+
+
+class ExpertPool:
+    """``slots`` resident experts of one shape, shared by the layers that read from ``source``,
+    keyed (layer, expert); ``policy`` picks the victim across layers. The running call's experts
+    are pinned (``resident``) until the next call; a prefetch (another thread) fills free or
+    evictable slots with the next layer's guess, one expert per lock hold."""
 
     def __init__(
         self,
         source: ExpertSource,
-        layer: int,
-        num_experts: int,
-        dim: int,
-        hidden_dim: int,
-        kind: str,
         slots: int,
+        dim: int,
+        up_width: int,
+        hidden_dim: int,
         policy: Policy,
         dtype: torch.dtype = torch.float32,
     ):
-        super().__init__()
-        if kind not in ACTIVATIONS:
-            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
-        if not 1 <= slots <= num_experts:
-            raise ValueError(f"slots must be in 1..num_experts ({num_experts}); got {slots}")
-        self.source, self.layer, self.policy = source, layer, policy
-        self.num_experts, self.dim, self.hidden_dim, self.kind = num_experts, dim, hidden_dim, kind
-        h = hidden_dim * (2 if GATED[kind] else 1)
-        source.check(layer, num_experts, (dim, h), (hidden_dim, dim))
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1; got {slots}")
+        self.source, self.policy = source, policy
         # plain tensors, not parameters or buffers: not in state_dict, not moved by .to()
-        self.up_SDH = torch.zeros(slots, dim, h, dtype=dtype)  # zeros: some forms compute every slot (weight 0)
+        self.up_SDH = torch.zeros(slots, dim, up_width, dtype=dtype)  # zeros: some forms compute every slot
         self.down_SFD = torch.zeros(slots, hidden_dim, dim, dtype=dtype)
-        self._views = (self.up_SDH.unbind(0), self.down_SFD.unbind(0))  # the pool never moves
-        self.holder_S: list[Optional[int]] = [None] * slots  # the expert in each slot
-        self.slot_of: dict[int, int] = {}
-        self.stats = StoreStats()
-        self.prefetch_stats = PrefetchStats()
-        self._pending: Optional[Future] = None  # a prefetch into this pool, running on another thread
+        self.views = (self.up_SDH.unbind(0), self.down_SFD.unbind(0))  # the pool never moves
+        self.holder_S: list[Optional[Key]] = [None] * slots  # the expert in each slot
+        self.slot_of: dict[Key, int] = {}
+        self.pinned: frozenset[Key] = frozenset()  # the running call's experts: never evicted
+        self.guarded: frozenset[Key] = frozenset()  # a pending prefetch's guess: evicted last
+        self._lock = threading.Lock()
 
     @property
     def slots(self) -> int:
         return self.up_SDH.shape[0]
 
     @property
+    def nbytes(self) -> int:
+        return self.up_SDH.nbytes + self.down_SFD.nbytes
+
+    @property
     def expert_bytes(self) -> int:
         return (self.up_SDH[0].numel() + self.down_SFD[0].numel()) * self.up_SDH.element_size()
 
+    def resident(self, layer: int, experts: list[int], stats: StoreStats) -> list[int]:
+        """Make ``experts`` of ``layer`` (at most ``slots`` distinct ids) resident and pin them
+        until the next call; their slots, in order. Hits and misses go to ``stats``."""
+        keys = [(layer, e) for e in experts]
+        with self._lock:
+            self.pinned = frozenset(keys)
+        out = []
+        for k in keys:
+            with self._lock:  # one expert per hold: a prefetch waits at most one read
+                s = self.slot_of.get(k)
+                if s is None:
+                    s = self._free_slot(self.pinned)
+                    assert s is not None  # pinned <= slots, so something is evictable
+                    self._load(k, s, stats)
+                    stats.misses += 1
+                else:
+                    stats.hits += 1
+                self.policy.touch(k)
+            out.append(s)
+        return out
+
+    def prefetch(self, layer: int, guess: list[int], stats: StoreStats) -> tuple[set[int], set[int]]:
+        """Make ``guess`` of ``layer`` resident where room is (free slots, or experts neither
+        pinned nor guessed), counting bytes read in ``stats`` but no accesses; (guess, experts read)."""
+        keys = [(layer, e) for e in guess]
+        self.guarded = frozenset(keys)
+        read: set[int] = set()
+        for k in keys:
+            with self._lock:
+                if k in self.slot_of:
+                    continue
+                s = self._free_slot(self.pinned | self.guarded)
+                if s is None:
+                    break
+                self._load(k, s, stats)
+            read.add(k[1])
+        return set(guess), read
+
+    def release_guess(self) -> None:
+        self.guarded = frozenset()
+
+    def _free_slot(self, keep: frozenset[Key]) -> Optional[int]:
+        if None in self.holder_S:
+            return self.holder_S.index(None)
+        candidates = [k for k in self.slot_of if k not in keep and k not in self.guarded]
+        candidates = candidates or [k for k in self.slot_of if k not in keep]
+        if not candidates:
+            return None
+        out = self.policy.victim(candidates)
+        self.policy.forget(out)
+        s = self.slot_of.pop(out)
+        self.holder_S[s] = None
+        return s
+
+    def _load(self, key: Key, s: int, stats: StoreStats) -> None:
+        t0 = time.perf_counter()
+        self.source.read_expert(key[0], key[1], self.up_SDH[s], self.down_SFD[s])
+        stats.read_s += time.perf_counter() - t0
+        stats.bytes_read += self.expert_bytes
+        self.holder_S[s], self.slot_of[key] = key, s
+
+    def residents(self, layer: int) -> list[int]:
+        """The experts of ``layer`` resident now."""
+        return sorted(e for (i, e) in self.slot_of if i == layer)
+
+
+class StoredExperts(StackedExperts):
+    """One MoE layer's ``num_experts`` experts, read from ``pool``'s source into its shared slots."""
+
+    def __init__(self, pool: ExpertPool, layer: int, num_experts: int, dim: int, hidden_dim: int, kind: str):
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
+        h = hidden_dim * (2 if GATED[kind] else 1)
+        if tuple(pool.up_SDH.shape[1:]) != (dim, h) or tuple(pool.down_SFD.shape[1:]) != (hidden_dim, dim):
+            raise ValueError(
+                f"the pool's slots hold experts of shapes {tuple(pool.up_SDH.shape[1:])} / "
+                f"{tuple(pool.down_SFD.shape[1:])}; layer {layer} has ({dim}, {h}) / ({hidden_dim}, {dim})"
+            )
+        pool.source.check(layer, num_experts, (dim, h), (hidden_dim, dim))
+        self.pool, self.layer = pool, layer
+        self.num_experts, self.dim, self.hidden_dim, self.kind = num_experts, dim, hidden_dim, kind
+        self.stats = StoreStats()
+        self.prefetch_stats = PrefetchStats()
+        self._pending: Optional[Future] = None  # a prefetch into the pool, running on another thread
+
+    @property
+    def slots(self) -> int:
+        """Slots of the (shared) pool: the most experts one call can have resident at once."""
+        return self.pool.slots
+
+    @property
+    def policy(self) -> Policy:
+        return self.pool.policy
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.pool.expert_bytes
+
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, experts={self.num_experts}, slots={self.slots}, policy={self.policy.name}"
+        return f"layer={self.layer}, experts={self.num_experts}, pool slots={self.slots}, policy={self.policy.name}"
 
     # ------------------------------------------------------------------ residency
     def expect(self, prefetch: Future) -> None:
-        """A prefetch into this pool has started (``prefetch`` returns its (guess, read) sets)."""
+        """A prefetch for this layer has started (``prefetch`` returns its (guess, read) sets)."""
         self._pending = prefetch
 
     def prefetch(self, guess: list[int]) -> tuple[set[int], set[int]]:
-        """Make ``guess`` (at most ``slots`` ids) resident, on the prefetch thread, without counting
-        accesses (the call that follows counts them); (guess, experts read)."""
-        pinned, read = set(guess), set()
-        for e in guess:
-            if e not in self.slot_of:
-                self._load(e, self._free_slot(pinned))
-                read.add(e)
-        return pinned, read
+        """Read ``guess`` into the pool where room is, on the prefetch thread (see :class:`ExpertPool`)."""
+        return self.pool.prefetch(self.layer, guess, self.stats)
 
     def _settle(self, needed: list[int]) -> None:
         """Wait for a pending prefetch and score its guess against what this call needs."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        guess, read = pending.result()  # a read error surfaces here, in the caller's thread
+        try:
+            guess, read = pending.result()  # a read error surfaces here, in the caller's thread
+        finally:
+            self.pool.release_guess()
         st, want = self.prefetch_stats, set(needed)
         st.guessed, st.needed, st.right = st.guessed + len(guess), st.needed + len(want), st.right + len(guess & want)
         st.wasted_bytes += len(read - want) * self.expert_bytes
 
     def resident(self, experts: list[int]) -> list[int]:
         """Make ``experts`` (at most ``slots`` distinct ids) resident; their slots, in order."""
-        pinned = set(experts)
-        out = []
-        for e in experts:
-            s = self.slot_of.get(e)
-            if s is None:
-                s = self._free_slot(pinned)
-                self._load(e, s)
-                self.stats.misses += 1
-            else:
-                self.stats.hits += 1
-            self.policy.touch(e)
-            out.append(s)
-        return out
-
-    def _free_slot(self, pinned: set[int]) -> int:
-        if None in self.holder_S:
-            return self.holder_S.index(None)
-        out = self.policy.victim(e for e in self.slot_of if e not in pinned)
-        self.policy.forget(out)
-        s = self.slot_of.pop(out)
-        self.holder_S[s] = None
-        return s
-
-    def _load(self, e: int, s: int) -> None:
-        t0 = time.perf_counter()
-        self.source.read_expert(self.layer, e, self.up_SDH[s], self.down_SFD[s])
-        self.stats.read_s += time.perf_counter() - t0
-        self.stats.bytes_read += self.expert_bytes
-        self.holder_S[s], self.slot_of[e] = e, s
+        return self.pool.resident(self.layer, experts, self.stats)
 
     def _record(self, experts: list[int]) -> None:
         if self.stats.trace is not None:
@@ -202,7 +276,7 @@ class StoredExperts(StackedExperts):
             counts_S = torch.zeros(self.slots, dtype=counts_E.dtype)
             for s, e in by_slot:
                 counts_S[s] = counts[e]
-            y = stacked_ffn(x_RD[rows_R], counts_S, self.up_SDH, self.down_SFD, self.kind, backend)
+            y = stacked_ffn(x_RD[rows_R], counts_S, self.pool.up_SDH, self.pool.down_SFD, self.kind, backend)
             if y_RD is None:  # the dtype the kernels gave (autocast's, or the rows')
                 y_RD = y.new_zeros(x_RD.shape[0], self.dim)
             y_RD[rows_R] = y[: rows_R.numel()]
@@ -213,8 +287,8 @@ class StoredExperts(StackedExperts):
     ) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, on the pool's slots."""
         x_TD = as_dtype(x_TD, compute_dtype(x_TD))
-        w_up, w_down = self.up_SDH, self.down_SFD
-        views: Optional[tuple] = self._views
+        w_up, w_down = self.pool.up_SDH, self.pool.down_SFD
+        views: Optional[tuple] = self.pool.views
         if w_up.dtype != x_TD.dtype:  # under autocast: the matmuls' dtype, as GroupedExperts casts
             w_up, w_down, views = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype), None
         if into_TD is not None:

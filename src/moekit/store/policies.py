@@ -1,8 +1,9 @@
 """Which resident expert a full slot pool gives up: LRU, LFU, a frequency-times-recency policy,
 and Belady's optimum (offline) to score them against on a recorded routing trace.
 
-A policy sees one layer's accesses in order (``touch``) and picks a victim among the resident
-experts that the current call does not need (``victim``). Time is counted in accesses, so a
+A policy sees a pool's accesses in order (``touch``; keys are expert ids, or (layer, expert) in
+the pool the store shares across layers) and picks a victim among the resident experts that the
+current call does not need (``victim``). Time is counted in accesses, so a
 trace replays the same way whatever the machine's speed.
 
 MoE access is skewed (a few experts take most tokens) and bursty (consecutive tokens of a text
@@ -17,24 +18,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+Key = Any  # an expert id, or (layer, expert) in a pool shared by layers; hashable and ordered
 
 
 class Policy:
-    """Eviction order for one layer's slot pool."""
+    """Eviction order for a slot pool."""
 
     name = "policy"
 
     def __init__(self) -> None:
         self.clock = 0
 
-    def touch(self, expert: int) -> None:
+    def touch(self, expert: Key) -> None:
         """An access to ``expert`` (a hit, or a miss that loaded it)."""
         self.clock += 1
 
-    def forget(self, expert: int) -> None:
+    def forget(self, expert: Key) -> None:
         """``expert`` left the pool."""
 
-    def victim(self, resident: Iterable[int]) -> int:
+    def victim(self, resident: Iterable[Key]) -> Key:
         """The expert to evict among ``resident`` (all evictable)."""
         raise NotImplementedError
 
@@ -46,13 +50,13 @@ class LRU(Policy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.last: dict[int, int] = {}
+        self.last: dict[Key, int] = {}
 
-    def touch(self, expert: int) -> None:
+    def touch(self, expert: Key) -> None:
         super().touch(expert)
         self.last[expert] = self.clock
 
-    def victim(self, resident: Iterable[int]) -> int:
+    def victim(self, resident: Iterable[Key]) -> Key:
         return min(resident, key=lambda e: self.last.get(e, -1))
 
 
@@ -63,15 +67,15 @@ class LFU(Policy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.count: dict[int, int] = {}
-        self.last: dict[int, int] = {}
+        self.count: dict[Key, int] = {}
+        self.last: dict[Key, int] = {}
 
-    def touch(self, expert: int) -> None:
+    def touch(self, expert: Key) -> None:
         super().touch(expert)
         self.count[expert] = self.count.get(expert, 0) + 1
         self.last[expert] = self.clock
 
-    def victim(self, resident: Iterable[int]) -> int:
+    def victim(self, resident: Iterable[Key]) -> Key:
         return min(resident, key=lambda e: (self.count.get(e, 0), self.last.get(e, -1)))
 
 
@@ -86,35 +90,37 @@ class LFRU(Policy):
         if not half_life > 0:
             raise ValueError(f"half_life must be > 0 accesses; got {half_life}")
         self.rate = math.log(2) / half_life
-        self.score: dict[int, float] = {}  # log-free form: score * exp(rate * time of its update)
-        self.last: dict[int, int] = {}
+        self.score: dict[Key, float] = {}  # log-free form: score * exp(rate * time of its update)
+        self.last: dict[Key, int] = {}
 
-    def _now(self, e: int) -> float:
+    def _now(self, e: Key) -> float:
         return self.score.get(e, 0.0) * math.exp(-self.rate * (self.clock - self.last.get(e, self.clock)))
 
-    def touch(self, expert: int) -> None:
+    def touch(self, expert: Key) -> None:
         super().touch(expert)
         self.score[expert] = self._now(expert) + 1.0
         self.last[expert] = self.clock
 
-    def victim(self, resident: Iterable[int]) -> int:
+    def victim(self, resident: Iterable[Key]) -> Key:
         return min(resident, key=lambda e: (self._now(e), self.last.get(e, -1)))
 
 
 POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, layers: int = 1) -> Policy:
+    """The named policy for a pool shared by ``layers`` MoE layers (LFRU's half-life is counted
+    in accesses: ``layers`` times one layer's, so it spans the same number of tokens)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {name!r}")
-    return POLICIES[name]()
+    return LFRU(64.0 * layers) if name == "lfru" else POLICIES[name]()
 
 
-def replay(trace: Sequence[Sequence[int]], slots: int, policy: Policy) -> tuple[int, int]:
-    """(hits, misses) of ``policy`` with ``slots`` slots on one layer's ``trace`` (the experts each
+def replay(trace: Sequence[Sequence[Key]], slots: int, policy: Policy) -> tuple[int, int]:
+    """(hits, misses) of ``policy`` with ``slots`` slots on a pool's ``trace`` (the experts each
     call needed, in order; a call's experts are all resident together, so a call needing more than
     ``slots`` is served in chunks as the store does)."""
-    resident: set[int] = set()
+    resident: set[Key] = set()
     hits = misses = 0
     for call in trace:
         for chunk in _chunks(sorted(set(call)), slots):
@@ -133,17 +139,17 @@ def replay(trace: Sequence[Sequence[int]], slots: int, policy: Policy) -> tuple[
     return hits, misses
 
 
-def belady(trace: Sequence[Sequence[int]], slots: int) -> tuple[int, int]:
+def belady(trace: Sequence[Sequence[Key]], slots: int) -> tuple[int, int]:
     """(hits, misses) of Belady's optimal eviction (the resident expert needed again farthest in
     the future; Belady 1966) on the same trace and chunking as :func:`replay`."""
     calls = [chunk for call in trace for chunk in _chunks(sorted(set(call)), slots)]
-    next_use: list[dict[int, int]] = [{} for _ in calls]
-    upcoming: dict[int, int] = {}
+    next_use: list[dict[Key, int]] = [{} for _ in calls]
+    upcoming: dict[Key, int] = {}
     for i in range(len(calls) - 1, -1, -1):
         next_use[i] = dict(upcoming)  # the next call (after i) that needs each expert
         for e in calls[i]:
             upcoming[e] = i
-    resident: set[int] = set()
+    resident: set[Key] = set()
     hits = misses = 0
     for i, chunk in enumerate(calls):
         pinned = set(chunk)
@@ -158,5 +164,5 @@ def belady(trace: Sequence[Sequence[int]], slots: int) -> tuple[int, int]:
     return hits, misses
 
 
-def _chunks(experts: list[int], size: int) -> list[list[int]]:
+def _chunks(experts: list, size: int) -> list[list]:
     return [experts[i : i + size] for i in range(0, len(experts), size)] or [[]]

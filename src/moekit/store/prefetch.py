@@ -4,9 +4,9 @@ The guess is layer l+1's router applied to layer l's input (the residual stream 
 from one layer to the next; Eliseev & Mazur 2023, "Fast inference of Mixture-of-Experts language
 models with offloading", report 80-90 % recall for Mixtral this way). The reads run on one
 background thread: ``os.preadv`` releases the GIL, so they overlap the current layer's compute
-on another core. Layer l+1's call waits for its pending prefetch before it touches its pool, so
-the two never use a slot at once. Precision, recall and the bytes read for nothing are counted
-per layer (:class:`PrefetchStats`).
+on another core. The prefetch reads only into free slots or over experts that neither the running
+call nor its own guess needs, and layer l+1's call waits for it before it computes. Precision,
+recall and the bytes read for nothing are counted per layer (:class:`PrefetchStats`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Prefetcher:
             with torch.no_grad():
                 routing = nxt.router(x_TD, nxt.cfg.top_k, None, scope=LOCAL_SCOPE)
             guess = sorted({e for e in routing.experts_TK.reshape(-1).tolist() if e < experts.num_experts})
-            experts.expect(self.pool.submit(experts.prefetch, guess[: experts.slots]))
+            experts.expect(self.pool.submit(experts.prefetch, guess))
             return None
 
         return hook
