@@ -10,10 +10,9 @@ are concatenated (q heads, then k, then v) into moekit's fused ``wqkv``.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union, cast
 
 import torch
@@ -414,7 +413,14 @@ def _split_experts(sd: dict, family: str) -> dict:
 
 def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
     """moekit state dict from a transformers one (keys without a "model." prefix error out by name)."""
-    out, used = {}, set()
+    return dict(hf_to_moekit_items(sd, cfg))
+
+
+def hf_to_moekit_items(sd: Mapping[str, Tensor], cfg: LMConfig) -> Iterator[tuple[str, Tensor]]:
+    """(moekit key, tensor) pairs from a transformers state dict, block by block: each tensor is
+    taken from ``sd`` when its block is converted, so a lazily read ``sd`` (a folder read by byte
+    range) holds one block at a time. Missing and unexpected tensors raise, naming them."""
+    used: set[str] = set()
 
     def take(key: str) -> Tensor:
         if key not in sd:
@@ -423,28 +429,27 @@ def _hf_to_moekit(sd: dict, cfg: LMConfig) -> dict:
         used.add(key)
         return sd[key]
 
-    out["embed.weight"] = take("model.embed_tokens.weight")
-    out["norm.weight"] = take("model.norm.weight")
+    yield "embed.weight", take("model.embed_tokens.weight")
+    yield "norm.weight", take("model.norm.weight")
     if not cfg.tie_embeddings:
-        out["head.weight"] = take("lm_head.weight")
+        yield "head.weight", take("lm_head.weight")
     elif "lm_head.weight" in sd:
         used.add("lm_head.weight")
     for i in range(cfg.n_layers):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        out.update(_hf_attention_to_moekit(take, cfg, p + "self_attn.", q + "attn."))
+        yield q + "attn_norm.weight", take(p + "input_layernorm.weight")
+        yield q + "ffn_norm.weight", take(p + "post_attention_layernorm.weight")
+        yield from _hf_attention_to_moekit(take, cfg, p + "self_attn.", q + "attn.").items()
         if cfg.is_moe_layer(i):
-            out.update(_hf_moe_to_moekit(take, cfg, p + "mlp.", q + "ffn."))
+            yield from _hf_moe_to_moekit(take, cfg, p + "mlp.", q + "ffn.").items()
         else:
-            out.update(_hf_mlp_to_moekit(take, p + "mlp.", q + "ffn."))
+            yield from _hf_mlp_to_moekit(take, p + "mlp.", q + "ffn.").items()
     extra = sorted(k for k in set(sd) - used if not k.endswith(("rotary_emb.inv_freq",)))
     if extra:
         raise WeightMismatchError(
             f"unexpected tensor(s) in the transformers checkpoint: {', '.join(extra[:8])}"
             + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
         )
-    return out
 
 
 def _hf_attention_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, a: str, q: str) -> dict:
@@ -537,29 +542,6 @@ def _load_state(model: MoETransformer, sd: dict) -> None:
     model.load_state_dict(sd, strict=False)
 
 
-def _read_folder(path: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path!r} has no config.json (expected a save_pretrained folder)")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    _check_family(config)  # before reading any weights
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path!r} has no *.safetensors weights")
-    sd = {}
-    for n in files:
-        sd.update(load_file(os.path.join(path, n)))
-    return config, sd
-
-
 def load_hf(
     source,
     *,
@@ -593,8 +575,10 @@ def load_hf(
             prefetch=prefetch,
         )
     if isinstance(source, (str, os.PathLike)):
-        config, sd = _read_folder(os.fspath(source))
-    elif isinstance(source, nn.Module) and hasattr(source, "config"):
+        from .stored import load_hf_streaming
+
+        return load_hf_streaming(os.fspath(source), dtype=dtype, training_losses=training_losses)
+    if isinstance(source, nn.Module) and hasattr(source, "config"):
         config = cast(Any, source).config.to_dict()  # a transformers model (untyped here)
         _check_family(config)
         sd = {k: v.detach() for k, v in source.state_dict().items()}

@@ -1,6 +1,8 @@
-"""A Hugging Face MoE folder loaded with its experts left in its safetensors shards: only the
-non-expert tensors are read at load time; each expert comes into the expert store's pool
-(:mod:`moekit.store`) by byte range when routing asks for it.
+"""A Hugging Face MoE folder read by byte range, tensor by tensor, into a model built on the meta
+device: peak memory while loading is what the model keeps (plus one tensor in flight). Without a
+budget every tensor is read into place in the folder's own dtype; with one (``expert_memory``)
+only the non-expert tensors are, and each expert comes into the expert store's pool
+(:mod:`moekit.store`) when routing asks for it.
 
 transformers checkpoints keep each expert's projections as ``nn.Linear`` weights, ``(out, in)``:
 per expert (``experts.{e}.{gate,up,down}_proj.weight``, Mixtral's ``w1, w3, w2``) or stacked
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor
 
 from ..config import LMConfig
+from ..layer.experts import GroupedExperts
 from ..models.lm import MoETransformer
 from ..store import SafetensorsFiles, StoreFileError, materialize_with_store
-from .hf import _PER_EXPERT, WeightMismatchError, _check_family, _hf_to_moekit, _load_state, config_from_hf
+from .hf import _PER_EXPERT, WeightMismatchError, _check_family, config_from_hf, hf_to_moekit_items
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.")
 
@@ -51,13 +55,20 @@ class HFExpertSource:
     def check(self, layer: int, num_experts: int, up_DH: tuple[int, ...], down_FD: tuple[int, ...]) -> None:
         pre, (D, H), F = self.prefix[layer], up_DH, down_FD[0]
         if self._fused(layer):
-            self.files.check_shape(pre + "gate_up_proj", (num_experts, H, D))
-            self.files.check_shape(pre + "down_proj", (num_experts, D, F))
+            self._need(pre + "gate_up_proj", (num_experts, H, D))
+            self._need(pre + "down_proj", (num_experts, D, F))
             return
         for e in range(num_experts):
-            self.files.check_shape(f"{pre}{e}.{self.gate}.weight", (F, D))
-            self.files.check_shape(f"{pre}{e}.{self.up}.weight", (F, D))
-            self.files.check_shape(f"{pre}{e}.{self.down}.weight", (D, F))
+            self._need(f"{pre}{e}.{self.gate}.weight", (F, D))
+            self._need(f"{pre}{e}.{self.up}.weight", (F, D))
+            self._need(f"{pre}{e}.{self.down}.weight", (D, F))
+
+    def _need(self, name: str, shape: tuple[int, ...]) -> None:
+        entry = self.files.entries.get(name)
+        if entry is None:
+            raise WeightMismatchError(f"missing tensor {name!r} in the transformers checkpoint")
+        if entry.shape != shape:
+            raise WeightMismatchError(f"tensor {name!r}: expected shape {shape}, got {entry.shape}")
 
     def read_expert(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> None:
         pre, F = self.prefix[layer], down_FD.shape[0]
@@ -73,23 +84,105 @@ class HFExpertSource:
         down_FD.copy_(self.files.read_rows(f"{pre}{e}.{self.down}.weight", down_FD.new_empty(down_FD.shape[1], F)).t())
 
 
-def _non_expert_state(files: SafetensorsFiles, cfg: LMConfig) -> dict:
-    """The checkpoint's tensors in transformers' names, experts replaced by stacked placeholders on
-    the meta device (so the name mapping runs unchanged and nothing of them is read)."""
-    assert cfg.moe is not None
-    sd: dict = {}
-    for name in files.entries:
-        if _EXPERT.match(name):
-            continue
-        key = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")  # Mixtral's router name
-        sd[key] = files.read(name)
-    D, F, E = cfg.dim, cfg.moe.hidden_dim, cfg.moe.num_experts
-    for i in range(cfg.n_layers):
-        if cfg.is_moe_layer(i):
-            pre = f"model.layers.{i}.mlp.experts."
-            sd[pre + "gate_up_proj"] = torch.empty(E, 2 * F, D, device="meta")
-            sd[pre + "down_proj"] = torch.empty(E, D, F, device="meta")
-    return sd
+class FolderState(Mapping[str, Tensor]):
+    """A folder's non-expert tensors under transformers' in-memory names, each read from its shard
+    when asked for (and not kept); the experts as stacked placeholders on the meta device, so the
+    name mapping (:func:`~moekit.interop.hf.hf_to_moekit_items`) runs unchanged and reads none."""
+
+    def __init__(self, files: SafetensorsFiles, cfg: LMConfig):
+        assert cfg.moe is not None
+        self.files = files
+        self.names = {
+            n.replace(".block_sparse_moe.gate.", ".mlp.gate."): n  # Mixtral's router name
+            for n in files.entries
+            if not _EXPERT.match(n)
+        }
+        D, F, E = cfg.dim, cfg.moe.hidden_dim, cfg.moe.num_experts
+        self.placeholders: dict[str, Tensor] = {}
+        for i in range(cfg.n_layers):
+            if cfg.is_moe_layer(i):
+                pre = f"model.layers.{i}.mlp.experts."
+                self.placeholders[pre + "gate_up_proj"] = torch.empty(E, 2 * F, D, device="meta")
+                self.placeholders[pre + "down_proj"] = torch.empty(E, D, F, device="meta")
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key in self.placeholders:
+            return self.placeholders[key]
+        return self.files.read(self.names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.names
+        yield from self.placeholders
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self.placeholders)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names or key in self.placeholders
+
+
+def _open_folder(path: str, training_losses: bool) -> tuple[SafetensorsFiles, LMConfig, HFExpertSource]:
+    """The folder's shards (headers only), its moekit config and its experts' source."""
+    folder = Path(path)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a save_pretrained folder)")
+    config = json.loads(cfg_path.read_text())
+    _check_family(config)  # before reading any weights
+    family, cfg = config_from_hf(config, training_losses=training_losses)
+    try:
+        files = SafetensorsFiles.of(folder)
+    except StoreFileError as err:
+        raise FileNotFoundError(str(err)) from None
+    return files, cfg, HFExpertSource(files, cfg, family)
+
+
+def read_non_experts(model: MoETransformer, files: SafetensorsFiles, cfg: LMConfig) -> None:
+    """Every tensor of ``model`` but the stacked experts, read from the folder into place one at a
+    time (shapes checked; missing and unexpected tensors named)."""
+    expected = model.state_dict()
+    done = set()
+    with torch.no_grad():
+        for key, value in hf_to_moekit_items(FolderState(files, cfg), cfg):
+            if value.is_meta:
+                continue  # the experts: read by HFExpertSource
+            if key not in expected:
+                raise WeightMismatchError(f"tensor {key!r} has no place in the moekit model")
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise WeightMismatchError(
+                    f"tensor {key!r}: expected shape {tuple(expected[key].shape)}, got {tuple(value.shape)}"
+                )
+            expected[key].copy_(value)
+            done.add(key)
+    skip = ("expert_usage", "steps_unused", "experts.w_up", "experts.w_down")
+    missing = sorted(k for k in expected if k not in done and not k.endswith(skip))
+    if missing:
+        raise WeightMismatchError(f"missing tensor(s) for the moekit model: {', '.join(missing)}")
+
+
+def load_hf_streaming(
+    path: str, *, dtype: Optional[torch.dtype] = None, training_losses: bool = False
+) -> MoETransformer:
+    """:func:`moekit.interop.load_hf` of a folder, read into place: the model is built on the meta
+    device and allocated once in ``dtype`` (default: the folder's, as its embedding has it), then
+    each tensor and each expert is read into its parameter. Peak memory: the model plus one tensor
+    (the page cache is told to drop what was read). In eval mode."""
+    files, cfg, source = _open_folder(path, training_losses)
+    dtype = dtype or files.entry("model.embed_tokens.weight").dtype
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model.to(dtype).to_empty(device="cpu")
+    model.reset_buffers()
+    stacks = [cast(GroupedExperts, moe.experts) for moe in model.moe_layers]
+    for j, ex in enumerate(stacks):  # the shapes of every expert, before any read
+        source.check(j, ex.num_experts, tuple(ex.w_up.shape[1:]), tuple(ex.w_down.shape[1:]))
+    read_non_experts(model, files, cfg)
+    with torch.no_grad():
+        for j, ex in enumerate(stacks):
+            for e in range(ex.num_experts):
+                source.read_expert(j, e, ex.w_up[e], ex.w_down[e])
+    files.close()
+    return model.eval()
 
 
 def load_hf_with_store(
@@ -104,31 +197,16 @@ def load_hf_with_store(
     """:func:`moekit.interop.load_hf` of a folder with its experts in an expert store of
     ``budget_bytes`` (see :mod:`moekit.store`): built on the meta device, the non-expert tensors
     read into place, the experts read by byte range as routing asks. In eval mode."""
-    folder = Path(path)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a save_pretrained folder)")
-    config = json.loads(cfg_path.read_text())
-    _check_family(config)
-    family, cfg = config_from_hf(config, training_losses=training_losses)
+    files, cfg, source = _open_folder(path, training_losses)
     if cfg.moe is None:
-        raise ValueError(f"{folder} has no MoE layers: nothing to put in an expert store")
-    try:
-        files = SafetensorsFiles.of(folder)
-    except StoreFileError as err:
-        raise FileNotFoundError(str(err)) from None
-    source = HFExpertSource(files, cfg, family)
+        raise ValueError(f"{path} has no MoE layers: nothing to put in an expert store")
     first = source.prefix[0] + ("gate_up_proj" if source._fused(0) else f"0.{source.gate}.weight")
     dtype = dtype or files.entry(first).dtype
     with torch.device("meta"):
         model = MoETransformer(cfg)
     materialize_with_store(model, source, budget_bytes, policy, dtype, prefetch)
-    new = {k: v for k, v in _hf_to_moekit(_non_expert_state(files, cfg), cfg).items() if not v.is_meta}
-    expected = {k for k in model.state_dict()}
-    new = {k: v for k, v in new.items() if k in expected}  # the stacked experts are in the store
-    with torch.no_grad():
-        _load_state(model, new)
+    read_non_experts(model, files, cfg)
     return model.eval()
 
 
-__all__ = ["HFExpertSource", "load_hf_with_store"]
+__all__ = ["FolderState", "HFExpertSource", "load_hf_streaming", "load_hf_with_store", "read_non_experts"]

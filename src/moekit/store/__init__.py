@@ -190,10 +190,8 @@ def load_run_with_store(
     against the checkpoint's SHA-256 digests), the experts left in the file. Peak memory: the
     non-expert weights plus the pool. ``prefetch``: a :class:`Prefetcher` reads each next layer's
     guessed experts while the current one computes (kept as ``model.prefetcher``)."""
-    import json
-
     from ..models.lm import MoETransformer
-    from ..train.checkpoint import CHECKSUMS, MODEL, CheckpointError, tensor_sha256
+    from ..train.checkpoint import MODEL, read_model_into
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -209,14 +207,8 @@ def load_run_with_store(
     }
     dtype = files.entry(next(iter(names.values()))[0]).dtype
     materialize_with_store(model, StackedSource(files, names), budget_bytes, policy, dtype, prefetch)
-    digests = json.loads(next(iter(files.metadata.values())).get(CHECKSUMS, "{}"))
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            key = MODEL + name
-            files.check_shape(key, tuple(t.shape))
-            files.read_rows(key, t)
-            if key in digests and tensor_sha256(t) != digests[key]:
-                raise CheckpointError(f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 digest")
+    experts = {n[len(MODEL) :] for pair in names.values() for n in pair}
+    read_model_into(path, model, unread_ok=experts.__contains__)
     return model.eval()
 
 

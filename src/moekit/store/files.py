@@ -154,7 +154,7 @@ class SafetensorsFiles:
         rows, row_shape = (dst.shape[0], tuple(dst.shape[1:])) if whole else (1, tuple(dst.shape))
         if row_shape != e.shape[1:]:
             raise StoreFileError(f"tensor {name!r} has rows of shape {e.shape[1:]}; asked for {tuple(dst.shape)}")
-        if start < 0 or start + rows > e.shape[0]:
+        if start < 0 or start + rows > (e.shape[0] if e.shape else 1):  # a scalar is one row
             raise StoreFileError(f"tensor {name!r} of shape {e.shape}: rows {start}..{start + rows} do not exist")
         if dst.dtype != e.dtype or not dst.is_contiguous() or dst.device.type != "cpu":
             raw = torch.empty(dst.shape, dtype=e.dtype)

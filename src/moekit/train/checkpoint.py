@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, Union
 
@@ -163,6 +164,67 @@ def _verify(path: Path, tensors: dict, digests) -> None:
                 f"checkpoint {path} is corrupt: tensor {name!r} does not match its SHA-256 checksum "
                 "(the file was damaged after it was written)"
             )
+
+
+def read_model_into(
+    path: Union[str, Path], model: nn.Module, *, unread_ok: Callable[[str], bool] = lambda name: False
+) -> dict:
+    """The model's tensors (parameters and persistent buffers) of a single-file checkpoint read into
+    their places one at a time, by byte range, each checked against its SHA-256 digest: peak memory
+    is the model plus one tensor (the optimizer state is never read). Tensors of the file the model
+    lacks are refused unless ``unread_ok(name)`` (the experts an expert store reads later). Returns
+    the checkpoint's info (its ``meta``, ...)."""
+    from ..store.files import SafetensorsFiles, StoreFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        files = SafetensorsFiles([path])
+        try:
+            _read_model_tensors(path, files, model, unread_ok)
+        finally:
+            files.close()
+    except StoreFileError as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(err).splitlines()[0][:200]})") from err
+    return json.loads(files.metadata[path].get("moekit", "{}"))
+
+
+def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable[[str], bool]) -> None:
+    meta = files.metadata[path]
+    digests = json.loads(meta[CHECKSUMS]) if CHECKSUMS in meta else None
+    if digests is None:
+        warnings.warn(
+            f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data "
+            "cannot be verified",
+            stacklevel=3,
+        )
+    expected = model.state_dict()
+    in_file = {n[len(MODEL) :] for n in files.entries if n.startswith(MODEL)}
+    missing = sorted(set(expected) - in_file)
+    unexpected = sorted(n for n in in_file - set(expected) if not unread_ok(n))
+    if missing or unexpected:
+        what = ([f"missing {', '.join(missing[:6])}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected[:6])}"] if unexpected else []
+        )
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(what)}")
+    with torch.no_grad():
+        for name, t in expected.items():
+            key, entry = MODEL + name, files.entry(MODEL + name)
+            if entry.shape != tuple(t.shape):
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this model: {name!r} has shape {entry.shape} there, "
+                    f"{tuple(t.shape)} here"
+                )
+            direct = entry.dtype == t.dtype and t.is_contiguous() and t.device.type == "cpu"
+            raw = t if direct else torch.empty(entry.shape, dtype=entry.dtype)
+            files.read_rows(key, raw)
+            if digests is not None and tensor_sha256(raw) != digests.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: tensor {key!r} does not match its SHA-256 checksum"
+                )
+            if not direct:
+                t.copy_(raw)
 
 
 def load_checkpoint(

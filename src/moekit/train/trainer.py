@@ -36,7 +36,14 @@ from ..data import TokenData, covering_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
 from . import distcp
-from .checkpoint import CheckpointError, CheckpointWriteError, file_step, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    file_step,
+    load_checkpoint,
+    read_model_into,
+    save_checkpoint,
+)
 from .distcp import DCP_DIR, load_distributed, save_distributed
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -636,17 +643,22 @@ def find_checkpoint(sub_dir: Path) -> Optional[Path]:
 
 
 def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoETransformer:
-    """The model of a finished (or checkpointed) sub-run, in eval mode. A DCP checkpoint (from a
-    run under torchrun) is read in this one process: the model's tensors only, one item at a time
-    into the model (never the optimizer state)."""
-    model = MoETransformer(model_cfg)
+    """The model of a finished (or checkpointed) sub-run, in eval mode. Built on the meta device
+    and allocated once; its tensors are read into place one at a time (never the optimizer
+    state), so loading peaks at the model plus one tensor. A DCP checkpoint (from a run under
+    torchrun) is read in this one process, one item at a time into the model."""
     path = find_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint at {Path(run_dir) / CHECKPOINT} (nor a {DCP_DIR} folder)")
     if path.is_dir():
+        model = MoETransformer(model_cfg)
         load_distributed(path, model, rng=False)
-    else:
-        load_checkpoint(path, model)
+        return model.to(device).eval()
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    model.to_empty(device="cpu")
+    model.reset_buffers()
+    read_model_into(path, model)
     return model.to(device).eval()
 
 
