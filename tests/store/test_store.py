@@ -82,6 +82,28 @@ def test_logits_and_greedy_tokens_equal_the_all_in_memory_model(tmp_path, slots,
         assert stats.misses <= 3 * 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_served_in_chunks_is_bit_identical_where_the_stack_loops_over_experts(tmp_path, dtype):
+    """Experts large enough that the whole stack's few-token path loops over the chosen experts:
+    the store, with fewer slots than a 3-token top-4 prompt needs, adds each chunk's experts in the
+    same order (first use) into the same rows: the same bits, prompt and decoding."""
+    cfg = LMConfig(
+        vocab_size=97,
+        dim=256,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=32,
+        moe=MoEConfig(dim=256, hidden_dim=512, num_experts=16, top_k=4, router="topk"),  # > 3 x 3 MiB in bf16
+    )
+    path, ref = saved(tmp_path, cfg, dtype)
+    model = load_run_with_store(path, cfg, 5 * expert_bytes(cfg, dtype))
+    idx = torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
+    assert store_stats(model).misses > 2 * 5  # more experts than slots: chunks
+    assert torch.equal(model.generate(idx, 8, temperature=0.0), ref.generate(idx, 8, temperature=0.0))
+
+
 def test_the_pool_is_all_the_expert_memory_there_is(tmp_path):
     cfg = lm_cfg(num_experts=16)
     path, _ = saved(tmp_path, cfg)

@@ -42,13 +42,16 @@ def slot_ffn(
     act: Callable[[Tensor], Tensor],
     into_TD: Optional[Tensor] = None,
     views: Optional[tuple[Sequence[Tensor], Sequence[Tensor]]] = None,
+    stack_bytes: Optional[int] = None,
 ) -> Tensor:
     """The routed experts' output for a few tokens, reading only the chosen experts' weights,
     added to ``into_TD`` (in place, when given: e.g. the shared experts' output). ``views``:
-    ``(w_up_EDH[e] for e, w_down_EFD[e] for e)`` made beforehand, so eager decoding indexes no weights."""
+    ``(w_up_EDH[e] for e, w_down_EFD[e] for e)`` made beforehand, so eager decoding indexes no weights.
+    ``stack_bytes``: the bytes of the whole expert stack these weights stand for (an expert store's
+    slots hold a few of them), so the form is the one the whole stack would get: the same sums."""
     if x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
         out_TD = into_TD if into_TD is not None else x_TD.new_zeros(x_TD.shape[0], w_down_EFD.shape[-1])
-        expert_bytes = (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
+        expert_bytes = stack_bytes or (w_up_EDH.numel() + w_down_EFD.numel()) * w_up_EDH.element_size()
         if x_TD.shape[0] > 1 and expert_bytes <= x_TD.shape[0] * ALL_EXPERTS_BYTES_PER_TOKEN:
             return out_TD.add_(_all_experts(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act))
         ups, downs = views if views is not None else (w_up_EDH, w_down_EFD)

@@ -293,10 +293,13 @@ class StoredExperts(StackedExperts):
             w_up, w_down, views = w_up.to(x_TD.dtype), w_down.to(x_TD.dtype), None
         if into_TD is not None:
             into_TD = as_dtype(into_TD, x_TD.dtype)
-        wanted = sorted(e for e in set(experts_TK.reshape(-1).tolist()) if e < self.num_experts)
+        # chunks in order of first use (token-major), so the additions into each token's row run
+        # in the order the whole stack's loop makes them: bit-identical when chunked too
+        wanted = list(dict.fromkeys(e for e in experts_TK.reshape(-1).tolist() if e < self.num_experts))
         self._settle(wanted)
-        self._record(wanted)
+        self._record(sorted(wanted))
         act = ACTIVATIONS[self.kind]
+        stack_bytes = self.num_experts * self.expert_bytes
         chunks = _chunks(wanted, self.slots)
         for i, chunk in enumerate(chunks):
             slot_of_E = torch.full((self.num_experts + 1,), self.slots, dtype=experts_TK.dtype)
@@ -304,6 +307,6 @@ class StoredExperts(StackedExperts):
             slots_TK = slot_of_E[experts_TK.clamp(max=self.num_experts)]
             if into_TD is None and i + 1 < len(chunks):
                 into_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
-            into_TD = slot_ffn(x_TD, slots_TK, weights_TK, w_up, w_down, act, into_TD, views)
+            into_TD = slot_ffn(x_TD, slots_TK, weights_TK, w_up, w_down, act, into_TD, views, stack_bytes)
         assert into_TD is not None  # _chunks gives at least one chunk
         return into_TD
