@@ -217,8 +217,8 @@ def run(args) -> None:
     ref = next((r["tokens"] for r in rows if "tokens" in r), None)
     gib = 2**30
     print(
-        f"{folder}: cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, {args.threads} thread(s); "
-        "caps: cgroup v1 memory.limit_in_bytes (page cache included)"
+        f"{folder}: cold read bandwidth {bw / 1e9:.2f} GB/s; {args.new_tokens} greedy tokens, "
+        f"{args.threads} thread(s); caps: cgroup v1 memory.limit_in_bytes (page cache included)"
     )
     print(
         "| setting | cap GiB | tok/s | same tokens | hit rate | MiB read / token | byte-model bound tok/s | of bound "
