@@ -172,6 +172,20 @@ def test_no_policy_beats_belady_and_each_policy_counts_every_access(slots):
     assert best_hits > 0
 
 
+def test_lfru_in_a_shared_pool_gives_up_the_expert_whose_layer_runs_last():
+    """Layers run in turn: the next layer's expert will be asked for first, so with equal odds the
+    expert of the layer furthest ahead goes, even if it was used more recently."""
+    plain, shared = LFRU(), LFRU(half_life=64.0, layers=3)
+    for policy in (plain, shared):
+        for key in [(1, 5), (2, 6), (0, 1)]:  # layer 0 is running
+            policy.touch(key)
+    assert plain.victim([(1, 5), (2, 6)]) == (1, 5)  # the older
+    assert shared.victim([(1, 5), (2, 6)]) == (2, 6)  # layer 2 runs after layer 1
+    assert shared.victim([(0, 2), (2, 6)]) == (0, 2)  # layer 0's others: not before the next token
+    shared.touch((0, 2))
+    assert shared.victim([(0, 2), (1, 5)]) == (0, 2)
+
+
 def test_belady_is_optimal_on_a_trace_small_enough_to_search():
     """Against every eviction choice, exhaustively, on short random traces."""
     import functools

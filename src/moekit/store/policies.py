@@ -81,15 +81,22 @@ class LFU(Policy):
 
 class LFRU(Policy):
     """Recency-weighted frequency (LRFU): score = sum over past accesses of 2^(-age / half_life),
-    kept as one decayed number per expert; the lowest score is evicted."""
+    kept as one decayed number per expert; the lowest score is evicted.
+
+    In a pool shared by ``layers`` layers (keys ``(layer, expert)``, layers called in turn), a
+    resident expert's score is divided by how many layer calls away its layer's next call is
+    (1 for the next layer, ``layers`` for the calling layer's other experts): keeping it holds a
+    slot that long for one chance of a hit, so the lowest chance per slot-call goes first."""
 
     name = "lfru"
 
-    def __init__(self, half_life: float = 64.0) -> None:
+    def __init__(self, half_life: float = 64.0, layers: int = 1) -> None:
         super().__init__()
         if not half_life > 0:
             raise ValueError(f"half_life must be > 0 accesses; got {half_life}")
         self.rate = math.log(2) / half_life
+        self.layers = layers
+        self.current: int = 0  # the layer of the latest access (a shared pool's keys)
         self.score: dict[Key, float] = {}  # log-free form: score * exp(rate * time of its update)
         self.last: dict[Key, int] = {}
 
@@ -100,9 +107,14 @@ class LFRU(Policy):
         super().touch(expert)
         self.score[expert] = self._now(expert) + 1.0
         self.last[expert] = self.clock
+        if self.layers > 1:
+            self.current = expert[0]
+
+    def _calls_away(self, e: Key) -> int:
+        return ((e[0] - self.current) % self.layers or self.layers) if self.layers > 1 else 1
 
     def victim(self, resident: Iterable[Key]) -> Key:
-        return min(resident, key=lambda e: (self._now(e), self.last.get(e, -1)))
+        return min(resident, key=lambda e: (self._now(e) / self._calls_away(e), self.last.get(e, -1)))
 
 
 POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
@@ -110,10 +122,11 @@ POLICIES: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
 
 def make_policy(name: str, layers: int = 1) -> Policy:
     """The named policy for a pool shared by ``layers`` MoE layers (LFRU's half-life is counted
-    in accesses: ``layers`` times one layer's, so it spans the same number of tokens)."""
+    in accesses: ``layers`` times one layer's, so it spans the same number of tokens; and it
+    weighs each expert by how soon its layer runs again)."""
     if name not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}; got {name!r}")
-    return LFRU(64.0 * layers) if name == "lfru" else POLICIES[name]()
+    return LFRU(64.0 * layers, layers) if name == "lfru" else POLICIES[name]()
 
 
 def replay(trace: Sequence[Sequence[Key]], slots: int, policy: Policy) -> tuple[int, int]:
