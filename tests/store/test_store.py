@@ -104,6 +104,35 @@ def test_a_prompt_served_in_chunks_is_bit_identical_where_the_stack_loops_over_e
     assert torch.equal(model.generate(idx, 8, temperature=0.0), ref.generate(idx, 8, temperature=0.0))
 
 
+def test_a_failed_read_leaves_no_half_read_expert_behind(tmp_path):
+    """A read that fails (a disk error) raises in the caller; the experts of that batch are not
+    left resident with half-written slots: the next call reads them again and is exact."""
+    cfg = lm_cfg()
+    path, ref = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 9 * expert_bytes(cfg))
+    pool = expert_pools(model)[0]
+    source = pool.source
+
+    class Failing:
+        def check(self, *args):
+            source.check(*args)
+
+        def read_expert(self, layer, e, up_DH, down_FD):
+            up_DH.fill_(float("nan"))
+            if e % 2:
+                raise OSError("the disk went away")
+            source.read_expert(layer, e, up_DH, down_FD)
+
+    pool.source = Failing()
+    idx = torch.randint(0, 97, (1, 12))
+    with torch.no_grad(), pytest.raises(OSError, match="disk went away"):
+        model(idx)
+    assert not pool.loading and all(e % 2 == 0 for _, e in pool.slot_of)
+    pool.source = source
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
+
+
 def test_the_pool_is_all_the_expert_memory_there_is(tmp_path):
     cfg = lm_cfg(num_experts=16)
     path, _ = saved(tmp_path, cfg)

@@ -142,8 +142,11 @@ class SafetensorsFiles:
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        if fd is None:  # readers on several threads: the first descriptor stored wins
+            new = os.open(path, os.O_RDONLY)
+            fd = self._fds.setdefault(path, new)
+            if fd != new:
+                os.close(new)
         return fd
 
     def read_rows(self, name: str, dst: Tensor, start: int = 0, *, drop_cache: bool = True) -> Tensor:
