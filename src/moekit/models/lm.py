@@ -68,9 +68,10 @@ class KVCache:
     length: int = 0  # positions filled
 
     @classmethod
-    def empty(cls, cfg: LMConfig, batch: int, device, dtype) -> KVCache:
+    def empty(cls, cfg: LMConfig, batch: int, device, dtype, positions: Optional[int] = None) -> KVCache:
+        """Zeroed keys and values for ``positions`` (default: the model's ``max_seq_len``)."""
         hk, dh = cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
-        shape = (batch, hk, cfg.max_seq_len, dh)
+        shape = (batch, hk, positions or cfg.max_seq_len, dh)
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
@@ -428,7 +429,9 @@ class MoETransformer(nn.Module):
         was_training = self.training
         self.eval()
         p = next(self.parameters())
-        cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype) if use_cache else None
+        # eager decoding keeps what it will fill; the compiled step attends over a fixed-size cache
+        positions = None if compile else total
+        cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype, positions) if use_cache else None
         out = idx_BS
         step_in = idx_BS
         step = self._compiled_decode_step() if compile else None
