@@ -1,0 +1,136 @@
+"""Layers on low-precision weights for inference (:mod:`moekit.kernels.lowbit`): a linear map and
+the stacked experts' seam with each expert in its own format (per-expert precision), forward only.
+
+:class:`QuantizedExperts` computes what :class:`~moekit.layer.experts.GroupedExperts` computes,
+each expert's projections through its own :class:`~moekit.kernels.lowbit.LowBitWeight` kept in
+the checkpoints' ``(out, in)`` layout (the one the CPU's 16-bit and low-bit kernels read fastest).
+
+Shape legend: R rows in expert order, T tokens, K slots per token, D width, F expert width, H
+up-projection width (2F when gated), E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import as_dtype, compute_dtype
+from ..kernels.lowbit import LowBitWeight, check_format
+from .experts import ACTIVATIONS, FeedForward, GroupedExperts, StackedExperts
+
+
+class LowBitLinear(nn.Module):
+    """``nn.Linear``'s forward on a :class:`LowBitWeight` (the bias, if any, stays float32)."""
+
+    def __init__(self, weight: LowBitWeight, bias: Optional[Tensor] = None):
+        super().__init__()
+        self.q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+
+    @classmethod
+    def of(cls, linear: nn.Linear, fmt: str, group_size: int = 64) -> LowBitLinear:
+        return cls(LowBitWeight.quantize(linear.weight, fmt, group_size), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.q.linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.q.fmt}"
+
+
+class LowBitFeedForward(nn.Module):
+    """:class:`~moekit.layer.experts.FeedForward`'s forward (a dense FFN: a shared expert, a dense
+    layer) on low-precision weights."""
+
+    def __init__(self, ffn: FeedForward, fmt: str, group_size: int = 64):
+        super().__init__()
+        self.kind, self.dim, self.hidden_dim = ffn.kind, ffn.dim, ffn.hidden_dim
+        self.up = LowBitWeight.quantize(ffn.w_up.t(), fmt, group_size)
+        self.down = LowBitWeight.quantize(ffn.w_down.t(), fmt, group_size)
+        self._act = ACTIVATIONS[ffn.kind]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_RD = x.reshape(-1, x.shape[-1])
+        return self.down.linear(self._act(self.up.linear(x_RD))).reshape(*x.shape[:-1], self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden_dim}, format={self.up.fmt}"
+
+
+class QuantizedExperts(StackedExperts):
+    """E FFN experts, expert ``e``'s up ``(H, D)`` and down ``(D, F)`` projections in
+    ``formats[e]`` (forward only: for decoding and evaluation)."""
+
+    def __init__(self, ups: Sequence[LowBitWeight], downs: Sequence[LowBitWeight], kind: str):
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
+        if len(ups) != len(downs) or not ups:
+            raise ValueError(f"need one up and one down projection per expert; got {len(ups)} and {len(downs)}")
+        self.ups, self.downs, self.kind = list(ups), list(downs), kind
+        self.num_experts, self.dim, self.hidden_dim = len(ups), ups[0].in_features, downs[0].in_features
+        self._act = ACTIVATIONS[kind]
+
+    @classmethod
+    def of(cls, experts: GroupedExperts, formats: Sequence[str], group_size: int = 64) -> QuantizedExperts:
+        """``experts``' weights with expert ``e`` in ``formats[e]``."""
+        if len(formats) != experts.num_experts:
+            raise ValueError(f"formats: one per expert ({experts.num_experts}); got {len(formats)}")
+        for f in formats:
+            check_format(f, "expert format")
+        w_up, w_down = experts._local_weights()
+        ups = [LowBitWeight.quantize(w_up[e].t(), f, group_size) for e, f in enumerate(formats)]
+        downs = [LowBitWeight.quantize(w_down[e].t(), f, group_size) for e, f in enumerate(formats)]
+        return cls(ups, downs, experts.kind)
+
+    @property
+    def formats(self) -> list[str]:
+        return [w.name for w in self.ups]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.ups) + sum(w.nbytes for w in self.downs)
+
+    def extra_repr(self) -> str:
+        counts = {f: self.formats.count(f) for f in dict.fromkeys(self.formats)}
+        return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden_dim}, formats={counts}"
+
+    def expert(self, e: int, x_RD: Tensor) -> Tensor:
+        """Expert ``e`` on rows ``x_RD``."""
+        return self.downs[e].linear(self._act(self.ups[e].linear(x_RD)))
+
+    def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
+        x_RD = as_dtype(x_RD, compute_dtype(x_RD))
+        y_RD = x_RD.new_zeros(x_RD.shape[0], self.dim)
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                y_RD[start : start + n] = self.expert(e, x_RD[start : start + n])
+            start += n
+        return y_RD
+
+    def few_slots(
+        self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
+    ) -> Tensor:
+        """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, each chosen expert once."""
+        x_TD = as_dtype(x_TD, compute_dtype(x_TD))
+        out_TD = x_TD.new_zeros(x_TD.shape[0], self.dim) if into_TD is None else as_dtype(into_TD, x_TD.dtype)
+        rows: dict[int, list[tuple[int, int]]] = {}
+        for t, row in enumerate(experts_TK.tolist()):
+            for k, e in enumerate(row):
+                if e < self.num_experts:
+                    rows.setdefault(e, []).append((t, k))
+        w_TK = weights_TK.to(x_TD.dtype)
+        for e, tk in rows.items():
+            t_idx = torch.tensor([t for t, _ in tk])
+            k_idx = torch.tensor([k for _, k in tk])
+            out_TD.index_add_(0, t_idx, self.expert(e, x_TD[t_idx]) * w_TK[t_idx, k_idx].unsqueeze(-1))
+        return out_TD
+
+
+__all__ = ["LowBitFeedForward", "LowBitLinear", "QuantizedExperts"]

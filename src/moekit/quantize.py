@@ -1,0 +1,278 @@
+"""Low-precision inference for a moekit model: the experts, each in its own format (chosen from
+routing under a byte budget, or one for all), and optionally the other linear maps, computed by
+PyTorch's CPU kernels on the low-bit weights (:mod:`moekit.kernels.lowbit`). Forward only.
+
+Decoding reads every active weight once per token: fewer bytes per weight is the speed-up
+(measured: benchmarks/RESULTS.md, "Low-bit decode"). Which experts deserve more bits: those
+that take more of the routed tokens and lose more to the smaller format. :func:`plan_formats`
+spends a byte budget greedily by ``usage x error removed / bytes added`` (usage: each layer's
+``expert_usage``, the running share of routed slots training keeps and saves, or shares measured
+on data); none of llama.cpp, HQQ or torchao chooses precision per expert from routing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Union, cast
+
+import torch
+from torch import Tensor, nn
+
+from .kernels.lowbit import FORMATS, LowBitWeight, check_format, fits, format_bits, format_bytes
+from .layer.experts import GATED, FeedForward, GroupedExperts
+from .layer.lowbit import LowBitFeedForward, LowBitLinear, QuantizedExperts
+from .layer.moe import MoE
+
+EXPERT_CHOICES = FORMATS + ("auto",)  # and int4:G for a group size G
+Formats = list[list[str]]  # per MoE layer (model order), per expert
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did: each layer's expert formats and the bytes of the experts
+    before (float32 as held) and after; the format of the other linear maps (None: untouched)."""
+
+    formats: Formats
+    expert_bytes_before: int
+    expert_bytes_after: int
+    rest: Optional[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        mix = ", ".join(f"{n} {f}" for f, n in self.counts.items())
+        return (
+            f"experts {mix}: {self.expert_bytes_after / 2**20:.1f} MiB (from {self.expert_bytes_before / 2**20:.1f})"
+            + (f"; other linear maps {self.rest}" if self.rest else "")
+        )
+
+
+def _stacks(model: nn.Module) -> list[tuple[MoE, GroupedExperts]]:
+    return [(m, m.experts) for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, GroupedExperts)]
+
+
+def expert_error(experts: GroupedExperts, e: int, fmt: str, group_size: int = 64) -> float:
+    """Squared Frobenius error of expert ``e``'s two projections in ``fmt``, relative to their norm."""
+    err = norm = 0.0
+    for w in (experts.w_up[e].detach().t(), experts.w_down[e].detach().t()):
+        q = LowBitWeight.quantize(w, fmt, group_size).dequantize()
+        err += float((q - w.float()).pow(2).sum())
+        norm += float(w.float().pow(2).sum())
+    return err / max(norm, 1e-30)
+
+
+def _expert_fits(experts: GroupedExperts, fmt: str, group_size: int) -> bool:
+    h = experts.hidden_dim * (2 if GATED[experts.kind] else 1)
+    return fits(fmt, h, experts.dim, group_size) and fits(fmt, experts.dim, experts.hidden_dim, group_size)
+
+
+def expert_format_bytes(experts: GroupedExperts, fmt: str, group_size: int = 64) -> int:
+    h = experts.hidden_dim * (2 if GATED[experts.kind] else 1)
+    return format_bytes(fmt, h, experts.dim, group_size) + format_bytes(
+        fmt, experts.dim, experts.hidden_dim, group_size
+    )
+
+
+AUTO_CHOICES = ("int4:256", "int4:128", "int4:64", "int4:32", "int8")
+
+
+def plan_formats(
+    model: nn.Module,
+    budget_bytes: int,
+    choices: Sequence[str] = AUTO_CHOICES,
+    group_size: int = 64,
+    usage: Optional[Sequence[Tensor]] = None,
+) -> Formats:
+    """Per-expert formats within ``budget_bytes`` of expert weights: every expert starts in the
+    smallest of ``choices`` (default: int4 with groups of 256 down to 32, then int8); upgrades (to
+    the next larger choice) go in order of ``usage share x relative error removed / bytes added``
+    while the budget allows. ``usage``: per MoE layer, each
+    expert's share of routed tokens (default: the layers' ``expert_usage``). ValueError when even
+    the smallest format does not fit."""
+    for f in choices:
+        check_format(f, "choices")
+    stacks = _stacks(model)
+    if not stacks:
+        raise ValueError("the model has no MoE layer with stacked experts to quantize")
+    ladder = sorted(
+        {f for f in choices if all(_expert_fits(ex, f, group_size) for _, ex in stacks)},
+        key=lambda f: format_bits(f, group_size),
+    )
+    if not ladder:
+        raise ValueError(f"none of the formats {list(choices)} fits the experts' shapes")
+    shares = usage if usage is not None else [m.expert_usage.detach().float() for m, _ in stacks]
+    if len(shares) != len(stacks):
+        raise ValueError(f"usage: one share vector per MoE layer ({len(stacks)}); got {len(shares)}")
+    formats = [[ladder[0]] * ex.num_experts for _, ex in stacks]
+    spent = sum(expert_format_bytes(ex, ladder[0], group_size) * ex.num_experts for _, ex in stacks)
+    if spent > budget_bytes:
+        raise ValueError(
+            f"expert budget of {budget_bytes} bytes is below the experts in {ladder[0]} ({spent} bytes): "
+            "give more, or a smaller format"
+        )
+    err = {
+        (i, e, f): expert_error(ex, e, f, group_size)
+        for i, (_, ex) in enumerate(stacks)
+        for e in range(ex.num_experts)
+        for f in ladder
+    }
+
+    def gain(i: int, e: int, step: int) -> tuple[float, int]:
+        ex, a, b = stacks[i][1], ladder[step], ladder[step + 1]
+        cost = expert_format_bytes(ex, b, group_size) - expert_format_bytes(ex, a, group_size)
+        return float(shares[i][e]) * (err[i, e, a] - err[i, e, b]) / cost, cost
+
+    heap = [(-gain(i, e, 0)[0], i, e, 0) for i, (_, ex) in enumerate(stacks) for e in range(ex.num_experts)]
+    heapq.heapify(heap) if len(ladder) > 1 else heap.clear()
+    while heap:
+        _, i, e, step = heapq.heappop(heap)
+        cost = gain(i, e, step)[1]
+        if spent + cost > budget_bytes:
+            continue  # a cheaper upgrade may still fit
+        spent += cost
+        formats[i][e] = ladder[step + 1]
+        if step + 2 < len(ladder):
+            heapq.heappush(heap, (-gain(i, e, step + 1)[0], i, e, step + 1))
+    return formats
+
+
+def quantize_model(
+    model: nn.Module,
+    experts: Union[str, Formats] = "int8",
+    *,
+    rest: Optional[str] = None,
+    group_size: int = 64,
+    budget_bytes: Optional[int] = None,
+    bits: Optional[float] = None,
+    usage: Optional[Sequence[Tensor]] = None,
+) -> QuantReport:
+    """Swap ``model``'s stacked experts for :class:`QuantizedExperts` in place: ``experts`` is one
+    format for all, per-layer-per-expert formats, or ``"auto"`` (:func:`plan_formats` within
+    ``budget_bytes``, or ``bits`` per expert weight on average, scales included). ``rest``: a
+    format for the other linear maps too (attention, output head, dense FFNs and shared experts;
+    the routers and embeddings stay as they are, so routing sees full-precision scores). For
+    inference: the model is put in eval mode."""
+    stacks = _stacks(model)
+    if not stacks:
+        raise ValueError("the model has no MoE layer with stacked experts to quantize")
+    if isinstance(experts, str):
+        if experts != "auto":
+            check_format(experts, "experts")
+        if experts == "auto":
+            if budget_bytes is None and bits is not None:
+                budget_bytes = int(sum(ex.w_up.numel() + ex.w_down.numel() for _, ex in stacks) * bits / 8)
+            if budget_bytes is None:
+                raise ValueError('experts="auto" chooses formats within a byte budget: give budget_bytes or bits')
+            plan = plan_formats(model, budget_bytes, group_size=group_size, usage=usage)
+        else:
+            plan = [[experts] * ex.num_experts for _, ex in stacks]
+    else:
+        plan = [list(f) for f in experts]
+        if len(plan) != len(stacks):
+            raise ValueError(f"experts: one list of formats per MoE layer ({len(stacks)}); got {len(plan)}")
+    if rest is not None:
+        check_format(rest, "rest")
+    before = sum(ex.w_up.numel() + ex.w_down.numel() for _, ex in stacks) * 4
+    with torch.no_grad():
+        for (moe, ex), formats in zip(stacks, plan):
+            moe.experts = QuantizedExperts.of(ex, formats, group_size)
+        if rest is not None:
+            _quantize_rest(model, rest, group_size)
+    after = sum(cast(QuantizedExperts, moe.experts).nbytes for moe, _ in stacks)
+    counts: dict[str, int] = {}
+    for f in (f for layer in plan for f in layer):
+        counts[f] = counts.get(f, 0) + 1
+    model.eval()
+    return QuantReport(plan, before, after, rest, counts)
+
+
+@dataclass
+class Quality:
+    """A quantized model against its reference on the same windows: perplexities, mean KL of the
+    reference's next-token distribution to the quantized one's, top-1 agreement, and per MoE layer
+    the share of tokens routed to exactly the same set of experts."""
+
+    ppl_ref: float
+    ppl: float
+    kl: float
+    top1: float
+    routing: list[float]
+
+    @property
+    def ppl_change(self) -> float:
+        return self.ppl / self.ppl_ref - 1
+
+    def line(self) -> str:
+        route = min(self.routing) if self.routing else float("nan")
+        return (
+            f"perplexity {self.ppl_ref:.3f} -> {self.ppl:.3f} ({self.ppl_change:+.2%}), KL {self.kl:.2e}, "
+            f"top-1 agreement {self.top1:.2%}, same experts {route:.2%} (worst layer)"
+        )
+
+
+@torch.no_grad()
+def compare(ref: nn.Module, model: nn.Module, idx_BS: Tensor, targets_BS: Tensor, batch: int = 8) -> Quality:
+    """:class:`Quality` of ``model`` against ``ref`` on token windows ``idx_BS`` (targets: the next
+    tokens), both in eval mode."""
+    ref.eval()
+    model.eval()
+    nll_ref = nll = kl = agree = 0.0
+    n = 0
+    same: list[float] = []
+    for i in range(0, idx_BS.shape[0], batch):
+        x, y = idx_BS[i : i + batch], targets_BS[i : i + batch]
+        a, b = ref(x), model(x)
+        la, lb = a.logits.float().log_softmax(-1), b.logits.float().log_softmax(-1)
+        nll_ref += float(-la.gather(-1, y[..., None]).sum())
+        nll += float(-lb.gather(-1, y[..., None]).sum())
+        kl += float((la.exp() * (la - lb)).sum())
+        agree += float((la.argmax(-1) == lb.argmax(-1)).sum())
+        n += y.numel()
+        layers = [(ra.experts_TK, rb.experts_TK) for ra, rb in zip(a.moe, b.moe) if ra is not None]
+        if not same:
+            same = [0.0] * len(layers)
+        for j, (ea, eb) in enumerate(layers):
+            if ea is not None and eb is not None:
+                same[j] += float((ea.sort(-1).values == eb.sort(-1).values).all(-1).sum())
+    return Quality(math.exp(nll_ref / n), math.exp(nll / n), kl / n, agree / n, [s / n for s in same])
+
+
+def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
+    """Attention projections, dense FFNs, shared experts and the output head in ``fmt`` (int8
+    where int4's groups or tiles do not divide a weight's shape)."""
+    from .models.lm import Attention, MoETransformer
+
+    def linear(w_OI: Tensor) -> LowBitWeight:
+        ok = fits(fmt, w_OI.shape[0], w_OI.shape[1], group_size)
+        return LowBitWeight.quantize(w_OI, fmt if ok else "int8", group_size)
+
+    def ffn(f: FeedForward) -> LowBitFeedForward:
+        ok = fits(fmt, f.w_up.shape[1], f.dim, group_size) and fits(fmt, f.dim, f.hidden_dim, group_size)
+        return LowBitFeedForward(f, fmt if ok else "int8", group_size)
+
+    for m in list(model.modules()):
+        if isinstance(m, Attention):
+            m.wqkv = LowBitLinear(linear(m.wqkv.weight), m.wqkv.bias)  # type: ignore[assignment]
+            m.wo = LowBitLinear(linear(m.wo.weight), m.wo.bias)  # type: ignore[assignment]
+        elif isinstance(m, MoE) and isinstance(m.shared, FeedForward):
+            m.shared = ffn(m.shared)  # type: ignore[assignment]
+        for name, child in list(m.named_children()):
+            if isinstance(child, FeedForward) and not isinstance(m, MoE):
+                setattr(m, name, ffn(child))
+    if isinstance(model, MoETransformer):
+        weight = model.embed.weight if model.head is None else model.head.weight
+        model.head = LowBitLinear(linear(weight))  # type: ignore[assignment]
+
+
+__all__ = [
+    "AUTO_CHOICES",
+    "EXPERT_CHOICES",
+    "Quality",
+    "QuantReport",
+    "compare",
+    "expert_error",
+    "plan_formats",
+    "quantize_model",
+]
