@@ -69,12 +69,24 @@ def olmoe8_config():
     from moekit.config import LMConfig, MoEConfig
 
     moe = MoEConfig(
-        dim=1024, hidden_dim=512, num_experts=64, top_k=8, expert="swiglu", router="topk",
+        dim=1024,
+        hidden_dim=512,
+        num_experts=64,
+        top_k=8,
+        expert="swiglu",
+        router="topk",
         renormalize=False,  # OLMoE: norm_topk_prob false
     )
     return LMConfig(
-        vocab_size=4096, dim=1024, n_layers=8, n_heads=16, max_seq_len=512, moe=moe,
-        qk_norm="full", tie_embeddings=False, norm_eps=1e-5,  # the converter writes OLMoE's 1e-5 regardless
+        vocab_size=4096,
+        dim=1024,
+        n_layers=8,
+        n_heads=16,
+        max_seq_len=512,
+        moe=moe,
+        qk_norm="full",
+        tie_embeddings=False,
+        norm_eps=1e-5,  # the converter writes OLMoE's 1e-5 regardless
     )
 
 
@@ -101,8 +113,10 @@ def make_tokenizer(path: Path, vocab_size: int, max_bytes: int = 16 << 20) -> in
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts(), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0], pad_token=SPECIALS[1])
@@ -115,6 +129,7 @@ def make_tokenizer(path: Path, vocab_size: int, max_bytes: int = 16 << 20) -> in
 def make_hf(path: Path, seed: int = 0) -> None:
     """Build the seed-``seed`` olmoe8 model, export it as an OLMoE transformers folder with a tokenizer."""
     import torch
+
     from moekit.interop import export_hf
     from moekit.models.lm import MoETransformer
 
@@ -123,6 +138,13 @@ def make_hf(path: Path, seed: int = 0) -> None:
     model = MoETransformer(cfg)
     export_hf(model, path, "olmoe")
     n = make_tokenizer(path, cfg.vocab_size)
+    # export_hf keeps OlmoeConfig's default eos_token_id (50279, OLMoE's real tokenizer), outside a
+    # 4096 vocabulary: point it at this tokenizer's <|endoftext|> (decoding here never stops on eos)
+    cfg_path = path / "config.json"
+    hf_cfg = json.loads(cfg_path.read_text())
+    if not 0 <= (hf_cfg.get("eos_token_id") or 0) < cfg.vocab_size:
+        hf_cfg["eos_token_id"] = 0
+        cfg_path.write_text(json.dumps(hf_cfg, indent=2) + "\n")
     print(json.dumps({"hf": str(path), "vocab_size": cfg.vocab_size, "tokenizer_entries": n}))
 
 
@@ -138,8 +160,10 @@ def run_converter(converter: str, tokenizer_pre: str, argv: list[str]) -> None:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            print(f"llamacpp_ref: unknown pre-tokenizer hash, writing tokenizer.ggml.pre={tokenizer_pre!r}",
-                  file=sys.stderr)
+            print(
+                f"llamacpp_ref: unknown pre-tokenizer hash, writing tokenizer.ggml.pre={tokenizer_pre!r}",
+                file=sys.stderr,
+            )
             return tokenizer_pre
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
@@ -154,8 +178,20 @@ def convert(hf: Path, out: Path, types: list[str], converter: str, python: str, 
     paths = []
     for t in types:
         dst = out / f"{name}-{t.upper()}.gguf"
-        cmd = [python, str(Path(__file__).resolve()), "--_run-converter", converter, "--tokenizer-pre", tokenizer_pre,
-               "--", str(hf), "--outtype", t, "--outfile", str(dst)]
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--_run-converter",
+            converter,
+            "--tokenizer-pre",
+            tokenizer_pre,
+            "--",
+            str(hf),
+            "--outtype",
+            t,
+            "--outfile",
+            str(dst),
+        ]
         subprocess.run(cmd, check=True)
         paths.append(dst)
         print(json.dumps({"gguf": str(dst), "bytes": dst.stat().st_size}), flush=True)
@@ -165,15 +201,21 @@ def convert(hf: Path, out: Path, types: list[str], converter: str, python: str, 
 # ------------------------------------------------------------------------------------ --gguf (decode)
 def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warmup: int) -> dict:
     """Greedy batch-1 decode with llama.cpp; the measurement as a dict (see the module docstring)."""
-    import numpy as np
     import llama_cpp
+    import numpy as np
 
     if len(prompt_ids) < 1 or not 0 <= warmup < new_tokens:
         raise ValueError("need at least one prompt id and 0 <= warmup < new_tokens")
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
-        model_path=gguf, n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
-        use_mmap=True, logits_all=False, verbose=False,
+        model_path=gguf,
+        n_ctx=512,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        use_mmap=True,
+        logits_all=False,
+        verbose=False,
     )
     load_s = time.perf_counter() - t0
     if len(prompt_ids) + new_tokens > llm.n_ctx():
@@ -201,10 +243,16 @@ def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warm
     secs = time.perf_counter() - t0
     ftype = FILE_TYPES.get(int(llm.metadata.get("general.file_type", -1)), llm.metadata.get("general.file_type"))
     return {
-        "engine": "llama.cpp", "gguf": gguf, "type": ftype, "threads": threads,
-        "tok_s": (new_tokens - warmup) / secs, "tokens": tokens,
+        "engine": "llama.cpp",
+        "gguf": gguf,
+        "type": ftype,
+        "threads": threads,
+        "tok_s": (new_tokens - warmup) / secs,
+        "tokens": tokens,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "load_s": load_s, "prompt_s": prompt_s, "warmup": warmup,
+        "load_s": load_s,
+        "prompt_s": prompt_s,
+        "warmup": warmup,
         "llama_cpp_python": llama_cpp.__version__,
     }
 
@@ -215,7 +263,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv and argv[0] == "--_run-converter":  # internal: the converter, in the converter's interpreter
         sep = argv.index("--")
         converter, tokenizer_pre = argv[1], argv[argv.index("--tokenizer-pre") + 1]
-        run_converter(converter, tokenizer_pre, argv[sep + 1:])
+        run_converter(converter, tokenizer_pre, argv[sep + 1 :])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -229,8 +277,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", help="--convert: output folder")
     p.add_argument("--types", default="f32,f16,q8_0", help="--convert: comma-separated --outtype values")
     p.add_argument("--converter", default=os.environ.get("LLAMACPP_CONVERTER", DEFAULT_CONVERTER))
-    p.add_argument("--converter-python", default=DEFAULT_CONVERTER_PYTHON,
-                   help="interpreter with torch, numpy, safetensors, transformers for the converter")
+    p.add_argument(
+        "--converter-python",
+        default=DEFAULT_CONVERTER_PYTHON,
+        help="interpreter with torch, numpy, safetensors, transformers for the converter",
+    )
     p.add_argument("--tokenizer-pre", default="olmo", help="tokenizer.ggml.pre written for an unknown hash")
     a = p.parse_args(argv)
     if a.make_hf:

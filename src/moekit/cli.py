@@ -553,6 +553,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         expert_memory=args.expert_memory,
         expert_policy=args.expert_policy,
         prefetch=args.prefetch,
+        dtype=args.dtype,
+        expert_dtype=args.expert_dtype,
+        expert_bits=args.expert_bits,
+        threads=args.threads,
     )
     print(text, flush=True)
     note = "; torch.compile, its compilation included" if args.compile else ""
@@ -580,6 +584,14 @@ def _check_sampling(args: argparse.Namespace) -> None:
             raise ValueError("--expert-memory decodes eagerly (experts are read as routing asks): leave out --compile")
     elif getattr(args, "prefetch", False):
         raise ValueError("--prefetch reads experts into an expert store: give --expert-memory too")
+    if hasattr(args, "dtype"):
+        from .generate import check_precision
+
+        check_positive("--threads", args.threads, integer=True, allow_none=True)
+        names = ("--dtype", "--expert-dtype", "--expert-bits")
+        check_precision(
+            args.dtype, args.expert_dtype, args.expert_bits, args.expert_memory, args.compile, args.device, names
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -785,6 +797,25 @@ def make_parser() -> argparse.ArgumentParser:
         help="with --expert-memory: read each next MoE layer's guessed experts (its router on this layer's "
         "input) on a background thread while this layer computes",
     )
+    g.add_argument(
+        "--dtype",
+        default=None,
+        help="weights of the linear maps (experts too unless --expert-dtype): fp32, fp16, bf16, int8, int4 "
+        "(int4:32 ... int4:256 names its group size); on PyTorch's CPU kernels (see docs/inference.md)",
+    )
+    g.add_argument(
+        "--expert-dtype",
+        default=None,
+        help="the experts' weights: a --dtype format, or auto (per expert from routing: busier experts get "
+        "more bits, within --expert-bits)",
+    )
+    g.add_argument(
+        "--expert-bits",
+        type=float,
+        default=6.0,
+        help="with --expert-dtype auto: bits per expert weight on average, scales included",
+    )
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(

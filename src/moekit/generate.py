@@ -104,6 +104,7 @@ class GenerationStats:
     use_cache: bool  # whether the KV cache was on
     prompt_tokens: int
     expert_store: Optional[str] = None  # the expert store's budget and counts, when there is one
+    precision: Optional[str] = None  # the low-bit formats (moekit.quantize), when asked for
 
     @property
     def tokens_per_s(self) -> float:
@@ -115,6 +116,7 @@ class GenerationStats:
         return (
             f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''} in {self.seconds:.2f} s "
             f"({rate}, KV cache {'on' if self.use_cache else 'off'})"
+            + (f"; {self.precision}" if self.precision else "")
             + (f"; {self.expert_store}" if self.expert_store else "")
         )
 
@@ -136,11 +138,24 @@ def generate_text(
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
     prefetch: bool = False,
+    dtype: Optional[str] = None,
+    expert_dtype: Optional[str] = None,
+    expert_bits: float = 6.0,
+    threads: Optional[int] = None,
 ) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
     ``on_stats``, when given, is called once with the decoding loop's :class:`GenerationStats`
-    before the text is returned. ``expert_memory``: see :func:`load_run_model`."""
+    before the text is returned. ``expert_memory``: see :func:`load_run_model`. ``dtype``: a
+    format (:data:`moekit.kernels.lowbit.FORMATS`) for the linear maps, experts included unless
+    ``expert_dtype`` names theirs (a format, or ``auto``: chosen per expert from routing within
+    ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`.
+    ``threads``: torch's intra-op threads."""
+    check_precision(dtype, expert_dtype, expert_bits, expert_memory, compile, device)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1; got {threads}")
+        torch.set_num_threads(threads)
     net, tok = load_run_model(
         run,
         model,
@@ -150,6 +165,15 @@ def generate_text(
         expert_policy=expert_policy,
         prefetch=prefetch,
     )
+    precision = None
+    if dtype is not None or expert_dtype is not None:
+        from .quantize import quantize_model
+
+        experts = (expert_dtype or dtype) if net.cfg.moe is not None and expert_memory is None else None
+        if experts is None and expert_dtype is not None:
+            raise ValueError(f"--expert-dtype {expert_dtype}: the {model} model of {run} is dense (no experts)")
+        rest = None if dtype in (None, "fp32") else dtype
+        precision = quantize_model(net, experts, rest=rest, bits=expert_bits).line() or None
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
     if room <= 0:
@@ -172,10 +196,40 @@ def generate_text(
     seconds = time.perf_counter() - t0
     if on_stats is not None:
         store = _store_line(net) if expert_memory is not None else None
-        on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids), store))
+        on_stats(GenerationStats(out.shape[1] - len(ids), seconds, use_cache, len(ids), store, precision))
     if getattr(net, "prefetcher", None) is not None:
         net.prefetcher.close()
     return tok.decode(out[0].tolist())
+
+
+def check_precision(
+    dtype: Optional[str],
+    expert_dtype: Optional[str],
+    expert_bits: float,
+    expert_memory: Optional[int],
+    compile: bool,
+    device: str,
+    names: tuple[str, str, str] = ("dtype", "expert_dtype", "expert_bits"),
+) -> None:
+    """ValueError naming the argument for a precision request moekit cannot serve, before loading."""
+    from .kernels.lowbit import check_format
+
+    if dtype is not None:
+        check_format(dtype, names[0])
+    if expert_dtype is not None and expert_dtype != "auto":
+        check_format(expert_dtype, names[1])
+    if not 1.0 <= expert_bits <= 32.0:
+        raise ValueError(f"{names[2]} must be in [1, 32] bits per weight; got {expert_bits}")
+    if dtype is None and expert_dtype is None:
+        return
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
+    if compile:
+        raise ValueError(f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile")
+    if expert_memory is not None and expert_dtype is not None:
+        raise ValueError(
+            f"{names[1]} with an expert store: the store holds experts in the checkpoint's dtype for now; leave one out"
+        )
 
 
 def _store_line(net) -> str:

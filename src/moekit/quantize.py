@@ -43,10 +43,13 @@ class QuantReport:
 
     def line(self) -> str:
         mix = ", ".join(f"{n} {f}" for f, n in self.counts.items())
-        return (
+        experts = (
             f"experts {mix}: {self.expert_bytes_after / 2**20:.1f} MiB (from {self.expert_bytes_before / 2**20:.1f})"
-            + (f"; other linear maps {self.rest}" if self.rest else "")
+            if self.counts
+            else ""
         )
+        rest = f"other linear maps {self.rest}" if self.rest else ""
+        return "; ".join(p for p in (experts, rest) if p)
 
 
 def _stacks(model: nn.Module) -> list[tuple[MoE, GroupedExperts]]:
@@ -140,7 +143,7 @@ def plan_formats(
 
 def quantize_model(
     model: nn.Module,
-    experts: Union[str, Formats] = "int8",
+    experts: Union[str, Formats, None] = "int8",
     *,
     rest: Optional[str] = None,
     group_size: int = 64,
@@ -149,15 +152,17 @@ def quantize_model(
     usage: Optional[Sequence[Tensor]] = None,
 ) -> QuantReport:
     """Swap ``model``'s stacked experts for :class:`QuantizedExperts` in place: ``experts`` is one
-    format for all, per-layer-per-expert formats, or ``"auto"`` (:func:`plan_formats` within
+    format for all, per-layer-per-expert formats, None (left as they are), or ``"auto"`` (:func:`plan_formats` within
     ``budget_bytes``, or ``bits`` per expert weight on average, scales included). ``rest``: a
     format for the other linear maps too (attention, output head, dense FFNs and shared experts;
     the routers and embeddings stay as they are, so routing sees full-precision scores). For
     inference: the model is put in eval mode."""
     stacks = _stacks(model)
-    if not stacks:
+    if experts is not None and not stacks:
         raise ValueError("the model has no MoE layer with stacked experts to quantize")
-    if isinstance(experts, str):
+    if experts is None:
+        plan: Formats = []
+    elif isinstance(experts, str):
         if experts != "auto":
             check_format(experts, "experts")
         if experts == "auto":
@@ -174,6 +179,8 @@ def quantize_model(
             raise ValueError(f"experts: one list of formats per MoE layer ({len(stacks)}); got {len(plan)}")
     if rest is not None:
         check_format(rest, "rest")
+    if experts is None:
+        stacks = []
     before = sum(ex.w_up.numel() + ex.w_down.numel() for _, ex in stacks) * 4
     with torch.no_grad():
         for (moe, ex), formats in zip(stacks, plan):

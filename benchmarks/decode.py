@@ -1,0 +1,213 @@
+"""Batch-1 greedy decode speed by weight format, against the weight-read bound and llama.cpp, and
+the quality each format keeps on a trained run.
+
+    PYTHONPATH=src python benchmarks/decode.py speed --hf /tmp/decode-olmoe8-hf \\
+        --formats fp32,fp16,bf16,int8,int4 --threads 1,2 [--gguf-dir /tmp/decode-olmoe8-gguf]
+    PYTHONPATH=src python benchmarks/decode.py quality --run runs/NAME
+
+``speed``: each (format, threads) setting in a fresh process: the folder loaded by ``load_hf``
+(float32), every linear map but the routers and the embedding put in the format
+(:func:`moekit.quantize.quantize_model`, ``experts=fmt, rest=fmt``), 8 prompt tokens, 8 warm-up
+tokens, then ``--new-tokens`` timed greedy tokens (median of ``--rounds`` rounds). The bound is
+the bytes of weights one token reads (attention, head, routers, the top-k experts' projections,
+each in its format) over the memory bandwidth measured in the same process (float32 GEMV through
+weights 4x the last-level cache, the same threads). With ``--gguf-dir``, llama.cpp's F32 / F16 /
+Q8_0 files of the same folder are run the same way by ``benchmarks/llamacpp_ref.py`` in its own
+venv (see that file for how they were made), fed the same token ids.
+
+``quality``: the run's validation windows through its fp32 model and each quantized copy
+(uniform int8, uniform int4 at groups of 64 and 32, and routing-chosen mixed formats at int4:64's
+bytes and at 6 bits): perplexity, KL, top-1 agreement, per-layer routing agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.kernels.lowbit import format_bytes
+
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+LLAMA_TYPES = {"fp32": "F32", "fp16": "F16", "int8": "Q8_0"}
+
+
+def bandwidth(threads: int) -> float:
+    """Bytes/s of a float32 GEMV streaming 512 MiB of weights (48 matrices of 2048x1365)."""
+    torch.set_num_threads(threads)
+    ws = [torch.randn(2048, 1365) for _ in range(48)]
+    x = torch.randn(1, 1365)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return sum(w.nbytes for w in ws) / best
+
+
+def bytes_per_token(cfg, fmt: str) -> int:
+    """Weight bytes one decoded token reads in ``fmt`` (the routers and one embedding row: fp32)."""
+    m, D = cfg.moe, cfg.dim
+    hk = (cfg.n_kv_heads or cfg.n_heads) * (D // cfg.n_heads)
+    attn = format_bytes(fmt, D + 2 * hk, D) + format_bytes(fmt, D, D)
+    expert = format_bytes(fmt, 2 * m.hidden_dim, D) + format_bytes(fmt, D, m.hidden_dim)
+    per_layer = attn + m.top_k * expert + m.num_experts * D * 4
+    return cfg.n_layers * per_layer + format_bytes(fmt, cfg.vocab_size, D) + D * 4
+
+
+def one(args) -> None:
+    """One moekit setting in this process; one JSON line."""
+    from moekit.interop import load_hf
+    from moekit.quantize import quantize_model
+
+    torch.set_num_threads(args.threads)
+    model = load_hf(args.hf)
+    if args.fmt != "fp32":
+        quantize_model(model, args.fmt, rest=args.fmt)
+    bw = bandwidth(args.threads)
+    prompt = torch.tensor([PROMPT])
+    times, tokens = [], None
+    with torch.no_grad():
+        model.generate(prompt, 8, temperature=0.0)
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            out = model.generate(prompt, args.new_tokens, temperature=0.0)
+            times.append(time.perf_counter() - t0)
+            tokens = out[0, len(PROMPT) :].tolist()
+    tok_s = args.new_tokens / statistics.median(times)
+    bound = bw / bytes_per_token(model.cfg, args.fmt)
+    row = dict(engine="moekit", fmt=args.fmt, threads=args.threads, tok_s=tok_s, bound=bound, bandwidth=bw)
+    row.update(tokens=tokens, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps(row), flush=True)
+
+
+def speed(args) -> None:
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for fmt in args.formats.split(","):
+            cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
+            cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+            rows.append(_run(cmd))
+            if args.gguf_dir and fmt in LLAMA_TYPES:
+                gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)
+                if gguf is not None:
+                    cmd = [args.llama_python, str(Path(__file__).with_name("llamacpp_ref.py")), "--gguf", str(gguf)]
+                    cmd += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
+                    cmd += ["--prompt-ids", ",".join(map(str, PROMPT))]
+                    r = _run(cmd)
+                    r.update(fmt=fmt, threads=threads)
+                    rows.append(r)
+    ref = next((r["tokens"] for r in rows if r.get("engine") == "moekit" and r.get("fmt") == "fp32"), None)
+    print(f"{args.hf}: batch 1, prompt {len(PROMPT)} tokens, {args.new_tokens} greedy tokens timed")
+    print(
+        "| engine, format | threads | tok/s | weight-read bound tok/s | of bound | same tokens as moekit fp32 "
+        "| peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r.get('engine', '?')} {r.get('fmt', '')} | {r.get('threads', '')} | FAIL: {r['error']} |")
+            continue
+        same = sum(a == b for a, b in zip(r["tokens"], ref or [])) if ref else 0
+        bound = r.get("bound")
+        print(
+            f"| {r['engine']} {r.get('type', r['fmt'])} | {r['threads']} | {r['tok_s']:.1f} | "
+            + (f"{bound:.1f} | {r['tok_s'] / bound:.2f}" if bound else "- | -")
+            + f" | {same}/{len(r['tokens'])} | {r['peak_rss'] / 2**30:.2f} |"
+        )
+
+
+def _run(cmd: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        return dict(error=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def quality(args) -> None:
+    from moekit.data import build_data, load_tokenizer
+    from moekit.data.stream import fixed_windows, window
+    from moekit.generate import load_run_model
+    from moekit.quantize import compare, quantize_model
+    from moekit.train.run import load_run_config
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    model_cfg, train_cfg, _ = load_run_config(run)
+    tok = load_tokenizer(run / "tokenizer.json")
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    starts = fixed_windows(data.val_ids_N.numel(), train_cfg.seq_len, args.windows)
+    idx, tgt = window(data.val_ids_N, starts, train_cfg.seq_len)
+    ref, _ = load_run_model(str(run))
+    int4_bytes = None
+    print(f"{run}: {idx.shape[0]} validation windows of {train_cfg.seq_len} tokens")
+    print(
+        "| experts | expert MiB | perplexity (fp32 -> quantized) | change | KL | top-1 agreement "
+        "| same experts (worst layer) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    settings = [
+        ("int8", {}),
+        ("int4:64", {}),
+        ("int4:32", {}),
+        ("auto at int4:64's bytes", "int4"),
+        ("auto, 6 bits", 6.0),
+    ]
+    for name, how in settings:
+        model, _ = load_run_model(str(run))
+        if how == "int4":
+            rep = quantize_model(model, "auto", budget_bytes=int4_bytes)
+        elif isinstance(how, float):
+            rep = quantize_model(model, "auto", bits=how)
+        else:
+            rep = quantize_model(model, name)
+        if name == "int4:64":
+            int4_bytes = rep.expert_bytes_after
+        q = compare(ref, model, idx, tgt)
+        mix = ", ".join(f"{n} {f}" for f, n in rep.counts.items())
+        print(
+            f"| {name} ({mix}) | {rep.expert_bytes_after / 2**20:.2f} | {q.ppl_ref:.3f} -> {q.ppl:.3f} | "
+            f"{q.ppl_change:+.2%} | {q.kl:.2e} | {q.top1:.2%} | {min(q.routing):.2%} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--formats", default="fp32,fp16,bf16,int8,int4")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gguf-dir", default=None)
+    p.add_argument("--llama-python", default="/tmp/llama-venv/bin/python")
+    p.set_defaults(fn=speed)
+    p = sub.add_parser("one")
+    p.add_argument("--hf", required=True)
+    p.add_argument("--fmt", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(fn=one)
+    p = sub.add_parser("quality")
+    p.add_argument("--run", required=True)
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(fn=quality)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
