@@ -95,6 +95,8 @@ def test_quantized_experts_equal_float_experts_on_their_dequantized_weights(form
         got = q.few_slots(x[:3], experts, weights, into.clone())
         want = ref.few_slots(x[:3], experts, weights, into.clone())
         torch.testing.assert_close(got, want, **tol)
+        one = q.few_slots(x[1:2], experts[1:2], weights[1:2], into[1:2].clone())  # batch-1 decoding's path
+        torch.testing.assert_close(one, ref.few_slots(x[1:2], experts[1:2], weights[1:2], into[1:2].clone()), **tol)
 
 
 def lm(**kw) -> LMConfig:

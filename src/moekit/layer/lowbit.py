@@ -120,6 +120,11 @@ class QuantizedExperts(StackedExperts):
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, each chosen expert once."""
         x_TD = as_dtype(x_TD, compute_dtype(x_TD))
         out_TD = x_TD.new_zeros(x_TD.shape[0], self.dim) if into_TD is None else as_dtype(into_TD, x_TD.dtype)
+        if x_TD.shape[0] == 1:  # decoding at batch 1: no gather or scatter
+            for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()):
+                if e < self.num_experts:
+                    out_TD.add_(self.expert(e, x_TD), alpha=w)
+            return out_TD
         rows: dict[int, list[tuple[int, int]]] = {}
         for t, row in enumerate(experts_TK.tolist()):
             for k, e in enumerate(row):
