@@ -7,13 +7,14 @@ the quality each format keeps on a trained run.
 
 ``speed``: each (format, threads) setting in a fresh process: the folder loaded by ``load_hf``
 (float32), every linear map but the routers and the embedding put in the format
-(:func:`moekit.quantize.quantize_model`, ``experts=fmt, rest=fmt``), 8 prompt tokens, 8 warm-up
-tokens, then ``--new-tokens`` timed greedy tokens (median of ``--rounds`` rounds). The bound is
-the bytes of weights one token reads (attention, head, routers, the top-k experts' projections,
-each in its format) over the memory bandwidth measured in the same process (float32 GEMV through
-weights 4x the last-level cache, the same threads). With ``--gguf-dir``, llama.cpp's F32 / F16 /
-Q8_0 files of the same folder are run the same way by ``benchmarks/llamacpp_ref.py`` in its own
-venv (see that file for how they were made), fed the same token ids.
+(:func:`moekit.quantize.quantize_model`, ``experts=fmt, rest=fmt``); timed as llamacpp_ref.py
+times llama.cpp: 7 prompt ids evaluated untimed, then ``--new-tokens`` one-token greedy steps of
+which the first ``--warmup`` are untimed, median of ``--rounds``. The bound is the bytes of weights
+one token reads (attention, head, routers, the top-k experts' projections, each in its format)
+over the memory read bandwidth measured in the same process (``sum`` over 1 GiB, same threads).
+With ``--gguf-dir``, llama.cpp's F32 / F16 / Q8_0 files of the same folder are run the same way
+by ``benchmarks/llamacpp_ref.py`` in its own venv (see that file for how they were made), fed the
+same token ids.
 
 ``quality``: the run's validation windows through its fp32 model and each quantized copy
 (uniform int8, uniform int4 at groups of 64 and 32, and routing-chosen mixed formats at int4:64's
@@ -41,17 +42,16 @@ LLAMA_TYPES = {"fp32": "F32", "fp16": "F16", "int8": "Q8_0"}
 
 
 def bandwidth(threads: int) -> float:
-    """Bytes/s of a float32 GEMV streaming 512 MiB of weights (48 matrices of 2048x1365)."""
+    """Bytes/s of reading memory: ``sum`` over 1 GiB of float32 with ``threads`` threads, best of 5
+    (torch's float32 GEMV itself reaches ~0.65 of this on this CPU: see RESULTS.md)."""
     torch.set_num_threads(threads)
-    ws = [torch.randn(2048, 1365) for _ in range(48)]
-    x = torch.randn(1, 1365)
+    x = torch.randn(256 * 2**20)
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        for w in ws:
-            torch.nn.functional.linear(x, w)
+        x.sum()
         best = min(best, time.perf_counter() - t0)
-    return sum(w.nbytes for w in ws) / best
+    return x.nbytes / best
 
 
 def bytes_per_token(cfg, fmt: str) -> int:
@@ -64,6 +64,25 @@ def bytes_per_token(cfg, fmt: str) -> int:
     return cfg.n_layers * per_layer + format_bytes(fmt, cfg.vocab_size, D) + D * 4
 
 
+@torch.no_grad()
+def decode_steps(model, steps: int, warmup: int) -> tuple[float, list[int]]:
+    """As llamacpp_ref.py times llama.cpp: all prompt ids but the last evaluated untimed, then
+    ``steps`` one-token greedy steps (the last prompt id first), the first ``warmup`` untimed;
+    (seconds of the rest, the ``steps`` ids picked)."""
+    from moekit.models.lm import KVCache
+
+    p = next(model.parameters())
+    cache = KVCache.empty(model.cfg, 1, p.device, p.dtype, len(PROMPT) + steps)
+    model(torch.tensor([PROMPT[:-1]]), cache=cache)
+    nxt, out, t0 = torch.tensor([[PROMPT[-1]]]), [], 0.0
+    for i in range(steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+    return time.perf_counter() - t0, out
+
+
 def one(args) -> None:
     """One moekit setting in this process; one JSON line."""
     from moekit.interop import load_hf
@@ -74,16 +93,11 @@ def one(args) -> None:
     if args.fmt != "fp32":
         quantize_model(model, args.fmt, rest=args.fmt)
     bw = bandwidth(args.threads)
-    prompt = torch.tensor([PROMPT])
-    times, tokens = [], None
-    with torch.no_grad():
-        model.generate(prompt, 8, temperature=0.0)
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            out = model.generate(prompt, args.new_tokens, temperature=0.0)
-            times.append(time.perf_counter() - t0)
-            tokens = out[0, len(PROMPT) :].tolist()
-    tok_s = args.new_tokens / statistics.median(times)
+    times, tokens = [], []
+    for _ in range(args.rounds):
+        secs, tokens = decode_steps(model, args.new_tokens, args.warmup)
+        times.append(secs)
+    tok_s = (args.new_tokens - args.warmup) / statistics.median(times)
     bound = bw / bytes_per_token(model.cfg, args.fmt)
     row = dict(engine="moekit", fmt=args.fmt, threads=args.threads, tok_s=tok_s, bound=bound, bandwidth=bw)
     row.update(tokens=tokens, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -95,14 +109,15 @@ def speed(args) -> None:
     for threads in [int(t) for t in args.threads.split(",")]:
         for fmt in args.formats.split(","):
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
-            cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+            cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
             rows.append(_run(cmd))
             if args.gguf_dir and fmt in LLAMA_TYPES:
                 gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)
                 if gguf is not None:
                     cmd = [args.llama_python, str(Path(__file__).with_name("llamacpp_ref.py")), "--gguf", str(gguf)]
                     cmd += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
-                    cmd += ["--prompt-ids", ",".join(map(str, PROMPT))]
+                    cmd += ["--prompt-ids", ",".join(map(str, PROMPT)), "--warmup", str(args.warmup)]
+                    cmd += ["--rounds", str(args.rounds)]
                     r = _run(cmd)
                     r.update(fmt=fmt, threads=threads)
                     rows.append(r)
@@ -190,6 +205,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--gguf-dir", default=None)
     p.add_argument("--llama-python", default="/tmp/llama-venv/bin/python")
     p.set_defaults(fn=speed)
@@ -199,6 +215,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=8)
     p.set_defaults(fn=one)
     p = sub.add_parser("quality")
     p.add_argument("--run", required=True)

@@ -24,9 +24,10 @@ Modes (three interpreters are involved; none of this touches moekit's own enviro
    (n_ctx 512, n_batch 512, mmap, n_threads = n_threads_batch = N, logits of the last token only),
    evaluate all but the last prompt id (untimed), then N decode steps: each evaluates one token (the
    last prompt id first, then the previous step's pick) and takes the argmax of its logits. The
-   first ``--warmup`` steps (default 2) are untimed; ``tok_s = (N - warmup) / time of the rest``.
+   first ``--warmup`` steps (default 2) are untimed; ``tok_s = (N - warmup) / time of the rest``
+   (with ``--rounds R``: the N steps R times from the prefilled prompt, the median time).
    Prints one JSON line: engine, gguf, type, threads, tok_s, tokens (the N greedy ids), peak_rss
-   (bytes, ``getrusage`` ru_maxrss), plus load_s, prompt_s, warmup.
+   (bytes, ``getrusage`` ru_maxrss), plus load_s, prompt_s, warmup, rounds.
 
 How the pieces were obtained (llama-cpp-python 0.3.36, which vendors llama.cpp; CPU build)::
 
@@ -51,6 +52,7 @@ import json
 import os
 import resource
 import runpy
+import statistics
 import subprocess
 import sys
 import time
@@ -199,13 +201,13 @@ def convert(hf: Path, out: Path, types: list[str], converter: str, python: str, 
 
 
 # ------------------------------------------------------------------------------------ --gguf (decode)
-def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warmup: int) -> dict:
+def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warmup: int, rounds: int = 1) -> dict:
     """Greedy batch-1 decode with llama.cpp; the measurement as a dict (see the module docstring)."""
     import llama_cpp
     import numpy as np
 
-    if len(prompt_ids) < 1 or not 0 <= warmup < new_tokens:
-        raise ValueError("need at least one prompt id and 0 <= warmup < new_tokens")
+    if len(prompt_ids) < 1 or not 0 <= warmup < new_tokens or rounds < 1:
+        raise ValueError("need at least one prompt id, 0 <= warmup < new_tokens and rounds >= 1")
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=gguf,
@@ -231,16 +233,24 @@ def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warm
     if len(prompt_ids) > 1:
         llm.eval(prompt_ids[:-1])
     prompt_s = time.perf_counter() - t0
-    tokens: list[int] = []
-    last = prompt_ids[-1]
-    for _ in range(warmup):
-        last = step([last])
-        tokens.append(last)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens - warmup):
-        last = step([last])
-        tokens.append(last)
-    secs = time.perf_counter() - t0
+    times: list[float] = []
+    runs: list[list[int]] = []
+    for _ in range(rounds):
+        llm.n_tokens = len(prompt_ids) - 1  # back to the prefilled prompt (eval drops the KV cells past it)
+        tokens: list[int] = []
+        last = prompt_ids[-1]
+        for _ in range(warmup):
+            last = step([last])
+            tokens.append(last)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens - warmup):
+            last = step([last])
+            tokens.append(last)
+        times.append(time.perf_counter() - t0)
+        runs.append(tokens)
+    if any(r != runs[0] for r in runs):
+        raise RuntimeError("greedy tokens differ between rounds")
+    secs = statistics.median(times)
     ftype = FILE_TYPES.get(int(llm.metadata.get("general.file_type", -1)), llm.metadata.get("general.file_type"))
     return {
         "engine": "llama.cpp",
@@ -253,6 +263,7 @@ def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warm
         "load_s": load_s,
         "prompt_s": prompt_s,
         "warmup": warmup,
+        "rounds": rounds,
         "llama_cpp_python": llama_cpp.__version__,
     }
 
@@ -274,6 +285,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-ids", default="1,2,3,4,5,6,7,8", help="comma-separated token ids")
     p.add_argument("--warmup", type=int, default=2, help="untimed first decode steps (their tokens are kept)")
+    p.add_argument("--rounds", type=int, default=1, help="decode the new tokens this many times; median time")
     p.add_argument("--out", help="--convert: output folder")
     p.add_argument("--types", default="f32,f16,q8_0", help="--convert: comma-separated --outtype values")
     p.add_argument("--converter", default=os.environ.get("LLAMACPP_CONVERTER", DEFAULT_CONVERTER))
@@ -292,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         convert(Path(a.convert), Path(a.out), a.types.split(","), a.converter, a.converter_python, a.tokenizer_pre)
     else:
         ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
-        print(json.dumps(decode(a.gguf, a.threads, a.new_tokens, ids, a.warmup)), flush=True)
+        print(json.dumps(decode(a.gguf, a.threads, a.new_tokens, ids, a.warmup, a.rounds)), flush=True)
 
 
 if __name__ == "__main__":

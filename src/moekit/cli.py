@@ -604,9 +604,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.quantize is not None:
+        return _convert_quantize(args)
     from .train.run import convert_run
 
     convert_run(Path(args.run), keep=args.keep)
+    return 0
+
+
+def _convert_quantize(args: argparse.Namespace) -> int:
+    from .generate import check_precision
+    from .quantize import quantize_run
+
+    check_precision(
+        args.dtype, args.quantize, args.expert_bits, None, False, "cpu", ("--dtype", "--quantize", "--expert-bits")
+    )
+    out = Path(args.out) if args.out else Path(f"{str(args.run).rstrip('/')}-{args.quantize.replace(':', '-')}")
+    report, quality = quantize_run(args.run, out, args.quantize, rest=args.dtype, bits=args.expert_bits)
+    print(f"moekit convert: {out}: {report.line()}")
+    print(f"moekit convert: against the float model on the validation split: {quality.line()}")
     return 0
 
 
@@ -835,7 +851,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "convert",
-        help="turn a torchrun run's sharded checkpoints into one-process files",
+        help="turn a torchrun run's sharded checkpoints into one-process files, or quantize a run",
         formatter_class=_HelpFormatter,
         description="Replace each model's sharded checkpoint (checkpoint.dcp, one part per rank, written "
         "under torchrun) by the one-process file checkpoint.safetensors with the same state "
@@ -844,6 +860,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--run", required=True, help="a run folder")
     c.add_argument("--keep", action="store_true", help="keep the checkpoint.dcp folder too")
+    c.add_argument(
+        "--quantize",
+        default=None,
+        help="instead: write a quantized copy of the run's MoE model (experts in fp16, bf16, int8, int4[:G], "
+        "or auto: per expert from routing within --expert-bits) to --out, and report its quality",
+    )
+    c.add_argument("--dtype", default=None, help="with --quantize: the other linear maps' format too")
+    c.add_argument("--expert-bits", type=float, default=6.0, help="with --quantize auto: bits per expert weight")
+    c.add_argument("--out", default=None, help="with --quantize: the new run folder (default: RUN-FORMAT)")
     c.set_defaults(func=cmd_convert)
     return p
 

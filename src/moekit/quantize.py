@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union, cast
@@ -195,6 +196,52 @@ def quantize_model(
     return QuantReport(plan, before, after, rest, counts)
 
 
+def lowbit_plan(model: nn.Module) -> dict:
+    """What :func:`apply_lowbit_plan` needs to rebuild ``model``'s low-bit modules before reading
+    their tensors: each MoE layer's expert formats, each low-bit linear map and dense FFN by path
+    (a quantized checkpoint keeps it in its metadata)."""
+    plan: dict = {"experts": [], "linear": {}, "ffn": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedExperts):
+            plan["experts"].append(m.formats)
+        elif isinstance(m, LowBitLinear):
+            plan["linear"][name] = [m.q.name, m.out_features, m.in_features, m.bias is not None]
+        elif isinstance(m, LowBitFeedForward):
+            plan["ffn"][name] = [m.up.name, m.down.name]
+    return plan
+
+
+def apply_lowbit_plan(model: nn.Module, plan: dict) -> None:
+    """Give ``model`` (built on the meta device, or any) the low-bit modules ``plan`` names, with
+    uninitialised tensors of the right shapes: a quantized checkpoint is then read into them."""
+    from .models.lm import MoETransformer
+
+    stacks = _stacks(model)
+    if len(plan.get("experts", [])) != len(stacks):
+        raise ValueError(
+            f"the quantized checkpoint has expert formats for {len(plan.get('experts', []))} MoE layers; "
+            f"the model has {len(stacks)}"
+        )
+    for (moe, ex), formats in zip(stacks, plan["experts"]):
+        moe.experts = QuantizedExperts.empty(ex.num_experts, ex.dim, ex.hidden_dim, ex.kind, formats)
+    for path, (fmt, n_out, n_in, bias) in plan.get("linear", {}).items():
+        layer = LowBitLinear(LowBitWeight.empty(fmt, n_out, n_in), torch.empty(n_out) if bias else None)
+        _set(model, path, layer)
+    for path, (up_fmt, down_fmt) in plan.get("ffn", {}).items():
+        f = model.get_submodule(path)
+        assert isinstance(f, FeedForward), path
+        h = f.hidden_dim * (2 if GATED[f.kind] else 1)
+        up, down = LowBitWeight.empty(up_fmt, h, f.dim), LowBitWeight.empty(down_fmt, f.dim, f.hidden_dim)
+        _set(model, path, LowBitFeedForward(up, down, f.kind))
+    if isinstance(model, MoETransformer):
+        model.eval()
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
 @dataclass
 class Quality:
     """A quantized model against its reference on the same windows: perplexities, mean KL of the
@@ -246,6 +293,55 @@ def compare(ref: nn.Module, model: nn.Module, idx_BS: Tensor, targets_BS: Tensor
     return Quality(math.exp(nll_ref / n), math.exp(nll / n), kl / n, agree / n, [s / n for s in same])
 
 
+def quantize_run(
+    run: Union[str, os.PathLike[str]],
+    out: Union[str, os.PathLike[str]],
+    experts: Optional[str] = "int8",
+    *,
+    rest: Optional[str] = None,
+    bits: float = 6.0,
+    windows: int = 64,
+) -> tuple[QuantReport, Quality]:
+    """Write ``out``, a run folder holding ``run``'s MoE model quantized (:func:`quantize_model`;
+    the low-bit tensors and their plan in the checkpoint, which ``load_trained`` and ``moekit
+    generate`` read back), with the run's config and tokenizer; the quality against the float model
+    on ``windows`` validation windows is printed and kept in the checkpoint's metadata."""
+    import shutil
+    from pathlib import Path
+
+    from .data import build_data, load_tokenizer
+    from .data.stream import fixed_windows, window
+    from .runs import CONFIG, TOKENIZER, load_run_config
+    from .train.checkpoint import file_step, save_checkpoint
+    from .train.trainer import find_checkpoint, load_trained
+
+    src, dst = Path(run), Path(out)
+    model_cfg, train_cfg, _ = load_run_config(src)
+    if model_cfg.moe is None:
+        raise ValueError(f"run {src} has no MoE model to quantize")
+    path = find_checkpoint(src / "moe")
+    if path is None:
+        raise FileNotFoundError(f"run {src} has no checkpoint for its moe model")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty: give a new folder for the quantized run")
+    ref = load_trained(src / "moe", model_cfg)
+    model = load_trained(src / "moe", model_cfg)
+    report = quantize_model(model, experts, rest=rest, bits=bits)
+    tok = load_tokenizer(src / TOKENIZER)
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    idx, tgt = window(
+        data.val_ids_N, fixed_windows(data.val_ids_N.numel(), train_cfg.seq_len, windows), train_cfg.seq_len
+    )
+    quality = compare(ref, model, idx, tgt)
+    (dst / "moe").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / CONFIG, dst / CONFIG)
+    shutil.copyfile(src / TOKENIZER, dst / TOKENIZER)
+    step = file_step(path) if path.is_file() else None
+    meta = {"step": step, "lowbit": lowbit_plan(model), "quantized_from": str(src), "quality": quality.__dict__}
+    save_checkpoint(dst / "moe" / "checkpoint.safetensors", model, meta=meta)
+    return report, quality
+
+
 def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
     """Attention projections, dense FFNs, shared experts and the output head in ``fmt`` (int8
     where int4's groups or tiles do not divide a weight's shape)."""
@@ -257,7 +353,7 @@ def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
 
     def ffn(f: FeedForward) -> LowBitFeedForward:
         ok = fits(fmt, f.w_up.shape[1], f.dim, group_size) and fits(fmt, f.dim, f.hidden_dim, group_size)
-        return LowBitFeedForward(f, fmt if ok else "int8", group_size)
+        return LowBitFeedForward.of(f, fmt if ok else "int8", group_size)
 
     for m in list(model.modules()):
         if isinstance(m, Attention):
@@ -275,6 +371,8 @@ def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
 
 __all__ = [
     "AUTO_CHOICES",
+    "apply_lowbit_plan",
+    "lowbit_plan",
     "EXPERT_CHOICES",
     "Quality",
     "QuantReport",
@@ -282,4 +380,5 @@ __all__ = [
     "expert_error",
     "plan_formats",
     "quantize_model",
+    "quantize_run",
 ]

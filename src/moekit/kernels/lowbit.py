@@ -89,6 +89,22 @@ class LowBitWeight:
         return sum(t.nbytes for t in (self.data, self.scales, self.zeros) if t is not None)
 
     @classmethod
+    def empty(cls, fmt: str, out_features: int, in_features: int, group_size: int = 64, device="cpu") -> LowBitWeight:
+        """Uninitialised tensors of the right shapes (to be read from a checkpoint)."""
+        fmt, group_size = parse_format(fmt, group_size)
+        if fmt in _FLOAT:
+            return cls(fmt, torch.empty(out_features, in_features, dtype=_FLOAT[fmt], device=device))
+        if fmt == "int8":
+            data = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+            return cls(fmt, data, torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        if not fits(fmt, out_features, in_features, group_size):
+            raise ValueError(f"int4:{group_size} does not fit a ({out_features}, {in_features}) weight")
+        groups = (out_features, in_features // group_size)
+        data = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        scales, zeros = (torch.empty(groups, dtype=torch.bfloat16, device=device) for _ in range(2))
+        return cls(fmt, data, scales, zeros, group_size)
+
+    @classmethod
     def quantize(cls, w_OI: Tensor, fmt: str, group_size: int = 64) -> LowBitWeight:
         """``w_OI`` (any float dtype) in ``fmt``; int4 needs ``group_size`` in :data:`GROUP_SIZES`
         dividing the input width and an output width divisible by 16 (the kernel's tiles)."""

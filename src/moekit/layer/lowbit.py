@@ -12,14 +12,49 @@ up-projection width (2F when gated), E experts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..kernels import as_dtype, compute_dtype
 from ..kernels.lowbit import LowBitWeight, check_format
-from .experts import ACTIVATIONS, FeedForward, GroupedExperts, StackedExperts
+from .experts import ACTIVATIONS, GATED, FeedForward, GroupedExperts, StackedExperts
+
+
+class LowBitTensors(nn.Module):
+    """One :class:`LowBitWeight`'s tensors as buffers: in ``state_dict`` (so a quantized model
+    saves and loads like any other) and allocated by ``to_empty``; :meth:`weight` views them."""
+
+    data: Tensor
+    scales: Optional[Tensor]
+    zeros: Optional[Tensor]
+
+    def __init__(self, w: LowBitWeight):
+        super().__init__()
+        self.fmt, self.group_size = w.fmt, w.group_size
+        self.register_buffer("data", w.data)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("zeros", w.zeros)
+        self._view: tuple[tuple[int, int], LowBitWeight] = ((w.data.data_ptr(), w.data._version), w)
+
+    def weight(self) -> LowBitWeight:
+        """The weight over the current buffers (rebuilt after they move: e.g. a checkpoint read)."""
+        key = (self.data.data_ptr(), self.data._version)  # moved, or written in place (a checkpoint read)
+        if self._view[0] != key:
+            self._view = (key, LowBitWeight(self.fmt, self.data, self.scales, self.zeros, self.group_size))
+        return self._view[1]
+
+    @property
+    def name(self) -> str:
+        return self.weight().name
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight().nbytes
+
+    def extra_repr(self) -> str:
+        return f"format={self.name}, shape=({self.weight().out_features}, {self.weight().in_features})"
 
 
 class LowBitLinear(nn.Module):
@@ -27,7 +62,7 @@ class LowBitLinear(nn.Module):
 
     def __init__(self, weight: LowBitWeight, bias: Optional[Tensor] = None):
         super().__init__()
-        self.q = weight
+        self.q = LowBitTensors(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = weight.in_features, weight.out_features
 
@@ -36,35 +71,37 @@ class LowBitLinear(nn.Module):
         return cls(LowBitWeight.quantize(linear.weight, fmt, group_size), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.q.linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        y = self.q.weight().linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.q.fmt}"
+        return f"in={self.in_features}, out={self.out_features}"
 
 
 class LowBitFeedForward(nn.Module):
     """:class:`~moekit.layer.experts.FeedForward`'s forward (a dense FFN: a shared expert, a dense
     layer) on low-precision weights."""
 
-    def __init__(self, ffn: FeedForward, fmt: str, group_size: int = 64):
+    def __init__(self, up: LowBitWeight, down: LowBitWeight, kind: str):
         super().__init__()
-        self.kind, self.dim, self.hidden_dim = ffn.kind, ffn.dim, ffn.hidden_dim
-        self.up = LowBitWeight.quantize(ffn.w_up.t(), fmt, group_size)
-        self.down = LowBitWeight.quantize(ffn.w_down.t(), fmt, group_size)
-        self._act = ACTIVATIONS[ffn.kind]
+        self.kind, self.dim, self.hidden_dim = kind, up.in_features, down.in_features
+        self.up, self.down = LowBitTensors(up), LowBitTensors(down)
+        self._act = ACTIVATIONS[kind]
+
+    @classmethod
+    def of(cls, ffn: FeedForward, fmt: str, group_size: int = 64) -> LowBitFeedForward:
+        up = LowBitWeight.quantize(ffn.w_up.t(), fmt, group_size)
+        return cls(up, LowBitWeight.quantize(ffn.w_down.t(), fmt, group_size), ffn.kind)
 
     def forward(self, x: Tensor) -> Tensor:
         x_RD = x.reshape(-1, x.shape[-1])
-        return self.down.linear(self._act(self.up.linear(x_RD))).reshape(*x.shape[:-1], self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden_dim}, format={self.up.fmt}"
+        y_RD = self.down.weight().linear(self._act(self.up.weight().linear(x_RD)))
+        return y_RD.reshape(*x.shape[:-1], self.dim)
 
 
 class QuantizedExperts(StackedExperts):
-    """E FFN experts, expert ``e``'s up ``(H, D)`` and down ``(D, F)`` projections in
-    ``formats[e]`` (forward only: for decoding and evaluation)."""
+    """E FFN experts, expert ``e``'s up ``(H, D)`` and down ``(D, F)`` projections in its own
+    format (forward only: for decoding and evaluation)."""
 
     def __init__(self, ups: Sequence[LowBitWeight], downs: Sequence[LowBitWeight], kind: str):
         super().__init__()
@@ -72,7 +109,9 @@ class QuantizedExperts(StackedExperts):
             raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
         if len(ups) != len(downs) or not ups:
             raise ValueError(f"need one up and one down projection per expert; got {len(ups)} and {len(downs)}")
-        self.ups, self.downs, self.kind = list(ups), list(downs), kind
+        self.up = nn.ModuleList(LowBitTensors(w) for w in ups)
+        self.down = nn.ModuleList(LowBitTensors(w) for w in downs)
+        self.kind = kind
         self.num_experts, self.dim, self.hidden_dim = len(ups), ups[0].in_features, downs[0].in_features
         self._act = ACTIVATIONS[kind]
 
@@ -88,6 +127,23 @@ class QuantizedExperts(StackedExperts):
         downs = [LowBitWeight.quantize(w_down[e].t(), f, group_size) for e, f in enumerate(formats)]
         return cls(ups, downs, experts.kind)
 
+    @classmethod
+    def empty(
+        cls, num_experts: int, dim: int, hidden_dim: int, kind: str, formats: Sequence[str], group_size: int = 64
+    ) -> QuantizedExperts:
+        """Uninitialised, of the shapes ``formats`` give (a quantized checkpoint is read into them)."""
+        h = hidden_dim * (2 if GATED[kind] else 1)
+        ups = [LowBitWeight.empty(f, h, dim, group_size) for f in formats]
+        return cls(ups, [LowBitWeight.empty(f, dim, hidden_dim, group_size) for f in formats], kind)
+
+    @property
+    def ups(self) -> list[LowBitWeight]:
+        return [cast(LowBitTensors, m).weight() for m in self.up]
+
+    @property
+    def downs(self) -> list[LowBitWeight]:
+        return [cast(LowBitTensors, m).weight() for m in self.down]
+
     @property
     def formats(self) -> list[str]:
         return [w.name for w in self.ups]
@@ -102,7 +158,8 @@ class QuantizedExperts(StackedExperts):
 
     def expert(self, e: int, x_RD: Tensor) -> Tensor:
         """Expert ``e`` on rows ``x_RD``."""
-        return self.downs[e].linear(self._act(self.ups[e].linear(x_RD)))
+        up, down = cast(LowBitTensors, self.up[e]).weight(), cast(LowBitTensors, self.down[e]).weight()
+        return down.linear(self._act(up.linear(x_RD)))
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         x_RD = as_dtype(x_RD, compute_dtype(x_RD))
@@ -138,4 +195,4 @@ class QuantizedExperts(StackedExperts):
         return out_TD
 
 
-__all__ = ["LowBitFeedForward", "LowBitLinear", "QuantizedExperts"]
+__all__ = ["LowBitFeedForward", "LowBitLinear", "LowBitTensors", "QuantizedExperts"]

@@ -429,8 +429,9 @@ class MoETransformer(nn.Module):
         was_training = self.training
         self.eval()
         p = next(self.parameters())
-        # eager decoding keeps what it will fill; the compiled step attends over a fixed-size cache
-        positions = None if compile else total
+        # eager decoding keeps what it will fill; the compiled step attends over its whole cache, of
+        # a fixed size per call: the next power of two (one compilation per size, at most log2(context))
+        positions = min(self.cfg.max_seq_len, 1 << (total - 1).bit_length()) if compile else total
         cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype, positions) if use_cache else None
         out = idx_BS
         step_in = idx_BS

@@ -113,6 +113,17 @@ def _kept_text(path: Path) -> str:
     return f"the last checkpoint{f' (step {step})' if step is not None else ''} is intact at {path}"
 
 
+def file_meta(path: Union[str, Path]) -> dict:
+    """The ``meta`` a checkpoint file was saved with (its header only); {} when there is none."""
+    from ..store.files import StoreFileError, read_header
+
+    try:
+        info = json.loads(read_header(path)[1].get("moekit", "{}"))
+    except (StoreFileError, ValueError):
+        return {}
+    return info.get("meta", {}) if isinstance(info, dict) else {}
+
+
 def file_step(path: Union[str, Path]) -> Optional[int]:
     """The step in a checkpoint file's metadata (its header only, no tensor read); None when the file
     is missing, unreadable or not a checkpoint."""

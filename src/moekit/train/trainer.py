@@ -39,6 +39,7 @@ from . import distcp
 from .checkpoint import (
     CheckpointError,
     CheckpointWriteError,
+    file_meta,
     file_step,
     load_checkpoint,
     read_model_into,
@@ -656,6 +657,11 @@ def load_trained(run_dir: Path, model_cfg: LMConfig, device: str = "cpu") -> MoE
         return model.to(device).eval()
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
+    lowbit = file_meta(path).get("lowbit")
+    if lowbit:  # a quantized run (moekit convert --quantize): its low-bit modules, then their tensors
+        from ..quantize import apply_lowbit_plan
+
+        apply_lowbit_plan(model, lowbit)
     model.to_empty(device="cpu")
     model.reset_buffers()
     read_model_into(path, model)
