@@ -179,6 +179,10 @@ def generate_text(
             raise ValueError(f"--expert-dtype {expert_dtype}: the {model} model of {run} is dense (no experts)")
         rest = None if dtype in (None, "fp32") else dtype
         precision = quantize_model(net, experts, rest=rest, bits=expert_bits).line() or None
+    elif net.cfg.moe is not None and expert_memory is None:
+        from .quantize import describe
+
+        precision = describe(net)  # a quantized run's own formats
     ids = tok.encode(prompt) or [tok.eos_id if tok.eos_id is not None else 0]
     room = net.cfg.max_seq_len - len(ids)
     if room <= 0:

@@ -196,6 +196,24 @@ def quantize_model(
     return QuantReport(plan, before, after, rest, counts)
 
 
+def describe(model: nn.Module) -> Optional[str]:
+    """``experts 64 int8 (3.0 MiB); other linear maps int8`` for a model with low-bit modules, else None."""
+    experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    others = sorted({m.q.name for m in model.modules() if isinstance(m, LowBitLinear)})
+    if not experts and not others:
+        return None
+    counts: dict[str, int] = {}
+    for f in (f for m in experts for f in m.formats):
+        counts[f] = counts.get(f, 0) + 1
+    parts = []
+    if experts:
+        mix = ", ".join(f"{n} {f}" for f, n in counts.items())
+        parts.append(f"experts {mix} ({sum(m.nbytes for m in experts) / 2**20:.1f} MiB)")
+    if others:
+        parts.append(f"other linear maps {', '.join(others)}")
+    return "; ".join(parts)
+
+
 def lowbit_plan(model: nn.Module) -> dict:
     """What :func:`apply_lowbit_plan` needs to rebuild ``model``'s low-bit modules before reading
     their tensors: each MoE layer's expert formats, each low-bit linear map and dense FFN by path
@@ -372,6 +390,7 @@ def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
 __all__ = [
     "AUTO_CHOICES",
     "apply_lowbit_plan",
+    "describe",
     "lowbit_plan",
     "EXPERT_CHOICES",
     "Quality",

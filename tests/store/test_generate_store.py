@@ -8,42 +8,12 @@ import torch
 
 from moekit.cli import main
 from moekit.generate import load_run_model
-
-TINY = [
-    "--steps",
-    "2",
-    "--eval-every",
-    "2",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "16",
-    "--dim",
-    "32",
-    "--layers",
-    "2",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=30000",
-    "--set",
-    "train.eval_windows=4",
-    "--set",
-    "model.moe.hidden_dim=16",
-    "--set",
-    "model.max_seq_len=64",
-]
+from tiny_run import train_tiny
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MOEKIT_CACHE", str(out / "cache"))
-    assert main(["train", "--out", str(out), "--name", "s", *TINY]) == 0
-    yield str(out / "s")
-    mp.undo()
+    yield from train_tiny(tmp_path_factory)
 
 
 def generate(capsys, run, *extra):

@@ -1,0 +1,70 @@
+"""`moekit convert --quantize` and `moekit generate --dtype / --expert-dtype`: a quantized run is
+written with its low-bit tensors and plan, reads back to the very model that was quantized (same
+logits as quantizing on load), reports its quality, and bad requests are one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.generate import load_run_model
+from moekit.layer.lowbit import LowBitLinear, QuantizedExperts
+from moekit.quantize import quantize_model
+from tiny_run import train_tiny
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    yield from train_tiny(tmp_path_factory, "--set", "model.moe.hidden_dim=32")
+
+
+@pytest.mark.parametrize("fmt,rest", [("int8", "int8"), ("int4:32", None), ("auto", "fp16")])
+def test_a_quantized_run_reads_back_the_model_that_was_quantized(run, tmp_path, capsys, fmt, rest):
+    out = tmp_path / "q"
+    argv = ["convert", "--run", run, "--quantize", fmt, "--out", str(out), "--expert-bits", "5"]
+    assert main(argv + (["--dtype", rest] if rest else [])) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"perplexity [\d.]+ -> [\d.]+ \([+-][\d.]+%\), KL .*top-1 agreement [\d.]+%", text), text
+    model, _ = load_run_model(str(out))
+    assert all(isinstance(m.experts, QuantizedExperts) for m in model.moe_layers)
+    assert isinstance(model.blocks[0].attn.wqkv, LowBitLinear) == (rest is not None)
+    ref, _ = load_run_model(run)
+    quantize_model(ref, fmt, rest=rest, bits=5.0)  # the same quantization, done on load
+    assert [m.experts.formats for m in model.moe_layers] == [m.experts.formats for m in ref.moe_layers]
+    idx = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
+    capsys.readouterr()
+    assert main(["generate", "--run", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert "experts " in capsys.readouterr().err  # the quantized run says what it holds
+
+
+def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
+    argv = ["generate", "--run", run, "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(argv + ["--dtype", "int8", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out and "experts" in err and "int8" in err and "other linear maps int8" in err, err
+    for extra, msg in [
+        (["--dtype", "int3"], "--dtype must be one of"),
+        (["--expert-dtype", "fp8"], "--expert-dtype must be one of"),
+        (["--expert-dtype", "auto", "--expert-bits", "0.5"], "--expert-bits must be in [1, 32]"),
+        (["--dtype", "int8", "--compile"], "leave out compile"),
+        (["--expert-dtype", "int8", "--expert-memory", "1GB"], "the store holds experts in the checkpoint's dtype"),
+        (["--expert-dtype", "int8", "--model", "dense"], "is dense"),
+        (["--threads", "0"], "--threads"),
+    ]:
+        assert main(argv + extra) != 0, extra
+        out, err = capsys.readouterr()
+        assert out == "" and msg in err and err.count("\n") == 1, (extra, err)
+
+
+def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert main(["convert", "--run", run, "--quantize", "int8", "--out", str(tmp_path / "full")]) != 0
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep me"
+    assert main(["convert", "--run", run, "--quantize", "int5", "--out", str(tmp_path / "n")]) != 0
+    assert "--quantize must be one of" in capsys.readouterr().err and not (tmp_path / "n").exists()
