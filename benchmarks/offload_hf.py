@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moekit.store import SafetensorsFiles, parse_bytes, store_stats
+from offload import _capped, _status  # the same memory groups and RSS fields (benchmarks/ is on sys.path)
 
 SHAPES = {
     # allenai/OLMoE-1B-7B-0924's config: 16 layers, width 2048, 64 experts of 1024, top-8
@@ -121,15 +122,6 @@ def prepare(args) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     print(f"{out}: {total / 2**30:.2f} GiB in {n} shards")
-
-
-def _status() -> dict:
-    fields = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "RssAnon", "RssFile"):
-            fields[k] = int(v.split()[0]) * 1024
-    return fields
 
 
 def decode(args) -> None:
@@ -227,16 +219,6 @@ def read_bandwidth(folder: Path, threads: int = 1, nbytes: int = 1 << 30) -> flo
     return sum(b.nbytes for b in bufs) / (time.perf_counter() - t0)
 
 
-def _capped(cmd: list[str], cap_gib: float) -> list[str]:
-    group = Path("/sys/fs/cgroup/memory") / f"moekit-offload-{os.getpid()}-{time.monotonic_ns()}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(int(cap_gib * 2**30)))
-    (group / "memory.memsw.limit_in_bytes").exists() and (group / "memory.memsw.limit_in_bytes").write_text(
-        str(int(cap_gib * 2**30))
-    )
-    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd]
-
-
 def run(args) -> None:
     from moekit.store.experts import READERS
 
@@ -249,7 +231,7 @@ def run(args) -> None:
         cmd = [sys.executable, __file__, "decode", "--dir", str(folder), "--setting", setting]
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--policy", args.policy]
         if cap:
-            cmd = _capped(cmd, float(cap))
+            cmd = _capped(cmd, int(float(cap) * 2**30))
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
         wall = time.perf_counter() - t0

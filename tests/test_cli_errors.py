@@ -26,34 +26,9 @@ from moekit.data.stream import covering_windows
 from moekit.train.checkpoint import read_checkpoint
 from moekit.train.run import available_memory, check_parallel_layout
 from moekit.train.trainer import METRICS, TIMING_WARMUP_STEPS
+from tiny_run import tiny_args
 
-TINY = [
-    "--steps",
-    "6",
-    "--eval-every",
-    "3",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "16",
-    "--dim",
-    "32",
-    "--layers",
-    "1",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=30000",
-    "--set",
-    "train.eval_windows=4",
-    "--set",
-    "model.moe.hidden_dim=16",
-    "--set",
-    "model.max_seq_len=32",
-    "--set",
-    "train.checkpoint_every=2",
-]
+TINY = tiny_args(6, 3, 2, 16, 32, 1, 30000, 4, 16, 32, "--set", "train.checkpoint_every=2")
 SRC = Path(moekit_pkg.__file__).resolve().parents[1]  # the moekit under test
 
 

@@ -7,31 +7,31 @@ from pathlib import Path
 
 import pytest
 
-TINY = [
-    "--steps",
-    "2",
-    "--eval-every",
-    "2",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "16",
-    "--dim",
-    "32",
-    "--layers",
-    "2",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=30000",
-    "--set",
-    "train.eval_windows=4",
-    "--set",
-    "model.moe.hidden_dim=16",
-    "--set",
-    "model.max_seq_len=64",
-]
+
+def tiny_args(
+    steps: int = 2,
+    eval_every: int = 2,
+    batch: int = 2,
+    seq: int = 16,
+    dim: int = 32,
+    layers: int = 2,
+    code_chars: int = 30000,
+    eval_windows: int = 4,
+    hidden: int = 16,
+    max_seq: int = 64,
+    *extra: str,
+) -> list[str]:
+    """``moekit train`` arguments for a tiny run (byte tokenizer, quiet); ``extra`` appended."""
+    return [
+        *("--steps", str(steps), "--eval-every", str(eval_every), "--batch-size", str(batch)),
+        *("--seq-len", str(seq), "--dim", str(dim), "--layers", str(layers), "--quiet", "--tokenizer", "bytes"),
+        *("--set", f"train.code_chars={code_chars}", "--set", f"train.eval_windows={eval_windows}"),
+        *("--set", f"model.moe.hidden_dim={hidden}", "--set", f"model.max_seq_len={max_seq}"),
+        *extra,
+    ]
+
+
+TINY = tiny_args()
 
 
 def train_tiny(tmp_path_factory, *extra: str):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from test_train_ep import TINY as EP_TINY
 
 import moekit as moekit_pkg
 
@@ -26,29 +27,7 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 
-TINY = [
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=100000",
-    "--dim",
-    "64",
-    "--layers",
-    "2",
-    "--set",
-    "model.n_heads=2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--eval-every",
-    "4",
-    "--set",
-    "train.eval_windows=7",
-    "--set",
-    "train.checkpoint_every=100",
-    "--quiet",
-]
+TINY = EP_TINY  # the same small run as the EP training tests
 TRAIN = ["train", "--out", "runs", "--no-baseline", "--expert-parallel", "2", "--steps", "100000", *TINY]
 SRC = Path(moekit_pkg.__file__).resolve().parents[1]  # the moekit under test
 # what must never reach the terminal: a traceback, torchrun's exception, its agent's log lines, FSDP2's

@@ -15,34 +15,9 @@ from moekit.config import LMConfig, MoEConfig, TrainConfig
 from moekit.train.checkpoint import read_checkpoint
 from moekit.train.lock import RunLock
 from moekit.train.trainer import METRICS, lr_at
+from tiny_run import tiny_args
 
-TINY = [
-    "--steps",
-    "6",
-    "--eval-every",
-    "3",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "16",
-    "--dim",
-    "32",
-    "--layers",
-    "1",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=30000",
-    "--set",
-    "train.eval_windows=4",
-    "--set",
-    "model.moe.hidden_dim=16",
-    "--set",
-    "model.max_seq_len=32",
-    "--set",
-    "train.checkpoint_every=2",
-]
+TINY = tiny_args(6, 3, 2, 16, 32, 1, 30000, 4, 16, 32, "--set", "train.checkpoint_every=2")
 
 
 def configs(*argv):

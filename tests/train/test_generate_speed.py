@@ -9,33 +9,9 @@ import pytest
 
 from moekit.cli import main
 from moekit.generate import GenerationStats, generate_text
+from tiny_run import tiny_args
 
-TINY = [
-    "--steps",
-    "2",
-    "--eval-every",
-    "2",
-    "--batch-size",
-    "2",
-    "--seq-len",
-    "16",
-    "--dim",
-    "32",
-    "--layers",
-    "1",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--no-baseline",
-    "--set",
-    "train.code_chars=30000",
-    "--set",
-    "train.eval_windows=4",
-    "--set",
-    "model.moe.hidden_dim=16",
-    "--set",
-    "model.max_seq_len=32",
-]
+TINY = tiny_args(2, 2, 2, 16, 32, 1, 30000, 4, 16, 32, "--no-baseline")
 LINE = re.compile(r"moekit generate: (\d+) tokens? in (\d+\.\d\d) s \((\d+) tokens/s, KV cache (on|off)\)")
 
 

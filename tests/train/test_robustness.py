@@ -20,34 +20,9 @@ from moekit.data import build_data
 from moekit.train import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, save_checkpoint
 from moekit.train.checkpoint import CHECKSUMS, read_checkpoint
 from moekit.train.trainer import CHECKPOINT, METRICS
+from tiny_run import tiny_args
 
-TINY = [
-    "--steps",
-    "12",
-    "--eval-every",
-    "6",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--dim",
-    "32",
-    "--layers",
-    "2",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--threads",
-    "1",
-    "--set",
-    "train.code_chars=150000",
-    "--set",
-    "train.eval_windows=24",
-    "--set",
-    "model.moe.hidden_dim=32",
-    "--set",
-    "model.max_seq_len=64",
-]
+TINY = tiny_args(12, 6, 4, 32, 32, 2, 150000, 24, 32, 64, "--threads", "1")
 
 
 @pytest.fixture(scope="module")

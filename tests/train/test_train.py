@@ -15,32 +15,9 @@ from moekit.cli import main
 from moekit.train import CheckpointError, load_checkpoint, run_train, save_checkpoint
 from moekit.train.checkpoint import read_checkpoint
 from moekit.train.trainer import METRICS
+from tiny_run import tiny_args
 
-TINY = [
-    "--steps",
-    "12",
-    "--eval-every",
-    "6",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--dim",
-    "32",
-    "--layers",
-    "2",
-    "--quiet",
-    "--tokenizer",
-    "bytes",
-    "--set",
-    "train.code_chars=150000",
-    "--set",
-    "train.eval_windows=24",
-    "--set",
-    "model.moe.hidden_dim=32",
-    "--set",
-    "model.max_seq_len=64",
-]
+TINY = tiny_args(12, 6, 4, 32, 32, 2, 150000, 24, 32, 64)
 
 
 def losses(path):
