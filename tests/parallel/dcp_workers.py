@@ -216,3 +216,46 @@ def save_forever(path: str) -> None:
 
 if __name__ == "__main__":
     save_forever(sys.argv[1])
+
+
+def per_rank_statistics(rank: int, world: int, store: str, out_dir: str, statistics: str) -> None:
+    """With routing statistics kept per rank (``statistics="local"``), each rank's ``expert_usage``
+    and ``steps_unused`` differ; a sharded save and load must give each rank back its own (a
+    resumed run then equals an uninterrupted one), and a one-process load reads rank 0's."""
+    from moekit.parallel import make_mesh
+
+    init(rank, world, store)
+    torch.manual_seed(0)
+    model = MoETransformer(_lm_cfg()).double()
+    par = apply_expert_parallel(model, make_mesh(1, "cpu"), statistics=statistics)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(100 + rank)  # each rank its own tokens: its own statistics
+    for _ in range(3):
+        idx = torch.randint(0, 64, (2, 12))
+        o = model(idx, idx)
+        (o.loss + o.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        for m in model.moe_layers:
+            m.after_optimizer_step()
+    mine = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("expert_usage", "steps_unused"))}
+    assert mine
+    path = os.path.join(out_dir, "stats")
+    save_distributed(path, model, opt, par, meta={"step": 3})
+    torch.manual_seed(0)
+    model2 = MoETransformer(_lm_cfg()).double()
+    par2 = apply_expert_parallel(model2, make_mesh(1, "cpu"), statistics=statistics)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    load_distributed(path, model2, opt2, par2)
+    got = model2.state_dict()
+    for k, v in mine.items():
+        assert torch.equal(got[k], v), f"rank {rank}: {k} is not this rank's after the round trip"
+    if rank == 0:
+        torch.save(mine, os.path.join(out_dir, "stats-rank0.pt"))
+    flat = torch.cat([v.double().reshape(-1) for v in mine.values()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0 and statistics == "local":
+        assert not torch.equal(gathered[0], gathered[1]), "the ranks' statistics should differ in this test"
+    dist.barrier()
+    dist.destroy_process_group()

@@ -194,3 +194,20 @@ def test_dtensor_parameters_fsdp2_round_trip(tmp_path):
 def test_a_mesh_made_for_the_meta_device_is_refused(tmp_path):
     store = str(tmp_path / f"store-{time.monotonic_ns()}")
     tmp.start_processes(W.meta_mesh_refused, args=(2, store, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+
+
+@pytest.mark.parametrize("statistics", ["local", "global"])
+def test_routing_statistics_kept_per_rank_come_back_to_their_rank(tmp_path, statistics):
+    """Issue 25, fault 1: per-rank ``expert_usage`` / ``steps_unused`` were saved as one rank's copy."""
+    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    args = (2, store, str(tmp_path), statistics)
+    tmp.start_processes(W.per_rank_statistics, args=args, nprocs=2, join=True, start_method="spawn")
+    from moekit.train.checkpoint import load_checkpoint
+    from moekit.train.distcp import convert_to_single_file
+
+    one = MoETransformer(_lm_cfg()).double()
+    load_distributed(tmp_path / "stats", one, rng=False)  # one process: rank 0's statistics
+    single = MoETransformer(_lm_cfg()).double()
+    load_checkpoint(convert_to_single_file(tmp_path / "stats", tmp_path / "one.safetensors"), single)
+    for k, v in torch.load(tmp_path / "stats-rank0.pt").items():
+        assert torch.equal(one.state_dict()[k], v) and torch.equal(single.state_dict()[k], v), k

@@ -18,7 +18,11 @@ A checkpoint folder (``checkpoint.dcp`` next to the one-process ``checkpoint.saf
 
 State-dict keys: ``model.<name>`` (the model's state dict, full shapes), ``optim.<name>.<key>``
 (the optimizer state of parameter ``<name>``: keyed by name, not by index, so it loads whatever
-the optimizer's layout), ``rng.<name>`` (rank 0's random-number-generator states).
+the optimizer's layout), ``rng.<name>`` (rank 0's random-number-generator states). Routing
+statistics kept per rank (``statistics="expert"`` or ``"local"``: each rank's ``expert_usage``
+and ``steps_unused``) are saved as ``(world, ...)`` tensors, one row per rank, named in the
+manifest's ``per_rank``: a load on the same number of ranks gives each rank its own row; on
+another number, or in one process, rank r takes row ``r mod world`` (one process: rank 0's).
 
 Atomic: the ranks write into ``checkpoint.dcp.tmp``; once every rank is done and ``moekit.json``
 is written, rank 0 swaps it in (``checkpoint.dcp`` -> ``checkpoint.dcp.old``, ``.tmp`` ->
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, TypeGuard, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._io import atomic_write_text
 from .checkpoint import MODEL, OPTIM, RNG, CheckpointError, read_checkpoint, save_checkpoint
@@ -58,6 +62,9 @@ MANIFEST = "moekit.json"
 METADATA = ".metadata"  # DCP's own index file
 FORMAT = "moekit.dcp"
 VERSION = 1
+# the routing statistics a rank keeps for itself when statistics are not global (see
+# moekit.parallel.apply_expert_parallel): saved as one row per rank, not as replicated tensors
+PER_RANK = ("expert_usage", "steps_unused")
 _TMP, _OLD = ".tmp", ".old"
 _CHUNK = 1 << 22  # bytes read at a time while hashing
 
@@ -262,9 +269,32 @@ def _balanced_planner():
     return BalancedSavePlanner()
 
 
+def _per_rank_mode(par) -> bool:
+    """Whether ``par`` keeps routing statistics per rank (not global) on a mesh of all ranks."""
+    return (
+        par is not None and getattr(par, "statistics", "global") != "global" and getattr(par, "mesh", None) is not None
+    )
+
+
+def _per_rank_keys(model_sd: dict, par) -> list[str]:
+    """The model's statistics buffers that differ between ranks under ``par`` (none when global)."""
+    return [k for k in model_sd if k.rsplit(".", 1)[-1] in PER_RANK] if _per_rank_mode(par) else []
+
+
+def _rows_of_ranks(local: Tensor, mesh) -> DTensor:
+    """``local`` of every rank as the rows of one ``(world, ...)`` DTensor (row = the rank's
+    place in ``mesh``, which spans all ranks)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(local.unsqueeze(0), mesh, [Shard(0)] * mesh.ndim, run_check=False)
+
+
 def _save_state(model: nn.Module, optimizer, par, rng: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """(the state dict DCP writes, the optimizer's JSON part)."""
-    state = {MODEL + k: v for k, v in model.state_dict().items()}
+    model_sd = model.state_dict()
+    state = {MODEL + k: v for k, v in model_sd.items()}
+    for k in _per_rank_keys(model_sd, par):
+        state[MODEL + k] = _rows_of_ranks(model_sd[k].detach(), par.mesh)
     opt_json = None
     if optimizer is not None:
         groups, scalars = [], {}
@@ -309,6 +339,7 @@ def save_distributed(
             error = f"cannot write the checkpoint {path}: {_one_line(err)}"
     _agree(par, error)  # also: nobody writes into tmp before rank 0 has emptied it
     state, opt_json = _save_state(model, optimizer, par, rng if rank == 0 else None)
+    per_rank = _per_rank_keys(model.state_dict(), par)
     md = _write_parts(path, state, par, rank)
     parts = _gather_digests(par, _own_digests(path, md, rank), world)
     error = next((p[2] for p in parts if p[2]), None)
@@ -320,6 +351,7 @@ def save_distributed(
             "world_size": world,
             "expert_parallel": getattr(par, "ep_size", 1),
             "optimizer": opt_json,
+            "per_rank": per_rank,
         }
         error = _publish(path, manifest, parts)
     _agree(par, error if rank == 0 else None)
@@ -438,12 +470,13 @@ def _read_metadata(path: Path, manifest: dict):
     return md, tensors
 
 
-def _check_model(path: Path, tensors: dict, expected: dict) -> None:
-    """CheckpointError unless the checkpoint holds exactly ``expected`` (name -> global shape) under ``model.``."""
+def _check_model(path: Path, tensors: dict, expected: dict, per_rank: tuple = ()) -> None:
+    """CheckpointError unless the checkpoint holds exactly ``expected`` (name -> global shape) under
+    ``model.`` (a ``per_rank`` name: one row of that shape per saving rank)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     saved = {
-        k[len(MODEL) :]: tuple(v.size)
+        k[len(MODEL) :]: tuple(v.size)[1:] if k[len(MODEL) :] in per_rank else tuple(v.size)
         for k, v in tensors.items()
         if k.startswith(MODEL) and isinstance(v, TensorStorageMetadata)
     }
@@ -503,12 +536,17 @@ def load_distributed(
     path = Path(path)
     rank, world = _rank_world(par)
     error, manifest, md, state = None, None, None, None
+    rows: dict = {}
     try:  # the same checks on every rank, from the files alone
         manifest = read_manifest(path)
         md, tensors = _read_metadata(path, manifest)
         model_sd = model.state_dict()
-        _check_model(path, tensors, {k: tuple(v.shape) for k, v in model_sd.items()})  # a DTensor's shape is global
+        per_rank = tuple(manifest.get("per_rank", ()))
+        shapes = {k: tuple(v.shape) for k, v in model_sd.items()}  # a DTensor's shape is global
+        _check_model(path, tensors, shapes, per_rank)
         state = {MODEL + k: v for k, v in model_sd.items()}
+        rows = {k: _row_target(model_sd[k], tensors[MODEL + k], par, world) for k in per_rank}
+        state.update({MODEL + k: t for k, t in rows.items()})
         opt_plan = None
         if optimizer is not None:
             opt_plan = _optimizer_targets(path, manifest, tensors, model, optimizer, par, state)
@@ -529,11 +567,22 @@ def load_distributed(
             dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=par is None)
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"reading the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
+    for k, t in rows.items():  # each rank's own row (or rank r's: r mod the saving world)
+        model_sd[k].copy_(t.to_local()[0] if _is_dtensor(t) else t[rank % t.shape[0]])
     if optimizer is not None:
         assert opt_plan is not None
         _load_optimizer(path, optimizer, manifest, state, opt_plan)
     rng_states = {k[len(RNG) :]: v for k, v in state.items() if k.startswith(RNG)}
     return manifest["meta"], rng_states
+
+
+def _row_target(buf: Tensor, saved, par, world: int):
+    """Where a per-rank item is read: this rank's row as a DTensor when the checkpoint was saved by
+    as many ranks in per-rank mode; else the whole ``(saved world, ...)`` tensor."""
+    shape = tuple(saved.size)
+    if shape[0] == world and _per_rank_mode(par):
+        return _rows_of_ranks(torch.empty_like(buf), par.mesh)
+    return torch.empty(shape, dtype=saved.properties.dtype)
 
 
 def _optimizer_targets(
@@ -626,7 +675,9 @@ def read_full_state(path: Union[str, Path], *, optimizer: bool = True) -> tuple[
             dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"reading the checkpoint {path} failed: {_one_line(err)}") from err
+    per_rank = set(manifest.get("per_rank", ()))
     model_state = {k[len(MODEL) :]: v for k, v in state.items() if k.startswith(MODEL)}
+    model_state = {k: v[0] if k in per_rank else v for k, v in model_state.items()}  # one process: rank 0's
     rng = {k[len(RNG) :]: v for k, v in state.items() if k.startswith(RNG)}
     opt_sd = None
     if optimizer and manifest.get("optimizer"):
