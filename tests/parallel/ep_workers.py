@@ -149,11 +149,11 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
     dist.destroy_process_group()
 
 
-def _lm_cfg() -> LMConfig:
+def _lm_cfg(num_experts: int = 8) -> LMConfig:
     moe = MoEConfig(
         dim=32,
         hidden_dim=16,
-        num_experts=8,
+        num_experts=num_experts,
         top_k=1,  # a causal LM with a capacity limit takes top-1 (top-2 drops would see later tokens)
         renormalize=False,
         capacity_factor=1.5,
@@ -165,12 +165,12 @@ def _lm_cfg() -> LMConfig:
     return LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, moe=moe)
 
 
-def reference_step(world: int):
+def reference_step(world: int, num_experts: int = 8):
     """The single-process reference of :func:`ep_dp_step`: (ref model after one AdamW step with
     clipping, its optimizer, the gradient norm, a copy of the initial model, inputs, targets)."""
     torch.manual_seed(3)
-    ref = MoETransformer(_lm_cfg()).double()
-    model = MoETransformer(_lm_cfg()).double()
+    ref = MoETransformer(_lm_cfg(num_experts)).double()
+    model = MoETransformer(_lm_cfg(num_experts)).double()
     model.load_state_dict(ref.state_dict())
     B = 2 * world
     idx = torch.randint(0, 64, (B, 12))
@@ -437,3 +437,37 @@ def call_mismatch(rank: int, world: int, store: str, case: str) -> None:
         assert time.monotonic() - t0 < 20, "the error must come at once, not after the timeout"
     finally:
         dist.destroy_process_group()
+
+
+def balanced_expert_shards(rank: int, world: int, store: str, ckpt_dir: str) -> None:
+    """Issue 25, fault 3: EP=2 x DP=2 with 2 experts (one per EP rank, fewer than DP ranks): FSDP
+    must not leave one DP rank with the expert and the other with nothing; every rank holds the
+    same share of every expert weight, and the step and a sharded checkpoint stay exact."""
+    from moekit.train.distcp import load_distributed, save_distributed
+
+    init(rank, world, store)
+    ref, _, gn_ref, model, idx, tgt = reference_step(world, num_experts=2)
+    h = apply_expert_parallel(model, make_mesh(2, "cpu"))
+    sizes = torch.tensor([float(p.to_local().numel()) for n, p in model.named_parameters() if ".experts." in n])
+    every = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(every, sizes)
+    assert all(torch.equal(e, every[0]) for e in every) and (sizes > 0).all(), f"expert shard sizes {every}"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    b = idx.shape[0] // world
+    o = model(idx[rank * b : (rank + 1) * b], tgt[rank * b : (rank + 1) * b])
+    (o.loss + o.aux_loss).backward()
+    close(h.clip_grad_norm_(0.5), gn_ref, "total gradient norm", tol=1e-6)
+    opt.step()
+    full = h.full_state_dict()
+    for k, v in ref.state_dict().items():
+        close(full[k], v, f"parameter {k} after one AdamW step", tol=1e-7)
+    path = os.path.join(ckpt_dir, "balanced.dcp")
+    save_distributed(path, model, opt, h, meta={"step": 1})
+    for other in (2, 1):
+        m = MoETransformer(_lm_cfg(2)).double()
+        hh = apply_expert_parallel(m, expert_parallel=other, sync_init=False)
+        load_distributed(path, m, torch.optim.AdamW(m.parameters(), lr=1e-2), hh)
+        for k, v in hh.full_state_dict().items():
+            assert torch.equal(v, full[k]), f"rank {rank}: {k} differs after a round trip into EP={other}"
+    dist.barrier()
+    dist.destroy_process_group()

@@ -36,6 +36,11 @@ def test_ep2_dp2_optimizer_step_and_resharded_checkpoints(tmp_path):
     W.check_dcp_in_one_process(str(tmp_path), 4, 2)
 
 
+def test_fewer_experts_per_rank_than_dp_ranks_shard_evenly(tmp_path):
+    """EP=2 x DP=2 with 2 experts: every rank holds an equal, non-empty share of each expert."""
+    spawn(W.balanced_expert_shards, 4, tmp_path, str(tmp_path))
+
+
 def test_ep2_step_and_checkpoint_into_ep_world(tmp_path):
     """EP=2 on 2 ranks; its checkpoints (gathered, and DCP) reload into EP=1 (pure data parallel)
     and a single process."""

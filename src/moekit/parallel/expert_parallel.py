@@ -521,6 +521,22 @@ def _flat_mesh(mesh):
         return mesh._flatten("dp_ep")
 
 
+def _expert_shard_dim(dp: int):
+    """FSDP's placement for a stacked expert weight over ``dp`` ranks: its expert dimension when
+    every rank gets a whole number of this EP rank's experts, else its first feature dimension
+    (dim 0 would leave some DP ranks with no expert at all and others with all of them, weights,
+    gradients and AdamW moments alike, as torchtitan notes)."""
+    from torch.distributed.tensor import Shard
+
+    def placement(p: Tensor):
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.dim() < 2 or local.shape[0] % dp == 0:
+            return Shard(0)
+        return Shard(1) if local.shape[1] % dp == 0 else None
+
+    return placement
+
+
 def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
     """FSDP2 (``fully_shard``, ZeRO-3): each MoE layer's experts over the ranks that replicate
     them (mesh ``dp``), then each transformer block and the rest over all ranks, as torchtitan
@@ -534,8 +550,9 @@ def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
     kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
     world = _flat_mesh(mesh)
+    dp = mesh["dp"].size()
     for moe in moes:
-        fully_shard(moe.experts, mesh=mesh["dp"], **kw)
+        fully_shard(moe.experts, mesh=mesh["dp"], shard_placement_fn=_expert_shard_dim(dp), **kw)
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=world, **kw)
     fully_shard(model, mesh=world, **kw)
