@@ -14,7 +14,6 @@ from .data import load_tokenizer
 from .interop import load_hf
 from .interop.folders import hf_tokenizer, is_hf_folder
 from .runs import TOKENIZER, load_run_config, sub_runs
-from .train.checkpoint import file_meta
 from .train.trainer import checkpoint_step, find_checkpoint, load_trained
 
 
@@ -74,10 +73,6 @@ def _load_with_store(
     path = find_checkpoint(run_dir / model)
     if path is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
-    if path.is_file() and file_meta(path).get("lowbit"):
-        raise ValueError(
-            f"--expert-memory: {run_dir} is a quantized run; the expert store reads float checkpoints for now"
-        )
     return load_run_with_store(path, cfg, expert_memory, policy, prefetch), load_tokenizer(run_dir / TOKENIZER)
 
 

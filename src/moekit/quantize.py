@@ -229,18 +229,19 @@ def lowbit_plan(model: nn.Module) -> dict:
     return plan
 
 
-def apply_lowbit_plan(model: nn.Module, plan: dict) -> None:
+def apply_lowbit_plan(model: nn.Module, plan: dict, experts: bool = True) -> None:
     """Give ``model`` (built on the meta device, or any) the low-bit modules ``plan`` names, with
-    uninitialised tensors of the right shapes: a quantized checkpoint is then read into them."""
+    uninitialised tensors of the right shapes: a quantized checkpoint is then read into them
+    (``experts=False``: all but the experts, which an expert store reads itself)."""
     from .models.lm import MoETransformer
 
-    stacks = _stacks(model)
-    if len(plan.get("experts", [])) != len(stacks):
+    stacks = _stacks(model) if experts else []
+    if experts and len(plan.get("experts", [])) != len(stacks):
         raise ValueError(
             f"the quantized checkpoint has expert formats for {len(plan.get('experts', []))} MoE layers; "
             f"the model has {len(stacks)}"
         )
-    for (moe, ex), formats in zip(stacks, plan["experts"]):
+    for (moe, ex), formats in zip(stacks, plan.get("experts", [])):
         moe.experts = QuantizedExperts.empty(ex.num_experts, ex.dim, ex.hidden_dim, ex.kind, formats)
     for path, (fmt, n_out, n_in, bias) in plan.get("linear", {}).items():
         layer = LowBitLinear(LowBitWeight.empty(fmt, n_out, n_in), torch.empty(n_out) if bias else None)

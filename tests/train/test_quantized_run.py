@@ -68,3 +68,39 @@ def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, caps
     assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep me"
     assert main(["convert", "--run", run, "--quantize", "int5", "--out", str(tmp_path / "n")]) != 0
     assert "--quantize must be one of" in capsys.readouterr().err and not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:32", "fp16"])
+def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_path, fmt):
+    """The store holds the run's low-bit experts as they are (each costs its own bytes) and reads
+    them by byte range: logits equal to the whole quantized model's, at the least budget too."""
+    from moekit.kernels.lowbit import format_bytes
+    from moekit.store import StoredExperts, expert_pools, store_stats
+
+    out = tmp_path / "q"
+    assert main(["convert", "--run", run, "--quantize", fmt, "--out", str(out)]) == 0
+    full, _ = load_run_model(str(out))
+    cfg = full.cfg.moe
+    expert_bytes = format_bytes(fmt, 2 * cfg.hidden_dim, cfg.dim) + format_bytes(fmt, cfg.dim, cfg.hidden_dim)
+    for slots in (cfg.top_k, 3 * cfg.top_k):
+        model, _ = load_run_model(str(out), expert_memory=slots * expert_bytes)
+        assert all(isinstance(m.experts, StoredExperts) for m in model.moe_layers)
+        assert sum(p.nbytes for p in expert_pools(model)) == slots * expert_bytes
+        idx = torch.randint(0, 257, (2, 20))
+        with torch.no_grad():
+            assert torch.equal(model(idx).logits, full(idx).logits)
+            assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
+        prompt = idx[:1, :4]
+        assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
+        s = store_stats(model)
+        assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes
+
+
+def test_an_expert_store_refuses_a_run_of_mixed_formats(run, tmp_path):
+    out = tmp_path / "mixed"
+    assert main(["convert", "--run", run, "--quantize", "auto", "--expert-bits", "6", "--out", str(out)]) == 0
+    formats = {f for m in load_run_model(str(out))[0].moe_layers for f in m.experts.formats}
+    if len(formats) < 2:
+        pytest.skip(f"the planner chose one format here ({formats})")
+    with pytest.raises(ValueError, match="several formats"):
+        load_run_model(str(out), expert_memory=10**8)

@@ -11,7 +11,7 @@ up-projection width (2F when gated), E experts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional, cast
 
 import torch
@@ -162,37 +162,66 @@ class QuantizedExperts(StackedExperts):
         return down.linear(self._act(up.linear(x_RD)))
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
-        x_RD = as_dtype(x_RD, compute_dtype(x_RD))
-        y_RD = x_RD.new_zeros(x_RD.shape[0], self.dim)
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                y_RD[start : start + n] = self.expert(e, x_RD[start : start + n])
-            start += n
-        return y_RD
+        return experts_on_rows(self.expert, self.dim, x_RD, counts_E)
 
     def few_slots(
         self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
     ) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, each chosen expert once."""
-        x_TD = as_dtype(x_TD, compute_dtype(x_TD))
-        out_TD = x_TD.new_zeros(x_TD.shape[0], self.dim) if into_TD is None else as_dtype(into_TD, x_TD.dtype)
-        if x_TD.shape[0] == 1:  # decoding at batch 1: no gather or scatter
-            for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()):
-                if e < self.num_experts:
-                    out_TD.add_(self.expert(e, x_TD), alpha=w)
-            return out_TD
-        rows: dict[int, list[tuple[int, int]]] = {}
-        for t, row in enumerate(experts_TK.tolist()):
-            for k, e in enumerate(row):
-                if e < self.num_experts:
-                    rows.setdefault(e, []).append((t, k))
-        w_TK = weights_TK.to(x_TD.dtype)
-        for e, tk in rows.items():
-            t_idx = torch.tensor([t for t, _ in tk])
-            k_idx = torch.tensor([k for _, k in tk])
-            out_TD.index_add_(0, t_idx, self.expert(e, x_TD[t_idx]) * w_TK[t_idx, k_idx].unsqueeze(-1))
+        return experts_on_tokens(self.expert, self.num_experts, self.dim, x_TD, experts_TK, weights_TK, into_TD)
+
+
+ExpertFn = Callable[[int, Tensor], Tensor]  # (expert, rows) -> that expert's output on the rows
+
+
+def experts_on_rows(expert: ExpertFn, dim: int, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+    """The experts' seam's ``forward``, one expert call at a time: rows in expert order, ``counts_E`` per expert."""
+    x_RD = as_dtype(x_RD, compute_dtype(x_RD))
+    y_RD = x_RD.new_zeros(x_RD.shape[0], dim)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            y_RD[start : start + n] = expert(e, x_RD[start : start + n])
+        start += n
+    return y_RD
+
+
+def experts_on_tokens(
+    expert: ExpertFn,
+    num_experts: int,
+    dim: int,
+    x_TD: Tensor,
+    experts_TK: Tensor,
+    weights_TK: Tensor,
+    into_TD: Optional[Tensor] = None,
+) -> Tensor:
+    """The seam's ``few_slots``, one call per chosen expert in order of first use (token-major):
+    ``into_TD + sum_k weights_TK * expert_k(x)``; ids ``>= num_experts`` are empty slots."""
+    x_TD = as_dtype(x_TD, compute_dtype(x_TD))
+    out_TD = x_TD.new_zeros(x_TD.shape[0], dim) if into_TD is None else as_dtype(into_TD, x_TD.dtype)
+    if x_TD.shape[0] == 1:  # decoding at batch 1: no gather or scatter
+        for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()):
+            if e < num_experts:
+                out_TD.add_(expert(e, x_TD), alpha=w)
         return out_TD
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for t, row in enumerate(experts_TK.tolist()):
+        for k, e in enumerate(row):
+            if e < num_experts:
+                rows.setdefault(e, []).append((t, k))
+    w_TK = weights_TK.to(x_TD.dtype)
+    for e, tk in rows.items():
+        t_idx = torch.tensor([t for t, _ in tk])
+        k_idx = torch.tensor([k for _, k in tk])
+        out_TD.index_add_(0, t_idx, expert(e, x_TD[t_idx]) * w_TK[t_idx, k_idx].unsqueeze(-1))
+    return out_TD
 
 
-__all__ = ["LowBitFeedForward", "LowBitLinear", "LowBitTensors", "QuantizedExperts"]
+__all__ = [
+    "LowBitFeedForward",
+    "LowBitLinear",
+    "LowBitTensors",
+    "QuantizedExperts",
+    "experts_on_rows",
+    "experts_on_tokens",
+]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union, cast
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
 
+from ..kernels.lowbit import LowBitWeight, format_bytes
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
 from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats
@@ -59,6 +60,30 @@ class StackedSource:
         up, down = self.names[layer]
         self.files.read_rows(up, up_DH, e)
         self.files.read_rows(down, down_FD, e)
+
+
+class LowBitRunSource:
+    """A quantized run's experts (``moekit convert --quantize``), each projection's low-bit
+    tensors named ``model.<layer path>.experts.<up|down>.<e>.<data|scales|zeros>``, one format."""
+
+    def __init__(self, files: SafetensorsFiles, prefixes: dict[int, str], fmt: str):
+        self.files, self.prefixes, self.fmt = files, prefixes, fmt
+
+    def check(self, layer: int, num_experts: int, up_DH: tuple[int, ...], down_FD: tuple[int, ...]) -> None:
+        (D, H), F = up_DH, down_FD[0]
+        for role, (n_out, n_in) in (("up", (H, D)), ("down", (D, F))):
+            want = {k: tuple(t.shape) for k, t in LowBitWeight.empty(self.fmt, n_out, n_in).tensors().items()}
+            for e in range(num_experts):
+                for k, shape in want.items():
+                    self.files.check_shape(f"{self.prefixes[layer]}{role}.{e}.{k}", shape)
+
+    def read_expert(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> None:
+        raise TypeError("a low-bit source fills a low-bit pool (read_lowbit)")
+
+    def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
+        for role, tensors in (("up", up), ("down", down)):
+            for k, t in tensors.items():
+                self.files.read_rows(f"{self.prefixes[layer]}{role}.{e}.{k}", t)
 
 
 @dataclass(frozen=True)
@@ -107,11 +132,14 @@ def apply_expert_store(
     budget_bytes: int,
     policy: str = "lfru",
     dtype: torch.dtype = torch.float32,
+    fmt: Optional[str] = None,
 ) -> Budget:
     """Replace the stacked experts of every MoE layer of ``model`` by one pool of slots shared by
     all of them, filled from ``source`` (layer ``i`` = the i-th MoE layer in model order), within
     ``budget_bytes``. The experts' own weights are dropped (on a meta-built model they were never
-    allocated). Every layer's experts must have one shape (true of every moekit LM and HF family)."""
+    allocated). Every layer's experts must have one shape (true of every moekit LM and HF family).
+    ``fmt``: the slots hold experts in this low-bit format (:mod:`moekit.kernels.lowbit`; the
+    source must then read them so, e.g. :class:`LowBitRunSource`), each costing its own bytes."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layer with stacked experts: nothing to put in an expert store")
@@ -123,10 +151,14 @@ def apply_expert_store(
         )
     first = stacks[0]
     h = first.hidden_dim * (2 if GATED[first.kind] else 1)
-    expert_bytes = (first.dim * h + first.hidden_dim * first.dim) * torch.empty((), dtype=dtype).element_size()
+    if fmt is None:
+        expert_bytes = (first.dim * h + first.hidden_dim * first.dim) * torch.empty((), dtype=dtype).element_size()
+    else:
+        expert_bytes = format_bytes(fmt, h, first.dim) + format_bytes(fmt, first.dim, first.hidden_dim)
     top_k = max(m.cfg.top_k for _, m in layers)
     plan = plan_budget(budget_bytes, expert_bytes, len(layers), first.num_experts, top_k)
-    pool = ExpertPool(source, plan.slots, first.dim, h, first.hidden_dim, make_policy(policy, len(layers)), dtype)
+    policy_ = make_policy(policy, len(layers))
+    pool = ExpertPool(source, plan.slots, first.dim, h, first.hidden_dim, policy_, dtype, fmt)
     for i, ((_, moe), ex) in enumerate(zip(layers, stacks)):
         moe.experts = StoredExperts(pool, i, ex.num_experts, ex.dim, ex.hidden_dim, ex.kind)
     return plan
@@ -142,13 +174,21 @@ def expert_pools(model: nn.Module) -> list[ExpertPool]:
 
 
 def materialize_with_store(
-    model: nn.Module, source: ExpertSource, budget_bytes: int, policy: str, dtype: torch.dtype, prefetch: bool
+    model: nn.Module,
+    source: ExpertSource,
+    budget_bytes: int,
+    policy: str,
+    dtype: torch.dtype,
+    prefetch: bool,
+    fmt: Optional[str] = None,
 ) -> nn.Module:
     """A meta-built model with its experts in a store (:func:`apply_expert_store`), the rest
     allocated on the CPU in ``dtype`` with its buffers initialised (its weights left for the
-    caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``)."""
-    apply_expert_store(model, source, budget_bytes, policy, dtype)
-    model.to(dtype).to_empty(device="cpu")
+    caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``).
+    With ``fmt`` (a quantized run) the model keeps the dtypes it was built with (its low-bit
+    buffers must stay as they are)."""
+    apply_expert_store(model, source, budget_bytes, policy, dtype, fmt)
+    (model if fmt is not None else model.to(dtype)).to_empty(device="cpu")
     model.reset_buffers()  # type: ignore[operator]  # MoETransformer's
     if prefetch:
         setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
@@ -191,7 +231,7 @@ def load_run_with_store(
     non-expert weights plus the pool. ``prefetch``: a :class:`Prefetcher` reads each next layer's
     guessed experts while the current one computes (kept as ``model.prefetcher``)."""
     from ..models.lm import MoETransformer
-    from ..train.checkpoint import MODEL, read_model_into
+    from ..train.checkpoint import MODEL, file_meta, read_model_into
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -202,6 +242,29 @@ def load_run_with_store(
     files = SafetensorsFiles.of(path)
     with torch.device("meta"):
         model = MoETransformer(cfg)
+    lowbit = file_meta(path).get("lowbit")
+    if lowbit:  # a quantized run: its other low-bit modules, and its experts in a low-bit pool
+        from ..quantize import apply_lowbit_plan
+
+        formats = sorted({f for layer in lowbit.get("experts", []) for f in layer})
+        if len(formats) != 1:
+            raise ValueError(
+                f"{path} holds experts in several formats ({', '.join(formats)}); an expert store holds one "
+                "(quantize the run with one --quantize format)"
+            )
+        apply_lowbit_plan(model, lowbit, experts=False)
+        prefixes = {i: f"{MODEL}{n}.experts." for i, (n, _) in enumerate(moe_layers(model))}
+        materialize_with_store(
+            model,
+            LowBitRunSource(files, prefixes, formats[0]),
+            budget_bytes,
+            policy,
+            torch.float32,
+            prefetch,
+            formats[0],
+        )
+        read_model_into(path, model, unread_ok=lambda n: ".experts.up." in n or ".experts.down." in n)
+        return model.eval()
     names = {
         i: (f"{MODEL}{n}.experts.w_up", f"{MODEL}{n}.experts.w_down") for i, (n, _) in enumerate(moe_layers(model))
     }
@@ -219,6 +282,7 @@ __all__ = [
     "LFRU",
     "LFU",
     "LRU",
+    "LowBitRunSource",
     "POLICIES",
     "Policy",
     "PrefetchStats",

@@ -22,14 +22,16 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Optional, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from ..kernels import as_dtype, compute_dtype
+from ..kernels.lowbit import LowBitWeight
 from ..kernels.slots import slot_ffn
 from ..layer.experts import ACTIVATIONS, GATED, StackedExperts, stacked_ffn
+from ..layer.lowbit import experts_on_rows, experts_on_tokens
 from .policies import Policy, _chunks
 
 
@@ -42,6 +44,14 @@ class ExpertSource(Protocol):
     def check(self, layer: int, num_experts: int, up_DH: tuple[int, ...], down_FD: tuple[int, ...]) -> None:
         """Raise (naming the tensor) unless ``layer`` has ``num_experts`` experts of these shapes."""
         ...
+
+
+class LowBitSource(ExpertSource, Protocol):
+    """A slow tier of low-bit experts (:mod:`moekit.kernels.lowbit`): expert ``e``'s up and down
+    projections' tensors (``data``, ``scales``, ``zeros`` as its format has them, ``(out, in)``)
+    read into the slot's ``up`` / ``down`` tensors."""
+
+    def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None: ...
 
 
 @dataclass
@@ -101,14 +111,25 @@ class ExpertPool:
         hidden_dim: int,
         policy: Policy,
         dtype: torch.dtype = torch.float32,
+        fmt: Optional[str] = None,
     ):
         if slots < 1:
             raise ValueError(f"slots must be >= 1; got {slots}")
-        self.source, self.policy = source, policy
+        self.source, self.policy, self.fmt = source, policy, fmt
+        self.n_slots = slots
         # plain tensors, not parameters or buffers: not in state_dict, not moved by .to()
-        self.up_SDH = torch.zeros(slots, dim, up_width, dtype=dtype)  # zeros: some forms compute every slot
-        self.down_SFD = torch.zeros(slots, hidden_dim, dim, dtype=dtype)
+        self.up_SDH = torch.zeros(slots if fmt is None else 0, dim, up_width, dtype=dtype)  # zeros: some forms
+        self.down_SFD = torch.zeros(slots if fmt is None else 0, hidden_dim, dim, dtype=dtype)  # compute every slot
         self.views = (self.up_SDH.unbind(0), self.down_SFD.unbind(0))  # the pool never moves
+        # a low-bit pool (fmt: moekit.kernels.lowbit): each projection's tensors with a leading slot dimension
+        self.lowbit: dict[str, dict[str, Tensor]] = {}
+        self._weights: dict[int, tuple[LowBitWeight, LowBitWeight]] = {}
+        if fmt is not None:
+            shapes = {"up": (up_width, dim), "down": (dim, hidden_dim)}
+            for role, (n_out, n_in) in shapes.items():
+                one = LowBitWeight.empty(fmt, n_out, n_in)
+                self.lowbit[role] = {k: torch.zeros(slots, *t.shape, dtype=t.dtype) for k, t in one.tensors().items()}
+            self._format = (one.fmt, one.group_size)
         self.holder_S: list[Optional[Key]] = [None] * slots  # the expert in each slot
         self.slot_of: dict[Key, int] = {}
         self.pinned: frozenset[Key] = frozenset()  # the running call's experts: never evicted
@@ -120,15 +141,29 @@ class ExpertPool:
 
     @property
     def slots(self) -> int:
-        return self.up_SDH.shape[0]
+        return self.n_slots
 
     @property
     def nbytes(self) -> int:
-        return self.up_SDH.nbytes + self.down_SFD.nbytes
+        return (
+            self.up_SDH.nbytes + self.down_SFD.nbytes + sum(t.nbytes for r in self.lowbit.values() for t in r.values())
+        )
 
     @property
     def expert_bytes(self) -> int:
-        return (self.up_SDH[0].numel() + self.down_SFD[0].numel()) * self.up_SDH.element_size()
+        return self.nbytes // self.n_slots
+
+    def slot_weights(self, s: int) -> tuple[LowBitWeight, LowBitWeight]:
+        """A low-bit pool's slot ``s`` as (up, down) weights (views of the pool's tensors)."""
+        w = self._weights.get(s)
+        if w is None:
+            fmt, group = self._format
+            up, down = (
+                LowBitWeight(fmt, group_size=group, **{k: t[s] for k, t in self.lowbit[r].items()})
+                for r in ("up", "down")
+            )
+            w = self._weights[s] = (up, down)
+        return w
 
     def resident(self, layer: int, experts: list[int], stats: StoreStats) -> list[int]:
         """Make ``experts`` of ``layer`` (at most ``slots`` distinct ids) resident and pin them
@@ -231,7 +266,12 @@ class ExpertPool:
         self._read_done.notify_all()
 
     def _read_one(self, key: Key, s: int) -> None:
-        self.source.read_expert(key[0], key[1], self.up_SDH[s], self.down_SFD[s])
+        if self.fmt is None:
+            self.source.read_expert(key[0], key[1], self.up_SDH[s], self.down_SFD[s])
+            return
+        self._weights.pop(s, None)  # an int4 weight caches its kernel layout: rebuilt for the new expert
+        up, down = ({k: t[s] for k, t in self.lowbit[r].items()} for r in ("up", "down"))
+        cast(LowBitSource, self.source).read_lowbit(key[0], key[1], up, down)
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -310,9 +350,19 @@ class StoredExperts(StackedExperts):
             self.stats.trace.append(experts)
 
     # ------------------------------------------------------------------ the experts seam
+    def _lowbit_expert(self, e: int, x_RD: Tensor) -> Tensor:
+        """Expert ``e`` on rows ``x_RD`` from a low-bit pool (made resident alone: no chunks)."""
+        up, down = self.pool.slot_weights(self.resident([e])[0])
+        return down.linear(ACTIVATIONS[self.kind](up.linear(x_RD)))
+
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         """The stacked FFN of each row's expert (rows in expert order, ``counts_E`` per expert),
         one chunk of at most ``slots`` experts at a time."""
+        if self.pool.fmt is not None:
+            needed = [e for e, c in enumerate(counts_E.tolist()) if c]
+            self._settle(needed)
+            self._record(needed)
+            return experts_on_rows(self._lowbit_expert, self.dim, x_RD, counts_E)
         counts = counts_E.tolist()
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
@@ -339,6 +389,12 @@ class StoredExperts(StackedExperts):
         self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
     ) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, on the pool's slots."""
+        if self.pool.fmt is not None:
+            wanted = sorted({e for e in experts_TK.reshape(-1).tolist() if e < self.num_experts})
+            self._settle(wanted)
+            self._record(wanted)
+            args = (x_TD, experts_TK, weights_TK, into_TD)
+            return experts_on_tokens(self._lowbit_expert, self.num_experts, self.dim, *args)
         x_TD = as_dtype(x_TD, compute_dtype(x_TD))
         w_up, w_down = self.pool.up_SDH, self.pool.down_SFD
         views: Optional[tuple] = self.pool.views
