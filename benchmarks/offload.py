@@ -5,16 +5,19 @@ all-in-memory model, and the cache policies against Belady's optimum on recorded
     PYTHONPATH=src python benchmarks/offload.py run --dir /tmp/offload --fracs 1,0.5,0.25,0.125
     PYTHONPATH=src python benchmarks/offload.py policies --run runs/NAME
 
-``prepare`` writes a synthetic checkpoint of the named shape (random weights, fixed seed; never
-from a hub). ``run`` measures each setting in a fresh process (so peak RSS is that setting's):
-the all-in-memory model as ``moekit generate`` loads it today (``load_trained``), then the
-expert store at each fraction of the experts' bytes, each after dropping the file from the page
-cache (a cold start). It reports tokens/s of greedy decoding (prompt excluded), the store's hit
-rate and bytes read per token, peak RSS with the anonymous / file-backed split at the end, and
-the byte-model bound: bytes missed per token / the file's cold read bandwidth measured in the
-same run. ``policies`` records each MoE layer's expert accesses while a trained run decodes and
-replays them for LRU, LFU and LFRU at budgets of 1/8 and 1/4 of the experts, next to Belady.
-Random weights route almost uniformly: the policy table needs a trained run.
+``prepare`` writes a synthetic checkpoint of the named shape (random weights, fixed seed; never from
+a hub); with ``--quantize FMT`` the same weights quantized (``checkpoint-FMT.safetensors``, read
+with ``--checkpoint``: the store then holds low-bit experts; the budget is still a fraction of the
+float32 experts' bytes, so a quantized store holds more of them). ``run`` measures each setting in a
+fresh process (so peak RSS is that setting's): the all-in-memory model as ``moekit generate`` loads
+it today (``load_trained``), then the expert store at each fraction of the experts' bytes, each
+after dropping the file from the page cache (a cold start). It reports tokens/s of greedy decoding
+(prompt excluded), the store's hit rate and bytes read per token, peak RSS with the anonymous /
+file-backed split at the end, and the byte-model bound: bytes missed per token / the file's cold
+read bandwidth measured in the same run. ``policies`` records each MoE layer's expert accesses while
+a trained run decodes and replays them for LRU, LFU and LFRU at budgets of 1/8 and 1/4 of the
+experts, next to Belady. Random weights route almost uniformly: the policy table needs a trained
+run.
 """
 
 from __future__ import annotations
@@ -68,9 +71,17 @@ def prepare(args) -> None:
     cfg = shape_cfg(args.shape)
     torch.manual_seed(0)
     model = MoETransformer(cfg)
-    save_checkpoint(out / "checkpoint.safetensors", model)
+    name = "checkpoint.safetensors"
+    if args.quantize:  # the same weights, quantized (a quantized run's checkpoint: low-bit tensors + plan)
+        from moekit.quantize import lowbit_plan, quantize_model
+
+        quantize_model(model, args.quantize)
+        name = f"checkpoint-{args.quantize.replace(':', '-')}.safetensors"
+        save_checkpoint(out / name, model, meta={"lowbit": lowbit_plan(model)})
+    else:
+        save_checkpoint(out / name, model)
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
-    print(f"wrote {out / 'checkpoint.safetensors'} ({(out / 'checkpoint.safetensors').stat().st_size / 2**30:.2f} GiB)")
+    print(f"wrote {out / name} ({(out / name).stat().st_size / 2**30:.2f} GiB)")
 
 
 def _status() -> dict:
@@ -87,7 +98,7 @@ def decode(args) -> None:
     torch.set_num_threads(args.threads)
     d = Path(args.dir)
     cfg = LMConfig.from_dict(json.loads((d / "config.json").read_text()))
-    path = d / "checkpoint.safetensors"
+    path = d / args.checkpoint
     SafetensorsFiles.of(path).drop_cache()
     t0 = time.perf_counter()
     if args.frac >= 1.0 and not args.store:
@@ -158,13 +169,15 @@ def _capped(cmd: list[str], cap_bytes: int) -> list[str]:
 
 def run(args) -> None:
     d = Path(args.dir)
-    bw = read_bandwidth(d / "checkpoint.safetensors")
+    bw = read_bandwidth(d / args.checkpoint)
     rows = []
-    settings = [(1.0, False)] + [(float(f), True) for f in args.fracs.split(",")]
+    settings = [(1.0, False)] if args.checkpoint == "checkpoint.safetensors" else []
+    settings += [(float(f), True) for f in args.fracs.split(",")]
     for frac, store in settings:
         cmd = [sys.executable, __file__, "decode", "--dir", str(d), "--frac", str(frac), "--policy", args.policy]
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)] + (["--store"] if store else [])
         cmd += ["--prefetch"] if store and args.prefetch else []
+        cmd += ["--checkpoint", args.checkpoint]
         if args.cap_gib:
             cmd = _capped(cmd, int(args.cap_gib * 2**30))
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
@@ -247,6 +260,7 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--dir", required=True)
     p.add_argument("--shape", default="olmoe8", choices=SHAPES)
+    p.add_argument("--quantize", default=None, help="also quantize it (int8, int4, ...): checkpoint-FMT.safetensors")
     p.set_defaults(fn=prepare)
     for name, fn in (("decode", decode), ("run", run)):
         q = sub.add_parser(name)
@@ -255,6 +269,7 @@ def main() -> None:
         q.add_argument("--new-tokens", type=int, default=32)
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--prefetch", action="store_true", help="read each next layer's guessed experts ahead")
+        q.add_argument("--checkpoint", default="checkpoint.safetensors", help="a file of --dir (a quantized one too)")
         if name == "decode":
             q.add_argument("--frac", type=float, required=True)
             q.add_argument("--store", action="store_true")
