@@ -147,6 +147,26 @@ class LowBitWeight:
         w = (q_OGS - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
         return w.reshape(q_OI.shape).to(dtype)
 
+    def kernel_tensors(self) -> dict[str, Tensor]:
+        """int4: the kernel's own layout (``packed`` ``(O, I/2)`` uint8, ``scales_zeros`` ``(G, O, 2)``
+        bf16), the same bytes as ``data``, ``scales`` and ``zeros``; other formats: :meth:`tensors`."""
+        if self.fmt != "int4":
+            return self.tensors()
+        if self._packed is None or self._scales_zeros is None:
+            assert self.scales is not None and self.zeros is not None
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(self._unpacked(), 1)
+            self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], -1).contiguous()
+        return {"packed": self._packed, "scales_zeros": self._scales_zeros}
+
+    @classmethod
+    def of_kernel_tensors(cls, fmt: str, group_size: int, tensors: dict[str, Tensor]) -> LowBitWeight:
+        """A weight over :meth:`kernel_tensors` (a slot of an expert store): it computes
+        (:meth:`linear`); int4's :meth:`dequantize` and :meth:`tensors` need the stored layout."""
+        if fmt != "int4":
+            return cls(fmt, group_size=group_size, **tensors)
+        packed, sz = tensors["packed"], tensors["scales_zeros"]
+        return cls(fmt, packed, group_size=group_size, _packed=packed, _scales_zeros=sz)
+
     def _unpacked(self) -> Tensor:
         lo, hi = self.data & 15, self.data >> 4
         return torch.stack([lo, hi], -1).reshape(self.data.shape[0], -1).to(torch.int32)
@@ -162,11 +182,8 @@ class LowBitWeight:
             assert self.scales is not None
             y = torch._weight_int8pack_mm(x_bf16, self.data, self.scales)
         else:
-            if self._packed is None or self._scales_zeros is None:
-                assert self.scales is not None and self.zeros is not None
-                self._packed = torch._convert_weight_to_int4pack_for_cpu(self._unpacked(), 1)
-                self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], -1).contiguous()
-            y = torch._weight_int4pack_mm_for_cpu(x_bf16, self._packed, self.group_size, self._scales_zeros)
+            k = self.kernel_tensors()
+            y = torch._weight_int4pack_mm_for_cpu(x_bf16, k["packed"], self.group_size, k["scales_zeros"])
         return y.to(x_RI.dtype)
 
     def tensors(self) -> dict[str, Tensor]:

@@ -124,11 +124,13 @@ class ExpertPool:
         # a low-bit pool (fmt: moekit.kernels.lowbit): each projection's tensors with a leading slot dimension
         self.lowbit: dict[str, dict[str, Tensor]] = {}
         self._weights: dict[int, tuple[LowBitWeight, LowBitWeight]] = {}
-        if fmt is not None:
-            shapes = {"up": (up_width, dim), "down": (dim, hidden_dim)}
-            for role, (n_out, n_in) in shapes.items():
+        self._staging = threading.local()
+        if fmt is not None:  # int4 slots hold the kernel's layout (converted once per read, same bytes)
+            self._shapes = {"up": (up_width, dim), "down": (dim, hidden_dim)}
+            for role, (n_out, n_in) in self._shapes.items():
                 one = LowBitWeight.empty(fmt, n_out, n_in)
-                self.lowbit[role] = {k: torch.zeros(slots, *t.shape, dtype=t.dtype) for k, t in one.tensors().items()}
+                kernel = {k: t for k, t in one.kernel_tensors().items()} if one.fmt == "int4" else one.tensors()
+                self.lowbit[role] = {k: torch.zeros(slots, *t.shape, dtype=t.dtype) for k, t in kernel.items()}
             self._format = (one.fmt, one.group_size)
         self.holder_S: list[Optional[Key]] = [None] * slots  # the expert in each slot
         self.slot_of: dict[Key, int] = {}
@@ -159,7 +161,7 @@ class ExpertPool:
         if w is None:
             fmt, group = self._format
             up, down = (
-                LowBitWeight(fmt, group_size=group, **{k: t[s] for k, t in self.lowbit[r].items()})
+                LowBitWeight.of_kernel_tensors(fmt, group, {k: t[s] for k, t in self.lowbit[r].items()})
                 for r in ("up", "down")
             )
             w = self._weights[s] = (up, down)
@@ -269,9 +271,25 @@ class ExpertPool:
         if self.fmt is None:
             self.source.read_expert(key[0], key[1], self.up_SDH[s], self.down_SFD[s])
             return
-        self._weights.pop(s, None)  # an int4 weight caches its kernel layout: rebuilt for the new expert
-        up, down = ({k: t[s] for k, t in self.lowbit[r].items()} for r in ("up", "down"))
-        cast(LowBitSource, self.source).read_lowbit(key[0], key[1], up, down)
+        fmt, group = self._format
+        slot = {r: {k: t[s] for k, t in self.lowbit[r].items()} for r in ("up", "down")}
+        if fmt != "int4":
+            cast(LowBitSource, self.source).read_lowbit(key[0], key[1], slot["up"], slot["down"])
+            return
+        staged = {r: self._staged(r) for r in ("up", "down")}  # the stored layout, then the kernel's
+        cast(LowBitSource, self.source).read_lowbit(key[0], key[1], staged["up"].tensors(), staged["down"].tensors())
+        for r in ("up", "down"):
+            staged[r]._packed = staged[r]._scales_zeros = None
+            for k, t in staged[r].kernel_tensors().items():
+                slot[r][k].copy_(t)
+
+    def _staged(self, role: str) -> LowBitWeight:
+        """This thread's reusable weight in the stored int4 layout (reads land here first)."""
+        cache = self._staging.__dict__.setdefault("w", {})
+        if role not in cache:
+            fmt, group = self._format
+            cache[role] = LowBitWeight.empty(f"{fmt}:{group}", *self._shapes[role])
+        return cache[role]
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
