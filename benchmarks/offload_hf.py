@@ -10,7 +10,8 @@ against the all-in-memory load, each setting in a fresh process inside a cgroup-
 expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``, 4 shards and an index, 16 layers of width
 2048, 64 experts of 1024, top-8, vocabulary 50304: 6.9 B parameters, 12.9 GiB. ``run`` decodes
 the same prompt greedily in each setting (``all``: ``load_hf`` with every expert in memory;
-``store:SIZE``: ``load_hf(expert_memory=SIZE)``; ``accelerate``: transformers' ``from_pretrained``
+``store:SIZE``: ``load_hf(expert_memory=SIZE)``, ``store:SIZE/fp16``: its slots in fp16 and the
+checkpoint's (out, in) layout (``expert_dtype``); ``accelerate``: transformers' ``from_pretrained``
 with ``device_map="auto"``, 2 GiB of CPU memory and a disk offload folder; ``@CAP``: the memory
 cap in GiB) and reports
 tokens/s (prompt excluded), load time, peak RSS (anonymous / file-backed at the end), the store's
@@ -134,9 +135,10 @@ def decode(args) -> None:
     files.drop_cache()  # a cold start
     if args.setting == "accelerate":
         return decode_accelerate(args, folder)
-    budget = None if args.setting == "all" else parse_bytes(args.setting.split(":", 1)[1])
+    size, _, fmt = ("" if args.setting == "all" else args.setting.split(":", 1)[1]).partition("/")
+    budget = parse_bytes(size) if size else None
     t0 = time.perf_counter()
-    model = load_hf(folder, expert_memory=budget, expert_policy=args.policy)
+    model = load_hf(folder, expert_memory=budget, expert_policy=args.policy, expert_dtype=fmt or None)
     load_s = time.perf_counter() - t0
     load_peak = _status().get("VmHWM", 0)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -290,7 +292,7 @@ def main() -> None:
         q.add_argument("--new-tokens", type=int, default=16)
         q.add_argument("--threads", type=int, default=2)
         if name == "decode":
-            q.add_argument("--setting", required=True, help="all, store:SIZE, or accelerate")
+            q.add_argument("--setting", required=True, help="all, store:SIZE[/fp16|bf16|fp32], or accelerate")
         else:
             q.add_argument("--settings", default="all@16,store:1GiB@4,store:1GiB@8")
         q.set_defaults(fn=fn)

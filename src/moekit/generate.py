@@ -26,16 +26,19 @@ def load_run_model(
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
     prefetch: bool = False,
+    expert_dtype: Optional[str] = None,
 ):
     """(model, tokenizer) of a run folder's ``moe`` or ``dense`` sub-run, or of a Hugging Face
     checkpoint folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) converted by :mod:`moekit.interop`.
     ``top_k_experts`` (experts per token the caller will ask for) is refused for a model without
     MoE layers, before its weights are read. ``expert_memory`` (bytes): the experts stay in the
     checkpoint file and come into a pool of that size as routing asks (:mod:`moekit.store`);
-    ``prefetch``: each next layer's guessed experts are read while the current one computes."""
+    ``prefetch``: each next layer's guessed experts are read while the current one computes;
+    ``expert_dtype`` (fp32, fp16, bf16): the store's slots in that dtype, (out, in) layout."""
     run_dir = Path(run)
     if expert_memory is not None:
-        return _load_with_store(run_dir, model, device, top_k_experts, expert_memory, expert_policy, prefetch)
+        args = (run_dir, model, device, top_k_experts, expert_memory, expert_policy, prefetch, expert_dtype)
+        return _load_with_store(*args)
     if prefetch:
         raise ValueError("prefetch reads experts into an expert store: give expert_memory (--expert-memory) too")
     if is_hf_folder(run_dir):
@@ -52,14 +55,23 @@ def load_run_model(
 
 
 def _load_with_store(
-    run_dir: Path, model: str, device: str, top_k_experts, expert_memory: int, policy: str, prefetch: bool
+    run_dir: Path,
+    model: str,
+    device: str,
+    top_k_experts,
+    expert_memory: int,
+    policy: str,
+    prefetch: bool,
+    fmt: Optional[str] = None,
 ):
     from .store import load_run_with_store
 
     if torch.device(device).type != "cpu":
         raise ValueError(f"--expert-memory keeps experts in host memory for now: use --device cpu (got {device!r})")
     if is_hf_folder(run_dir):
-        net = load_hf(str(run_dir), expert_memory=expert_memory, expert_policy=policy, prefetch=prefetch)
+        net = load_hf(
+            str(run_dir), expert_memory=expert_memory, expert_policy=policy, prefetch=prefetch, expert_dtype=fmt
+        )
         _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
         return net, hf_tokenizer(run_dir)
     model_cfg, _, raw = load_run_config(run_dir)
@@ -73,7 +85,7 @@ def _load_with_store(
     path = find_checkpoint(run_dir / model)
     if path is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
-    return load_run_with_store(path, cfg, expert_memory, policy, prefetch), load_tokenizer(run_dir / TOKENIZER)
+    return load_run_with_store(path, cfg, expert_memory, policy, prefetch, fmt), load_tokenizer(run_dir / TOKENIZER)
 
 
 def _check_top_k_experts(moe, top_k_experts: Optional[int], which: str) -> None:
@@ -164,6 +176,7 @@ def generate_text(
         expert_memory=expert_memory,
         expert_policy=expert_policy,
         prefetch=prefetch,
+        expert_dtype=expert_dtype if expert_memory is not None else None,
     )
     precision = None
     if dtype is not None or expert_dtype is not None:
@@ -230,9 +243,10 @@ def check_precision(
         raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
     if compile:
         raise ValueError(f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile")
-    if expert_memory is not None and expert_dtype is not None:
+    if expert_memory is not None and expert_dtype not in (None, "fp32", "fp16", "bf16"):
         raise ValueError(
-            f"{names[1]} with an expert store: the store holds experts in the checkpoint's dtype for now; leave one out"
+            f"{names[1]} with an expert store takes fp32, fp16 or bf16 (slots in that dtype); for int8 / int4 "
+            "experts in a store, quantize the run first (moekit convert --quantize) and give its folder"
         )
 
 
@@ -247,7 +261,9 @@ def _store_line(net) -> str:
     s = store_stats(net)
     line = (
         f"expert memory {held / 2**20:.1f} MiB ({sum(p.slots for p in pools)} of {total} experts, "
-        f"{len(layers)} layers sharing the slots, {pools[0].policy.name}): hit rate {s.hit_rate:.1%}, "
+        f"{len(layers)} layers sharing the slots, {pools[0].policy.name}"
+        + (f", {pools[0].fmt} slots" if pools[0].fmt else "")
+        + f"): hit rate {s.hit_rate:.1%}, "
         f"{s.misses} experts read on demand, "
         f"{s.bytes_read / 2**20:.1f} MiB read in all in {s.read_s:.2f} s"
     )

@@ -79,3 +79,27 @@ def test_what_the_folder_cannot_give_is_a_clear_error(tmp_path):
     (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         load_hf(tmp_path / "hf", expert_memory=10**8)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp16"])
+def test_slots_in_the_checkpoints_layout_compute_the_same_model(family, fmt, tmp_path):
+    """``expert_dtype``: the slots keep the checkpoint's (out, in) layout in that dtype (read with
+    no transpose, computed by F.linear): equal to the all-in-memory model to that dtype's rounding."""
+    dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+    hf = build(family).to(dtype)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    ref = load_hf(tmp_path / "hf")
+    e_bytes = expert_bytes(ref, {"fp32": torch.float32}.get(fmt, torch.bfloat16))
+    mk = load_hf(tmp_path / "hf", expert_memory=ref.cfg.moe.top_k * e_bytes, expert_dtype=fmt)
+    assert all(m.experts.pool.fmt == fmt for m in mk.moe_layers)
+    x = ids()
+    with torch.no_grad():
+        got, want = mk(x).logits.float(), ref(x).logits.float()
+    tol = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 0.15}[fmt]  # bf16: its rounding, summed in another order
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    s = store_stats(mk)
+    assert s.misses > 0 and s.bytes_read == s.misses * e_bytes
+    with pytest.raises(ValueError, match="give expert_memory too"):
+        load_hf(tmp_path / "hf", expert_dtype=fmt)

@@ -550,6 +550,7 @@ def load_hf(
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
     prefetch: bool = False,
+    expert_dtype: Optional[str] = None,
 ) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``
     output: config.json + safetensors) or an in-memory transformers model. Returned in eval mode, so
@@ -560,7 +561,8 @@ def load_hf(
     term then equals transformers' ``router_aux_loss_coef * aux_loss`` with
     ``output_router_logits=True``; see :func:`config_from_hf`). ``expert_memory`` (bytes; a folder
     only): the experts stay in the folder's shards and come into an expert store of that size as
-    routing asks (:mod:`moekit.store`; ``expert_policy``, ``prefetch`` as there)."""
+    routing asks (:mod:`moekit.store`; ``expert_policy``, ``prefetch`` as there; ``expert_dtype``
+    fp32, fp16 or bf16: the slots keep the checkpoint's (out, in) layout in that dtype)."""
     if expert_memory is not None:
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError("expert_memory keeps the experts in a checkpoint folder: pass the folder's path")
@@ -573,7 +575,10 @@ def load_hf(
             training_losses=training_losses,
             policy=expert_policy,
             prefetch=prefetch,
+            fmt=expert_dtype,
         )
+    if expert_dtype is not None:
+        raise ValueError("expert_dtype chooses the expert store's slots: give expert_memory too")
     if isinstance(source, (str, os.PathLike)):
         from .stored import load_hf_streaming
 

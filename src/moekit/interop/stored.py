@@ -90,6 +90,24 @@ class HFExpertSource:
         down_DF = self.files.read_rows(f"{pre}{e}.{self.down}.weight", self._staging("down", (D, F), down_FD))
         down_FD.copy_(down_DF.t())
 
+    def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
+        """Expert ``e`` into slots of the checkpoint's own ``(out, in)`` layout (a float pool:
+        fp32, fp16 or bf16): every projection read straight into its rows, no transpose."""
+        if set(up) != {"data"} or set(down) != {"data"}:
+            raise TypeError(
+                "Hugging Face experts come into float slots (fp32, fp16, bf16); for int8 / int4 experts "
+                "quantize a moekit run (moekit convert --quantize)"
+            )
+        pre, up_HD, down_DF = self.prefix[layer], up["data"], down["data"]
+        if self._fused(layer):
+            self.files.read_rows(pre + "gate_up_proj", up_HD, e)
+            self.files.read_rows(pre + "down_proj", down_DF, e)
+            return
+        F = down_DF.shape[1]
+        self.files.read_rows(f"{pre}{e}.{self.gate}.weight", up_HD[:F])
+        self.files.read_rows(f"{pre}{e}.{self.up}.weight", up_HD[F:])
+        self.files.read_rows(f"{pre}{e}.{self.down}.weight", down_DF)
+
     def _staging(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """This thread's reusable tensor for ``role`` (reallocating 4 MiB per read costs page faults)."""
         cache = self._local.__dict__.setdefault("staging", {})
@@ -208,10 +226,14 @@ def load_hf_with_store(
     training_losses: bool = False,
     policy: str = "lfru",
     prefetch: bool = False,
+    fmt: Optional[str] = None,
 ) -> MoETransformer:
     """:func:`moekit.interop.load_hf` of a folder with its experts in an expert store of
     ``budget_bytes`` (see :mod:`moekit.store`): built on the meta device, the non-expert tensors
-    read into place, the experts read by byte range as routing asks. In eval mode."""
+    read into place, the experts read by byte range as routing asks. ``fmt`` (fp32, fp16 or
+    bf16): the slots keep the checkpoint's ``(out, in)`` layout in that dtype, read without a
+    transpose and computed by ``F.linear`` (faster on CPUs; not bit-identical to the
+    all-in-memory model, whose experts are ``(in, out)``). In eval mode."""
     files, cfg, source = _open_folder(path, training_losses)
     if cfg.moe is None:
         raise ValueError(f"{path} has no MoE layers: nothing to put in an expert store")
@@ -219,7 +241,7 @@ def load_hf_with_store(
     dtype = dtype or files.entry(first).dtype
     with torch.device("meta"):
         model = MoETransformer(cfg)
-    materialize_with_store(model, source, budget_bytes, policy, dtype, prefetch)
+    materialize_with_store(model, source, budget_bytes, policy, dtype, prefetch, fmt)
     read_non_experts(model, files, cfg)
     return model.eval()
 

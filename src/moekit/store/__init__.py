@@ -61,6 +61,16 @@ class StackedSource:
         self.files.read_rows(up, up_DH, e)
         self.files.read_rows(down, down_FD, e)
 
+    def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
+        """Expert ``e`` transposed into float ``(out, in)`` slots (fp32, fp16, bf16 pools)."""
+        if set(up) != {"data"} or set(down) != {"data"}:
+            raise TypeError("a float checkpoint fills float slots; for int8 / int4 quantize the run first")
+        names = self.names[layer]
+        for name, dst in zip(names, (up["data"], down["data"])):
+            e_entry = self.files.entry(name)
+            raw = torch.empty(e_entry.shape[1:], dtype=e_entry.dtype)
+            dst.copy_(self.files.read_rows(name, raw, e).t())
+
 
 class LowBitRunSource:
     """A quantized run's experts (``moekit convert --quantize``), each projection's low-bit
@@ -178,17 +188,17 @@ def materialize_with_store(
     source: ExpertSource,
     budget_bytes: int,
     policy: str,
-    dtype: torch.dtype,
+    dtype: Optional[torch.dtype],
     prefetch: bool,
     fmt: Optional[str] = None,
 ) -> nn.Module:
     """A meta-built model with its experts in a store (:func:`apply_expert_store`), the rest
     allocated on the CPU in ``dtype`` with its buffers initialised (its weights left for the
     caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``).
-    With ``fmt`` (a quantized run) the model keeps the dtypes it was built with (its low-bit
-    buffers must stay as they are)."""
-    apply_expert_store(model, source, budget_bytes, policy, dtype, fmt)
-    (model if fmt is not None else model.to(dtype)).to_empty(device="cpu")
+    ``dtype=None`` (a quantized run) keeps the dtypes the model was built with (its low-bit
+    buffers must stay as they are); ``fmt``: the pool's low-bit format (:func:`apply_expert_store`)."""
+    apply_expert_store(model, source, budget_bytes, policy, dtype or torch.float32, fmt)
+    (model.to(dtype) if dtype is not None else model).to_empty(device="cpu")
     model.reset_buffers()  # type: ignore[operator]  # MoETransformer's
     if prefetch:
         setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
@@ -223,13 +233,20 @@ def record_traces(model: nn.Module, on: bool = True) -> None:
 
 
 def load_run_with_store(
-    checkpoint: Union[str, Path], cfg, budget_bytes: int, policy: str = "lfru", prefetch: bool = False
+    checkpoint: Union[str, Path],
+    cfg,
+    budget_bytes: int,
+    policy: str = "lfru",
+    prefetch: bool = False,
+    fmt: Optional[str] = None,
 ) -> nn.Module:
     """The model of a run's single-file checkpoint with its experts in a store of ``budget_bytes``,
     in eval mode: built on the meta device, every non-expert tensor read into place (checked
     against the checkpoint's SHA-256 digests), the experts left in the file. Peak memory: the
     non-expert weights plus the pool. ``prefetch``: a :class:`Prefetcher` reads each next layer's
-    guessed experts while the current one computes (kept as ``model.prefetcher``)."""
+    guessed experts while the current one computes (kept as ``model.prefetcher``). ``fmt``
+    (fp32, fp16, bf16): slots in that dtype and the ``(out, in)`` layout (``F.linear``); a
+    quantized run's experts are held in their own format."""
     from ..models.lm import MoETransformer
     from ..train.checkpoint import MODEL, file_meta, read_model_into
 
@@ -269,7 +286,7 @@ def load_run_with_store(
         i: (f"{MODEL}{n}.experts.w_up", f"{MODEL}{n}.experts.w_down") for i, (n, _) in enumerate(moe_layers(model))
     }
     dtype = files.entry(next(iter(names.values()))[0]).dtype
-    materialize_with_store(model, StackedSource(files, names), budget_bytes, policy, dtype, prefetch)
+    materialize_with_store(model, StackedSource(files, names), budget_bytes, policy, dtype, prefetch, fmt)
     experts = {n[len(MODEL) :] for pair in names.values() for n in pair}
     read_model_into(path, model, unread_ok=experts.__contains__)
     return model.eval()
