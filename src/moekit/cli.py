@@ -524,12 +524,29 @@ def print_summary(run_dir: Path, comparison: dict) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationStats, generate_text, run_progress
+    from .generate import GenerationStats, check_expert_parallel_decoding, generate_text, run_progress
+    from .runs import load_run_config
 
     _check_sampling(args)
     check_device_available("--device", args.device)
+    if args.expert_parallel is not None:
+        check_positive("--expert-parallel", args.expert_parallel, integer=True)
+        check_expert_parallel_decoding(args.expert_memory, args.dtype, args.expert_dtype, args.compile)
+    if args.nproc is not None and not _launched():
+        check_positive("--nproc", args.nproc, integer=True)
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError(
+                "--nproc starts the processes itself: give it without torchrun (or torchrun without --nproc)"
+            )
+        if args.expert_parallel is None:
+            raise ValueError("--nproc decodes with the experts spread over the processes: give --expert-parallel too")
+        if args.nproc % args.expert_parallel:
+            raise ValueError(f"--expert-parallel {args.expert_parallel} must divide --nproc {args.nproc}")
+        load_run_config(args.run)  # a missing or foreign run is one error here, not one per process
+        if args.nproc > 1:
+            return launch_train(args.nproc, args.argv)
     progress = run_progress(args.run, args.model)
-    if progress is not None and progress[0] < progress[1]:
+    if progress is not None and progress[0] < progress[1] and _rank() == 0:
         print(
             f"moekit generate: note: run {Path(args.run).name} stopped at step {progress[0]} of {progress[1]} "
             f"(moekit train --resume {args.run} continues it)",
@@ -557,9 +574,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         expert_dtype=args.expert_dtype,
         expert_bits=args.expert_bits,
         threads=args.threads,
+        expert_parallel=args.expert_parallel,
     )
+    if _rank() != 0:  # every process of an expert-parallel decode has the same text: one prints it
+        return 0
     print(text, flush=True)
     note = "; torch.compile, its compilation included" if args.compile else ""
+    if args.expert_parallel is not None:
+        note += f"; experts spread over {args.expert_parallel} processes"
     print(f"moekit generate: {stats[0].line()}{note}", file=sys.stderr, flush=True)  # stdout holds only the text
     return 0
 
@@ -832,6 +854,19 @@ def make_parser() -> argparse.ArgumentParser:
         help="with --expert-dtype auto: bits per expert weight on average, scales included",
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=None,
+        help="spread the experts over this many processes (under torchrun, or with --nproc); each "
+        "computes the experts it holds for every token (the same text as one process)",
+    )
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="start this many processes on this machine (torchrun's launcher, inside) for --expert-parallel",
+    )
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(

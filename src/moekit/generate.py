@@ -13,6 +13,7 @@ import torch
 from .data import load_tokenizer
 from .interop import load_hf
 from .interop.folders import hf_tokenizer, is_hf_folder
+from .models.lm import MoETransformer
 from .runs import TOKENIZER, load_run_config, sub_runs
 from .train.trainer import checkpoint_step, find_checkpoint, load_trained
 
@@ -88,6 +89,41 @@ def _load_with_store(
     return load_run_with_store(path, cfg, expert_memory, policy, prefetch, fmt), load_tokenizer(run_dir / TOKENIZER)
 
 
+def load_expert_parallel(run: str, model: str, expert_parallel: int, device: str = "cpu"):
+    """(model, tokenizer) of a run's sub-run on this process's share of an expert-parallel layout
+    (under torchrun: every process calls it): built on the meta device, its experts sharded over
+    ``expert_parallel`` ranks (:func:`moekit.parallel.apply_expert_parallel`), materialised and
+    read from the run's checkpoint (one file or a sharded DCP folder), in eval mode. Every rank then
+    decodes the same tokens, the experts computed where they live (GShard's all-to-all)."""
+    from .parallel import apply_expert_parallel, init_distributed
+    from .train.checkpoint import load_checkpoint
+    from .train.distcp import load_distributed
+
+    run_dir = Path(run)
+    if is_hf_folder(run_dir):
+        raise ValueError("--expert-parallel reads moekit runs; load a Hugging Face folder in one process")
+    model_cfg, _, raw = load_run_config(run_dir)
+    available = dict(sub_runs(raw, model_cfg))
+    if model not in available:
+        raise ValueError(f"run {run_dir} has no {model!r} model (it has: {', '.join(available)})")
+    cfg = available[model]
+    if cfg.moe is None:
+        raise ValueError(f"--expert-parallel: the {model} model of {run_dir} is dense (no experts to spread)")
+    path = find_checkpoint(run_dir / model)
+    if path is None:
+        raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
+    init_distributed(device)
+    with torch.device("meta"):
+        net = MoETransformer(cfg)
+    handle = apply_expert_parallel(net, expert_parallel=expert_parallel, sync_init=False)
+    net.materialize_(device)
+    if path.is_dir():
+        load_distributed(path, net, None, handle, rng=False)
+    else:
+        load_checkpoint(path, net, parallel=handle)
+    return net.eval(), load_tokenizer(run_dir / TOKENIZER)
+
+
 def _check_top_k_experts(moe, top_k_experts: Optional[int], which: str) -> None:
     if top_k_experts is not None and moe is None:
         raise ValueError(
@@ -154,6 +190,7 @@ def generate_text(
     expert_dtype: Optional[str] = None,
     expert_bits: float = 6.0,
     threads: Optional[int] = None,
+    expert_parallel: Optional[int] = None,
 ) -> str:
     """Sample a continuation of ``prompt`` (KV cache on by default; temperature 0 = greedy).
 
@@ -162,22 +199,29 @@ def generate_text(
     format (:data:`moekit.kernels.lowbit.FORMATS`) for the linear maps, experts included unless
     ``expert_dtype`` names theirs (a format, or ``auto``: chosen per expert from routing within
     ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`.
-    ``threads``: torch's intra-op threads."""
+    ``threads``: torch's intra-op threads. ``expert_parallel``: this process is one of that many
+    (torchrun) holding the experts between them (:func:`load_expert_parallel`); every one returns
+    the same text."""
     check_precision(dtype, expert_dtype, expert_bits, expert_memory, compile, device)
+    if expert_parallel is not None:
+        check_expert_parallel_decoding(expert_memory, dtype, expert_dtype, compile)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1; got {threads}")
         torch.set_num_threads(threads)
-    net, tok = load_run_model(
-        run,
-        model,
-        device,
-        top_k_experts=top_k_experts,
-        expert_memory=expert_memory,
-        expert_policy=expert_policy,
-        prefetch=prefetch,
-        expert_dtype=expert_dtype if expert_memory is not None else None,
-    )
+    if expert_parallel is not None:
+        net, tok = load_expert_parallel(run, model, expert_parallel, device)
+    else:
+        net, tok = load_run_model(
+            run,
+            model,
+            device,
+            top_k_experts=top_k_experts,
+            expert_memory=expert_memory,
+            expert_policy=expert_policy,
+            prefetch=prefetch,
+            expert_dtype=expert_dtype if expert_memory is not None else None,
+        )
     precision = None
     if dtype is not None or expert_dtype is not None:
         from .quantize import quantize_model
@@ -248,6 +292,15 @@ def check_precision(
             f"{names[1]} with an expert store takes fp32, fp16 or bf16 (slots in that dtype); for int8 / int4 "
             "experts in a store, quantize the run first (moekit convert --quantize) and give its folder"
         )
+
+
+def check_expert_parallel_decoding(expert_memory, dtype, expert_dtype, compile: bool) -> None:
+    """ValueError naming what expert-parallel decoding does not combine with (before loading)."""
+    for given, name in ((expert_memory, "--expert-memory"), (dtype, "--dtype"), (expert_dtype, "--expert-dtype")):
+        if given is not None:
+            raise ValueError(f"--expert-parallel decodes the run's float experts where they live: leave out {name}")
+    if compile:
+        raise ValueError("--expert-parallel decodes eagerly (torch.compile under expert parallelism is not there yet)")
 
 
 def _store_line(net) -> str:
