@@ -91,6 +91,9 @@ def test_load_export_roundtrip(family, tmp_path):
     export_hf(mk, tmp_path / "out", family)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(back) is type(hf)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # no family default outside the vocabulary
+        token = getattr(back.config, name, None)
+        assert token is None or 0 <= token < mk.cfg.vocab_size, (name, token)
     with torch.no_grad():
         assert maxdiff(back(x).logits, ref) <= TOL
 

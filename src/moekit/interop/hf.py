@@ -226,7 +226,12 @@ def config_to_hf(cfg: LMConfig, family: str):
     problems = _moe_export_problems(m, family) + _layout_export_problems(cfg, family)
     if problems:
         raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
-    return getattr(transformers, _CONFIG[family])(**_hf_common_fields(cfg, m), **_hf_family_fields(cfg, m, family))
+    out = getattr(transformers, _CONFIG[family])(**_hf_common_fields(cfg, m), **_hf_family_fields(cfg, m, family))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a family's defaults name its own vocabulary's ids
+        token = getattr(out, name, None)
+        if isinstance(token, int) and not 0 <= token < cfg.vocab_size:
+            setattr(out, name, None)
+    return out
 
 
 def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
