@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+
 from tiny_run import train_tiny
 
 pytestmark = pytest.mark.skipif(
