@@ -287,10 +287,9 @@ def check_precision(
         raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
     if compile:
         raise ValueError(f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile")
-    if expert_memory is not None and expert_dtype not in (None, "fp32", "fp16", "bf16"):
+    if expert_memory is not None and expert_dtype == "auto":
         raise ValueError(
-            f"{names[1]} with an expert store takes fp32, fp16 or bf16 (slots in that dtype); for int8 / int4 "
-            "experts in a store, quantize the run first (moekit convert --quantize) and give its folder"
+            f"{names[1]} auto mixes formats; an expert store holds one: give fp16, bf16, int8 or int4 with it"
         )
 
 

@@ -103,3 +103,25 @@ def test_slots_in_the_checkpoints_layout_compute_the_same_model(family, fmt, tmp
     assert s.misses > 0 and s.bytes_read == s.misses * e_bytes
     with pytest.raises(ValueError, match="give expert_memory too"):
         load_hf(tmp_path / "hf", expert_dtype=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4:32"])
+def test_a_float_folder_in_a_low_bit_store_equals_the_model_quantized_in_memory(fmt, tmp_path):
+    """int8 / int4 slots for a float folder: each expert quantized as it is read (a quarter or
+    less of its bytes in the budget) computes exactly what the same model quantized in memory does."""
+    from moekit.kernels.lowbit import format_bytes
+    from moekit.quantize import quantize_model
+
+    hf = build("olmoe", hidden_size=64, intermediate_size=32)
+    hf.save_pretrained(tmp_path / "hf")
+    ref = load_hf(tmp_path / "hf")
+    quantize_model(ref, fmt, group_size=32)
+    m = ref.cfg.moe
+    e_bytes = format_bytes(fmt, 2 * m.hidden_dim, m.dim) + format_bytes(fmt, m.dim, m.hidden_dim)
+    mk = load_hf(tmp_path / "hf", expert_memory=m.top_k * e_bytes, expert_dtype=fmt)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(mk(x).logits, ref(x).logits)
+        assert torch.equal(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits)
+    s = store_stats(mk)
+    assert s.misses > 0 and s.bytes_read == s.misses * e_bytes

@@ -308,3 +308,20 @@ def test_prefetch_needs_two_budgeted_layers_and_a_store(tmp_path):
         Prefetcher(MoETransformer(lm_cfg()))
     with pytest.raises(ValueError, match="give expert_memory"):
         load_run_model(str(tmp_path), prefetch=True)
+
+
+def test_a_float_run_in_an_int8_store_equals_the_model_quantized_in_memory(tmp_path):
+    from moekit.kernels.lowbit import format_bytes
+    from moekit.quantize import quantize_model
+
+    cfg = lm_cfg()
+    path, ref = saved(tmp_path, cfg)
+    quantize_model(ref, "int8")
+    m = cfg.moe
+    e_bytes = format_bytes("int8", 2 * m.hidden_dim, m.dim) + format_bytes("int8", m.dim, m.hidden_dim)
+    model = load_run_with_store(path, cfg, 3 * e_bytes, fmt="int8")
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
+    prompt = idx[:1, :5]
+    assert torch.equal(model.generate(prompt, 20, temperature=0.0), ref.generate(prompt, 20, temperature=0.0))

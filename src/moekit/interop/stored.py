@@ -28,6 +28,7 @@ from ..config import LMConfig
 from ..layer.experts import GroupedExperts
 from ..models.lm import MoETransformer
 from ..store import SafetensorsFiles, StoreFileError, materialize_with_store
+from ..store.experts import quantize_into
 from .hf import _PER_EXPERT, WeightMismatchError, _check_family, config_from_hf, hf_to_moekit_items
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\.")
@@ -91,22 +92,29 @@ class HFExpertSource:
         down_FD.copy_(down_DF.t())
 
     def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
-        """Expert ``e`` into slots of the checkpoint's own ``(out, in)`` layout (a float pool:
-        fp32, fp16 or bf16): every projection read straight into its rows, no transpose."""
-        if set(up) != {"data"} or set(down) != {"data"}:
-            raise TypeError(
-                "Hugging Face experts come into float slots (fp32, fp16, bf16); for int8 / int4 experts "
-                "quantize a moekit run (moekit convert --quantize)"
-            )
-        pre, up_HD, down_DF = self.prefix[layer], up["data"], down["data"]
+        """Expert ``e`` into slots of the checkpoint's own ``(out, in)`` layout: float slots read
+        straight into their rows (no transpose); int8 / int4 slots quantized from the read rows."""
+        packed = 2 if "zeros" in up else 1  # int4 holds two values per byte
+        pre = self.prefix[layer]
+        H, D = up["data"].shape[0], up["data"].shape[1] * packed
+        F = down["data"].shape[1] * packed
+        if set(up) == {"data"} and set(down) == {"data"}:
+            up_HD, down_DF = up["data"], down["data"]
+        else:  # the file's rows first, then quantized into the slot
+            entry = self.files.entry(pre + ("gate_up_proj" if self._fused(layer) else f"{e}.{self.gate}.weight"))
+            like = torch.empty((), dtype=entry.dtype)
+            up_HD, down_DF = self._staging("lowbit-up", (H, D), like), self._staging("lowbit-down", (D, F), like)
         if self._fused(layer):
             self.files.read_rows(pre + "gate_up_proj", up_HD, e)
             self.files.read_rows(pre + "down_proj", down_DF, e)
-            return
-        F = down_DF.shape[1]
-        self.files.read_rows(f"{pre}{e}.{self.gate}.weight", up_HD[:F])
-        self.files.read_rows(f"{pre}{e}.{self.up}.weight", up_HD[F:])
-        self.files.read_rows(f"{pre}{e}.{self.down}.weight", down_DF)
+        else:
+            half = up_HD.shape[0] // 2
+            self.files.read_rows(f"{pre}{e}.{self.gate}.weight", up_HD[:half])
+            self.files.read_rows(f"{pre}{e}.{self.up}.weight", up_HD[half:])
+            self.files.read_rows(f"{pre}{e}.{self.down}.weight", down_DF)
+        if up_HD is not up["data"]:
+            quantize_into(up, up_HD)
+            quantize_into(down, down_DF)
 
     def _staging(self, role: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """This thread's reusable tensor for ``role`` (reallocating 4 MiB per read costs page faults)."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..kernels.lowbit import LowBitWeight, format_bytes
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
-from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats
+from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats, quantize_into
 from .files import SafetensorsFiles, StoreFileError
 from .policies import LFRU, LFU, LRU, POLICIES, Policy, belady, make_policy, replay
 from .prefetch import Prefetcher, prefetch_stats
@@ -62,14 +62,12 @@ class StackedSource:
         self.files.read_rows(down, down_FD, e)
 
     def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
-        """Expert ``e`` transposed into float ``(out, in)`` slots (fp32, fp16, bf16 pools)."""
-        if set(up) != {"data"} or set(down) != {"data"}:
-            raise TypeError("a float checkpoint fills float slots; for int8 / int4 quantize the run first")
-        names = self.names[layer]
-        for name, dst in zip(names, (up["data"], down["data"])):
-            e_entry = self.files.entry(name)
-            raw = torch.empty(e_entry.shape[1:], dtype=e_entry.dtype)
-            dst.copy_(self.files.read_rows(name, raw, e).t())
+        """Expert ``e`` transposed into ``(out, in)`` slots: float ones copied, int8 / int4 ones
+        quantized as they are read."""
+        for name, dst in zip(self.names[layer], (up, down)):
+            entry = self.files.entry(name)
+            raw = self.files.read_rows(name, torch.empty(entry.shape[1:], dtype=entry.dtype), e)
+            quantize_into(dst, raw.t())
 
 
 class LowBitRunSource:

@@ -54,6 +54,21 @@ class LowBitSource(ExpertSource, Protocol):
     def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None: ...
 
 
+def quantize_into(dst: dict[str, Tensor], w_OI: Tensor) -> None:
+    """``w_OI`` (float, (out, in)) into a low-bit slot's tensors ``dst`` in the format they are laid
+    out for (float ``data``; int8 ``data`` + ``scales``; int4 ``data`` + ``scales`` + ``zeros``, its
+    group from their shapes): a float file's expert held in fewer bytes (quantized as it is read)."""
+    if set(dst) == {"data"}:
+        dst["data"].copy_(w_OI)
+        return
+    if "zeros" in dst:
+        fmt = f"int4:{w_OI.shape[1] // dst['scales'].shape[-1]}"
+    else:
+        fmt = "int8"
+    for k, t in LowBitWeight.quantize(w_OI, fmt).tensors().items():
+        dst[k].copy_(t)
+
+
 @dataclass
 class StoreStats:
     """What one layer's pool did: accesses that found their expert resident, those that read it,
