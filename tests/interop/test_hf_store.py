@@ -10,7 +10,7 @@ pytest.importorskip("transformers", reason="interop tests need Hugging Face tran
 from test_hf import FAMILIES, build, ids  # noqa: E402 - after the importorskip
 
 from moekit.interop import load_hf  # noqa: E402
-from moekit.store import StoredExperts, store_stats  # noqa: E402
+from moekit.store import StoredExperts, expert_pools, store_stats  # noqa: E402
 
 
 def expert_bytes(model, dtype) -> int:
@@ -100,7 +100,7 @@ def test_slots_in_the_checkpoints_layout_compute_the_same_model(family, fmt, tmp
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     s = store_stats(mk)
-    assert s.misses > 0 and s.bytes_read == s.misses * e_bytes
+    assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes(ref, dtype)  # the file's bytes per miss
     with pytest.raises(ValueError, match="give expert_memory too"):
         load_hf(tmp_path / "hf", expert_dtype=fmt)
 
@@ -124,4 +124,5 @@ def test_a_float_folder_in_a_low_bit_store_equals_the_model_quantized_in_memory(
         assert torch.equal(mk(x).logits, ref(x).logits)
         assert torch.equal(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits)
     s = store_stats(mk)
-    assert s.misses > 0 and s.bytes_read == s.misses * e_bytes
+    assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes(ref, torch.float32)  # float32 rows read
+    assert sum(p.nbytes for p in expert_pools(mk)) == m.top_k * e_bytes  # held in the low-bit format

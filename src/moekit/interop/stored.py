@@ -52,6 +52,17 @@ class HFExpertSource:
             else:
                 raise WeightMismatchError(f"no expert tensors for layer {i} (model.layers.{i}.mlp.experts.*)")
 
+    @property
+    def expert_file_bytes(self) -> int:
+        """Bytes of one expert in the folder (its three projections, layer 0's)."""
+        pre = self.prefix[0]
+        if self._fused(0):
+            return sum(self.files.entry(pre + n).row_bytes for n in ("gate_up_proj", "down_proj"))
+        return sum(
+            self.files.entry(f"{pre}0.{n}.weight").row_bytes * self.files.entry(f"{pre}0.{n}.weight").shape[0]
+            for n in (self.gate, self.up, self.down)
+        )
+
     def _fused(self, layer: int) -> bool:
         return self.prefix[layer] + "gate_up_proj" in self.files.entries
 

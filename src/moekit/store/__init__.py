@@ -61,6 +61,11 @@ class StackedSource:
         self.files.read_rows(up, up_DH, e)
         self.files.read_rows(down, down_FD, e)
 
+    @property
+    def expert_file_bytes(self) -> int:
+        """Bytes of one expert in the file (its up and down rows, layer 0's)."""
+        return sum(self.files.entry(n).row_bytes for n in self.names[0])
+
     def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
         """Expert ``e`` transposed into ``(out, in)`` slots: float ones copied, int8 / int4 ones
         quantized as they are read."""

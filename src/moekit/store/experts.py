@@ -170,6 +170,12 @@ class ExpertPool:
     def expert_bytes(self) -> int:
         return self.nbytes // self.n_slots
 
+    @property
+    def file_expert_bytes(self) -> int:
+        """Bytes one miss reads from the slow tier: the slot's, or the file's when the slot holds
+        the expert in fewer bytes than the file (quantized as it is read)."""
+        return getattr(self.source, "expert_file_bytes", None) or self.expert_bytes
+
     def slot_weights(self, s: int) -> tuple[LowBitWeight, LowBitWeight]:
         """A low-bit pool's slot ``s`` as (up, down) weights (views of the pool's tensors)."""
         w = self._weights.get(s)
@@ -274,7 +280,7 @@ class ExpertPool:
             raise
         with self._lock:
             stats.read_s += time.perf_counter() - t0
-            stats.bytes_read += len(loads) * self.expert_bytes
+            stats.bytes_read += len(loads) * self.file_expert_bytes
             self._finish(loads)
 
     def _finish(self, loads: list[tuple[Key, int]]) -> None:
@@ -372,7 +378,7 @@ class StoredExperts(StackedExperts):
             self.pool.release_guess()
         st, want = self.prefetch_stats, set(needed)
         st.guessed, st.needed, st.right = st.guessed + len(guess), st.needed + len(want), st.right + len(guess & want)
-        st.wasted_bytes += len(read - want) * self.expert_bytes
+        st.wasted_bytes += len(read - want) * self.pool.file_expert_bytes
 
     def resident(self, experts: list[int]) -> list[int]:
         """Make ``experts`` (at most ``slots`` distinct ids) resident; their slots, in order."""
