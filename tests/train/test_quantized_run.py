@@ -70,21 +70,28 @@ def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, caps
     assert "--quantize must be one of" in capsys.readouterr().err and not (tmp_path / "n").exists()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4:32", "fp16"])
-def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_path, fmt):
+@pytest.mark.parametrize(
+    "fmt,rest", [("int8", None), ("int4:32", None), ("fp16", None), ("int8", "int8"), ("int8", "fp16")]
+)
+def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_path, fmt, rest):
     """The store holds the run's low-bit experts as they are (each costs its own bytes) and reads
-    them by byte range: logits equal to the whole quantized model's, at the least budget too."""
+    them by byte range: logits equal to the whole quantized model's, at the least budget too; the
+    other low-bit linear maps keep their stored dtypes."""
     from moekit.kernels.lowbit import format_bytes
     from moekit.store import StoredExperts, expert_pools, store_stats
 
     out = tmp_path / "q"
-    assert main(["convert", "--run", run, "--quantize", fmt, "--out", str(out)]) == 0
+    assert (
+        main(["convert", "--run", run, "--quantize", fmt, "--out", str(out)] + (["--dtype", rest] if rest else [])) == 0
+    )
     full, _ = load_run_model(str(out))
     cfg = full.cfg.moe
     expert_bytes = format_bytes(fmt, 2 * cfg.hidden_dim, cfg.dim) + format_bytes(fmt, cfg.dim, cfg.hidden_dim)
     for slots in (cfg.top_k, 3 * cfg.top_k):
         model, _ = load_run_model(str(out), expert_memory=slots * expert_bytes)
         assert all(isinstance(m.experts, StoredExperts) for m in model.moe_layers)
+        got = {k: v.dtype for k, v in model.state_dict().items()}
+        assert all(got[k] == v.dtype for k, v in full.state_dict().items() if k in got)
         assert sum(p.nbytes for p in expert_pools(model)) == slots * expert_bytes
         idx = torch.randint(0, 257, (2, 20))
         with torch.no_grad():
@@ -94,6 +101,9 @@ def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_
         assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
         s = store_stats(model)
         assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes
+    other = "bf16" if fmt == "fp16" else "fp16"
+    with pytest.raises(ValueError, match=f"is quantized to {fmt}; its experts cannot be held as {other}"):
+        load_run_model(str(out), expert_memory=10**8, expert_dtype=other)
 
 
 def test_an_expert_store_refuses_a_run_of_mixed_formats(run, tmp_path):

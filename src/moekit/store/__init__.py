@@ -19,7 +19,7 @@ from typing import Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
-from ..kernels.lowbit import LowBitWeight, format_bytes
+from ..kernels.lowbit import LowBitWeight, format_bytes, parse_format
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
 from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats, quantize_into
@@ -272,17 +272,12 @@ def load_run_with_store(
                 f"{path} holds experts in several formats ({', '.join(formats)}); an expert store holds one "
                 "(quantize the run with one --quantize format)"
             )
+        if fmt is not None and parse_format(fmt) != parse_format(formats[0]):
+            raise ValueError(f"{path} is quantized to {formats[0]}; its experts cannot be held as {fmt}")
         apply_lowbit_plan(model, lowbit, experts=False)
         prefixes = {i: f"{MODEL}{n}.experts." for i, (n, _) in enumerate(moe_layers(model))}
-        materialize_with_store(
-            model,
-            LowBitRunSource(files, prefixes, formats[0]),
-            budget_bytes,
-            policy,
-            torch.float32,
-            prefetch,
-            formats[0],
-        )
+        source = LowBitRunSource(files, prefixes, formats[0])  # dtype None: the low-bit buffers keep theirs
+        materialize_with_store(model, source, budget_bytes, policy, None, prefetch, formats[0])
         read_model_into(path, model, unread_ok=lambda n: ".experts.up." in n or ".experts.down." in n)
         return model.eval()
     names = {
