@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit_kernels import read_bandwidth  # benchmarks/ is on sys.path
 from moekit.kernels.lowbit import format_bytes
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -45,13 +46,7 @@ def bandwidth(threads: int) -> float:
     """Bytes/s of reading memory: ``sum`` over 1 GiB of float32 with ``threads`` threads, best of 5
     (torch's float32 GEMV itself reaches ~0.65 of this on this CPU: see RESULTS.md)."""
     torch.set_num_threads(threads)
-    x = torch.randn(256 * 2**20)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.nbytes / best
+    return read_bandwidth()
 
 
 def bytes_per_token(cfg, fmt: str) -> int:

@@ -75,6 +75,13 @@ def _load_with_store(
         )
         _check_top_k_experts(net.cfg.moe, top_k_experts, f"the model in {run_dir}")
         return net, hf_tokenizer(run_dir)
+    cfg, path = _moe_sub_run(run_dir, model, "--expert-memory", "no experts to keep on disk", top_k_experts)
+    return load_run_with_store(path, cfg, expert_memory, policy, prefetch, fmt), load_tokenizer(run_dir / TOKENIZER)
+
+
+def _moe_sub_run(run_dir: Path, model: str, flag: str, need: str, top_k_experts: Optional[int] = None):
+    """(config, checkpoint path) of a run's ``model`` sub-run, which ``flag`` needs experts of
+    (a missing sub-run, a dense model or a missing checkpoint is an error naming it)."""
     model_cfg, _, raw = load_run_config(run_dir)
     available = dict(sub_runs(raw, model_cfg))
     if model not in available:
@@ -82,11 +89,11 @@ def _load_with_store(
     cfg = available[model]
     _check_top_k_experts(cfg.moe, top_k_experts, f"the {model} model of {run_dir}")
     if cfg.moe is None:
-        raise ValueError(f"--expert-memory: the {model} model of {run_dir} is dense (no experts to keep on disk)")
+        raise ValueError(f"{flag}: the {model} model of {run_dir} is dense ({need})")
     path = find_checkpoint(run_dir / model)
     if path is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
-    return load_run_with_store(path, cfg, expert_memory, policy, prefetch, fmt), load_tokenizer(run_dir / TOKENIZER)
+    return cfg, path
 
 
 def load_expert_parallel(run: str, model: str, expert_parallel: int, device: str = "cpu"):
@@ -102,16 +109,7 @@ def load_expert_parallel(run: str, model: str, expert_parallel: int, device: str
     run_dir = Path(run)
     if is_hf_folder(run_dir):
         raise ValueError("--expert-parallel reads moekit runs; load a Hugging Face folder in one process")
-    model_cfg, _, raw = load_run_config(run_dir)
-    available = dict(sub_runs(raw, model_cfg))
-    if model not in available:
-        raise ValueError(f"run {run_dir} has no {model!r} model (it has: {', '.join(available)})")
-    cfg = available[model]
-    if cfg.moe is None:
-        raise ValueError(f"--expert-parallel: the {model} model of {run_dir} is dense (no experts to spread)")
-    path = find_checkpoint(run_dir / model)
-    if path is None:
-        raise FileNotFoundError(f"run {run_dir} has no checkpoint for its {model!r} model")
+    cfg, path = _moe_sub_run(run_dir, model, "--expert-parallel", "no experts to spread")
     init_distributed(device)
     with torch.device("meta"):
         net = MoETransformer(cfg)

@@ -50,10 +50,27 @@ def check_format(fmt: str, name: str = "format") -> None:
     parse_format(fmt, name=name)
 
 
-def fits(fmt: str, out_features: int, in_features: int, group_size: int = 64) -> bool:
-    """Whether a weight of this shape can be held in ``fmt`` (int4: whole groups, 16-row tiles)."""
+def check_fits(fmt: str, out_features: int, in_features: int, group_size: int = 64) -> None:
+    """ValueError unless a weight of this shape can be held in ``fmt``: int4 needs a group size of
+    :data:`GROUP_SIZES` dividing the input width and an output width divisible by 16 (the kernel's tiles)."""
     base, group = parse_format(fmt, group_size)
-    return base != "int4" or (in_features % group == 0 and out_features % 16 == 0)
+    if base != "int4":
+        return
+    if group not in GROUP_SIZES or in_features % group:
+        raise ValueError(
+            f"group_size must be one of {GROUP_SIZES} and divide the input width {in_features}; got {group}"
+        )
+    if out_features % 16:
+        raise ValueError(f"int4 needs an output width divisible by 16 (the CPU kernel's tiles); got {out_features}")
+
+
+def fits(fmt: str, out_features: int, in_features: int, group_size: int = 64) -> bool:
+    """Whether a weight of this shape can be held in ``fmt`` (:func:`check_fits`)."""
+    try:
+        check_fits(fmt, out_features, in_features, group_size)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -97,8 +114,7 @@ class LowBitWeight:
         if fmt == "int8":
             data = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
             return cls(fmt, data, torch.empty(out_features, dtype=torch.bfloat16, device=device))
-        if not fits(fmt, out_features, in_features, group_size):
-            raise ValueError(f"int4:{group_size} does not fit a ({out_features}, {in_features}) weight")
+        check_fits(fmt, out_features, in_features, group_size)
         groups = (out_features, in_features // group_size)
         data = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
         scales, zeros = (torch.empty(groups, dtype=torch.bfloat16, device=device) for _ in range(2))
@@ -119,12 +135,7 @@ class LowBitWeight:
             q_OI = (w_OI.float() / scale_O.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
             return cls(fmt, q_OI.contiguous(), scale_O)
         n_out, n_in = w_OI.shape
-        if group_size not in GROUP_SIZES or n_in % group_size:
-            raise ValueError(
-                f"group_size must be one of {GROUP_SIZES} and divide the input width {n_in}; got {group_size}"
-            )
-        if n_out % 16:
-            raise ValueError(f"int4 needs an output width divisible by 16 (the CPU kernel's tiles); got {n_out}")
+        check_fits(fmt, n_out, n_in, group_size)
         w_OGS = w_OI.float().reshape(n_out, n_in // group_size, group_size)
         lo, hi = w_OGS.amin(-1), w_OGS.amax(-1)
         scale_OG = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
@@ -218,6 +229,7 @@ __all__ = [
     "FORMATS",
     "GROUP_SIZES",
     "LowBitWeight",
+    "check_fits",
     "check_format",
     "format_bits",
     "format_bytes",

@@ -144,7 +144,7 @@ class ExpertPool:
             self._shapes = {"up": (up_width, dim), "down": (dim, hidden_dim)}
             for role, (n_out, n_in) in self._shapes.items():
                 one = LowBitWeight.empty(fmt, n_out, n_in)
-                kernel = {k: t for k, t in one.kernel_tensors().items()} if one.fmt == "int4" else one.tensors()
+                kernel = one.kernel_tensors()  # int4: the kernel's layout; others: as stored
                 self.lowbit[role] = {k: torch.zeros(slots, *t.shape, dtype=t.dtype) for k, t in kernel.items()}
             self._format = (one.fmt, one.group_size)
         self.holder_S: list[Optional[Key]] = [None] * slots  # the expert in each slot
@@ -298,18 +298,18 @@ class ExpertPool:
             cast(LowBitSource, self.source).read_lowbit(key[0], key[1], slot["up"], slot["down"])
             return
         staged = {r: self._staged(r) for r in ("up", "down")}  # the stored layout, then the kernel's
-        cast(LowBitSource, self.source).read_lowbit(key[0], key[1], staged["up"].tensors(), staged["down"].tensors())
+        cast(LowBitSource, self.source).read_lowbit(key[0], key[1], staged["up"], staged["down"])
         for r in ("up", "down"):
-            staged[r]._packed = staged[r]._scales_zeros = None
-            for k, t in staged[r].kernel_tensors().items():
+            fresh = LowBitWeight(fmt, group_size=group, **staged[r])  # its kernel layout made from this expert
+            for k, t in fresh.kernel_tensors().items():
                 slot[r][k].copy_(t)
 
-    def _staged(self, role: str) -> LowBitWeight:
-        """This thread's reusable weight in the stored int4 layout (reads land here first)."""
+    def _staged(self, role: str) -> dict[str, Tensor]:
+        """This thread's reusable tensors in the stored int4 layout (reads land here first)."""
         cache = self._staging.__dict__.setdefault("w", {})
         if role not in cache:
             fmt, group = self._format
-            cache[role] = LowBitWeight.empty(f"{fmt}:{group}", *self._shapes[role])
+            cache[role] = LowBitWeight.empty(f"{fmt}:{group}", *self._shapes[role]).tensors()
         return cache[role]
 
     def _readers(self) -> ThreadPoolExecutor:

@@ -114,27 +114,31 @@ def _kept_text(path: Path) -> str:
 
 
 def file_meta(path: Union[str, Path]) -> dict:
-    """The ``meta`` a checkpoint file was saved with (its header only); {} when there is none."""
-    from ..store.files import StoreFileError, read_header
+    """The ``meta`` a checkpoint file was saved with (step, label, a quantized run's plan, ...), from
+    its header only; {} when the file is missing, unreadable or not a checkpoint."""
+    from safetensors import safe_open
 
     try:
-        info = json.loads(read_header(path)[1].get("moekit", "{}"))
-    except (StoreFileError, ValueError):
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("moekit", "{}"))
+    except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: no meta
         return {}
-    return info.get("meta", {}) if isinstance(info, dict) else {}
+    meta = info.get("meta", {}) if isinstance(info, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def file_step(path: Union[str, Path]) -> Optional[int]:
     """The step in a checkpoint file's metadata (its header only, no tensor read); None when the file
     is missing, unreadable or not a checkpoint."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            step = json.loads((f.metadata() or {}).get("moekit", "{}")).get("meta", {}).get("step")
-    except Exception:  # noqa: BLE001 - missing, incomplete or corrupt: no step
-        return None
+    step = file_meta(path).get("step")
     return step if isinstance(step, int) else None
+
+
+def _warn_unverifiable(path: Path, stacklevel: int) -> None:
+    warnings.warn(
+        f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data cannot be verified",
+        stacklevel=stacklevel + 1,
+    )
 
 
 def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:
@@ -156,11 +160,7 @@ def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict]:
             f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         ) from err
     if digests is None:
-        warnings.warn(
-            f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data "
-            "cannot be verified",
-            stacklevel=2,
-        )
+        _warn_unverifiable(path, stacklevel=2)
     else:
         _verify(path, tensors, digests)
     return tensors, info
@@ -205,11 +205,7 @@ def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable
     meta = files.metadata[path]
     digests = json.loads(meta[CHECKSUMS]) if CHECKSUMS in meta else None
     if digests is None:
-        warnings.warn(
-            f"moekit: checkpoint {path} has no checksums (written by an older moekit): its tensor data "
-            "cannot be verified",
-            stacklevel=3,
-        )
+        _warn_unverifiable(path, stacklevel=3)
     expected = model.state_dict()
     in_file = {n[len(MODEL) :] for n in files.entries if n.startswith(MODEL)}
     missing = sorted(set(expected) - in_file)
