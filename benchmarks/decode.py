@@ -145,22 +145,15 @@ def _run(cmd: list[str]) -> dict:
 
 
 def quality(args) -> None:
-    from moekit.data import build_data, load_tokenizer
-    from moekit.data.stream import fixed_windows, window
     from moekit.generate import load_run_model
-    from moekit.quantize import compare, quantize_model
-    from moekit.train.run import load_run_config
+    from moekit.quantize import compare, quantize_model, validation_windows
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    model_cfg, train_cfg, _ = load_run_config(run)
-    tok = load_tokenizer(run / "tokenizer.json")
-    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
-    starts = fixed_windows(data.val_ids_N.numel(), train_cfg.seq_len, args.windows)
-    idx, tgt = window(data.val_ids_N, starts, train_cfg.seq_len)
+    idx, tgt = validation_windows(run, args.windows)
     ref, _ = load_run_model(str(run))
     int4_bytes = None
-    print(f"{run}: {idx.shape[0]} validation windows of {train_cfg.seq_len} tokens")
+    print(f"{run}: {idx.shape[0]} validation windows of {idx.shape[1]} tokens")
     print(
         "| experts | expert MiB | perplexity (fp32 -> quantized) | change | KL | top-1 agreement "
         "| same experts (worst layer) |"

@@ -312,6 +312,22 @@ def compare(ref: nn.Module, model: nn.Module, idx_BS: Tensor, targets_BS: Tensor
     return Quality(math.exp(nll_ref / n), math.exp(nll / n), kl / n, agree / n, [s / n for s in same])
 
 
+def validation_windows(run: Union[str, os.PathLike[str]], windows: int = 64) -> tuple[Tensor, Tensor]:
+    """(inputs, next-token targets) of up to ``windows`` evenly spaced windows of a run's validation
+    split, tokenised with the run's own tokenizer (what :func:`compare` scores a copy on)."""
+    from pathlib import Path
+
+    from .data import build_data, load_tokenizer
+    from .data.stream import fixed_windows, window
+    from .runs import TOKENIZER, load_run_config
+
+    _, train_cfg, _ = load_run_config(Path(run))
+    tok = load_tokenizer(Path(run) / TOKENIZER)
+    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
+    starts = fixed_windows(data.val_ids_N.numel(), train_cfg.seq_len, windows)
+    return window(data.val_ids_N, starts, train_cfg.seq_len)
+
+
 def quantize_run(
     run: Union[str, os.PathLike[str]],
     out: Union[str, os.PathLike[str]],
@@ -325,17 +341,16 @@ def quantize_run(
     the low-bit tensors and their plan in the checkpoint, which ``load_trained`` and ``moekit
     generate`` read back), with the run's config and tokenizer; the quality against the float model
     on ``windows`` validation windows is printed and kept in the checkpoint's metadata."""
+    import copy
     import shutil
     from pathlib import Path
 
-    from .data import build_data, load_tokenizer
-    from .data.stream import fixed_windows, window
     from .runs import CONFIG, TOKENIZER, load_run_config
-    from .train.checkpoint import file_step, save_checkpoint
-    from .train.trainer import find_checkpoint, load_trained
+    from .train.checkpoint import save_checkpoint
+    from .train.trainer import checkpoint_step, find_checkpoint, load_trained
 
     src, dst = Path(run), Path(out)
-    model_cfg, train_cfg, _ = load_run_config(src)
+    model_cfg, _, _ = load_run_config(src)
     if model_cfg.moe is None:
         raise ValueError(f"run {src} has no MoE model to quantize")
     path = find_checkpoint(src / "moe")
@@ -344,19 +359,18 @@ def quantize_run(
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty: give a new folder for the quantized run")
     ref = load_trained(src / "moe", model_cfg)
-    model = load_trained(src / "moe", model_cfg)
+    model = copy.deepcopy(ref)  # read (and checked) once
     report = quantize_model(model, experts, rest=rest, bits=bits)
-    tok = load_tokenizer(src / TOKENIZER)
-    data = build_data(train_cfg.data, train_cfg.tokenizer, train_cfg.vocab_size, train_cfg.code_chars, tok=tok)
-    idx, tgt = window(
-        data.val_ids_N, fixed_windows(data.val_ids_N.numel(), train_cfg.seq_len, windows), train_cfg.seq_len
-    )
-    quality = compare(ref, model, idx, tgt)
+    quality = compare(ref, model, *validation_windows(src, windows))
     (dst / "moe").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / CONFIG, dst / CONFIG)
     shutil.copyfile(src / TOKENIZER, dst / TOKENIZER)
-    step = file_step(path) if path.is_file() else None
-    meta = {"step": step, "lowbit": lowbit_plan(model), "quantized_from": str(src), "quality": quality.__dict__}
+    meta = {
+        "step": checkpoint_step(path),
+        "lowbit": lowbit_plan(model),
+        "quantized_from": str(src),
+        "quality": quality.__dict__,
+    }
     save_checkpoint(dst / "moe" / "checkpoint.safetensors", model, meta=meta)
     return report, quality
 
@@ -401,4 +415,5 @@ __all__ = [
     "plan_formats",
     "quantize_model",
     "quantize_run",
+    "validation_windows",
 ]
