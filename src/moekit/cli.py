@@ -259,13 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import run_train
     from .train.trainer import TrainingInterrupted
 
-    launching = args.nproc is not None and not _launched()
-    if launching:
-        check_positive("--nproc", args.nproc, integer=True)
-        if "WORLD_SIZE" in os.environ:
-            raise ValueError(
-                "--nproc starts the processes itself: give it without torchrun (or torchrun without --nproc)"
-            )
+    launching = _will_launch(args)
     if args.resume:
         run_dir = Path(args.resume)
         changes = _resume_changes(args)
@@ -322,6 +316,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def _will_launch(args: argparse.Namespace) -> bool:
+    """Whether this command starts ``--nproc`` processes itself (checked: a positive count, and not
+    already under torchrun)."""
+    if args.nproc is None or _launched():
+        return False
+    check_positive("--nproc", args.nproc, integer=True)
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts the processes itself: give it without torchrun (or torchrun without --nproc)")
+    return True
 
 
 def _launched() -> bool:
@@ -532,12 +537,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.expert_parallel is not None:
         check_positive("--expert-parallel", args.expert_parallel, integer=True)
         check_expert_parallel_decoding(args.expert_memory, args.dtype, args.expert_dtype, args.compile)
-    if args.nproc is not None and not _launched():
-        check_positive("--nproc", args.nproc, integer=True)
-        if "WORLD_SIZE" in os.environ:
-            raise ValueError(
-                "--nproc starts the processes itself: give it without torchrun (or torchrun without --nproc)"
-            )
+    if _will_launch(args):
         if args.expert_parallel is None:
             raise ValueError("--nproc decodes with the experts spread over the processes: give --expert-parallel too")
         if args.nproc % args.expert_parallel:
