@@ -16,8 +16,10 @@ after dropping the file from the page cache (a cold start). It reports tokens/s 
 file-backed split at the end, and the byte-model bound: bytes missed per token / the file's cold
 read bandwidth measured in the same run. ``policies`` records each MoE layer's expert accesses while
 a trained run decodes and replays them for LRU, LFU and LFRU at budgets of 1/8 and 1/4 of the
-experts, next to Belady. Random weights route almost uniformly: the policy table needs a trained
-run.
+experts, next to Belady, and next to "lookahead": a policy told every layer's router ranking on
+the current residual stream, calibrated on the trace itself (what the best online guess of each
+layer's next call is worth). Random weights route almost uniformly: the policy table needs a
+trained run.
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ def policies(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_run_model(args.run, expert_memory=10**12)  # every expert resident: the trace only
     record_traces(model)
+    ranks = _record_lookahead(model)
     g = torch.Generator().manual_seed(0)
     prompts = ["def ", "The ", "import ", "class ", "If the", "    return ", "# ", "A "]
     with torch.no_grad():
@@ -230,8 +233,15 @@ def policies(args) -> None:
     E, L = layers[0].num_experts, len(layers)
     shared = pool_trace(model)
     print(f"{args.run}: {L} MoE layers x {E} experts, {len(prompts)} prompts x {args.new_tokens} tokens")
-    print("| pool | slots | LRU | LFU | LFRU | Belady |")
-    print("|---|---|---|---|---|---|")
+    odds, K = _lookahead_odds(shared, ranks, L), model.moe_layers[0].cfg.top_k
+    print(
+        "chosen at a layer's next call, d calls later, of its router's top-1 / top-k on this call's residual: "
+        + ", ".join(
+            f"d={d}: {odds[(d, 0)]:.0%} / {sum(odds[(d, r)] for r in range(K)) / K:.0%}" for d in range(1, L + 1)
+        )
+    )
+    print("| pool | slots | LRU | LFU | LFRU | lookahead | Belady |")
+    print("|---|---|---|---|---|---|---|")
     for frac in (8, 4):
         for kind in ("per layer", "shared"):
             slots = max(1, E // frac) if kind == "per layer" else max(1, L * E // frac)
@@ -241,12 +251,84 @@ def policies(args) -> None:
                 policy = (lambda: make_policy("lfru", L)) if (name == "LFRU" and kind == "shared") else make
                 rates[name] = _rate([replay(t, slots, policy()) for t in traces])
             rates["Belady"] = _rate([belady(t, slots) for t in traces])
+            look = f"{_rate([_replay_lookahead(shared, ranks, slots, L)]):.1%}" if kind == "shared" else "-"
             where = f"{slots} per layer" if kind == "per layer" else f"{slots} shared by {L} layers"
             print(
                 f"| 1/{frac} of experts, {kind} | {where} | "
-                + " | ".join(f"{rates[n]:.1%}" for n in ("LRU", "LFU", "LFRU", "Belady"))
-                + " |"
+                + " | ".join(f"{rates[n]:.1%}" for n in ("LRU", "LFU", "LFRU"))
+                + f" | {look} | {rates['Belady']:.1%} |"
             )
+
+
+def _record_lookahead(model) -> list[list[list[int]]]:
+    """Per MoE call (model order, as :func:`pool_trace`): every MoE layer's router applied to this
+    call's residual stream (its last token, normalised by that layer's own norm), as each expert's
+    rank: what an online policy could know of every layer's next call."""
+    from moekit.layer.scope import LOCAL_SCOPE
+
+    blocks = [b for b in model.blocks if b.ffn in model.moe_layers]
+    ranks: list[list[list[int]]] = []
+
+    def hook(_module, args):
+        x_1D = args[0].detach().reshape(-1, args[0].shape[-1])[-1:]
+        call = []
+        for b in blocks:
+            E = b.ffn.cfg.num_experts
+            order = b.ffn.router(b.ffn_norm.forward(x_1D), E, None, scope=LOCAL_SCOPE).experts_TK[0].tolist()
+            rank = [0] * E
+            for r, e in enumerate(order):
+                rank[e] = r
+            call.append(rank)
+        ranks.append(call)
+
+    for b in blocks:
+        b.ffn_norm.register_forward_pre_hook(hook)
+    return ranks
+
+
+def _lookahead_odds(trace, ranks, layers: int) -> dict[tuple[int, int], float]:
+    """How often an expert the routers rank ``r`` on a call's residual stream is chosen at its
+    layer's next call ``d`` calls later: {(d, r): fraction}, counted on the trace."""
+    from collections import defaultdict
+
+    seen: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
+    for i in range(len(trace)):
+        for d in range(1, layers + 1):
+            if i + d < len(trace) and trace[i + d]:
+                m, chosen = trace[i + d][0][0], {e for _, e in trace[i + d]}
+                for e, r in enumerate(ranks[i][m]):
+                    seen[(d, r)][0] += e in chosen
+                    seen[(d, r)][1] += 1
+    return {k: hit / n for k, (hit, n) in seen.items()}
+
+
+def _replay_lookahead(trace, ranks, slots: int, layers: int) -> tuple[int, int]:
+    """(hits, misses) of a policy that evicts the resident expert least likely to be chosen at its
+    layer's next call per layer call until then, the likelihood of each (rank, calls away) taken
+    from this very trace (:func:`_lookahead_odds`: an optimistic calibration)."""
+    from moekit.store.policies import _chunks
+
+    p = _lookahead_odds(trace, ranks, layers)
+    resident: set = set()
+    hits = misses = 0
+    for i, call in enumerate(trace):
+        here = call[0][0] if call else 0
+
+        def value(k, i=i, here=here):
+            d = (k[0] - here) % layers or layers
+            return p.get((d, ranks[i][k[0]][k[1]]), 0.0) / d
+
+        for chunk in _chunks(sorted(set(call)), slots):  # as replay serves a call larger than the pool
+            pinned = set(chunk)
+            for k in chunk:
+                if k in resident:
+                    hits += 1
+                    continue
+                misses += 1
+                if len(resident) >= slots:
+                    resident.discard(min(resident - pinned, key=value))
+                resident.add(k)
+    return hits, misses
 
 
 def _rate(counts: list[tuple[int, int]]) -> float:

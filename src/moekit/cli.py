@@ -831,9 +831,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--prefetch",
-        action="store_true",
+        nargs="?",
+        type=int,
+        const=True,
+        default=False,
+        metavar="N",
         help="with --expert-memory: read each next MoE layer's guessed experts (its router on this layer's "
-        "input) on a background thread while this layer computes",
+        "input: its top_k, or its N best) on a background thread while this layer computes",
     )
     g.add_argument(
         "--dtype",

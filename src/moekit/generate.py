@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -26,7 +26,7 @@ def load_run_model(
     top_k_experts: Optional[int] = None,
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
-    prefetch: bool = False,
+    prefetch: Union[bool, int] = False,
     expert_dtype: Optional[str] = None,
 ):
     """(model, tokenizer) of a run folder's ``moe`` or ``dense`` sub-run, or of a Hugging Face
@@ -62,7 +62,7 @@ def _load_with_store(
     top_k_experts,
     expert_memory: int,
     policy: str,
-    prefetch: bool,
+    prefetch: Union[bool, int],
     fmt: Optional[str] = None,
 ):
     from .store import load_run_with_store
@@ -183,7 +183,7 @@ def generate_text(
     compile: bool = False,
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
-    prefetch: bool = False,
+    prefetch: Union[bool, int] = False,
     dtype: Optional[str] = None,
     expert_dtype: Optional[str] = None,
     expert_bits: float = 6.0,

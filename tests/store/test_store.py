@@ -5,6 +5,8 @@ construction; policies against Belady's optimum on traces; bad input is one clea
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -128,6 +130,82 @@ def test_a_failed_read_leaves_no_half_read_expert_behind(tmp_path):
     with torch.no_grad(), pytest.raises(OSError, match="disk went away"):
         model(idx)
     assert not pool.loading and all(e % 2 == 0 for _, e in pool.slot_of)
+    pool.source = source
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, ref(idx).logits)
+
+
+def test_a_decode_step_computes_on_the_experts_already_in_while_the_rest_are_read(tmp_path):
+    """A one-token call starts its misses' reads together and computes each expert once its read
+    is in: the second expert's read is held until the first expert has been computed (it would
+    wait forever if the call waited for every read first), and the output is bit-identical to the
+    all-in-memory experts' all the same."""
+    cfg = lm_cfg()
+    path, ref = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 2 * expert_bytes(cfg))
+    pool, experts = expert_pools(model)[0], model.moe_layers[0].experts
+    source, computed = pool.source, threading.Event()
+    first, second = 5, 2
+
+    class Slow:  # the second expert's read begins only once the first expert has been computed
+        def check(self, *args):
+            source.check(*args)
+
+        def read_parts(self, layer, e, up_DH, down_FD):
+            parts = source.read_parts(layer, e, up_DH, down_FD)
+            held = lambda: (computed.wait(5), parts[0]())  # noqa: E731
+            return [held, *parts[1:]] if e == second else parts
+
+    class Seen(list):  # the pool's per-slot views, noting when the first expert's is used
+        def __getitem__(self, s):
+            if s == pool.slot_of.get((0, first)):
+                computed.set()
+            return super().__getitem__(s)
+
+    pool.source = Slow()
+    pool.views = tuple(Seen(v) for v in pool.views)
+    x_TD = torch.randn(1, cfg.dim)
+    experts_TK, weights_TK = torch.tensor([[first, second]]), torch.tensor([[0.7, 0.3]])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = experts.few_slots(x_TD, experts_TK, weights_TK)
+        waited = time.perf_counter() - t0
+        want = ref.moe_layers[0].experts.few_slots(x_TD, experts_TK, weights_TK)
+    assert computed.is_set() and waited < 4  # not the 5 s the held read times out after
+    assert torch.equal(out, want) and not pool.loading
+    assert experts.stats.misses == 2 and experts.stats.bytes_read == 2 * expert_bytes(cfg)
+
+
+def test_a_failed_read_while_decoding_leaves_no_half_read_expert_behind(tmp_path):
+    """The overlapped decode path: a failing read raises in the caller and frees the call's slots."""
+    cfg = lm_cfg()
+    path, ref = saved(tmp_path, cfg)
+    model = load_run_with_store(path, cfg, 4 * expert_bytes(cfg))
+    pool = expert_pools(model)[0]
+    source = pool.source
+
+    class Failing:
+        def check(self, *args):
+            source.check(*args)
+
+        def read_parts(self, layer, e, up_DH, down_FD):
+            def fail():
+                up_DH.fill_(float("nan"))
+                raise OSError("the disk went away")
+
+            return [fail] if e % 2 else source.read_parts(layer, e, up_DH, down_FD)
+
+    pool.source = Failing()
+    idx = torch.randint(0, 97, (1, 1))
+    failed = 0
+    for token in range(97):
+        with torch.no_grad():
+            try:
+                model(torch.full((1, 1), token))
+            except OSError:
+                failed += 1
+        assert not pool.loading and all(e % 2 == 0 for _, e in pool.slot_of)
+    assert failed
     pool.source = source
     with torch.no_grad():
         assert torch.equal(model(idx).logits, ref(idx).logits)
@@ -278,14 +356,17 @@ def test_plan_budget_fills_one_shared_pool_and_caps_at_every_expert():
 
 
 @pytest.mark.parametrize("slots", [3, 6, 12])
-def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots):
-    """With prefetch the greedy tokens and the decode logits are the all-in-memory model's; every
-    read is either a counted miss or a prefetch; the guess counts add up."""
+@pytest.mark.parametrize("width", [True, 4])
+def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots, width):
+    """With prefetch (each next layer's top_k guessed, or its 4 best) the greedy tokens and the
+    decode logits are the all-in-memory model's; every read is either a counted miss or a
+    prefetch; the guess counts add up."""
     from moekit.store import prefetch_stats
 
     cfg = lm_cfg(router="topk")
     path, ref = saved(tmp_path, cfg)
-    model = load_run_with_store(path, cfg, slots * expert_bytes(cfg), prefetch=True)
+    model = load_run_with_store(path, cfg, slots * expert_bytes(cfg), prefetch=width)
+    assert model.prefetcher.width == (None if width is True else width)
     try:
         prompt = torch.randint(0, 97, (1, 6))
         out = model.generate(prompt, 40, temperature=0.0)
@@ -294,6 +375,8 @@ def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots):
             assert torch.equal(model(out[:, :1]).logits, ref(out[:, :1]).logits)
         p, s = prefetch_stats(model), store_stats(model)
         assert p.guessed > 0 and 0 < p.right <= min(p.guessed, p.needed)
+        if width == 4:  # 4 guesses for top_k = 2 experts per decoded token
+            assert p.guessed >= 1.5 * p.needed
         prefetched_reads = s.bytes_read // expert_bytes(cfg) - s.misses
         assert prefetched_reads >= 0 and p.wasted_bytes <= prefetched_reads * expert_bytes(cfg)
     finally:
@@ -306,6 +389,11 @@ def test_prefetch_needs_two_budgeted_layers_and_a_store(tmp_path):
 
     with pytest.raises(ValueError, match="at least two MoE layers"):
         Prefetcher(MoETransformer(lm_cfg()))
+    path, _ = saved(tmp_path, lm_cfg())
+    model = load_run_with_store(path, lm_cfg(), 4 * expert_bytes(lm_cfg()))
+    for width in (0, 9):
+        with pytest.raises(ValueError, match=f"prefetch width must be 1..8 experts per layer .*; got {width}"):
+            Prefetcher(model, width=width)
     with pytest.raises(ValueError, match="give expert_memory"):
         load_run_model(str(tmp_path), prefetch=True)
 

@@ -554,7 +554,7 @@ def load_hf(
     training_losses: bool = False,
     expert_memory: Optional[int] = None,
     expert_policy: str = "lfru",
-    prefetch: bool = False,
+    prefetch: Union[bool, int] = False,
     expert_dtype: Optional[str] = None,
 ) -> MoETransformer:
     """A moekit :class:`MoETransformer` from a transformers checkpoint folder (``save_pretrained``

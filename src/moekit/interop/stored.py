@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Optional, cast
+from typing import Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -85,22 +86,34 @@ class HFExpertSource:
             raise WeightMismatchError(f"tensor {name!r}: expected shape {shape}, got {entry.shape}")
 
     def read_expert(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> None:
-        """Expert ``e``'s projections read into this thread's staging tensors, then copied
-        transposed into the slot (through a contiguous transpose: a transposed copy straight into
-        the slot's column half is ~3x slower). Safe to call from several threads at once."""
+        for part in self.read_parts(layer, e, up_DH, down_FD):
+            part()
+
+    def read_parts(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> list[Callable[[], object]]:
+        """Expert ``e``'s projections, one independent read each (the pool runs them on several
+        threads at once): read into the running thread's staging tensor, then copied transposed
+        into the slot (through a contiguous transpose: a transposed copy straight into the slot's
+        column half is ~3x slower)."""
         pre, D, F = self.prefix[layer], up_DH.shape[0], down_FD.shape[0]
         if self._fused(layer):
-            up_HD = self.files.read_rows(pre + "gate_up_proj", self._staging("up", (up_DH.shape[1], D), up_DH), e)
-            down_DF = self.files.read_rows(pre + "down_proj", self._staging("down", (D, F), down_FD), e)
-            up_DH.copy_(up_HD.t())
-            down_FD.copy_(down_DF.t())
-            return
-        for name, cols in ((self.gate, slice(0, F)), (self.up, slice(F, 2 * F))):
-            w_FD = self.files.read_rows(f"{pre}{e}.{name}.weight", self._staging(name, (F, D), up_DH))
-            w_DF = self._staging("t", (D, F), up_DH)
-            up_DH[:, cols].copy_(w_DF.copy_(w_FD.t()))
-        down_DF = self.files.read_rows(f"{pre}{e}.{self.down}.weight", self._staging("down", (D, F), down_FD))
-        down_FD.copy_(down_DF.t())
+            fused = pre + "gate_up_proj"
+            return [
+                partial(self._read_t, fused, up_DH, e, (up_DH.shape[1], D)),
+                partial(self._read_t, pre + "down_proj", down_FD, e, (D, F)),
+            ]
+        return [
+            partial(self._read_t, f"{pre}{e}.{self.gate}.weight", up_DH[:, :F], None, (F, D)),
+            partial(self._read_t, f"{pre}{e}.{self.up}.weight", up_DH[:, F:], None, (F, D)),
+            partial(self._read_t, f"{pre}{e}.{self.down}.weight", down_FD, None, (D, F)),
+        ]
+
+    def _read_t(self, name: str, dst_IO: Tensor, row: Optional[int], shape: tuple[int, ...]) -> None:
+        """Tensor ``name`` (its row ``row`` of a stacked one) transposed into ``dst_IO``."""
+        w_OI = self.files.read_rows(name, self._staging("read", shape, dst_IO), row or 0)
+        if dst_IO.is_contiguous():
+            dst_IO.copy_(w_OI.t())
+        else:  # a column block of the slot: through a contiguous transpose
+            dst_IO.copy_(self._staging("t", tuple(dst_IO.shape), dst_IO).copy_(w_OI.t()))
 
     def read_lowbit(self, layer: int, e: int, up: dict[str, Tensor], down: dict[str, Tensor]) -> None:
         """Expert ``e`` into slots of the checkpoint's own ``(out, in)`` layout: float slots read
@@ -244,7 +257,7 @@ def load_hf_with_store(
     dtype: Optional[torch.dtype] = None,
     training_losses: bool = False,
     policy: str = "lfru",
-    prefetch: bool = False,
+    prefetch: Union[bool, int] = False,
     fmt: Optional[str] = None,
 ) -> MoETransformer:
     """:func:`moekit.interop.load_hf` of a folder with its experts in an expert store of

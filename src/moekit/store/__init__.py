@@ -12,7 +12,9 @@ bytes read from the file (``StoreStats``); nothing else grows with the number of
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union, cast
 
@@ -57,9 +59,13 @@ class StackedSource:
         self.files.check_shape(down, (num_experts, *down_FD))
 
     def read_expert(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> None:
+        for part in self.read_parts(layer, e, up_DH, down_FD):
+            part()
+
+    def read_parts(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> list[Callable[[], object]]:
+        """Expert ``e``'s up and down rows, one independent read each."""
         up, down = self.names[layer]
-        self.files.read_rows(up, up_DH, e)
-        self.files.read_rows(down, down_FD, e)
+        return [partial(self.files.read_rows, up, up_DH, e), partial(self.files.read_rows, down, down_FD, e)]
 
     @property
     def expert_file_bytes(self) -> int:
@@ -192,19 +198,21 @@ def materialize_with_store(
     budget_bytes: int,
     policy: str,
     dtype: Optional[torch.dtype],
-    prefetch: bool,
+    prefetch: Union[bool, int],
     fmt: Optional[str] = None,
 ) -> nn.Module:
     """A meta-built model with its experts in a store (:func:`apply_expert_store`), the rest
     allocated on the CPU in ``dtype`` with its buffers initialised (its weights left for the
-    caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``).
+    caller to read into place); ``prefetch`` attaches a :class:`Prefetcher` (``model.prefetcher``;
+    ``True`` guesses each next layer's ``top_k`` experts, an int that many).
     ``dtype=None`` (a quantized run) keeps the dtypes the model was built with (its low-bit
     buffers must stay as they are); ``fmt``: the pool's low-bit format (:func:`apply_expert_store`)."""
     apply_expert_store(model, source, budget_bytes, policy, dtype or torch.float32, fmt)
     (model.to(dtype) if dtype is not None else model).to_empty(device="cpu")
     model.reset_buffers()  # type: ignore[operator]  # MoETransformer's
-    if prefetch:
-        setattr(model, "prefetcher", Prefetcher(model))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
+    if prefetch is not False:  # True: each next layer's top_k; an int: that many guesses
+        width = None if prefetch is True else int(prefetch)
+        setattr(model, "prefetcher", Prefetcher(model, width=width))  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return model
 
 
@@ -240,7 +248,7 @@ def load_run_with_store(
     cfg,
     budget_bytes: int,
     policy: str = "lfru",
-    prefetch: bool = False,
+    prefetch: Union[bool, int] = False,
     fmt: Optional[str] = None,
 ) -> nn.Module:
     """The model of a run's single-file checkpoint with its experts in a store of ``budget_bytes``,

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional, Protocol, cast
 
 import torch
@@ -191,7 +193,16 @@ class ExpertPool:
     def resident(self, layer: int, experts: list[int], stats: StoreStats) -> list[int]:
         """Make ``experts`` of ``layer`` (at most ``slots`` distinct ids) resident and pin them
         until the next call; their slots, in order. Hits and misses go to ``stats``; the misses
-        are read together (:meth:`_read`)."""
+        are read together (:meth:`begin`, then waited for)."""
+        slots, reads = self.begin(layer, experts, stats, inline=True)
+        reads.finish()
+        return slots
+
+    def begin(self, layer: int, experts: list[int], stats: StoreStats, inline: bool = False) -> tuple[list[int], Reads]:
+        """:meth:`resident` without waiting: the misses' reads are started (their parts several at
+        once, in order, on the reader threads) and returned with the slots; the caller waits for
+        a slot with ``Reads.wait`` and must end with ``Reads.finish()``. ``inline``: a single
+        one-part read runs in this thread (no hand-off)."""
         keys = [(layer, e) for e in experts]
         out, loads = [], []
         with self._lock:
@@ -207,8 +218,7 @@ class ExpertPool:
                     stats.hits += 1
                 self.policy.touch(k)
                 out.append(s)
-        self._read(loads, stats)
-        return out
+        return out, Reads(self, loads, stats, inline)
 
     def prefetch(self, layer: int, guess: list[int], stats: StoreStats) -> tuple[set[int], set[int]]:
         """Make ``guess`` of ``layer`` resident where room is (free slots, or experts neither
@@ -258,30 +268,15 @@ class ExpertPool:
         return s
 
     def _read(self, loads: list[tuple[Key, int]], stats: StoreStats) -> None:
-        """Read reserved slots, several at once (the slow tier serves parallel reads faster:
-        :data:`READERS`); a failed read frees every slot of the batch and raises."""
-        if not loads:
-            return
-        t0 = time.perf_counter()
-        try:
-            if len(loads) == 1:
-                self._read_one(*loads[0])
-            else:
-                for f in [self._readers().submit(self._read_one, k, s) for k, s in loads]:
-                    f.result()
-        except BaseException:
-            with self._lock:
-                for k, s in loads:
-                    if self.slot_of.get(k) == s:
-                        del self.slot_of[k]
-                        self.holder_S[s] = None
-                        self.policy.forget(k)
-                self._finish(loads)
-            raise
-        with self._lock:
-            stats.read_s += time.perf_counter() - t0
-            stats.bytes_read += len(loads) * self.file_expert_bytes
-            self._finish(loads)
+        Reads(self, loads, stats, inline=True).finish()
+
+    def _parts(self, key: Key, s: int) -> list[Callable[[], object]]:
+        """The independent reads that fill slot ``s`` with ``key`` (a float source's tensors one by
+        one, when it offers them: ``read_parts``; else the whole expert as one)."""
+        parts = getattr(self.source, "read_parts", None)
+        if self.fmt is None and parts is not None:
+            return parts(key[0], key[1], self.up_SDH[s], self.down_SFD[s])
+        return [partial(self._read_one, key, s)]
 
     def _finish(self, loads: list[tuple[Key, int]]) -> None:
         for k, _ in loads:
@@ -314,12 +309,90 @@ class ExpertPool:
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="moekit-read")
+            # quantizing as read (a float file into low-bit slots) is compute, with float32
+            # temporaries of a whole projection: one reader keeps those to one set (4 readers
+            # were no faster on 2 cores and held 0.35 GiB more: benchmarks/RESULTS.md)
+            quantizes = self.fmt is not None and self._format[0] in ("int8", "int4")
+            quantizes = quantizes and self.file_expert_bytes > self.expert_bytes
+            n = 1 if quantizes else READERS
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="moekit-read")
         return self._pool
 
     def residents(self, layer: int) -> list[int]:
         """The experts of ``layer`` resident now."""
         return sorted(e for (i, e) in self.slot_of if i == layer)
+
+
+class Reads:
+    """One call's misses being read into their reserved slots: each miss's parts run on the pool's
+    reader threads, in the order the call needs the experts, several at once (the slow tier serves
+    parallel reads faster: :data:`READERS`), so the first experts are in while later ones are still
+    read and the call can compute on them (:meth:`wait`). :meth:`finish` waits for every part and
+    books the reads; a failed part frees every slot of the call's reads and raises."""
+
+    def __init__(self, pool: ExpertPool, loads: list[tuple[Key, int]], stats: StoreStats, inline: bool = False):
+        self.pool, self.loads, self.stats = pool, loads, stats
+        self.t0 = time.perf_counter()
+        self.ends: list[float] = []
+        self.futures: dict[int, list[Future]] = {}
+        parts = [(s, part) for k, s in loads for part in pool._parts(k, s)]
+        for s, part in parts:
+            if inline and len(parts) == 1:
+                f: Future = Future()
+                try:
+                    self._run(part)
+                    f.set_result(None)
+                except BaseException as err:  # noqa: BLE001 - raised again by wait / finish
+                    f.set_exception(err)
+            else:
+                f = pool._readers().submit(self._run, part)
+            self.futures.setdefault(s, []).append(f)
+
+    def _run(self, part: Callable[[], object]) -> None:
+        part()
+        self.ends.append(time.perf_counter())
+
+    def wait(self, slot: int) -> None:
+        """Until slot ``slot``'s expert is in (at once for a hit); its read's error, if it failed."""
+        for f in self.futures.get(slot, ()):
+            f.result()
+
+    def finish(self) -> None:
+        error: Optional[BaseException] = None
+        for fs in self.futures.values():
+            for f in fs:
+                err = f.exception()
+                error = error or err
+        pool, loads = self.pool, self.loads
+        with pool._lock:
+            if error is not None:
+                for k, s in loads:
+                    if pool.slot_of.get(k) == s:
+                        del pool.slot_of[k]
+                        pool.holder_S[s] = None
+                        pool.policy.forget(k)
+            else:
+                self.stats.read_s += max(self.ends, default=self.t0) - self.t0
+                self.stats.bytes_read += len(loads) * pool.file_expert_bytes
+            pool._finish(loads)
+        self.loads, self.futures = [], {}  # finished once
+        if error is not None:
+            raise error
+
+
+class _ReadyViews:
+    """A pool's per-slot views whose item waits for that slot's read: an eager decode loop over
+    the chosen experts computes on those already in while the rest are read."""
+
+    def __init__(self, views: Sequence[Tensor], reads: Reads):
+        self.views, self.reads = views, reads
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, slot: int) -> Tensor:
+        self.reads.wait(slot)
+        return self.views[slot]
 
 
 class StoredExperts(StackedExperts):
@@ -390,18 +463,38 @@ class StoredExperts(StackedExperts):
 
     # ------------------------------------------------------------------ the experts seam
     def _lowbit_expert(self, e: int, x_RD: Tensor) -> Tensor:
-        """Expert ``e`` on rows ``x_RD`` from a low-bit pool (made resident alone: no chunks)."""
-        up, down = self.pool.slot_weights(self.resident([e])[0])
+        """Expert ``e`` on rows ``x_RD`` from a low-bit pool (made resident alone)."""
+        return self._lowbit_in(self.resident([e])[0], x_RD)
+
+    def _lowbit_in(self, s: int, x_RD: Tensor) -> Tensor:
+        up, down = self.pool.slot_weights(s)
         return down.linear(ACTIVATIONS[self.kind](up.linear(x_RD)))
+
+    def _lowbit_call(self, needed: list[int], run: Callable) -> Tensor:
+        """``run(expert)`` for a low-bit pool: when the call's experts fit the pool at once, their
+        reads start together and each expert computes as soon as it is in; else one at a time."""
+        self._settle(needed)
+        self._record(sorted(needed))
+        if len(needed) > self.slots:
+            return run(self._lowbit_expert)
+        slots, reads = self.pool.begin(self.layer, needed, self.stats)
+        slot_of = dict(zip(needed, slots))
+
+        def expert(e: int, x_RD: Tensor) -> Tensor:
+            reads.wait(slot_of[e])
+            return self._lowbit_in(slot_of[e], x_RD)
+
+        try:
+            return run(expert)
+        finally:
+            reads.finish()
 
     def forward(self, x_RD: Tensor, counts_E: Tensor, backend: str = "grouped") -> Tensor:
         """The stacked FFN of each row's expert (rows in expert order, ``counts_E`` per expert),
         one chunk of at most ``slots`` experts at a time."""
         if self.pool.fmt is not None:
             needed = [e for e, c in enumerate(counts_E.tolist()) if c]
-            self._settle(needed)
-            self._record(needed)
-            return experts_on_rows(self._lowbit_expert, self.dim, x_RD, counts_E)
+            return self._lowbit_call(needed, lambda expert: experts_on_rows(expert, self.dim, x_RD, counts_E))
         counts = counts_E.tolist()
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
@@ -428,12 +521,12 @@ class StoredExperts(StackedExperts):
         self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
     ) -> Tensor:
         """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, on the pool's slots."""
-        if self.pool.fmt is not None:
-            wanted = sorted({e for e in experts_TK.reshape(-1).tolist() if e < self.num_experts})
-            self._settle(wanted)
-            self._record(wanted)
+        if self.pool.fmt is not None:  # in order of first use: the order the experts are computed
+            wanted = list(dict.fromkeys(e for e in experts_TK.reshape(-1).tolist() if e < self.num_experts))
             args = (x_TD, experts_TK, weights_TK, into_TD)
-            return experts_on_tokens(self._lowbit_expert, self.num_experts, self.dim, *args)
+            return self._lowbit_call(
+                wanted, lambda expert: experts_on_tokens(expert, self.num_experts, self.dim, *args)
+            )
         x_TD = as_dtype(x_TD, compute_dtype(x_TD))
         w_up, w_down = self.pool.up_SDH, self.pool.down_SFD
         views: Optional[tuple] = self.pool.views
@@ -449,12 +542,24 @@ class StoredExperts(StackedExperts):
         act = ACTIVATIONS[self.kind]
         stack_bytes = self.num_experts * self.expert_bytes
         chunks = _chunks(wanted, self.slots)
+        # decoding one token eagerly loops over the chosen experts in order: it computes each as
+        # soon as its read is in (the same ops in the same order: the same bits)
+        overlap = len(chunks) == 1 and x_TD.shape[0] == 1 and views is not None and not torch.compiler.is_compiling()
         for i, chunk in enumerate(chunks):
-            slot_of_E = torch.full((self.num_experts + 1,), self.slots, dtype=experts_TK.dtype)
-            slot_of_E[chunk] = torch.tensor(self.resident(chunk), dtype=experts_TK.dtype)
-            slots_TK = slot_of_E[experts_TK.clamp(max=self.num_experts)]
-            if into_TD is None and i + 1 < len(chunks):
-                into_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
-            into_TD = slot_ffn(x_TD, slots_TK, weights_TK, w_up, w_down, act, into_TD, views, stack_bytes)
+            slots, reads = self.pool.begin(self.layer, chunk, self.stats, inline=not overlap)
+            try:
+                if not overlap:
+                    reads.finish()
+                slot_of_E = torch.full((self.num_experts + 1,), self.slots, dtype=experts_TK.dtype)
+                slot_of_E[chunk] = torch.tensor(slots, dtype=experts_TK.dtype)
+                slots_TK = slot_of_E[experts_TK.clamp(max=self.num_experts)]
+                if into_TD is None and i + 1 < len(chunks):
+                    into_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
+                in_views = views
+                if overlap and views is not None:
+                    in_views = (_ReadyViews(views[0], reads), _ReadyViews(views[1], reads))
+                into_TD = slot_ffn(x_TD, slots_TK, weights_TK, w_up, w_down, act, into_TD, in_views, stack_bytes)
+            finally:
+                reads.finish()
         assert into_TD is not None  # _chunks gives at least one chunk
         return into_TD

@@ -2,7 +2,9 @@
 
 The guess is layer l+1's router applied to layer l's input (the residual stream changes little
 from one layer to the next; Eliseev & Mazur 2023, "Fast inference of Mixture-of-Experts language
-models with offloading", report 80-90 % recall for Mixtral this way). The reads run on one
+models with offloading", report 80-90 % recall for Mixtral this way): its ``top_k`` experts, or
+its ``width`` best (a wider guess recalls more and reads more for nothing; guesses are read best
+first, so a full pool takes the likeliest). The reads run on one
 background thread: ``os.preadv`` releases the GIL, so they overlap the current layer's compute
 on another core. The prefetch reads only into free slots or over experts that neither the running
 call nor its own guess needs, and layer l+1's call waits for it before it computes. Precision,
@@ -27,11 +29,15 @@ class Prefetcher:
     """Hooks on every budgeted MoE layer of a model but the last: each call guesses and starts
     reading the next layer's experts. ``close()`` removes the hooks and the thread."""
 
-    def __init__(self, model: nn.Module, max_tokens: int = 64):
+    def __init__(self, model: nn.Module, max_tokens: int = 64, width: Optional[int] = None):
         moes = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, StoredExperts)]
         if len(moes) < 2:
             raise ValueError("prefetch needs a model with at least two MoE layers whose experts are in a store")
+        fewest = min(m.cfg.num_experts for m in moes)
+        if width is not None and not 1 <= width <= fewest:
+            raise ValueError(f"prefetch width must be 1..{fewest} experts per layer (or None: top_k); got {width}")
         self.max_tokens = max_tokens  # longer calls (prompts) need most experts anyway: no guess
+        self.width = width
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch")
         self.hooks: list[RemovableHandle] = []
         for here, nxt in zip(moes, moes[1:]):
@@ -48,8 +54,8 @@ class Prefetcher:
             if torch.is_grad_enabled() or x_TD.shape[0] > self.max_tokens:
                 return None
             with torch.no_grad():
-                routing = nxt.router(x_TD, nxt.cfg.top_k, None, scope=LOCAL_SCOPE)
-            guess = sorted({e for e in routing.experts_TK.reshape(-1).tolist() if e < experts.num_experts})
+                routing = nxt.router(x_TD, self.width or nxt.cfg.top_k, None, scope=LOCAL_SCOPE)
+            guess = list(dict.fromkeys(e for e in routing.experts_TK.reshape(-1).tolist() if e < experts.num_experts))
             experts.expect(self.pool.submit(experts.prefetch, guess))
             return None
 
