@@ -307,15 +307,18 @@ class ExpertPool:
             cache[role] = LowBitWeight.empty(f"{fmt}:{group}", *self._shapes[role]).tensors()
         return cache[role]
 
+    @property
+    def quantizes(self) -> bool:
+        """The pool quantizes a float file's experts as it reads them: compute, with float32
+        temporaries of a whole projection, done in the caller's thread (on 2 cores, reader threads
+        were no faster and held 0.35 GiB more: benchmarks/RESULTS.md)."""
+        return (
+            self.fmt is not None and self._format[0] in ("int8", "int4") and self.file_expert_bytes > self.expert_bytes
+        )
+
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            # quantizing as read (a float file into low-bit slots) is compute, with float32
-            # temporaries of a whole projection: one reader keeps those to one set (4 readers
-            # were no faster on 2 cores and held 0.35 GiB more: benchmarks/RESULTS.md)
-            quantizes = self.fmt is not None and self._format[0] in ("int8", "int4")
-            quantizes = quantizes and self.file_expert_bytes > self.expert_bytes
-            n = 1 if quantizes else READERS
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="moekit-read")
+            self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="moekit-read")
         return self._pool
 
     def residents(self, layer: int) -> list[int]:
@@ -337,7 +340,7 @@ class Reads:
         self.futures: dict[int, list[Future]] = {}
         parts = [(s, part) for k, s in loads for part in pool._parts(k, s)]
         for s, part in parts:
-            if inline and len(parts) == 1:
+            if (inline and len(parts) == 1) or pool.quantizes:
                 f: Future = Future()
                 try:
                     self._run(part)
