@@ -285,10 +285,6 @@ def check_precision(
         raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
     if compile:
         raise ValueError(f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile")
-    if expert_memory is not None and expert_dtype == "auto":
-        raise ValueError(
-            f"{names[1]} auto mixes formats; an expert store holds one: give fp16, bf16, int8 or int4 with it"
-        )
 
 
 def check_expert_parallel_decoding(expert_memory, dtype, expert_dtype, compile: bool) -> None:

@@ -350,6 +350,20 @@ def test_the_shared_pool_gives_slots_to_the_layer_that_needs_them(tmp_path):
     assert len(pool.residents(1)) + len(pool.residents(2)) == 7
 
 
+def test_plan_mixed_gives_every_format_the_same_share_of_its_experts():
+    from moekit.store.mixed import plan_mixed
+
+    formats = [["int4"] * 6 + ["int8"] * 2, ["int4"] * 4 + ["int8"] * 4]  # 10 int4, 6 int8 experts
+    size = {"int4": 100, "int8": 200}
+    assert plan_mixed(10**6, formats, size, 2) == {"int4": 10, "int8": 6}  # all of them
+    half = plan_mixed(5 * 100 + 3 * 200, formats, size, 2)
+    assert half == {"int4": 5, "int8": 3}
+    assert plan_mixed(2 * 100 + 2 * 200, formats, size, 2) == {"int4": 2, "int8": 2}  # top_k of each
+    with pytest.raises(ValueError, match="give at least 600 bytes"):
+        plan_mixed(599, formats, size, 2)
+    assert plan_mixed(10**6, [["int4"] * 7 + ["int8"]], size, 4)["int8"] == 1  # only one exists
+
+
 def test_plan_budget_fills_one_shared_pool_and_caps_at_every_expert():
     assert plan_budget(10_000, 100, 4, 64, 2).slots == 100
     assert plan_budget(10**9, 100, 4, 64, 2).slots == 256

@@ -52,7 +52,7 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         (["--expert-dtype", "fp8"], "--expert-dtype must be one of"),
         (["--expert-dtype", "auto", "--expert-bits", "0.5"], "--expert-bits must be in [1, 32]"),
         (["--dtype", "int8", "--compile"], "leave out compile"),
-        (["--expert-dtype", "auto", "--expert-memory", "1GB"], "auto mixes formats; an expert store holds one"),
+        (["--expert-dtype", "auto", "--expert-memory", "1GB"], "quantize first (moekit convert --run RUN"),
         (["--expert-dtype", "int8", "--model", "dense"], "is dense"),
         (["--threads", "0"], "--threads"),
     ]:
@@ -106,11 +106,38 @@ def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_
         load_run_model(str(out), expert_memory=10**8, expert_dtype=other)
 
 
-def test_an_expert_store_refuses_a_run_of_mixed_formats(run, tmp_path):
+def test_a_run_quantized_per_expert_in_an_expert_store_equals_the_quantized_model(run, tmp_path, capsys):
+    """``--quantize auto`` gives the experts several formats: the store holds each format in its own
+    pool (every format the same fraction of its experts, at least top_k of it), each expert
+    costing its own bytes; logits and greedy tokens equal the whole quantized model's, at the
+    least budget and a larger one; a float run asked for ``auto`` slots is told to quantize first."""
+    from moekit.kernels.lowbit import format_bytes
+    from moekit.store import MixedPool, expert_pools, store_stats
+
     out = tmp_path / "mixed"
     assert main(["convert", "--run", run, "--quantize", "auto", "--expert-bits", "6", "--out", str(out)]) == 0
-    formats = {f for m in load_run_model(str(out))[0].moe_layers for f in m.experts.formats}
-    if len(formats) < 2:
-        pytest.skip(f"the planner chose one format here ({formats})")
-    with pytest.raises(ValueError, match="several formats"):
-        load_run_model(str(out), expert_memory=10**8)
+    full, _ = load_run_model(str(out))
+    formats = [m.experts.formats for m in full.moe_layers]
+    names = sorted({f for layer in formats for f in layer})
+    assert len(names) >= 2, names  # the planner mixes int4 and int8 at 6 bits per weight
+    cfg = full.cfg.moe
+    size = {f: format_bytes(f, 2 * cfg.hidden_dim, cfg.dim) + format_bytes(f, cfg.dim, cfg.hidden_dim) for f in names}
+    least = sum(size[f] * min(cfg.top_k, max(layer.count(f) for layer in formats)) for f in names)
+    for budget in (least, 3 * least):
+        model, _ = load_run_model(str(out), expert_memory=budget, expert_dtype="auto")
+        (pool,) = expert_pools(model)
+        assert isinstance(pool, MixedPool) and pool.nbytes <= budget
+        assert all(p.nbytes == p.slots * size[f] for f, p in pool.pools.items())
+        idx = torch.randint(0, 257, (2, 20))
+        with torch.no_grad():
+            assert torch.equal(model(idx).logits, full(idx).logits)
+            assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
+        prompt = idx[:1, :4]
+        assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
+        st, (a, b) = store_stats(model), sorted(size.values())[:1] + sorted(size.values())[-1:]
+        n_small = (st.misses * b - st.bytes_read) / (b - a)  # misses of each format: each read its own bytes
+        assert len(names) > 2 or (n_small == int(n_small) and 0 < n_small < st.misses), (st, size)
+    with pytest.raises(ValueError, match="cannot hold one layer's top_k"):
+        load_run_model(str(out), expert_memory=least - 1)
+    with pytest.raises(ValueError, match=r"quantize first \(moekit convert --run RUN --quantize auto\)"):
+        load_run_model(run, expert_memory=10**8, expert_dtype="auto")

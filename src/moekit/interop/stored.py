@@ -28,7 +28,7 @@ from torch import Tensor
 from ..config import LMConfig
 from ..layer.experts import GroupedExperts
 from ..models.lm import MoETransformer
-from ..store import SafetensorsFiles, StoreFileError, materialize_with_store
+from ..store import AUTO_NEEDS_QUANTIZED_RUN, SafetensorsFiles, StoreFileError, materialize_with_store
 from ..store.experts import quantize_into
 from .hf import _PER_EXPERT, WeightMismatchError, _check_family, config_from_hf, hf_to_moekit_items
 
@@ -266,6 +266,8 @@ def load_hf_with_store(
     bf16): the slots keep the checkpoint's ``(out, in)`` layout in that dtype, read without a
     transpose and computed by ``F.linear`` (faster on CPUs; not bit-identical to the
     all-in-memory model, whose experts are ``(in, out)``). In eval mode."""
+    if fmt == "auto":
+        raise ValueError(AUTO_NEEDS_QUANTIZED_RUN)
     files, cfg, source = _open_folder(path, training_losses)
     if cfg.moe is None:
         raise ValueError(f"{path} has no MoE layers: nothing to put in an expert store")

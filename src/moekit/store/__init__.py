@@ -21,11 +21,12 @@ from typing import Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
-from ..kernels.lowbit import LowBitWeight, format_bytes, parse_format
+from ..kernels.lowbit import LowBitWeight, parse_format
 from ..layer.experts import GATED, GroupedExperts
 from ..layer.moe import MoE
 from .experts import ExpertPool, ExpertSource, PrefetchStats, StoredExperts, StoreStats, quantize_into
 from .files import SafetensorsFiles, StoreFileError
+from .mixed import MixedPool, format_expert_bytes, plan_mixed
 from .policies import LFRU, LFU, LRU, POLICIES, Policy, belady, make_policy, replay
 from .prefetch import Prefetcher, prefetch_stats
 
@@ -85,16 +86,18 @@ class LowBitRunSource:
     """A quantized run's experts (``moekit convert --quantize``), each projection's low-bit
     tensors named ``model.<layer path>.experts.<up|down>.<e>.<data|scales|zeros>``, one format."""
 
-    def __init__(self, files: SafetensorsFiles, prefixes: dict[int, str], fmt: str):
-        self.files, self.prefixes, self.fmt = files, prefixes, fmt
+    def __init__(self, files: SafetensorsFiles, prefixes: dict[int, str], formats: dict[int, list[str]]):
+        """``formats``: each MoE layer's experts' formats (one for all, or mixed: ``--quantize auto``)."""
+        self.files, self.prefixes, self.formats = files, prefixes, formats
 
     def check(self, layer: int, num_experts: int, up_DH: tuple[int, ...], down_FD: tuple[int, ...]) -> None:
         (D, H), F = up_DH, down_FD[0]
-        for role, (n_out, n_in) in (("up", (H, D)), ("down", (D, F))):
-            want = {k: tuple(t.shape) for k, t in LowBitWeight.empty(self.fmt, n_out, n_in).tensors().items()}
-            for e in range(num_experts):
-                for k, shape in want.items():
-                    self.files.check_shape(f"{self.prefixes[layer]}{role}.{e}.{k}", shape)
+        if len(self.formats[layer]) != num_experts:
+            raise StoreFileError(f"the run's plan has {len(self.formats[layer])} expert formats for layer {layer}")
+        for e, fmt in enumerate(self.formats[layer]):
+            for role, (n_out, n_in) in (("up", (H, D)), ("down", (D, F))):
+                for k, t in LowBitWeight.empty(fmt, n_out, n_in).tensors().items():
+                    self.files.check_shape(f"{self.prefixes[layer]}{role}.{e}.{k}", tuple(t.shape))
 
     def read_expert(self, layer: int, e: int, up_DH: Tensor, down_FD: Tensor) -> None:
         raise TypeError("a low-bit source fills a low-bit pool (read_lowbit)")
@@ -103,6 +106,13 @@ class LowBitRunSource:
         for role, tensors in (("up", up), ("down", down)):
             for k, t in tensors.items():
                 self.files.read_rows(f"{self.prefixes[layer]}{role}.{e}.{k}", t)
+
+
+AUTO_NEEDS_QUANTIZED_RUN = (
+    "expert_dtype auto with an expert store reads a run quantized per expert: it chooses each expert's format "
+    "from routing and quantization error, which needs every expert read once; quantize first "
+    "(moekit convert --run RUN --quantize auto), then decode that run with --expert-memory"
+)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ def apply_expert_store(
     budget_bytes: int,
     policy: str = "lfru",
     dtype: torch.dtype = torch.float32,
-    fmt: Optional[str] = None,
+    fmt: Union[str, dict[int, list[str]], None] = None,
 ) -> Budget:
     """Replace the stacked experts of every MoE layer of ``model`` by one pool of slots shared by
     all of them, filled from ``source`` (layer ``i`` = the i-th MoE layer in model order), within
@@ -170,22 +180,31 @@ def apply_expert_store(
         )
     first = stacks[0]
     h = first.hidden_dim * (2 if GATED[first.kind] else 1)
-    if fmt is None:
-        expert_bytes = (first.dim * h + first.hidden_dim * first.dim) * torch.empty((), dtype=dtype).element_size()
-    else:
-        expert_bytes = format_bytes(fmt, h, first.dim) + format_bytes(fmt, first.dim, first.hidden_dim)
     top_k = max(m.cfg.top_k for _, m in layers)
-    plan = plan_budget(budget_bytes, expert_bytes, len(layers), first.num_experts, top_k)
-    policy_ = make_policy(policy, len(layers))
-    pool = ExpertPool(source, plan.slots, first.dim, h, first.hidden_dim, policy_, dtype, fmt)
+    pool: Union[ExpertPool, MixedPool]
+    if isinstance(fmt, dict):  # each layer's experts' formats: one pool per format
+        sizes = {
+            f: format_expert_bytes(f, first.dim, h, first.hidden_dim) for f in {f for v in fmt.values() for f in v}
+        }
+        slots = plan_mixed(budget_bytes, [fmt[i] for i in range(len(layers))], sizes, top_k)
+        pool = MixedPool(source, fmt, slots, first.dim, h, first.hidden_dim, lambda: make_policy(policy, len(layers)))
+        plan = Budget(budget_bytes, pool.expert_bytes, len(layers), first.num_experts, pool.slots)
+    else:
+        if fmt is None:
+            expert_bytes = (first.dim * h + first.hidden_dim * first.dim) * torch.empty((), dtype=dtype).element_size()
+        else:
+            expert_bytes = format_expert_bytes(fmt, first.dim, h, first.hidden_dim)
+        plan = plan_budget(budget_bytes, expert_bytes, len(layers), first.num_experts, top_k)
+        policy_ = make_policy(policy, len(layers))
+        pool = ExpertPool(source, plan.slots, first.dim, h, first.hidden_dim, policy_, dtype, fmt)
     for i, ((_, moe), ex) in enumerate(zip(layers, stacks)):
         moe.experts = StoredExperts(pool, i, ex.num_experts, ex.dim, ex.hidden_dim, ex.kind)
     return plan
 
 
-def expert_pools(model: nn.Module) -> list[ExpertPool]:
-    """The distinct slot pools of a model's budgeted layers."""
-    pools: dict[int, ExpertPool] = {}
+def expert_pools(model: nn.Module) -> list[Union[ExpertPool, MixedPool]]:
+    """The distinct slot pools of a model's budgeted layers (a :class:`MixedPool` holds one per format)."""
+    pools: dict[int, Union[ExpertPool, MixedPool]] = {}
     for m in model.modules():
         if isinstance(m, StoredExperts):
             pools.setdefault(id(m.pool), m.pool)
@@ -199,7 +218,7 @@ def materialize_with_store(
     policy: str,
     dtype: Optional[torch.dtype],
     prefetch: Union[bool, int],
-    fmt: Optional[str] = None,
+    fmt: Union[str, dict[int, list[str]], None] = None,
 ) -> nn.Module:
     """A meta-built model with its experts in a store (:func:`apply_expert_store`), the rest
     allocated on the CPU in ``dtype`` with its buffers initialised (its weights left for the
@@ -274,20 +293,19 @@ def load_run_with_store(
     if lowbit:  # a quantized run: its other low-bit modules, and its experts in a low-bit pool
         from ..quantize import apply_lowbit_plan
 
-        formats = sorted({f for layer in lowbit.get("experts", []) for f in layer})
-        if len(formats) != 1:
-            raise ValueError(
-                f"{path} holds experts in several formats ({', '.join(formats)}); an expert store holds one "
-                "(quantize the run with one --quantize format)"
-            )
-        if fmt is not None and parse_format(fmt) != parse_format(formats[0]):
-            raise ValueError(f"{path} is quantized to {formats[0]}; its experts cannot be held as {fmt}")
+        per_layer = {i: list(layer) for i, layer in enumerate(lowbit.get("experts", []))}
+        formats = sorted({f for layer in per_layer.values() for f in layer})
+        if fmt is not None and fmt != "auto" and {parse_format(f) for f in formats} != {parse_format(fmt)}:
+            raise ValueError(f"{path} is quantized to {', '.join(formats)}; its experts cannot be held as {fmt}")
         apply_lowbit_plan(model, lowbit, experts=False)
         prefixes = {i: f"{MODEL}{n}.experts." for i, (n, _) in enumerate(moe_layers(model))}
-        source = LowBitRunSource(files, prefixes, formats[0])  # dtype None: the low-bit buffers keep theirs
-        materialize_with_store(model, source, budget_bytes, policy, None, prefetch, formats[0])
+        source = LowBitRunSource(files, prefixes, per_layer)  # dtype None: the low-bit buffers keep theirs
+        held = formats[0] if len(formats) == 1 else per_layer  # one pool, or one per format
+        materialize_with_store(model, source, budget_bytes, policy, None, prefetch, held)
         read_model_into(path, model, unread_ok=lambda n: ".experts.up." in n or ".experts.down." in n)
         return model.eval()
+    if fmt == "auto":
+        raise ValueError(AUTO_NEEDS_QUANTIZED_RUN)
     names = {
         i: (f"{MODEL}{n}.experts.w_up", f"{MODEL}{n}.experts.w_down") for i, (n, _) in enumerate(moe_layers(model))
     }
@@ -306,6 +324,7 @@ __all__ = [
     "LFU",
     "LRU",
     "LowBitRunSource",
+    "MixedPool",
     "POLICIES",
     "Policy",
     "PrefetchStats",

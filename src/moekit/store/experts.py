@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional, Protocol, cast
+from typing import TYPE_CHECKING, Optional, Protocol, Union, cast
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from ..kernels.slots import slot_ffn
 from ..layer.experts import ACTIVATIONS, GATED, StackedExperts, stacked_ffn
 from ..layer.lowbit import experts_on_rows, experts_on_tokens
 from .policies import Policy, _chunks
+
+if TYPE_CHECKING:
+    from .mixed import MixedPool
 
 
 class ExpertSource(Protocol):
@@ -241,6 +244,14 @@ class ExpertPool:
     def release_guess(self) -> None:
         self.guarded = frozenset()
 
+    def fits(self, layer: int, experts: list[int]) -> bool:
+        """Whether ``experts`` of ``layer`` can be resident together."""
+        return len(set(experts)) <= self.n_slots
+
+    def bytes_of(self, layer: int, experts: list[int]) -> int:
+        """Bytes reading ``experts`` of ``layer`` costs on the slow tier."""
+        return len(experts) * self.file_expert_bytes
+
     def _reserve(self, key: Key, keep: frozenset[Key], wait: bool) -> Optional[int]:
         """A slot for ``key`` (held under the lock): free, or the policy's victim among experts
         neither in ``keep`` nor being read; with ``wait``, waits for reads in flight to end when
@@ -401,7 +412,9 @@ class _ReadyViews:
 class StoredExperts(StackedExperts):
     """One MoE layer's ``num_experts`` experts, read from ``pool``'s source into its shared slots."""
 
-    def __init__(self, pool: ExpertPool, layer: int, num_experts: int, dim: int, hidden_dim: int, kind: str):
+    def __init__(
+        self, pool: Union[ExpertPool, MixedPool], layer: int, num_experts: int, dim: int, hidden_dim: int, kind: str
+    ):
         super().__init__()
         if kind not in ACTIVATIONS:
             raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
@@ -454,7 +467,7 @@ class StoredExperts(StackedExperts):
             self.pool.release_guess()
         st, want = self.prefetch_stats, set(needed)
         st.guessed, st.needed, st.right = st.guessed + len(guess), st.needed + len(want), st.right + len(guess & want)
-        st.wasted_bytes += len(read - want) * self.pool.file_expert_bytes
+        st.wasted_bytes += self.pool.bytes_of(self.layer, sorted(read - want))
 
     def resident(self, experts: list[int]) -> list[int]:
         """Make ``experts`` (at most ``slots`` distinct ids) resident; their slots, in order."""
@@ -478,7 +491,7 @@ class StoredExperts(StackedExperts):
         reads start together and each expert computes as soon as it is in; else one at a time."""
         self._settle(needed)
         self._record(sorted(needed))
-        if len(needed) > self.slots:
+        if not self.pool.fits(self.layer, needed):
             return run(self._lowbit_expert)
         slots, reads = self.pool.begin(self.layer, needed, self.stats)
         slot_of = dict(zip(needed, slots))
