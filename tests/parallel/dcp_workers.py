@@ -35,7 +35,7 @@ def _one_step(model, h, opt, world: int, rank: int) -> None:
     torch.manual_seed(5)
     idx = torch.randint(0, 64, (2 * world, 12))
     o = model(idx[2 * rank : 2 * rank + 2], idx[2 * rank : 2 * rank + 2])
-    (o.loss + o.aux_loss).backward()
+    h.loss(o).backward()
     opt.step()
 
 
@@ -233,7 +233,7 @@ def per_rank_statistics(rank: int, world: int, store: str, out_dir: str, statist
     for _ in range(3):
         idx = torch.randint(0, 64, (2, 12))
         o = model(idx, idx)
-        (o.loss + o.aux_loss).backward()
+        par.loss(o).backward()
         opt.step()
         opt.zero_grad()
         for m in model.moe_layers:

@@ -49,7 +49,7 @@ def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
         )
         lo = 12 // world * rank
         o = moe(x[lo : lo + 12 // world])
-        (o.out.sum() + o.aux_loss).backward()
+        ((o.out.sum() + o.aux_loss) / world).backward()  # this rank's term; FSDP sums
         assert moe.experts.w_up.grad is None and moe.experts.w_down.grad is None, "frozen experts got a gradient"
         close(moe.router.linear.weight.grad.full_tensor(), ref.router.linear.weight.grad, "router gradient")
 
@@ -118,7 +118,7 @@ def mismatched_settings(rank: int, world: int, store: str, out_dir: str) -> None
                 assert "built a different model" in str(err), err
                 return
             o = moe(torch.randn(6, 8))
-            (o.out.sum() + o.aux_loss).backward()
+            ((o.out.sum() + o.aux_loss) / world).backward()  # this rank's term; FSDP sums
             raise AssertionError("no setup error")
 
         _record(out_dir, f"mismatch-{case}", check)
@@ -156,7 +156,7 @@ def empty_rank(rank: int, world: int, store: str, out_dir: str) -> None:
             lo = sum(sizes[:rank])
             o = moe(x[lo : lo + sizes[rank]])
             assert o.out.shape == (sizes[rank], 8)
-            (o.out.sum() + o.aux_loss).backward()
+            ((o.out.sum() + o.aux_loss) / world).backward()  # this rank's term; FSDP sums
             close(o.out, r.out[lo : lo + sizes[rank]], "output")
             close(o.aux_loss, r.aux_loss, "aux loss")
             assert torch.equal(o.stats["tokens_per_expert"], r.stats["tokens_per_expert"])
@@ -229,7 +229,7 @@ def accumulation(rank: int, world: int, store: str, out_dir: str, ep: int, sync_
             ((r.out**2).sum() / (world * 2) + r.aux_loss / 2).backward()
             moe.set_requires_gradient_sync(sync_each or i == len(micro) - 1)
             o = moe(x[rank * 5 : rank * 5 + 5])
-            ((o.out**2).sum() / 2 + o.aux_loss / 2).backward()
+            (((o.out**2).sum() / 2 + o.aux_loss / 2) / world).backward()
         mine = dict(moe.named_parameters())
         for name, p in ref.named_parameters():
             close(mine[name].grad.full_tensor(), p.grad, f"gradient of {name}")
@@ -259,14 +259,15 @@ def other_layers_data_parallel(rank: int, world: int, store: str, out_dir: str) 
             x = data()
             n = x.shape[0] // world
 
-            def loss(m, xs):
+            def loss(m, xs):  # (task loss, auxiliary loss)
                 res = m(xs)
                 outs = res.outs if hasattr(res, "outs") else [res.out]
-                return sum(o.square().mean() for o in outs) + res.aux_loss
+                return sum(o.square().mean() for o in outs), res.aux_loss
 
-            (sum(loss(ref, x[q * n : (q + 1) * n]) for q in range(world)) / world).backward()
-            apply_expert_parallel(model, expert_parallel=1)
-            loss(model, x[rank * n : (rank + 1) * n]).backward()
+            (sum(sum(loss(ref, x[q * n : (q + 1) * n])) for q in range(world)) / world).backward()
+            h = apply_expert_parallel(model, expert_parallel=1)
+            task, aux = loss(model, x[rank * n : (rank + 1) * n])
+            (task / world + h.aux_share(aux)).backward()  # this rank's term; FSDP sums
             mine = dict(model.named_parameters())
             for pname, p in ref.named_parameters():
                 g = mine[pname].grad
@@ -381,7 +382,7 @@ def experts_raise_once(rank: int, world: int, store: str, out_dir: str) -> None:
         gc.collect()
         assert received and received[0]() is None, "the failed call's received rows are still held (a stale handle)"
         o = moe(x_local)
-        (o.out.sum() + o.aux_loss).backward()
+        ((o.out.sum() + o.aux_loss) / world).backward()  # this rank's term; FSDP sums
         hook.remove()
         close(o.out, r.out[lo : lo + 12 // world], "output")
         close(o.aux_loss, r.aux_loss, "aux loss")

@@ -101,20 +101,13 @@ def layer_equivalence(rank: int, world: int, store: str, ep: int, names: list[st
         lo = sum(sizes[:rank])
         torch.manual_seed(2)  # the same random state before each forward: routing noise must match
         r = ref(x)
-        # the objective of a data-parallel run: mean over ranks of (local mean task loss + aux)
-        ref_loss = (
-            sum(
-                (r.out[sum(sizes[:q]) : sum(sizes[: q + 1])] * tgt[sum(sizes[:q]) : sum(sizes[: q + 1])]).mean()
-                for q in range(world)
-            )
-            / world
-            + r.aux_loss
-        )
-        ref_loss.backward()
-        apply_expert_parallel(moe, expert_parallel=ep)
+        # the objective: the mean task loss over the whole batch (ranks hold unequal token counts)
+        ((r.out * tgt).mean() + r.aux_loss).backward()
+        h = apply_expert_parallel(moe, expert_parallel=ep)
         torch.manual_seed(2)
         o = moe(x[lo : lo + T])
-        ((o.out * tgt[lo : lo + T]).mean() + o.aux_loss).backward()  # FSDP reduces the gradients here
+        # this rank's term: its summed loss over every rank's count; FSDP sums the gradients
+        (h.global_mean((o.out * tgt[lo : lo + T]).sum(), torch.tensor(T * D)) + h.aux_share(o.aux_loss)).backward()
         what = f"[{name}, ep={ep}, world={world}]"
         close(o.out, r.out[lo : lo + T], f"{what} output")
         close(o.aux_loss, r.aux_loss, f"{what} aux loss")
@@ -183,6 +176,36 @@ def reference_step(world: int, num_experts: int = 8):
     return ref, opt_ref, gn_ref, model, idx, tgt
 
 
+def masked_targets_step(rank: int, world: int, store: str, ep: int) -> None:
+    """Issue 25, fault 2: targets masked with ignore_index, a different number on every rank (rank
+    q keeps (q + 1) / world of its targets): the logged loss and every gradient equal one
+    process's on the global batch (a mean of the ranks' means would weigh a rank's few targets
+    like another's many)."""
+    init(rank, world, store)
+    torch.manual_seed(3)
+    ref = MoETransformer(_lm_cfg()).double()
+    model = MoETransformer(_lm_cfg()).double()
+    model.load_state_dict(ref.state_dict())
+    B = 2 * world
+    idx = torch.randint(0, 64, (B, 12))
+    tgt = torch.randint(0, 64, (B, 12))
+    for q in range(world):
+        tgt[2 * q : 2 * q + 2, 12 * (q + 1) // world :] = -100
+    out = ref(idx, tgt)
+    (out.loss + out.aux_loss).backward()  # one process: the mean over every counted target
+    h = apply_expert_parallel(model, make_mesh(ep, "cpu"))
+    rows = slice(2 * rank, 2 * rank + 2)
+    o = model(idx[rows], tgt[rows])
+    h.loss(o).backward()
+    total, count = h.sum(torch.stack([o.loss_sum.detach(), o.n_targets.double()])).tolist()
+    close(torch.tensor(total / count), out.loss.detach(), "the global batch's loss", tol=1e-6)  # fp32 cross-entropy
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        close(g, ref_params[name].grad, f"gradient of {name} (world={world}, ep={ep})", tol=1e-6)
+    dist.destroy_process_group()
+
+
 def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> None:
     """EP x DP: one AdamW step with clipping equals the single-process step; checkpoints gathered
     from the EP run equal the single-process state and reshard into another EP size; so does the
@@ -201,7 +224,7 @@ def ep_dp_step(rank: int, world: int, store: str, ep: int, ckpt_dir: str) -> Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     b = B // world
     o = model(idx[rank * b : (rank + 1) * b], tgt[rank * b : (rank + 1) * b])
-    (o.loss + o.aux_loss).backward()
+    h.loss(o).backward()
     gn = h.clip_grad_norm_(0.5)
     close(gn, gn_ref, "total gradient norm", tol=1e-6)  # the LM computes rotary angles in fp32
     opt.step()
@@ -455,7 +478,7 @@ def balanced_expert_shards(rank: int, world: int, store: str, ckpt_dir: str) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     b = idx.shape[0] // world
     o = model(idx[rank * b : (rank + 1) * b], tgt[rank * b : (rank + 1) * b])
-    (o.loss + o.aux_loss).backward()
+    h.loss(o).backward()
     close(h.clip_grad_norm_(0.5), gn_ref, "total gradient norm", tol=1e-6)
     opt.step()
     full = h.full_state_dict()

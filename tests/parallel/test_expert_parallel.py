@@ -41,6 +41,12 @@ def test_fewer_experts_per_rank_than_dp_ranks_shard_evenly(tmp_path):
     spawn(W.balanced_expert_shards, 4, tmp_path, str(tmp_path))
 
 
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 4)])
+def test_targets_masked_unequally_across_ranks_give_one_process_gradients(tmp_path, world, ep):
+    """Issue 25, fault 2: each rank's summed loss over the global target count, summed by FSDP."""
+    spawn(W.masked_targets_step, world, tmp_path, ep)
+
+
 def test_ep2_step_and_checkpoint_into_ep_world(tmp_path):
     """EP=2 on 2 ranks; its checkpoints (gathered, and DCP) reload into EP=1 (pure data parallel)
     and a single process."""

@@ -214,6 +214,8 @@ class LMOutput:
     pooled_balance_weight: Optional[float] = (
         None  # balance_pooling="model": weight of the pooled balance loss (None: per layer)
     )
+    loss_sum: Optional[Tensor] = None  # the cross-entropy summed over the counted targets
+    n_targets: Optional[Tensor] = None  # targets counted (not ignore_index): loss = loss_sum / n_targets
 
     @functools.cached_property
     def pooled_balance_loss(self) -> Optional[Tensor]:
@@ -347,15 +349,19 @@ class MoETransformer(nn.Module):
         if cache is not None:
             cache.length += S
         logits = self._logits(x)
-        loss = None
-        if targets_BS is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-100)
+        loss = loss_sum = n_targets = None
+        if targets_BS is not None:  # summed, then divided: data parallelism divides by every rank's count
+            flat_targets = targets_BS.reshape(-1)
+            logits_NV = logits.float().view(-1, logits.shape[-1])
+            loss_sum = F.cross_entropy(logits_NV, flat_targets, ignore_index=-100, reduction="sum")
+            n_targets = (flat_targets != -100).sum()
+            loss = loss_sum / n_targets
         pooled = (
             self.cfg.moe.balance_loss_weight
             if self.cfg.moe is not None and self.cfg.balance_pooling == "model"
             else None
         )
-        return LMOutput(logits, loss, moe_out, pooled)
+        return LMOutput(logits, loss, moe_out, pooled, loss_sum, n_targets)
 
     def _check_top_k(self, top_k: Optional[int]) -> None:
         """ValueError when experts per token ``top_k`` would let a capacity limit drop tokens

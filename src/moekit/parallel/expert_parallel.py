@@ -26,14 +26,14 @@ of a hang.
 Parameters and gradients are PyTorch's: the expert weights are DTensors sharded on the expert
 dimension over the mesh's ``ep`` dimension, and FSDP2 (``fully_shard``) shards them further over
 ``dp`` and every other parameter over all ranks (ZeRO-3), reducing the gradients during
-``backward``. The training objective is the mean over ranks of each rank's loss (each rank's loss
-a mean over its tokens, plus the global auxiliary loss), and FSDP averages every gradient over
-its mesh. An expert's gradient on its holder sums the contributions of every rank of its EP group
-(the all-to-all's backward carries them back), so the all-to-all hooks scale the gradient
-reaching the experts by 1/P (and the gradient leaving them for the tokens by P, so the tokens'
-gradients are unchanged); FSDP's average over the expert's ``dp`` replicas then gives the mean
-over all W ranks. Without the 1/P the experts' gradients would be P times too large, the classic
-bug the tests check for.
+``backward`` with a sum. The training objective is one process's on the global batch: each rank's
+term (:meth:`ExpertParallel.loss`) is its summed task loss divided by every rank's token count,
+plus its share of the auxiliary loss, so the sum of the ranks' gradients is the gradient of the
+whole batch's mean loss, whatever each rank's count (masked targets included): torchtitan's
+recipe. An expert's gradient on its holder sums the contributions of every rank of its EP group
+(the all-to-all's backward carries them back) and FSDP's sum over the expert's ``dp`` replicas
+completes it: no scaling by hand. Routing statistics summed over ranks keep their sum's exact
+adjoint in the backward (:class:`_AllSum`), so each rank adds 1/world of its auxiliary loss.
 
 Shape legend: T local tokens, D width, E experts, P EP ranks, El = E / P experts per rank,
 R rows of the local dispatch plan, N rows received by this rank's experts.
@@ -103,24 +103,12 @@ class _AllToAll(torch.autograd.Function):
         return gx, None, None, None
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
 class _AllSum(torch.autograd.Function):
     """All-reduce (sum) of a statistic that every rank of the group then uses the same way.
 
     The exact adjoint is an all-reduce of the group's gradients; since they are identical on every
-    rank it equals ``grad * group_size``, computed without communicating."""
+    rank (each holds 1/world of the objective: :meth:`ExpertParallel.aux_share`) it equals
+    ``grad * group_size``, computed without communicating."""
 
     @staticmethod
     def forward(ctx, v, group, size):
@@ -200,8 +188,6 @@ class ExpertAllToAll:
         perm_N = perm_N + torch.arange(N, device=perm_N.device)
         inverse_N = torch.empty_like(perm_N).scatter_(0, perm_N, torch.arange(N, device=perm_N.device))
         x_ND = x_ND[perm_N]
-        if P > 1:  # undo combine's 1/P on the way back to the tokens (see the module docstring)
-            x_ND = _ScaleGrad.apply(x_ND, float(P))
         return x_ND, C_PL.sum(0), _Handle(x_ND, inverse_N, send, recv, n_send, x_RD.shape[0])
 
     def combine(self, y_ND: Tensor, h: _Handle, experts: nn.Module) -> Tensor:
@@ -219,8 +205,6 @@ class ExpertAllToAll:
                     y_ND = y_ND + sum(t.sum() for t in ties) * 0
             if not y_ND.requires_grad:
                 y_ND = y_ND.detach().requires_grad_()
-            if self.P > 1:  # the experts' gradients sum P ranks' tokens: make them a mean
-                y_ND = _ScaleGrad.apply(y_ND, 1.0 / self.P)
         y_back = _AllToAll.apply(y_ND[h.inverse_N], h.send, h.recv, self.group)
         return F.pad(y_back, (0, 0, 0, h.R - h.n_send)) if h.R > h.n_send else y_back
 
@@ -399,6 +383,27 @@ class ExpertParallel:
         self.ep_rank, self.dp_rank = mesh.get_local_rank("ep"), mesh.get_local_rank("dp")
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
 
+    # ------------------------------------------------------------------ the objective
+    def loss(self, out) -> Tensor:
+        """This rank's term of the training objective for a language model's output (``out.loss_sum``,
+        ``out.n_targets``, ``out.aux_loss``): :meth:`global_mean` of the task loss plus
+        :meth:`aux_share` of the auxiliary loss. FSDP sums the ranks' gradients: they are the
+        gradients one process computes for the whole batch's mean loss."""
+        return self.global_mean(out.loss_sum, out.n_targets) + self.aux_share(out.aux_loss)
+
+    def global_mean(self, sum_local: Tensor, count_local: Tensor) -> Tensor:
+        """``sum_local`` divided by the sum over ranks of ``count_local`` (one small all-reduce, no
+        gradient): each rank's share of the global batch's mean, whatever each rank's count."""
+        count = self.sum(count_local.detach().to(torch.float64).reshape(1))
+        return sum_local / count.to(sum_local.device, sum_local.dtype).squeeze(0)
+
+    def aux_share(self, aux: Tensor) -> Tensor:
+        """A rank's share of the auxiliary loss it computed: 1 / world of it. A loss of statistics
+        summed over a group of ranks (every rank of the group computes the same value) gets the
+        group's gradient back through the sum's exact adjoint (:class:`_AllSum`); one of local
+        statistics (e.g. a hierarchical layer's primary gate) is averaged over the ranks."""
+        return aux / self.world_size
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -540,22 +545,26 @@ def _expert_shard_dim(dp: int):
 def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
     """FSDP2 (``fully_shard``, ZeRO-3): each MoE layer's experts over the ranks that replicate
     them (mesh ``dp``), then each transformer block and the rest over all ranks, as torchtitan
-    composes EP with FSDP. FSDP averages each gradient over its mesh; an expert's gradient on its
-    holder sums its EP group's tokens, which the all-to-all hooks scale by 1/EP in the backward
-    (see the module docstring), so every gradient is the mean over all ranks' losses. (torchtitan
-    sets the experts' ``set_gradient_divide_factor`` instead; in torch 2.13 that needs NCCL's
-    PREMUL_SUM, which gloo lacks, and divides twice on a one-rank ``dp`` mesh in float64.)"""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    composes EP with FSDP. Every gradient is reduced with a plain sum (a divide factor of 1, and
+    sum-type collectives, which gloo has: torch's default for a factor would be NCCL's
+    PREMUL_SUM): the ranks' loss terms are already divided by the global token count
+    (:meth:`ExpertParallel.loss`)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
     kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
     world = _flat_mesh(mesh)
     dp = mesh["dp"].size()
+    sharded: list[Any] = []  # FSDPModule subclasses of the modules' own classes
     for moe in moes:
-        fully_shard(moe.experts, mesh=mesh["dp"], shard_placement_fn=_expert_shard_dim(dp), **kw)
+        sharded.append(fully_shard(moe.experts, mesh=mesh["dp"], shard_placement_fn=_expert_shard_dim(dp), **kw))
     for block in getattr(model, "blocks", []):
-        fully_shard(block, mesh=world, **kw)
-    fully_shard(model, mesh=world, **kw)
+        sharded.append(fully_shard(block, mesh=world, **kw))
+    sharded.append(fully_shard(model, mesh=world, **kw))
+    for m in sharded:
+        assert isinstance(m, FSDPModule)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
 
 
 def apply_expert_parallel(

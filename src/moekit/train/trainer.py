@@ -506,8 +506,9 @@ class Trainer:
         amp = self._amp
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             out = self.step_model(x.to(self.device), y.to(self.device))
-        loss = out.loss + out.aux_loss
-        loss.backward()  # under torchrun FSDP reduces the gradients here
+        # under torchrun this rank's term of the global batch's objective; FSDP sums the gradients
+        loss = out.loss + out.aux_loss if par is None else par.loss(out)
+        loss.backward()
         # without clipping, an infinite bound still returns the norm (to check and log) and leaves
         # the gradients as they are
         clip = cfg.grad_clip or math.inf
@@ -526,10 +527,14 @@ class Trainer:
         return out, gnorm, dt
 
     def _metrics(self, out, lr: float, gnorm, dt: float) -> dict:
-        """The metrics row of the step just taken (the task loss averaged over ranks)."""
+        """The metrics row of the step just taken (the task loss over every rank's tokens)."""
         loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
         dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
-        task_loss = out.loss.item() if self.par is None else self.par.mean(out.loss.item())
+        if self.par is None:
+            task_loss = out.loss.item()
+        else:
+            total, count = self.par.sum(torch.stack([out.loss_sum.detach().double(), out.n_targets.double()])).tolist()
+            task_loss = total / count
         row = {
             "step": self.step,
             "loss": task_loss,
