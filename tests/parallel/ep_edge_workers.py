@@ -27,6 +27,41 @@ def _record(out_dir: str, case: str, fn) -> None:
         f.write(msg)
 
 
+def stages_on_their_own_ranks(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Issue 25, fault 6: two models, each expert-parallel over its own half of 4 ranks (the
+    (dp, ep) slice of a (stage, dp, ep) mesh, as pipeline stages get), built from different seeds
+    and called a different number of times: each equals one process's (outputs, auxiliary loss,
+    every gradient); no collective of one reaches the other's ranks (a world-scoped one would mix
+    their statistics, overwrite one's weights with the other's or wait forever)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init(rank, world, store, timeout_s=20)
+
+    def check():
+        mesh3 = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("stage", "dp", "ep"))
+        stage = mesh3.get_local_rank("stage")
+        torch.manual_seed(10 + stage)
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, router_dtype="float64", balance_loss_weight=0.1)
+        ref = MoE(cfg).double()
+        moe = MoE(cfg).double()
+        moe.load_state_dict(ref.state_dict())
+        apply_expert_parallel(moe, mesh3["dp", "ep"])
+        me = mesh3.get_local_rank("ep")
+        for call in range(1 + 2 * stage):  # stage 0 calls its layer once, stage 1 three times
+            x = torch.randn(8, 8, dtype=torch.float64)
+            r = ref(x)
+            (r.out.sum() / 2 + r.aux_loss).backward()
+            o = moe(x[4 * me : 4 * me + 4])
+            ((o.out.sum() + o.aux_loss) / 2).backward()  # this rank's term; FSDP sums
+            close(o.out, r.out[4 * me : 4 * me + 4], f"stage {stage}, call {call}: output")
+            close(o.aux_loss, r.aux_loss, f"stage {stage}, call {call}: aux loss")
+        close(moe.router.linear.weight.grad.full_tensor(), ref.router.linear.weight.grad, "router gradient")
+        close(moe.experts.w_up.grad.full_tensor(), ref.experts.w_up.grad, "expert gradient")
+
+    _record(out_dir, "stages", check)
+    dist.destroy_process_group()
+
+
 def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
     """Experts frozen before sharding stay frozen: no gradient, nothing for an optimizer to move;
     the router still trains exactly as one process would."""

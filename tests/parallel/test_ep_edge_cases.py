@@ -26,6 +26,11 @@ def results(tmp_path, case: str, world: int) -> None:
         assert msg == "ok", f"{case}, rank {rank}: {msg}"
 
 
+def test_models_on_separate_ranks_talk_only_to_their_own(tmp_path):
+    spawn(W.stages_on_their_own_ranks, 4, tmp_path)
+    results(tmp_path, "stages", 4)
+
+
 def test_frozen_experts_stay_frozen_when_sharded(tmp_path):
     spawn(W.frozen_experts, 2, tmp_path)
     results(tmp_path, "frozen", 2)

@@ -215,9 +215,13 @@ class _LayerScope(LocalScope):
 
     spans_ranks = True
 
-    def __init__(self, stats_group, stats_size: int, world_size: int):
-        self.stats_group, self.stats_size, self.world_size = stats_group, stats_size, world_size
-        self._rows: list[int] = []  # tokens of each rank in the current call (world order)
+    def __init__(self, stats_group, stats_size: int, group, world_size: int):
+        """``group``: every rank of the model's mesh (``world_size`` of them), the scope of the call
+        check, the global draws and :meth:`world_sum`: not the default group, so a model on part
+        of the ranks (a pipeline stage, an evaluation on some) talks to its own ranks only."""
+        self.stats_group, self.stats_size = stats_group, stats_size
+        self.group, self.world_size = group, world_size
+        self._rows: list[int] = []  # tokens of each rank in the current call (mesh order)
 
     def begin_call(self, num_tokens: int, settings: tuple, device: torch.device) -> None:
         """One small all-gather over all ranks per layer call: every rank's token count (for the
@@ -225,7 +229,7 @@ class _LayerScope(LocalScope):
         code = [num_tokens] + [-1 if v is None else int(round(float(v) * 1e6)) for v in settings]
         mine = torch.tensor(code, dtype=torch.int64, device=device)  # on the input's device: NCCL needs CUDA tensors
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        run_collective("layer-call check", dist.all_gather, every, mine)
+        run_collective("layer-call check", dist.all_gather, every, mine, group=self.group)
         rows = [int(t[0]) for t in every]
         if any(not torch.equal(t[1:], mine[1:]) for t in every):
             names = ("top_k", "training", "grad enabled", "capacity factor x1e6 (-1: none)")
@@ -245,7 +249,7 @@ class _LayerScope(LocalScope):
         kept: routing noise then equals one process's on the concatenated batch."""
         if self.world_size == 1 or not self._rows:
             return draw(torch.empty_like(like_TX))
-        start = sum(self._rows[: dist.get_rank()])
+        start = sum(self._rows[: dist.get_rank(self.group)])
         full = draw(like_TX.new_empty((sum(self._rows), *like_TX.shape[1:])))
         return full[start : start + like_TX.shape[0]]
 
@@ -277,7 +281,7 @@ class _LayerScope(LocalScope):
     def world_sum(self, v: Tensor) -> Tensor:
         """Sum over all ranks (not differentiable): for replicated state, which every rank must
         update alike whatever the statistics group."""
-        return _summed(v, "all-reduce over all ranks") if self.world_size > 1 else v.clone()
+        return _summed(v, "all-reduce over all ranks", self.group) if self.world_size > 1 else v.clone()
 
     def all_sum_dict(self, sums: dict) -> dict:
         """One all-reduce for a dict of same-dtype tensors."""
@@ -376,12 +380,17 @@ class ExpertParallel:
     its mesh and groups, which parameters are expert shards, and the few collectives training
     needs besides FSDP's own."""
 
-    def __init__(self, model: nn.Module, mesh, statistics: str):
+    def __init__(self, model: nn.Module, mesh, statistics: str, flat_mesh=None):
+        """``flat_mesh``: the mesh's ranks as one dimension (made from ``mesh`` when not given)."""
         self.model, self.mesh, self.statistics = model, mesh, statistics
+        self.flat_mesh = flat_mesh if flat_mesh is not None else _flat_mesh(mesh)
         self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp")
         self.ep_size, self.dp_size = mesh.size(1), mesh.size(0)
         self.ep_rank, self.dp_rank = mesh.get_local_rank("ep"), mesh.get_local_rank("dp")
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        # every rank of the mesh (all ranks, or a pipeline stage's): the scope of moekit's own
+        # collectives, never the default group
+        self.group = self.flat_mesh.get_group()
+        self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
 
     # ------------------------------------------------------------------ the objective
     def loss(self, out) -> Tensor:
@@ -432,21 +441,21 @@ class ExpertParallel:
     def mean(self, value: float) -> float:
         """Mean of a Python number over all ranks (for logging)."""
         t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
-        run_collective("metric all-reduce", dist.all_reduce, t)
+        run_collective("metric all-reduce", dist.all_reduce, t, group=self.group)
         return float(t) / self.world_size
 
     def sum(self, t: Tensor) -> Tensor:
         """Sum of a tensor over all ranks (a copy, on ``t``'s device)."""
-        return _summed(t.to(self._device()), "all-reduce").to(t.device)
+        return _summed(t.to(self._device()), "all-reduce", self.group).to(t.device)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
         t = torch.tensor([int(bool(flag))], device=self._device())
-        run_collective("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        run_collective("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t)
 
     def barrier(self) -> None:
-        barrier()
+        run_collective("barrier", dist.barrier, group=self.group)
 
     def _device(self) -> torch.device:
         p = next(iter(self.model.parameters()), None)
@@ -542,7 +551,7 @@ def _expert_shard_dim(dp: int):
     return placement
 
 
-def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
+def _fully_shard(model: nn.Module, mesh, world, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
     """FSDP2 (``fully_shard``, ZeRO-3): each MoE layer's experts over the ranks that replicate
     them (mesh ``dp``), then each transformer block and the rest over all ranks, as torchtitan
     composes EP with FSDP. Every gradient is reduced with a plain sum (a divide factor of 1, and
@@ -553,7 +562,6 @@ def _fully_shard(model: nn.Module, mesh, moes: list[MoE], param_dtype: Optional[
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
     kw: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
-    world = _flat_mesh(mesh)
     dp = mesh["dp"].size()
     sharded: list[Any] = []  # FSDPModule subclasses of the modules' own classes
     for moe in moes:
@@ -605,17 +613,19 @@ def apply_expert_parallel(
     mesh = _checked_mesh(model, mesh, expert_parallel, statistics)
     drain_at_exit()
     ep = mesh.size(1)
-    _agree_on_model(model, ep, statistics, sync_init)
-    handle = ExpertParallel(model, mesh, statistics)
+    flat = _flat_mesh(mesh)  # made once: slicing a flattened dimension again is deprecated
+    group = flat.get_group()
+    _agree_on_model(model, ep, statistics, sync_init, group)
+    handle = ExpertParallel(model, mesh, statistics, flat)
     on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                run_collective("initial broadcast", dist.broadcast, t.data, src=0)
+                run_collective("initial broadcast", dist.broadcast, t.data, group=group, group_src=0)
     moes = _moe_layers(model)
     for name, moe in moes:
         _make_expert_parallel(moe, name, handle)
-    _fully_shard(model, mesh, [m for _, m in moes], param_dtype)
+    _fully_shard(model, mesh, flat, [m for _, m in moes], param_dtype)
     return handle
 
 
@@ -630,8 +640,9 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     check_positive("expert_parallel", ep, integer=True)
     assert ep is not None  # check_positive refused None
-    if dist.get_world_size() % ep:
-        raise ValueError(f"expert_parallel={ep} must divide the world size {dist.get_world_size()}")
+    ranks = dist.get_world_size() if mesh is None else mesh.size()
+    if ranks % ep:
+        raise ValueError(f"expert_parallel={ep} must divide the world size {ranks}")
     _validate(model, ep, statistics)
     if mesh is None:
         return make_mesh(ep, _device_type(model))
@@ -643,10 +654,10 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     return mesh
 
 
-def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> None:
-    """The first communication: every rank must hold the same model and layout (else a clear
-    error on every rank, before any collective could hang on a difference)."""
-    prints = all_gather_objects("model check", _fingerprint(model, ep, statistics, sync_init))
+def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool, group) -> None:
+    """The first communication: every rank of the mesh (``group``) must hold the same model and
+    layout (else a clear error on every rank, before any collective could hang on a difference)."""
+    prints = all_gather_objects("model check", _fingerprint(model, ep, statistics, sync_init), group)
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
         raise ValueError(
@@ -660,7 +671,7 @@ def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:
     """One layer: its experts sharded over ``ep``, the all-to-all hooks on them, and the scope
     through which its routing statistics span the ranks."""
     stats_group, stats_size = {
-        "global": (dist.group.WORLD, handle.world_size),
+        "global": (handle.group, handle.world_size),
         "expert": (handle.ep_group, handle.ep_size),
         "local": (None, 1),
     }[handle.statistics]
@@ -669,7 +680,7 @@ def _make_expert_parallel(moe: MoE, name: str, handle: ExpertParallel) -> None:
     assert isinstance(moe.experts, GroupedExperts)  # checked with the model
     _shard_experts(moe.experts, handle.mesh["ep"], handle.ep_rank * El, El)
     moe.experts.num_experts = El
-    moe.scope = _LayerScope(stats_group, stats_size, handle.world_size)
+    moe.scope = _LayerScope(stats_group, stats_size, handle.group, handle.world_size)
     ExpertAllToAll(handle.ep_group, E).attach(moe.experts)
 
 
