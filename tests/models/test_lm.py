@@ -1,5 +1,9 @@
 """The MoE language model: causality, KV cache, parameter counting, dense twin, presets."""
 
+import random
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -200,6 +204,43 @@ def test_meta_built_model_materialises_to_the_same_init(variant):
         assert torch.equal(a, b), n
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_initial_values_drawn_in_blocks_are_those_of_one_draw(dtype):
+    """Issue 25, fault 5: a parameter drawn block by block (bounded memory) gets the values of one
+    draw of its full tensor, and leaves the generator where one draw would, for any shape and
+    block size (CPU normal_ draws 16 values at a time and redraws a short tail)."""
+    from moekit.models.lm import _normal_
+
+    rng = random.Random(0)
+    for _ in range(60):
+        shape = tuple(rng.choice([1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 33, 64]) for _ in range(rng.choice([2, 3])))
+        torch.manual_seed(1)
+        one = torch.empty(shape, dtype=dtype).normal_(0.0, 0.02)
+        after_one = torch.rand(1)
+        torch.manual_seed(1)
+        p = torch.empty(shape, dtype=dtype)
+        _normal_(p, 0.02, chunk_bytes=rng.choice([1, 16, 64, 100, 1000]))
+        assert torch.equal(p, one), shape
+        assert torch.equal(torch.rand(1), after_one), shape
+
+
+def test_drawing_a_large_parameter_holds_one_block_not_a_second_copy():
+    """Peak memory of initialising a 256 MiB parameter: the parameter plus a bounded block (a draw
+    of the full tensor would hold a second 256 MiB), measured in a fresh process."""
+    code = """
+import resource, torch
+from moekit.models.lm import _normal_
+p = torch.empty(4096, 16384)
+p.zero_()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_normal_(p, 0.02, chunk_bytes=16 * 2**20)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 128 * 2**20, f"peak grew {grown / 2**20:.0f} MiB while drawing (one block is 16 MiB, one draw 256)"
 
 
 def test_generate_rejects_a_temperature_that_is_not_a_finite_number():

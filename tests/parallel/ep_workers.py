@@ -398,7 +398,10 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
             max_seq_len=16,
             moe=MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1),
         )
-        for ep in eps:
+        import moekit.models.lm as lm
+
+        for ep, chunk in [(e, c) for e in eps for c in (lm.INIT_CHUNK_BYTES, 96)]:
+            lm.INIT_CHUNK_BYTES = chunk  # 96 bytes: every parameter drawn in many blocks of rows
             torch.manual_seed(7)
             ref = MoETransformer(cfg)
             after_ref = torch.get_rng_state()
@@ -412,7 +415,7 @@ def meta_init_equals_single_process(rank: int, world: int, store: str, eps: list
             for name, t in model.state_dict().items():
                 got = t.full_tensor() if isinstance(t, DTensor) else t
                 assert torch.equal(got, full[name]), (
-                    f"rank {rank}, ep {ep}: {name} differs from the single-process init"
+                    f"rank {rank}, ep {ep}, blocks of {chunk} bytes: {name} differs from the single-process init"
                 )
             # every parameter is sharded over all ranks: each holds about 1/world of them
             total = sum(p.numel() for p in ref.parameters())

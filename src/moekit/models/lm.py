@@ -237,15 +237,38 @@ class LMOutput:
         return aux
 
 
-def _copy_full_(p: Tensor, full: Tensor) -> None:
-    """Copy ``full`` into ``p``; a DTensor ``p`` keeps only its own part (no communication)."""
+INIT_CHUNK_BYTES = 64 * 2**20  # a parameter's initial values are drawn at most about this many bytes at a time
+
+
+def _normal_(p: Tensor, std: float, chunk_bytes: Optional[int] = None) -> None:
+    """``p`` filled with N(0, std): the values of one draw of its full tensor from the CPU
+    generator, drawn in blocks of rows of about ``chunk_bytes``, so that a rank's peak memory
+    follows its shard (a DTensor keeps only its block of each) and not the full tensor (a
+    DeepSeek-V3-sized stacked expert weight is ~15 GB in float32). CPU ``normal_`` turns each 16
+    uniforms into 16 normals and redraws the last 16 values when the count is not a multiple of 16:
+    blocks of whole rows holding a multiple of 16 values, the last holding at least 16, give the
+    very values of one draw (tested against it). ``chunk_bytes``: default :data:`INIT_CHUNK_BYTES`."""
+    chunk_bytes = chunk_bytes or INIT_CHUNK_BYTES
+    shape = tuple(p.shape)
+    row = math.prod(shape[1:])
     if isinstance(p, DTensor):
-        # this rank's block of the full tensor, sliced where ``full`` lies (the CPU): only the
-        # block travels to the device
-        shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
-        p.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        lshape, offset = compute_local_shape_and_global_offset(shape, p.device_mesh, p.placements)
+        local = p.to_local()
     else:
-        p.copy_(full)
+        lshape, offset, local = shape, (0,) * len(shape), p
+    step = 16 // math.gcd(row, 16)  # rows per multiple of 16 values
+    rows = max(step, chunk_bytes // max(1, row * p.element_size()) // step * step)
+    start = 0
+    while start < shape[0]:
+        end = min(shape[0], start + rows)
+        if (shape[0] - end) * row < 16:  # the rest would be too short to draw alike: take it now
+            end = shape[0]
+        block = torch.empty((end - start, *shape[1:]), dtype=p.dtype).normal_(0.0, std)
+        lo, hi = max(start, offset[0]), min(end, offset[0] + lshape[0])
+        if lo < hi:  # this rank's rows of the block, and its columns of them
+            cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], lshape[1:]))
+            local[lo - offset[0] : hi - offset[0]].copy_(block[(slice(lo - start, hi - start),) + cols])
+        start = end
 
 
 class MoETransformer(nn.Module):
@@ -286,8 +309,8 @@ class MoETransformer(nn.Module):
     def materialize_(self, device: Union[str, torch.device] = "cpu") -> MoETransformer:
         """Allocate a model built on the meta device (after any sharding) and initialise it as
         :meth:`__init__` would have, from the CPU random state it was built with. Sharded
-        parameters (DTensors: expert or FSDP parallelism) get their part of the full tensor, drawn
-        once (one at a time), so every layout gets the single-process values."""
+        parameters (DTensors: expert or FSDP parallelism) get their part of the full tensor's
+        values, drawn in bounded blocks, so every layout gets the single-process values."""
         self.to_empty(device=device)
         self.reset_buffers()
         self.reset_parameters()
@@ -305,8 +328,8 @@ class MoETransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers).
-        Parameters are drawn in order from the CPU generator, each as its full tensor, and each
-        parameter keeps its part (see :meth:`materialize_`)."""
+        Parameters are drawn in order from the CPU generator, each as one draw of its full tensor
+        would give, in bounded blocks, and each parameter keeps its part (:func:`_normal_`)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
@@ -316,10 +339,7 @@ class MoETransformer(nn.Module):
             if not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
                 p.zero_()
                 continue
-            w = torch.empty(tuple(p.shape), dtype=p.dtype).normal_(
-                0.0, out_std if name.endswith(("w_down", "wo.weight")) else std
-            )
-            _copy_full_(p, w)
+            _normal_(p, out_std if name.endswith(("w_down", "wo.weight")) else std)
 
     @property
     def moe_layers(self) -> list[MoE]:
