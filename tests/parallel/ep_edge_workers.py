@@ -62,6 +62,58 @@ def stages_on_their_own_ranks(rank: int, world: int, store: str, out_dir: str) -
     dist.destroy_process_group()
 
 
+HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__")
+
+
+def host_reads_per_call(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Issue 25, fault 4: what expert parallelism adds to a layer call's reads of tensor values on
+    the host (each a device-to-host sync on a GPU: ``tolist``, ``item``, ``int()``, ``float()``,
+    ``bool()``, ``torch.equal``), counted in a forward and backward against one process's. Written
+    to the result file as "ok" or the counts."""
+    init(rank, world, store, timeout_s=20)
+    count = [0]
+    originals = {n: getattr(torch.Tensor, n) for n in HOST_READS}
+    equal = torch.equal
+
+    def counted(fn):
+        def wrapped(*args, **kwargs):
+            count[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def reads(layer, x) -> int:
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, counted(fn))
+        torch.equal = counted(equal)
+        count[0] = 0
+        try:
+            o = layer(x)
+            (o.out.sum() + o.aux_loss).backward()
+        finally:
+            for n, fn in originals.items():
+                setattr(torch.Tensor, n, fn)
+            torch.equal = equal
+        return count[0]
+
+    def check():
+        for kw in ({}, dict(capacity_factor=1.0)):
+            torch.manual_seed(0)
+            cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, balance_loss_weight=0.1, **kw)
+            ref, moe = MoE(cfg), MoE(cfg)
+            moe.load_state_dict(ref.state_dict())
+            x = torch.randn(8, 8)
+            one = reads(ref, x)
+            apply_expert_parallel(moe, expert_parallel=world)
+            reads(moe, x[4 * rank : 4 * rank + 4])  # the first call: FSDP's lazy setup
+            ep = reads(moe, x[4 * rank : 4 * rank + 4])
+            allowed = 2  # the call check's one read and the split sizes' one
+            assert ep - one <= allowed, f"{kw}: one process {one} host reads, expert-parallel {ep} (+{allowed} allowed)"
+
+    _record(out_dir, "host-reads", check)
+    dist.destroy_process_group()
+
+
 def frozen_experts(rank: int, world: int, store: str, out_dir: str) -> None:
     """Experts frozen before sharding stay frozen: no gradient, nothing for an optimizer to move;
     the router still trains exactly as one process would."""

@@ -31,6 +31,12 @@ def test_models_on_separate_ranks_talk_only_to_their_own(tmp_path):
     results(tmp_path, "stages", 4)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallelism_adds_two_host_reads_per_layer_call(tmp_path, world):
+    spawn(W.host_reads_per_call, world, tmp_path)
+    results(tmp_path, "host-reads", world)
+
+
 def test_frozen_experts_stay_frozen_when_sharded(tmp_path):
     spawn(W.frozen_experts, 2, tmp_path)
     results(tmp_path, "frozen", 2)

@@ -222,6 +222,7 @@ class _LayerScope(LocalScope):
         self.stats_group, self.stats_size = stats_group, stats_size
         self.group, self.world_size = group, world_size
         self._rows: list[int] = []  # tokens of each rank in the current call (mesh order)
+        self._rows_of: dict[int, int] = {}  # the same, by global rank
 
     def begin_call(self, num_tokens: int, settings: tuple, device: torch.device) -> None:
         """One small all-gather over all ranks per layer call: every rank's token count (for the
@@ -230,12 +231,12 @@ class _LayerScope(LocalScope):
         mine = torch.tensor(code, dtype=torch.int64, device=device)  # on the input's device: NCCL needs CUDA tensors
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         run_collective("layer-call check", dist.all_gather, every, mine, group=self.group)
-        rows = [int(t[0]) for t in every]
-        if any(not torch.equal(t[1:], mine[1:]) for t in every):
+        codes = torch.stack(every).tolist()  # the call's one read to the host (a sync on a GPU)
+        rows = [c[0] for c in codes]
+        if any(c[1:] != code[1:] for c in codes):
             names = ("top_k", "training", "grad enabled", "capacity factor x1e6 (-1: none)")
             table = "; ".join(
-                f"rank {r}: " + ", ".join(f"{n}={int(v)}" for n, v in zip(names, t[1:].tolist()))
-                for r, t in enumerate(every)
+                f"rank {r}: " + ", ".join(f"{n}={v}" for n, v in zip(names, c[1:])) for r, c in enumerate(codes)
             )
             raise ValueError(
                 f"an expert-parallel MoE layer was called differently on different ranks ({table}): "
@@ -243,6 +244,7 @@ class _LayerScope(LocalScope):
                 f"capacity factor)"
             )
         self._rows = rows
+        self._rows_of = dict(zip(dist.get_process_group_ranks(self.group), rows))  # by global rank
 
     def random_rows(self, draw, like_TX: Tensor) -> Tensor:
         """Random values drawn for the global batch (every rank draws the same), this rank's rows
@@ -254,15 +256,20 @@ class _LayerScope(LocalScope):
         return full[start : start + like_TX.shape[0]]
 
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
-        """All ranks' rows in rank order and where the local ones start. The local rows are ``t``
-        itself (they keep their graph); the others are constants."""
+        """All ranks' rows (one per token of the call) in rank order and where the local ones
+        start. The local rows are ``t`` itself (they keep their graph); the others are constants.
+        Each rank's row count is its token count, which the call check already brought to the
+        host: no count gather and no second read."""
         if self.stats_size == 1:
             return t, 0
         g, W = self.stats_group, self.stats_size
-        n = torch.tensor([t.shape[0]], device=t.device)
-        sizes: list = [torch.empty_like(n) for _ in range(W)]  # tensors, then their ints
-        run_collective("row-count gather", dist.all_gather, sizes, n, group=g)
-        sizes = torch.cat(sizes).tolist()
+        if self._rows_of:
+            sizes = [self._rows_of[r] for r in dist.get_process_group_ranks(g)]
+        else:  # called outside a layer call (no call check): gather the counts
+            n = torch.tensor([t.shape[0]], device=t.device)
+            parts: list = [torch.empty_like(n) for _ in range(W)]
+            run_collective("row-count gather", dist.all_gather, parts, n, group=g)
+            sizes = torch.cat(parts).tolist()
         pad = max(sizes) - t.shape[0]
         mine = F.pad(t.detach(), (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t.detach().contiguous()
         parts = [torch.empty_like(mine) for _ in range(W)]
@@ -573,6 +580,13 @@ def _fully_shard(model: nn.Module, mesh, world, moes: list[MoE], param_dtype: Op
         assert isinstance(m, FSDPModule)
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
+    # explicit prefetch (torchtitan's): each block's all-gather is issued by the block before it
+    # (in backward: after it), so an MoE layer's host sync for its split sizes does not hold back
+    # the next block's parameters
+    blocks = [b for b in getattr(model, "blocks", []) if isinstance(b, FSDPModule)]
+    for before, after in zip(blocks, blocks[1:]):
+        before.set_modules_to_forward_prefetch([after])
+        after.set_modules_to_backward_prefetch([before])
 
 
 def apply_expert_parallel(
