@@ -41,6 +41,7 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "router": ("model", "moe.router"),
     "expert_parallel": ("train", "expert_parallel"),
     "compile": ("train", "compile"),
+    "activation_checkpointing": ("train", "activation_checkpointing"),
 }
 SECTIONS: dict[str, type[_DictMixin]] = {"model": LMConfig, "train": TrainConfig}
 RUN_KEYS = ("baseline", "dense_only", "init_from")  # the other keys of a run folder's config.json
@@ -781,7 +782,7 @@ def make_parser() -> argparse.ArgumentParser:
         "expert_parallel": "; with --nproc N (or under torchrun), the remaining ranks are data parallel; "
         "with --resume, continue on another layout"
     }
-    types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str}
+    types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str, "activation_checkpointing": str}
     for flag in TRAIN_SHORTCUTS:
         if flag == "compile":  # a switch, added above
             continue

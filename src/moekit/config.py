@@ -625,6 +625,7 @@ class TrainConfig(_DictMixin):
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 on CUDA, none on CPU)
     compile: bool = False  # torch.compile the model for the training steps (inductor; the first steps compile)
+    activation_checkpointing: str = "none"  # "full" (re-run each block in backward) or "selective" (keep matmuls)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     tokenizer: str = "bpe"  # "bpe" (trained locally, cached) or "bytes"
     vocab_size: int = 4096  # BPE vocabulary size (>= 257: 256 bytes + end-of-document); model.vocab_size follows
@@ -650,6 +651,7 @@ class TrainConfig(_DictMixin):
         check_positive("dist_timeout_s", self.dist_timeout_s)
         check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
+        check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         if self.tokenizer == "bpe" and self.vocab_size < BPE_MIN_VOCAB:
             raise ValueError(
                 f"vocab_size (the BPE vocabulary) must be at least {BPE_MIN_VOCAB} with tokenizer 'bpe' "

@@ -144,6 +144,18 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
     assert again.returncode == 0 and again.stdout == gen.stdout, (gen.stdout, again.stdout)
 
 
+def test_activation_checkpointing_under_expert_parallelism_takes_the_same_steps(tmp_path):
+    """Issue 25, item 9: `--activation-checkpointing full` under torchrun (EP=2): the re-run
+    blocks' collectives pair up on both ranks and every step's loss equals the run without it."""
+    runs = tmp_path / "runs"
+    for mode in ("none", "full"):
+        args = ("--steps", "4", "--expert-parallel", "2", "--no-baseline", "--activation-checkpointing", mode)
+        res = moekit(tmp_path, "train", "--name", mode, "--out", "runs", *args, *TINY, nproc=2)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _losses(runs / "none", "moe"), _losses(runs / "full", "moe")
+    assert len(a) == 4 and a == b, (a, b)
+
+
 def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_path):
     """EP=2 -> EP=1 (data parallel on 2 ranks) -> one process, and one process -> EP=2: the
     per-step losses are those of an uninterrupted run."""

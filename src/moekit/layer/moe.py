@@ -32,7 +32,7 @@ from .experts import FeedForward, GroupedExperts, ModuleListExperts, StackedExpe
 from .losses import LOSS_WEIGHTS
 from .paths import choose_path
 from .router import Routing, SigmoidRouter, build_router, jitter
-from .scope import LOCAL_SCOPE, LocalScope
+from .scope import LOCAL_SCOPE, LocalScope, in_backward
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -404,7 +404,7 @@ class MoE(nn.Module):
             losses["load"] = L.cv_squared(sums["load"])
         kept = counts["kept"]
         with torch.no_grad():
-            if training:
+            if training and not in_backward():  # a checkpointed forward's re-run counts nothing again
                 cfg = self.cfg
                 share = kept.float() / kept.sum().clamp_min(1).float()
                 self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
@@ -484,13 +484,6 @@ def after_optimizer_step(model: nn.Module) -> dict:
             if r:
                 revived[name] = r
     return revived
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass on this thread (activation checkpointing then
-    re-runs forwards: not new calls)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 class _Call:
@@ -585,7 +578,7 @@ class MoEFeedForward(nn.Module):
             (..., dim) output; the call's :class:`MoEOutput` is in ``self.last``.
         """
         res = self.moe(x, **kwargs)
-        if _in_backward():
+        if in_backward():
             return res.out
         self.last = res
         if not any(getattr(self.cfg, w) for w in LOSS_WEIGHTS.values()):  # the aux loss is a constant 0

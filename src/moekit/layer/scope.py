@@ -49,3 +49,10 @@ class LocalScope:
 
 
 LOCAL_SCOPE = LocalScope()
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread: activation checkpointing then
+    re-runs forwards, which are not new calls (no bookkeeping is counted twice)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1

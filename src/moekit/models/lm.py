@@ -271,6 +271,31 @@ def _normal_(p: Tensor, std: float, chunk_bytes: Optional[int] = None) -> None:
         start = end
 
 
+AC_MODES = ("none", "full", "selective")
+# selective activation checkpointing keeps what these ops return (the matmuls: costly to recompute,
+# as torchtitan's per-op policy) and recomputes the rest (norms, activations, softmax, routing)
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(block: nn.Module, mode: str, x: Tensor, cos, sin, idx_BS, top_k):
+    """``block`` under activation checkpointing (non-reentrant, Chen et al. 2016): "full" keeps
+    only its input and re-runs it in the backward; "selective" keeps its matmuls' outputs too. The
+    re-run counts no routing statistics again (:func:`~moekit.layer.scope.in_backward`) and draws
+    the same random numbers (the CPU and CUDA generator states are restored)."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode == "selective":
+        contexts = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
+        return checkpoint(block, x, cos, sin, None, idx_BS, top_k, use_reentrant=False, context_fn=contexts)
+    return checkpoint(block, x, cos, sin, None, idx_BS, top_k, use_reentrant=False)
+
+
 class MoETransformer(nn.Module):
     """Decoder-only language model with MoE feed-forward layers."""
 
@@ -287,6 +312,7 @@ class MoETransformer(nn.Module):
         if why:  # LMConfig checks this too; here for a config changed after it was made
             raise ValueError(f"moe: a causal language model cannot use this MoE layer: {why}")
         self.cfg = cfg
+        self.activation_checkpointing = "none"  # "full" or "selective" in training: see forward
         rng = torch.get_rng_state()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -363,8 +389,12 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x = self.embed(idx_BS)
         moe_out = []
+        checkpointed = self.activation_checkpointing != "none" and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, res = block(x, cos, sin, cache, idx_BS, top_k)
+            if checkpointed and cache is None:
+                x, res = _checkpointed(block, self.activation_checkpointing, x, cos, sin, idx_BS, top_k)
+            else:
+                x, res = block(x, cos, sin, cache, idx_BS, top_k)
             moe_out.append(res)
         if cache is not None:
             cache.length += S

@@ -57,7 +57,14 @@ def distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-RESUME_CHANGES = ("steps", "expert_parallel", "device", "threads", "compile")  # train fields a --resume may change
+RESUME_CHANGES = (
+    "steps",
+    "expert_parallel",
+    "device",
+    "threads",
+    "compile",
+    "activation_checkpointing",
+)  # train fields a --resume may change
 
 
 def run_train(
