@@ -57,7 +57,8 @@ def main() -> None:
         cmd += ["--threads", str(args.threads)]
         rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
     base = rows[0]
-    print(f"default model, batch {args.batch} x {args.seq} tokens, {args.threads} threads, the first step (gradients allocated before)")
+    shape = f"batch {args.batch} x {args.seq} tokens, {args.threads} threads"
+    print(f"default model, {shape}, the first step (gradients allocated before)")
     print("| activation checkpointing | peak memory growth over the step MiB | of none | step s | of none | loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
