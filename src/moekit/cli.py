@@ -627,8 +627,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.quantize is not None and args.hf is not None:
+        raise ValueError("--quantize and --hf write different things: give one")
     if args.quantize is not None:
         return _convert_quantize(args)
+    if args.hf is not None:
+        return _convert_hf(args)
     from .train.run import convert_run
 
     convert_run(Path(args.run), keep=args.keep)
@@ -646,6 +650,20 @@ def _convert_quantize(args: argparse.Namespace) -> int:
     report, quality = quantize_run(args.run, out, args.quantize, rest=args.dtype, bits=args.expert_bits)
     print(f"moekit convert: {out}: {report.line()}")
     print(f"moekit convert: against the float model on the validation split: {quality.line()}")
+    return 0
+
+
+def _convert_hf(args: argparse.Namespace) -> int:
+    """The run's MoE model as a Hugging Face folder of ``--hf`` FAMILY, with the run's tokenizer."""
+    from .generate import load_run_model
+    from .interop import export_hf
+
+    out = Path(args.out) if args.out else Path(f"{str(args.run).rstrip('/')}-{args.hf}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out: {out} exists and is not empty: give a new folder for the export")
+    model, _ = load_run_model(args.run)
+    export_hf(model, out, args.hf, tokenizer=Path(args.run) / "tokenizer.json")
+    print(f"moekit convert: {out}: a {args.hf} checkpoint with the run's tokenizer (transformers, moekit generate)")
     return 0
 
 
@@ -908,7 +926,16 @@ def make_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--dtype", default=None, help="with --quantize: the other linear maps' format too")
     c.add_argument("--expert-bits", type=float, default=6.0, help="with --quantize auto: bits per expert weight")
-    c.add_argument("--out", default=None, help="with --quantize: the new run folder (default: RUN-FORMAT)")
+    c.add_argument(
+        "--hf",
+        default=None,
+        metavar="FAMILY",
+        help="instead: write the run's MoE model as a Hugging Face folder of this family (glm4_moe holds "
+        "the default model; mixtral, qwen2_moe, qwen3_moe, olmoe where the model fits them) to --out",
+    )
+    c.add_argument(
+        "--out", default=None, help="with --quantize or --hf: the new folder (default: RUN-FORMAT, RUN-FAMILY)"
+    )
     c.set_defaults(func=cmd_convert)
     return p
 

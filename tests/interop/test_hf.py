@@ -43,6 +43,24 @@ def _configs(**extra):
             **common, intermediate_size=64, moe_intermediate_size=24, head_dim=8, num_experts=6, norm_topk_prob=True
         ),
         "olmoe": transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=4, norm_topk_prob=False),
+        # GLM-4.5's MoE: sigmoid routing with a correction bias in 2 groups, a shared expert, qk-norm,
+        # q/k/v bias, a dense first layer, a routed scaling factor
+        "glm4_moe": transformers.Glm4MoeConfig(  # one more layer: two MoE layers after the dense one
+            **{**common, "num_hidden_layers": common["num_hidden_layers"] + 1},
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            attention_bias=True,
+            head_dim=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0},
+        ),
     }
 
 
@@ -60,6 +78,9 @@ def build(family, seed=0, **overrides):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.05 if p.dim() > 1 else 0.02)
+        for name, b in model.named_buffers():  # GLM-4.5's selection bias: one that changes the routing
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
     return model.eval()
 
 
@@ -71,7 +92,7 @@ def maxdiff(a, b):
     return (a - b).abs().max().item()
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,6 +11,7 @@ are concatenated (q heads, then k, then v) into moekit's fused ``wqkv``.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union, cast
@@ -25,18 +26,20 @@ from ..layer.dispatch import dispatch, plan_dispatch, undispatch
 from ..layer.experts import stacked_ffn
 from ..models.lm import MoETransformer
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
 _CAUSAL_LM = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 _CONFIG = {
     "mixtral": "MixtralConfig",
     "qwen2_moe": "Qwen2MoeConfig",
     "qwen3_moe": "Qwen3MoeConfig",
     "olmoe": "OlmoeConfig",
+    "glm4_moe": "Glm4MoeConfig",
 }
 
 
@@ -148,11 +151,23 @@ def config_from_hf(c: dict, *, training_losses: bool = False) -> tuple[str, LMCo
         moe_every=every,
         first_dense_layers=first_dense,
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family),
-        attn_bias=family == "qwen2_moe" and bool(c.get("qkv_bias", True)),
+        qk_norm=_hf_qk_norm(c, family),
+        attn_bias=_hf_attn_bias(c, family),
         balance_pooling="model",  # transformers' convention (the weight is 0 unless training_losses)
     )
     return family, cfg
+
+
+def _hf_qk_norm(c: dict, family: str) -> Optional[str]:
+    if family == "glm4_moe":
+        return "head" if c.get("use_qk_norm") else None
+    return {"qwen3_moe": "head", "olmoe": "full"}.get(family)
+
+
+def _hf_attn_bias(c: dict, family: str) -> bool:
+    if family == "glm4_moe":
+        return bool(c.get("attention_bias", False))
+    return family == "qwen2_moe" and bool(c.get("qkv_bias", True))
 
 
 def _check_hf_options(c: dict, family: str) -> None:
@@ -173,10 +188,20 @@ def _check_hf_options(c: dict, family: str) -> None:
         raise _unsupported(f"OLMoE clip_qkv={c['clip_qkv']}")
     if family in ("olmoe", "qwen3_moe") and c.get("attention_bias"):
         raise _unsupported(f"{family} attention_bias=True")
+    rope = c.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise _unsupported(
+            f"partial rotary embeddings (partial_rotary_factor={partial}; moekit rotates every dimension)"
+        )
+    if family == "glm4_moe" and (c.get("n_shared_experts") or 0) < 1:
+        raise _unsupported("glm4_moe without shared experts (n_shared_experts=0)")
 
 
 def _hf_layer_placement(c: dict, family: str) -> tuple[int, int]:
     """(first_dense_layers, moe_every) of the checkpoint's MoE layers."""
+    if family == "glm4_moe":
+        return int(c.get("first_k_dense_replace", 0)), 1
     if family not in ("qwen2_moe", "qwen3_moe"):
         return 0, 1
     if c.get("mlp_only_layers"):
@@ -187,6 +212,8 @@ def _hf_layer_placement(c: dict, family: str) -> tuple[int, int]:
 
 def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfig:
     """The MoE layer config of a supported family's checkpoint (see :func:`config_from_hf` for the losses)."""
+    if family == "glm4_moe":
+        return _glm4_moe_config(c, training_losses)
     E: Any = c.get("num_local_experts") or c.get("num_experts")  # Qwen3-MoE stores num_local_experts (attribute_map)
     F_ = c["intermediate_size"] if family in ("mixtral", "olmoe") else c["moe_intermediate_size"]
     K = c["num_experts_per_tok"]
@@ -214,6 +241,35 @@ def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfi
     )
 
 
+def _glm4_moe_config(c: dict, training_losses: bool) -> MoEConfig:
+    """GLM-4.5's MoE (transformers' glm4_moe): DeepSeek-V3's sigmoid routing with a selection-only
+    correction bias (``e_score_correction_bias``), optional expert groups, and shared experts, one
+    SwiGLU MLP of ``n_shared_experts x moe_intermediate_size``, added without a gate."""
+    F_, groups = c["moe_intermediate_size"], int(c.get("n_group") or 1)
+    return MoEConfig(
+        dim=c["hidden_size"],
+        hidden_dim=F_,
+        num_experts=int(c.get("n_routed_experts") or c["num_local_experts"]),
+        top_k=c["num_experts_per_tok"],
+        expert=_expert_kind(c),
+        router="sigmoid",
+        renormalize=bool(c.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+        num_groups=groups if groups > 1 else None,
+        topk_groups=int(c.get("topk_group") or 1) if groups > 1 else None,
+        bias_update_rate=1e-3 if training_losses else 0.0,  # the bias moves only when training on
+        router_dtype="float32",  # transformers routes in float32 (its router weight is kept in float32)
+        z_loss_weight=0.0,
+        balance_loss_weight=0.0,
+        sq_load_loss_weight=0.0,
+        importance_loss_weight=0.0,
+        load_loss_weight=0.0,
+        entropy_loss_weight=0.0,
+        num_shared_experts=1,
+        shared_hidden_dim=F_ * int(c["n_shared_experts"]),
+    )
+
+
 def config_to_hf(cfg: LMConfig, family: str):
     """A transformers config object of ``family`` equivalent to ``cfg`` (raises where none is)."""
     import transformers
@@ -226,7 +282,7 @@ def config_to_hf(cfg: LMConfig, family: str):
     problems = _moe_export_problems(m, family) + _layout_export_problems(cfg, family)
     if problems:
         raise _unsupported(f"cannot export to {family!r}: " + "; ".join(problems))
-    out = getattr(transformers, _CONFIG[family])(**_hf_common_fields(cfg, m), **_hf_family_fields(cfg, m, family))
+    out = getattr(transformers, _CONFIG[family])(**{**_hf_common_fields(cfg, m), **_hf_family_fields(cfg, m, family)})
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a family's defaults name its own vocabulary's ids
         token = getattr(out, name, None)
         if isinstance(token, int) and not 0 <= token < cfg.vocab_size:
@@ -236,6 +292,8 @@ def config_to_hf(cfg: LMConfig, family: str):
 
 def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
     """What in the MoE layer config ``family`` cannot express (empty when it can)."""
+    if family == "glm4_moe":
+        return _glm4_moe_export_problems(m)
     problems = []
     if m.expert not in _EXPORT_ACTIVATION:
         problems.append(f"expert={m.expert!r} (needs a gated kind: {', '.join(map(repr, _EXPORT_ACTIVATION))})")
@@ -258,6 +316,25 @@ def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
     return problems
 
 
+def _glm4_moe_export_problems(m: MoEConfig) -> list[str]:
+    problems = []
+    if m.expert not in _EXPORT_ACTIVATION:
+        problems.append(f"expert={m.expert!r} (needs a gated kind: {', '.join(map(repr, _EXPORT_ACTIVATION))})")
+    if m.router != "sigmoid":
+        problems.append(f"router={m.router!r} (glm4_moe routes with 'sigmoid' and a correction bias)")
+    if m.router_bias:
+        problems.append("router_bias=True")
+    if m.capacity_factor is not None or m.eval_capacity_factor is not None:
+        problems.append("a capacity factor (HF models are dropless)")
+    shared = m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)
+    if not m.num_shared_experts or m.shared_expert_gate or shared % m.hidden_dim:
+        problems.append(
+            f"shared experts ({m.num_shared_experts} of width {m.shared_hidden_dim or m.hidden_dim}, gate="
+            f"{m.shared_expert_gate}) (glm4_moe needs ungated shared experts of a multiple of hidden_dim in all)"
+        )
+    return problems
+
+
 def _layout_export_problems(cfg: LMConfig, family: str) -> list[str]:
     """What in the attention and layer placement ``family`` cannot express (empty when it can)."""
     problems = []
@@ -266,9 +343,14 @@ def _layout_export_problems(cfg: LMConfig, family: str) -> list[str]:
     if dense and m is not None and cfg.ffn_kind != m.expert:
         problems.append(f"ffn_kind={cfg.ffn_kind!r} != expert={m.expert!r} (one hidden_act for dense and MoE layers)")
     want_norm = {"qwen3_moe": "head", "olmoe": "full"}.get(family)
-    if cfg.qk_norm != want_norm:
+    if family == "glm4_moe":
+        if cfg.qk_norm not in (None, "head"):
+            problems.append(f"qk_norm={cfg.qk_norm!r} (glm4_moe has none or 'head')")
+        if cfg.moe_every != 1:
+            problems.append(f"moe_every={cfg.moe_every} (glm4_moe has MoE in every layer after its dense first ones)")
+    elif cfg.qk_norm != want_norm:
         problems.append(f"qk_norm={cfg.qk_norm!r} ({family} needs {want_norm!r})")
-    if cfg.attn_bias and family != "qwen2_moe":
+    if cfg.attn_bias and family not in ("qwen2_moe", "glm4_moe"):
         problems.append(f"attn_bias=True ({family} has no q/k/v bias)")
     if family in ("mixtral", "olmoe") and (cfg.moe_every != 1 or cfg.first_dense_layers != 0):
         problems.append(
@@ -307,6 +389,23 @@ def _hf_common_fields(cfg: LMConfig, m: MoEConfig) -> dict[str, Any]:
 def _hf_family_fields(cfg: LMConfig, m: MoEConfig, family: str) -> dict[str, Any]:
     """The transformers config fields particular to ``family`` (expert sizes, layer placement, switched-off options)."""
     extra: dict[str, Any]
+    if family == "glm4_moe":
+        return dict(
+            n_routed_experts=m.num_experts,
+            moe_intermediate_size=m.hidden_dim,
+            intermediate_size=cfg.ffn_hidden_dim,
+            n_shared_experts=m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim) // m.hidden_dim,
+            norm_topk_prob=m.renormalize,
+            routed_scaling_factor=m.routed_scaling_factor,
+            n_group=m.num_groups or 1,
+            topk_group=m.topk_groups or 1,
+            first_k_dense_replace=cfg.first_dense_layers,
+            use_qk_norm=cfg.qk_norm == "head",
+            attention_bias=cfg.attn_bias,
+            head_dim=cfg.dim // cfg.n_heads,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0},
+            num_nextn_predict_layers=0,
+        )
     if family == "mixtral":
         extra = dict(
             num_local_experts=m.num_experts,
@@ -352,6 +451,7 @@ _PER_EXPERT = {  # checkpoint (Hub / save_pretrained) names of expert e's gate, 
     "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
     "olmoe": ("gate_proj", "up_proj", "down_proj"),
+    "glm4_moe": ("gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -477,8 +577,11 @@ def _hf_moe_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, m: str, q: s
         q + "experts.w_up": take(m + "experts.gate_up_proj").transpose(1, 2),
         q + "experts.w_down": take(m + "experts.down_proj").transpose(1, 2),
     }
+    glm = cfg.moe.router == "sigmoid"  # GLM-4.5's names: the correction bias, plural shared experts
+    if glm:
+        out[q + "router.bias_E"] = take(m + "gate.e_score_correction_bias")
     if cfg.moe.num_shared_experts:
-        s = m + "shared_expert."
+        s = m + ("shared_experts." if glm else "shared_expert.")
         out[q + "shared.w_up"] = torch.cat([take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1)
         out[q + "shared.w_down"] = take(s + "down_proj.weight").t()
         if cfg.moe.shared_expert_gate:
@@ -494,8 +597,9 @@ def _hf_mlp_to_moekit(take: Callable[[str], Tensor], m: str, q: str) -> dict:
     }
 
 
-def _moekit_to_hf(model: MoETransformer) -> dict:
+def _moekit_to_hf(model: MoETransformer, family: str = "") -> dict:
     cfg = model.cfg
+    glm = family == "glm4_moe"
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
@@ -521,12 +625,16 @@ def _moekit_to_hf(model: MoETransformer) -> dict:
             out[m + "gate.weight"] = sd[q + "ffn.router.linear.weight"]
             out[m + "experts.gate_up_proj"] = sd[q + "ffn.experts.w_up"].transpose(1, 2)
             out[m + "experts.down_proj"] = sd[q + "ffn.experts.w_down"].transpose(1, 2)
+            if glm:
+                out[m + "gate.e_score_correction_bias"] = sd[q + "ffn.router.bias_E"]
             if cfg.moe.num_shared_experts:
                 g, u = sd[q + "ffn.shared.w_up"].chunk(2, dim=1)
-                out[m + "shared_expert.gate_proj.weight"] = g.t()
-                out[m + "shared_expert.up_proj.weight"] = u.t()
-                out[m + "shared_expert.down_proj.weight"] = sd[q + "ffn.shared.w_down"].t()
-                out[m + "shared_expert_gate.weight"] = sd[q + "ffn.shared_gate.weight"]
+                s = m + ("shared_experts." if glm else "shared_expert.")
+                out[s + "gate_proj.weight"] = g.t()
+                out[s + "up_proj.weight"] = u.t()
+                out[s + "down_proj.weight"] = sd[q + "ffn.shared.w_down"].t()
+                if cfg.moe.shared_expert_gate:
+                    out[m + "shared_expert_gate.weight"] = sd[q + "ffn.shared_gate.weight"]
         else:
             g, u = sd[q + "ffn.w_up"].chunk(2, dim=1)
             out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = g.t(), u.t()
@@ -608,9 +716,17 @@ def _check_family(config: dict) -> None:
         config_from_hf(config)  # raises the named error
 
 
-def export_hf(model: MoETransformer, path: Union[str, os.PathLike], family: str) -> str:
+def export_hf(
+    model: MoETransformer,
+    path: Union[str, os.PathLike],
+    family: str,
+    tokenizer: Union[str, os.PathLike, None] = None,
+) -> str:
     """Write ``config.json`` and ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained(path)``
-    loads as ``family`` ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") with the same logits."""
+    loads as ``family`` ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe": the last holds
+    ``moekit train``'s default model, sigmoid routing with its correction bias and a shared
+    expert) with the same logits. ``tokenizer``: a ``tokenizer.json`` (a run's) copied beside them,
+    so the folder is a checkpoint ``moekit generate --run`` and llama.cpp's converter take whole."""
     from safetensors.torch import save_file
 
     if not isinstance(model, MoETransformer):
@@ -621,13 +737,17 @@ def export_hf(model: MoETransformer, path: Union[str, os.PathLike], family: str)
             raise _unsupported("a model with disabled experts (call enable_experts() first)")
         if not hasattr(moe.experts, "w_up"):
             raise _unsupported("heterogeneous experts (ModuleListExperts)")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise FileNotFoundError(f"tokenizer: no such file {os.fspath(tokenizer)!r} (a tokenizer.json)")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     hf_cfg.architectures = [_CAUSAL_LM[family]]
     hf_cfg.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf_cfg.save_pretrained(path)
-    sd = {k: v.contiguous() for k, v in _split_experts(_moekit_to_hf(model), family).items()}
+    sd = {k: v.contiguous() for k, v in _split_experts(_moekit_to_hf(model, family), family).items()}
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
     return path
 
 
