@@ -53,6 +53,9 @@ LOCAL_SCOPE = LocalScope()
 
 def in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread: activation checkpointing then
-    re-runs forwards, which are not new calls (no bookkeeping is counted twice)."""
+    re-runs forwards, which are not new calls (no bookkeeping is counted twice). False while
+    torch.compile traces (the query is not traceable; a compiled region's re-run is compiled too)."""
+    if torch.compiler.is_compiling():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
