@@ -18,7 +18,7 @@ does the same expert work as the one-process baseline, so an ideal EP step takes
 2. Time of a training step (forward + backward, FSDP reducing gradients in it): the total, the time spent
    inside the collectives the library calls (``all_to_all_single``, ``all_reduce``,
    ``all_gather``, timed by a stand-in for ``torch.distributed`` installed in
-   ``moekit.parallel.expert_parallel`` by this script only; library code is unchanged), and the
+   ``moekit.parallel.dispatch`` and ``moekit.parallel.stats`` by this script only; library code is unchanged), and the
    rest ("compute", which includes the EP-only permutations). Time inside a collective includes
    waiting for the slower peer. ``dist.barrier()`` before each step; median over ``--reps``
    steps after ``--warmup``; per step the mean over ranks. For scale, the per-call floor of a
@@ -72,7 +72,7 @@ BYTE_COLUMNS = [  # (key, table header)
 
 # ---------------------------------------------------------------------------- measuring collectives
 class CommMeter:
-    """Stands in for ``torch.distributed`` inside ``moekit.parallel.expert_parallel``: the three
+    """Stands in for ``torch.distributed`` inside ``moekit.parallel.dispatch`` and ``moekit.parallel.stats``: the three
     collectives the layer uses are timed and their bytes sent to other ranks counted, under the
     key ``"<phase>.<kind>"``; everything else is the real module. Records only while ``phase``
     is set (``"fwd"`` or ``"bwd"``)."""
@@ -155,7 +155,8 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
     """Time ``opts["reps"]`` training steps of one MoE layer for each capacity factor; rank 0
     writes every rank's records to ``out_path`` (JSON)."""
     torch.set_num_threads(1)
-    import moekit.parallel.expert_parallel as ep_module
+    import moekit.parallel.dispatch as dispatch_module
+    import moekit.parallel.stats as stats_module
     from moekit import MoE, MoEConfig
     from moekit.parallel import apply_expert_parallel
 
@@ -164,7 +165,7 @@ def worker(rank: int, world: int, store: str, opts: dict, out_path: str) -> None
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
         )
     meter = CommMeter(dist)
-    ep_module.dist = meter  # this process only: the library's collectives go through the meter
+    dispatch_module.dist = stats_module.dist = meter  # this process only: the layer's collectives go through the meter
     T, D, F_, E, K = opts["tokens"], opts["dim"], opts["hidden"], opts["experts"], opts["top_k"]
     dtype = DTYPES[opts["dtype"]]
     gen = torch.Generator().manual_seed(opts["seed"] + 1000 * (rank + 1))  # different tokens on every rank

@@ -605,6 +605,9 @@ class LMConfig(_DictMixin):
         raise ValueError("dense_twin needs a MoE FFN in every layer (moe_every=1, first_dense_layers=0)")
 
 
+AC_MODES = ("none", "full", "selective")  # activation checkpointing: off, every block re-run, matmuls kept
+
+
 @dataclass
 class TrainConfig(_DictMixin):
     """One training run of one model (``moekit train`` runs the MoE and its dense twin)."""
@@ -651,7 +654,7 @@ class TrainConfig(_DictMixin):
         check_positive("dist_timeout_s", self.dist_timeout_s)
         check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
-        check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        check_choice("activation_checkpointing", self.activation_checkpointing, AC_MODES)
         if self.tokenizer == "bpe" and self.vocab_size < BPE_MIN_VOCAB:
             raise ValueError(
                 f"vocab_size (the BPE vocabulary) must be at least {BPE_MIN_VOCAB} with tokenizer 'bpe' "

@@ -91,6 +91,17 @@ def test_a_rank_that_dies_or_hangs_mid_step_stops_the_others_with_a_clear_error(
     assert waited < timeout_s + 30, msg
 
 
+def test_parallelize_refuses_activation_checkpointing_it_cannot_apply():
+    """Checked before any communication: an unknown mode, and a module without the LM's switch."""
+    from moekit import MoE, MoEConfig
+    from moekit.parallel import parallelize
+
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of 'none', 'full', 'selective'"):
+        parallelize(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), activation_checkpointing="some")
+    with pytest.raises(ValueError, match="MoE has no activation_checkpointing attribute"):
+        parallelize(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), activation_checkpointing="full")
+
+
 def test_apply_needs_an_initialised_process_group():
     from moekit import MoE, MoEConfig
     from moekit.parallel import apply_expert_parallel

@@ -271,7 +271,6 @@ def _normal_(p: Tensor, std: float, chunk_bytes: Optional[int] = None) -> None:
         start = end
 
 
-AC_MODES = ("none", "full", "selective")
 # selective activation checkpointing keeps what these ops return (the matmuls: costly to recompute,
 # as torchtitan's per-op policy) and recomputes the rest (norms, activations, softmax, routing)
 _SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}

@@ -1,14 +1,9 @@
 """Expert parallelism (all-to-all token dispatch) combined with data parallelism, on torch.distributed."""
 
 from .collectives import ExpertParallelError
-from .expert_parallel import (
-    ExpertAllToAll,
-    ExpertParallel,
-    apply_expert_parallel,
-    barrier,
-    init_distributed,
-    make_mesh,
-)
+from .dispatch import ExpertAllToAll
+from .expert_parallel import ExpertParallel, apply_expert_parallel, parallelize
+from .mesh import barrier, init_distributed, make_mesh
 
 __all__ = [
     "ExpertAllToAll",
@@ -18,4 +13,5 @@ __all__ = [
     "barrier",
     "init_distributed",
     "make_mesh",
+    "parallelize",
 ]

@@ -266,11 +266,12 @@ class Trainer:
 
     def _build_sharded(self, model_cfg: LMConfig, init_state: Optional[dict]):
         """Under torchrun: the model built on the meta device, its experts split over the
-        expert-parallel ranks, then allocated and initialised per rank (the single-process values,
-        one full tensor at a time), so no rank ever holds the whole model."""
+        expert-parallel ranks (with activation checkpointing and FSDP2: :func:`~moekit.parallel.parallelize`),
+        then allocated and initialised per rank (the single-process values, in bounded blocks), so
+        no rank ever holds the whole model."""
         import torch.distributed as dist
 
-        from ..parallel import apply_expert_parallel, make_mesh
+        from ..parallel import make_mesh, parallelize
 
         if self.cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
             raise ValueError(
@@ -281,7 +282,7 @@ class Trainer:
         mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
         # fp32 parameters under autocast, as one process trains (FSDP's bf16 param_dtype would also
         # put the embeddings, norms and residual stream in bf16: another training run)
-        par = apply_expert_parallel(model, mesh)
+        par = parallelize(model, mesh, activation_checkpointing=self.cfg.activation_checkpointing)
         model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
