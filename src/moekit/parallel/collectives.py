@@ -62,6 +62,7 @@ def _wait_released(tensors: list[Tensor], counts: list[int]) -> None:
             time.sleep(1e-5)
 
 
+@torch.compiler.disable  # a compiled block breaks its graph here: the collective runs eagerly
 def run_collective(what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run a synchronous collective ``fn(*args, **kwargs)``; turn a backend failure into one
     :class:`ExpertParallelError` naming the rank, and return only after the backend has released

@@ -84,6 +84,7 @@ class ExpertAllToAll:
         experts.register_forward_pre_hook(self._before)
         experts.register_forward_hook(self._after, always_call=True)
 
+    @torch.compiler.disable  # host-read split sizes and collectives: eager, between compiled graphs
     def _before(self, module: nn.Module, args: tuple) -> tuple:
         x_RD, counts_E, *rest = args
         self._pending = None  # a call that raised before its forward hook ran leaves nothing behind
@@ -91,6 +92,7 @@ class ExpertAllToAll:
         self._pending = handle
         return (x_ND, counts_El, *rest)
 
+    @torch.compiler.disable  # host-read split sizes and collectives: eager, between compiled graphs
     def _after(self, module: nn.Module, args: tuple, y_ND: Optional[Tensor]) -> Optional[Tensor]:
         """The combine of this call's rows; also run (``always_call``) when the experts or a later
         pre-hook raised, with ``y_ND`` None: then it only drops the call's handle (the received rows

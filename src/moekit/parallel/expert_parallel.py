@@ -260,6 +260,7 @@ def parallelize(
     *,
     expert_parallel: Optional[int] = None,
     activation_checkpointing: str = "none",
+    compile: bool = False,
     statistics: str = "global",
     sync_init: bool = True,
     param_dtype: Optional[torch.dtype] = None,
@@ -268,9 +269,11 @@ def parallelize(
     parallelism (the experts of every :class:`~moekit.MoE` layer DTensors sharded on the expert
     dimension over the mesh's ``ep``, the token all-to-all as module hooks, the routing
     statistics' scope), then activation checkpointing (``"full"`` or ``"selective"``: a model with
-    an ``activation_checkpointing`` attribute, like the LM), then FSDP2 (``fully_shard``) over the
-    rest (see :func:`~moekit.parallel.fsdp._fully_shard`). (Tensor parallelism and compile would
-    come between EP and FSDP; neither is there yet.)
+    an ``activation_checkpointing`` attribute, like the LM), then ``torch.compile`` of each
+    transformer block (``compile``: a model with ``blocks``; the expert all-to-all, the routing
+    statistics' collectives and their host reads run eagerly between the compiled graphs), then
+    FSDP2 (``fully_shard``) over the rest (see :func:`~moekit.parallel.fsdp._fully_shard`).
+    (Tensor parallelism would come after EP; it is not there yet.)
 
     Args:
         model: the single-device model, built identically on every rank, or built on the meta
@@ -304,9 +307,16 @@ def parallelize(
             f"activation_checkpointing={activation_checkpointing!r}: {type(model).__name__} has no "
             "activation_checkpointing attribute (moekit's LM has; wrap other modules with torch.utils.checkpoint)"
         )
+    blocks = getattr(model, "blocks", None)
+    if compile and not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"compile=True compiles each transformer block: {type(model).__name__} has no blocks")
     handle, flat = _expert_parallel(model, mesh, expert_parallel, statistics, sync_init)
     if activation_checkpointing != "none":
         setattr(model, "activation_checkpointing", activation_checkpointing)  # noqa: B010 (a plain attribute)
+    if compile:
+        assert isinstance(blocks, nn.ModuleList)  # checked above
+        for block in blocks:
+            block.compile()  # in place: FSDP2 then wraps the compiled block, as torchtitan does
     _fully_shard(model, handle.mesh, flat, [m for _, m in _moe_layers(model)], param_dtype)
     return handle
 

@@ -52,6 +52,7 @@ class _LayerScope(LocalScope):
         self._rows: list[int] = []  # tokens of each rank in the current call (mesh order)
         self._rows_of: dict[int, int] = {}  # the same, by global rank
 
+    @torch.compiler.disable  # collectives and host reads: eager, between compiled graphs
     def begin_call(self, num_tokens: int, settings: tuple, device: torch.device) -> None:
         """One small all-gather over all ranks per layer call: every rank's token count (for the
         random draws) and settings, compared before any other collective can hang on a mismatch."""
@@ -74,6 +75,7 @@ class _LayerScope(LocalScope):
         self._rows = rows
         self._rows_of = dict(zip(dist.get_process_group_ranks(self.group), rows))  # by global rank
 
+    @torch.compiler.disable  # collectives and host reads: eager, between compiled graphs
     def random_rows(self, draw, like_TX: Tensor) -> Tensor:
         """Random values drawn for the global batch (every rank draws the same), this rank's rows
         kept: routing noise then equals one process's on the concatenated batch."""
@@ -83,6 +85,7 @@ class _LayerScope(LocalScope):
         full = draw(like_TX.new_empty((sum(self._rows), *like_TX.shape[1:])))
         return full[start : start + like_TX.shape[0]]
 
+    @torch.compiler.disable  # collectives and host reads: eager, between compiled graphs
     def gather_rows(self, t: Tensor) -> tuple[Tensor, int]:
         """All ranks' rows (one per token of the call) in rank order and where the local ones
         start. The local rows are ``t`` itself (they keep their graph); the others are constants.
@@ -106,6 +109,7 @@ class _LayerScope(LocalScope):
         rows = [t if i == me else parts[i][: sizes[i]] for i in range(W)]
         return torch.cat(rows), sum(sizes[:me])
 
+    @torch.compiler.disable  # collectives and host reads: eager, between compiled graphs
     def all_sum(self, v: Tensor) -> Tensor:
         if self.stats_size == 1:
             return v
@@ -113,6 +117,7 @@ class _LayerScope(LocalScope):
             return _AllSum.apply(v, self.stats_group, self.stats_size)
         return _summed(v, "all-reduce of routing statistics", self.stats_group)
 
+    @torch.compiler.disable  # collectives and host reads: eager, between compiled graphs
     def world_sum(self, v: Tensor) -> Tensor:
         """Sum over all ranks (not differentiable): for replicated state, which every rank must
         update alike whatever the statistics group."""

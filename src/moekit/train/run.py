@@ -340,8 +340,6 @@ def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], wo
         raise ValueError(f"expert_parallel={ep} must divide the number of ranks ({world_size})")
     if train_cfg.batch_size % world_size:
         raise ValueError(f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})")
-    if train_cfg.compile:
-        raise ValueError("compile=True is not supported with expert or data parallelism yet; train without --compile")
     for cfg in model_cfgs:
         moe = cfg.moe
         if moe is None or not any(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):

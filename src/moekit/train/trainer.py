@@ -254,12 +254,8 @@ class Trainer:
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
-        if cfg.compile and self.par is not None:
-            raise ValueError(
-                "compile=True is not supported with expert or data parallelism yet; train without --compile"
-            )
         # the training steps run the compiled module; weights, checkpoints and evaluation use the model itself
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = torch.compile(self.model) if cfg.compile and self.par is None else self.model
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (None: none written)
@@ -282,7 +278,9 @@ class Trainer:
         mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
         # fp32 parameters under autocast, as one process trains (FSDP's bf16 param_dtype would also
         # put the embeddings, norms and residual stream in bf16: another training run)
-        par = parallelize(model, mesh, activation_checkpointing=self.cfg.activation_checkpointing)
+        par = parallelize(
+            model, mesh, activation_checkpointing=self.cfg.activation_checkpointing, compile=self.cfg.compile
+        )
         model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
