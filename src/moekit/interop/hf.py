@@ -210,6 +210,16 @@ def _hf_layer_placement(c: dict, family: str) -> tuple[int, int]:
     return step - 1, step  # HF: MoE where (i + 1) % step == 0
 
 
+# moekit's auxiliary losses that no supported family's transformers model adds
+_NO_OTHER_LOSSES: dict[str, Any] = dict(
+    z_loss_weight=0.0,
+    sq_load_loss_weight=0.0,
+    importance_loss_weight=0.0,
+    load_loss_weight=0.0,
+    entropy_loss_weight=0.0,
+)
+
+
 def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfig:
     """The MoE layer config of a supported family's checkpoint (see :func:`config_from_hf` for the losses)."""
     if family == "glm4_moe":
@@ -226,15 +236,11 @@ def _moe_config_from_hf(c: dict, family: str, training_losses: bool) -> MoEConfi
         router="topk",
         renormalize=True if family == "mixtral" else bool(c.get("norm_topk_prob", False)),
         router_dtype="same",
-        z_loss_weight=0.0,
         # Mixtral's jitter (training only): the jittered hidden states feed router and experts
         router_jitter=float(_get(c, "router_jitter_noise", 0.0)) if family == "mixtral" else 0.0,
         router_jitter_experts=family == "mixtral",
         balance_loss_weight=_router_aux_loss_coef(c, family) * K if training_losses else 0.0,
-        sq_load_loss_weight=0.0,
-        importance_loss_weight=0.0,
-        load_loss_weight=0.0,
-        entropy_loss_weight=0.0,
+        **_NO_OTHER_LOSSES,
         num_shared_experts=1 if family == "qwen2_moe" else 0,
         shared_hidden_dim=c.get("shared_expert_intermediate_size") if family == "qwen2_moe" else None,
         shared_expert_gate=family == "qwen2_moe",
@@ -259,12 +265,8 @@ def _glm4_moe_config(c: dict, training_losses: bool) -> MoEConfig:
         topk_groups=int(c.get("topk_group") or 1) if groups > 1 else None,
         bias_update_rate=1e-3 if training_losses else 0.0,  # the bias moves only when training on
         router_dtype="float32",  # transformers routes in float32 (its router weight is kept in float32)
-        z_loss_weight=0.0,
         balance_loss_weight=0.0,
-        sq_load_loss_weight=0.0,
-        importance_loss_weight=0.0,
-        load_loss_weight=0.0,
-        entropy_loss_weight=0.0,
+        **_NO_OTHER_LOSSES,
         num_shared_experts=1,
         shared_hidden_dim=F_ * int(c["n_shared_experts"]),
     )
@@ -292,19 +294,27 @@ def config_to_hf(cfg: LMConfig, family: str):
 
 def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
     """What in the MoE layer config ``family`` cannot express (empty when it can)."""
-    if family == "glm4_moe":
-        return _glm4_moe_export_problems(m)
     problems = []
     if m.expert not in _EXPORT_ACTIVATION:
         problems.append(f"expert={m.expert!r} (needs a gated kind: {', '.join(map(repr, _EXPORT_ACTIVATION))})")
-    if m.router != "topk" or m.num_groups is not None:
-        problems.append(f"router={m.router!r} (needs plain 'topk')")
     if m.router_bias:
         problems.append("router_bias=True")
-    if m.routed_scaling_factor != 1.0:
-        problems.append(f"routed_scaling_factor={m.routed_scaling_factor}")
     if m.capacity_factor is not None or m.eval_capacity_factor is not None:
         problems.append("a capacity factor (HF models are dropless)")
+    if family == "glm4_moe":
+        if m.router != "sigmoid":
+            problems.append(f"router={m.router!r} (glm4_moe routes with 'sigmoid' and a correction bias)")
+        shared = m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)
+        if not m.num_shared_experts or m.shared_expert_gate or shared % m.hidden_dim:
+            problems.append(
+                f"shared experts ({m.num_shared_experts} of width {m.shared_hidden_dim or m.hidden_dim}, gate="
+                f"{m.shared_expert_gate}) (glm4_moe needs ungated shared experts of a multiple of hidden_dim in all)"
+            )
+        return problems
+    if m.router != "topk" or m.num_groups is not None:
+        problems.append(f"router={m.router!r} (needs plain 'topk')")
+    if m.routed_scaling_factor != 1.0:
+        problems.append(f"routed_scaling_factor={m.routed_scaling_factor}")
     if family == "mixtral" and not m.renormalize:
         problems.append("renormalize=False (Mixtral always renormalises the top-k weights)")
     want_shared = family == "qwen2_moe"
@@ -312,25 +322,6 @@ def _moe_export_problems(m: MoEConfig, family: str) -> list[str]:
         problems.append(
             f"shared experts ({m.num_shared_experts}, gate={m.shared_expert_gate}) "
             + ("(Qwen2-MoE needs one gated shared expert)" if want_shared else f"({family} has none)")
-        )
-    return problems
-
-
-def _glm4_moe_export_problems(m: MoEConfig) -> list[str]:
-    problems = []
-    if m.expert not in _EXPORT_ACTIVATION:
-        problems.append(f"expert={m.expert!r} (needs a gated kind: {', '.join(map(repr, _EXPORT_ACTIVATION))})")
-    if m.router != "sigmoid":
-        problems.append(f"router={m.router!r} (glm4_moe routes with 'sigmoid' and a correction bias)")
-    if m.router_bias:
-        problems.append("router_bias=True")
-    if m.capacity_factor is not None or m.eval_capacity_factor is not None:
-        problems.append("a capacity factor (HF models are dropless)")
-    shared = m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)
-    if not m.num_shared_experts or m.shared_expert_gate or shared % m.hidden_dim:
-        problems.append(
-            f"shared experts ({m.num_shared_experts} of width {m.shared_hidden_dim or m.hidden_dim}, gate="
-            f"{m.shared_expert_gate}) (glm4_moe needs ungated shared experts of a multiple of hidden_dim in all)"
         )
     return problems
 
