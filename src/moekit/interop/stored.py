@@ -96,20 +96,19 @@ class HFExpertSource:
         column half is ~3x slower)."""
         pre, D, F = self.prefix[layer], up_DH.shape[0], down_FD.shape[0]
         if self._fused(layer):
-            fused = pre + "gate_up_proj"
             return [
-                partial(self._read_t, fused, up_DH, e, (up_DH.shape[1], D)),
+                partial(self._read_t, pre + "gate_up_proj", up_DH, e, (up_DH.shape[1], D)),
                 partial(self._read_t, pre + "down_proj", down_FD, e, (D, F)),
             ]
         return [
-            partial(self._read_t, f"{pre}{e}.{self.gate}.weight", up_DH[:, :F], None, (F, D)),
-            partial(self._read_t, f"{pre}{e}.{self.up}.weight", up_DH[:, F:], None, (F, D)),
-            partial(self._read_t, f"{pre}{e}.{self.down}.weight", down_FD, None, (D, F)),
+            partial(self._read_t, f"{pre}{e}.{self.gate}.weight", up_DH[:, :F], 0, (F, D)),
+            partial(self._read_t, f"{pre}{e}.{self.up}.weight", up_DH[:, F:], 0, (F, D)),
+            partial(self._read_t, f"{pre}{e}.{self.down}.weight", down_FD, 0, (D, F)),
         ]
 
-    def _read_t(self, name: str, dst_IO: Tensor, row: Optional[int], shape: tuple[int, ...]) -> None:
-        """Tensor ``name`` (its row ``row`` of a stacked one) transposed into ``dst_IO``."""
-        w_OI = self.files.read_rows(name, self._staging("read", shape, dst_IO), row or 0)
+    def _read_t(self, name: str, dst_IO: Tensor, row: int, shape: tuple[int, ...]) -> None:
+        """Tensor ``name`` (its row ``row`` of a stacked one; 0 for a whole 2-D one) transposed into ``dst_IO``."""
+        w_OI = self.files.read_rows(name, self._staging("read", shape, dst_IO), row)
         if dst_IO.is_contiguous():
             dst_IO.copy_(w_OI.t())
         else:  # a column block of the slot: through a contiguous transpose

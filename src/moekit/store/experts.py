@@ -350,8 +350,9 @@ class Reads:
         self.ends: list[float] = []
         self.futures: dict[int, list[Future]] = {}
         parts = [(s, part) for k, s in loads for part in pool._parts(k, s)]
+        here = (inline and len(parts) == 1) or pool.quantizes  # run in this thread, not on the readers
         for s, part in parts:
-            if (inline and len(parts) == 1) or pool.quantizes:
+            if here:
                 f: Future = Future()
                 try:
                     self._run(part)
@@ -562,20 +563,22 @@ class StoredExperts(StackedExperts):
         # soon as its read is in (the same ops in the same order: the same bits)
         overlap = len(chunks) == 1 and x_TD.shape[0] == 1 and views is not None and not torch.compiler.is_compiling()
         for i, chunk in enumerate(chunks):
-            slots, reads = self.pool.begin(self.layer, chunk, self.stats, inline=not overlap)
+            reads: Optional[Reads] = None
+            in_views: Optional[tuple] = views
+            if overlap and views is not None:
+                slots, reads = self.pool.begin(self.layer, chunk, self.stats)
+                in_views = (_ReadyViews(views[0], reads), _ReadyViews(views[1], reads))
+            else:
+                slots = self.resident(chunk)
             try:
-                if not overlap:
-                    reads.finish()
                 slot_of_E = torch.full((self.num_experts + 1,), self.slots, dtype=experts_TK.dtype)
                 slot_of_E[chunk] = torch.tensor(slots, dtype=experts_TK.dtype)
                 slots_TK = slot_of_E[experts_TK.clamp(max=self.num_experts)]
                 if into_TD is None and i + 1 < len(chunks):
                     into_TD = x_TD.new_zeros(x_TD.shape[0], self.dim)
-                in_views = views
-                if overlap and views is not None:
-                    in_views = (_ReadyViews(views[0], reads), _ReadyViews(views[1], reads))
                 into_TD = slot_ffn(x_TD, slots_TK, weights_TK, w_up, w_down, act, into_TD, in_views, stack_bytes)
             finally:
-                reads.finish()
+                if reads is not None:
+                    reads.finish()
         assert into_TD is not None  # _chunks gives at least one chunk
         return into_TD
