@@ -388,9 +388,11 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x = self.embed(idx_BS)
         moe_out = []
-        checkpointed = self.activation_checkpointing != "none" and self.training and torch.is_grad_enabled()
+        checkpointed = (
+            self.activation_checkpointing != "none" and self.training and torch.is_grad_enabled() and cache is None
+        )
         for block in self.blocks:
-            if checkpointed and cache is None:
+            if checkpointed:
                 x, res = _checkpointed(block, self.activation_checkpointing, x, cos, sin, idx_BS, top_k)
             else:
                 x, res = block(x, cos, sin, cache, idx_BS, top_k)

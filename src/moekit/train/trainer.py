@@ -250,7 +250,7 @@ class Trainer:
             if init_state is not None:  # fine-tuning: start from given weights
                 self.model.load_state_dict(init_state)
             self.model = self.model.to(self.device)
-        self.model.activation_checkpointing = cfg.activation_checkpointing
+            self.model.activation_checkpointing = cfg.activation_checkpointing  # parallelize sets it under torchrun
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
