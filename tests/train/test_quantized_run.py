@@ -70,6 +70,16 @@ def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, caps
     assert "--quantize must be one of" in capsys.readouterr().err and not (tmp_path / "n").exists()
 
 
+def _assert_same_model(model, full) -> None:
+    """The store's model against the whole quantized one: prompt logits, one token's, greedy tokens."""
+    idx = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, full(idx).logits)
+        assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
+    prompt = idx[:1, :4]
+    assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
+
+
 @pytest.mark.parametrize(
     "fmt,rest", [("int8", None), ("int4:32", None), ("fp16", None), ("int8", "int8"), ("int8", "fp16")]
 )
@@ -93,12 +103,7 @@ def test_a_quantized_run_in_an_expert_store_equals_the_quantized_model(run, tmp_
         got = {k: v.dtype for k, v in model.state_dict().items()}
         assert all(got[k] == v.dtype for k, v in full.state_dict().items() if k in got)
         assert sum(p.nbytes for p in expert_pools(model)) == slots * expert_bytes
-        idx = torch.randint(0, 257, (2, 20))
-        with torch.no_grad():
-            assert torch.equal(model(idx).logits, full(idx).logits)
-            assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
-        prompt = idx[:1, :4]
-        assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
+        _assert_same_model(model, full)
         s = store_stats(model)
         assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes
     other = "bf16" if fmt == "fp16" else "fp16"
@@ -128,12 +133,7 @@ def test_a_run_quantized_per_expert_in_an_expert_store_equals_the_quantized_mode
         (pool,) = expert_pools(model)
         assert isinstance(pool, MixedPool) and pool.nbytes <= budget
         assert all(p.nbytes == p.slots * size[f] for f, p in pool.pools.items())
-        idx = torch.randint(0, 257, (2, 20))
-        with torch.no_grad():
-            assert torch.equal(model(idx).logits, full(idx).logits)
-            assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
-        prompt = idx[:1, :4]
-        assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
+        _assert_same_model(model, full)
         st, (a, b) = store_stats(model), sorted(size.values())[:1] + sorted(size.values())[-1:]
         n_small = (st.misses * b - st.bytes_read) / (b - a)  # misses of each format: each read its own bytes
         assert len(names) > 2 or (n_small == int(n_small) and 0 < n_small < st.misses), (st, size)
