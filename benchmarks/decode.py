@@ -31,12 +31,14 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from lowbit_kernels import read_bandwidth  # benchmarks/ is on sys.path
 from moekit.kernels.lowbit import format_bytes
+from moekit.kernels.threads import decode_threads, splits
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 LLAMA_TYPES = {"fp32": "F32", "fp16": "F16", "int8": "Q8_0"}
@@ -70,10 +72,12 @@ def decode_steps(model, steps: int, warmup: int) -> tuple[float, list[int]]:
     cache = KVCache.empty(model.cfg, 1, p.device, p.dtype, len(PROMPT) + steps)
     model(torch.tensor([PROMPT[:-1]]), cache=cache)
     nxt, out, t0 = torch.tensor([[PROMPT[-1]]]), [], 0.0
+    split = splits(model)
     for i in range(steps):
         if i == warmup:
             t0 = time.perf_counter()
-        nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        with decode_threads() if split else nullcontext():  # as the model's generate runs its one-token steps
+            nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(nxt))
     return time.perf_counter() - t0, out
 

@@ -1,5 +1,6 @@
 """The MoE language model: causality, KV cache, parameter counting, dense twin, presets."""
 
+import os
 import random
 import subprocess
 import sys
@@ -238,7 +239,10 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 _normal_(p, 0.02, chunk_bytes=16 * 2**20)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # a fixed mmap threshold: glibc's moving one keeps freed blocks on its heap, and how many it kept
+    # varied between runs (34 to 146 MiB of growth) with the same allocations
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 128 * 2**20, f"peak grew {grown / 2**20:.0f} MiB while drawing (one block is 16 MiB, one draw 256)"
 

@@ -20,16 +20,19 @@ Shape legend: R rows, I input features, O output features, G groups of input col
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .threads import split_rows
+
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 GROUP_SIZES = (32, 64, 128, 256)
+ROW_BLOCK = 64  # int4's packed layout keeps output rows in blocks of 64: a split keeps whole blocks
 _FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -86,6 +89,7 @@ class LowBitWeight:
     group_size: int = 0
     _packed: Optional[Tensor] = None  # int4: the kernel's own layout, made on first use
     _scales_zeros: Optional[Tensor] = None  # int4: (G, O, 2) bf16, the kernel's
+    _parts: dict[tuple[int, int], LowBitWeight] = field(default_factory=dict, init=False, repr=False)  # row blocks
 
     @property
     def out_features(self) -> int:
@@ -183,7 +187,29 @@ class LowBitWeight:
         return torch.stack([lo, hi], -1).reshape(self.data.shape[0], -1).to(torch.int32)
 
     def linear(self, x_RI: Tensor) -> Tensor:
-        """``x_RI @ w.T`` in ``x_RI``'s dtype."""
+        """``x_RI @ w.T`` in ``x_RI``'s dtype (by row blocks on the threads of a
+        :func:`~moekit.kernels.threads.decode_threads` block)."""
+        if self.fmt == "int4" and self.out_features % ROW_BLOCK:
+            return self._linear(x_RI)
+        y = split_rows(lambda a, b: self._rows(a, b)._linear(x_RI), self.out_features, self.nbytes, ROW_BLOCK)
+        return self._linear(x_RI) if y is None else y
+
+    def _rows(self, start: int, stop: int) -> LowBitWeight:
+        """Output rows ``start:stop`` (multiples of :data:`ROW_BLOCK`) as a weight over views of these
+        tensors: int4's packed layout holds its rows in blocks of 64 (the CPU kernel's), so a slice of
+        whole blocks is the same layout; made once per block and kept."""
+        if (start, stop) not in self._parts:
+            if self.fmt == "int4":
+                k = self.kernel_tensors()
+                sz = k["scales_zeros"][:, start:stop].contiguous()
+                part = {"packed": k["packed"][start:stop], "scales_zeros": sz}
+                self._parts[start, stop] = LowBitWeight.of_kernel_tensors("int4", self.group_size, part)
+            else:
+                scales = None if self.scales is None else self.scales[start:stop]
+                self._parts[start, stop] = LowBitWeight(self.fmt, self.data[start:stop], scales)
+        return self._parts[start, stop]
+
+    def _linear(self, x_RI: Tensor) -> Tensor:
         if self.fmt == "fp32":
             return F.linear(x_RI, self.data) if x_RI.dtype == torch.float32 else F.linear(x_RI.float(), self.data)
         if self.fmt in _FLOAT:

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .threads import split_sum
+
 SMALL_SLOTS = 64  # at most this many routed slots per call take this path (measured: benchmarks/RESULTS.md)
 # CPU eager, T > 1: every expert on every token in two batched matmuls (E/K times the FLOPs, ~10 ops)
 # beats one matmul pair per chosen expert (~10 ops each) while all experts' weights are at most T x
@@ -80,9 +82,12 @@ def _host_loop(x_TD, experts_TK, weights_TK, w_up_EDH, w_down_EFD, act, out_TD: 
                 slots.setdefault(e, []).append((t, k))
     if T == 1:  # decode at batch 1: no row gather or scatter; the down projection accumulates in place
         w_K = weights_TK[0].tolist()
-        for e, tk in slots.items():
-            out_TD.addmm_(act(x_TD @ w_up_EDH[e]), w_down_EFD[e], alpha=sum(w_K[k] for _, k in tk))
-        return out_TD
+        jobs = [(e, sum(w_K[k] for _, k in tk)) for e, tk in slots.items()]
+
+        def run(job: tuple[int, float], acc_TD: Tensor) -> None:
+            acc_TD.addmm_(act(x_TD @ w_up_EDH[job[0]]), w_down_EFD[job[0]], alpha=job[1])
+
+        return split_sum(jobs, run, out_TD)
     w_TK = weights_TK.to(x_TD.dtype)
     for e, tk in slots.items():
         t_idx = torch.tensor([t for t, _ in tk], device=x_TD.device)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..kernels import as_dtype, compute_dtype
 from ..kernels.lowbit import LowBitWeight, check_format
+from ..kernels.threads import split_sum
 from .experts import ACTIVATIONS, GATED, FeedForward, GroupedExperts, StackedExperts
 
 
@@ -200,10 +201,8 @@ def experts_on_tokens(
     x_TD = as_dtype(x_TD, compute_dtype(x_TD))
     out_TD = x_TD.new_zeros(x_TD.shape[0], dim) if into_TD is None else as_dtype(into_TD, x_TD.dtype)
     if x_TD.shape[0] == 1:  # decoding at batch 1: no gather or scatter
-        for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()):
-            if e < num_experts:
-                out_TD.add_(expert(e, x_TD), alpha=w)
-        return out_TD
+        jobs = [(e, w) for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()) if e < num_experts]
+        return split_sum(jobs, lambda job, acc_TD: acc_TD.add_(expert(job[0], x_TD), alpha=job[1]), out_TD)
     rows: dict[int, list[tuple[int, int]]] = {}
     for t, row in enumerate(experts_TK.tolist()):
         for k, e in enumerate(row):

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -30,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from ..config import LMConfig, causal_lm_problem
+from ..kernels import threads
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.losses import balance_from_stats
 
@@ -79,6 +81,14 @@ class KVCache:
         )
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose batch-1 decoding splits its rows between threads
+    (:func:`moekit.kernels.threads.decode_threads`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return threads.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     q_norm: Optional[RMSNorm]
     k_norm: Optional[RMSNorm]
@@ -86,8 +96,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.h, self.hk, self.dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=cfg.attn_bias)
-        self.wo = nn.Linear(self.h * self.dh, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=cfg.attn_bias)
+        self.wo = Linear(self.h * self.dh, cfg.dim, bias=False)
         self.qk_norm = cfg.qk_norm
         self.q_norm = self.k_norm = None
         if cfg.qk_norm is not None:  # "head": over each head's Dh (Qwen3-MoE); "full": over H*Dh / Hk*Dh (OLMoE)
@@ -316,7 +326,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.dim // cfg.n_heads // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
         torch.set_rng_state(rng)
@@ -435,7 +445,7 @@ class MoETransformer(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         """The final norm and the output projection (tied to the embedding unless ``head`` exists)."""
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        return threads.linear(x, self.embed.weight) if self.head is None else self.head(x)
 
     def param_counts(self) -> dict:
         """Total parameters and those active for one token (routed experts counted at K/E)."""
@@ -493,13 +503,16 @@ class MoETransformer(nn.Module):
         out = idx_BS
         step_in = idx_BS
         step = self._compiled_decode_step() if compile else None
+        split = threads.splits(self)
         for i in range(max_new_tokens):
             if step is not None:
                 assert cache is not None  # compile needs use_cache (checked above)
                 pos = torch.arange(out.shape[1] - step_in.shape[1], out.shape[1], device=p.device)
                 logits = (step if i else self.decode_step)(step_in, cache, pos, top_k_experts)[:, -1].float()
-            else:
-                logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1].float()
+            else:  # one-token steps split their weight reads between the CPU's threads
+                with threads.decode_threads() if split and i and use_cache else nullcontext():
+                    logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1]
+                logits = logits.float()
             nxt = sample_next(logits, temperature, top_p, generator)
             out = torch.cat([out, nxt], dim=1)
             step_in = nxt
