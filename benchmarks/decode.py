@@ -62,22 +62,33 @@ def bytes_per_token(cfg, fmt: str) -> int:
 
 
 @torch.no_grad()
-def decode_steps(model, steps: int, warmup: int) -> tuple[float, list[int]]:
+def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple[float, list[int]]:
     """As llamacpp_ref.py times llama.cpp: all prompt ids but the last evaluated untimed, then
     ``steps`` one-token greedy steps (the last prompt id first), the first ``warmup`` untimed;
-    (seconds of the rest, the ``steps`` ids picked)."""
+    (seconds of the rest, the ``steps`` ids picked). ``compile``: the steps as ``generate(...,
+    compile=True)`` runs them (the compiled ``decode_step`` on a static cache)."""
     from moekit.models.lm import KVCache
 
     p = next(model.parameters())
-    cache = KVCache.empty(model.cfg, 1, p.device, p.dtype, len(PROMPT) + steps)
-    model(torch.tensor([PROMPT[:-1]]), cache=cache)
+    total = len(PROMPT) + steps
+    size = 1 << (total - 1).bit_length() if compile else total  # as generate sizes its static cache
+    cache = KVCache.empty(model.cfg, 1, p.device, p.dtype, size)
+    if compile:
+        step = model._compiled_decode_step()
+        model.decode_step(torch.tensor([PROMPT[:-1]]), cache, torch.arange(len(PROMPT) - 1))
+    else:
+        model(torch.tensor([PROMPT[:-1]]), cache=cache)
     nxt, out, t0 = torch.tensor([[PROMPT[-1]]]), [], 0.0
-    split = splits(model)
+    split = splits(model) and not compile
     for i in range(steps):
         if i == warmup:
             t0 = time.perf_counter()
-        with decode_threads() if split else nullcontext():  # as the model's generate runs its one-token steps
-            nxt = model(nxt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        if compile:
+            logits = step(nxt, cache, torch.tensor([len(PROMPT) - 1 + i]))
+        else:
+            with decode_threads() if split else nullcontext():  # as the model's generate runs its one-token steps
+                logits = model(nxt, cache=cache).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(nxt))
     return time.perf_counter() - t0, out
 
@@ -94,11 +105,18 @@ def one(args) -> None:
     bw = bandwidth(args.threads)
     times, tokens = [], []
     for _ in range(args.rounds):
-        secs, tokens = decode_steps(model, args.new_tokens, args.warmup)
+        secs, tokens = decode_steps(model, args.new_tokens, args.warmup, args.compile)
         times.append(secs)
     tok_s = (args.new_tokens - args.warmup) / statistics.median(times)
     bound = bw / bytes_per_token(model.cfg, args.fmt)
-    row = dict(engine="moekit", fmt=args.fmt, threads=args.threads, tok_s=tok_s, bound=bound, bandwidth=bw)
+    row = dict(
+        engine="moekit compiled" if args.compile else "moekit",
+        fmt=args.fmt,
+        threads=args.threads,
+        tok_s=tok_s,
+        bound=bound,
+        bandwidth=bw,
+    )
     row.update(tokens=tokens, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps(row), flush=True)
 
@@ -110,6 +128,8 @@ def speed(args) -> None:
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
             cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
             rows.append(_run(cmd))
+            if args.compile:
+                rows.append(_run(cmd + ["--compile"]))
             if args.gguf_dir and fmt in LLAMA_TYPES:
                 gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)
                 if gguf is not None:
@@ -200,6 +220,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--gguf-dir", default=None)
     p.add_argument("--llama-python", default="/tmp/llama-venv/bin/python")
+    p.add_argument("--compile", action="store_true", help="also time moekit's compiled decode step")
     p.set_defaults(fn=speed)
     p = sub.add_parser("one")
     p.add_argument("--hf", required=True)
@@ -208,6 +229,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--compile", action="store_true")
     p.set_defaults(fn=one)
     p = sub.add_parser("quality")
     p.add_argument("--run", required=True)
