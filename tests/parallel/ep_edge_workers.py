@@ -480,3 +480,49 @@ def experts_raise_once(rank: int, world: int, store: str, out_dir: str) -> None:
         _record(out_dir, "raise-once", check)
     finally:
         dist.destroy_process_group()
+
+
+def stage_checkpoints_on_their_own_ranks(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Issue 25: each half of 4 ranks (a stage's (dp, ep) slice of a (stage, dp, ep) mesh) saves
+    its own model and AdamW state to its own DCP folder at the same time, and loads it back into a
+    fresh model on the same ranks: equal to what it saved; one process reads each folder whole.
+    (World-scoped, the two saves' collectives met each other.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit.train.distcp import load_distributed, read_full_state, save_distributed
+
+    init(rank, world, store, timeout_s=30)
+
+    def check():
+        mesh3 = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("stage", "dp", "ep"))
+        stage = mesh3.get_local_rank("stage")
+        cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2, balance_loss_weight=0.1)
+
+        def built(seed: int):
+            torch.manual_seed(seed)
+            moe = MoE(cfg)
+            par = apply_expert_parallel(moe, mesh3["dp", "ep"])
+            return moe, par, torch.optim.AdamW(moe.parameters(), lr=0.01)
+
+        moe, par, opt = built(20 + stage)
+        out = moe(torch.randn(4 + stage, 8))
+        (out.out.square().sum() + out.aux_loss).backward()
+        opt.step()
+        folder = os.path.join(out_dir, f"stage{stage}.dcp")
+        save_distributed(folder, moe, opt, par, meta={"stage": stage})
+        want, want_opt = par.full_state_dict(), par.full_optimizer_state_dict(opt)
+        fresh, fresh_par, fresh_opt = built(99)
+        meta, _ = load_distributed(folder, fresh, fresh_opt, fresh_par)
+        assert meta == {"stage": stage}, meta
+        got, got_opt = fresh_par.full_state_dict(), fresh_par.full_optimizer_state_dict(fresh_opt)
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"stage {stage}: {k} differs after the load"
+        for i, st in want_opt["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(got_opt["state"][i][k]), torch.as_tensor(v)), (stage, i, k)
+        whole, _, _, _ = read_full_state(folder)
+        for k in want:
+            assert torch.equal(whole[k], want[k]), f"stage {stage}: {k} read in one process differs"
+
+    _record(out_dir, "stage-checkpoints", check)
+    dist.destroy_process_group()

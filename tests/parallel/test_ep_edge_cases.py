@@ -93,3 +93,8 @@ def test_experts_that_raise_leave_no_all_to_all_handle_behind(tmp_path):
     stack for good, holding that call's received rows and their graph."""
     spawn(W.experts_raise_once, 2, tmp_path)
     results(tmp_path, "raise-once", 2)
+
+
+def test_each_stage_saves_and_loads_its_own_checkpoint_on_its_ranks(tmp_path):
+    spawn(W.stage_checkpoints_on_their_own_ranks, 4, tmp_path)
+    results(tmp_path, "stage-checkpoints", 4)

@@ -191,21 +191,28 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
 
+def _group(par):
+    """The process group of ``par``'s ranks (its mesh's: a pipeline stage's model saves with its
+    stage alone), or the default group for a handle without one."""
+    return getattr(par, "group", None)
+
+
 def _rank_world(par) -> tuple[int, int]:
+    """This rank's place and the number of ranks among ``par``'s (0, 1 with no process group)."""
     if par is None:
         return 0, 1
     import torch.distributed as dist
 
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(_group(par)), dist.get_world_size(_group(par))
 
 
 def _agree(par, error: Optional[str]) -> None:
-    """Raise CheckpointError on every rank when any rank has an error (one gather); with one
+    """Raise CheckpointError on every rank of ``par`` when any has an error (one gather); with one
     process, raise it directly."""
     if par is not None:
         from ..parallel.collectives import all_gather_objects
 
-        errors = all_gather_objects("checkpoint check", error)
+        errors = all_gather_objects("checkpoint check", error, _group(par))
         error = next((e for e in errors if e), None)
     if error:
         raise CheckpointError(error)
@@ -321,7 +328,8 @@ def save_distributed(
     rng: Optional[dict] = None,
     meta: Optional[dict] = None,
 ) -> None:
-    """Write a DCP checkpoint folder at ``path`` (collective: call on every rank).
+    """Write a DCP checkpoint folder at ``path`` (collective: call on every rank of ``par``'s
+    mesh, which may be some of the ranks: e.g. one pipeline stage's, the others saving their own).
 
     ``par``: the model's :class:`~moekit.parallel.ExpertParallel` handle (None: one process,
     e.g. a conversion); the model's DTensor parameters are saved as the shards each rank holds.
@@ -368,7 +376,13 @@ def _write_parts(path: Path, state: dict, par, rank: int):
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            return dcp.save(state, storage_writer=writer, planner=_balanced_planner(), no_dist=par is None)
+            return dcp.save(
+                state,
+                storage_writer=writer,
+                planner=_balanced_planner(),
+                process_group=_group(par),
+                no_dist=par is None,
+            )
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"writing the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
 
@@ -399,7 +413,7 @@ def _gather_digests(par, own: tuple, world: int) -> list:
         return [own]
     from ..parallel.collectives import all_gather_objects
 
-    return all_gather_objects("checkpoint digests gather", own)
+    return all_gather_objects("checkpoint digests gather", own, _group(par))
 
 
 def _publish(path: Path, manifest: dict, parts: list) -> Optional[str]:
@@ -524,7 +538,7 @@ def load_distributed(
     path: Union[str, Path], model: nn.Module, optimizer=None, par=None, *, rng: bool = True
 ) -> tuple[dict, dict]:
     """Load a DCP checkpoint folder into ``model`` (and ``optimizer``) in place, resharding to this
-    layout; returns (meta, rng states). Collective when ``par`` is given (every rank calls it);
+    layout; returns (meta, rng states). Collective when ``par`` is given (every rank of its mesh calls it);
     with ``par=None`` one process reads it without a process group, into full tensors.
 
     Only the items asked for are read (``optimizer=None, rng=False``: the model's tensors only),
@@ -564,7 +578,8 @@ def load_distributed(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=par is None)
+            reader = FileSystemReader(str(path))
+            dcp.load(state, storage_reader=reader, process_group=_group(par), no_dist=par is None)
     except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException on every rank when one fails
         raise CheckpointError(f"reading the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
     for k, t in rows.items():  # each rank's own row (or rank r's: r mod the saving world)
