@@ -66,10 +66,12 @@ def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple
     """As llamacpp_ref.py times llama.cpp: all prompt ids but the last evaluated untimed, then
     ``steps`` one-token greedy steps (the last prompt id first), the first ``warmup`` untimed;
     (seconds of the rest, the ``steps`` ids picked). ``compile``: the steps as ``generate(...,
-    compile=True)`` runs them (the compiled ``decode_step`` on a static cache)."""
+    compile=True)`` runs them (the compiled ``decode_step`` on a static cache; 16-bit formats as
+    the float model cast, ``model.to(dtype)``)."""
     from moekit.models.lm import KVCache
 
     p = next(model.parameters())
+    model.prepare_decoding_(compile)  # as generate does
     total = len(PROMPT) + steps
     size = 1 << (total - 1).bit_length() if compile else total  # as generate sizes its static cache
     cache = KVCache.empty(model.cfg, 1, p.device, p.dtype, size)
@@ -100,7 +102,9 @@ def one(args) -> None:
 
     torch.set_num_threads(args.threads)
     model = load_hf(args.hf)
-    if args.fmt != "fp32":
+    if args.compile and args.fmt in ("fp16", "bf16"):  # compiled: the float model cast (stacked experts)
+        model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[args.fmt]))
+    elif args.fmt != "fp32":
         quantize_model(model, args.fmt, rest=args.fmt)
     bw = bandwidth(args.threads)
     times, tokens = [], []
@@ -128,7 +132,7 @@ def speed(args) -> None:
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
             cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
             rows.append(_run(cmd))
-            if args.compile:
+            if args.compile and fmt in ("fp32", "fp16", "bf16"):  # low-bit weights decode eagerly
                 rows.append(_run(cmd + ["--compile"]))
             if args.gguf_dir and fmt in LLAMA_TYPES:
                 gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)

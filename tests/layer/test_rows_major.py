@@ -31,3 +31,23 @@ def test_rows_major_experts_compute_the_same_forward_backward_and_decode(backend
         torch.testing.assert_close(b(x1).out, a(x1).out)
     sd = b.state_dict()
     assert torch.equal(sd["experts.w_up"], a.experts.w_up)  # saves as the same values
+
+
+def _rows_major(experts) -> bool:
+    return experts.w_up.stride(1) == 1 and experts.w_down.stride(1) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decoding_on_the_cpu_lays_experts_out_rows_major_when_compiled_or_16_bit(dtype):
+    from moekit.config import LMConfig
+    from moekit.models import MoETransformer
+
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, hidden_dim=48, num_experts=4, top_k=2)
+    m = MoETransformer(LMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=40, moe=moe)).to(dtype)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.generate(torch.randint(0, 50, (1, 4)), 3, temperature=0.0)
+    assert all(_rows_major(x.experts) == (dtype != torch.float32) for x in m.moe_layers), dtype
+    m.prepare_decoding_(compile=True)
+    assert all(_rows_major(x.experts) for x in m.moe_layers)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # values unchanged

@@ -503,6 +503,7 @@ class MoETransformer(nn.Module):
         cache = KVCache.empty(self.cfg, idx_BS.shape[0], p.device, p.dtype, positions) if use_cache else None
         out = idx_BS
         step_in = idx_BS
+        self.prepare_decoding_(compile)
         step = self._compiled_decode_step() if compile else None
         split = threads.splits(self)
         for i in range(max_new_tokens):
@@ -520,15 +521,26 @@ class MoETransformer(nn.Module):
         self.train(was_training)
         return out
 
+    def prepare_decoding_(self, compile: bool = False) -> MoETransformer:
+        """Lay the routed experts out in memory for decoding on the CPU (values unchanged):
+        rows-major (:meth:`GroupedExperts.rows_major_`) when the decode step is compiled (its
+        loops read each output's weights contiguously: fp32 1.7x, bf16 2.1x the compiled tokens/s)
+        or the experts are 16-bit (PyTorch's eager 16-bit GEMV reads the other layout ~10x slower:
+        fp16 3.9 -> 42 tok/s); float32 eager keeps the stacked layout MKL reads fastest.
+        benchmarks/RESULTS.md, "Compiled decoding"."""
+        for moe in self.moe_layers:
+            experts = moe.experts
+            if isinstance(experts, GroupedExperts) and experts.w_up.device.type == "cpu":
+                if compile or experts.w_up.dtype in (torch.float16, torch.bfloat16):
+                    experts.rows_major_()
+        return self
+
     def _compiled_decode_step(self):
         """``torch.compile`` of :meth:`decode_step`, made once per model (kept outside the module's
-        state: a plain attribute, not saved, not copied by ``state_dict``). On the CPU the routed
-        experts are laid out rows-major first (:meth:`GroupedExperts.rows_major_`: 1.7x the
-        compiled tokens/s at 1 thread; the eager decode loop reads that layout slower)."""
+        state: a plain attribute, not saved, not copied by ``state_dict``), after
+        :meth:`prepare_decoding_`."""
         if getattr(self, "_decode_step_compiled", None) is None:
-            for moe in self.moe_layers:  # the compiled CPU loops read each output's weights in a row
-                if isinstance(moe.experts, GroupedExperts) and moe.experts.w_up.device.type == "cpu":
-                    moe.experts.rows_major_()
+            self.prepare_decoding_(compile=True)
             object.__setattr__(self, "_decode_step_compiled", torch.compile(self.decode_step, fullgraph=True))
         return self._decode_step_compiled
 
