@@ -196,7 +196,9 @@ def generate_text(
     before the text is returned. ``expert_memory``: see :func:`load_run_model`. ``dtype``: a
     format (:data:`moekit.kernels.lowbit.FORMATS`) for the linear maps, experts included unless
     ``expert_dtype`` names theirs (a format, or ``auto``: chosen per expert from routing within
-    ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`.
+    ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`. With
+    ``compile``, ``dtype`` may only be fp32, fp16 or bf16: the whole model is cast (compiled
+    16-bit decoding reads the stacked experts; benchmarks/RESULTS.md).
     ``threads``: torch's intra-op threads. ``expert_parallel``: this process is one of that many
     (torchrun) holding the experts between them (:func:`load_expert_parallel`); every one returns
     the same text."""
@@ -221,7 +223,10 @@ def generate_text(
             expert_dtype=expert_dtype if expert_memory is not None else None,
         )
     precision = None
-    if dtype is not None or expert_dtype is not None:
+    if compile and dtype in CAST_DTYPES:  # the stacked experts stay: the compiled gather reads them in place
+        net.to(CAST_DTYPES[dtype])
+        precision = f"{dtype} (the whole model cast, compiled)"
+    elif dtype is not None or expert_dtype is not None:
         from .quantize import quantize_model
 
         experts = (expert_dtype or dtype) if net.cfg.moe is not None and expert_memory is None else None
@@ -261,6 +266,9 @@ def generate_text(
     return tok.decode(out[0].tolist())
 
 
+CAST_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype with --compile
+
+
 def check_precision(
     dtype: Optional[str],
     expert_dtype: Optional[str],
@@ -283,8 +291,11 @@ def check_precision(
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
-    if compile:
-        raise ValueError(f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile")
+    if compile and (expert_dtype is not None or dtype not in CAST_DTYPES):
+        raise ValueError(
+            f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile "
+            f"(compiled decoding takes {names[0]} {' or '.join(CAST_DTYPES)}: the whole model cast)"
+        )
 
 
 def check_expert_parallel_decoding(expert_memory, dtype, expert_dtype, compile: bool) -> None:

@@ -52,6 +52,7 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         (["--expert-dtype", "fp8"], "--expert-dtype must be one of"),
         (["--expert-dtype", "auto", "--expert-bits", "0.5"], "--expert-bits must be in [1, 32]"),
         (["--dtype", "int8", "--compile"], "leave out compile"),
+        (["--expert-dtype", "fp16", "--compile"], "the whole model cast"),
         (["--expert-dtype", "auto", "--expert-memory", "1GB"], "quantize first (moekit convert --run RUN"),
         (["--expert-dtype", "int8", "--model", "dense"], "is dense"),
         (["--threads", "0"], "--threads"),
@@ -59,6 +60,20 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         assert main(argv + extra) != 0, extra
         out, err = capsys.readouterr()
         assert out == "" and msg in err and err.count("\n") == 1, (extra, err)
+
+
+def test_compiled_generate_casts_the_whole_model_to_16_bits(run, capsys):
+    """`--dtype bf16 --compile`: the float model cast, its stacked experts compiled in place; the
+    greedy text equals the same cast model's eager text."""
+    argv = ["generate", "--run", run, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(argv + ["--dtype", "bf16", "--compile", "--threads", "1"]) == 0
+    compiled, err = capsys.readouterr()
+    assert "bf16 (the whole model cast, compiled)" in err, err
+    net, tok = load_run_model(run, "moe")
+    net.to(torch.bfloat16)
+    ids = torch.tensor([tok.encode("def f")])
+    eager = tok.decode(net.generate(ids, 8, temperature=0.0)[0].tolist())
+    assert compiled.strip() == eager.strip(), (compiled, eager)
 
 
 def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, capsys):
