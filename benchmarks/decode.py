@@ -18,7 +18,8 @@ same token ids.
 
 ``quality``: the run's validation windows through its fp32 model and each quantized copy
 (uniform int8, uniform int4 at groups of 64 and 32, and routing-chosen mixed formats at int4:64's
-bytes and at 6 bits): perplexity, KL, top-1 agreement, per-layer routing agreement.
+bytes and at 6 bits, by usage-weighted weight error or by output error measured on 16 windows of
+the training split): perplexity, KL, top-1 agreement, per-layer routing agreement.
 """
 
 from __future__ import annotations
@@ -192,12 +193,18 @@ def quality(args) -> None:
         ("int4:64", {}),
         ("int4:32", {}),
         ("auto at int4:64's bytes", "int4"),
+        ("auto at int4:64's bytes, calibrated", "int4-cal"),
         ("auto, 6 bits", 6.0),
+        ("auto, 6 bits, calibrated", "6-cal"),
     ]
+    calibration, _ = validation_windows(run, 16, split="train")
     for name, how in settings:
         model, _ = load_run_model(str(run))
-        if how == "int4":
-            rep = quantize_model(model, "auto", budget_bytes=int4_bytes)
+        if how in ("int4", "int4-cal"):
+            cal = calibration if how == "int4-cal" else None
+            rep = quantize_model(model, "auto", budget_bytes=int4_bytes, calibration=cal)
+        elif how == "6-cal":
+            rep = quantize_model(model, "auto", bits=6.0, calibration=calibration)
         elif isinstance(how, float):
             rep = quantize_model(model, "auto", bits=how)
         else:

@@ -139,3 +139,50 @@ def test_formats_chosen_from_routing_spend_the_budget_on_the_busiest_experts():
     assert report.expert_bytes_after <= total * 5 / 8
     with pytest.raises(ValueError, match="give budget_bytes or bits"):
         quantize_model(MoETransformer(lm()), "auto")
+
+
+def test_input_moments_are_each_experts_routed_rows_and_give_its_output_error():
+    """expert_input_moments against the routing the layer reports, and expert_output_error against
+    the quantized expert's squared output error on those very rows, each input channel's part
+    counted alone (float64)."""
+    from moekit import MoE, MoEConfig
+    from moekit.layer.experts import ACTIVATIONS
+    from moekit.quantize import expert_input_moments, expert_output_error
+
+    torch.manual_seed(5)
+    moe = MoE(MoEConfig(dim=64, hidden_dim=64, num_experts=4, top_k=2)).double()
+    x_BSD = torch.randn(3, 30, 64, dtype=torch.float64)
+    ((s_up, s_down),) = expert_input_moments(moe, x_BSD, batch=2)
+    ids_TK = moe.eval()(x_BSD).experts_TK
+    x_TD, ex = x_BSD.reshape(-1, 64), moe.experts
+    for e in range(4):
+        rows = x_TD[(ids_TK == e).any(-1)]
+        a = ACTIVATIONS[ex.kind](rows @ ex.w_up[e])
+        torch.testing.assert_close(s_up[e], rows.square().sum(0))
+        torch.testing.assert_close(s_down[e], a.square().sum(0))
+        want = 0.0  # with uncorrelated input channels: each output's error summed over the channels
+        for w, inp in ((ex.w_up[e], rows), (ex.w_down[e], a)):
+            q = LowBitWeight.quantize(w.t(), "int4:32").dequantize(torch.float64).t()
+            want += float((inp.unsqueeze(-1) * (q - w)).pow(2).sum())
+        got = expert_output_error(ex, e, "int4:32", (s_up, s_down))
+        assert abs(got - want) <= 1e-9 * want, (e, got, want)
+
+
+def test_calibrated_formats_go_to_the_experts_whose_output_error_is_largest():
+    torch.manual_seed(4)
+    model = MoETransformer(lm())
+    stacks = [m.experts for m in model.moe_layers]
+    D, F = stacks[0].dim, stacks[0].hidden_dim
+    moments = []
+    for i, ex in enumerate(stacks):  # expert i of layer i sees large inputs; the rest almost none
+        s_up = torch.full((ex.num_experts, D), 1e-6, dtype=torch.float64)
+        s_down = torch.full((ex.num_experts, F), 1e-6, dtype=torch.float64)
+        s_up[i] *= 1e8
+        s_down[i] *= 1e8
+        moments.append((s_up, s_down))
+    small = sum(format_bytes("int4:64", *s) for s in [(128, 64), (64, 64)])
+    step = sum(format_bytes("int8", *s) for s in [(128, 64), (64, 64)]) - small
+    plan = plan_formats(model, 24 * small + 3 * step, choices=("int4:64", "int8"), moments=moments)
+    assert [[e for e, f in enumerate(p) if f == "int8"] for p in plan] == [[0], [1], [2]], plan
+    with pytest.raises(ValueError, match="moments: one pair per MoE layer"):
+        plan_formats(model, 24 * small, choices=("int4:64", "int8"), moments=moments[:1])

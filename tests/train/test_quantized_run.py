@@ -12,7 +12,7 @@ import torch
 from moekit.cli import main
 from moekit.generate import load_run_model
 from moekit.layer.lowbit import LowBitLinear, QuantizedExperts
-from moekit.quantize import quantize_model
+from moekit.quantize import quantize_model, validation_windows
 from tiny_run import train_tiny
 
 
@@ -32,7 +32,9 @@ def test_a_quantized_run_reads_back_the_model_that_was_quantized(run, tmp_path, 
     assert all(isinstance(m.experts, QuantizedExperts) for m in model.moe_layers)
     assert isinstance(model.blocks[0].attn.wqkv, LowBitLinear) == (rest is not None)
     ref, _ = load_run_model(run)
-    quantize_model(ref, fmt, rest=rest, bits=5.0)  # the same quantization, done on load
+    # the same quantization, done on load ("auto" plans on 16 windows of the training split)
+    cal = validation_windows(run, 16, split="train")[0] if fmt == "auto" else None
+    quantize_model(ref, fmt, rest=rest, bits=5.0, calibration=cal)
     assert [m.experts.formats for m in model.moe_layers] == [m.experts.formats for m in ref.moe_layers]
     idx = torch.randint(0, 257, (2, 20))
     with torch.no_grad():
