@@ -1,17 +1,21 @@
-"""Expert parallelism (all-to-all token dispatch) combined with data parallelism, on torch.distributed."""
+"""Expert parallelism (all-to-all token dispatch) combined with data parallelism, and pipeline
+parallelism for the language model, on torch.distributed."""
 
 from .collectives import ExpertParallelError
 from .dispatch import ExpertAllToAll
 from .expert_parallel import ExpertParallel, apply_expert_parallel, parallelize
 from .mesh import barrier, init_distributed, make_mesh
+from .pipeline import LMPipeline, pipeline_stage
 
 __all__ = [
     "ExpertAllToAll",
     "ExpertParallel",
     "ExpertParallelError",
+    "LMPipeline",
     "apply_expert_parallel",
     "barrier",
     "init_distributed",
     "make_mesh",
     "parallelize",
+    "pipeline_stage",
 ]

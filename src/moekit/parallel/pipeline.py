@@ -1,0 +1,210 @@
+"""Pipeline parallelism for moekit's language model on ``torch.distributed.pipelining``: the
+blocks split into consecutive stages, one per rank of a pipeline group, run by a 1F1B schedule
+(PipeDream-Flush, Narayanan et al. 2021) or GPipe's (Huang et al. 2019) over microbatches.
+
+:func:`pipeline_stage` keeps of a built :class:`~moekit.models.MoETransformer` what one stage
+runs (the embedding on the first, its blocks, the final norm and head on the last; the other
+blocks become empty placeholders, so every parameter keeps its one-process name and a stage's
+state dict is the whole model's restricted to it). :class:`LMPipeline` steps the schedule.
+
+The objective is one process's gradient accumulation over the same microbatches: each
+microbatch adds its summed cross-entropy divided by the whole batch's counted targets, plus its
+stages' auxiliary losses divided by the number of microbatches. A stage's auxiliary loss joins
+the backward through its output (:class:`_WithAuxLoss`, the trick Megatron-Core's MoE uses):
+its gradient arrives with the output's, so the schedule needs no extra communication.
+
+Not here yet: tied input and output embeddings (the first and last stage would each hold the
+weight and need their gradients summed), a balance loss pooled over all layers
+(``balance_pooling="model"``), hash routing (it reads the token ids, which only the first stage
+has), and composition with expert or data parallelism on the same ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.lm import MoETransformer
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+class _Skipped(nn.Module):
+    """A block another stage runs (keeps the block list's numbering: the parameters' names)."""
+
+
+class _WithAuxLoss(torch.autograd.Function):
+    """``x`` unchanged; in the backward, ``aux`` gets the gradient ``scale`` as if ``scale * aux``
+    had been added to the loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, aux: Tensor, scale: float) -> Tensor:
+        ctx.scale, ctx.aux_shape, ctx.aux_dtype = scale, aux.shape, aux.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=g.device), None
+
+
+class LMStage(nn.Module):
+    """One pipeline stage of a language model: ``forward(x)`` takes token ids (first stage) or
+    the residual stream ``(B, S, D)`` and returns the residual stream or, on the last stage, the
+    logits. Holds the model (pruned to the stage) as ``model``."""
+
+    def __init__(self, model: MoETransformer, start: int, stop: int, first: bool, last: bool, aux_scale: float):
+        super().__init__()
+        self.model, self.start, self.stop, self.first, self.last = model, start, stop, first, last
+        self.aux_scale = aux_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        S = x.shape[1]
+        cos, sin = m.rope_cos[:S], m.rope_sin[:S]
+        if self.first:
+            x = m.embed(x)
+        aux: Optional[Tensor] = None
+        for i in range(self.start, self.stop):
+            x, res = m.blocks[i](x, cos, sin, None, None, None)
+            if res is not None and torch.is_grad_enabled():
+                aux = res.aux_loss if aux is None else aux + res.aux_loss
+        if aux is not None and aux.requires_grad:
+            x = _WithAuxLoss.apply(x, aux, self.aux_scale)
+        return m._logits(x) if self.last else x
+
+
+def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
+    """Consecutive block ranges, one per stage, as even as the layers allow (earlier stages get
+    the extra blocks: the last also runs the head)."""
+    base, extra = divmod(n_layers, n_stages)
+    bounds, lo = [], 0
+    for s in range(n_stages):
+        hi = lo + base + (1 if s < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def check_pipelinable(model: MoETransformer, n_stages: int, n_microbatches: int) -> None:
+    """ValueError naming what keeps ``model`` from being split into ``n_stages`` stages."""
+    cfg = model.cfg
+    if n_stages < 1 or n_stages > cfg.n_layers:
+        raise ValueError(f"pipeline_parallel must be between 1 and the model's {cfg.n_layers} layers; got {n_stages}")
+    if n_microbatches < n_stages:
+        raise ValueError(
+            f"microbatches must be at least the {n_stages} stages (1F1B fills the pipe); got {n_microbatches}"
+        )
+    if cfg.tie_embeddings and n_stages > 1:
+        raise ValueError(
+            "pipeline parallelism needs untied input and output embeddings (tie_embeddings=False): "
+            "the first and last stage would both hold the tied weight"
+        )
+    if cfg.moe is not None and cfg.balance_pooling == "model":
+        raise ValueError(
+            'pipeline parallelism needs balance_pooling="layer": a balance loss pooled over all layers spans the stages'
+        )
+    if cfg.moe is not None and cfg.moe.router == "hash":
+        raise ValueError(
+            "pipeline parallelism cannot run hash routing: it reads the token ids, which only the first stage has"
+        )
+
+
+def pipeline_stage(model: MoETransformer, stage: int, n_stages: int, n_microbatches: int) -> LMStage:
+    """Prune ``model`` (in place) to pipeline stage ``stage`` of ``n_stages`` and wrap it. Build the
+    same model on every rank first (same seed, or the meta device then ``materialize_``)."""
+    check_pipelinable(model, n_stages, n_microbatches)
+    if not 0 <= stage < n_stages:
+        raise ValueError(f"stage must be in [0, {n_stages}); got {stage}")
+    start, stop = stage_bounds(model.cfg.n_layers, n_stages)[stage]
+    first, last = stage == 0, stage == n_stages - 1
+    for i in range(model.cfg.n_layers):
+        if not start <= i < stop:
+            model.blocks[i] = _Skipped()
+    if not first:
+        model.embed = None  # type: ignore[assignment]  # the stage's forward reads it on the first stage only
+    if not last:
+        model.norm = None  # type: ignore[assignment]  # and these on the last only
+        model.head = None
+    return LMStage(model, start, stop, first, last, 1.0 / n_microbatches)
+
+
+class LMPipeline:
+    """Training steps of a pipeline-parallel language model: :meth:`step` on every rank of the
+    pipeline group (the first stage reads the token ids, the last the targets). The stages are
+    given their microbatches' shapes up front (PipelineStage's static mode): its runtime shape
+    inference would run the stage once more on the first microbatch (later stages on
+    uninitialised inputs), counting routing statistics that one process never counts."""
+
+    def __init__(
+        self,
+        stage: LMStage,
+        stage_index: int,
+        n_stages: int,
+        n_microbatches: int,
+        group=None,
+        schedule: str = "1f1b",
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
+        self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
+        self.n_microbatches, self.group, self.schedule = n_microbatches, group, schedule
+        self._schedules: dict[tuple[int, int], Any] = {}  # per batch shape
+        self._n_targets: Optional[Tensor] = None
+
+    def _schedule_for(self, B: int, S: int):
+        """The schedule over a stage told its microbatches' shapes (made once per batch shape)."""
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if (B, S) not in self._schedules:
+            if B % self.n_microbatches:
+                raise ValueError(f"the batch of {B} sequences must split into {self.n_microbatches} equal microbatches")
+            b, cfg = B // self.n_microbatches, self.stage.model.cfg
+            p = next(self.stage.parameters())
+
+            def hidden(width: int) -> Tensor:  # a float tensor: its gradient travels back
+                return torch.empty(b, S, width, device="meta", dtype=p.dtype, requires_grad=True)
+
+            inp = torch.empty(b, S, dtype=torch.long, device="meta") if self.stage.first else hidden(cfg.dim)
+            out = hidden(cfg.vocab_size if self.stage.last else cfg.dim)
+            pipe = PipelineStage(
+                self.stage, self.stage_index, self.n_stages, p.device, input_args=inp, output_args=out, group=self.group
+            )
+            kind = Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe
+            self._schedules[B, S] = kind(pipe, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+        return self._schedules[B, S]
+
+    def _loss(self, logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+        """A microbatch's summed cross-entropy over the whole batch's counted targets."""
+        assert self._n_targets is not None  # set by step before the schedule runs
+        loss_sum = F.cross_entropy(
+            logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100, reduction="sum"
+        )
+        return loss_sum / self._n_targets
+
+    def step(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
+        """Forward and backward of one batch (``idx_BS`` read by the first stage, ``targets_BS``
+        by the last, both ``(B, S)``: every rank passes at least one of them, for the shape);
+        the gradients accumulate into the stage's parameters. Returns the batch's mean loss on
+        the last stage, else None."""
+        if self.stage.first and idx_BS is None:
+            raise ValueError("the first stage needs the batch's token ids")
+        if self.stage.last and targets_BS is None:
+            raise ValueError("the last stage needs the batch's targets")
+        given = idx_BS if idx_BS is not None else targets_BS
+        if given is None:
+            raise ValueError("give the batch's token ids or targets (every stage needs their shape)")
+        schedule = self._schedule_for(*given.shape)
+        losses: list[Tensor] = []
+        if self.stage.last:
+            assert targets_BS is not None  # checked above
+            self._n_targets = (targets_BS != -100).sum().clamp(min=1)
+        args = (idx_BS,) if self.stage.first else ()
+        kwargs = {"target": targets_BS, "losses": losses} if self.stage.last else {}
+        schedule.step(*args, **kwargs)
+        return torch.stack(losses).sum().detach() if self.stage.last else None
+
+
+__all__ = ["LMPipeline", "LMStage", "SCHEDULES", "check_pipelinable", "pipeline_stage", "stage_bounds"]

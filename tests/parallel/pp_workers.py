@@ -1,0 +1,66 @@
+"""Pipeline parallelism in real gloo process groups, run by test_pipeline.py (spawned processes
+import this module by name, so it must not be a test module itself). Each rank writes "ok" or
+what went wrong to ``out_dir/<case>.<rank>``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from ep_edge_workers import _record
+from ep_workers import init
+
+from moekit import MoEConfig
+from moekit.config import LMConfig
+from moekit.models import MoETransformer
+from moekit.parallel.pipeline import LMPipeline, pipeline_stage
+
+
+def _config() -> LMConfig:
+    moe = MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01)
+    return LMConfig(
+        vocab_size=50, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16, tie_embeddings=False, moe=moe
+    )
+
+
+def pipeline_equals_accumulation(rank: int, world: int, store: str, out_dir: str, schedule: str) -> None:
+    """Issue 25, item 11: ``world`` stages over 4 microbatches (1F1B or GPipe): every stage's
+    gradients, its routing statistics and the last stage's loss equal one process accumulating
+    the same microbatches (float64; masked targets; auxiliary losses on every stage)."""
+    init(rank, world, store, timeout_s=60)
+
+    def check():
+        torch.manual_seed(0)
+        ref = MoETransformer(_config()).double()
+        model = copy.deepcopy(ref)
+        M = 4
+        idx = torch.randint(0, 50, (8, 12))
+        tgt = torch.randint(0, 50, (8, 12))
+        tgt[torch.rand(8, 12) < 0.3] = -100  # unequal counts per microbatch
+        n = (tgt != -100).sum()
+        total = 0.0
+        for i_mb, t_mb in zip(idx.chunk(M), tgt.chunk(M)):  # the reference: accumulation
+            out = ref(i_mb, t_mb)
+            loss = out.loss_sum / n
+            (loss + out.aux_loss / M).backward()
+            total += float(loss)
+        stage = pipeline_stage(model, rank, world, M)
+        pipe = LMPipeline(stage, rank, world, M, schedule=schedule)
+        got = pipe.step(idx if rank == 0 else None, tgt if rank > 0 else None)  # the middle ones: the shape
+        if rank == world - 1:
+            assert got is not None and abs(float(got) - total) < 1e-6 * total, (float(got), total)  # float32 CE
+        ref_params = dict(ref.named_parameters())
+        names = [n for n, _ in stage.named_parameters()]
+        assert names, "the stage holds no parameters"
+        for name, p in stage.named_parameters():
+            want = ref_params[name.removeprefix("model.")].grad
+            assert p.grad is not None, f"stage {rank}: {name} got no gradient"
+            torch.testing.assert_close(p.grad, want, rtol=1e-10, atol=1e-12, msg=f"stage {rank}: {name}")
+        ref_buffers = dict(ref.named_buffers())
+        for name, b in stage.named_buffers():
+            if name.endswith("expert_usage"):
+                torch.testing.assert_close(b, ref_buffers[name.removeprefix("model.")], msg=f"stage {rank}: {name}")
+
+    _record(out_dir, f"pipeline-{schedule}", check)
+    dist.destroy_process_group()

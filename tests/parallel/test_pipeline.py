@@ -1,0 +1,42 @@
+"""Pipeline parallelism on torch.distributed.pipelining in real gloo process groups (see
+pp_workers.py), and what it refuses before any communication."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pp_workers as W
+import pytest
+import torch.distributed as dist
+from test_ep_edge_cases import results, spawn
+
+from moekit.models import MoETransformer
+from moekit.parallel.pipeline import pipeline_stage, stage_bounds
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+
+@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (4, "1f1b"), (2, "gpipe")])
+def test_pipeline_stages_give_one_process_accumulating_the_microbatches(tmp_path, world, schedule):
+    spawn(W.pipeline_equals_accumulation, world, tmp_path, schedule)
+    results(tmp_path, f"pipeline-{schedule}", world)
+
+
+def test_stage_bounds_and_what_a_pipeline_refuses():
+    assert stage_bounds(4, 2) == [(0, 2), (2, 4)]
+    assert stage_bounds(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    cfg = W._config()
+    for change, msg in [
+        (dict(tie_embeddings=True), "untied input and output embeddings"),
+        (dict(balance_pooling="model"), 'balance_pooling="layer"'),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            pipeline_stage(MoETransformer(dataclasses.replace(cfg, **change)), 0, 2, 4)
+    with pytest.raises(ValueError, match="between 1 and the model's 4 layers"):
+        pipeline_stage(MoETransformer(cfg), 0, 5, 8)
+    with pytest.raises(ValueError, match="microbatches must be at least the 2 stages"):
+        pipeline_stage(MoETransformer(cfg), 0, 2, 1)
+    with pytest.raises(ValueError, match=r"stage must be in \[0, 2\)"):
+        pipeline_stage(MoETransformer(cfg), 2, 2, 4)
