@@ -88,21 +88,15 @@ def active() -> int:
     return 1 if torch.compiler.is_compiling() or getattr(_share, "running", False) else _threads
 
 
-def split_sum(
-    jobs: Sequence[J],
-    run: Callable[[J, Tensor], object],
-    out: Tensor,
-    cost: Optional[Callable[[J], int]] = None,
-) -> Tensor:
+def split_sum(jobs: Sequence[J], run: Callable[[J, Tensor], object], out: Tensor) -> Tensor:
     """``out`` after ``run(job, acc)`` for every job, each adding its term into ``acc`` in place.
-    Inside :func:`decode_threads` the jobs are dealt to the threads
-    (balanced by ``cost``, default one each), the first share accumulated into ``out`` in this
-    thread, every other share into its own buffer, added last."""
+    Inside :func:`decode_threads` the jobs are dealt round the threads, the first share
+    accumulated into ``out`` in this thread, every other share into its own buffer, added last."""
     n = min(active(), len(jobs))
     if n == 1:
         return _accumulate(jobs, run, out)
-    shares = _deal(jobs, n, cost or (lambda _j: 1))
-    futures = [_executor(n).submit(_accumulate, share, run, torch.zeros_like(out)) for share in shares[1:]]
+    shares = [jobs[i::n] for i in range(n)]
+    futures = [_executor(_threads).submit(_accumulate, share, run, torch.zeros_like(out)) for share in shares[1:]]
     _own_share(_accumulate, shares[0], run, out)
     for f in futures:
         out.add_(f.result())
@@ -136,17 +130,6 @@ def _accumulate(share: Sequence[J], run: Callable[[J, Tensor], object], acc: Ten
     for j in share:
         run(j, acc)
     return acc
-
-
-def _deal(jobs: Sequence[J], n: int, cost: Callable[[J], int]) -> list[list[J]]:
-    """``jobs`` in ``n`` shares of near-equal total cost (greedy, largest first), each in the jobs' order."""
-    order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i]))
-    loads, picks = [0] * n, [[] for _ in range(n)]  # type: ignore[var-annotated]
-    for i in order:
-        s = loads.index(min(loads))
-        loads[s] += cost(jobs[i])
-        picks[s].append(i)
-    return [[jobs[i] for i in sorted(p)] for p in picks]
 
 
 def linear(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Tensor:
