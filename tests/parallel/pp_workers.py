@@ -27,7 +27,8 @@ def _config() -> LMConfig:
 def pipeline_equals_accumulation(rank: int, world: int, store: str, out_dir: str, schedule: str) -> None:
     """Issue 25, item 11: ``world`` stages over 4 microbatches (1F1B or GPipe): every stage's
     gradients, its routing statistics and the last stage's loss equal one process accumulating
-    the same microbatches (float64; masked targets; auxiliary losses on every stage)."""
+    the same microbatches (float64; masked targets; auxiliary losses on every stage); so do the
+    gradients clipped by the whole model's norm and a forward-only evaluation's loss."""
     init(rank, world, store, timeout_s=60)
 
     def check():
@@ -61,6 +62,22 @@ def pipeline_equals_accumulation(rank: int, world: int, store: str, out_dir: str
         for name, b in stage.named_buffers():
             if name.endswith("expert_usage"):
                 torch.testing.assert_close(b, ref_buffers[name.removeprefix("model.")], msg=f"stage {rank}: {name}")
+
+        # clipping by the whole model's norm, then a forward-only evaluation, as one process
+        want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        norm = pipe.clip_grad_norm_(0.05)
+        assert abs(float(norm) - float(want_norm)) < 1e-6 * float(want_norm), (float(norm), float(want_norm))
+        for name, p in stage.named_parameters():
+            want = ref_params[name.removeprefix("model.")].grad
+            torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-9, msg=f"stage {rank}: {name} clipped")
+        idx2, tgt2 = torch.randint(0, 50, (8, 12)), torch.randint(0, 50, (8, 12))
+        tgt2[:, :3] = -100
+        ev = pipe.evaluate(idx2 if rank == 0 else None, tgt2 if rank > 0 else None)
+        with torch.no_grad():
+            want_ev = float(ref.eval()(idx2, tgt2).loss)
+        if rank == world - 1:
+            assert ev is not None and abs(float(ev) - want_ev) < 1e-6 * want_ev, (float(ev), want_ev)
+        assert stage.training  # evaluate puts the stage back in training mode
 
     _record(out_dir, f"pipeline-{schedule}", check)
     dist.destroy_process_group()

@@ -184,11 +184,45 @@ class LMPipeline:
         )
         return loss_sum / self._n_targets
 
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip every stage's gradients by the norm of the whole model's (one all-reduce of the
+        stages' squared norms over the pipeline group), as one process would; returns that norm.
+        torchtitan's recipe for pipeline parallelism."""
+        import torch.distributed as dist
+
+        from .collectives import run_collective
+
+        params = [p for p in self.stage.parameters() if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = torch.zeros(1, dtype=torch.float64)
+        for g in grads:
+            sq += g.detach().double().square().sum().cpu()
+        run_collective("pipeline gradient-norm all-reduce", dist.all_reduce, sq, group=self.group)
+        total = sq.sqrt().squeeze(0)
+        if grads:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device, torch.float32))
+        return total.float()
+
+    def evaluate(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
+        """The batch's mean cross-entropy, forward only, the model in eval mode (no routing
+        statistics counted, no auxiliary loss): on the last stage, else None. Arguments as
+        :meth:`step`'s."""
+        was_training = self.stage.training
+        self.stage.eval()
+        try:
+            return self._run(idx_BS, targets_BS, train=False)
+        finally:
+            self.stage.train(was_training)
+
     def step(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
         """Forward and backward of one batch (``idx_BS`` read by the first stage, ``targets_BS``
         by the last, both ``(B, S)``: every rank passes at least one of them, for the shape);
         the gradients accumulate into the stage's parameters. Returns the batch's mean loss on
         the last stage, else None."""
+        return self._run(idx_BS, targets_BS, train=True)
+
+    def _run(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor], train: bool) -> Optional[Tensor]:
         if self.stage.first and idx_BS is None:
             raise ValueError("the first stage needs the batch's token ids")
         if self.stage.last and targets_BS is None:
@@ -203,7 +237,7 @@ class LMPipeline:
             self._n_targets = (targets_BS != -100).sum().clamp(min=1)
         args = (idx_BS,) if self.stage.first else ()
         kwargs = {"target": targets_BS, "losses": losses} if self.stage.last else {}
-        schedule.step(*args, **kwargs)
+        (schedule.step if train else schedule.eval)(*args, **kwargs)
         return torch.stack(losses).sum().detach() if self.stage.last else None
 
 
