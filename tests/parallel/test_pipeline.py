@@ -40,3 +40,8 @@ def test_stage_bounds_and_what_a_pipeline_refuses():
         pipeline_stage(MoETransformer(cfg), 0, 2, 1)
     with pytest.raises(ValueError, match=r"stage must be in \[0, 2\)"):
         pipeline_stage(MoETransformer(cfg), 2, 2, 4)
+
+
+def test_pipeline_stages_save_one_checkpoint_that_loads_per_stage_and_whole(tmp_path):
+    spawn(W.pipeline_checkpoint, 2, tmp_path)
+    results(tmp_path, "pipeline-checkpoint", 2)

@@ -150,6 +150,7 @@ class LMPipeline:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
         self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
+        self.partial_model = True  # for moekit.train.distcp: each rank saves and loads its stage's part
         self.n_microbatches, self.group, self.schedule = n_microbatches, group, schedule
         self._schedules: dict[tuple[int, int], Any] = {}  # per batch shape
         self._n_targets: Optional[Tensor] = None

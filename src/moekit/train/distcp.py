@@ -197,6 +197,31 @@ def _group(par):
     return getattr(par, "group", None)
 
 
+def _partial(par) -> bool:
+    """Whether each rank of ``par`` holds only part of the model (a pipeline stage: its own
+    parameters, the checkpoint the union of the stages')."""
+    return bool(getattr(par, "partial_model", False))
+
+
+def _merged_optimizer(par, opt_json: Optional[dict]) -> Optional[dict]:
+    """Every stage's optimizer groups as one optimizer's: group ``i`` lists the parameters of every
+    stage's group ``i`` in stage order (the one-process parameter order), scalars joined."""
+    from ..parallel.collectives import all_gather_objects
+
+    parts = all_gather_objects("checkpoint optimizer groups", opt_json, _group(par))
+    if any(p is None for p in parts):
+        return None
+    groups = [dict(g, params=[]) for g in parts[0]["param_groups"]]
+    scalars: dict = {}
+    for part in parts:
+        if len(part["param_groups"]) != len(groups):
+            raise CheckpointError("the stages' optimizers have different numbers of parameter groups")
+        for merged, g in zip(groups, part["param_groups"]):
+            merged["params"] += g["params"]
+        scalars.update(part["scalars"])
+    return {"param_groups": groups, "scalars": scalars}
+
+
 def _rank_world(par) -> tuple[int, int]:
     """This rank's place and the number of ranks among ``par``'s (0, 1 with no process group)."""
     if par is None:
@@ -347,6 +372,8 @@ def save_distributed(
             error = f"cannot write the checkpoint {path}: {_one_line(err)}"
     _agree(par, error)  # also: nobody writes into tmp before rank 0 has emptied it
     state, opt_json = _save_state(model, optimizer, par, rng if rank == 0 else None)
+    if _partial(par):
+        opt_json = _merged_optimizer(par, opt_json)
     per_rank = _per_rank_keys(model.state_dict(), par)
     md = _write_parts(path, state, par, rank)
     parts = _gather_digests(par, _own_digests(path, md, rank), world)
@@ -484,9 +511,10 @@ def _read_metadata(path: Path, manifest: dict):
     return md, tensors
 
 
-def _check_model(path: Path, tensors: dict, expected: dict, per_rank: tuple = ()) -> None:
+def _check_model(path: Path, tensors: dict, expected: dict, per_rank: tuple = (), part: bool = False) -> None:
     """CheckpointError unless the checkpoint holds exactly ``expected`` (name -> global shape) under
-    ``model.`` (a ``per_rank`` name: one row of that shape per saving rank)."""
+    ``model.`` (a ``per_rank`` name: one row of that shape per saving rank); ``part``: at least
+    ``expected`` (a pipeline stage's part of the model)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     saved = {
@@ -495,7 +523,7 @@ def _check_model(path: Path, tensors: dict, expected: dict, per_rank: tuple = ()
         if k.startswith(MODEL) and isinstance(v, TensorStorageMetadata)
     }
     missing = [k for k in expected if k not in saved]
-    extra = [k for k in saved if k not in expected]
+    extra = [] if part else [k for k in saved if k not in expected]
     shapes = [
         f"{k} is {saved[k]} in the checkpoint, {expected[k]} in the model"
         for k in expected
@@ -557,7 +585,7 @@ def load_distributed(
         model_sd = model.state_dict()
         per_rank = tuple(manifest.get("per_rank", ()))
         shapes = {k: tuple(v.shape) for k, v in model_sd.items()}  # a DTensor's shape is global
-        _check_model(path, tensors, shapes, per_rank)
+        _check_model(path, tensors, shapes, per_rank, part=_partial(par))
         state = {MODEL + k: v for k, v in model_sd.items()}
         rows = {k: _row_target(model_sd[k], tensors[MODEL + k], par, world) for k in per_rank}
         state.update({MODEL + k: t for k, t in rows.items()})
@@ -612,7 +640,13 @@ def _optimizer_targets(
         raise CheckpointError(f"checkpoint {path} has no optimizer state to resume from")
     names = _param_names(model, optimizer)
     saved_names = [g["params"] for g in saved["param_groups"]]
-    if saved_names != names:
+    part = _partial(par)  # a stage's groups: part of each saved group
+    fits = (
+        len(saved_names) == len(names) and all(set(n) <= set(sn) for n, sn in zip(names, saved_names))
+        if part
+        else saved_names == names
+    )
+    if not fits:
         raise CheckpointError(
             f"checkpoint {path} does not fit this optimizer: its parameter groups hold other "
             f"parameters ({[len(n) for n in saved_names]} per group; this optimizer: {[len(n) for n in names]})"
@@ -622,6 +656,8 @@ def _optimizer_targets(
         if not k.startswith(OPTIM) or not isinstance(v, TensorStorageMetadata):
             continue
         name = k[len(OPTIM) :].rsplit(".", 1)[0]
+        if part and name not in params:
+            continue  # another stage's
         if name not in params:
             raise CheckpointError(
                 f"checkpoint {path} does not fit this model: optimizer state for an unknown parameter {name!r}"
@@ -637,7 +673,7 @@ def _optimizer_targets(
             )
         else:
             state[k] = torch.empty(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
-    return saved["param_groups"]
+    return [dict(g, params=n) for g, n in zip(saved["param_groups"], names)] if part else saved["param_groups"]
 
 
 def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: list) -> None:
@@ -650,7 +686,8 @@ def _load_optimizer(path: Path, optimizer, manifest: dict, state: dict, groups: 
             opt_state.setdefault(i, {})[key] = v
     for k, v in (manifest["optimizer"].get("scalars") or {}).items():
         name, key = k.rsplit(".", 1)
-        opt_state.setdefault(index[name], {})[key] = v
+        if name in index:  # (a pipeline stage reads its own parameters' only)
+            opt_state.setdefault(index[name], {})[key] = v
     # JSON made tuples (AdamW's betas) lists: give them back the optimizer's own types
     param_groups = [
         {
