@@ -17,23 +17,26 @@ from moekit.models import MoETransformer
 from moekit.parallel.pipeline import LMPipeline, pipeline_stage
 
 
-def _config() -> LMConfig:
+def _config(tie: bool = False) -> LMConfig:
     moe = MoEConfig(dim=32, hidden_dim=24, num_experts=4, top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01)
     return LMConfig(
-        vocab_size=50, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16, tie_embeddings=False, moe=moe
+        vocab_size=50, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16, tie_embeddings=tie, moe=moe
     )
 
 
-def pipeline_equals_accumulation(rank: int, world: int, store: str, out_dir: str, schedule: str) -> None:
+def pipeline_equals_accumulation(
+    rank: int, world: int, store: str, out_dir: str, schedule: str, tie: bool = False
+) -> None:
     """Issue 25, item 11: ``world`` stages over 4 microbatches (1F1B or GPipe): every stage's
     gradients, its routing statistics and the last stage's loss equal one process accumulating
     the same microbatches (float64; masked targets; auxiliary losses on every stage); so do the
-    gradients clipped by the whole model's norm and a forward-only evaluation's loss."""
+    gradients clipped by the whole model's norm and a forward-only evaluation's loss. ``tie``:
+    with the input embedding tied to the output projection (held by the first and last stage)."""
     init(rank, world, store, timeout_s=60)
 
     def check():
         torch.manual_seed(0)
-        ref = MoETransformer(_config()).double()
+        ref = MoETransformer(_config(tie)).double()
         model = copy.deepcopy(ref)
         M = 4
         idx = torch.randint(0, 50, (8, 12))
@@ -79,11 +82,11 @@ def pipeline_equals_accumulation(rank: int, world: int, store: str, out_dir: str
             assert ev is not None and abs(float(ev) - want_ev) < 1e-6 * want_ev, (float(ev), want_ev)
         assert stage.training  # evaluate puts the stage back in training mode
 
-    _record(out_dir, f"pipeline-{schedule}", check)
+    _record(out_dir, f"pipeline-{schedule}{'-tied' if tie else ''}", check)
     dist.destroy_process_group()
 
 
-def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str) -> None:
+def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str, tie: bool = False) -> None:
     """Every stage saves its part of the model and of AdamW's state into one DCP folder: a fresh
     pipeline (other initial weights) loads its stage back exactly, and one process reads the
     folder as the whole model and optimizer one process has after the same step."""
@@ -96,7 +99,7 @@ def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str) -> None
     def check():
         def built(seed: int):
             torch.manual_seed(seed)
-            full = MoETransformer(_config()).double()
+            full = MoETransformer(_config(tie)).double()
             ref = copy.deepcopy(full)
             stage = pipeline_stage(full, rank, world, 4)
             pipe = LMPipeline(stage, rank, world, 4)
@@ -112,7 +115,7 @@ def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str) -> None
             out = ref(i_mb, t_mb)
             (out.loss_sum / n + out.aux_loss / 4).backward()
         ref_opt.step()
-        folder = os.path.join(out_dir, "pp.dcp")
+        folder = os.path.join(out_dir, f"pp{int(tie)}.dcp")
         save_distributed(folder, stage.model, opt, pipe, meta={"step": 1})
         _, fresh, fresh_pipe, fresh_opt = built(7)
         load_distributed(folder, fresh.model, fresh_opt, fresh_pipe)
@@ -131,5 +134,5 @@ def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str) -> None
             for i, st in want["state"].items():
                 torch.testing.assert_close(opt_sd["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-10, atol=1e-12)
 
-    _record(out_dir, "pipeline-checkpoint", check)
+    _record(out_dir, f"pipeline-checkpoint{'-tied' if tie else ''}", check)
     dist.destroy_process_group()

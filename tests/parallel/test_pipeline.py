@@ -18,10 +18,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("world,schedule", [(2, "1f1b"), (4, "1f1b"), (2, "gpipe")])
-def test_pipeline_stages_give_one_process_accumulating_the_microbatches(tmp_path, world, schedule):
-    spawn(W.pipeline_equals_accumulation, world, tmp_path, schedule)
-    results(tmp_path, f"pipeline-{schedule}", world)
+@pytest.mark.parametrize(
+    "world,schedule,tie", [(2, "1f1b", False), (4, "1f1b", False), (2, "gpipe", False), (4, "1f1b", True)]
+)
+def test_pipeline_stages_give_one_process_accumulating_the_microbatches(tmp_path, world, schedule, tie):
+    spawn(W.pipeline_equals_accumulation, world, tmp_path, schedule, tie)
+    results(tmp_path, f"pipeline-{schedule}{'-tied' if tie else ''}", world)
 
 
 def test_stage_bounds_and_what_a_pipeline_refuses():
@@ -29,7 +31,6 @@ def test_stage_bounds_and_what_a_pipeline_refuses():
     assert stage_bounds(5, 3) == [(0, 2), (2, 4), (4, 5)]
     cfg = W._config()
     for change, msg in [
-        (dict(tie_embeddings=True), "untied input and output embeddings"),
         (dict(balance_pooling="model"), 'balance_pooling="layer"'),
     ]:
         with pytest.raises(ValueError, match=msg):
@@ -42,6 +43,7 @@ def test_stage_bounds_and_what_a_pipeline_refuses():
         pipeline_stage(MoETransformer(cfg), 2, 2, 4)
 
 
-def test_pipeline_stages_save_one_checkpoint_that_loads_per_stage_and_whole(tmp_path):
-    spawn(W.pipeline_checkpoint, 2, tmp_path)
-    results(tmp_path, "pipeline-checkpoint", 2)
+@pytest.mark.parametrize("tie", [False, True])
+def test_pipeline_stages_save_one_checkpoint_that_loads_per_stage_and_whole(tmp_path, tie):
+    spawn(W.pipeline_checkpoint, 2, tmp_path, tie)
+    results(tmp_path, f"pipeline-checkpoint{'-tied' if tie else ''}", 2)

@@ -13,8 +13,9 @@ stages' auxiliary losses divided by the number of microbatches. A stage's auxili
 the backward through its output (:class:`_WithAuxLoss`, the trick Megatron-Core's MoE uses):
 its gradient arrives with the output's, so the schedule needs no extra communication.
 
-Not here yet: tied input and output embeddings (the first and last stage would each hold the
-weight and need their gradients summed), a balance loss pooled over all layers
+Tied input and output embeddings: the first and the last stage each hold the weight, and
+:meth:`LMPipeline.step` sums its two gradients between them (Megatron-LM's embedding group), so
+both copies take the same optimizer steps. Not here yet: a balance loss pooled over all layers
 (``balance_pooling="model"``), hash routing (it reads the token ids, which only the first stage
 has), and composition with expert or data parallelism on the same ranks.
 """
@@ -97,11 +98,6 @@ def check_pipelinable(model: MoETransformer, n_stages: int, n_microbatches: int)
         raise ValueError(
             f"microbatches must be at least the {n_stages} stages (1F1B fills the pipe); got {n_microbatches}"
         )
-    if cfg.tie_embeddings and n_stages > 1:
-        raise ValueError(
-            "pipeline parallelism needs untied input and output embeddings (tie_embeddings=False): "
-            "the first and last stage would both hold the tied weight"
-        )
     if cfg.moe is not None and cfg.balance_pooling == "model":
         raise ValueError(
             'pipeline parallelism needs balance_pooling="layer": a balance loss pooled over all layers spans the stages'
@@ -123,7 +119,7 @@ def pipeline_stage(model: MoETransformer, stage: int, n_stages: int, n_microbatc
     for i in range(model.cfg.n_layers):
         if not start <= i < stop:
             model.blocks[i] = _Skipped()
-    if not first:
+    if not first and not (last and model.cfg.tie_embeddings):  # tied: the last stage's output projection
         model.embed = None  # type: ignore[assignment]  # the stage's forward reads it on the first stage only
     if not last:
         model.norm = None  # type: ignore[assignment]  # and these on the last only
@@ -152,8 +148,29 @@ class LMPipeline:
         self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
         self.partial_model = True  # for moekit.train.distcp: each rank saves and loads its stage's part
         self.n_microbatches, self.group, self.schedule = n_microbatches, group, schedule
+        self._tied_group = self._embedding_group() if stage.model.cfg.tie_embeddings and n_stages > 1 else None
         self._schedules: dict[tuple[int, int], Any] = {}  # per batch shape
         self._n_targets: Optional[Tensor] = None
+
+    def _embedding_group(self):
+        """The group of the first and the last stage (made on every rank: ``new_group`` is collective)."""
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
+        return dist.new_group([ranks[0], ranks[self.n_stages - 1]])  # stage i runs on the group's rank i
+
+    def _sum_tied_embedding(self) -> None:
+        """The tied embedding's gradient summed over its two holders (first and last stage)."""
+        import torch.distributed as dist
+
+        from .collectives import run_collective
+
+        if self._tied_group is None or not (self.stage.first or self.stage.last):
+            return
+        w = self.stage.model.embed.weight
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        run_collective("tied-embedding gradient all-reduce", dist.all_reduce, w.grad, group=self._tied_group)
 
     def _schedule_for(self, B: int, S: int):
         """The schedule over a stage told its microbatches' shapes (made once per batch shape)."""
@@ -196,8 +213,12 @@ class LMPipeline:
 
         params = [p for p in self.stage.parameters() if p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
+        counted = grads
+        if self._tied_group is not None and self.stage.last:  # the tied weight: counted on the first stage
+            tied = self.stage.model.embed.weight
+            counted = [p.grad for p in params if p is not tied and p.grad is not None]
         sq = torch.zeros(1, dtype=torch.float64)
-        for g in grads:
+        for g in counted:
             sq += g.detach().double().square().sum().cpu()
         run_collective("pipeline gradient-norm all-reduce", dist.all_reduce, sq, group=self.group)
         total = sq.sqrt().squeeze(0)
@@ -239,6 +260,8 @@ class LMPipeline:
         args = (idx_BS,) if self.stage.first else ()
         kwargs = {"target": targets_BS, "losses": losses} if self.stage.last else {}
         (schedule.step if train else schedule.eval)(*args, **kwargs)
+        if train:
+            self._sum_tied_embedding()
         return torch.stack(losses).sum().detach() if self.stage.last else None
 
 

@@ -217,7 +217,7 @@ def _merged_optimizer(par, opt_json: Optional[dict]) -> Optional[dict]:
         if len(part["param_groups"]) != len(groups):
             raise CheckpointError("the stages' optimizers have different numbers of parameter groups")
         for merged, g in zip(groups, part["param_groups"]):
-            merged["params"] += g["params"]
+            merged["params"] += [n for n in g["params"] if n not in merged["params"]]  # a tied weight: once
         scalars.update(part["scalars"])
     return {"param_groups": groups, "scalars": scalars}
 
