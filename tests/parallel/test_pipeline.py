@@ -47,3 +47,26 @@ def test_stage_bounds_and_what_a_pipeline_refuses():
 def test_pipeline_stages_save_one_checkpoint_that_loads_per_stage_and_whole(tmp_path, tie):
     spawn(W.pipeline_checkpoint, 2, tmp_path, tie)
     results(tmp_path, f"pipeline-checkpoint{'-tied' if tie else ''}", 2)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_stage_built_on_meta_gets_the_one_process_values_of_its_part(tie):
+    """Each of 3 stages, built on the meta device and materialised, holds exactly the values the
+    same seed gives one process, drawing (and dropping) the other stages' parameters in order."""
+    import torch
+
+    cfg = dataclasses.replace(W._config(tie), n_layers=5)
+    torch.manual_seed(3)
+    ref = MoETransformer(cfg)
+    after = torch.rand(3)  # where the generator is once the whole model is drawn
+    for s in range(3):
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        stage = pipeline_stage(model, s, 3, 4)
+        stage.model.materialize_("cpu")
+        assert torch.equal(torch.rand(3), after), s
+        want = ref.state_dict()
+        got = stage.model.state_dict()
+        assert got and all(torch.equal(v, want[k]) for k, v in got.items()), s
+        assert ("embed.weight" in got) == (s == 0 or (tie and s == 2))

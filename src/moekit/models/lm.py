@@ -258,7 +258,9 @@ def _normal_(p: Tensor, std: float, chunk_bytes: Optional[int] = None) -> None:
     DeepSeek-V3-sized stacked expert weight is ~15 GB in float32). CPU ``normal_`` turns each 16
     uniforms into 16 normals and redraws the last 16 values when the count is not a multiple of 16:
     blocks of whole rows holding a multiple of 16 values, the last holding at least 16, give the
-    very values of one draw (tested against it). ``chunk_bytes``: default :data:`INIT_CHUNK_BYTES`."""
+    very values of one draw (tested against it). A meta ``p`` (a parameter another pipeline stage
+    holds) is drawn and dropped, block by block, leaving the generator where a draw of it would.
+    ``chunk_bytes``: default :data:`INIT_CHUNK_BYTES`."""
     chunk_bytes = chunk_bytes or INIT_CHUNK_BYTES
     shape = tuple(p.shape)
     row = math.prod(shape[1:])
@@ -276,7 +278,7 @@ def _normal_(p: Tensor, std: float, chunk_bytes: Optional[int] = None) -> None:
             end = shape[0]
         block = torch.empty((end - start, *shape[1:]), dtype=p.dtype).normal_(0.0, std)
         lo, hi = max(start, offset[0]), min(end, offset[0] + lshape[0])
-        if lo < hi:  # this rank's rows of the block, and its columns of them
+        if lo < hi and not local.is_meta:  # this rank's rows of the block, and its columns of them
             cols = tuple(slice(o, o + n) for o, n in zip(offset[1:], lshape[1:]))
             local[lo - offset[0] : hi - offset[0]].copy_(block[(slice(lo - start, hi - start),) + cols])
         start = end
@@ -323,6 +325,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"moe: a causal language model cannot use this MoE layer: {why}")
         self.cfg = cfg
         self.activation_checkpointing = "none"  # "full" or "selective" in training: see forward
+        self._pruned = False  # a pipeline stage's part of the model (moekit.parallel.pipeline): see reset_parameters
         rng = torch.get_rng_state()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -365,21 +368,26 @@ class MoETransformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, init_std), output projections scaled by 1/sqrt(2 * layers).
         Parameters are drawn in order from the CPU generator, each as one draw of its full tensor
-        would give, in bounded blocks, and each parameter keeps its part (:func:`_normal_`)."""
+        would give, in bounded blocks, and each parameter keeps its part (:func:`_normal_`); a
+        pipeline stage's model draws (and drops) the other stages' parameters too, so it gets
+        the one-process values of its own."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
+        held = dict(self.named_parameters())
+        with torch.device("meta"):  # every parameter of the whole model, in order (a pipeline stage holds some)
+            whole = MoETransformer(self.cfg).named_parameters() if self._pruned else held.items()
+        for name, p in whole:
+            if name.endswith("norm.weight") or not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
+                if name in held:
+                    held[name].fill_(1.0 if name.endswith("norm.weight") else 0.0)
                 continue
-            if not (name.endswith(("w_down", "wo.weight")) or p.dim() >= 2):
-                p.zero_()
-                continue
-            _normal_(p, out_std if name.endswith(("w_down", "wo.weight")) else std)
+            p_std = out_std if name.endswith(("w_down", "wo.weight")) else std
+            _normal_(held[name] if name in held else torch.empty(p.shape, device="meta"), p_std)
 
     @property
     def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        # (a pipeline stage's placeholders for other stages' blocks have no ffn)
+        return [f for f in (getattr(b, "ffn", None) for b in self.blocks) if isinstance(f, MoE)]
 
     def forward(
         self,

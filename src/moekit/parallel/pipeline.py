@@ -110,7 +110,9 @@ def check_pipelinable(model: MoETransformer, n_stages: int, n_microbatches: int)
 
 def pipeline_stage(model: MoETransformer, stage: int, n_stages: int, n_microbatches: int) -> LMStage:
     """Prune ``model`` (in place) to pipeline stage ``stage`` of ``n_stages`` and wrap it. Build the
-    same model on every rank first (same seed, or the meta device then ``materialize_``)."""
+    same model on every rank first: from the same seed, or on the meta device (then call
+    ``stage.model.materialize_(device)``: the stage gets the one-process values and no rank ever
+    holds the whole model)."""
     check_pipelinable(model, n_stages, n_microbatches)
     if not 0 <= stage < n_stages:
         raise ValueError(f"stage must be in [0, {n_stages}); got {stage}")
@@ -119,6 +121,7 @@ def pipeline_stage(model: MoETransformer, stage: int, n_stages: int, n_microbatc
     for i in range(model.cfg.n_layers):
         if not start <= i < stop:
             model.blocks[i] = _Skipped()
+    model._pruned = True  # materialize_ then draws the one-process values of what the stage holds
     if not first and not (last and model.cfg.tie_embeddings):  # tied: the last stage's output projection
         model.embed = None  # type: ignore[assignment]  # the stage's forward reads it on the first stage only
     if not last:
