@@ -155,17 +155,18 @@ def test_input_moments_are_each_experts_routed_rows_and_give_its_output_error():
     ((s_up, s_down),) = expert_input_moments(moe, x_BSD, batch=2)
     ids_TK = moe.eval()(x_BSD).experts_TK
     x_TD, ex = x_BSD.reshape(-1, 64), moe.experts
-    for e in range(4):
-        rows = x_TD[(ids_TK == e).any(-1)]
-        a = ACTIVATIONS[ex.kind](rows @ ex.w_up[e])
-        torch.testing.assert_close(s_up[e], rows.square().sum(0))
-        torch.testing.assert_close(s_down[e], a.square().sum(0))
-        want = 0.0  # with uncorrelated input channels: each output's error summed over the channels
-        for w, inp in ((ex.w_up[e], rows), (ex.w_down[e], a)):
-            q = LowBitWeight.quantize(w.t(), "int4:32").dequantize(torch.float64).t()
-            want += float((inp.unsqueeze(-1) * (q - w)).pow(2).sum())
-        got = expert_output_error(ex, e, "int4:32", (s_up, s_down))
-        assert abs(got - want) <= 1e-9 * want, (e, got, want)
+    with torch.no_grad():  # the references
+        for e in range(4):
+            rows = x_TD[(ids_TK == e).any(-1)]
+            a = ACTIVATIONS[ex.kind](rows @ ex.w_up[e])
+            torch.testing.assert_close(s_up[e], rows.square().sum(0))
+            torch.testing.assert_close(s_down[e], a.square().sum(0))
+            want = 0.0  # with uncorrelated input channels: each output's error summed over the channels
+            for w, inp in ((ex.w_up[e], rows), (ex.w_down[e], a)):
+                q = LowBitWeight.quantize(w.t(), "int4:32").dequantize(torch.float64).t()
+                want += float((inp.unsqueeze(-1) * (q - w)).pow(2).sum())
+            got = expert_output_error(ex, e, "int4:32", (s_up, s_down))
+            assert abs(got - want) <= 1e-9 * want, (e, got, want)
 
 
 def test_calibrated_formats_go_to_the_experts_whose_output_error_is_largest():
