@@ -2,13 +2,14 @@
 weight reads split between threads, each running its share on one intra-op thread (llama.cpp's
 way: every thread reads its own rows).
 
-Measured on this project's CPU (benchmarks/RESULTS.md, "Decode threads"): float32
-``F.linear``/``matmul`` GEMVs do not use a second intra-op thread at all (16.5 GB/s at 1 thread
-and at 2), while two Python threads each running half the rows on one intra-op thread read 24.5
-GB/s, and a layer's 8 chosen experts split 4 and 4 read 27.7 against 18.8. torch's ops release
-the GIL while they run, so one thread's GEMVs overlap the other's. The 16-bit and low-bit kernels
-do use their intra-op threads (fp16 34.7 GB/s at 2): splitting them was slower (int8's decode 65
--> 55 tok/s), so only :data:`SPLIT_DTYPES` split.
+Measured on this project's CPU (``benchmarks/decode_gemv.py``; benchmarks/RESULTS.md, "Decode
+threads and compiled decoding on the CPU"): float32 ``F.linear``/``matmul`` GEMVs do not use a
+second intra-op thread at all (~17 GB/s at 1 thread and at 2), while two Python threads each
+running half the rows on one intra-op thread read 24.6-26.7 GB/s, and a layer's 8 chosen experts
+split 4 and 4 read 29.3 against 19.7. torch's ops release the GIL while they run, so one thread's
+GEMVs overlap the other's. The 16-bit and low-bit kernels do use their intra-op threads (fp16
+30.2 GB/s at 2, 14.6 split): splitting them was slower (int8's decode 65 -> 55 tok/s), so only
+models mostly in :data:`SPLIT_DTYPES` split.
 
 :func:`decode_threads` turns it on for a block of code (the generator's one-token steps); inside
 it :func:`split_rows` computes one linear map by row blocks and :func:`split_sum` deals out a sum
@@ -135,7 +136,7 @@ def _accumulate(share: Sequence[J], run: Callable[[J, Tensor], object], acc: Ten
 def linear(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear``, by row blocks of ``w_OI`` on the threads inside :func:`decode_threads`;
     compiled for one row on the CPU, a multiply-and-sum that inductor makes one threaded loop over
-    the weight's rows (22 GB/s at 1 thread where MKL's GEMV reads 15.6: RESULTS.md)."""
+    the weight's rows (24.5 GB/s at 1 thread where MKL's GEMV reads 17: benchmarks/decode_gemv.py)."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1] and w_OI.dim() == 2:
         y_RO = (x.unsqueeze(-2) * w_OI).sum(-1)
         return y_RO if bias is None else y_RO + bias

@@ -133,9 +133,9 @@ class GroupedExperts(StackedExperts):
     def rows_major_(self) -> GroupedExperts:
         """Each expert's projections laid out in memory as ``(out, in)`` (the checkpoints'
         layout), the shapes and values unchanged: ``w_up`` stays ``(E, D, H)`` with strides
-        ``(H*D, 1, D)``. Compiled CPU decoding then sums each output over contiguous weights: 27
-        against 13 GB/s at 1 thread (benchmarks/RESULTS.md, "Compiled decoding"). Training and the
-        eager paths compute the same on either layout."""
+        ``(H*D, 1, D)``. Compiled CPU decoding then sums each output over contiguous weights: 30
+        against 13 GB/s at 1 thread (``benchmarks/decode_gemv.py``). Training and the eager paths
+        compute the same on either layout."""
         with torch.no_grad():
             for w in (self.w_up, self.w_down):
                 if not isinstance(w, DTensor) and w.stride(1) != 1:

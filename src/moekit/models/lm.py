@@ -535,7 +535,7 @@ class MoETransformer(nn.Module):
         loops read each output's weights contiguously: fp32 1.7x, bf16 2.1x the compiled tokens/s)
         or the experts are 16-bit (PyTorch's eager 16-bit GEMV reads the other layout ~10x slower:
         fp16 3.9 -> 42 tok/s); float32 eager keeps the stacked layout MKL reads fastest.
-        benchmarks/RESULTS.md, "Compiled decoding"."""
+        benchmarks/RESULTS.md, "Decode threads and compiled decoding on the CPU"."""
         for moe in self.moe_layers:
             experts = moe.experts
             if isinstance(experts, GroupedExperts) and experts.w_up.device.type == "cpu":
