@@ -101,15 +101,12 @@ def expert_input_moments(model: nn.Module, idx_BS: Tensor, batch: int = 8) -> li
     def hook(i: int, ex: GroupedExperts):
         @torch.no_grad()
         def record(module, args):
-            x_RD, counts_E = args[0].detach(), args[1].tolist()
-            start = 0
-            for e, n in enumerate(counts_E):
-                if n:
-                    x = x_RD[start : start + n]
+            counts = args[1].tolist()
+            for e, x in enumerate(args[0].detach()[: sum(counts)].split(counts)):  # the rows past them: padding
+                if len(x):
                     a = ACTIVATIONS[ex.kind](x @ ex.w_up[e].detach().to(x.dtype))
                     sums[i][0][e] += x.double().square().sum(0).cpu()
                     sums[i][1][e] += a.double().square().sum(0).cpu()
-                start += n
 
         return record
 

@@ -248,6 +248,16 @@ class LMOutput:
         return aux
 
 
+IGNORE_INDEX = -100  # a target that counts for nothing (masked)
+
+
+def summed_cross_entropy(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
+    """Next-token cross-entropy summed over the counted targets (not :data:`IGNORE_INDEX`), in
+    float32 whatever the logits' dtype."""
+    logits_NV = logits_BSV.float().reshape(-1, logits_BSV.shape[-1])
+    return F.cross_entropy(logits_NV, targets_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 INIT_CHUNK_BYTES = 64 * 2**20  # a parameter's initial values are drawn at most about this many bytes at a time
 
 
@@ -381,8 +391,8 @@ class MoETransformer(nn.Module):
                 if name in held:
                     held[name].fill_(1.0 if name.endswith("norm.weight") else 0.0)
                 continue
-            p_std = out_std if name.endswith(("w_down", "wo.weight")) else std
-            _normal_(held[name] if name in held else torch.empty(p.shape, device="meta"), p_std)
+            # another stage's parameter: ``p`` itself, on meta, is drawn and dropped
+            _normal_(held.get(name, p), out_std if name.endswith(("w_down", "wo.weight")) else std)
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -421,10 +431,8 @@ class MoETransformer(nn.Module):
         logits = self._logits(x)
         loss = loss_sum = n_targets = None
         if targets_BS is not None:  # summed, then divided: data parallelism divides by every rank's count
-            flat_targets = targets_BS.reshape(-1)
-            logits_NV = logits.float().view(-1, logits.shape[-1])
-            loss_sum = F.cross_entropy(logits_NV, flat_targets, ignore_index=-100, reduction="sum")
-            n_targets = (flat_targets != -100).sum()
+            loss_sum = summed_cross_entropy(logits, targets_BS)
+            n_targets = (targets_BS != IGNORE_INDEX).sum()
             loss = loss_sum / n_targets
         pooled = (
             self.cfg.moe.balance_loss_weight

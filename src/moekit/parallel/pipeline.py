@@ -25,10 +25,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..models.lm import MoETransformer
+from ..models.lm import IGNORE_INDEX, MoETransformer, summed_cross_entropy
+from .collectives import run_collective
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -157,17 +158,11 @@ class LMPipeline:
 
     def _embedding_group(self):
         """The group of the first and the last stage (made on every rank: ``new_group`` is collective)."""
-        import torch.distributed as dist
-
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
         return dist.new_group([ranks[0], ranks[self.n_stages - 1]])  # stage i runs on the group's rank i
 
     def _sum_tied_embedding(self) -> None:
         """The tied embedding's gradient summed over its two holders (first and last stage)."""
-        import torch.distributed as dist
-
-        from .collectives import run_collective
-
         if self._tied_group is None or not (self.stage.first or self.stage.last):
             return
         w = self.stage.model.embed.weight
@@ -200,33 +195,22 @@ class LMPipeline:
     def _loss(self, logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
         """A microbatch's summed cross-entropy over the whole batch's counted targets."""
         assert self._n_targets is not None  # set by step before the schedule runs
-        loss_sum = F.cross_entropy(
-            logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100, reduction="sum"
-        )
-        return loss_sum / self._n_targets
+        return summed_cross_entropy(logits_BSV, targets_BS) / self._n_targets
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Clip every stage's gradients by the norm of the whole model's (one all-reduce of the
-        stages' squared norms over the pipeline group), as one process would; returns that norm.
-        torchtitan's recipe for pipeline parallelism."""
-        import torch.distributed as dist
-
-        from .collectives import run_collective
-
+        """Clip every stage's gradients by the norm of the whole model's (PyTorch's
+        ``get_total_norm`` per stage, one all-reduce of the squares over the pipeline group, then
+        ``clip_grads_with_norm_``), as one process would; returns that norm. torchtitan's recipe
+        for pipeline parallelism."""
         params = [p for p in self.stage.parameters() if p.grad is not None]
-        grads = [p.grad for p in params if p.grad is not None]
-        counted = grads
-        if self._tied_group is not None and self.stage.last:  # the tied weight: counted on the first stage
-            tied = self.stage.model.embed.weight
-            counted = [p.grad for p in params if p is not tied and p.grad is not None]
-        sq = torch.zeros(1, dtype=torch.float64)
-        for g in counted:
-            sq += g.detach().double().square().sum().cpu()
+        tied = self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
+        counted = [p.grad for p in params if p is not tied and p.grad is not None]  # tied: counted on the first stage
+        sq = torch.nn.utils.get_total_norm(counted, 2.0).double().cpu().square().reshape(1)
         run_collective("pipeline gradient-norm all-reduce", dist.all_reduce, sq, group=self.group)
         total = sq.sqrt().squeeze(0)
-        if grads:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].device, torch.float32))
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device, torch.float32))
         return total.float()
 
     def evaluate(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
@@ -259,7 +243,7 @@ class LMPipeline:
         losses: list[Tensor] = []
         if self.stage.last:
             assert targets_BS is not None  # checked above
-            self._n_targets = (targets_BS != -100).sum().clamp(min=1)
+            self._n_targets = (targets_BS != IGNORE_INDEX).sum().clamp(min=1)
         args = (idx_BS,) if self.stage.first else ()
         kwargs = {"target": targets_BS, "losses": losses} if self.stage.last else {}
         (schedule.step if train else schedule.eval)(*args, **kwargs)
