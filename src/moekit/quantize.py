@@ -465,12 +465,15 @@ def _quantize_rest(model: nn.Module, fmt: str, group_size: int) -> None:
         return LowBitWeight.quantize(w_OI, fmt if ok else "int8", group_size)
 
     def ffn(f: FeedForward) -> LowBitFeedForward:
-        ok = fits(fmt, f.w_up.shape[1], f.dim, group_size) and fits(fmt, f.dim, f.hidden_dim, group_size)
+        up_width = f.hidden_dim * (2 if GATED[f.kind] else 1)
+        ok = fits(fmt, up_width, f.dim, group_size) and fits(fmt, f.dim, f.hidden_dim, group_size)
         return LowBitFeedForward.of(f, fmt if ok else "int8", group_size)
 
     for m in list(model.modules()):
         if isinstance(m, Attention):
-            m.wqkv = LowBitLinear(linear(m.wqkv.weight), m.wqkv.bias)  # type: ignore[assignment]
+            for n in ("wq", "wk", "wv"):
+                proj = getattr(m, n)
+                setattr(m, n, LowBitLinear(linear(proj.weight), proj.bias))
             m.wo = LowBitLinear(linear(m.wo.weight), m.wo.bias)  # type: ignore[assignment]
         elif isinstance(m, MoE) and isinstance(m.shared, FeedForward):
             m.shared = ffn(m.shared)  # type: ignore[assignment]

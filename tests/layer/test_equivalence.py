@@ -30,18 +30,19 @@ def test_one_expert_top1_moe_equals_dense_ffn(kind, backend):
     moe = MoE(MoEConfig(dim=16, hidden_dim=32, num_experts=1, top_k=1, expert=kind, backend=backend, **NO_AUX))
     ffn = FeedForward(16, 32, kind)
     with torch.no_grad():
-        ffn.w_up.copy_(moe.experts.w_up[0])
+        ffn.load_fused_up_(moe.experts.w_up[0])
         ffn.w_down.copy_(moe.experts.w_down[0])
     x = torch.randn(3, 5, 16, requires_grad=True)
     g = torch.randn(3, 5, 16)
     out = moe(x).out
     ref = ffn(x)
     torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(ref, dense_ffn(x, ffn.w_up, ffn.w_down, kind))
+    torch.testing.assert_close(ref, dense_ffn(x, ffn.fused_up, ffn.w_down, kind))
     gx, gp = _grads(moe, x, out, g)
     gx_ref, gp_ref = _grads(ffn, x, ffn(x), g)
     torch.testing.assert_close(gx, gx_ref)
-    torch.testing.assert_close(gp["experts.w_up"][0], gp_ref["w_up"])
+    fused_ref = torch.cat([gp_ref["w_gate"], gp_ref["w_up"]], 1) if "w_gate" in gp_ref else gp_ref["w_up"]
+    torch.testing.assert_close(gp["experts.w_up"][0], fused_ref)
     torch.testing.assert_close(gp["experts.w_down"][0], gp_ref["w_down"])
 
 
@@ -176,11 +177,11 @@ def test_shared_experts_add_a_dense_ffn(gate):
         shared_expert_gate=gate,
     )
     moe = MoE(cfg).eval()
-    assert moe.shared.w_up.shape == (16, 2 * 2 * 12)
+    assert moe.shared.w_gate.shape == moe.shared.w_up.shape == (16, 2 * 12)
     x = torch.randn(10, 16)
     routing = moe.router(x, 2)
     routed = moe_reference(x, routing.experts_TK, routing.weights_TK, moe.experts.w_up, moe.experts.w_down)
-    shared = dense_ffn(x, moe.shared.w_up, moe.shared.w_down)
+    shared = dense_ffn(x, moe.shared.fused_up, moe.shared.w_down)
     if gate:
         shared = shared * torch.sigmoid(x @ moe.shared_gate.weight.t())
     torch.testing.assert_close(moe(x).out, routed + shared)

@@ -42,9 +42,9 @@ def test_from_dense_equals_dense_ffn(kind, router, top_k):
     cfg = MoEConfig(dim=D, hidden_dim=F_, num_experts=4, top_k=top_k, expert=kind, router=router, renormalize=True)
     moe = MoE.from_dense(ffn, cfg)
     for e in range(4):
-        assert torch.equal(moe.experts.w_up[e], ffn.w_up) and torch.equal(moe.experts.w_down[e], ffn.w_down)
+        assert torch.equal(moe.experts.w_up[e], ffn.fused_up) and torch.equal(moe.experts.w_down[e], ffn.w_down)
     x_BSD = torch.randn(2, 5, D)
-    want_BSD = dense_ffn(x_BSD, ffn.w_up.detach(), ffn.w_down.detach(), kind)
+    want_BSD = dense_ffn(x_BSD, ffn.fused_up.detach(), ffn.w_down.detach(), kind)
     for mode in (True, False):
         moe.train(mode)
         res = moe(x_BSD)

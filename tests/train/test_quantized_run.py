@@ -30,7 +30,7 @@ def test_a_quantized_run_reads_back_the_model_that_was_quantized(run, tmp_path, 
     assert re.search(r"perplexity [\d.]+ -> [\d.]+ \([+-][\d.]+%\), KL .*top-1 agreement [\d.]+%", text), text
     model, _ = load_run_model(str(out))
     assert all(isinstance(m.experts, QuantizedExperts) for m in model.moe_layers)
-    assert isinstance(model.blocks[0].attn.wqkv, LowBitLinear) == (rest is not None)
+    assert isinstance(model.blocks[0].attn.wq, LowBitLinear) == (rest is not None)
     ref, _ = load_run_model(run)
     # the same quantization, done on load ("auto" plans on 16 windows of the training split)
     cal = validation_windows(run, 16, split="train")[0] if fmt == "auto" else None

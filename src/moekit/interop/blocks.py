@@ -64,7 +64,9 @@ def deepseek_v3_moe(block: Any, config) -> MoE:
         moe.experts.w_up.copy_(ex.gate_up_proj.transpose(1, 2))
         moe.experts.w_down.copy_(ex.down_proj.transpose(1, 2))
         s = block.shared_experts
-        moe.shared.w_up.copy_(torch.cat([s.gate_proj.weight.t(), s.up_proj.weight.t()], 1))
+        assert moe.shared.w_gate is not None  # a SwiGLU shared expert
+        moe.shared.w_gate.copy_(s.gate_proj.weight.t())
+        moe.shared.w_up.copy_(s.up_proj.weight.t())
         moe.shared.w_down.copy_(s.down_proj.weight.t())
     return moe.eval()
 

@@ -5,7 +5,7 @@ Supported families (``model_type`` in config.json): Mixtral, Qwen2-MoE, Qwen3-Mo
 Weight layouts (transformers 5): ``experts.gate_up_proj`` (E, 2F, D) holds [gate; up] rows and
 ``experts.down_proj`` (E, D, F); moekit's ``GroupedExperts.w_up`` (E, D, 2F) holds [gate | up]
 columns and ``w_down`` (E, F, D): one transpose of the last two dims each way. q/k/v projections
-are concatenated (q heads, then k, then v) into moekit's fused ``wqkv``.
+map to moekit's ``wq``, ``wk``, ``wv``.
 """
 
 from __future__ import annotations
@@ -549,10 +549,10 @@ def hf_to_moekit_items(sd: Mapping[str, Tensor], cfg: LMConfig) -> Iterator[tupl
 
 
 def _hf_attention_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, a: str, q: str) -> dict:
-    """One attention block's tensors (transformers prefix ``a``, moekit prefix ``q``): q/k/v fused into ``wqkv``."""
-    out = {q + "wqkv.weight": torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"], 0)}
+    """One attention block's tensors (transformers prefix ``a``, moekit prefix ``q``)."""
+    out = {q + f"w{n}.weight": take(a + f"{n}_proj.weight") for n in "qkv"}
     if cfg.attn_bias:
-        out[q + "wqkv.bias"] = torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"], 0)
+        out.update({q + f"w{n}.bias": take(a + f"{n}_proj.bias") for n in "qkv"})
     out[q + "wo.weight"] = take(a + "o_proj.weight")
     if cfg.qk_norm:
         out[q + "q_norm.weight"] = take(a + "q_norm.weight")
@@ -573,7 +573,8 @@ def _hf_moe_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, m: str, q: s
         out[q + "router.bias_E"] = take(m + "gate.e_score_correction_bias")
     if cfg.moe.num_shared_experts:
         s = m + ("shared_experts." if glm else "shared_expert.")
-        out[q + "shared.w_up"] = torch.cat([take(s + "gate_proj.weight").t(), take(s + "up_proj.weight").t()], 1)
+        out[q + "shared.w_gate"] = take(s + "gate_proj.weight").t()
+        out[q + "shared.w_up"] = take(s + "up_proj.weight").t()
         out[q + "shared.w_down"] = take(s + "down_proj.weight").t()
         if cfg.moe.shared_expert_gate:
             out[q + "shared_gate.weight"] = take(m + "shared_expert_gate.weight")
@@ -583,7 +584,8 @@ def _hf_moe_to_moekit(take: Callable[[str], Tensor], cfg: LMConfig, m: str, q: s
 def _hf_mlp_to_moekit(take: Callable[[str], Tensor], m: str, q: str) -> dict:
     """One dense SwiGLU block's tensors (transformers prefix ``m``, moekit prefix ``q``)."""
     return {
-        q + "w_up": torch.cat([take(m + "gate_proj.weight").t(), take(m + "up_proj.weight").t()], 1),
+        q + "w_gate": take(m + "gate_proj.weight").t(),
+        q + "w_up": take(m + "up_proj.weight").t(),
         q + "w_down": take(m + "down_proj.weight").t(),
     }
 
@@ -595,17 +597,15 @@ def _moekit_to_hf(model: MoETransformer, family: str = "") -> dict:
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["head.weight"]
-    h, hk, dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
     for i in range(cfg.n_layers):
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[p + "input_layernorm.weight"] = sd[q + "attn_norm.weight"]
         out[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
         a = p + "self_attn."
-        for n, t in zip("qkv", sd[q + "attn.wqkv.weight"].split([h * dh, hk * dh, hk * dh], 0)):
-            out[a + f"{n}_proj.weight"] = t
-        if cfg.attn_bias:
-            for n, t in zip("qkv", sd[q + "attn.wqkv.bias"].split([h * dh, hk * dh, hk * dh], 0)):
-                out[a + f"{n}_proj.bias"] = t
+        for n in "qkv":
+            out[a + f"{n}_proj.weight"] = sd[q + f"attn.w{n}.weight"]
+            if cfg.attn_bias:
+                out[a + f"{n}_proj.bias"] = sd[q + f"attn.w{n}.bias"]
         out[a + "o_proj.weight"] = sd[q + "attn.wo.weight"]
         if cfg.qk_norm:
             out[a + "q_norm.weight"] = sd[q + "attn.q_norm.weight"]
@@ -619,16 +619,15 @@ def _moekit_to_hf(model: MoETransformer, family: str = "") -> dict:
             if glm:
                 out[m + "gate.e_score_correction_bias"] = sd[q + "ffn.router.bias_E"]
             if cfg.moe.num_shared_experts:
-                g, u = sd[q + "ffn.shared.w_up"].chunk(2, dim=1)
                 s = m + ("shared_experts." if glm else "shared_expert.")
-                out[s + "gate_proj.weight"] = g.t()
-                out[s + "up_proj.weight"] = u.t()
+                out[s + "gate_proj.weight"] = sd[q + "ffn.shared.w_gate"].t()
+                out[s + "up_proj.weight"] = sd[q + "ffn.shared.w_up"].t()
                 out[s + "down_proj.weight"] = sd[q + "ffn.shared.w_down"].t()
                 if cfg.moe.shared_expert_gate:
                     out[m + "shared_expert_gate.weight"] = sd[q + "ffn.shared_gate.weight"]
         else:
-            g, u = sd[q + "ffn.w_up"].chunk(2, dim=1)
-            out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = g.t(), u.t()
+            out[m + "gate_proj.weight"] = sd[q + "ffn.w_gate"].t()
+            out[m + "up_proj.weight"] = sd[q + "ffn.w_up"].t()
             out[m + "down_proj.weight"] = sd[q + "ffn.w_down"].t()
     return {k: v.contiguous() for k, v in out.items()}
 

@@ -63,7 +63,11 @@ def _swiglu(h: Tensor) -> Tensor:
 
 def _geglu(h: Tensor) -> Tensor:
     gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    return _gelu_tanh(gate) * up
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,18 @@ class Activation:
     fn: Callable[[Tensor], Tensor]  # (R, H) -> (R, F), in torch
     gated: bool  # H = 2F, columns [gate | up]
     kernel_code: int  # the elementwise f for the Triton kernels
+    elementwise: Callable[[Tensor], Tensor]  # f alone: gated kinds compute f(gate) * up
+
+    def pair(self, gate: Tensor, up: Tensor) -> Tensor:
+        """A gated kind on its two halves held apart (the dense FFN's separate projections)."""
+        return self.elementwise(gate) * up
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "swiglu": Activation(_swiglu, True, SILU),  # Shazeer 2020, "GLU Variants Improve Transformer"
-    "geglu": Activation(_geglu, True, GELU_TANH),  # same paper
-    "gelu": Activation(F.gelu, False, GELU_ERF),
-    "relu": Activation(F.relu, False, RELU),
+    "swiglu": Activation(_swiglu, True, SILU, F.silu),  # Shazeer 2020, "GLU Variants Improve Transformer"
+    "geglu": Activation(_geglu, True, GELU_TANH, _gelu_tanh),  # same paper
+    "gelu": Activation(F.gelu, False, GELU_ERF, F.gelu),
+    "relu": Activation(F.relu, False, RELU, F.relu),
 }
 
 Act = Union[str, Callable[[Tensor], Tensor]]  # a name in ACTIVATIONS, or (torch backends only) any callable

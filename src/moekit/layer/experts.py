@@ -51,19 +51,59 @@ def stacked_ffn(
 
 
 class FeedForward(nn.Module):
-    """A dense FFN ``act(x @ w_up) @ w_down``; gated kinds keep [gate | up] in ``w_up``."""
+    """A dense FFN ``act(x @ w_up) @ w_down``; gated kinds compute ``f(x @ w_gate) * (x @ w_up)``
+    with the gate and up projections held apart (each ``(D, F)``), so a tensor-parallel layout
+    shards them alike (:mod:`moekit.parallel.tensor_parallel`). :attr:`fused_up` gives the
+    experts' ``[gate | up]`` layout."""
+
+    w_gate: Optional[nn.Parameter]
 
     def __init__(self, dim: int, hidden_dim: int, kind: str = "swiglu"):
         super().__init__()
         if kind not in ACTIVATIONS:
             raise ValueError(f"expert must be one of {', '.join(map(repr, ACTIVATIONS))}; got {kind!r}")
         self.dim, self.hidden_dim, self.kind = dim, hidden_dim, kind
-        h = hidden_dim * (2 if GATED[kind] else 1)
-        self.w_up = nn.Parameter(_init_uniform_(torch.empty(dim, h), dim))
+        self._act = _REGISTRY[kind]
+        # drawn as one (D, 2F) block and split, so a seed gives the values the fused layout had
+        up = _init_uniform_(torch.empty(dim, hidden_dim * (2 if GATED[kind] else 1)), dim)
+        gate_up = up.chunk(2, dim=1) if GATED[kind] else (None, up)
+        self.w_gate = None if gate_up[0] is None else nn.Parameter(gate_up[0].contiguous())
+        self.w_up = nn.Parameter(gate_up[1].contiguous())
         self.w_down = nn.Parameter(_init_uniform_(torch.empty(hidden_dim, dim), hidden_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return ACTIVATIONS[self.kind](x @ self.w_up) @ self.w_down
+        w_up, w_down = _local(self.w_up), _local(self.w_down)
+        if self.w_gate is None:
+            return self._act.fn(x @ w_up) @ w_down
+        return self._act.pair(x @ _local(self.w_gate), x @ w_up) @ w_down
+
+    @property
+    def fused_up(self) -> Tensor:
+        """The up projection in the experts' layout: ``[gate | up]`` ``(D, 2F)`` for gated kinds."""
+        return self.w_up if self.w_gate is None else torch.cat([self.w_gate, self.w_up], dim=1)
+
+    @torch.no_grad()
+    def load_fused_up_(self, w_DH: Tensor) -> None:
+        """Set the up projection(s) from the experts' ``[gate | up]`` layout."""
+        if self.w_gate is None:
+            self.w_up.copy_(w_DH)
+        else:
+            gate, up = w_DH.chunk(2, dim=1)
+            self.w_gate.copy_(gate)
+            self.w_up.copy_(up)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # checkpoints written before the projections were split hold [gate | up] in one w_up
+        up = state_dict.get(prefix + "w_up")
+        if self.w_gate is not None and prefix + "w_gate" not in state_dict and up is not None:
+            if up.dim() == 2 and up.shape[1] == 2 * self.hidden_dim:
+                state_dict[prefix + "w_gate"], state_dict[prefix + "w_up"] = up.chunk(2, dim=1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _local(w: Tensor) -> Tensor:
+    """A tensor-parallel shard's local part (a plain tensor stays as it is)."""
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 class StackedExperts(nn.Module):
@@ -189,7 +229,7 @@ class GroupedExperts(StackedExperts):
         """A dense copy of expert ``e``."""
         ffn = FeedForward(self.dim, self.hidden_dim, self.kind).to(self.w_up.device, self.w_up.dtype)
         with torch.no_grad():
-            ffn.w_up.copy_(self.w_up[e])
+            ffn.load_fused_up_(self.w_up[e])
             ffn.w_down.copy_(self.w_down[e])
         return ffn
 

@@ -91,7 +91,7 @@ class LowBitFeedForward(nn.Module):
 
     @classmethod
     def of(cls, ffn: FeedForward, fmt: str, group_size: int = 64) -> LowBitFeedForward:
-        up = LowBitWeight.quantize(ffn.w_up.t(), fmt, group_size)
+        up = LowBitWeight.quantize(ffn.fused_up.detach().t(), fmt, group_size)
         return cls(up, LowBitWeight.quantize(ffn.w_down.t(), fmt, group_size), ffn.kind)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def upcycle(ffn: FeedForward, cfg: MoEConfig, noise: float, build: Callable[[MoE
     moe = build(cfg).to(ffn.w_up.device, ffn.w_up.dtype)
     assert isinstance(moe.experts, GroupedExperts)  # built from cfg alone: the stacked FFN experts
     with torch.no_grad():
-        for mine, theirs in ((moe.experts.w_up, ffn.w_up), (moe.experts.w_down, ffn.w_down)):
+        for mine, theirs in ((moe.experts.w_up, ffn.fused_up), (moe.experts.w_down, ffn.w_down)):
             mine.copy_(theirs.expand_as(mine))
             if noise:
                 mine.add_(noise * theirs.std() * torch.randn_like(mine))

@@ -97,7 +97,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.h, self.hk, self.dh = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
-        self.wqkv = Linear(cfg.dim, (self.h + 2 * self.hk) * self.dh, bias=cfg.attn_bias)
+        self.wq = Linear(cfg.dim, self.h * self.dh, bias=cfg.attn_bias)
+        self.wk = Linear(cfg.dim, self.hk * self.dh, bias=cfg.attn_bias)
+        self.wv = Linear(cfg.dim, self.hk * self.dh, bias=cfg.attn_bias)
         self.wo = Linear(self.h * self.dh, cfg.dim, bias=False)
         self.qk_norm = cfg.qk_norm
         self.q_norm = self.k_norm = None
@@ -116,17 +118,19 @@ class Attention(nn.Module):
         positions_S: Optional[Tensor] = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
-        q, k, v = self.wqkv(x_BSD).split([self.h * self.dh, self.hk * self.dh, self.hk * self.dh], dim=-1)
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.view(B, S, self.h, self.dh), k.view(B, S, self.hk, self.dh)
+        # heads counted from the tensors (not -1: a batch may be empty): under tensor parallelism
+        # each rank holds a share of them
+        q, k = q.view(B, S, q.shape[-1] // self.dh, self.dh), k.view(B, S, k.shape[-1] // self.dh, self.dh)
         if self.qk_norm == "head":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
-        v = v.view(B, S, self.hk, self.dh).transpose(1, 2)
+        v = v.view(B, S, v.shape[-1] // self.dh, self.dh).transpose(1, 2)
         if positions_S is not None:  # static cache (compiled decoding): fixed shapes, positions as data
             assert cache is not None  # decode_step always passes its cache
             return self._attend_static(q, k, v, cache, layer, positions_S)
@@ -142,7 +146,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(start == 0 and S > 1), enable_gqa=self.hk != self.h
         )
-        return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
+        return self.wo(y.transpose(1, 2).reshape(B, S, y.shape[1] * self.dh))
 
     def _attend_static(
         self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, positions_S: Tensor
@@ -155,7 +159,19 @@ class Attention(nn.Module):
         k_all, v_all = cache.k[layer], cache.v[layer]
         mask_SL = torch.arange(k_all.shape[2], device=q.device)[None, :] <= positions_S[:, None]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_SL, enable_gqa=self.hk != self.h)
-        return self.wo(y.transpose(1, 2).reshape(B, S, self.h * self.dh))
+        return self.wo(y.transpose(1, 2).reshape(B, S, y.shape[1] * self.dh))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # checkpoints written before the projections were split hold [q; k; v] rows in one wqkv
+        sizes = [self.h * self.dh, self.hk * self.dh, self.hk * self.dh]
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(prefix + f"wqkv.{kind}", None)
+            if fused is not None and fused.shape[0] == sum(sizes):
+                for n, part in zip("qkv", fused.split(sizes, dim=0)):
+                    state_dict.setdefault(prefix + f"w{n}.{kind}", part)
+            elif fused is not None:
+                state_dict[prefix + f"wqkv.{kind}"] = fused  # reported as unexpected by the load
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Block(nn.Module):
