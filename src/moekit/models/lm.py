@@ -269,8 +269,8 @@ IGNORE_INDEX = -100  # a target that counts for nothing (masked)
 
 def summed_cross_entropy(logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
     """Next-token cross-entropy summed over the counted targets (not :data:`IGNORE_INDEX`), in
-    float32 whatever the logits' dtype."""
-    logits_NV = logits_BSV.float().reshape(-1, logits_BSV.shape[-1])
+    float32 at least (16-bit logits are upcast; float64 ones stay)."""
+    logits_NV = logits_BSV.to(torch.promote_types(logits_BSV.dtype, torch.float32)).reshape(-1, logits_BSV.shape[-1])
     return F.cross_entropy(logits_NV, targets_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 

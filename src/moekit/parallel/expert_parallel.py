@@ -57,6 +57,7 @@ from .dispatch import ExpertAllToAll
 from .fsdp import _fully_shard
 from .mesh import flat_mesh, make_mesh
 from .stats import _LayerScope, _summed
+from .tensor_parallel import apply_tensor_parallel, make_tp_mesh, tensor_parallel_problem
 
 STATISTICS = ("global", "expert", "local")
 
@@ -91,10 +92,10 @@ def _validate(model: nn.Module, ep: int, statistics: str) -> None:
             raise ValueError(f"{where}: revive_after (dead-expert revival) is not supported with expert parallelism")
 
 
-def _fingerprint(model: nn.Module, ep: int, statistics: str, sync_init: bool) -> str:
+def _fingerprint(model: nn.Module, layout: str, statistics: str, sync_init: bool) -> str:
     """What every rank must agree on: the layout, the tensors, and each MoE layer's config (it
     decides which collectives a forward runs: capacity, expert choice and re-routing gather rows)."""
-    h = hashlib.sha256(f"{ep}:{statistics}:{sync_init};".encode())
+    h = hashlib.sha256(f"{layout}:{statistics}:{sync_init};".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     for name, moe in _moe_layers(model):
@@ -118,6 +119,21 @@ class ExpertParallel:
         # collectives, never the default group
         self.group = self.flat_mesh.get_group()
         self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.tp_mesh = None  # the (fsdp, tp) mesh under tensor parallelism
+        self.tp_size, self.tp_rank = 1, 0
+
+    def set_tensor_parallel(self, tp_mesh) -> None:
+        self.tp_mesh, self.tp_size, self.tp_rank = tp_mesh, tp_mesh.size(1), tp_mesh.get_local_rank("tp")
+
+    @property
+    def data_rank(self) -> int:
+        """Which of :attr:`data_size` parts of a global batch this rank reads (the ranks of a
+        tensor-parallel group read the same part)."""
+        return self.rank if self.tp_mesh is None else self.tp_mesh.get_local_rank("fsdp")
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size // self.tp_size
 
     # ------------------------------------------------------------------ the objective
     def loss(self, out) -> Tensor:
@@ -259,6 +275,7 @@ def parallelize(
     mesh=None,
     *,
     expert_parallel: Optional[int] = None,
+    tensor_parallel: int = 1,
     activation_checkpointing: str = "none",
     compile: bool = False,
     statistics: str = "global",
@@ -273,7 +290,7 @@ def parallelize(
     transformer block (``compile``: a model with ``blocks``; the expert all-to-all, the routing
     statistics' collectives and their host reads run eagerly between the compiled graphs), then
     FSDP2 (``fully_shard``) over the rest (see :func:`~moekit.parallel.fsdp._fully_shard`).
-    (Tensor parallelism would come after EP; it is not there yet.)
+    Tensor parallelism comes after EP (:mod:`moekit.parallel.tensor_parallel`).
 
     Args:
         model: the single-device model, built identically on every rank, or built on the meta
@@ -282,6 +299,10 @@ def parallelize(
         mesh: a (dp, ep) mesh (:func:`~moekit.parallel.make_mesh`, or the ``("dp", "ep")`` slice
             of a larger one: moekit's collectives stay on its ranks), or None with
             ``expert_parallel`` to make one over all ranks.
+        tensor_parallel: ranks per tensor-parallel group (consecutive ranks, which must read the
+            same batch: :attr:`ExpertParallel.data_rank`): the language model's attention heads,
+            dense FFNs and shared experts split between them, the sequence split between them
+            everywhere else. The EP groups are laid out over all ranks independently.
         statistics: where routing statistics and capacity are decided: "global" (all the mesh's
             ranks: the same as one process on the global batch), "expert" (within each EP group,
             GShard's groups), or "local" (each rank alone). The sigmoid router's bias update uses
@@ -310,15 +331,37 @@ def parallelize(
     blocks = getattr(model, "blocks", None)
     if compile and not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"compile=True compiles each transformer block: {type(model).__name__} has no blocks")
-    handle, flat = _expert_parallel(model, mesh, expert_parallel, statistics, sync_init)
+    _check_tensor_parallel(model, tensor_parallel, activation_checkpointing, compile)
+    handle, flat = _expert_parallel(model, mesh, expert_parallel, statistics, sync_init, tensor_parallel)
+    tp_groups, tp_mesh = [], None
+    if tensor_parallel > 1:
+        tp_mesh = make_tp_mesh(tensor_parallel, handle.mesh.device_type)
+        tp_groups = apply_tensor_parallel(model, tp_mesh["tp"])
+        handle.set_tensor_parallel(tp_mesh)
     if activation_checkpointing != "none":
         setattr(model, "activation_checkpointing", activation_checkpointing)  # noqa: B010 (a plain attribute)
     if compile:
         assert isinstance(blocks, nn.ModuleList)  # checked above
         for block in blocks:
             block.compile()  # in place: FSDP2 then wraps the compiled block, as torchtitan does
-    _fully_shard(model, handle.mesh, flat, [m for _, m in _moe_layers(model)], param_dtype)
+    _fully_shard(model, handle.mesh, flat, [m for _, m in _moe_layers(model)], param_dtype, tp_groups, tp_mesh)
     return handle
+
+
+def _check_tensor_parallel(model: nn.Module, tp: int, activation_checkpointing: str, compile: bool) -> None:
+    check_positive("tensor_parallel", tp, integer=True)
+    if tp == 1:
+        return
+    if dist.is_initialized() and dist.get_world_size() % tp:
+        raise ValueError(f"tensor_parallel={tp} must divide the world size {dist.get_world_size()}")
+    why = tensor_parallel_problem(model, tp)
+    if why:
+        raise ValueError(why)
+    if compile or activation_checkpointing != "none":
+        raise ValueError(
+            "tensor_parallel > 1 runs eagerly without activation checkpointing for now: "
+            "compile=True and activation_checkpointing are not tested with it"
+        )
 
 
 def apply_expert_parallel(
@@ -341,7 +384,9 @@ def apply_expert_parallel(
     )
 
 
-def _expert_parallel(model: nn.Module, mesh, expert_parallel: Optional[int], statistics: str, sync_init: bool):
+def _expert_parallel(
+    model: nn.Module, mesh, expert_parallel: Optional[int], statistics: str, sync_init: bool, tp: int = 1
+):
     """The expert-parallel step: checks, the ranks' agreement, the initial broadcast, each MoE
     layer's sharded experts, hooks and scope; (handle, the flattened mesh)."""
     mesh = _checked_mesh(model, mesh, expert_parallel, statistics)
@@ -349,7 +394,7 @@ def _expert_parallel(model: nn.Module, mesh, expert_parallel: Optional[int], sta
     ep = mesh.size(1)
     flat = flat_mesh(mesh)  # made once: slicing a flattened dimension again is deprecated
     group = flat.get_group()
-    _agree_on_model(model, ep, statistics, sync_init, group)
+    _agree_on_model(model, f"{ep}x{tp}", statistics, sync_init, group)
     handle = ExpertParallel(model, mesh, statistics, flat)
     on_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     if sync_init and not on_meta:  # a meta-built model is initialised alike on every rank by materialize_
@@ -386,15 +431,15 @@ def _checked_mesh(model: nn.Module, mesh, expert_parallel: Optional[int], statis
     return mesh
 
 
-def _agree_on_model(model: nn.Module, ep: int, statistics: str, sync_init: bool, group) -> None:
+def _agree_on_model(model: nn.Module, layout: str, statistics: str, sync_init: bool, group) -> None:
     """The first communication: every rank of the mesh (``group``) must hold the same model and
     layout (else a clear error on every rank, before any collective could hang on a difference)."""
-    prints = all_gather_objects("model check", _fingerprint(model, ep, statistics, sync_init), group)
+    prints = all_gather_objects("model check", _fingerprint(model, layout, statistics, sync_init), group)
     if len(set(prints)) > 1:
         bad = [r for r, p in enumerate(prints) if p != prints[0]]
         raise ValueError(
             f"ranks {bad} built a different model (parameter names, shapes or dtypes, or MoE layer configs) "
-            f"or passed a different expert-parallel size, statistics or sync_init than rank 0: "
+            f"or passed a different expert- or tensor-parallel size, statistics or sync_init than rank 0: "
             f"build the same model with the same settings on every rank"
         )
 

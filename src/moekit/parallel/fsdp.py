@@ -3,6 +3,7 @@ the rest over all ranks, every gradient reduced with a sum, explicit prefetch bl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -28,13 +29,23 @@ def _expert_shard_dim(dp: int):
     return placement
 
 
-def _fully_shard(model: nn.Module, mesh, world, moes: list[MoE], param_dtype: Optional[torch.dtype]) -> None:
+def _fully_shard(
+    model: nn.Module,
+    mesh,
+    world,
+    moes: list[MoE],
+    param_dtype: Optional[torch.dtype],
+    tp_groups: Sequence[list[nn.Module]] = (),
+    tp_mesh=None,
+) -> None:
     """FSDP2 (``fully_shard``, ZeRO-3): each MoE layer's experts over the ranks that replicate
     them (mesh ``dp``), then each transformer block and the rest over all ranks, as torchtitan
     composes EP with FSDP. Every gradient is reduced with a plain sum (a divide factor of 1, and
     sum-type collectives, which gloo has: torch's default for a factor would be NCCL's
     PREMUL_SUM): the ranks' loss terms are already divided by the global token count
-    (:meth:`ExpertParallel.loss`)."""
+    (:meth:`ExpertParallel.loss`). Tensor-parallel maps (``tp_groups``, DTensors on
+    ``tp_mesh["tp"]``) are sharded over ``tp_mesh["fsdp"]``, the ranks holding the same shards
+    (FSDP2's 2-D layout), before their blocks."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else None
@@ -43,6 +54,9 @@ def _fully_shard(model: nn.Module, mesh, world, moes: list[MoE], param_dtype: Op
     sharded: list[Any] = []  # FSDPModule subclasses of the modules' own classes
     for moe in moes:
         sharded.append(fully_shard(moe.experts, mesh=mesh["dp"], shard_placement_fn=_expert_shard_dim(dp), **kw))
+    for group in tp_groups:  # one FSDP unit each (a list's modules share it)
+        fully_shard(group if len(group) > 1 else group[0], mesh=tp_mesh["fsdp"], **kw)
+        sharded.extend(group)
     for block in getattr(model, "blocks", []):
         sharded.append(fully_shard(block, mesh=world, **kw))
     sharded.append(fully_shard(model, mesh=world, **kw))
