@@ -12,12 +12,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(("world", "tp", "ep"), [(2, 2, 1), (4, 2, 2), (4, 2, 1)])
-def test_tensor_parallel_equals_one_process(tmp_path, world, tp, ep):
-    """TP=2 alone, TP=2 x EP=2, and TP=2 x DP=2: loss, every gradient, routing statistics,
-    clipping and an AdamW step equal one process (float64)."""
-    spawn(W.equals_one_process, world, tmp_path, tp, ep)
-    results(tmp_path, f"tp{tp}-ep{ep}", world)
+@pytest.mark.parametrize(
+    ("world", "tp", "ep", "ac", "compiled"),
+    [(2, 2, 1, "none", False), (4, 2, 2, "full", False), (4, 2, 1, "none", False), (2, 2, 1, "full", True)],
+)
+def test_tensor_parallel_equals_one_process(tmp_path, world, tp, ep, ac, compiled):
+    """TP=2 alone, TP=2 x EP=2 (with full activation checkpointing), TP=2 x DP=2, and TP=2
+    compiled with full checkpointing: loss, every gradient, routing statistics, clipping and
+    an AdamW step equal one process (float64); a meta-built model gets the one-process values."""
+    spawn(W.equals_one_process, world, tmp_path, tp, ep, ac, compiled)
+    results(tmp_path, f"tp{tp}-ep{ep}-{ac}{'-compiled' if compiled else ''}", world)
 
 
 def test_a_tensor_parallel_checkpoint_reshards_to_other_layouts(tmp_path):

@@ -62,17 +62,30 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def equals_one_process(rank: int, world: int, store: str, out_dir: str, tp: int, ep: int) -> None:
-    """Issue 25, item 10: ``tp`` x ``ep`` x (world / tp / ep) ranks. The loss, every gradient,
-    the routing statistics, the clipped gradients and an AdamW step equal one process on the whole
-    batch (float64), and the full state dict is one process's."""
-    init(rank, world, store, timeout_s=60)
+def equals_one_process(
+    rank: int, world: int, store: str, out_dir: str, tp: int, ep: int, ac: str = "none", compiled: bool = False
+) -> None:
+    """Issue 25, item 10: ``tp`` x ``ep`` x (world / tp / ep) ranks (with activation checkpointing
+    ``ac`` and each block compiled when ``compiled``). The loss, every gradient, the routing
+    statistics, the clipped gradients and an AdamW step equal one process on the whole batch
+    (float64), and the full state dict is one process's. A model built on the meta device and
+    sharded the same way materialises to the one-process initial values."""
+    init(rank, world, store, timeout_s=120 if compiled else 60)
 
     def check():
         torch.manual_seed(0)
-        ref = MoETransformer(_config()).double()
+        with torch.device("meta"):
+            on_meta = MoETransformer(_config())
+        h = parallelize(on_meta, expert_parallel=ep, tensor_parallel=tp)
+        on_meta.materialize_("cpu")
+        torch.manual_seed(0)
+        ref = MoETransformer(_config())
+        initial = h.full_state_dict()
+        for name, t in ref.state_dict().items():
+            assert torch.equal(initial[name], t), f"{name}: the meta-built model's initial value differs"
+        ref = ref.double()
         model = copy.deepcopy(ref)
-        h = parallelize(model, expert_parallel=ep, tensor_parallel=tp)
+        h = parallelize(model, expert_parallel=ep, tensor_parallel=tp, activation_checkpointing=ac, compile=compiled)
         assert (h.tp_size, h.data_size) == (tp, world // tp)
         sharded = [n for n, p in model.named_parameters() if "tp" in (_full_mesh_names(p))]
         assert any("attn.wq" in n for n in sharded) and any("shared.w_gate" in n for n in sharded), sharded
@@ -105,7 +118,7 @@ def equals_one_process(rank: int, world: int, store: str, out_dir: str, tp: int,
         for name, t in ref.state_dict().items():
             torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-9, msg=f"{name} after a step")
 
-    _record(out_dir, f"tp{tp}-ep{ep}", check)
+    _record(out_dir, f"tp{tp}-ep{ep}-{ac}{'-compiled' if compiled else ''}", check)
     dist.destroy_process_group()
 
 
@@ -173,6 +186,13 @@ def refused(rank: int, world: int, store: str, out_dir: str) -> None:
                 assert words in str(e), str(e)
             else:
                 raise AssertionError(f"{change} was accepted")
+        try:
+            parallelize(MoETransformer(_config()), expert_parallel=1, tensor_parallel=2, compile=True,
+                        activation_checkpointing="selective")  # fmt: skip
+        except ValueError as e:
+            assert "not 'selective'" in str(e), str(e)
+        else:
+            raise AssertionError("compiled selective checkpointing was accepted under tensor parallelism")
         model = MoETransformer(_config()).double()
         parallelize(model, expert_parallel=1, tensor_parallel=2)
         try:

@@ -32,7 +32,7 @@ from .experts import FeedForward, GroupedExperts, ModuleListExperts, StackedExpe
 from .losses import LOSS_WEIGHTS
 from .paths import choose_path
 from .router import Routing, SigmoidRouter, build_router, jitter
-from .scope import LOCAL_SCOPE, LocalScope, in_backward
+from .scope import LOCAL_SCOPE, LocalScope, count_once, in_backward
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -367,6 +367,12 @@ class MoE(nn.Module):
             return None
         return self.cfg.capacity_factor_for(self.training)
 
+    def _count_usage(self, kept_E: Tensor) -> None:
+        """A training call's tokens per expert into ``expert_usage`` (a moving share) and ``step_counts``."""
+        share_E = kept_E.float() / kept_E.sum().clamp_min(1).float()
+        self.expert_usage.mul_(self.cfg.usage_decay).add_((1 - self.cfg.usage_decay) * share_E)
+        self.step_counts.add_(kept_E)
+
     def _losses_and_stats(self, r: Routing, kept_E: Tensor, training: bool) -> tuple[dict, dict]:
         """Auxiliary losses and routing stats from sums over tokens; under expert/data parallelism
         the sums are all-reduced first, so both describe the global batch on every rank."""
@@ -403,12 +409,9 @@ class MoE(nn.Module):
         if "load" in sums:
             losses["load"] = L.cv_squared(sums["load"])
         kept = counts["kept"]
+        if training:  # (not again in a checkpointed forward's re-run)
+            count_once(functools.partial(self._count_usage, kept))
         with torch.no_grad():
-            if training and not in_backward():  # a checkpointed forward's re-run counts nothing again
-                cfg = self.cfg
-                share = kept.float() / kept.sum().clamp_min(1).float()
-                self.expert_usage.mul_(cfg.usage_decay).add_((1 - cfg.usage_decay) * share)
-                self.step_counts.add_(kept)
             stats = {
                 "tokens_per_expert": kept.detach(),
                 "dropped_fraction": 1.0 - kept.sum().float() / counts["routed"].sum().clamp_min(1).float(),

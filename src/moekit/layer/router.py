@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..config import ROUTER_KINDS, MoEConfig
 from ..kernels import as_dtype
 from .losses import cv_squared, slot_counts
-from .scope import LOCAL_SCOPE, in_backward
+from .scope import LOCAL_SCOPE, count_once
 
 
 @dataclass(frozen=True, init=False)
@@ -469,11 +469,13 @@ class SigmoidRouter(Router):
         weights_TK = scores_TK / (scores_TK.sum(-1, keepdim=True) + 1e-20) if self.cfg.renormalize else scores_TK
 
         probs_TE = functools.partial(_sum_normalized, scores_TE)  # a partial, not a closure: picklable
-        if self.training and not in_backward():  # a checkpointed forward's re-run counts no load again
-            with torch.no_grad():
-                self.load_E += slot_counts(experts_TK, self.num_experts).float()
+        if self.training:  # (not again in a checkpointed forward's re-run)
+            count_once(functools.partial(self._count_load, experts_TK))
         probs = probs_TE() if self.training else probs_TE  # in eval only losses and stats read it
         return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs, scores_TK=scores_TK)
+
+    def _count_load(self, experts_TK: Tensor) -> None:
+        self.load_E += slot_counts(experts_TK, self.num_experts).float()
 
     @torch.no_grad()
     def update_bias(self, load_E: Optional[Tensor] = None) -> None:

@@ -51,6 +51,17 @@ class LocalScope:
 LOCAL_SCOPE = LocalScope()
 
 
+@torch.compiler.disable
+def count_once(update: Callable[[], None]) -> None:
+    """Run a training forward's bookkeeping (routing counts into buffers) unless this forward is
+    activation checkpointing's re-run inside the backward. Compiled or not: it runs eagerly,
+    between compiled graphs, since a compiled graph's recomputation would count again (a graph
+    holds its buffer updates unconditionally: measured, ``expert_usage`` counted twice)."""
+    if not in_backward():
+        with torch.no_grad():
+            update()
+
+
 def in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread: activation checkpointing then
     re-runs forwards, which are not new calls (no bookkeeping is counted twice). False while

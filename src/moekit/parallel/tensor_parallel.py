@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
@@ -175,12 +176,16 @@ class _HiddenSharded(ParallelStyle):
             raise TypeError(f"expected a moekit FeedForward; got {type(module).__name__}")
         # (PyTorch's annotation says the input and output functions return None; they return the
         # replacements, as its docstring says)
+        gather, scatter = self._gather_input, self._scatter_output
+        if self.seq_dim == 0:  # a shared expert's token rows, whose count dynamo traces as a symbol
+            # that DTensor's redistribution cannot take: these collectives run between the graphs
+            gather, scatter = torch.compiler.disable(gather), torch.compiler.disable(scatter)
         return distribute_module(
             module,
             device_mesh,
             self._shard_params,
-            self._gather_input,  # type: ignore[arg-type]
-            self._scatter_output,  # type: ignore[arg-type]
+            gather,  # type: ignore[arg-type]
+            scatter,  # type: ignore[arg-type]
         )
 
     def _shard_params(self, _name: str, module: nn.Module, mesh) -> None:
