@@ -40,6 +40,7 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "top_k_experts": ("model", "moe.top_k"),
     "router": ("model", "moe.router"),
     "expert_parallel": ("train", "expert_parallel"),
+    "tensor_parallel": ("train", "tensor_parallel"),
     "compile": ("train", "compile"),
     "activation_checkpointing": ("train", "activation_checkpointing"),
 }
@@ -249,7 +250,8 @@ def _resume_changes(args: argparse.Namespace) -> dict:
     if fixed:
         raise ValueError(
             f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
-            f"(with --resume you may give --steps to extend it, --expert-parallel, --device, --threads, "
+            f"(with --resume you may give --steps to extend it, --expert-parallel, --tensor-parallel, --device, "
+            f"--threads, "
             f"--compile, --stop-at, --quiet, --restart-missing, --nproc)"
         )
     return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
@@ -798,7 +800,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     extra = {
         "expert_parallel": "; with --nproc N (or under torchrun), the remaining ranks are data parallel; "
-        "with --resume, continue on another layout"
+        "with --resume, continue on another layout",
+        "tensor_parallel": "; consecutive ranks, which read the same batch, the sequence split between them "
+        "elsewhere; with --resume, continue on another layout",
     }
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str, "activation_checkpointing": str}
     for flag in TRAIN_SHORTCUTS:

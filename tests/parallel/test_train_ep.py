@@ -227,3 +227,32 @@ def test_batch_size_the_ranks_do_not_divide_is_a_clear_error(tmp_path):
     )
     assert res.returncode != 0
     assert "batch_size=7 must be divisible by the number of ranks (2)" in res.stderr
+
+
+def test_tensor_parallel_run_equals_the_single_process_run_and_resumes_on_another_layout(tmp_path):
+    """`moekit train --tensor-parallel 2` (2 ranks reading the same rows, each its share of the
+    heads, the dense FFN and the shared expert): the losses and validation of one process; its
+    checkpoint resumes with expert parallelism instead, and the run still equals one process."""
+    args = ("--steps", "6", "--no-baseline", *TINY)
+    tp = moekit(tmp_path, "train", "--name", "tp", "--out", "runs", "--tensor-parallel", "2", "--stop-at", "3", *args,
+                nproc=2)  # fmt: skip
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    manifest = json.loads((tmp_path / "runs" / "tp" / "moe" / "checkpoint.dcp" / "moekit.json").read_text())
+    assert manifest["tensor_parallel"] == 2 and manifest["meta"]["tensor_parallel"] == 2, manifest
+    ep = moekit(tmp_path, "train", "--resume", "runs/tp", "--tensor-parallel", "1", "--expert-parallel", "2", "--quiet",
+                nproc=2)  # fmt: skip
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    one = moekit(tmp_path, "train", "--name", "one", "--out", "runs", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _losses(tmp_path / "runs" / "tp"), _losses(tmp_path / "runs" / "one")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert abs(_summary(tmp_path / "runs" / "tp")["val_loss"] - _summary(tmp_path / "runs" / "one")["val_loss"]) < 1e-4
+
+
+def test_a_layout_tensor_parallelism_cannot_take_is_refused_before_the_run_starts(tmp_path):
+    res = moekit(tmp_path, "train", "--name", "x", "--out", "runs", "--steps", "2", "--tensor-parallel", "2",
+                 *TINY, "--set", "model.n_heads=1", nproc=2)  # fmt: skip
+    assert res.returncode != 0
+    assert "tensor_parallel=2: n_heads=1 must be divisible by tensor_parallel=2" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "runs" / "x").exists()

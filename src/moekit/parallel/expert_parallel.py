@@ -135,6 +135,13 @@ class ExpertParallel:
     def data_size(self) -> int:
         return self.world_size // self.tp_size
 
+    def positions(self, t_BS: Tensor) -> Tensor:
+        """This rank's positions of per-position values ``t_BS`` (the model's logits cover only
+        those under tensor parallelism); ``t_BS`` itself otherwise."""
+        from .tensor_parallel import positions
+
+        return t_BS if self.tp_size == 1 else positions(t_BS, self.tp_rank, self.tp_size)
+
     # ------------------------------------------------------------------ the objective
     def loss(self, out) -> Tensor:
         """This rank's term of the training objective for a language model's output (``out.loss_sum``,

@@ -111,7 +111,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> list[list[nn.Module]]:
                 groups.append([block.ffn.shared])
             block.ffn.register_forward_pre_hook(_TokenIdsOfPositions(tp_mesh), with_kwargs=True)
     rank = tp_mesh.get_local_rank()
-    model.embed.register_forward_hook(lambda _m, _args, x_BSD: _positions(x_BSD, rank, tp))
+    model.embed.register_forward_hook(lambda _m, _args, x_BSD: positions(x_BSD, rank, tp))
     model.register_forward_pre_hook(_TargetsOfPositions(rank, tp), with_kwargs=True)
     return groups
 
@@ -123,7 +123,7 @@ def _local_data(style: ParallelStyle) -> ParallelStyle:
     return style
 
 
-def _positions(t_BS: Tensor, rank: int, tp: int) -> Tensor:
+def positions(t_BS: Tensor, rank: int, tp: int) -> Tensor:
     """This rank's positions of every sequence (a slice: the other positions' gradient is zero)."""
     S = t_BS.shape[1]
     if S % tp:
@@ -142,9 +142,9 @@ class _TargetsOfPositions:
         if kwargs.get("cache") is not None:
             raise ValueError("a tensor-parallel model decodes with no KV cache: generate with the unsharded model")
         if len(args) > 1 and args[1] is not None:
-            args = (args[0], _positions(args[1], self.rank, self.tp), *args[2:])
+            args = (args[0], positions(args[1], self.rank, self.tp), *args[2:])
         elif kwargs.get("targets_BS") is not None:
-            kwargs = {**kwargs, "targets_BS": _positions(kwargs["targets_BS"], self.rank, self.tp)}
+            kwargs = {**kwargs, "targets_BS": positions(kwargs["targets_BS"], self.rank, self.tp)}
         return args, kwargs
 
 
@@ -157,7 +157,7 @@ class _TokenIdsOfPositions:
     def __call__(self, _moe, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ids = kwargs.get("token_ids")
         if ids is not None and ids.dim() == 2:
-            kwargs = {**kwargs, "token_ids": _positions(ids, self.rank, self.tp)}
+            kwargs = {**kwargs, "token_ids": positions(ids, self.rank, self.tp)}
         return args, kwargs
 
 
@@ -209,4 +209,4 @@ class _HiddenSharded(ParallelStyle):
         return partial.redistribute(mesh, [Shard(self.seq_dim)]).to_local()
 
 
-__all__ = ["apply_tensor_parallel", "make_tp_mesh", "tensor_parallel_problem"]
+__all__ = ["apply_tensor_parallel", "make_tp_mesh", "positions", "tensor_parallel_problem"]

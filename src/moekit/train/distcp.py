@@ -385,6 +385,7 @@ def save_distributed(
             "meta": meta or {},
             "world_size": world,
             "expert_parallel": getattr(par, "ep_size", 1),
+            "tensor_parallel": getattr(par, "tp_size", 1),
             "optimizer": opt_json,
             "per_rank": per_rank,
         }

@@ -60,6 +60,7 @@ def distributed_launch() -> bool:
 RESUME_CHANGES = (
     "steps",
     "expert_parallel",
+    "tensor_parallel",
     "device",
     "threads",
     "compile",
@@ -328,18 +329,37 @@ def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], wo
     every rule :func:`moekit.parallel.apply_expert_parallel` and the trainer enforce once the process
     group exists, checked here from the configs alone (pure: no communication, no file), so that a
     bad layout is refused before the run folder exists. ValueError naming the setting."""
-    ep = train_cfg.expert_parallel
+    ep, tp = train_cfg.expert_parallel, train_cfg.tensor_parallel
     if world_size <= 1:
-        if ep > 1:
-            raise ValueError(
-                f"expert_parallel={ep} needs one process per rank: launch with "
-                f"torchrun --nproc-per-node {ep} -m moekit train ..."
-            )
+        for name, n in (("expert_parallel", ep), ("tensor_parallel", tp)):
+            if n > 1:
+                raise ValueError(
+                    f"{name}={n} needs one process per rank: launch with "
+                    f"torchrun --nproc-per-node {n} -m moekit train ... (or moekit train --nproc {n})"
+                )
         return
-    if world_size % ep:
-        raise ValueError(f"expert_parallel={ep} must divide the number of ranks ({world_size})")
-    if train_cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})")
+    for name, n in (("expert_parallel", ep), ("tensor_parallel", tp)):
+        if world_size % n:
+            raise ValueError(f"{name}={n} must divide the number of ranks ({world_size})")
+    readers = world_size // tp  # the ranks of a tensor-parallel group read the same rows
+    if train_cfg.batch_size % readers:
+        raise ValueError(
+            f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})"
+            + (f" over tensor_parallel={tp} ({readers} ranks read different rows)" if tp > 1 else "")
+        )
+    if train_cfg.seq_len % tp:
+        raise ValueError(f"seq_len={train_cfg.seq_len} must be divisible by tensor_parallel={tp} (S/tp positions each)")
+    if tp > 1:
+        import torch
+
+        from ..models import MoETransformer
+        from ..parallel.tensor_parallel import tensor_parallel_problem
+
+        for cfg in model_cfgs:
+            with torch.device("meta"):
+                why = tensor_parallel_problem(MoETransformer(cfg), tp)
+            if why:
+                raise ValueError(f"tensor_parallel={tp}: {why}")
     for cfg in model_cfgs:
         moe = cfg.moe
         if moe is None or not any(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):

@@ -169,9 +169,12 @@ def evaluate(
         for i in range(0, group.numel(), cfg.batch_size):
             s = group[i : i + cfg.batch_size]
             if parallel is not None:
-                s = s.tensor_split(parallel.world_size)[parallel.rank]
+                s = s.tensor_split(parallel.data_size)[parallel.data_rank]
             x, y = window(data.val_ids_N, s, cfg.seq_len)
-            dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1].flatten()
+            dom = window(data.val_domain_N.long(), s, cfg.seq_len)[1]
+            if parallel is not None:  # under tensor parallelism the logits are this rank's positions'
+                y, dom = parallel.positions(y), parallel.positions(dom)
+            dom = dom.flatten()
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(x.to(device), top_k=top_k)
             tok_loss = (
@@ -268,18 +271,20 @@ class Trainer:
         import torch.distributed as dist
 
         from ..parallel import make_mesh, parallelize
+        from .run import check_parallel_layout
 
-        if self.cfg.batch_size % dist.get_world_size():  # checked on every rank before any communication
-            raise ValueError(
-                f"batch_size={self.cfg.batch_size} must be divisible by the number of ranks ({dist.get_world_size()})"
-            )
+        check_parallel_layout(self.cfg, [model_cfg], dist.get_world_size())  # every rank, before communicating
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
         mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
         # fp32 parameters under autocast, as one process trains (FSDP's bf16 param_dtype would also
         # put the embeddings, norms and residual stream in bf16: another training run)
         par = parallelize(
-            model, mesh, activation_checkpointing=self.cfg.activation_checkpointing, compile=self.cfg.compile
+            model,
+            mesh,
+            tensor_parallel=self.cfg.tensor_parallel,
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            compile=self.cfg.compile,
         )
         model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
@@ -341,7 +346,7 @@ class Trainer:
             self.saved_step = self.step
             return
         # several processes: each rank writes its part (its experts, a share of the rest) into checkpoint.dcp
-        meta["expert_parallel"] = self.par.ep_size
+        meta["expert_parallel"], meta["tensor_parallel"] = self.par.ep_size, self.par.tp_size
         save_distributed(self.dir / DCP_DIR, self.model, self.opt, self.par, rng=self._rng(), meta=meta)
         if self.main:  # an earlier part of the run on one process wrote one
             (self.dir / CHECKPOINT).unlink(missing_ok=True)
@@ -449,8 +454,8 @@ class Trainer:
         self._batches = random_batches(self.data.train_ids_N, self.cfg.seq_len, self.cfg.batch_size, self.gen)
         self._step_seconds: list[float] = []  # each training step of this fit(), timed
         self._last_eval = {}
-        share = self.cfg.batch_size // (self.par.world_size if self.par else 1)
-        lo = share * (self.par.rank if self.par else 0)
+        share = self.cfg.batch_size // (self.par.data_size if self.par else 1)
+        lo = share * (self.par.data_rank if self.par else 0)
         self._my_rows = slice(lo, lo + share)  # this rank's slice of every global batch
         self._amp = autocast_dtype(self.cfg, self.device)
 
