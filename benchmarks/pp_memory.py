@@ -1,8 +1,12 @@
-"""Peak memory per process of one training step: one process against pipeline stages.
+"""Peak memory per process of one training step: one process against pipeline stages, tensor
+parallelism (``--tensor-parallel``: all ranks one TP group) and, for scale, FSDP2 data parallelism
+on the same global batch (``--data-parallel``).
 
     PYTHONPATH=src python benchmarks/pp_memory.py                                   # one process
     PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/pp_memory.py
     PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/pp_memory.py
+    PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/pp_memory.py --tensor-parallel
+    PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/pp_memory.py --data-parallel
 
 The model (8 layers, width 512, 16 SwiGLU experts of 256, top-2, vocabulary 8192, untied
 embeddings: ~62 M parameters) is built on the meta device and materialised (a pipeline stage:
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 
 import torch
 
@@ -39,7 +44,19 @@ def main() -> None:
     idx, tgt = torch.randint(0, CFG.vocab_size, (8, 256)), torch.randint(0, CFG.vocab_size, (8, 256))
     with torch.device("meta"):
         model = MoETransformer(CFG)
-    if "WORLD_SIZE" in os.environ:
+    if "--tensor-parallel" in sys.argv or "--data-parallel" in sys.argv:
+        from moekit.parallel import init_distributed, parallelize
+
+        rank, world, _ = init_distributed()
+        tp = world if "--tensor-parallel" in sys.argv else 1  # TP: every rank reads the whole batch
+        handle = parallelize(model, expert_parallel=1, tensor_parallel=tp)
+        if tp == 1:  # FSDP2 data parallelism: each rank its rows of the same global batch
+            idx, tgt = idx.chunk(world)[rank], tgt.chunk(world)[rank]
+        model.materialize_("cpu")
+        params = [p.to_local() for p in model.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        handle.loss(model(idx, tgt)).backward()
+    elif "WORLD_SIZE" in os.environ:
         from moekit.parallel import LMPipeline, init_distributed, pipeline_stage
 
         rank, world, _ = init_distributed()
