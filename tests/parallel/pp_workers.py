@@ -136,3 +136,70 @@ def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str, tie: bo
 
     _record(out_dir, f"pipeline-checkpoint{'-tied' if tie else ''}", check)
     dist.destroy_process_group()
+
+
+def pipeline_with_expert_and_data_parallelism(
+    rank: int, world: int, store: str, out_dir: str, dp: int, ep: int
+) -> None:
+    """Issue 25: PP=2 x (DP, EP) on 4 ranks, a ``(pp, dp, ep)`` mesh. Each stage is parallelized
+    on its ``(dp, ep)`` slice (experts split over ``ep``, FSDP2 over the slice) and each slice
+    position runs its own pipeline over its rows. The loss, every gradient, ``expert_usage`` and
+    the clipped gradients equal one process accumulating the global microbatches (float64)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from moekit.parallel import parallelize
+
+    init(rank, world, store, timeout_s=60)
+
+    def check():
+        mesh = init_device_mesh("cpu", (2, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+        s_idx, replica = mesh.get_local_rank("pp"), mesh.get_local_rank("dp") * ep + mesh.get_local_rank("ep")
+        cfg = _config()
+        cfg.moe.router_dtype = "float64"  # (a fresh config: its router in the model's dtype)
+        torch.manual_seed(0)
+        ref = MoETransformer(cfg).double()
+        model = copy.deepcopy(ref)
+        M, R, B = 2, dp * ep, 8  # microbatches per pipeline, pipelines, global rows
+        g = torch.Generator().manual_seed(3)
+        idx, tgt = torch.randint(0, 50, (B, 12), generator=g), torch.randint(0, 50, (B, 12), generator=g)
+        tgt[torch.rand(B, 12, generator=g) < 0.3] = -100
+        rows = B // R  # each pipeline's rows, in M microbatches of rows // M
+        n, total = (tgt != -100).sum(), 0.0
+        for m in range(M):  # the reference: one process on the global microbatches, accumulated
+            pick = torch.cat(
+                [torch.arange(r * rows + m * (rows // M), r * rows + (m + 1) * (rows // M)) for r in range(R)]
+            )
+            out = ref(idx[pick], tgt[pick])
+            (out.loss_sum / n + out.aux_loss / M).backward()
+            total += float(out.loss_sum / n)
+        stage = pipeline_stage(model, s_idx, 2, M)
+        handle = parallelize(stage, mesh["dp", "ep"])
+        pipe = LMPipeline(stage, s_idx, 2, M, group=mesh.get_group("pp"), parallel=handle)
+        mine = slice(replica * rows, (replica + 1) * rows)
+        got = pipe.step(idx[mine] if s_idx == 0 else None, tgt[mine] if s_idx == 1 else None)
+        if s_idx == 1:
+            assert got is not None
+            summed = float(handle.sum(got.reshape(1)))
+            assert abs(summed - total) < 1e-6 * total, (summed, total)  # (float32 rotary)
+        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+        ref_params = dict(ref.named_parameters())
+        names = [n for n, _ in stage.named_parameters()]
+        assert names, "the stage holds no parameters"
+        for name, p in stage.named_parameters():
+            assert p.grad is not None, f"stage {s_idx}: {name} got no gradient"
+            want = ref_params[name.removeprefix("model.")].grad
+            torch.testing.assert_close(full(p.grad), want, rtol=1e-6, atol=1e-9, msg=f"stage {s_idx}: {name}")
+        ref_buffers = dict(ref.named_buffers())
+        for name, b in stage.named_buffers():
+            if name.endswith("expert_usage"):
+                torch.testing.assert_close(full(b), ref_buffers[name.removeprefix("model.")], msg=name)
+        want_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        norm = pipe.clip_grad_norm_(0.05)
+        assert abs(float(norm) - float(want_norm)) < 1e-6 * float(want_norm), (float(norm), float(want_norm))
+        for name, p in stage.named_parameters():
+            want = ref_params[name.removeprefix("model.")].grad
+            torch.testing.assert_close(full(p.grad), want, rtol=1e-6, atol=1e-9, msg=f"{name} clipped")
+
+    _record(out_dir, f"pipeline-dp{dp}-ep{ep}", check)
+    dist.destroy_process_group()

@@ -174,18 +174,31 @@ class ExpertParallel:
         returns that norm. PyTorch's ``get_total_norm`` per mesh (the experts live on the 2-D
         (dp, ep) mesh, the rest on the flattened one, and one DTensor op cannot mix meshes), the
         parts combined, then ``clip_grads_with_norm_``: torchtitan's recipe for EP."""
+        total = self.grad_norm()
+        self.clip_grads_with_norm_(max_norm, total)
+        return total.float().cpu()
+
+    @torch.no_grad()
+    def grad_norm(self) -> Tensor:
+        """The norm of the whole (unsharded) model's gradient (float64; collective)."""
+        norms = []
+        for params in self._grads_by_mesh().values():
+            n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).double().cpu())
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def clip_grads_with_norm_(self, max_norm: float, total: Tensor) -> None:
+        """Scale every gradient by ``max_norm / total`` when that is below 1."""
+        for params in self._grads_by_mesh().values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device, torch.float32))
+
+    def _grads_by_mesh(self) -> dict:
         by_mesh: dict = {}
         for p in self.model.parameters():
             if p.grad is not None:
                 by_mesh.setdefault(_mesh_key(p.grad), []).append(p)
-        norms = []
-        for params in by_mesh.values():
-            n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).double())
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
-        for params in by_mesh.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device, torch.float32))
-        return total.float().cpu()
+        return by_mesh
 
     # ------------------------------------------------------------------ small collectives
     def mean(self, value: float) -> float:
@@ -336,7 +349,7 @@ def parallelize(
             "activation_checkpointing attribute (moekit's LM has; wrap other modules with torch.utils.checkpoint)"
         )
     blocks = getattr(model, "blocks", None)
-    if compile and not isinstance(blocks, nn.ModuleList):
+    if compile and not isinstance(blocks, (nn.ModuleList, list)):
         raise ValueError(f"compile=True compiles each transformer block: {type(model).__name__} has no blocks")
     _check_tensor_parallel(model, tensor_parallel, activation_checkpointing, compile)
     handle, flat = _expert_parallel(model, mesh, expert_parallel, statistics, sync_init, tensor_parallel)
@@ -348,7 +361,7 @@ def parallelize(
     if activation_checkpointing != "none":
         setattr(model, "activation_checkpointing", activation_checkpointing)  # noqa: B010 (a plain attribute)
     if compile:
-        assert isinstance(blocks, nn.ModuleList)  # checked above
+        assert isinstance(blocks, (nn.ModuleList, list))  # checked above
         for block in blocks:
             block.compile()  # in place: FSDP2 then wraps the compiled block, as torchtitan does
     _fully_shard(model, handle.mesh, flat, [m for _, m in _moe_layers(model)], param_dtype, tp_groups, tp_mesh)

@@ -15,9 +15,18 @@ its gradient arrives with the output's, so the schedule needs no extra communica
 
 Tied input and output embeddings: the first and the last stage each hold the weight, and
 :meth:`LMPipeline.step` sums its two gradients between them (Megatron-LM's embedding group), so
-both copies take the same optimizer steps. Not here yet: a balance loss pooled over all layers
-(``balance_pooling="model"``), hash routing (it reads the token ids, which only the first stage
-has), and composition with expert or data parallelism on the same ranks.
+both copies take the same optimizer steps.
+
+With expert and data parallelism (PP x EP x DP): each stage runs on a ``(dp, ep)`` slice of a
+``(pp, dp, ep)`` mesh, the stage itself given to :func:`~moekit.parallel.parallelize` on that
+slice (the stage is FSDP2's root: its embedding, norm and head are gathered when it runs), and
+each slice position is one pipeline (``group``: the ranks of one ``(dp, ep)`` position) reading
+its own rows. :class:`LMPipeline` then divides by the targets counted on every rank of the last
+stage and each rank adds its share of the auxiliary losses (``parallel``: the stage's handle).
+
+Not here yet: a balance loss pooled over all layers (``balance_pooling="model"``), hash routing
+(it reads the token ids, which only the first stage has), tied embeddings or activation
+checkpointing together with expert or data parallelism.
 """
 
 from __future__ import annotations
@@ -61,6 +70,11 @@ class LMStage(nn.Module):
         super().__init__()
         self.model, self.start, self.stop, self.first, self.last = model, start, stop, first, last
         self.aux_scale = aux_scale
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The blocks this stage runs (what :func:`~moekit.parallel.parallelize` wraps or compiles one by one)."""
+        return [self.model.blocks[i] for i in range(self.start, self.stop)]
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.model
@@ -146,10 +160,19 @@ class LMPipeline:
         n_microbatches: int,
         group=None,
         schedule: str = "1f1b",
+        parallel=None,
     ):
+        """``group``: the pipeline's ranks, stage i on its i-th (default: all ranks).
+        ``parallel``: the stage's expert/data-parallel handle, when :func:`~moekit.parallel.parallelize`
+        was given the stage on its ranks' ``(dp, ep)`` slice."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
+        if parallel is not None and stage.model.cfg.tie_embeddings:
+            raise ValueError("tied embeddings are not supported on a pipeline stage that is also expert/data parallel")
         self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
+        self.parallel = parallel
+        if parallel is not None:  # each rank of the stage's slice adds its share of the auxiliary losses
+            stage.aux_scale = 1.0 / (n_microbatches * parallel.world_size)
         self.partial_model = True  # for moekit.train.distcp: each rank saves and loads its stage's part
         self.n_microbatches, self.group, self.schedule = n_microbatches, group, schedule
         self._tied_group = self._embedding_group() if stage.model.cfg.tie_embeddings and n_stages > 1 else None
@@ -204,12 +227,17 @@ class LMPipeline:
         ``clip_grads_with_norm_``), as one process would; returns that norm. torchtitan's recipe
         for pipeline parallelism."""
         params = [p for p in self.stage.parameters() if p.grad is not None]
-        tied = self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
-        counted = [p.grad for p in params if p is not tied and p.grad is not None]  # tied: counted on the first stage
-        sq = torch.nn.utils.get_total_norm(counted, 2.0).double().cpu().square().reshape(1)
+        if self.parallel is not None:  # the stage's whole gradient, over its slice's shards
+            sq = self.parallel.grad_norm().double().square().reshape(1)
+        else:
+            tied = self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
+            counted = [p.grad for p in params if p is not tied and p.grad is not None]  # tied: counted on the first
+            sq = torch.nn.utils.get_total_norm(counted, 2.0).double().cpu().square().reshape(1)
         run_collective("pipeline gradient-norm all-reduce", dist.all_reduce, sq, group=self.group)
         total = sq.sqrt().squeeze(0)
-        if params:
+        if self.parallel is not None:
+            self.parallel.clip_grads_with_norm_(max_norm, total)
+        elif params:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device, torch.float32))
         return total.float()
 
@@ -228,7 +256,8 @@ class LMPipeline:
         """Forward and backward of one batch (``idx_BS`` read by the first stage, ``targets_BS``
         by the last, both ``(B, S)``: every rank passes at least one of them, for the shape);
         the gradients accumulate into the stage's parameters. Returns the batch's mean loss on
-        the last stage, else None."""
+        the last stage, else None (with ``parallel``: this rank's share of the mean over every
+        rank's rows; their sum over the stage's ranks is the mean)."""
         return self._run(idx_BS, targets_BS, train=True)
 
     def _run(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor], train: bool) -> Optional[Tensor]:
@@ -243,7 +272,10 @@ class LMPipeline:
         losses: list[Tensor] = []
         if self.stage.last:
             assert targets_BS is not None  # checked above
-            self._n_targets = (targets_BS != IGNORE_INDEX).sum().clamp(min=1)
+            n = (targets_BS != IGNORE_INDEX).sum()
+            if self.parallel is not None:  # every pipeline's rows: one process's mean over the global batch
+                n = self.parallel.sum(n.double().reshape(1)).squeeze(0)
+            self._n_targets = n.clamp(min=1)
         args = (idx_BS,) if self.stage.first else ()
         kwargs = {"target": targets_BS, "losses": losses} if self.stage.last else {}
         (schedule.step if train else schedule.eval)(*args, **kwargs)
