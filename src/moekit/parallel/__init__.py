@@ -3,8 +3,9 @@ parallelism for the language model, on torch.distributed."""
 
 from .collectives import ExpertParallelError
 from .dispatch import ExpertAllToAll
-from .expert_parallel import ExpertParallel, apply_expert_parallel, parallelize
+from .handle import ExpertParallel
 from .mesh import barrier, init_distributed, make_mesh
+from .parallelize import apply_expert_parallel, parallelize
 from .pipeline import LMPipeline, pipeline_stage
 
 __all__ = [
