@@ -635,9 +635,7 @@ class TrainConfig(_DictMixin):
     data: Optional[str] = None  # a text file or folder; None = the embedded prose+code corpus
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
     expert_parallel: int = 1  # ranks each MoE layer's experts are split over (under torchrun; the rest: data parallel)
-    tensor_parallel: int = (
-        1  # ranks each attention's heads, dense FFN and shared expert are split over (under torchrun)
-    )
+    tensor_parallel: int = 1  # ranks the attention heads, dense FFNs, shared experts are split over (torchrun)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:

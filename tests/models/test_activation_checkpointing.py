@@ -93,3 +93,23 @@ def test_compiled_checkpointed_blocks_count_the_routing_once(mode):
     torch.testing.assert_close(out.loss, ref.loss)
     for n, b in buffers.items():
         assert torch.equal(b, ref_buffers[n]), n
+
+
+def test_importing_moekit_leaves_triton_unimported():
+    """torch.compiler.disable imports torch._dynamo, which imports Triton: done at import time, it
+    made every interpreted kernel test fail when another test module was collected first."""
+    import subprocess
+    import sys
+
+    code = "import sys, moekit, moekit.train.trainer; print('triton.language' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_model_tells_its_moe_layers_to_count_between_graphs_under_checkpointing():
+    model = MoETransformer(_cfg("default"))
+    assert not any(m.count_between_graphs or m.router.count_between_graphs for m in model.moe_layers)
+    model.activation_checkpointing = "full"
+    assert all(m.count_between_graphs and m.router.count_between_graphs for m in model.moe_layers)
+    model.activation_checkpointing = "none"
+    assert not any(m.count_between_graphs for m in model.moe_layers)

@@ -23,6 +23,7 @@ from typing import Optional, Union, cast
 import torch
 from torch import Tensor, nn
 
+from .._graphs import eager
 from ..config import MoEConfig, check_config_type, check_positive, check_router_top_k
 from ..kernels import as_dtype, compute_dtype, resolve_backend
 from . import losses as L
@@ -32,7 +33,7 @@ from .experts import FeedForward, GroupedExperts, ModuleListExperts, StackedExpe
 from .losses import LOSS_WEIGHTS
 from .paths import choose_path
 from .router import Routing, SigmoidRouter, build_router, jitter
-from .scope import LOCAL_SCOPE, LocalScope, count_once, in_backward
+from .scope import LOCAL_SCOPE, LocalScope, _count_unless_recomputing, count_once, in_backward
 
 
 @dataclasses.dataclass(init=False, repr=False, eq=False)
@@ -134,6 +135,8 @@ class MoE(nn.Module):
     expert_usage: Tensor
     steps_unused: Tensor
     step_counts: Tensor
+
+    count_between_graphs = False  # routing bookkeeping outside compiled graphs: count_between_graphs_
 
     def __init__(self, cfg: MoEConfig, experts: Optional[Sequence[nn.Module]] = None):
         super().__init__()
@@ -367,6 +370,16 @@ class MoE(nn.Module):
             return None
         return self.cfg.capacity_factor_for(self.training)
 
+    def count_between_graphs_(self, on: bool = True) -> MoE:
+        """Run the routing bookkeeping (``expert_usage``, ``step_counts``, the sigmoid router's
+        load) eagerly between compiled graphs: what a model under activation checkpointing needs,
+        since a compiled graph's recomputation in the backward would count it again. The
+        language model sets it with its ``activation_checkpointing``."""
+        self.count_between_graphs = self.router.count_between_graphs = bool(on)
+        if on:
+            eager(_count_unless_recomputing)  # made now, outside any compiled code
+        return self
+
     def _count_usage(self, kept_E: Tensor) -> None:
         """A training call's tokens per expert into ``expert_usage`` (a moving share) and ``step_counts``."""
         share_E = kept_E.float() / kept_E.sum().clamp_min(1).float()
@@ -410,7 +423,7 @@ class MoE(nn.Module):
             losses["load"] = L.cv_squared(sums["load"])
         kept = counts["kept"]
         if training:  # (not again in a checkpointed forward's re-run)
-            count_once(functools.partial(self._count_usage, kept))
+            count_once(functools.partial(self._count_usage, kept), self.count_between_graphs)
         with torch.no_grad():
             stats = {
                 "tokens_per_expert": kept.detach(),

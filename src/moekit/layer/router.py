@@ -140,6 +140,7 @@ class Router(nn.Module):
     """
 
     learned = True
+    count_between_graphs = False  # (set through MoE.count_between_graphs_: see scope.count_once)
     disabled_E: Tensor
 
     def __init__(self, cfg: MoEConfig):
@@ -470,7 +471,7 @@ class SigmoidRouter(Router):
 
         probs_TE = functools.partial(_sum_normalized, scores_TE)  # a partial, not a closure: picklable
         if self.training:  # (not again in a checkpointed forward's re-run)
-            count_once(functools.partial(self._count_load, experts_TK))
+            count_once(functools.partial(self._count_load, experts_TK), self.count_between_graphs)
         probs = probs_TE() if self.training else probs_TE  # in eval only losses and stats read it
         return Routing(experts_TK, self._scaled(weights_TK), logits_TE, probs, scores_TK=scores_TK)
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._graphs import eager
+
 
 class LocalScope:
     """The statistics of this process's tokens alone (the default of every layer)."""
@@ -51,12 +53,20 @@ class LocalScope:
 LOCAL_SCOPE = LocalScope()
 
 
-@torch.compiler.disable
-def count_once(update: Callable[[], None]) -> None:
+def count_once(update: Callable[[], None], between_graphs: bool = False) -> None:
     """Run a training forward's bookkeeping (routing counts into buffers) unless this forward is
-    activation checkpointing's re-run inside the backward. Compiled or not: it runs eagerly,
-    between compiled graphs, since a compiled graph's recomputation would count again (a graph
-    holds its buffer updates unconditionally: measured, ``expert_usage`` counted twice)."""
+    activation checkpointing's re-run inside the backward. ``between_graphs`` (a model under
+    activation checkpointing, :meth:`moekit.MoE.count_between_graphs_`): run it eagerly between
+    compiled graphs, since a compiled graph holds its buffer updates unconditionally and its
+    recomputation would count them again (measured: ``expert_usage`` counted twice). Otherwise a
+    compiled graph keeps the update (no graph break: ``fullgraph=True`` stays possible)."""
+    if between_graphs:
+        eager(_count_unless_recomputing)(update)
+    else:
+        _count_unless_recomputing(update)
+
+
+def _count_unless_recomputing(update: Callable[[], None]) -> None:
     if not in_backward():
         with torch.no_grad():
             update()

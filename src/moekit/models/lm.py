@@ -350,7 +350,7 @@ class MoETransformer(nn.Module):
         if why:  # LMConfig checks this too; here for a config changed after it was made
             raise ValueError(f"moe: a causal language model cannot use this MoE layer: {why}")
         self.cfg = cfg
-        self.activation_checkpointing = "none"  # "full" or "selective" in training: see forward
+        self._activation_checkpointing = "none"
         self._pruned = False  # a pipeline stage's part of the model (moekit.parallel.pipeline): see reset_parameters
         rng = torch.get_rng_state()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -369,6 +369,17 @@ class MoETransformer(nn.Module):
         if not self.embed.weight.is_meta:
             self.reset_buffers()
             self.reset_parameters()
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """ "none", or "full" / "selective" in training (see :func:`_checkpointed`)."""
+        return self.__dict__.get("_activation_checkpointing", "none")  # (a model pickled before it existed)
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        self._activation_checkpointing = mode
+        for moe in self.moe_layers:  # a compiled block's recomputation must not count routing again
+            moe.count_between_graphs_(mode != "none")
 
     @torch.no_grad()
     def materialize_(self, device: Union[str, torch.device] = "cpu") -> MoETransformer:
