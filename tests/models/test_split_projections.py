@@ -69,3 +69,27 @@ def test_dense_ffn_equals_the_experts_fused_form_with_gradients(kind):
     got_up = ffn.w_up.grad if ffn.w_gate is None else torch.cat([ffn.w_gate.grad, ffn.w_up.grad], 1)
     torch.testing.assert_close(got_up, g_up)
     torch.testing.assert_close(ffn.w_down.grad, g_down)
+
+
+def test_a_checkpoint_file_in_the_fused_layout_reads_into_the_model(tmp_path):
+    """Run folders written before the split (single-file checkpoints) still generate, inspect and
+    load: read tensor by tensor (read_model_into) or whole (load_checkpoint), the same model; their
+    optimizer state cannot resume, said by name."""
+    from moekit.train.checkpoint import CheckpointError, load_checkpoint, read_model_into, save_checkpoint
+
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2, num_shared_experts=1)
+    cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, moe=moe,
+                   first_dense_layers=1, attn_bias=True)  # fmt: skip
+    model = MoETransformer(cfg).eval()
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(path, None, model_state=_fused_state(model), meta={"step": 3})
+    ids = torch.randint(0, 64, (2, 9))
+    for read in (lambda m: read_model_into(path, m), lambda m: load_checkpoint(path, m)):
+        torch.manual_seed(1)
+        fresh = MoETransformer(cfg).eval()
+        read(fresh)
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(CheckpointError, match="optimizer state does not resume"):
+        load_checkpoint(path, MoETransformer(cfg), opt)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .._io import atomic_write_bytes
 
@@ -201,6 +201,41 @@ def read_model_into(
     return json.loads(files.metadata[path].get("moekit", "{}"))
 
 
+def legacy_parts(expected: dict, saved: dict) -> dict[str, tuple[str, int, int, int]]:
+    """The model's tensors that a checkpoint written before the attention's q/k/v and the dense
+    FFNs' gate/up were separate tensors (2026-12-05) holds fused: ``{name: (saved name, dim,
+    start, length)}``. ``expected`` / ``saved``: name -> shape of the model's and the file's."""
+    parts: dict[str, tuple[str, int, int, int]] = {}
+    for name, shape in expected.items():
+        for kind in ("weight", "bias"):
+            if name.endswith(f"attn.wq.{kind}"):
+                prefix = name[: -len(f"wq.{kind}")]
+                old, start = prefix + f"wqkv.{kind}", 0
+                if old in saved and not any(prefix + f"w{n}.{kind}" in saved for n in "qkv"):
+                    for n in "qkv":
+                        rows = expected[prefix + f"w{n}.{kind}"][0]
+                        parts[prefix + f"w{n}.{kind}"] = (old, 0, start, rows)
+                        start += rows
+        if name.endswith("w_gate") and name not in saved:
+            up = name[: -len("w_gate")] + "w_up"
+            if tuple(saved.get(up, ())) == (shape[0], 2 * shape[1]):  # [gate | up] in one tensor
+                parts[name], parts[up] = (up, 1, 0, shape[1]), (up, 1, shape[1], shape[1])
+    return parts
+
+
+def _split_legacy(sd: dict, expected: dict) -> bool:
+    """Replace ``sd``'s fused tensors of an old checkpoint (:func:`legacy_parts`) by today's
+    parts, in place; whether there were any."""
+    parts = legacy_parts(expected, {k: tuple(v.shape) for k, v in sd.items()})
+    fused = {old: sd[old] for old, *_ in parts.values()}
+    for name, (old, dim, start, length) in parts.items():
+        sd[name] = fused[old].narrow(dim, start, length)
+    for old in fused:
+        if old not in parts:  # (a gate/up's old name is also the new up's)
+            del sd[old]
+    return bool(parts)
+
+
 def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable[[str], bool]) -> None:
     meta = files.metadata[path]
     digests = json.loads(meta[CHECKSUMS]) if CHECKSUMS in meta else None
@@ -208,15 +243,30 @@ def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable
         _warn_unverifiable(path, stacklevel=3)
     expected = model.state_dict()
     in_file = {n[len(MODEL) :] for n in files.entries if n.startswith(MODEL)}
-    missing = sorted(set(expected) - in_file)
-    unexpected = sorted(n for n in in_file - set(expected) if not unread_ok(n))
+    parts = legacy_parts(
+        {k: tuple(v.shape) for k, v in expected.items()}, {n: files.entry(MODEL + n).shape for n in in_file}
+    )
+    fused_names = {old for old, *_ in parts.values()}
+    missing = sorted(set(expected) - in_file - set(parts))
+    unexpected = sorted(n for n in in_file - set(expected) - fused_names if not unread_ok(n))
     if missing or unexpected:
         what = ([f"missing {', '.join(missing[:6])}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:6])}"] if unexpected else []
         )
         raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(what)}")
+    fused: dict[str, Tensor] = {}  # an old checkpoint's fused tensors, read once each
     with torch.no_grad():
         for name, t in expected.items():
+            if name in parts:
+                old, dim, start, length = parts[name]
+                if old not in fused:
+                    fused[old] = files.read(MODEL + old)
+                    if digests is not None and tensor_sha256(fused[old]) != digests.get(MODEL + old):
+                        raise CheckpointError(
+                            f"checkpoint {path} is corrupt: tensor {MODEL + old!r} does not match its SHA-256 checksum"
+                        )
+                t.copy_(fused[old].narrow(dim, start, length))
+                continue
             key, entry = MODEL + name, files.entry(MODEL + name)
             if entry.shape != tuple(t.shape):
                 raise CheckpointError(
@@ -242,6 +292,13 @@ def load_checkpoint(
     the (always unsharded) file, whatever expert-parallel size wrote it."""
     tensors, info = read_checkpoint(path)
     model_sd = {k[len(MODEL) :]: v for k, v in tensors.items() if k.startswith(MODEL)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # (a DTensor's: its whole shape)
+    if _split_legacy(model_sd, expected) and optimizer is not None:
+        raise CheckpointError(
+            f"checkpoint {path} was written before the attention's q/k/v and the dense FFNs' gate/up "
+            "became separate tensors: its weights load, its optimizer state does not resume "
+            "(start a new run from it: moekit train --init-from RUN)"
+        )
     try:
         if parallel is not None:
             parallel.load_full_state_dict(model_sd)
