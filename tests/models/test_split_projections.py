@@ -93,3 +93,38 @@ def test_a_checkpoint_file_in_the_fused_layout_reads_into_the_model(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(CheckpointError, match="optimizer state does not resume"):
         load_checkpoint(path, MoETransformer(cfg), opt)
+
+
+def _module_of(sd: dict) -> torch.nn.Module:
+    """A module whose state dict is ``sd`` (each tensor a buffer at its dotted path)."""
+    root = torch.nn.Module()
+    for name, t in sd.items():
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_buffer(leaf, t.clone())
+    return root
+
+
+def test_a_sharded_checkpoint_in_the_fused_layout_loads_into_the_model(tmp_path):
+    """A DCP folder (what torchrun runs write) from before the split: one process loads its
+    weights into today's model; its optimizer state is refused by name."""
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.distcp import load_distributed, save_distributed
+
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, hidden_dim=16, num_experts=4, top_k=2, num_shared_experts=1)
+    cfg = LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, moe=moe, first_dense_layers=1)
+    model = MoETransformer(cfg).eval()
+    path = tmp_path / "old.dcp"
+    save_distributed(path, _module_of(_fused_state(model)), None, None, meta={"step": 1})
+    torch.manual_seed(1)
+    fresh = MoETransformer(cfg).eval()
+    load_distributed(path, fresh, None, None, rng=False)
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="optimizer state does not resume"):
+        load_distributed(path, fresh, torch.optim.AdamW(fresh.parameters()), None, rng=False)

@@ -580,14 +580,22 @@ def load_distributed(
     rank, world = _rank_world(par)
     error, manifest, md, state = None, None, None, None
     rows: dict = {}
+    legacy: dict = {}
     try:  # the same checks on every rank, from the files alone
         manifest = read_manifest(path)
         md, tensors = _read_metadata(path, manifest)
         model_sd = model.state_dict()
         per_rank = tuple(manifest.get("per_rank", ()))
         shapes = {k: tuple(v.shape) for k, v in model_sd.items()}  # a DTensor's shape is global
+        legacy = _legacy(path, tensors, shapes, optimizer)
+        for name, (old, *_) in legacy.items():  # check and read the fused tensors in their place
+            shapes.pop(name)
+            shapes[old] = tuple(tensors[MODEL + old].size)
         _check_model(path, tensors, shapes, per_rank, part=_partial(par))
-        state = {MODEL + k: v for k, v in model_sd.items()}
+        state = {MODEL + k: v for k, v in model_sd.items() if k not in legacy}
+        for old in {old for old, *_ in legacy.values()}:  # whole on every rank (the small dense maps)
+            saved = tensors[MODEL + old]
+            state[MODEL + old] = torch.empty(tuple(saved.size), dtype=saved.properties.dtype)
         rows = {k: _row_target(model_sd[k], tensors[MODEL + k], par, world) for k in per_rank}
         state.update({MODEL + k: t for k, t in rows.items()})
         opt_plan = None
@@ -613,11 +621,42 @@ def load_distributed(
         raise CheckpointError(f"reading the checkpoint {path} failed on rank {rank}: {_one_line(err)}") from err
     for k, t in rows.items():  # each rank's own row (or rank r's: r mod the saving world)
         model_sd[k].copy_(t.to_local()[0] if _is_dtensor(t) else t[rank % t.shape[0]])
+    for name, (old, dim, start, length) in legacy.items():
+        _copy_whole_into(model_sd[name], state[MODEL + old].narrow(dim, start, length))
     if optimizer is not None:
         assert opt_plan is not None
         _load_optimizer(path, optimizer, manifest, state, opt_plan)
     rng_states = {k[len(RNG) :]: v for k, v in state.items() if k.startswith(RNG)}
     return manifest["meta"], rng_states
+
+
+def _legacy(path: Path, tensors: dict, shapes: dict, optimizer) -> dict:
+    """The model's tensors a checkpoint written before the attention's q/k/v and the dense FFNs'
+    gate/up were split holds fused (:func:`~moekit.train.checkpoint.legacy_parts`); such a
+    checkpoint loads its weights, not its optimizer state."""
+    from .checkpoint import legacy_parts
+
+    saved = {k[len(MODEL) :]: tuple(v.size) for k, v in tensors.items() if k.startswith(MODEL) and hasattr(v, "size")}
+    parts = legacy_parts(shapes, saved)
+    if parts and optimizer is not None:
+        raise CheckpointError(
+            f"checkpoint {path} was written before the attention's q/k/v and the dense FFNs' gate/up "
+            "became separate tensors: its weights load, its optimizer state does not resume "
+            "(start a new run from it: moekit train --init-from RUN)"
+        )
+    return parts
+
+
+@torch.no_grad()
+def _copy_whole_into(dst: Tensor, whole: Tensor) -> None:
+    """``whole`` (the full tensor) into ``dst``: a DTensor keeps its own block of it."""
+    if _is_dtensor(dst):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+        dst.to_local().copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    else:
+        dst.copy_(whole)
 
 
 def _row_target(buf: Tensor, saved, par, world: int):
