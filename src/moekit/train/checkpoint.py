@@ -253,6 +253,11 @@ def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable
         what = ([f"missing {', '.join(missing[:6])}"] if missing else []) + (
             [f"unexpected {', '.join(unexpected[:6])}"] if unexpected else []
         )
+        if any(".attn.wqkv.q." in n for n in in_file):  # low-bit tensors of the fused projection
+            what.append(
+                "a quantized run made before the attention's q/k/v were split (2026-12-05): quantize its "
+                "source run again (moekit convert --run SOURCE --quantize ...)"
+            )
         raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(what)}")
     fused: dict[str, Tensor] = {}  # an old checkpoint's fused tensors, read once each
     with torch.no_grad():
