@@ -9,6 +9,25 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py
 torch.set_num_threads(1)  # tests run under pytest-xdist with one worker per core
 
 
+def _import_triton_interpreted() -> None:
+    """Import moekit's Triton kernels, and Triton with them, under ``TRITON_INTERPRET=1``, before
+    any test module is collected: ``triton.jit`` reads the variable when it decorates, Triton's
+    own library functions (``tl.sum``) included, and any earlier import of Triton (``torch._dynamo``
+    imports it; ``moekit.parallel`` imports that) would leave them compiled-mode functions that the
+    interpreted kernel tests cannot call (tests/kernels sets the variable around each of its tests)."""
+    if torch.cuda.is_available():
+        return  # a GPU runs the real kernels (tests marked gpu); the interpreter tests skip there
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        try:
+            import moekit.kernels.triton  # noqa: F401
+        except ImportError:
+            pass
+
+
+_import_triton_interpreted()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
