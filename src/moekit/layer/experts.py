@@ -92,13 +92,38 @@ class FeedForward(nn.Module):
             self.w_gate.copy_(gate)
             self.w_up.copy_(up)
 
+    def legacy_parts(self, prefix: str, saved: dict) -> dict[str, tuple[str, int, int, int]]:
+        """Where a checkpoint written before the gate and up projections were split (2026-12-05)
+        holds them: both in one ``w_up`` of ``[gate | up]`` columns (:data:`LegacyParts`).
+        ``saved``: the checkpoint's names -> shapes."""
+        up, F = prefix + "w_up", self.hidden_dim
+        if self.w_gate is None or prefix + "w_gate" in saved or tuple(saved.get(up, ())) != (self.dim, 2 * F):
+            return {}
+        return {prefix + "w_gate": (up, 1, 0, F), up: (up, 1, F, F)}
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        # checkpoints written before the projections were split hold [gate | up] in one w_up
-        up = state_dict.get(prefix + "w_up")
-        if self.w_gate is not None and prefix + "w_gate" not in state_dict and up is not None:
-            if up.dim() == 2 and up.shape[1] == 2 * self.hidden_dim:
-                state_dict[prefix + "w_gate"], state_dict[prefix + "w_up"] = up.chunk(2, dim=1)
+        split_legacy_(state_dict, self.legacy_parts(prefix, shapes_of(state_dict)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# A checkpoint written before a module's projections were split: each of today's tensors it holds
+# inside a fused one, as {today's name: (the checkpoint's name, dim, start, length)}.
+LegacyParts = dict[str, tuple[str, int, int, int]]
+
+
+def shapes_of(state_dict: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def split_legacy_(state_dict: dict, parts: LegacyParts) -> dict:
+    """``state_dict`` with the fused tensors ``parts`` names replaced by today's parts (in place)."""
+    fused = {old: state_dict[old] for old, *_ in parts.values()}
+    for name, (old, dim, start, length) in parts.items():
+        state_dict[name] = fused[old].narrow(dim, start, length)
+    for old in fused:
+        if old not in parts:  # (the fused [gate | up] had the name today's up has)
+            del state_dict[old]
+    return state_dict
 
 
 def _local(w: Tensor) -> Tensor:
@@ -299,4 +324,14 @@ class ModuleListExperts(nn.Module):
         return per_expert(x_RD, counts_E, lambda e, rows: self.experts[e](rows), self.dim)
 
 
-__all__ = ["ACTIVATIONS", "GATED", "FeedForward", "GroupedExperts", "ModuleListExperts", "stacked_ffn"]
+__all__ = [
+    "ACTIVATIONS",
+    "GATED",
+    "FeedForward",
+    "GroupedExperts",
+    "LegacyParts",
+    "ModuleListExperts",
+    "shapes_of",
+    "split_legacy_",
+    "stacked_ffn",
+]

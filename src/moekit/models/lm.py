@@ -33,7 +33,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from ..config import LMConfig, causal_lm_problem
 from ..kernels import threads
 from ..layer import FeedForward, MoE, MoEOutput
-from ..layer.experts import GroupedExperts
+from ..layer.experts import GroupedExperts, LegacyParts, shapes_of, split_legacy_
 from ..layer.losses import balance_from_stats
 
 
@@ -161,16 +161,24 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_SL, enable_gqa=self.hk != self.h)
         return self.wo(y.transpose(1, 2).reshape(B, S, y.shape[1] * self.dh))
 
+    def legacy_parts(self, prefix: str, saved: dict) -> LegacyParts:
+        """Where a checkpoint written before q, k and v were split (2026-12-05) holds them: the
+        rows ``[q; k; v]`` of one ``wqkv`` (:data:`~moekit.layer.experts.LegacyParts`; a
+        ``wqkv`` of another shape is left to be reported). ``saved``: the checkpoint's names -> shapes."""
+        rows = {"q": self.h * self.dh, "k": self.hk * self.dh, "v": self.hk * self.dh}
+        parts: LegacyParts = {}
+        for kind, trailing in (("weight", (self.wo.out_features,)), ("bias", ())):
+            old = prefix + f"wqkv.{kind}"
+            if tuple(saved.get(old, ())) != (sum(rows.values()), *trailing) or prefix + f"wq.{kind}" in saved:
+                continue
+            start = 0
+            for n, length in rows.items():
+                parts[prefix + f"w{n}.{kind}"] = (old, 0, start, length)
+                start += length
+        return parts
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        # checkpoints written before the projections were split hold [q; k; v] rows in one wqkv
-        sizes = [self.h * self.dh, self.hk * self.dh, self.hk * self.dh]
-        for kind in ("weight", "bias"):
-            fused = state_dict.pop(prefix + f"wqkv.{kind}", None)
-            if fused is not None and fused.shape[0] == sum(sizes):
-                for n, part in zip("qkv", fused.split(sizes, dim=0)):
-                    state_dict.setdefault(prefix + f"w{n}.{kind}", part)
-            elif fused is not None:
-                state_dict[prefix + f"wqkv.{kind}"] = fused  # reported as unexpected by the load
+        split_legacy_(state_dict, self.legacy_parts(prefix, shapes_of(state_dict)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write_bytes
+from ..layer.experts import LegacyParts, shapes_of, split_legacy_
 
 OPTIM = "optim."
 RNG = "rng."
@@ -201,39 +202,23 @@ def read_model_into(
     return json.loads(files.metadata[path].get("moekit", "{}"))
 
 
-def legacy_parts(expected: dict, saved: dict) -> dict[str, tuple[str, int, int, int]]:
+def legacy_parts(model: nn.Module, saved: dict, path: Union[str, Path], optimizer=None) -> LegacyParts:
     """The model's tensors that a checkpoint written before the attention's q/k/v and the dense
-    FFNs' gate/up were separate tensors (2026-12-05) holds fused: ``{name: (saved name, dim,
-    start, length)}``. ``expected`` / ``saved``: name -> shape of the model's and the file's."""
-    parts: dict[str, tuple[str, int, int, int]] = {}
-    for name, shape in expected.items():
-        for kind in ("weight", "bias"):
-            if name.endswith(f"attn.wq.{kind}"):
-                prefix = name[: -len(f"wq.{kind}")]
-                old, start = prefix + f"wqkv.{kind}", 0
-                if old in saved and not any(prefix + f"w{n}.{kind}" in saved for n in "qkv"):
-                    for n in "qkv":
-                        rows = expected[prefix + f"w{n}.{kind}"][0]
-                        parts[prefix + f"w{n}.{kind}"] = (old, 0, start, rows)
-                        start += rows
-        if name.endswith("w_gate") and name not in saved:
-            up = name[: -len("w_gate")] + "w_up"
-            if tuple(saved.get(up, ())) == (shape[0], 2 * shape[1]):  # [gate | up] in one tensor
-                parts[name], parts[up] = (up, 1, 0, shape[1]), (up, 1, shape[1], shape[1])
+    FFNs' gate/up were separate tensors (2026-12-05) holds fused, as each module says
+    (``legacy_parts``: :class:`~moekit.models.lm.Attention`, :class:`~moekit.layer.FeedForward`).
+    ``saved``: the checkpoint's model names -> shapes. Such a checkpoint loads its weights; its
+    optimizer state (``optimizer`` given: a resume) is refused."""
+    parts: LegacyParts = {}
+    for name, m in model.named_modules():
+        if name and hasattr(m, "legacy_parts"):
+            parts.update(m.legacy_parts(name + ".", saved))
+    if parts and optimizer is not None:
+        raise CheckpointError(
+            f"checkpoint {path} was written before the attention's q/k/v and the dense FFNs' gate/up "
+            "became separate tensors: its weights load, its optimizer state does not resume "
+            "(start a new run from it: moekit train --init-from RUN)"
+        )
     return parts
-
-
-def _split_legacy(sd: dict, expected: dict) -> bool:
-    """Replace ``sd``'s fused tensors of an old checkpoint (:func:`legacy_parts`) by today's
-    parts, in place; whether there were any."""
-    parts = legacy_parts(expected, {k: tuple(v.shape) for k, v in sd.items()})
-    fused = {old: sd[old] for old, *_ in parts.values()}
-    for name, (old, dim, start, length) in parts.items():
-        sd[name] = fused[old].narrow(dim, start, length)
-    for old in fused:
-        if old not in parts:  # (a gate/up's old name is also the new up's)
-            del sd[old]
-    return bool(parts)
 
 
 def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable[[str], bool]) -> None:
@@ -243,9 +228,7 @@ def _read_model_tensors(path: Path, files, model: nn.Module, unread_ok: Callable
         _warn_unverifiable(path, stacklevel=3)
     expected = model.state_dict()
     in_file = {n[len(MODEL) :] for n in files.entries if n.startswith(MODEL)}
-    parts = legacy_parts(
-        {k: tuple(v.shape) for k, v in expected.items()}, {n: files.entry(MODEL + n).shape for n in in_file}
-    )
+    parts = legacy_parts(model, {n: files.entry(MODEL + n).shape for n in in_file}, path)
     fused_names = {old for old, *_ in parts.values()}
     missing = sorted(set(expected) - in_file - set(parts))
     unexpected = sorted(n for n in in_file - set(expected) - fused_names if not unread_ok(n))
@@ -297,13 +280,7 @@ def load_checkpoint(
     the (always unsharded) file, whatever expert-parallel size wrote it."""
     tensors, info = read_checkpoint(path)
     model_sd = {k[len(MODEL) :]: v for k, v in tensors.items() if k.startswith(MODEL)}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # (a DTensor's: its whole shape)
-    if _split_legacy(model_sd, expected) and optimizer is not None:
-        raise CheckpointError(
-            f"checkpoint {path} was written before the attention's q/k/v and the dense FFNs' gate/up "
-            "became separate tensors: its weights load, its optimizer state does not resume "
-            "(start a new run from it: moekit train --init-from RUN)"
-        )
+    split_legacy_(model_sd, legacy_parts(model, shapes_of(model_sd), path, optimizer))
     try:
         if parallel is not None:
             parallel.load_full_state_dict(model_sd)

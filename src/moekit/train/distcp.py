@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write_text
-from .checkpoint import MODEL, OPTIM, RNG, CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import MODEL, OPTIM, RNG, CheckpointError, legacy_parts, read_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -587,15 +587,18 @@ def load_distributed(
         model_sd = model.state_dict()
         per_rank = tuple(manifest.get("per_rank", ()))
         shapes = {k: tuple(v.shape) for k, v in model_sd.items()}  # a DTensor's shape is global
-        legacy = _legacy(path, tensors, shapes, optimizer)
+        saved = {
+            k[len(MODEL) :]: tuple(v.size) for k, v in tensors.items() if k.startswith(MODEL) and hasattr(v, "size")
+        }
+        legacy = legacy_parts(model, saved, path, optimizer)
         for name, (old, *_) in legacy.items():  # check and read the fused tensors in their place
             shapes.pop(name)
             shapes[old] = tuple(tensors[MODEL + old].size)
         _check_model(path, tensors, shapes, per_rank, part=_partial(par))
         state = {MODEL + k: v for k, v in model_sd.items() if k not in legacy}
         for old in {old for old, *_ in legacy.values()}:  # whole on every rank (the small dense maps)
-            saved = tensors[MODEL + old]
-            state[MODEL + old] = torch.empty(tuple(saved.size), dtype=saved.properties.dtype)
+            item = tensors[MODEL + old]
+            state[MODEL + old] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
         rows = {k: _row_target(model_sd[k], tensors[MODEL + k], par, world) for k in per_rank}
         state.update({MODEL + k: t for k, t in rows.items()})
         opt_plan = None
@@ -630,31 +633,14 @@ def load_distributed(
     return manifest["meta"], rng_states
 
 
-def _legacy(path: Path, tensors: dict, shapes: dict, optimizer) -> dict:
-    """The model's tensors a checkpoint written before the attention's q/k/v and the dense FFNs'
-    gate/up were split holds fused (:func:`~moekit.train.checkpoint.legacy_parts`); such a
-    checkpoint loads its weights, not its optimizer state."""
-    from .checkpoint import legacy_parts
-
-    saved = {k[len(MODEL) :]: tuple(v.size) for k, v in tensors.items() if k.startswith(MODEL) and hasattr(v, "size")}
-    parts = legacy_parts(shapes, saved)
-    if parts and optimizer is not None:
-        raise CheckpointError(
-            f"checkpoint {path} was written before the attention's q/k/v and the dense FFNs' gate/up "
-            "became separate tensors: its weights load, its optimizer state does not resume "
-            "(start a new run from it: moekit train --init-from RUN)"
-        )
-    return parts
-
-
 @torch.no_grad()
 def _copy_whole_into(dst: Tensor, whole: Tensor) -> None:
-    """``whole`` (the full tensor) into ``dst``: a DTensor keeps its own block of it."""
+    """``whole`` (the full tensor) into ``dst``: a DTensor keeps its own part of it (PyTorch's
+    ``distribute_tensor`` from this rank's copy, no communication)."""
     if _is_dtensor(dst):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor import distribute_tensor
 
-        shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
-        dst.to_local().copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        dst.to_local().copy_(distribute_tensor(whole, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
     else:
         dst.copy_(whole)
 
