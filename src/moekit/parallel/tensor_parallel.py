@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -76,13 +76,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> list[list[nn.Module]]:
     """Shard ``model``'s attention projections, dense FFNs and shared experts over ``tp_mesh``
     and put the sequence split on it (hooks). Returns the groups of sharded modules, which FSDP
     wraps over the mesh's other dimension."""
-    from ..models.lm import MoETransformer
+    from ..models.lm import Attention, MoETransformer
 
     assert isinstance(model, MoETransformer)  # tensor_parallel_problem checked it
-    tp = tp_mesh.size()
+    rank, tp = tp_mesh.get_local_rank(), tp_mesh.size()
     groups: list[list[nn.Module]] = []
-    from ..models.lm import Attention
-
     for block in model.blocks:
         attn = block.attn
         assert isinstance(attn, Attention)
@@ -109,8 +107,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> list[list[nn.Module]]:
             if isinstance(block.ffn.shared, FeedForward):  # on the layer's (T, D) token rows
                 parallelize_module(block.ffn.shared, tp_mesh, _HiddenSharded(seq_dim=0))
                 groups.append([block.ffn.shared])
-            block.ffn.register_forward_pre_hook(_TokenIdsOfPositions(tp_mesh), with_kwargs=True)
-    rank = tp_mesh.get_local_rank()
+            block.ffn.register_forward_pre_hook(_TokenIdsOfPositions(rank, tp), with_kwargs=True)
     model.embed.register_forward_hook(lambda _m, _args, x_BSD: positions(x_BSD, rank, tp))
     model.register_forward_pre_hook(_TargetsOfPositions(rank, tp), with_kwargs=True)
     return groups
@@ -151,8 +148,8 @@ class _TargetsOfPositions:
 class _TokenIdsOfPositions:
     """An MoE layer's forward pre-hook: its token ids (hash routing) are this rank's positions'."""
 
-    def __init__(self, tp_mesh):
-        self.rank, self.tp = tp_mesh.get_local_rank(), tp_mesh.size()
+    def __init__(self, rank: int, tp: int):
+        self.rank, self.tp = rank, tp
 
     def __call__(self, _moe, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ids = kwargs.get("token_ids")
@@ -195,8 +192,7 @@ class _HiddenSharded(ParallelStyle):
             p = getattr(module, pname)
             if p is None or isinstance(p, DTensor):
                 continue
-            local = p.detach().tensor_split(mesh.size(), dim)[mesh.get_local_rank()].contiguous()
-            shard = DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=p.shape, stride=p.stride())
+            shard = distribute_tensor(p.detach(), mesh, [Shard(dim)], src_data_rank=self.src_data_rank)
             module.register_parameter(pname, nn.Parameter(shard, requires_grad=p.requires_grad))
 
     def _gather_input(self, _module, inputs: tuple, mesh) -> tuple:
