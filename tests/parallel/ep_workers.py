@@ -31,6 +31,11 @@ def init(rank: int, world: int, store: str, timeout_s: float = float(os.environ.
     dist.barrier()  # as moekit's init_distributed: no rank leaves while a peer is still connecting
 
 
+def full(t):
+    """A DTensor's whole tensor (a plain tensor as it is)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def close(a, b, what, tol=TOL):
     err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
     scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)

@@ -9,7 +9,7 @@ import copy
 import torch
 import torch.distributed as dist
 from ep_edge_workers import _record
-from ep_workers import init
+from ep_workers import full, init
 
 from moekit import MoEConfig
 from moekit.config import LMConfig
@@ -146,7 +146,6 @@ def pipeline_with_expert_and_data_parallelism(
     position runs its own pipeline over its rows. The loss, every gradient, ``expert_usage`` and
     the clipped gradients equal one process accumulating the global microbatches (float64)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
 
     from moekit.parallel import parallelize
 
@@ -182,7 +181,6 @@ def pipeline_with_expert_and_data_parallelism(
             assert got is not None
             summed = float(handle.sum(got.reshape(1)))
             assert abs(summed - total) < 1e-6 * total, (summed, total)  # (float32 rotary)
-        full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
         ref_params = dict(ref.named_parameters())
         names = [n for n, _ in stage.named_parameters()]
         assert names, "the stage holds no parameters"

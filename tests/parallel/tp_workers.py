@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 from ep_edge_workers import _record
-from ep_workers import init
+from ep_workers import full, init
 from torch.distributed.tensor import DTensor
 
 from moekit import MoEConfig
@@ -58,10 +58,6 @@ def _batch():
     return idx, tgt
 
 
-def _full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def equals_one_process(
     rank: int, world: int, store: str, out_dir: str, tp: int, ep: int, ac: str = "none", compiled: bool = False
 ) -> None:
@@ -104,19 +100,19 @@ def equals_one_process(
         ref_params = dict(ref.named_parameters())
         for name, p in model.named_parameters():
             assert p.grad is not None, f"{name} got no gradient"
-            torch.testing.assert_close(_full(p.grad), ref_params[name].grad, rtol=1e-6, atol=1e-9, msg=name)
+            torch.testing.assert_close(full(p.grad), ref_params[name].grad, rtol=1e-6, atol=1e-9, msg=name)
         ref_buffers = dict(ref.named_buffers())
         for name, b in model.named_buffers():
             if name.endswith("expert_usage"):
-                torch.testing.assert_close(_full(b), ref_buffers[name], msg=name)
+                torch.testing.assert_close(full(b), ref_buffers[name], msg=name)
         norm, want_norm = h.clip_grad_norm_(0.05), torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
         assert abs(float(norm) - float(want_norm)) < 1e-6 * float(want_norm), (float(norm), float(want_norm))
         opt, ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2)
         opt.step()
         ref_opt.step()
-        full = h.full_state_dict()
+        after = h.full_state_dict()
         for name, t in ref.state_dict().items():
-            torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-9, msg=f"{name} after a step")
+            torch.testing.assert_close(after[name], t, rtol=1e-6, atol=1e-9, msg=f"{name} after a step")
 
     _record(out_dir, f"tp{tp}-ep{ep}-{ac}{'-compiled' if compiled else ''}", check)
     dist.destroy_process_group()

@@ -33,11 +33,15 @@ class ExpertParallel:
         # collectives, never the default group
         self.group = self.flat_mesh.get_group()
         self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        self.tp_mesh = None  # the (fsdp, tp) mesh under tensor parallelism
-        self.tp_size, self.tp_rank = 1, 0
+        self.tp_mesh = None  # the (fsdp, tp) mesh under tensor parallelism (set by parallelize)
 
-    def set_tensor_parallel(self, tp_mesh) -> None:
-        self.tp_mesh, self.tp_size, self.tp_rank = tp_mesh, tp_mesh.size(1), tp_mesh.get_local_rank("tp")
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.tp_mesh is None else self.tp_mesh.size(1)
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.tp_mesh is None else self.tp_mesh.get_local_rank("tp")
 
     @property
     def data_rank(self) -> int:

@@ -85,7 +85,7 @@ def parallelize(
     if tensor_parallel > 1:
         tp_mesh = make_tp_mesh(tensor_parallel, handle.mesh.device_type)
         tp_groups = apply_tensor_parallel(model, tp_mesh["tp"])
-        handle.set_tensor_parallel(tp_mesh)
+        handle.tp_mesh = tp_mesh
     if activation_checkpointing != "none":
         setattr(model, "activation_checkpointing", activation_checkpointing)  # noqa: B010 (a plain attribute)
     if compile:

@@ -83,8 +83,8 @@ class LMStage(nn.Module):
         if self.first:
             x = m.embed(x)
         aux: Optional[Tensor] = None
-        for i in range(self.start, self.stop):
-            x, res = m.blocks[i](x, cos, sin, None, None, None)
+        for block in self.blocks:
+            x, res = block(x, cos, sin, None, None, None)
             if res is not None and torch.is_grad_enabled():
                 aux = res.aux_loss if aux is None else aux + res.aux_loss
         if aux is not None and aux.requires_grad:
