@@ -41,6 +41,8 @@ TRAIN_SHORTCUTS = {  # flag -> (section, dotted field)
     "router": ("model", "moe.router"),
     "expert_parallel": ("train", "expert_parallel"),
     "tensor_parallel": ("train", "tensor_parallel"),
+    "pipeline_parallel": ("train", "pipeline_parallel"),
+    "microbatches": ("train", "microbatches"),
     "compile": ("train", "compile"),
     "activation_checkpointing": ("train", "activation_checkpointing"),
 }
@@ -189,6 +191,9 @@ def build_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
         for k in dotted.split("."):
             node = node[k]
         _mark(given, key, 2 + i, node)
+    pp = cfg["train"].get("pipeline_parallel")
+    if isinstance(pp, int) and pp > 1 and "train.microbatches" not in given:
+        cfg["train"]["microbatches"] = 2 * pp  # a pipeline's default: twice its stages (bubble (P-1)/(M+P-1))
     train = TrainConfig.from_dict(cfg["train"])
     _follow_derived(cfg, given, train)
     return LMConfig.from_dict(cfg["model"]), train
@@ -250,7 +255,8 @@ def _resume_changes(args: argparse.Namespace) -> dict:
     if fixed:
         raise ValueError(
             f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
-            f"(with --resume you may give --steps to extend it, --expert-parallel, --tensor-parallel, --device, "
+            f"(with --resume you may give --steps to extend it, --expert-parallel, --tensor-parallel, "
+            f"--pipeline-parallel, --microbatches, --device, "
             f"--threads, "
             f"--compile, --stop-at, --quiet, --restart-missing, --nproc)"
         )
@@ -803,6 +809,9 @@ def make_parser() -> argparse.ArgumentParser:
         "with --resume, continue on another layout",
         "tensor_parallel": "; consecutive ranks, which read the same batch, the sequence split between them "
         "elsewhere; with --resume, continue on another layout",
+        "pipeline_parallel": "; stage i on the i-th block of world/N consecutive ranks, the experts of each "
+        "stage over its ranks (--expert-parallel); --microbatches defaults to 2N",
+        "microbatches": "; with --pipeline-parallel, what the schedule interleaves",
     }
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str, "activation_checkpointing": str}
     for flag in TRAIN_SHORTCUTS:

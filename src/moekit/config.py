@@ -605,6 +605,7 @@ class LMConfig(_DictMixin):
         raise ValueError("dense_twin needs a MoE FFN in every layer (moe_every=1, first_dense_layers=0)")
 
 
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # pipeline parallelism: PipeDream-Flush's order, or GPipe's
 AC_MODES = ("none", "full", "selective")  # activation checkpointing: off, every block re-run, matmuls kept
 
 
@@ -636,6 +637,9 @@ class TrainConfig(_DictMixin):
     code_chars: int = 6_000_000  # characters of stdlib code in the embedded corpus
     expert_parallel: int = 1  # ranks each MoE layer's experts are split over (under torchrun; the rest: data parallel)
     tensor_parallel: int = 1  # ranks the attention heads, dense FFNs, shared experts are split over (torchrun)
+    pipeline_parallel: int = 1  # pipeline stages: consecutive blocks per rank group (torchrun; at most the layers)
+    pipeline_schedule: str = "1f1b"  # "1f1b" (PipeDream-Flush) or "gpipe": the order of the microbatches' passes
+    microbatches: int = 1  # each step's batch in this many equal parts, gradients accumulated (>= pipeline stages)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this on a dead or stuck rank raises
 
     def __post_init__(self) -> None:
@@ -650,6 +654,8 @@ class TrainConfig(_DictMixin):
             "vocab_size",
             "expert_parallel",
             "tensor_parallel",
+            "pipeline_parallel",
+            "microbatches",
         ):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("lr", self.lr)
@@ -657,6 +663,12 @@ class TrainConfig(_DictMixin):
         check_choice("autocast", self.autocast, ("auto", "bf16", "none"))
         check_choice("tokenizer", self.tokenizer, ("bpe", "bytes"))
         check_choice("activation_checkpointing", self.activation_checkpointing, AC_MODES)
+        check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        if self.microbatches < self.pipeline_parallel:
+            raise ValueError(
+                f"microbatches={self.microbatches} must be at least pipeline_parallel={self.pipeline_parallel} "
+                "(the schedule fills the pipeline with them): set --microbatches"
+            )
         if self.tokenizer == "bpe" and self.vocab_size < BPE_MIN_VOCAB:
             raise ValueError(
                 f"vocab_size (the BPE vocabulary) must be at least {BPE_MIN_VOCAB} with tokenizer 'bpe' "

@@ -5,7 +5,8 @@ besides FSDP's own, and the full (one-process) state dict and optimizer state.""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,44 @@ from .mesh import flat_mesh
 from .stats import _summed
 
 
-class ExpertParallel:
+class RankGroup:
+    """The few small collectives training needs besides FSDP's own, over a handle's ``group``
+    (``rank``, ``world_size``; tensors made on the device of ``model``'s parameters)."""
+
+    model: nn.Module
+    group: Any
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """Mean of a Python number over all ranks (for logging)."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        run_collective("metric all-reduce", dist.all_reduce, t, group=self.group)
+        return float(t) / self.world_size
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum of a tensor over all ranks (a copy, on ``t``'s device)."""
+        return _summed(t.to(self._device()), "all-reduce", self.group).to(t.device)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
+        t = torch.tensor([int(bool(flag))], device=self._device())
+        run_collective("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t)
+
+    def barrier(self) -> None:
+        run_collective("barrier", dist.barrier, group=self.group)
+
+    def _device(self) -> torch.device:
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+
+class ExpertParallel(RankGroup):
     """The expert × data parallel layout of one model (made by :func:`apply_expert_parallel`):
     its mesh and groups, which parameters are expert shards, and the few collectives training
     needs besides FSDP's own."""
@@ -81,10 +119,6 @@ class ExpertParallel:
         statistics (e.g. a hierarchical layer's primary gate) is averaged over the ranks."""
         return aux / self.world_size
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -97,11 +131,16 @@ class ExpertParallel:
         return total.float().cpu()
 
     @torch.no_grad()
-    def grad_norm(self) -> Tensor:
-        """The norm of the whole (unsharded) model's gradient (float64; collective)."""
+    def grad_norm(self, exclude: Sequence[Tensor] = ()) -> Tensor:
+        """The norm of the whole (unsharded) model's gradient (float64; collective), leaving out
+        the parameters in ``exclude`` (e.g. a tied weight counted by another pipeline stage)."""
         norms = []
+        left_out = {id(p) for p in exclude}
         for params in self._grads_by_mesh().values():
-            n = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            grads = [p.grad for p in params if id(p) not in left_out]
+            if not grads:
+                continue
+            n = torch.nn.utils.get_total_norm(grads, 2.0)
             norms.append((n.full_tensor() if isinstance(n, DTensor) else n).double().cpu())
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
 
@@ -117,30 +156,6 @@ class ExpertParallel:
             if p.grad is not None:
                 by_mesh.setdefault(_mesh_key(p.grad), []).append(p)
         return by_mesh
-
-    # ------------------------------------------------------------------ small collectives
-    def mean(self, value: float) -> float:
-        """Mean of a Python number over all ranks (for logging)."""
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
-        run_collective("metric all-reduce", dist.all_reduce, t, group=self.group)
-        return float(t) / self.world_size
-
-    def sum(self, t: Tensor) -> Tensor:
-        """Sum of a tensor over all ranks (a copy, on ``t``'s device)."""
-        return _summed(t.to(self._device()), "all-reduce", self.group).to(t.device)
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is True on any (e.g. a Ctrl-C seen by one rank)."""
-        t = torch.tensor([int(bool(flag))], device=self._device())
-        run_collective("flag all-reduce", dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t)
-
-    def barrier(self) -> None:
-        run_collective("barrier", dist.barrier, group=self.group)
-
-    def _device(self) -> torch.device:
-        p = next(iter(self.model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
 
     # ------------------------------------------------------------------ full (one-process) state
     def full_state_dict(self) -> dict:
@@ -174,15 +189,26 @@ class ExpertParallel:
     def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
         """Load a single-process optimizer state dict (parameters by index) into this layout.
         Clears the parameters' gradients (PyTorch's loader initialises the state with a step)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        load_optimizer_by_names(self.model, opt, sd, _optimizer_names(self.model, opt))
 
-        opt.zero_grad(set_to_none=True)
-        names = _optimizer_names(self.model, opt)
-        by_name: dict[str, Any] = {  # new dicts: PyTorch replaces their values by this rank's shards
-            "state": {names[int(i)]: dict(st) for i, st in sd["state"].items()},
-            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]],
-        }
-        set_optimizer_state_dict(self.model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+
+def load_optimizer_by_names(
+    model: nn.Module, opt: torch.optim.Optimizer, sd: dict, names: Sequence[Optional[str]]
+) -> None:
+    """Load a single-process optimizer state dict (parameters by index; ``names[i]``: the name in
+    ``model`` of parameter ``i``, None for one ``model`` does not hold) into ``model``'s
+    (sharded) optimizer with PyTorch's ``set_optimizer_state_dict``. Clears the gradients."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    opt.zero_grad(set_to_none=True)
+    by_name: dict[str, Any] = {  # new dicts: PyTorch replaces their values by this rank's shards
+        "state": {names[int(i)]: dict(st) for i, st in sd["state"].items() if names[int(i)] is not None},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"] if names[int(i)] is not None]}
+            for g in sd["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _mesh_key(t: Tensor):
@@ -195,4 +221,4 @@ def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
-__all__ = ["ExpertParallel"]
+__all__ = ["ExpertParallel", "RankGroup", "load_optimizer_by_names"]

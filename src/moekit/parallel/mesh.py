@@ -43,18 +43,30 @@ def init_distributed(device: str = "cpu", timeout_s: float = 600.0) -> tuple[int
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def make_mesh(expert_parallel: int, device_type: str = "cpu"):
+def make_mesh(expert_parallel: int, device_type: str = "cpu", pipeline_parallel: int = 1):
     """A (dp, ep) :class:`~torch.distributed.device_mesh.DeviceMesh` over all ranks: EP groups are
-    consecutive ranks (one node when EP fits in it), DP runs across them."""
+    consecutive ranks (one node when EP fits in it), DP runs across them. With
+    ``pipeline_parallel`` > 1 a (pp, dp, ep) mesh: stage i on the i-th block of consecutive ranks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised: launch with torchrun and call init_distributed() first")
     W = dist.get_world_size()
     check_positive("expert_parallel", expert_parallel, integer=True)
-    if W % expert_parallel:
-        raise ValueError(f"expert_parallel={expert_parallel} must divide the world size {W}")
-    return init_device_mesh(device_type, (W // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+    check_positive("pipeline_parallel", pipeline_parallel, integer=True)
+    if W % pipeline_parallel:
+        raise ValueError(f"pipeline_parallel={pipeline_parallel} must divide the world size {W}")
+    per_stage = W // pipeline_parallel
+    if per_stage % expert_parallel:
+        raise ValueError(
+            f"expert_parallel={expert_parallel} must divide the {per_stage} ranks of each pipeline stage"
+            if pipeline_parallel > 1
+            else f"expert_parallel={expert_parallel} must divide the world size {W}"
+        )
+    if pipeline_parallel == 1:
+        return init_device_mesh(device_type, (W // expert_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+    shape = (pipeline_parallel, per_stage // expert_parallel, expert_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "ep"))
 
 
 def flat_mesh(mesh):

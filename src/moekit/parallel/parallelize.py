@@ -12,9 +12,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import AC_MODES, check_positive
+from ..models.lm import MoETransformer
 from .expert_parallel import _expert_parallel, _moe_layers
 from .fsdp import _fully_shard
 from .handle import ExpertParallel
+from .pipeline import LMPipeline, PipelineParallel, pipeline_stage
 from .tensor_parallel import apply_tensor_parallel, make_tp_mesh, tensor_parallel_problem
 
 
@@ -133,4 +135,36 @@ def apply_expert_parallel(
     )
 
 
-__all__ = ["apply_expert_parallel", "parallelize"]
+def parallelize_pipeline(
+    model: MoETransformer,
+    mesh,
+    n_microbatches: int,
+    *,
+    schedule: str = "1f1b",
+    activation_checkpointing: str = "none",
+    compile: bool = False,
+    param_dtype: Optional[torch.dtype] = None,
+) -> PipelineParallel:
+    """Pipeline parallelism over a ``(pp, dp, ep)`` mesh of every rank
+    (:func:`~moekit.parallel.make_mesh` with ``pipeline_parallel``): ``model`` (built the same on
+    every rank, or on the meta device: then ``handle.model.materialize_(device)``) pruned to this
+    rank's stage (:func:`~moekit.parallel.pipeline.pipeline_stage`), the stage given to
+    :func:`parallelize` on its ``(dp, ep)`` slice (experts over ``ep``, activation checkpointing,
+    compile per block, FSDP2 over the slice), and the pipeline of the ranks at this slice position
+    (:class:`~moekit.parallel.pipeline.LMPipeline`, ``n_microbatches`` per step). Returns the
+    layout's :class:`~moekit.parallel.pipeline.PipelineParallel` handle; train with
+    ``handle.pipe.step``, clip with ``handle.pipe.clip_grad_norm_``."""
+    stage_index, n_stages = mesh.get_local_rank("pp"), mesh.size(0)
+    stage = pipeline_stage(model, stage_index, n_stages, n_microbatches)
+    stage_parallel = parallelize(
+        stage,
+        mesh["dp", "ep"],
+        activation_checkpointing=activation_checkpointing,
+        compile=compile,
+        param_dtype=param_dtype,
+    )
+    pipe = LMPipeline(stage, stage_index, n_stages, n_microbatches, mesh.get_group("pp"), schedule, stage_parallel)
+    return PipelineParallel(pipe, mesh, stage_parallel)
+
+
+__all__ = ["apply_expert_parallel", "parallelize", "parallelize_pipeline"]

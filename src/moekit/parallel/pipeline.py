@@ -31,16 +31,21 @@ checkpointing together with expert or data parallelism.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from ..models.lm import IGNORE_INDEX, MoETransformer, summed_cross_entropy
-from .collectives import run_collective
+from ..config import PIPELINE_SCHEDULES
+from ..models.lm import IGNORE_INDEX, MoETransformer, _checkpointed, summed_cross_entropy
+from .collectives import all_gather_objects, run_collective
+from .handle import RankGroup, load_optimizer_by_names
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = PIPELINE_SCHEDULES
 
 
 class _Skipped(nn.Module):
@@ -64,12 +69,25 @@ class _WithAuxLoss(torch.autograd.Function):
 class LMStage(nn.Module):
     """One pipeline stage of a language model: ``forward(x)`` takes token ids (first stage) or
     the residual stream ``(B, S, D)`` and returns the residual stream or, on the last stage, the
-    logits. Holds the model (pruned to the stage) as ``model``."""
+    logits. Holds the model (pruned to the stage) as ``model``.
+
+    ``routing``: None, or a list to which each forward appends one :class:`RoutingRecord` per MoE
+    block it ran (what a trainer logs: a schedule's outputs never reach its caller)."""
 
     def __init__(self, model: MoETransformer, start: int, stop: int, first: bool, last: bool, aux_scale: float):
         super().__init__()
         self.model, self.start, self.stop, self.first, self.last = model, start, stop, first, last
         self.aux_scale = aux_scale
+        self.routing: Optional[list[RoutingRecord]] = None
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """The model's (``"none"``, ``"full"`` or ``"selective"``): the stage's blocks re-run in the backward."""
+        return self.model.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        self.model.activation_checkpointing = mode
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -83,13 +101,40 @@ class LMStage(nn.Module):
         if self.first:
             x = m.embed(x)
         aux: Optional[Tensor] = None
-        for block in self.blocks:
-            x, res = block(x, cos, sin, None, None, None)
-            if res is not None and torch.is_grad_enabled():
+        mode = m.activation_checkpointing
+        checkpointed = mode != "none" and self.training and torch.is_grad_enabled()
+        for i, block in zip(range(self.start, self.stop), self.blocks):
+            if checkpointed:
+                x, res = _checkpointed(block, mode, x, cos, sin, None, None)
+            else:
+                x, res = block(x, cos, sin, None, None, None)
+            if res is None:
+                continue
+            if torch.is_grad_enabled():
                 aux = res.aux_loss if aux is None else aux + res.aux_loss
+            if self.routing is not None:
+                self.routing.append(RoutingRecord.of(i, res))
         if aux is not None and aux.requires_grad:
             x = _WithAuxLoss.apply(x, aux, self.aux_scale)
         return m._logits(x) if self.last else x
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """What one MoE block of a stage did in one forward (detached tensors, read when logged): its
+    layer index, the tokens each expert took ``(E,)``, the fraction of routed slots dropped, and
+    its auxiliary loss (None without gradients: evaluation)."""
+
+    layer: int
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    aux_loss: Optional[Tensor]
+
+    @classmethod
+    def of(cls, layer: int, res) -> RoutingRecord:
+        aux = res.aux_loss.detach() if torch.is_grad_enabled() else None
+        stats = res.stats
+        return cls(layer, stats["tokens_per_expert"].detach(), torch.as_tensor(stats["dropped_fraction"]).detach(), aux)
 
 
 def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
@@ -167,8 +212,6 @@ class LMPipeline:
         was given the stage on its ranks' ``(dp, ep)`` slice."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
-        if parallel is not None and stage.model.cfg.tie_embeddings:
-            raise ValueError("tied embeddings are not supported on a pipeline stage that is also expert/data parallel")
         self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
         self.parallel = parallel
         if parallel is not None:  # each rank of the stage's slice adds its share of the auxiliary losses
@@ -180,27 +223,39 @@ class LMPipeline:
         self._n_targets: Optional[Tensor] = None
 
     def _embedding_group(self):
-        """The group of the first and the last stage (made on every rank: ``new_group`` is collective)."""
+        """This pipeline's group of its first and last stage. ``new_group`` is collective over all
+        ranks, with the same arguments in the same order: every pipeline's pair (one per
+        ``(dp, ep)`` position) is gathered and each made on every rank."""
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
-        return dist.new_group([ranks[0], ranks[self.n_stages - 1]])  # stage i runs on the group's rank i
+        mine = (ranks[0], ranks[self.n_stages - 1])  # stage i runs on the group's rank i
+        pairs = sorted(set(all_gather_objects("tied-embedding groups", mine)))
+        groups = {pair: dist.new_group(list(pair)) for pair in pairs}
+        return groups[mine]
 
     def _sum_tied_embedding(self) -> None:
-        """The tied embedding's gradient summed over its two holders (first and last stage)."""
+        """The tied embedding's gradient summed over its two holders (first and last stage; under
+        FSDP both hold the same shard of it, whose gradients are summed)."""
         if self._tied_group is None or not (self.stage.first or self.stage.last):
             return
         w = self.stage.model.embed.weight
         if w.grad is None:
             w.grad = torch.zeros_like(w)
-        run_collective("tied-embedding gradient all-reduce", dist.all_reduce, w.grad, group=self._tied_group)
+        local = w.grad.to_local() if isinstance(w.grad, DTensor) else w.grad
+        run_collective("tied-embedding gradient all-reduce", dist.all_reduce, local, group=self._tied_group)
+
+    def _tied_copy(self) -> Optional[Tensor]:
+        """The last stage's copy of a tied embedding (its gradient is counted once, on the first)."""
+        return self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
 
     def _schedule_for(self, B: int, S: int):
         """The schedule over a stage told its microbatches' shapes (made once per batch shape)."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         if (B, S) not in self._schedules:
-            if B % self.n_microbatches:
-                raise ValueError(f"the batch of {B} sequences must split into {self.n_microbatches} equal microbatches")
-            b, cfg = B // self.n_microbatches, self.stage.model.cfg
+            M = self.n_microbatches
+            if B % M:
+                raise ValueError(f"the batch of {B} sequences must split into {M} equal microbatches")
+            b, cfg = B // M, self.stage.model.cfg
             p = next(self.stage.parameters())
 
             def hidden(width: int) -> Tensor:  # a float tensor: its gradient travels back
@@ -212,7 +267,7 @@ class LMPipeline:
                 self.stage, self.stage_index, self.n_stages, p.device, input_args=inp, output_args=out, group=self.group
             )
             kind = Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe
-            self._schedules[B, S] = kind(pipe, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+            self._schedules[B, S] = kind(pipe, M, loss_fn=self._loss, scale_grads=False)
         return self._schedules[B, S]
 
     def _loss(self, logits_BSV: Tensor, targets_BS: Tensor) -> Tensor:
@@ -227,11 +282,11 @@ class LMPipeline:
         ``clip_grads_with_norm_``), as one process would; returns that norm. torchtitan's recipe
         for pipeline parallelism."""
         params = [p for p in self.stage.parameters() if p.grad is not None]
+        tied = self._tied_copy()  # counted on the first stage
         if self.parallel is not None:  # the stage's whole gradient, over its slice's shards
-            sq = self.parallel.grad_norm().double().square().reshape(1)
+            sq = self.parallel.grad_norm(exclude=[tied] if tied is not None else []).double().square().reshape(1)
         else:
-            tied = self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
-            counted = [p.grad for p in params if p is not tied and p.grad is not None]  # tied: counted on the first
+            counted = [p.grad for p in params if p is not tied and p.grad is not None]
             sq = torch.nn.utils.get_total_norm(counted, 2.0).double().cpu().square().reshape(1)
         run_collective("pipeline gradient-norm all-reduce", dist.all_reduce, sq, group=self.group)
         total = sq.sqrt().squeeze(0)
@@ -251,6 +306,57 @@ class LMPipeline:
             return self._run(idx_BS, targets_BS, train=False)
         finally:
             self.stage.train(was_training)
+
+    @torch.no_grad()
+    def token_losses(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
+        """Each target's cross-entropy ``(B, S)`` (float64, from float32 or the logits' float64;
+        masked targets 0), forward only, the model in eval mode: on the last stage, else None.
+        Arguments as :meth:`step`'s; any number of sequences, none included (the pipelines of a
+        ``(dp, ep)`` slice may get different numbers).
+
+        The whole batch goes through the stages one after the other: a forward pass alone has
+        nothing to interleave, and PyTorch's schedules cannot split a batch of no sequences, whose
+        stages must still run for their slice's collectives (the experts' all-to-all, the routing
+        statistics)."""
+        given = idx_BS if idx_BS is not None else targets_BS
+        if given is None:
+            raise ValueError("give the batch's token ids or targets (every stage needs their shape)")
+        if self.stage.last and targets_BS is None:
+            raise ValueError("the last stage needs the batch's targets")
+        was_training = self.stage.training
+        self.stage.eval()
+        try:
+            logits_BSV = self._forward_through(idx_BS, *given.shape)
+        finally:
+            self.stage.train(was_training)
+        if logits_BSV is None or targets_BS is None:
+            return None
+        logits = logits_BSV.flatten(0, 1)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        targets = targets_BS.flatten().to(logits.device)
+        losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.double().view(targets_BS.shape)
+
+    def _forward_through(self, idx_BS: Optional[Tensor], B: int, S: int) -> Optional[Tensor]:
+        """This stage's forward of the whole batch: its input from the previous stage (the token
+        ids on the first), its output sent to the next; returns the logits on the last stage."""
+        p = next(self.stage.parameters())
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
+        i = self.stage_index
+        if self.stage.first:
+            if idx_BS is None:
+                raise ValueError("the first stage needs the batch's token ids")
+            x = idx_BS.to(p.device)
+        else:
+            x = torch.empty(B, S, self.stage.model.cfg.dim, dtype=p.dtype, device=p.device)
+            if B:
+                run_collective("pipeline activation receive", dist.recv, x, src=ranks[i - 1])
+        out = self.stage(x)
+        if self.stage.last:
+            return out
+        if B:
+            run_collective("pipeline activation send", dist.send, out.to(p.dtype).contiguous(), dst=ranks[i + 1])
+        return None
 
     def step(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:
         """Forward and backward of one batch (``idx_BS`` read by the first stage, ``targets_BS``
@@ -284,4 +390,72 @@ class LMPipeline:
         return torch.stack(losses).sum().detach() if self.stage.last else None
 
 
-__all__ = ["LMPipeline", "LMStage", "SCHEDULES", "check_pipelinable", "pipeline_stage", "stage_bounds"]
+class PipelineParallel(RankGroup):
+    """The handle of a pipeline-parallel layout over all ranks (made by
+    :func:`~moekit.parallel.parallelize_pipeline`): on a ``(pp, dp, ep)`` mesh, this rank runs stage
+    ``pp_rank`` of the language model (:attr:`stage`, its model :attr:`model`), parallelized on its
+    ``(dp, ep)`` slice (:attr:`stage_parallel`), in the pipeline :attr:`pipe` of the ranks at its
+    slice position. What training needs over every rank besides: the small collectives
+    (:class:`~moekit.parallel.handle.RankGroup`, over all ranks), which rows of a global batch this
+    rank's pipeline reads, the routing statistics of every stage, and loading a single-process
+    state. :mod:`moekit.train.distcp` saves with it: each rank writes its stage's part of one
+    checkpoint (``partial_model``), which loads on any layout."""
+
+    partial_model = True
+    statistics = "global"
+    tp_size = 1
+
+    def __init__(self, pipe: LMPipeline, mesh, stage_parallel):
+        if mesh.size() != dist.get_world_size():
+            raise ValueError(f"the pipeline's mesh must span all {dist.get_world_size()} ranks; it has {mesh.size()}")
+        self.pipe, self.stage, self.mesh, self.stage_parallel = pipe, pipe.stage, mesh, stage_parallel
+        self.model = pipe.stage.model
+        self.group = dist.group.WORLD
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.pp_size, self.pp_rank = mesh.size(0), mesh.get_local_rank("pp")
+        self.ep_size = stage_parallel.ep_size
+        # the one-process optimizer's parameter names, by index (load_full_optimizer_state_dict)
+        self.one_process_names: Optional[list[str]] = None
+
+    @property
+    def data_size(self) -> int:
+        """How many parts a global batch is split into: one per pipeline (slice position)."""
+        return self.stage_parallel.world_size
+
+    @property
+    def data_rank(self) -> int:
+        return self.stage_parallel.rank
+
+    def positions(self, t_BS: Tensor) -> Tensor:
+        return t_BS
+
+    def stages_of(self, obj: Any) -> list:
+        """Every stage's picklable ``obj``, in stage order (gathered over this rank's pipeline: the
+        ranks of a slice hold the same global routing statistics, so one pipeline tells them all)."""
+        return all_gather_objects("pipeline stages gather", obj, self.pipe.group)
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        """Load a single-process state dict: each rank keeps its part of its stage's tensors."""
+        mine = set(self.model.state_dict())
+        self.stage_parallel.load_full_state_dict({f"model.{k}": v for k, v in sd.items() if k in mine})
+
+    def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
+        """Load a single-process optimizer state dict (parameters by index: :attr:`one_process_names`
+        says which parameter each index is) into this stage's optimizer."""
+        if self.one_process_names is None:
+            raise ValueError("set one_process_names (the one-process optimizer's parameter names) first")
+        mine = {n for n, _ in self.model.named_parameters()}
+        names = [f"model.{n}" if n in mine else None for n in self.one_process_names]
+        load_optimizer_by_names(self.stage, opt, sd, names)
+
+
+__all__ = [
+    "LMPipeline",
+    "LMStage",
+    "PipelineParallel",
+    "RoutingRecord",
+    "SCHEDULES",
+    "check_pipelinable",
+    "pipeline_stage",
+    "stage_bounds",
+]

@@ -61,6 +61,9 @@ RESUME_CHANGES = (
     "steps",
     "expert_parallel",
     "tensor_parallel",
+    "pipeline_parallel",
+    "pipeline_schedule",
+    "microbatches",
     "device",
     "threads",
     "compile",
@@ -329,23 +332,30 @@ def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], wo
     every rule :func:`moekit.parallel.apply_expert_parallel` and the trainer enforce once the process
     group exists, checked here from the configs alone (pure: no communication, no file), so that a
     bad layout is refused before the run folder exists. ValueError naming the setting."""
-    ep, tp = train_cfg.expert_parallel, train_cfg.tensor_parallel
+    ep, tp, pp = train_cfg.expert_parallel, train_cfg.tensor_parallel, train_cfg.pipeline_parallel
+    M = train_cfg.microbatches
     if world_size <= 1:
-        for name, n in (("expert_parallel", ep), ("tensor_parallel", tp)):
+        for name, n in (("expert_parallel", ep), ("tensor_parallel", tp), ("pipeline_parallel", pp)):
             if n > 1:
                 raise ValueError(
                     f"{name}={n} needs one process per rank: launch with "
                     f"torchrun --nproc-per-node {n} -m moekit train ... (or moekit train --nproc {n})"
                 )
+        if train_cfg.batch_size % M:
+            raise ValueError(f"batch_size={train_cfg.batch_size} must be divisible by microbatches={M}")
         return
-    for name, n in (("expert_parallel", ep), ("tensor_parallel", tp)):
+    for name, n in (("expert_parallel", ep), ("tensor_parallel", tp), ("pipeline_parallel", pp)):
         if world_size % n:
             raise ValueError(f"{name}={n} must divide the number of ranks ({world_size})")
-    readers = world_size // tp  # the ranks of a tensor-parallel group read the same rows
-    if train_cfg.batch_size % readers:
+    if pp > 1:
+        _check_pipeline_layout(train_cfg, model_cfgs, world_size)
+    readers = world_size // tp // pp  # the ranks of a tensor-parallel group, or of a pipeline, read the same rows
+    if train_cfg.batch_size % (readers * M):
         raise ValueError(
             f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})"
             + (f" over tensor_parallel={tp} ({readers} ranks read different rows)" if tp > 1 else "")
+            + (f" over pipeline_parallel={pp} ({readers} pipelines read different rows)" if pp > 1 else "")
+            + (f" times microbatches={M}" if M > 1 else "")
         )
     if train_cfg.seq_len % tp:
         raise ValueError(f"seq_len={train_cfg.seq_len} must be divisible by tensor_parallel={tp} (S/tp positions each)")
@@ -374,6 +384,30 @@ def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], wo
                 "model.moe.revive_after (dead-expert revival) is not supported under torchrun (expert or data "
                 "parallel); set model.moe.revive_after=none"
             )
+
+
+def _check_pipeline_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], world_size: int) -> None:
+    """The rules of a pipeline-parallel layout (``train_cfg.pipeline_parallel`` > 1)."""
+    import torch
+
+    from ..models import MoETransformer
+    from ..parallel.pipeline import check_pipelinable
+
+    pp, ep = train_cfg.pipeline_parallel, train_cfg.expert_parallel
+    if train_cfg.tensor_parallel > 1:
+        raise ValueError("tensor_parallel > 1 together with pipeline_parallel > 1 is not supported yet")
+    if (world_size // pp) % ep:
+        raise ValueError(
+            f"expert_parallel={ep} must divide the {world_size // pp} ranks of each pipeline stage "
+            f"({world_size} ranks / pipeline_parallel={pp})"
+        )
+    for cfg in model_cfgs:
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        try:
+            check_pipelinable(model, pp, train_cfg.microbatches)
+        except ValueError as err:
+            raise ValueError(f"pipeline_parallel={pp}: {err}") from None
 
 
 def training_state_bytes(model_cfg: LMConfig) -> tuple[int, int]:

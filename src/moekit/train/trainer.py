@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +36,7 @@ from ..config import LMConfig, TrainConfig, check_device_available
 from ..data import TokenData, covering_windows, random_batches, window
 from ..layer import after_optimizer_step
 from ..models import MoETransformer
+from ..models.lm import IGNORE_INDEX
 from . import distcp
 from .checkpoint import (
     CheckpointError,
@@ -160,11 +162,12 @@ def evaluate(
     starts, extra_W = covering_windows(data.val_domain_N, cfg.seq_len, cfg.eval_windows)
     n_dom = len(data.domains)
     sums = torch.zeros(2, n_dom + 1, dtype=torch.float64)  # (loss, tokens) x (each domain, the fixed windows)
-    load = None
+    load: dict[int, torch.Tensor] = {}  # each MoE layer's tokens per expert, by layer index
     amp = autocast_dtype(cfg, device)
     # the domains the extra windows are for (only their tokens count there: the others have theirs)
     missing_D = torch.zeros(n_dom, dtype=torch.bool)
     missing_D[data.val_domain_N[starts[extra_W] + 1].long()] = True
+    pipe = getattr(parallel, "pipe", None)  # pipeline parallel: the last stage has the logits
     for group, extra in ((starts[~extra_W], False), (starts[extra_W], True)):
         for i in range(0, group.numel(), cfg.batch_size):
             s = group[i : i + cfg.batch_size]
@@ -176,29 +179,52 @@ def evaluate(
                 y, dom = parallel.positions(y), parallel.positions(dom)
             dom = dom.flatten()
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(x.to(device), top_k=top_k)
-            tok_loss = (
-                F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
-                .cpu()
-                .double()
-            )
-            keep = missing_D[dom] if extra else torch.ones_like(dom, dtype=torch.bool)
-            sums[0, :n_dom].index_add_(0, dom[keep], tok_loss[keep])
-            sums[1, :n_dom] += torch.bincount(dom[keep], minlength=n_dom).double()
-            if not extra:  # the fixed windows: the overall loss and the expert loads
-                sums[:, n_dom] += torch.stack([tok_loss.sum(), torch.tensor(float(tok_loss.numel()))])
-                layer_counts = [r.stats["tokens_per_expert"].cpu() for r in out.moe if r is not None]
-                load = layer_counts if load is None else [a + b for a, b in zip(load, layer_counts)]
+                if pipe is not None:
+                    tok_loss, layer_counts = _pipeline_eval(parallel, x.to(device), y.to(device))
+                else:
+                    tok_loss, layer_counts = _eval_forward(model, x.to(device), y.to(device), top_k)
+            if tok_loss is not None:
+                keep = missing_D[dom] if extra else torch.ones_like(dom, dtype=torch.bool)
+                sums[0, :n_dom].index_add_(0, dom[keep], tok_loss[keep])
+                sums[1, :n_dom] += torch.bincount(dom[keep], minlength=n_dom).double()
+                if not extra:  # the fixed windows: the overall loss
+                    sums[:, n_dom] += torch.stack([tok_loss.sum(), torch.tensor(float(tok_loss.numel()))])
+            if not extra:  # and the expert loads
+                for layer, counts in layer_counts.items():
+                    load[layer] = load[layer] + counts if layer in load else counts
     model.train(was_training)
     if parallel is not None:
         sums = parallel.sum(sums)  # tokens_per_expert is global already
+    if pipe is not None:  # each stage has its layers' loads
+        load = dict(sorted(kv for part in parallel.stages_of(load) for kv in part.items()))
     res: dict[str, Any] = {"val_loss": float(sums[0, n_dom] / sums[1, n_dom])}
     for d, name in enumerate(data.domains):
         if sums[1, d] > 0:
             res[f"val_loss_{name}"] = float(sums[0, d] / sums[1, d])
     if load:
-        res["val_tokens_per_expert"] = [c.tolist() for c in load]
+        res["val_tokens_per_expert"] = [c.tolist() for c in load.values()]
     return res
+
+
+def _eval_forward(model: MoETransformer, x: torch.Tensor, y: torch.Tensor, top_k: Optional[int]) -> tuple:
+    """(each target's cross-entropy, flattened, float64; each MoE layer's tokens per expert by layer index)."""
+    out = model(x, top_k=top_k)
+    tok_loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").cpu().double()
+    return tok_loss, {i: r.stats["tokens_per_expert"].cpu() for i, r in enumerate(out.moe) if r is not None}
+
+
+def _pipeline_eval(par, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """:func:`_eval_forward` on a pipeline stage: the losses on the last stage (else None), the
+    loads of this stage's layers."""
+    stage = par.stage
+    stage.routing = []
+    try:
+        tok_loss = par.pipe.token_losses(x, y)
+        records = stage.routing
+    finally:
+        stage.routing = None
+    counts = {r.layer: r.tokens_per_expert.cpu() for r in records}
+    return (None if tok_loss is None else tok_loss.flatten().cpu()), counts
 
 
 def metrics_row(line: str) -> Optional[dict]:
@@ -245,9 +271,11 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.par = None  # the expert x data parallel handle under torchrun
+        self.par: Any = None  # the layout's handle under torchrun (ExpertParallel, or PipelineParallel)
+        self.pipe = None  # the pipeline (pipeline parallel)
         if distributed:
             self.model, self.par = self._build_sharded(model_cfg, init_state)
+            self.pipe = getattr(self.par, "pipe", None)
         else:
             self.model = MoETransformer(model_cfg)
             if init_state is not None:  # fine-tuning: start from given weights
@@ -257,6 +285,8 @@ class Trainer:
         self.main = self.par is None or self.par.is_main  # only the main rank writes files and shows progress
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
+        if self.pipe is not None:  # which one-process parameter a single-file checkpoint's index is
+            self.par.one_process_names = _optimizer_names(model_cfg, cfg)
         # the training steps run the compiled module; weights, checkpoints and evaluation use the model itself
         self.step_model = torch.compile(self.model) if cfg.compile and self.par is None else self.model
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -270,22 +300,35 @@ class Trainer:
         no rank ever holds the whole model."""
         import torch.distributed as dist
 
-        from ..parallel import make_mesh, parallelize
+        from ..parallel import make_mesh, parallelize, parallelize_pipeline
         from .run import check_parallel_layout
 
         check_parallel_layout(self.cfg, [model_cfg], dist.get_world_size())  # every rank, before communicating
         with torch.device("meta"):
             model = MoETransformer(model_cfg)
-        mesh = make_mesh(self.cfg.expert_parallel, self.device.type)  # the mesh of the real device
+        cfg = self.cfg
+        # the mesh of the real device
+        mesh = make_mesh(cfg.expert_parallel, self.device.type, pipeline_parallel=cfg.pipeline_parallel)
         # fp32 parameters under autocast, as one process trains (FSDP's bf16 param_dtype would also
         # put the embeddings, norms and residual stream in bf16: another training run)
-        par = parallelize(
-            model,
-            mesh,
-            tensor_parallel=self.cfg.tensor_parallel,
-            activation_checkpointing=self.cfg.activation_checkpointing,
-            compile=self.cfg.compile,
-        )
+        par: Any
+        if cfg.pipeline_parallel > 1:
+            par = parallelize_pipeline(
+                model,
+                mesh,
+                cfg.microbatches,
+                schedule=cfg.pipeline_schedule,
+                activation_checkpointing=cfg.activation_checkpointing,
+                compile=cfg.compile,
+            )
+        else:
+            par = parallelize(
+                model,
+                mesh,
+                tensor_parallel=cfg.tensor_parallel,
+                activation_checkpointing=cfg.activation_checkpointing,
+                compile=cfg.compile,
+            )
         model.materialize_(self.device)
         if init_state is not None:  # fine-tuning: start from given weights
             par.load_full_state_dict(init_state)
@@ -347,6 +390,7 @@ class Trainer:
             return
         # several processes: each rank writes its part (its experts, a share of the rest) into checkpoint.dcp
         meta["expert_parallel"], meta["tensor_parallel"] = self.par.ep_size, self.par.tp_size
+        meta["pipeline_parallel"] = getattr(self.par, "pp_size", 1)
         save_distributed(self.dir / DCP_DIR, self.model, self.opt, self.par, rng=self._rng(), meta=meta)
         if self.main:  # an earlier part of the run on one process wrote one
             (self.dir / CHECKPOINT).unlink(missing_ok=True)
@@ -485,8 +529,8 @@ class Trainer:
                 self.save()
                 return True
             lr = lr_at(self.step, cfg)
-            out, gnorm, dt = self._train_step(lr)
-            row = self._metrics(out, lr, gnorm, dt)
+            tally, gnorm, dt = self._train_step(lr)
+            row = self._metrics(tally, lr, gnorm, dt)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self._last_eval = evaluate(self.model, self.data, cfg, self.device, parallel=self.par)
                 row.update(self._last_eval)
@@ -500,56 +544,106 @@ class Trainer:
         return False
 
     def _train_step(self, lr: float) -> tuple:
-        """One optimizer step on this rank's slice of the next global batch: (model output,
+        """One optimizer step on this rank's slice of the next global batch: (its :class:`_Tally`,
         gradient norm before clipping, seconds)."""
         cfg, par = self.cfg, self.par
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
             g["lr"] = lr
         x, y = next(self._batches)
-        x, y = x[self._my_rows], y[self._my_rows]
-        amp = self._amp
-        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            out = self.step_model(x.to(self.device), y.to(self.device))
-        # under torchrun this rank's term of the global batch's objective; FSDP sums the gradients
-        loss = out.loss + out.aux_loss if par is None else par.loss(out)
-        loss.backward()
+        x, y = x[self._my_rows].to(self.device), y[self._my_rows].to(self.device)
+        tally = self._pipeline_pass(x, y) if self.pipe is not None else self._accumulated_pass(x, y)
         # without clipping, an infinite bound still returns the norm (to check and log) and leaves
         # the gradients as they are
         clip = cfg.grad_clip or math.inf
-        gnorm = (
-            par.clip_grad_norm_(clip)
-            if par is not None
-            else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        )
-        self._check_finite(loss.detach().item(), float(gnorm))
+        if self.pipe is not None:
+            gnorm = self.pipe.clip_grad_norm_(clip)
+        elif par is not None:
+            gnorm = par.clip_grad_norm_(clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._check_finite(tally.loss + tally.aux_loss, float(gnorm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         after_optimizer_step(self.model)
         self.step += 1
         dt = time.perf_counter() - t0
         self._step_seconds.append(dt)
-        return out, gnorm, dt
+        return tally, gnorm, dt
 
-    def _metrics(self, out, lr: float, gnorm, dt: float) -> dict:
+    def _accumulated_pass(self, x: torch.Tensor, y: torch.Tensor) -> _Tally:
+        """Forward and backward of this rank's rows in ``microbatches`` equal parts, the gradients
+        accumulated: each part adds its summed cross-entropy over the whole batch's counted targets
+        (every rank's, under torchrun: this rank's term of the global objective; FSDP sums the
+        ranks' gradients, once, after the last part) and its auxiliary loss over the parts."""
+        par, M = self.par, self.cfg.microbatches
+        n = self._batch_targets(y)
+        loss_sum, aux_sum = torch.zeros((), dtype=torch.float64), 0.0
+        layers: dict[int, list] = {}
+        for i, (x_part, y_part) in enumerate(zip(x.chunk(M), y.chunk(M))):
+            if par is not None and M > 1:
+                self.model.set_requires_gradient_sync(i == M - 1)  # FSDP's: reduce once, after the last
+            with torch.autocast(self.device.type, dtype=self._amp, enabled=self._amp is not None):
+                out = self.step_model(x_part, y_part)
+            aux = out.aux_loss if par is None else par.aux_share(out.aux_loss)
+            (out.loss_sum / n.to(out.loss_sum.device, out.loss_sum.dtype) + aux / M).backward()
+            loss_sum = loss_sum + out.loss_sum.detach().double().cpu()
+            aux_sum = aux_sum + out.aux_loss.detach() / M
+            for layer, r in enumerate(out.moe):
+                if r is not None:
+                    _add_layer(layers, layer, r.stats["tokens_per_expert"], r.stats["dropped_fraction"], M)
+        loss_sum = loss_sum.reshape(1)
+        loss = float((loss_sum if par is None else par.sum(loss_sum)) / n)
+        numbers = _layer_numbers(layers)
+        return _Tally(loss, float(aux_sum), [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
+
+    def _batch_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The targets counted (not ignored) in the global batch (float64; at least 1)."""
+        par = self.par
+        n = ((y if par is None else par.positions(y)) != IGNORE_INDEX).sum().double().reshape(1)
+        return (n if par is None else par.sum(n)).squeeze(0).clamp(min=1).cpu()
+
+    def _pipeline_pass(self, x: torch.Tensor, y: torch.Tensor) -> _Tally:
+        """Forward and backward of this rank's pipeline's rows through the schedule (the first
+        stage reads ``x``, the last ``y``); the task loss summed over the last stage's ranks and the
+        routing statistics of every stage gathered, on every rank."""
+        par, M = self.par, self.cfg.microbatches
+        stage = par.stage
+        stage.routing = []
+        try:
+            with torch.autocast(self.device.type, dtype=self._amp, enabled=self._amp is not None):
+                share = self.pipe.step(x, y)  # type: ignore[union-attr]  # (set with par)
+            records = stage.routing
+        finally:
+            stage.routing = None
+        layers: dict = {}
+        aux = 0.0
+        for r in records:
+            _add_layer(layers, r.layer, r.tokens_per_expert, r.dropped_fraction, M)
+            aux = aux + r.aux_loss / M
+        part = torch.zeros(1, dtype=torch.float64) if share is None else share.double().reshape(1).cpu()
+        loss = float(par.sum(part))  # the last stage's ranks each hold their share of the mean
+        stages = par.stages_of((_layer_numbers(layers), float(aux)))  # every stage's MoE layers
+        numbers = dict(sorted(kv for mine, _ in stages for kv in mine.items()))
+        aux_loss = sum(a for _, a in stages)
+        return _Tally(loss, aux_loss, [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
+
+    def _metrics(self, tally: _Tally, lr: float, gnorm, dt: float) -> dict:
         """The metrics row of the step just taken (the task loss over every rank's tokens)."""
-        loads = [r.stats["tokens_per_expert"].tolist() for r in out.moe if r is not None]
-        dropped = [float(r.stats["dropped_fraction"]) for r in out.moe if r is not None]
-        if self.par is None:
-            task_loss = out.loss.item()
-        else:
-            total, count = self.par.sum(torch.stack([out.loss_sum.detach().double(), out.n_targets.double()])).tolist()
-            task_loss = total / count
-        row = {
+        row: dict[str, Any] = {
             "step": self.step,
-            "loss": task_loss,
-            "aux_loss": out.aux_loss.item(),
+            "loss": tally.loss,
+            "aux_loss": tally.aux_loss,
             "lr": lr,
             "grad_norm": float(gnorm),
             "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / dt,
         }
-        if loads:
-            row.update(balance=balance_of(loads), dropped_fraction=sum(dropped) / len(dropped), tokens_per_expert=loads)
+        if tally.loads:
+            row.update(
+                balance=balance_of(tally.loads),
+                dropped_fraction=sum(tally.dropped) / len(tally.dropped),
+                tokens_per_expert=tally.loads,
+            )
         return row
 
     def _save_interrupted(self, interrupt: _DeferredInterrupt) -> None:
@@ -608,6 +702,40 @@ class Trainer:
                 f"{self.label}: step {self.step + 1}: {what} (not finite); training stopped before "
                 f"applying the step (lower train.lr or check the data); {self._kept()}"
             )
+
+
+@dataclass
+class _Tally:
+    """What a step's metrics row reports: the task loss (the global batch's mean), the auxiliary
+    loss (the microbatches' mean), and per MoE layer the tokens each expert took (summed over the
+    microbatches) and the fraction of slots dropped (their mean)."""
+
+    loss: float
+    aux_loss: float
+    loads: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
+
+
+def _add_layer(layers: dict, layer: int, tokens: torch.Tensor, dropped, M: int) -> None:
+    """Add one microbatch's routing of MoE layer ``layer`` to ``layers`` (layer -> [tokens, dropped])."""
+    if layer in layers:
+        layers[layer][0] = layers[layer][0] + tokens
+        layers[layer][1] = layers[layer][1] + dropped / M
+    else:
+        layers[layer] = [tokens, dropped / M]
+
+
+def _layer_numbers(layers: dict) -> dict:
+    """``{layer: (tokens per expert as a list, dropped fraction)}``: Python numbers."""
+    return {i: (t.tolist(), float(d)) for i, (t, d) in layers.items()}
+
+
+def _optimizer_names(model_cfg: LMConfig, cfg: TrainConfig) -> list[str]:
+    """The names of the one-process optimizer's parameters, by index (built on the meta device)."""
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in make_optimizer(model, cfg).param_groups for p in g["params"]]
 
 
 def _postfix(row: dict) -> dict:
