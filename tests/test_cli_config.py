@@ -112,3 +112,12 @@ def test_print_config_of_a_changed_width_round_trips(capsys):
     assert "model.moe.dim=64" in lines and "model.vocab_size=257" in lines
     sets = [a for ln in lines for a in ("--set", ln)]
     assert configs(*sets) == configs("--set", "model.dim=64", "--tokenizer", "bytes")
+
+
+def test_pipeline_parallel_takes_twice_its_stages_as_microbatches_unless_told():
+    """`--pipeline-parallel N` alone: 2N microbatches (the 1F1B bubble (N-1)/(3N-1)); `--microbatches`
+    or a config file's value wins."""
+    assert configs("--pipeline-parallel", "2")[1].microbatches == 4
+    assert configs("--pipeline-parallel", "2", "--microbatches", "2")[1].microbatches == 2
+    assert configs("--set", "train.pipeline_parallel=4", "--set", "train.microbatches=6")[1].microbatches == 6
+    assert configs()[1].microbatches == 1

@@ -134,7 +134,7 @@ def _moe_cfg(num_experts=4, **moe_kw):
         n_layers=1,
         n_heads=4,
         max_seq_len=32,
-        moe=MoEConfig(dim=32, hidden_dim=16, num_experts=num_experts, top_k=1, **moe_kw),
+        moe=MoEConfig(dim=32, hidden_dim=16, num_experts=num_experts, top_k=2, **moe_kw),
     )
 
 
@@ -156,6 +156,36 @@ def test_the_parallel_layout_is_checked_from_the_configs_alone():
         check_parallel_layout(train, [_moe_cfg(4)], world_size=1)
     check_parallel_layout(train, [_moe_cfg(4), _moe_cfg(4).dense_twin()], world_size=4)  # a layout that fits
     check_parallel_layout(train, [_moe_cfg(3).dense_twin()], world_size=2)  # a dense model has no experts to split
+
+
+def test_a_pipeline_layout_is_checked_from_the_configs_alone():
+    """Issue 25, item 11: `--pipeline-parallel N` (with `--microbatches M`), refused by name before
+    the run folder exists."""
+    two = LMConfig(**{**_moe_cfg(4).to_dict(), "n_layers": 2, "moe": _moe_cfg(4).moe})
+
+    def pp(**kw):
+        return TrainConfig(**{"pipeline_parallel": 2, "microbatches": 2, "batch_size": 8, **kw})
+
+    with pytest.raises(ValueError, match=r"microbatches=1 must be at least pipeline_parallel=2"):
+        TrainConfig(pipeline_parallel=2)
+    with pytest.raises(ValueError, match="pipeline_parallel=2 needs one process per rank"):
+        check_parallel_layout(pp(), [two], world_size=1)
+    with pytest.raises(ValueError, match=r"pipeline_parallel=2 must divide the number of ranks \(3\)"):
+        check_parallel_layout(pp(), [two], world_size=3)
+    with pytest.raises(ValueError, match=r"expert_parallel=4 must divide the 2 ranks of each pipeline stage"):
+        check_parallel_layout(pp(expert_parallel=4), [two], world_size=4)
+    with pytest.raises(ValueError, match="tensor_parallel > 1 together with pipeline_parallel > 1"):
+        check_parallel_layout(pp(tensor_parallel=2), [two], world_size=4)
+    with pytest.raises(ValueError, match=r"pipeline_parallel=2: pipeline_parallel must be between 1 and the model's 1"):
+        check_parallel_layout(pp(), [_moe_cfg(4)], world_size=2)
+    with pytest.raises(ValueError, match="cannot run hash routing"):
+        hashed = LMConfig(**{**two.to_dict(), "moe": MoEConfig(dim=32, hidden_dim=16, num_experts=4, router="hash")})
+        check_parallel_layout(pp(), [hashed], world_size=2)
+    with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by the 2 pipelines .* times microbatches=2"):
+        check_parallel_layout(pp(batch_size=6), [two], world_size=4)
+    with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by microbatches=4"):
+        check_parallel_layout(TrainConfig(batch_size=6, microbatches=4), [two], world_size=1)
+    check_parallel_layout(pp(expert_parallel=2), [two, two.dense_twin()], world_size=4)  # a layout that fits
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")

@@ -139,12 +139,15 @@ def pipeline_checkpoint(rank: int, world: int, store: str, out_dir: str, tie: bo
 
 
 def pipeline_with_expert_and_data_parallelism(
-    rank: int, world: int, store: str, out_dir: str, dp: int, ep: int
+    rank: int, world: int, store: str, out_dir: str, dp: int, ep: int, tie: bool
 ) -> None:
     """Issue 25: PP=2 x (DP, EP) on 4 ranks, a ``(pp, dp, ep)`` mesh. Each stage is parallelized
     on its ``(dp, ep)`` slice (experts split over ``ep``, FSDP2 over the slice) and each slice
     position runs its own pipeline over its rows. The loss, every gradient, ``expert_usage`` and
-    the clipped gradients equal one process accumulating the global microbatches (float64)."""
+    the clipped gradients equal one process accumulating the global microbatches (float64); so do
+    the per-target losses of a forward pass whose rows the pipelines split unevenly (one none).
+    ``tie``: the embedding tied to the output projection (its FSDP shards on the first and the
+    last stage of each pipeline, their gradients summed)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from moekit.parallel import parallelize
@@ -154,7 +157,7 @@ def pipeline_with_expert_and_data_parallelism(
     def check():
         mesh = init_device_mesh("cpu", (2, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
         s_idx, replica = mesh.get_local_rank("pp"), mesh.get_local_rank("dp") * ep + mesh.get_local_rank("ep")
-        cfg = _config()
+        cfg = _config(tie)
         cfg.moe.router_dtype = "float64"  # (a fresh config: its router in the model's dtype)
         torch.manual_seed(0)
         ref = MoETransformer(cfg).double()
@@ -199,5 +202,18 @@ def pipeline_with_expert_and_data_parallelism(
             want = ref_params[name.removeprefix("model.")].grad
             torch.testing.assert_close(full(p.grad), want, rtol=1e-6, atol=1e-9, msg=f"{name} clipped")
 
-    _record(out_dir, f"pipeline-dp{dp}-ep{ep}", check)
+        idx2, tgt2 = torch.randint(0, 50, (3, 12), generator=g), torch.randint(0, 50, (3, 12), generator=g)
+        tgt2[:, :2] = -100
+        rows2 = slice(0, 3) if replica == 0 else slice(0, 0)  # the other pipelines read nothing
+        got2 = pipe.token_losses(idx2[rows2] if s_idx == 0 else None, tgt2[rows2] if s_idx == 1 else None)
+        with torch.no_grad():
+            logits = ref.eval()(idx2).logits
+        want2 = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt2.flatten(), reduction="none")
+        if s_idx == 1:
+            assert got2 is not None and got2.shape == (rows2.stop, 12), got2
+            torch.testing.assert_close(got2, want2.view(3, 12)[rows2], rtol=1e-6, atol=1e-9)
+        else:
+            assert got2 is None
+
+    _record(out_dir, f"pipeline-dp{dp}-ep{ep}{'-tied' if tie else ''}", check)
     dist.destroy_process_group()

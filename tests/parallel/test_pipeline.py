@@ -72,8 +72,8 @@ def test_a_stage_built_on_meta_gets_the_one_process_values_of_its_part(tie):
         assert ("embed.weight" in got) == (s == 0 or (tie and s == 2))
 
 
-@pytest.mark.parametrize(("dp", "ep"), [(1, 2), (2, 1)])
-def test_pipeline_stages_with_expert_or_data_parallelism_equal_one_process(tmp_path, dp, ep):
-    """PP=2 x EP=2 and PP=2 x DP=2 on 4 ranks (each stage parallelized on its slice)."""
-    spawn(W.pipeline_with_expert_and_data_parallelism, 4, tmp_path, dp, ep)
-    results(tmp_path, f"pipeline-dp{dp}-ep{ep}", 4)
+@pytest.mark.parametrize(("dp", "ep", "tie"), [(1, 2, False), (2, 1, True)])
+def test_pipeline_stages_with_expert_or_data_parallelism_equal_one_process(tmp_path, dp, ep, tie):
+    """PP=2 x EP=2 and PP=2 x DP=2 (tied embeddings) on 4 ranks (each stage parallelized on its slice)."""
+    spawn(W.pipeline_with_expert_and_data_parallelism, 4, tmp_path, dp, ep, tie)
+    results(tmp_path, f"pipeline-dp{dp}-ep{ep}{'-tied' if tie else ''}", 4)

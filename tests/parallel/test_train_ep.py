@@ -256,3 +256,31 @@ def test_a_layout_tensor_parallelism_cannot_take_is_refused_before_the_run_start
     assert res.returncode != 0
     assert "tensor_parallel=2: n_heads=1 must be divisible by tensor_parallel=2" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_pipeline_parallel_run_resumes_across_layouts_as_one_process_accumulating(tmp_path):
+    """Issue 25, item 11: `moekit train --pipeline-parallel 2` (a block per rank, 4 microbatches,
+    1F1B) stopped at step 3 and resumed with expert parallelism instead, against one process with
+    `--microbatches 4` stopped at step 3 and resumed as 2 pipeline stages (its single-file
+    checkpoint read into the stages): the same 6 steps and validation (tied embeddings: the
+    default model's)."""
+    args = ("--steps", "6", "--no-baseline", "--microbatches", "4", *TINY)
+    pp = moekit(tmp_path, "train", "--name", "pp", "--out", "runs", "--pipeline-parallel", "2", "--stop-at", "3", *args,
+                nproc=2)  # fmt: skip
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    manifest = json.loads((tmp_path / "runs" / "pp" / "moe" / "checkpoint.dcp" / "moekit.json").read_text())
+    assert manifest["meta"]["pipeline_parallel"] == 2 and manifest["meta"]["step"] == 3, manifest["meta"]
+    ep = moekit(tmp_path, "train", "--resume", "runs/pp", "--pipeline-parallel", "1", "--expert-parallel", "2",
+                "--quiet", nproc=2)  # fmt: skip
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    one = moekit(tmp_path, "train", "--name", "one", "--out", "runs", "--stop-at", "3", *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert (tmp_path / "runs" / "one" / "moe" / "checkpoint.safetensors").is_file()
+    again = moekit(tmp_path, "train", "--resume", "runs/one", "--pipeline-parallel", "2", "--quiet", nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _losses(tmp_path / "runs" / "pp"), _losses(tmp_path / "runs" / "one")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert abs(_summary(tmp_path / "runs" / "pp")["val_loss"] - _summary(tmp_path / "runs" / "one")["val_loss"]) < 1e-4
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "one" / "moe" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["tokens_per_expert"]) == 2 for r in rows)  # both stages' layers in every row

@@ -351,10 +351,15 @@ def check_parallel_layout(train_cfg: TrainConfig, model_cfgs: list[LMConfig], wo
         _check_pipeline_layout(train_cfg, model_cfgs, world_size)
     readers = world_size // tp // pp  # the ranks of a tensor-parallel group, or of a pipeline, read the same rows
     if train_cfg.batch_size % (readers * M):
+        who = f"the number of ranks ({world_size})"
+        if tp > 1:
+            who += f" over tensor_parallel={tp} ({readers} ranks read different rows)"
+        if pp > 1:
+            who = (
+                f"the {readers} pipelines ({world_size} ranks over pipeline_parallel={pp}), which read different rows,"
+            )
         raise ValueError(
-            f"batch_size={train_cfg.batch_size} must be divisible by the number of ranks ({world_size})"
-            + (f" over tensor_parallel={tp} ({readers} ranks read different rows)" if tp > 1 else "")
-            + (f" over pipeline_parallel={pp} ({readers} pipelines read different rows)" if pp > 1 else "")
+            f"batch_size={train_cfg.batch_size} must be divisible by {who}"
             + (f" times microbatches={M}" if M > 1 else "")
         )
     if train_cfg.seq_len % tp:
