@@ -144,34 +144,31 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
     assert again.returncode == 0 and again.stdout == gen.stdout, (gen.stdout, again.stdout)
 
 
-def test_activation_checkpointing_under_expert_parallelism_takes_the_same_steps(tmp_path):
-    """Issue 25, item 9: `--activation-checkpointing full` under torchrun (EP=2): the re-run
-    blocks' collectives pair up on both ranks and every step's loss equals the run without it."""
-    runs = tmp_path / "runs"
-    for mode in ("none", "full"):
-        args = ("--steps", "4", "--expert-parallel", "2", "--no-baseline", "--activation-checkpointing", mode)
-        res = moekit(tmp_path, "train", "--name", mode, "--out", "runs", *args, *TINY, nproc=2)
-        assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _losses(runs / "none", "moe"), _losses(runs / "full", "moe")
-    assert len(a) == 4 and a == b, (a, b)
-
-
-def test_compile_under_expert_parallelism_takes_the_eager_steps(tmp_path):
-    """Issue 25, item 8: `--compile` under torchrun (EP=2) compiles each block, with the expert
-    all-to-all and the statistics' collectives run eagerly between its graphs; every step's loss
-    equals the eager run's (to float32 rounding: inductor fuses the arithmetic differently), with
-    selective activation checkpointing around the compiled blocks too."""
+def test_activation_checkpointing_and_compile_under_expert_parallelism_take_the_eager_steps(tmp_path):
+    """Issue 25, items 8 and 9 (one eager run for both): `--activation-checkpointing full` under
+    torchrun (EP=2): the re-run blocks' collectives pair up on both ranks and every step's loss
+    equals the run without it. `--compile` compiles each block, with the expert all-to-all and the
+    statistics' collectives run eagerly between its graphs; every step's loss equals the eager
+    run's (to float32 rounding: inductor fuses the arithmetic differently), with selective
+    activation checkpointing around the compiled blocks too."""
     runs = tmp_path / "runs"
     ac = ("--activation-checkpointing", "selective")
-    for name, extra in (("eager", ()), ("compiled", ("--compile",)), ("compiled-ac", ("--compile", *ac))):
+    runs_of = (
+        ("eager", ()),
+        ("full", ("--activation-checkpointing", "full")),
+        ("compiled", ("--compile",)),
+        ("compiled-ac", ("--compile", *ac)),
+    )
+    for name, extra in runs_of:
         args = ("--steps", "3", "--expert-parallel", "2", "--no-baseline", *extra)
         res = moekit(tmp_path, "train", "--name", name, "--out", "runs", *args, *TINY, nproc=2, timeout=600)
         assert res.returncode == 0, (name, res.stderr[-3000:])
         assert "recompile_limit" not in res.stderr, res.stderr[-3000:]  # the collectives are not traced into
     a = _losses(runs / "eager", "moe")
+    assert len(a) == 3 and _losses(runs / "full", "moe") == a
     for name in ("compiled", "compiled-ac"):  # compiled blocks inside activation checkpointing too
         b = _losses(runs / name, "moe")
-        assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (name, a, b)
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (name, a, b)
 
 
 def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_path):

@@ -24,9 +24,13 @@ each slice position is one pipeline (``group``: the ranks of one ``(dp, ep)`` po
 its own rows. :class:`LMPipeline` then divides by the targets counted on every rank of the last
 stage and each rank adds its share of the auxiliary losses (``parallel``: the stage's handle).
 
-Not here yet: a balance loss pooled over all layers (``balance_pooling="model"``), hash routing
-(it reads the token ids, which only the first stage has), tied embeddings or activation
-checkpointing together with expert or data parallelism.
+:func:`~moekit.parallel.parallelize_pipeline` builds all of it over a ``(pp, dp, ep)`` mesh of
+every rank and returns :class:`PipelineParallel`, the layout's handle (what ``moekit train
+--pipeline-parallel`` trains with). Tied embeddings: the first and last stage of each pipeline
+hold the same FSDP shard of the weight and sum its gradients.
+
+Not here: a balance loss pooled over all layers (``balance_pooling="model"``), hash routing (it
+reads the token ids, which only the first stage has), tensor parallelism on a stage.
 """
 
 from __future__ import annotations
