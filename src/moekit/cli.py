@@ -257,7 +257,7 @@ def _resume_changes(args: argparse.Namespace) -> dict:
             f"--resume continues a run as it was configured: {', '.join(fixed)} cannot be given "
             f"(with --resume you may give --steps to extend it, --expert-parallel, --tensor-parallel, "
             f"--pipeline-parallel, --microbatches, --device, "
-            f"--threads, "
+            f"--threads, --activation-checkpointing, "
             f"--compile, --stop-at, --quiet, --restart-missing, --nproc)"
         )
     return {f: getattr(args, f) for f in RESUME_CHANGES if getattr(args, f, None) is not None}
@@ -810,7 +810,8 @@ def make_parser() -> argparse.ArgumentParser:
         "tensor_parallel": "; consecutive ranks, which read the same batch, the sequence split between them "
         "elsewhere; with --resume, continue on another layout",
         "pipeline_parallel": "; stage i on the i-th block of world/N consecutive ranks, the experts of each "
-        "stage over its ranks (--expert-parallel); --microbatches defaults to 2N",
+        "stage over its ranks (--expert-parallel); a new run's --microbatches defaults to 2N (with --resume, "
+        "give --microbatches when the run's is below N)",
         "microbatches": "; with --pipeline-parallel, what the schedule interleaves",
     }
     types = {"lr": float, "device": str, "data": str, "tokenizer": str, "router": str, "activation_checkpointing": str}

@@ -148,14 +148,13 @@ def pipeline_with_expert_and_data_parallelism(
     the per-target losses of a forward pass whose rows the pipelines split unevenly (one none).
     ``tie``: the embedding tied to the output projection (its FSDP shards on the first and the
     last stage of each pipeline, their gradients summed)."""
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from moekit.parallel import parallelize
+    from moekit.parallel import make_mesh, parallelize_pipeline
 
     init(rank, world, store, timeout_s=60)
 
     def check():
-        mesh = init_device_mesh("cpu", (2, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+        mesh = make_mesh(ep, pipeline_parallel=2)
         s_idx, replica = mesh.get_local_rank("pp"), mesh.get_local_rank("dp") * ep + mesh.get_local_rank("ep")
         cfg = _config(tie)
         cfg.moe.router_dtype = "float64"  # (a fresh config: its router in the model's dtype)
@@ -175,9 +174,8 @@ def pipeline_with_expert_and_data_parallelism(
             out = ref(idx[pick], tgt[pick])
             (out.loss_sum / n + out.aux_loss / M).backward()
             total += float(out.loss_sum / n)
-        stage = pipeline_stage(model, s_idx, 2, M)
-        handle = parallelize(stage, mesh["dp", "ep"])
-        pipe = LMPipeline(stage, s_idx, 2, M, group=mesh.get_group("pp"), parallel=handle)
+        layout = parallelize_pipeline(model, mesh, M)
+        stage, handle, pipe = layout.stage, layout.stage_parallel, layout.pipe
         mine = slice(replica * rows, (replica + 1) * rows)
         got = pipe.step(idx[mine] if s_idx == 0 else None, tgt[mine] if s_idx == 1 else None)
         if s_idx == 1:
@@ -214,6 +212,15 @@ def pipeline_with_expert_and_data_parallelism(
             torch.testing.assert_close(got2, want2.view(3, 12)[rows2], rtol=1e-6, atol=1e-9)
         else:
             assert got2 is None
+
+        # FSDP's bf16 compute (param_dtype) of a float32 model: the stages send bf16 activations,
+        # told so (they were told the parameters' float32 and read bf16 bytes as float32: nan)
+        bf16 = parallelize_pipeline(copy.deepcopy(ref).float().train(), mesh, M, param_dtype=torch.bfloat16)
+        got3 = bf16.pipe.step(idx[mine] if s_idx == 0 else None, tgt[mine] if s_idx == 1 else None)
+        if s_idx == 1:
+            assert got3 is not None
+            summed = float(handle.sum(got3.double().reshape(1)))
+            assert abs(summed - total) < 0.05 * total, (summed, total)
 
     _record(out_dir, f"pipeline-dp{dp}-ep{ep}{'-tied' if tie else ''}", check)
     dist.destroy_process_group()

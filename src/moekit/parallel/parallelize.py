@@ -163,7 +163,9 @@ def parallelize_pipeline(
         compile=compile,
         param_dtype=param_dtype,
     )
-    pipe = LMPipeline(stage, stage_index, n_stages, n_microbatches, mesh.get_group("pp"), schedule, stage_parallel)
+    pipe = LMPipeline(
+        stage, stage_index, n_stages, n_microbatches, mesh.get_group("pp"), schedule, stage_parallel, param_dtype
+    )
     return PipelineParallel(pipe, mesh, stage_parallel)
 
 

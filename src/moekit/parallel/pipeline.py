@@ -210,12 +210,16 @@ class LMPipeline:
         group=None,
         schedule: str = "1f1b",
         parallel=None,
+        activation_dtype: Optional[torch.dtype] = None,
     ):
         """``group``: the pipeline's ranks, stage i on its i-th (default: all ranks).
         ``parallel``: the stage's expert/data-parallel handle, when :func:`~moekit.parallel.parallelize`
-        was given the stage on its ranks' ``(dp, ep)`` slice."""
+        was given the stage on its ranks' ``(dp, ep)`` slice. ``activation_dtype``: the dtype of the
+        residual stream the stages send each other (default: the parameters'; FSDP's
+        ``param_dtype`` when it computes in another)."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}; got {schedule!r}")
+        self.activation_dtype = activation_dtype
         self.stage, self.stage_index, self.n_stages = stage, stage_index, n_stages
         self.parallel = parallel
         if parallel is not None:  # each rank of the stage's slice adds its share of the auxiliary losses
@@ -262,8 +266,10 @@ class LMPipeline:
             b, cfg = B // M, self.stage.model.cfg
             p = next(self.stage.parameters())
 
+            dtype = self.activation_dtype or p.dtype
+
             def hidden(width: int) -> Tensor:  # a float tensor: its gradient travels back
-                return torch.empty(b, S, width, device="meta", dtype=p.dtype, requires_grad=True)
+                return torch.empty(b, S, width, device="meta", dtype=dtype, requires_grad=True)
 
             inp = torch.empty(b, S, dtype=torch.long, device="meta") if self.stage.first else hidden(cfg.dim)
             out = hidden(cfg.vocab_size if self.stage.last else cfg.dim)
@@ -345,6 +351,7 @@ class LMPipeline:
         """This stage's forward of the whole batch: its input from the previous stage (the token
         ids on the first), its output sent to the next; returns the logits on the last stage."""
         p = next(self.stage.parameters())
+        dtype = self.activation_dtype or p.dtype
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
         i = self.stage_index
         if self.stage.first:
@@ -352,14 +359,14 @@ class LMPipeline:
                 raise ValueError("the first stage needs the batch's token ids")
             x = idx_BS.to(p.device)
         else:
-            x = torch.empty(B, S, self.stage.model.cfg.dim, dtype=p.dtype, device=p.device)
+            x = torch.empty(B, S, self.stage.model.cfg.dim, dtype=dtype, device=p.device)
             if B:
                 run_collective("pipeline activation receive", dist.recv, x, src=ranks[i - 1])
         out = self.stage(x)
         if self.stage.last:
             return out
         if B:
-            run_collective("pipeline activation send", dist.send, out.to(p.dtype).contiguous(), dst=ranks[i + 1])
+            run_collective("pipeline activation send", dist.send, out.to(dtype).contiguous(), dst=ranks[i + 1])
         return None
 
     def step(self, idx_BS: Optional[Tensor], targets_BS: Optional[Tensor]) -> Optional[Tensor]:

@@ -168,6 +168,8 @@ def evaluate(
     missing_D = torch.zeros(n_dom, dtype=torch.bool)
     missing_D[data.val_domain_N[starts[extra_W] + 1].long()] = True
     pipe = getattr(parallel, "pipe", None)  # pipeline parallel: the last stage has the logits
+    if pipe is not None and top_k is not None:
+        raise ValueError("top_k: a pipeline-parallel model is evaluated with its trained experts per token")
     for group, extra in ((starts[~extra_W], False), (starts[extra_W], True)):
         for i in range(0, group.numel(), cfg.batch_size):
             s = group[i : i + cfg.batch_size]
@@ -499,6 +501,10 @@ class Trainer:
         self._step_seconds: list[float] = []  # each training step of this fit(), timed
         self._last_eval = {}
         share = self.cfg.batch_size // (self.par.data_size if self.par else 1)
+        if share % self.cfg.microbatches:  # (check_parallel_layout says so before a run; a Trainer made in Python)
+            raise ValueError(
+                f"microbatches={self.cfg.microbatches} must divide the {share} rows each step gives this rank's model"
+            )
         lo = share * (self.par.data_rank if self.par else 0)
         self._my_rows = slice(lo, lo + share)  # this rank's slice of every global batch
         self._amp = autocast_dtype(self.cfg, self.device)
@@ -578,7 +584,7 @@ class Trainer:
         ranks' gradients, once, after the last part) and its auxiliary loss over the parts."""
         par, M = self.par, self.cfg.microbatches
         n = self._batch_targets(y)
-        loss_sum, aux_sum = torch.zeros((), dtype=torch.float64), 0.0
+        loss_sum, aux_sum = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
         layers: dict[int, list] = {}
         for i, (x_part, y_part) in enumerate(zip(x.chunk(M), y.chunk(M))):
             if par is not None and M > 1:
@@ -587,13 +593,13 @@ class Trainer:
                 out = self.step_model(x_part, y_part)
             aux = out.aux_loss if par is None else par.aux_share(out.aux_loss)
             (out.loss_sum / n.to(out.loss_sum.device, out.loss_sum.dtype) + aux / M).backward()
-            loss_sum = loss_sum + out.loss_sum.detach().double().cpu()
+            loss_sum = loss_sum + out.loss_sum.detach().double()
             aux_sum = aux_sum + out.aux_loss.detach() / M
             for layer, r in enumerate(out.moe):
                 if r is not None:
                     _add_layer(layers, layer, r.stats["tokens_per_expert"], r.stats["dropped_fraction"], M)
         loss_sum = loss_sum.reshape(1)
-        loss = float((loss_sum if par is None else par.sum(loss_sum)) / n)
+        loss = float((loss_sum if par is None else par.sum(loss_sum)) / n)  # the step's one host read
         numbers = _layer_numbers(layers)
         return _Tally(loss, float(aux_sum), [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
 
@@ -601,7 +607,7 @@ class Trainer:
         """The targets counted (not ignored) in the global batch (float64; at least 1)."""
         par = self.par
         n = ((y if par is None else par.positions(y)) != IGNORE_INDEX).sum().double().reshape(1)
-        return (n if par is None else par.sum(n)).squeeze(0).clamp(min=1).cpu()
+        return (n if par is None else par.sum(n)).squeeze(0).clamp(min=1)
 
     def _pipeline_pass(self, x: torch.Tensor, y: torch.Tensor) -> _Tally:
         """Forward and backward of this rank's pipeline's rows through the schedule (the first
