@@ -147,20 +147,17 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
 def test_compile_under_expert_parallelism_takes_the_eager_steps(tmp_path):
     """Issue 25, item 8: `--compile` under torchrun (EP=2) compiles each block, with the expert
     all-to-all and the statistics' collectives run eagerly between its graphs; every step's loss
-    equals the eager run's (to float32 rounding: inductor fuses the arithmetic differently), with
-    selective activation checkpointing around the compiled blocks too. (Full checkpointing under
-    torchrun: the pipeline run test.)"""
+    equals the eager run's (to float32 rounding: inductor fuses the arithmetic differently).
+    (Compiled blocks inside activation checkpointing, whose routing counts run between the graphs:
+    test_tensor_parallel.py's compiled case; one compiled run here: CI time.)"""
     runs = tmp_path / "runs"
-    ac = ("--activation-checkpointing", "selective")
-    for name, extra in (("eager", ()), ("compiled", ("--compile",)), ("compiled-ac", ("--compile", *ac))):
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
         args = ("--steps", "3", "--expert-parallel", "2", "--no-baseline", *extra)
         res = moekit(tmp_path, "train", "--name", name, "--out", "runs", *args, *TINY, nproc=2, timeout=600)
         assert res.returncode == 0, (name, res.stderr[-3000:])
         assert "recompile_limit" not in res.stderr, res.stderr[-3000:]  # the collectives are not traced into
-    a = _losses(runs / "eager", "moe")
-    for name in ("compiled", "compiled-ac"):  # compiled blocks inside activation checkpointing too
-        b = _losses(runs / name, "moe")
-        assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (name, a, b)
+    a, b = _losses(runs / "eager", "moe"), _losses(runs / "compiled", "moe")
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
 
 
 def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_path):
