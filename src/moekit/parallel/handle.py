@@ -180,7 +180,7 @@ class ExpertParallel(RankGroup):
         by_name: dict[str, Any] = get_optimizer_state_dict(
             self.model, opt, options=StateDictOptions(full_state_dict=True)
         )
-        index = {name: i for i, name in enumerate(_optimizer_names(self.model, opt))}
+        index = {name: i for i, name in enumerate(optimizer_names(self.model, opt))}
         return {
             "state": {index[n]: st for n, st in by_name["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
@@ -189,7 +189,7 @@ class ExpertParallel(RankGroup):
     def load_full_optimizer_state_dict(self, opt: torch.optim.Optimizer, sd: dict) -> None:
         """Load a single-process optimizer state dict (parameters by index) into this layout.
         Clears the parameters' gradients (PyTorch's loader initialises the state with a step)."""
-        load_optimizer_by_names(self.model, opt, sd, _optimizer_names(self.model, opt))
+        load_optimizer_by_names(self.model, opt, sd, optimizer_names(self.model, opt))
 
 
 def load_optimizer_by_names(
@@ -216,9 +216,10 @@ def _mesh_key(t: Tensor):
     return id(t.device_mesh) if isinstance(t, DTensor) else None
 
 
-def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+def optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The names in ``model`` of ``opt``'s parameters, by index (``Optimizer.state_dict()``'s order)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
-__all__ = ["ExpertParallel", "RankGroup", "load_optimizer_by_names"]
+__all__ = ["ExpertParallel", "RankGroup", "load_optimizer_by_names", "optimizer_names"]

@@ -35,6 +35,8 @@ reads the token ids, which only the first stage has), tensor parallelism on a st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -83,6 +85,16 @@ class LMStage(nn.Module):
         self.model, self.start, self.stop, self.first, self.last = model, start, stop, first, last
         self.aux_scale = aux_scale
         self.routing: Optional[list[RoutingRecord]] = None
+
+    @contextmanager
+    def recording(self) -> Iterator[list[RoutingRecord]]:
+        """A list that every forward inside the ``with`` block fills with its routing records."""
+        records: list[RoutingRecord] = []
+        self.routing = records
+        try:
+            yield records
+        finally:
+            self.routing = None
 
     @property
     def activation_checkpointing(self) -> str:
@@ -255,6 +267,10 @@ class LMPipeline:
         """The last stage's copy of a tied embedding (its gradient is counted once, on the first)."""
         return self.stage.model.embed.weight if self._tied_group is not None and self.stage.last else None
 
+    def _sent_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream the stages exchange."""
+        return self.activation_dtype or next(self.stage.parameters()).dtype
+
     def _schedule_for(self, B: int, S: int):
         """The schedule over a stage told its microbatches' shapes (made once per batch shape)."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -264,9 +280,7 @@ class LMPipeline:
             if B % M:
                 raise ValueError(f"the batch of {B} sequences must split into {M} equal microbatches")
             b, cfg = B // M, self.stage.model.cfg
-            p = next(self.stage.parameters())
-
-            dtype = self.activation_dtype or p.dtype
+            dtype, device = self._sent_dtype(), next(self.stage.parameters()).device
 
             def hidden(width: int) -> Tensor:  # a float tensor: its gradient travels back
                 return torch.empty(b, S, width, device="meta", dtype=dtype, requires_grad=True)
@@ -274,7 +288,7 @@ class LMPipeline:
             inp = torch.empty(b, S, dtype=torch.long, device="meta") if self.stage.first else hidden(cfg.dim)
             out = hidden(cfg.vocab_size if self.stage.last else cfg.dim)
             pipe = PipelineStage(
-                self.stage, self.stage_index, self.n_stages, p.device, input_args=inp, output_args=out, group=self.group
+                self.stage, self.stage_index, self.n_stages, device, input_args=inp, output_args=out, group=self.group
             )
             kind = Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe
             self._schedules[B, S] = kind(pipe, M, loss_fn=self._loss, scale_grads=False)
@@ -351,7 +365,7 @@ class LMPipeline:
         """This stage's forward of the whole batch: its input from the previous stage (the token
         ids on the first), its output sent to the next; returns the logits on the last stage."""
         p = next(self.stage.parameters())
-        dtype = self.activation_dtype or p.dtype
+        dtype = self._sent_dtype()
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
         i = self.stage_index
         if self.stage.first:

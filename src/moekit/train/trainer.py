@@ -198,7 +198,7 @@ def evaluate(
     if parallel is not None:
         sums = parallel.sum(sums)  # tokens_per_expert is global already
     if pipe is not None:  # each stage has its layers' loads
-        load = dict(sorted(kv for part in parallel.stages_of(load) for kv in part.items()))
+        load = _merged(parallel.stages_of(load))
     res: dict[str, Any] = {"val_loss": float(sums[0, n_dom] / sums[1, n_dom])}
     for d, name in enumerate(data.domains):
         if sums[1, d] > 0:
@@ -218,13 +218,8 @@ def _eval_forward(model: MoETransformer, x: torch.Tensor, y: torch.Tensor, top_k
 def _pipeline_eval(par, x: torch.Tensor, y: torch.Tensor) -> tuple:
     """:func:`_eval_forward` on a pipeline stage: the losses on the last stage (else None), the
     loads of this stage's layers."""
-    stage = par.stage
-    stage.routing = []
-    try:
+    with par.stage.recording() as records:
         tok_loss = par.pipe.token_losses(x, y)
-        records = stage.routing
-    finally:
-        stage.routing = None
     counts = {r.layer: r.tokens_per_expert.cpu() for r in records}
     return (None if tok_loss is None else tok_loss.flatten().cpu()), counts
 
@@ -288,7 +283,7 @@ class Trainer:
         self.progress = progress and self.main
         self.opt = make_optimizer(self.model, cfg)
         if self.pipe is not None:  # which one-process parameter a single-file checkpoint's index is
-            self.par.one_process_names = _optimizer_names(model_cfg, cfg)
+            self.par.one_process_names = _one_process_optimizer_names(model_cfg, cfg)
         # the training steps run the compiled module; weights, checkpoints and evaluation use the model itself
         self.step_model = torch.compile(self.model) if cfg.compile and self.par is None else self.model
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -600,8 +595,7 @@ class Trainer:
                     _add_layer(layers, layer, r.stats["tokens_per_expert"], r.stats["dropped_fraction"], M)
         loss_sum = loss_sum.reshape(1)
         loss = float((loss_sum if par is None else par.sum(loss_sum)) / n)  # the step's one host read
-        numbers = _layer_numbers(layers)
-        return _Tally(loss, float(aux_sum), [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
+        return _Tally.of(loss, float(aux_sum), _layer_numbers(layers))
 
     def _batch_targets(self, y: torch.Tensor) -> torch.Tensor:
         """The targets counted (not ignored) in the global batch (float64; at least 1)."""
@@ -614,14 +608,9 @@ class Trainer:
         stage reads ``x``, the last ``y``); the task loss summed over the last stage's ranks and the
         routing statistics of every stage gathered, on every rank."""
         par, M = self.par, self.cfg.microbatches
-        stage = par.stage
-        stage.routing = []
-        try:
+        with par.stage.recording() as records:
             with torch.autocast(self.device.type, dtype=self._amp, enabled=self._amp is not None):
                 share = self.pipe.step(x, y)  # type: ignore[union-attr]  # (set with par)
-            records = stage.routing
-        finally:
-            stage.routing = None
         layers: dict = {}
         aux = 0.0
         for r in records:
@@ -630,9 +619,7 @@ class Trainer:
         part = torch.zeros(1, dtype=torch.float64) if share is None else share.double().reshape(1).cpu()
         loss = float(par.sum(part))  # the last stage's ranks each hold their share of the mean
         stages = par.stages_of((_layer_numbers(layers), float(aux)))  # every stage's MoE layers
-        numbers = dict(sorted(kv for mine, _ in stages for kv in mine.items()))
-        aux_loss = sum(a for _, a in stages)
-        return _Tally(loss, aux_loss, [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
+        return _Tally.of(loss, sum(a for _, a in stages), _merged(mine for mine, _ in stages))
 
     def _metrics(self, tally: _Tally, lr: float, gnorm, dt: float) -> dict:
         """The metrics row of the step just taken (the task loss over every rank's tokens)."""
@@ -721,6 +708,11 @@ class _Tally:
     loads: list = field(default_factory=list)
     dropped: list = field(default_factory=list)
 
+    @classmethod
+    def of(cls, loss: float, aux_loss: float, numbers: dict) -> _Tally:
+        """From the MoE layers' :func:`_layer_numbers` (in layer order)."""
+        return cls(loss, aux_loss, [v[0] for v in numbers.values()], [v[1] for v in numbers.values()])
+
 
 def _add_layer(layers: dict, layer: int, tokens: torch.Tensor, dropped, M: int) -> None:
     """Add one microbatch's routing of MoE layer ``layer`` to ``layers`` (layer -> [tokens, dropped])."""
@@ -736,12 +728,18 @@ def _layer_numbers(layers: dict) -> dict:
     return {i: (t.tolist(), float(d)) for i, (t, d) in layers.items()}
 
 
-def _optimizer_names(model_cfg: LMConfig, cfg: TrainConfig) -> list[str]:
+def _merged(parts) -> dict:
+    """Every pipeline stage's ``{layer: value}`` as one dict, in layer order."""
+    return dict(sorted(kv for part in parts for kv in part.items()))
+
+
+def _one_process_optimizer_names(model_cfg: LMConfig, cfg: TrainConfig) -> list[str]:
     """The names of the one-process optimizer's parameters, by index (built on the meta device)."""
+    from ..parallel.handle import optimizer_names
+
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in make_optimizer(model, cfg).param_groups for p in g["params"]]
+    return optimizer_names(model, make_optimizer(model, cfg))
 
 
 def _postfix(row: dict) -> dict:
