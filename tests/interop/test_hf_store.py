@@ -122,7 +122,8 @@ def test_a_float_folder_in_a_low_bit_store_equals_the_model_quantized_in_memory(
     x = ids()
     with torch.no_grad():
         assert torch.equal(mk(x).logits, ref(x).logits)
-        assert torch.equal(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits)
+        # one token: the model quantized in memory sums a layer's experts in one native call, the store one by one
+        torch.testing.assert_close(mk(x[:1, :1]).logits, ref(x[:1, :1]).logits, rtol=1e-5, atol=1e-6)
     s = store_stats(mk)
     assert s.misses > 0 and s.bytes_read == s.misses * expert_bytes(ref, torch.float32)  # float32 rows read
     assert sum(p.nbytes for p in expert_pools(mk)) == m.top_k * e_bytes  # held in the low-bit format

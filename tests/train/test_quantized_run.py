@@ -92,7 +92,8 @@ def _assert_same_model(model, full) -> None:
     idx = torch.randint(0, 257, (2, 20))
     with torch.no_grad():
         assert torch.equal(model(idx).logits, full(idx).logits)
-        assert torch.equal(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits)
+        # one token: the whole model sums a layer's experts in one native call, the store expert by expert
+        torch.testing.assert_close(model(idx[:1, :1]).logits, full(idx[:1, :1]).logits, rtol=1e-5, atol=1e-6)
     prompt = idx[:1, :4]
     assert torch.equal(model.generate(prompt, 12, temperature=0.0), full.generate(prompt, 12, temperature=0.0))
 

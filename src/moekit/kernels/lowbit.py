@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .threads import split_rows
+from . import native
+from .threads import active, split_rows
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
@@ -187,8 +188,13 @@ class LowBitWeight:
         return torch.stack([lo, hi], -1).reshape(self.data.shape[0], -1).to(torch.int32)
 
     def linear(self, x_RI: Tensor) -> Tensor:
-        """``x_RI @ w.T`` in ``x_RI``'s dtype (by row blocks on the threads of a
-        :func:`~moekit.kernels.threads.decode_threads` block)."""
+        """``x_RI @ w.T`` in ``x_RI``'s dtype: a few rows on the CPU by moekit's own kernels
+        (:mod:`~moekit.kernels.native`: float32 rows, rows split over torch's threads), else by
+        PyTorch's (by row blocks on the threads of a :func:`~moekit.kernels.threads.decode_threads` block)."""
+        if native.handles(self.fmt, x_RI, self.data):
+            n = active()  # inside decode_threads: its threads (torch's intra-op threads are 1 there)
+            scales = self.scales if self.fmt == "int8" else None
+            return native.linear(x_RI, self.data, scales, threads=n if n > 1 else None).to(x_RI.dtype)
         if self.fmt == "int4" and self.out_features % ROW_BLOCK:
             return self._linear(x_RI)
         y = split_rows(lambda a, b: self._rows(a, b)._linear(x_RI), self.out_features, self.nbytes, ROW_BLOCK)

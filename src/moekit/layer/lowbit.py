@@ -17,7 +17,7 @@ from typing import Optional, cast
 import torch
 from torch import Tensor, nn
 
-from ..kernels import as_dtype, compute_dtype
+from ..kernels import as_dtype, compute_dtype, native
 from ..kernels.lowbit import LowBitWeight, check_format
 from ..kernels.threads import split_sum
 from .experts import ACTIVATIONS, GATED, FeedForward, GroupedExperts, StackedExperts
@@ -115,6 +115,7 @@ class QuantizedExperts(StackedExperts):
         self.kind = kind
         self.num_experts, self.dim, self.hidden_dim = len(ups), ups[0].in_features, downs[0].in_features
         self._act = ACTIVATIONS[kind]
+        self._table: Optional[native.ExpertTable] = None  # the native kernels' addresses, made on first use
 
     @classmethod
     def of(cls, experts: GroupedExperts, formats: Sequence[str], group_size: int = 64) -> QuantizedExperts:
@@ -168,8 +169,41 @@ class QuantizedExperts(StackedExperts):
     def few_slots(
         self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor] = None
     ) -> Tensor:
-        """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, each chosen expert once."""
+        """``into_TD + sum_k weights_TK * expert_k(x)`` for a few tokens, each chosen expert once;
+        one float32 token whose chosen experts the native kernels hold takes one call of them."""
+        if x_TD.shape[0] == 1 and x_TD.dtype == torch.float32 and x_TD.device.type == "cpu" and native.available():
+            y_TD = self._native_token(x_TD, experts_TK, weights_TK, into_TD)
+            if y_TD is not None:
+                return y_TD
         return experts_on_tokens(self.expert, self.num_experts, self.dim, x_TD, experts_TK, weights_TK, into_TD)
+
+    def _native_token(
+        self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor]
+    ) -> Optional[Tensor]:
+        """:meth:`few_slots` for one float32 token in one call of the native kernels; None when one
+        of its experts is in a format they do not compute (int4), or while compiling."""
+        jobs = [(e, w) for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()) if e < self.num_experts]
+        ids = [e for e, _ in jobs]
+        table = self._native_table(ids)
+        if table is None or torch.compiler.is_compiling():
+            return None
+        out_TD = x_TD.new_zeros(1, self.dim) if into_TD is None else as_dtype(into_TD, torch.float32)
+        out_D = out_TD.reshape(-1) if out_TD.is_contiguous() else out_TD.new_zeros(self.dim)
+        native.experts(table, ids, [w for _, w in jobs], x_TD[0], self.hidden_dim, self.kind, out_D)
+        return out_TD if out_D.data_ptr() == out_TD.data_ptr() else out_TD.add_(out_D)
+
+    def _native_table(self, ids: list[int]) -> Optional[native.ExpertTable]:
+        """The native kernels' table of these experts' tensors (remade when any of ``ids``' buffers
+        was replaced, e.g. by ``.to()``), or None when one of ``ids`` is not in a native format."""
+        t, ups, downs = self._table, self.up._modules, self.down._modules
+        if t is None or not all(
+            cast(LowBitTensors, ups[str(e)])._buffers["data"] is t.tensors[e][0]
+            and cast(LowBitTensors, downs[str(e)])._buffers["data"] is t.tensors[e][2]
+            for e in ids
+        ):
+            ws = list(zip(self.ups, self.downs))
+            t = self._table = native.ExpertTable([(u.fmt, u.data, u.scales, d.data, d.scales) for u, d in ws])
+        return t if all(t.native[e] >= 0 for e in ids) else None
 
 
 ExpertFn = Callable[[int, Tensor], Tensor]  # (expert, rows) -> that expert's output on the rows

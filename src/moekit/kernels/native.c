@@ -1,0 +1,335 @@
+/* moekit's CPU GEMV kernels for decoding: y = alpha * x @ W^T (+ y), W (O, I) row-major in one of
+ * fp32, fp16, bf16 or int8 (symmetric per output row, bf16 scales), x float32 (R, I), y float32 (R, O).
+ *
+ * Why they exist (benchmarks/RESULTS.md, "Native decode kernels"): at batch 1 PyTorch's CPU kernels
+ * read these weights at 6-9 GB/s (int8, `_weight_int8pack_mm`) and 10-18 GB/s (16-bit), where the
+ * memory gives ~22 GB/s to one core. Each weight row is streamed once, front to back, while every
+ * row of x is dotted with it from L1; rows are split between the OpenMP threads of the process
+ * (PyTorch's own runtime: this library is loaded after torch, so `libgomp.so.1` is torch's).
+ *
+ * int8 (llama.cpp's Q8_0 dot products use the same VNNI instruction): each row of x is written as
+ * s1 * (u1 - 128) + s2 * (u2 - 128) with u1, u2 unsigned bytes, the second level holding the first's
+ * rounding error, so x keeps ~15 bits (relative error ~1e-5 of max|x|, against bf16's 2^-9 that
+ * PyTorch's int8 kernel rounds x to). The dot of one level is sum(u * w) - 128 * sum(w) in int32,
+ * exact; sum(w) is taken in the same pass (one more VNNI product: measured free, the loop waits on
+ * memory). Without AVX-512 VNNI the same arithmetic runs in portable C.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if !defined(MK_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#define MK_AVX512 1
+#include <immintrin.h>
+#endif
+
+enum { MK_F32 = 0, MK_F16 = 1, MK_BF16 = 2, MK_I8 = 3 };
+#define MK_PAR_BYTES (1 << 18) /* a weight smaller than this is read by one thread */
+#define MK_ROWS 16             /* output rows per scheduled block */
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) { /* subnormal: normalise */
+        int e = -1;
+        do {
+            e++;
+            man <<= 1;
+        } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- one weight row against R rows of x --------------------------------------------------- */
+
+#ifdef MK_AVX512
+static inline __m512 ld16(int fmt, const void *w, int64_t i, __mmask16 m) {
+    switch (fmt) {
+    case MK_F32:
+        return _mm512_maskz_loadu_ps(m, (const float *)w + i);
+    case MK_F16:
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i));
+    default: /* MK_BF16 */
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)w + i)), 16));
+    }
+}
+
+static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= I; i += 64) {
+        a0 = _mm512_fmadd_ps(ld16(fmt, w, i, 0xffff), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(ld16(fmt, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(ld16(fmt, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(ld16(fmt, w, i + 48, 0xffff), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i < I; i += 16) {
+        __mmask16 m = I - i >= 16 ? 0xffff : (__mmask16)((1u << (I - i)) - 1);
+        a0 = _mm512_fmadd_ps(ld16(fmt, w, i, m), _mm512_maskz_loadu_ps(m, x + i), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+/* sum(u1 * w), sum(u2 * w) and sum(w) over one row, int32 (exact) */
+static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2,
+                   int32_t *ws) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a, e = a, f = a;
+    int64_t i = 0;
+    for (; i + 128 <= I; i += 128) {
+        __m512i v0 = _mm512_loadu_si512(w + i), v1 = _mm512_loadu_si512(w + i + 64);
+        a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(u1 + i), v0);
+        b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(u1 + i + 64), v1);
+        c = _mm512_dpbusd_epi32(c, _mm512_loadu_si512(u2 + i), v0);
+        d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(u2 + i + 64), v1);
+        e = _mm512_dpbusd_epi32(e, ones, v0);
+        f = _mm512_dpbusd_epi32(f, ones, v1);
+    }
+    for (; i < I; i += 64) {
+        __mmask64 m = I - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (I - i)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi8(m, w + i);
+        a = _mm512_dpbusd_epi32(a, _mm512_maskz_loadu_epi8(m, u1 + i), v);
+        c = _mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(m, u2 + i), v);
+        e = _mm512_dpbusd_epi32(e, ones, v);
+    }
+    *d1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+    *d2 = _mm512_reduce_add_epi32(_mm512_add_epi32(c, d));
+    *ws = _mm512_reduce_add_epi32(_mm512_add_epi32(e, f));
+}
+#else
+static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
+    float acc[16] = {0};
+    for (int64_t i0 = 0; i0 < I; i0 += 16) {
+        int64_t n = I - i0 < 16 ? I - i0 : 16;
+        for (int64_t j = 0; j < n; j++) {
+            int64_t i = i0 + j;
+            float v = fmt == MK_F32   ? ((const float *)w)[i]
+                      : fmt == MK_F16 ? f16_to_f32(((const uint16_t *)w)[i])
+                                      : bf16_to_f32(((const uint16_t *)w)[i]);
+            acc[j] += v * x[i];
+        }
+    }
+    float s = 0;
+    for (int j = 0; j < 16; j++)
+        s += acc[j];
+    return s;
+}
+
+static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2,
+                   int32_t *ws) {
+    int32_t a = 0, c = 0, e = 0;
+    for (int64_t i = 0; i < I; i++) {
+        a += (int32_t)u1[i] * w[i];
+        c += (int32_t)u2[i] * w[i];
+        e += w[i];
+    }
+    *d1 = a;
+    *d2 = c;
+    *ws = e;
+}
+#endif
+
+/* x = s1 * (u1 - 128) + s2 * (u2 - 128), the second level holding the first's rounding error */
+static void quantize_row(const float *x, int64_t I, uint8_t *u1, uint8_t *u2, float *s1, float *s2) {
+    float m1 = 0, m2 = 0;
+    for (int64_t i = 0; i < I; i++)
+        m1 = fmaxf(m1, fabsf(x[i]));
+    *s1 = m1 / 127.0f;
+    float inv1 = m1 > 0 ? 127.0f / m1 : 0.0f;
+    for (int64_t i = 0; i < I; i++) {
+        float q = nearbyintf(x[i] * inv1);
+        u1[i] = (uint8_t)(q + 128.0f);
+        m2 = fmaxf(m2, fabsf(x[i] - q * *s1));
+    }
+    *s2 = m2 / 127.0f;
+    float inv2 = m2 > 0 ? 127.0f / m2 : 0.0f;
+    for (int64_t i = 0; i < I; i++) {
+        float q = nearbyintf((x[i] - (u1[i] - 128.0f) * *s1) * inv2);
+        q = fminf(127.0f, fmaxf(-127.0f, q));
+        u2[i] = (uint8_t)(q + 128.0f);
+    }
+}
+
+static inline void put(float *y, float v, float alpha, int accumulate) { *y = accumulate ? *y + alpha * v : alpha * v; }
+
+/* ---- the entry points ------------------------------------------------------------------------ */
+
+static int threads_for(int threads, int64_t nbytes, int64_t O) {
+    if (threads < 1 || nbytes < MK_PAR_BYTES)
+        return 1;
+    int64_t blocks = (O + MK_ROWS - 1) / MK_ROWS;
+    return blocks < threads ? (int)blocks : threads;
+}
+
+/* fmt: MK_F32, MK_F16 or MK_BF16. x (R, I), w (O, I), y (R, O) */
+void mk_linear_float(int fmt, const float *x, int64_t R, int64_t I, const void *w, int64_t O, float *y, float alpha,
+                     int accumulate, int threads) {
+    size_t esize = fmt == MK_F32 ? 4 : 2;
+    int nt = threads_for(threads, O * I * (int64_t)esize, O);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t o0 = 0; o0 < O; o0 += MK_ROWS) {
+        int64_t o1 = o0 + MK_ROWS < O ? o0 + MK_ROWS : O;
+        for (int64_t o = o0; o < o1; o++) {
+            const char *wo = (const char *)w + (size_t)o * I * esize;
+            for (int64_t r = 0; r < R; r++)
+                put(y + r * O + o, dot_float(fmt, wo, x + r * I, I), alpha, accumulate);
+        }
+    }
+}
+
+/* int8 weights: w (O, I), scale (O,) bf16 bits; I at most 32768 (int32 sums) */
+void mk_linear_int8(const float *x, int64_t R, int64_t I, const int8_t *w, const uint16_t *scale, int64_t O, float *y, float alpha, int accumulate, int threads) {
+    uint8_t *u = (uint8_t *)malloc((size_t)(2 * R * I + 128));
+    float *s = (float *)malloc((size_t)(2 * R) * sizeof(float));
+    if (!u || !s) { /* out of memory: leave y as NaN rather than a silent wrong answer */
+        for (int64_t k = 0; k < R * O; k++)
+            y[k] = NAN;
+        free(u);
+        free(s);
+        return;
+    }
+    for (int64_t r = 0; r < R; r++)
+        quantize_row(x + r * I, I, u + 2 * r * I, u + (2 * r + 1) * I, s + 2 * r, s + 2 * r + 1);
+    int nt = threads_for(threads, O * I, O);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t o0 = 0; o0 < O; o0 += MK_ROWS) {
+        int64_t o1 = o0 + MK_ROWS < O ? o0 + MK_ROWS : O;
+        for (int64_t o = o0; o < o1; o++) {
+            float so = bf16_to_f32(scale[o]);
+            for (int64_t r = 0; r < R; r++) {
+                int32_t d1, d2, ws;
+                dot_u8(w + (size_t)o * I, u + 2 * r * I, u + (2 * r + 1) * I, I, &d1, &d2, &ws);
+                float v = ((float)(d1 - 128 * ws) * s[2 * r] + (float)(d2 - 128 * ws) * s[2 * r + 1]) * so;
+                put(y + r * O + o, v, alpha, accumulate);
+            }
+        }
+    }
+    free(u);
+    free(s);
+}
+
+/* ---- a layer's chosen experts in one call ------------------------------------------------------- */
+
+enum { MK_SWIGLU = 0, MK_GEGLU = 1, MK_GELU = 2, MK_RELU = 3 };
+
+static inline float act1(int act, float g) {
+    switch (act) {
+    case MK_SWIGLU:
+        return g / (1.0f + expf(-g));
+    case MK_GEGLU:
+        return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    case MK_GELU:
+        return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+    default:
+        return g > 0 ? g : 0.0f;
+    }
+}
+
+/* row o of weight (data, scale) in fmt against x, or its int8 form (u1, u2, s1, s2) */
+static float row_dot(int fmt, const void *data, const uint16_t *scale, int64_t o, int64_t I, const float *x,
+                     const uint8_t *u, const float *s) {
+    if (fmt == MK_I8) {
+        int32_t d1, d2, ws;
+        dot_u8((const int8_t *)data + (size_t)o * I, u, u + I, I, &d1, &d2, &ws);
+        return ((float)(d1 - 128 * ws) * s[0] + (float)(d2 - 128 * ws) * s[1]) * bf16_to_f32(scale[o]);
+    }
+    size_t esize = fmt == MK_F32 ? 4 : 2;
+    return dot_float(fmt, (const char *)data + (size_t)o * I * esize, x, I);
+}
+
+/* out (D) += sum_k alpha[k] * down_k(act(up_k x)) for the experts ids[0..K): table (E, 4) holds each
+ * expert's up data (H, D), up scales (H) or 0, down data (D, F), down scales (D) or 0, each in fmt[e]
+ * (MK_F32 ... MK_I8); H = 2F (rows [gate | up]) when gated. Three phases over the threads: every
+ * up row of every expert; the activations; then out's rows, each summing over the experts. */
+void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids, const float *alpha, int64_t K,
+                const float *x, int64_t D, int64_t F, int act, int gated, float *out, int threads) {
+    int64_t H = gated ? 2 * F : F, wide = D > F ? D : F;
+    float *h = (float *)malloc((size_t)(K * H + K * F) * sizeof(float)), *a = h + K * H;
+    uint8_t *u = (uint8_t *)malloc((size_t)(2 * D + 2 * K * F + 128));
+    float *s = (float *)malloc((size_t)(2 + 2 * K) * sizeof(float));
+    if (!h || !u || !s) {
+        for (int64_t o = 0; o < D; o++)
+            out[o] = NAN;
+        free(h);
+        free(u);
+        free(s);
+        return;
+    }
+    uint8_t *ua = u + 2 * D;
+    quantize_row(x, D, u, u + D, s, s + 1);
+    int64_t bytes = 0;
+    for (int64_t k = 0; k < K; k++)
+        bytes += (H + D) * F * (fmt[ids[k]] == MK_I8 ? 1 : fmt[ids[k]] == MK_F32 ? 4 : 2);
+    int nt = threads_for(threads, bytes, K * wide);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (K * H + MK_ROWS - 1) / MK_ROWS; b++) {
+            for (int64_t i = b * MK_ROWS; i < K * H && i < (b + 1) * MK_ROWS; i++) {
+                int64_t k = i / H, e = ids[k];
+                const int64_t *t = table + 4 * e;
+                h[i] = row_dot(fmt[e], (const void *)t[0], (const uint16_t *)t[1], i - k * H, D, x, u, s);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < K; k++) {
+            const float *hk = h + k * H;
+            float *ak = a + k * F;
+            for (int64_t j = 0; j < F; j++)
+                ak[j] = gated ? act1(act, hk[j]) * hk[F + j] : act1(act, hk[j]);
+            if (fmt[ids[k]] == MK_I8)
+                quantize_row(ak, F, ua + 2 * k * F, ua + (2 * k + 1) * F, s + 2 + 2 * k, s + 3 + 2 * k);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (D + MK_ROWS - 1) / MK_ROWS; b++) {
+            for (int64_t o = b * MK_ROWS; o < D && o < (b + 1) * MK_ROWS; o++) {
+                float acc = 0;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t *t = table + 4 * ids[k];
+                    acc += alpha[k] * row_dot(fmt[ids[k]], (const void *)t[2], (const uint16_t *)t[3], o, F, a + k * F,
+                                              ua + 2 * k * F, s + 2 + 2 * k);
+                }
+                out[o] += acc;
+            }
+        }
+    }
+    free(h);
+    free(u);
+    free(s);
+}
+
+/* 1 when built with the AVX-512 VNNI kernels, 0 for the portable C ones */
+int mk_vectorized(void) {
+#ifdef MK_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int mk_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

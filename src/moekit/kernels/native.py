@@ -1,0 +1,275 @@
+"""moekit's own CPU GEMV kernels for decoding (``native.c``): a few rows of float32 activations
+against one ``(out, in)`` weight in fp32, fp16, bf16 or int8, built from source on first use with
+the machine's C compiler and loaded with :mod:`ctypes`.
+
+Why a kernel of moekit's own (benchmarks/RESULTS.md, "Native decode kernels"): at batch 1
+PyTorch's int8 CPU kernel (``_weight_int8pack_mm``) reads ~8 GB/s and its 16-bit GEMVs 10-18
+GB/s on this project's CPU, where one core reads ~22 GB/s; fbgemm's dynamic int8 linear and
+``torch._int_mm`` were measured and are no answer (deprecated, or no faster). These kernels stream
+each weight row once (int8 through AVX-512 VNNI, as llama.cpp's Q8_0 does) and split rows between
+PyTorch's own OpenMP threads.
+
+Built with ``-O3 -march=native -fopenmp`` into ``$MOEKIT_CACHE_DIR`` (default
+``~/.cache/moekit``), keyed by the source, the compiler and the CPU; ``$CC`` names the compiler.
+When no compiler works, or ``MOEKIT_NATIVE=0``, :func:`available` is False and callers keep
+PyTorch's kernels (the same results to rounding).
+
+Shape legend: R rows, I input features, O output features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FORMATS = ("fp32", "fp16", "bf16", "int8")
+MAX_ROWS = 8  # more rows than this go to PyTorch's kernels (a GEMM, not a GEMV)
+MAX_INT8_IN = 32768  # the int8 kernel sums in int32
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_checked = False
+ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}
+GATED_CODES = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
+_tried: dict[tuple[str, ...], Optional[ctypes.CDLL]] = {}
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return os.uname().machine + flags
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$MOEKIT_CACHE_DIR``, else ``~/.cache/moekit`` (a temporary
+    folder when that cannot be written)."""
+    if "MOEKIT_CACHE_DIR" in os.environ:
+        return Path(os.environ["MOEKIT_CACHE_DIR"])
+    home = Path.home() / ".cache" / "moekit"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"moekit-{os.getuid()}"
+
+
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library built from :data:`SOURCE` with ``flags`` (once per source, compiler, flags
+    and CPU; written to a temporary name then renamed, so concurrent builders never load half a file).
+    RuntimeError with the compiler's message when it fails."""
+    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=False).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_key().encode()]))
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"native-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([_compiler(), *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"building {SOURCE.name} with {_compiler()} failed:\n{done.stderr.strip()}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(flags: tuple[str, ...] = FLAGS) -> Optional[ctypes.CDLL]:
+    """The kernels built with ``flags``, or None (with one warning) when they cannot be built."""
+    with _lock:
+        if flags not in _tried:
+            try:
+                lib = ctypes.CDLL(str(build(flags)))
+            except (OSError, RuntimeError) as e:
+                warnings.warn(f"moekit's native CPU kernels are off ({e}); PyTorch's kernels are used", stacklevel=2)
+                lib = None
+            if lib is not None:
+                _declare(lib)
+            _tried[flags] = lib
+        return _tried[flags]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.mk_linear_float.argtypes = [i32, p, i64, i64, p, i64, p, f32, i32, i32]
+    lib.mk_linear_int8.argtypes = [p, i64, i64, p, p, i64, p, f32, i32, i32]
+    lib.mk_experts.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32, p, i32]
+    lib.mk_linear_float.restype = lib.mk_linear_int8.restype = lib.mk_experts.restype = None
+    lib.mk_vectorized.restype = lib.mk_max_threads.restype = i32
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The kernels for this process (None when off: ``MOEKIT_NATIVE=0``, or no working compiler;
+    both read once)."""
+    global _lib, _checked
+    if not _checked:
+        _lib = None if os.environ.get("MOEKIT_NATIVE", "1") == "0" else load()
+        _checked = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernels run in this process."""
+    return library() is not None
+
+
+def handles(fmt: str, x_RI: Tensor, w_OI: Tensor) -> bool:
+    """Whether :func:`linear` computes this product: on the CPU, outside ``torch.compile``, at
+    most :data:`MAX_ROWS` rows, ``fmt`` in :data:`FORMATS`, and the kernels built."""
+    return (
+        fmt in FORMATS
+        and x_RI.device.type == "cpu"
+        and w_OI.device.type == "cpu"
+        and x_RI.dim() == 2
+        and 0 < x_RI.shape[0] <= MAX_ROWS
+        and not (fmt == "int8" and w_OI.shape[1] > MAX_INT8_IN)
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def linear(
+    x_RI: Tensor,
+    w_OI: Tensor,
+    scales_O: Optional[Tensor] = None,
+    out_RO: Optional[Tensor] = None,
+    alpha: float = 1.0,
+    threads: Optional[int] = None,
+    lib: Optional[ctypes.CDLL] = None,
+) -> Tensor:
+    """``alpha * x_RI @ w_OI.T`` in float32 (added to ``out_RO`` in place when given). ``w_OI``:
+    float32, float16 or bfloat16, or int8 with ``scales_O`` (bfloat16, one per output row: the
+    weight is ``w_OI * scales_O[:, None]``). ``threads``: default torch's intra-op threads."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    if x_RI.dim() != 2 or w_OI.dim() != 2 or x_RI.shape[1] != w_OI.shape[1]:
+        shapes = f"{tuple(x_RI.shape)} and {tuple(w_OI.shape)}"
+        raise ValueError(f"x_RI (R, I) and w_OI (O, I) must agree in I; got {shapes}")
+    rows, (n_out, n_in) = x_RI.shape[0], w_OI.shape
+    x_RI = x_RI.detach().float().contiguous()
+    w_OI = w_OI.detach().contiguous()
+    if out_RO is None:
+        y_RO, accumulate = torch.empty(rows, n_out), 0
+    else:
+        if out_RO.shape != (rows, n_out) or out_RO.dtype != torch.float32 or not out_RO.is_contiguous():
+            got = f"{out_RO.dtype} {tuple(out_RO.shape)}"
+            raise ValueError(f"out_RO must be a contiguous float32 ({rows}, {n_out}); got {got}")
+        y_RO, accumulate = out_RO, 1
+    n = torch.get_num_threads() if threads is None else threads
+    x, y = x_RI.data_ptr(), y_RO.data_ptr()
+    if w_OI.dtype == torch.int8:
+        if scales_O is None or scales_O.dtype != torch.bfloat16 or scales_O.shape != (n_out,):
+            raise ValueError("an int8 weight needs scales_O: bfloat16, one per output row")
+        if n_in > MAX_INT8_IN:
+            raise ValueError(f"the int8 kernel takes at most {MAX_INT8_IN} input features; got {n_in}")
+        s = scales_O.contiguous().data_ptr()
+        lib.mk_linear_int8(x, rows, n_in, w_OI.data_ptr(), s, n_out, y, alpha, accumulate, n)
+    elif w_OI.dtype in FLOAT_CODES:
+        lib.mk_linear_float(FLOAT_CODES[w_OI.dtype], x, rows, n_in, w_OI.data_ptr(), n_out, y, alpha, accumulate, n)
+    else:
+        raise ValueError(f"w_OI must be float32, float16, bfloat16 or int8; got {w_OI.dtype}")
+    return y_RO
+
+
+def format_code(fmt: str) -> int:
+    """The kernels' code of a weight format (-1: not theirs, e.g. int4)."""
+    return {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}.get(fmt, -1)
+
+
+class ExpertTable:
+    """Each expert's (up data, up scales, down data, down scales) addresses and format code, for
+    :func:`experts`: made from the tensors themselves, which it keeps (so the addresses stay valid)."""
+
+    def __init__(self, parts: list[tuple[str, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]):
+        self.tensors = [p[1:] for p in parts]
+        rows = []
+        codes = []
+        for fmt, up, up_s, down, down_s in parts:
+            ok = all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in (up, up_s, down, down_s))
+            ok = ok and not (fmt == "int8" and max(up.shape[1], down.shape[1]) > MAX_INT8_IN)
+            codes.append(format_code(fmt) if ok else -1)
+            rows.append([0 if t is None else t.data_ptr() for t in (up, up_s, down, down_s)])
+        self.table_E4 = torch.tensor(rows, dtype=torch.int64)
+        self.codes_E = torch.tensor(codes, dtype=torch.int32)
+        self.native = codes  # per expert: whether the kernels compute it (>= 0)
+
+
+def experts(
+    table: ExpertTable,
+    ids: list[int],
+    alphas: list[float],
+    x_D: Tensor,
+    hidden_dim: int,
+    kind: str,
+    out_D: Tensor,
+    threads: Optional[int] = None,
+) -> Tensor:
+    """``out_D += sum_k alphas[k] * expert_{ids[k]}(x_D)`` in one call (float32, one token): each
+    expert's up projection, activation ``kind`` and down projection, the rows of all of them split
+    over torch's threads. Every expert in ``ids`` must be native (``table.native[e] >= 0``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    if out_D.dtype != torch.float32 or not out_D.is_contiguous() or x_D.shape != out_D.shape:
+        raise ValueError("out_D must be a contiguous float32 tensor of x_D's shape")
+    x_D = x_D.detach().float().contiguous()
+    ids_K = torch.tensor(ids, dtype=torch.int64)
+    a_K = torch.tensor(alphas, dtype=torch.float32)
+    n = torch.get_num_threads() if threads is None else threads
+    lib.mk_experts(
+        table.table_E4.data_ptr(),
+        table.codes_E.data_ptr(),
+        ids_K.data_ptr(),
+        a_K.data_ptr(),
+        len(ids),
+        x_D.data_ptr(),
+        x_D.shape[-1],
+        hidden_dim,
+        ACT_CODES[kind],
+        int(GATED_CODES[kind]),
+        out_D.data_ptr(),
+        n,
+    )
+    return out_D
+
+
+__all__ = [
+    "ExpertTable",
+    "experts",
+    "format_code",
+    "FORMATS",
+    "MAX_ROWS",
+    "available",
+    "build",
+    "cache_dir",
+    "handles",
+    "library",
+    "linear",
+    "load",
+]
