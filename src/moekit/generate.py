@@ -197,8 +197,9 @@ def generate_text(
     format (:data:`moekit.kernels.lowbit.FORMATS`) for the linear maps, experts included unless
     ``expert_dtype`` names theirs (a format, or ``auto``: chosen per expert from routing within
     ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`. With
-    ``compile``, ``dtype`` may only be fp32, fp16 or bf16: the whole model is cast (compiled
-    16-bit decoding reads the stacked experts; benchmarks/RESULTS.md).
+    ``compile``, ``dtype`` fp32, fp16 or bf16 alone casts the whole model (compiled 16-bit
+    decoding reads the stacked experts); int8, and any ``expert_dtype``, quantize as without it and
+    compile around moekit's native CPU kernels (int4 and ``auto`` decode eagerly; benchmarks/RESULTS.md).
     ``threads``: torch's intra-op threads. ``expert_parallel``: this process is one of that many
     (torchrun) holding the experts between them (:func:`load_expert_parallel`); every one returns
     the same text."""
@@ -223,7 +224,7 @@ def generate_text(
             expert_dtype=expert_dtype if expert_memory is not None else None,
         )
     precision = None
-    if compile and dtype in CAST_DTYPES:  # the stacked experts stay: the compiled gather reads them in place
+    if compile and dtype in CAST_DTYPES and expert_dtype is None:  # the compiled gather reads the stacked experts
         net.to(CAST_DTYPES[dtype])
         precision = f"{dtype} (the whole model cast, compiled)"
     elif dtype is not None or expert_dtype is not None:
@@ -292,10 +293,17 @@ def check_precision(
     if torch.device(device).type != "cpu":
         raise ValueError(f"{names[0]} / {names[1]}: the low-bit kernels are PyTorch's CPU ones; got device {device!r}")
     if compile and (expert_dtype is not None or dtype not in CAST_DTYPES):
-        raise ValueError(
-            f"{names[0]} / {names[1]} decode eagerly on PyTorch's low-bit CPU kernels: leave out compile "
-            f"(compiled decoding takes {names[0]} {' or '.join(CAST_DTYPES)}: the whole model cast)"
-        )
+        from .kernels import native
+        from .kernels.lowbit import parse_format
+
+        given = [f for f in (dtype, expert_dtype) if f is not None]
+        if not native.available() or any(f == "auto" or parse_format(f)[0] not in native.FORMATS for f in given):
+            raise ValueError(
+                f"{names[0]} / {names[1]} {' / '.join(given)} decode eagerly: leave out compile (compiled "
+                f"decoding takes formats moekit's native CPU kernels compute, {', '.join(native.FORMATS)}"
+                + ("" if native.available() else ", and those are not built here: no C compiler")
+                + ")"
+            )
 
 
 def check_expert_parallel_decoding(expert_memory, dtype, expert_dtype, compile: bool) -> None:

@@ -53,8 +53,8 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         (["--dtype", "int3"], "--dtype must be one of"),
         (["--expert-dtype", "fp8"], "--expert-dtype must be one of"),
         (["--expert-dtype", "auto", "--expert-bits", "0.5"], "--expert-bits must be in [1, 32]"),
-        (["--dtype", "int8", "--compile"], "leave out compile"),
-        (["--expert-dtype", "fp16", "--compile"], "the whole model cast"),
+        (["--dtype", "int4", "--compile"], "int4 decode eagerly: leave out compile"),
+        (["--expert-dtype", "auto", "--compile"], "auto decode eagerly: leave out compile"),
         (["--expert-dtype", "auto", "--expert-memory", "1GB"], "quantize first (moekit convert --run RUN"),
         (["--expert-dtype", "int8", "--model", "dense"], "is dense"),
         (["--threads", "0"], "--threads"),
@@ -76,6 +76,24 @@ def test_compiled_generate_casts_the_whole_model_to_16_bits(run, capsys):
     ids = torch.tensor([tok.encode("def f")])
     eager = tok.decode(net.generate(ids, 8, temperature=0.0)[0].tolist())
     assert compiled.strip() == eager.strip(), (compiled, eager)
+
+
+def test_compiled_generate_on_int8_weights_says_what_eager_says(run, capsys):
+    """`--dtype int8 --compile`: the model quantized as without compile, its decode step compiled
+    around moekit's native kernels (operators in the graph); the greedy text equals eager int8's."""
+    argv = ["generate", "--run", run, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(argv + ["--dtype", "int8", "--threads", "1"]) == 0
+    eager, _ = capsys.readouterr()
+    assert main(argv + ["--dtype", "int8", "--compile", "--threads", "1"]) == 0
+    compiled, err = capsys.readouterr()
+    assert "int8" in err and compiled.strip() == eager.strip(), (compiled, eager)
+
+
+def test_compiled_decoding_refuses_weights_the_native_kernels_do_not_compute(run):
+    net, _ = load_run_model(run, "moe")
+    quantize_model(net, "int4:32")
+    with pytest.raises(ValueError, match="holds int4:32 weights: decode it without compile"):
+        net.generate(torch.tensor([[1, 2]]), 2, temperature=0.0, compile=True)
 
 
 def test_convert_refuses_an_existing_folder_and_a_bad_format(run, tmp_path, capsys):

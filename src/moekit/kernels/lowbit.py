@@ -192,8 +192,8 @@ class LowBitWeight:
         (:mod:`~moekit.kernels.native`: float32 rows, rows split over torch's threads), else by
         PyTorch's (by row blocks on the threads of a :func:`~moekit.kernels.threads.decode_threads` block)."""
         if native.handles(self.fmt, x_RI, self.data):
-            n = active()  # inside decode_threads: its threads (torch's intra-op threads are 1 there)
             scales = self.scales if self.fmt == "int8" else None
+            n = active()  # inside decode_threads: its threads (torch's intra-op threads are 1 there)
             return native.linear(x_RI, self.data, scales, threads=n if n > 1 else None).to(x_RI.dtype)
         if self.fmt == "int4" and self.out_features % ROW_BLOCK:
             return self._linear(x_RI)

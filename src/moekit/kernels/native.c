@@ -258,10 +258,18 @@ static float row_dot(int fmt, const void *data, const uint16_t *scale, int64_t o
 
 /* out (D) += sum_k alpha[k] * down_k(act(up_k x)) for the experts ids[0..K): table (E, 4) holds each
  * expert's up data (H, D), up scales (H) or 0, down data (D, F), down scales (D) or 0, each in fmt[e]
- * (MK_F32 ... MK_I8); H = 2F (rows [gate | up]) when gated. Three phases over the threads: every
+ * (MK_F32 ... MK_I8); H = 2F (rows [gate | up]) when gated; ids outside [0, E) are empty slots (at
+ * most 256 slots). Three phases over the threads: every
  * up row of every expert; the activations; then out's rows, each summing over the experts. */
-void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids, const float *alpha, int64_t K,
-                const float *x, int64_t D, int64_t F, int act, int gated, float *out, int threads) {
+void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids_in, const float *alpha_in, int64_t K_in,
+                int64_t E, const float *x, int64_t D, int64_t F, int act, int gated, float *out, int threads) {
+    int64_t ids[256], K = 0; /* the chosen slots that name an expert (id E: an empty slot) */
+    float alpha[256];
+    for (int64_t k = 0; k < K_in && K < 256; k++)
+        if (ids_in[k] >= 0 && ids_in[k] < E) {
+            ids[K] = ids_in[k];
+            alpha[K++] = alpha_in[k];
+        }
     int64_t H = gated ? 2 * F : F, wide = D > F ? D : F;
     float *h = (float *)malloc((size_t)(K * H + K * F) * sizeof(float)), *a = h + K * H;
     uint8_t *u = (uint8_t *)malloc((size_t)(2 * D + 2 * K * F + 128));
@@ -299,17 +307,20 @@ void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids, co
             if (fmt[ids[k]] == MK_I8)
                 quantize_row(ak, F, ua + 2 * k * F, ua + (2 * k + 1) * F, s + 2 + 2 * k, s + 3 + 2 * k);
         }
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < (D + MK_ROWS - 1) / MK_ROWS; b++) {
-            for (int64_t o = b * MK_ROWS; o < D && o < (b + 1) * MK_ROWS; o++) {
-                float acc = 0;
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t *t = table + 4 * ids[k];
-                    acc += alpha[k] * row_dot(fmt[ids[k]], (const void *)t[2], (const uint16_t *)t[3], o, F, a + k * F,
-                                              ua + 2 * k * F, s + 2 + 2 * k);
-                }
-                out[o] += acc;
-            }
+        /* out's rows in one contiguous range per thread, expert after expert: each thread streams
+         * its part of each down projection front to back (row by row across the experts reads 8
+         * interleaved streams: ~13 against ~20 GB/s); each row sums the experts in order */
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+        int64_t lo = D * tid / nth, hi = D * (tid + 1) / nth;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t *t = table + 4 * ids[k];
+            for (int64_t o = lo; o < hi; o++)
+                out[o] += alpha[k] * row_dot(fmt[ids[k]], (const void *)t[2], (const uint16_t *)t[3], o, F, a + k * F,
+                                             ua + 2 * k * F, s + 2 + 2 * k);
         }
     }
     free(h);

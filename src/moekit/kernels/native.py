@@ -118,7 +118,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.mk_linear_float.argtypes = [i32, p, i64, i64, p, i64, p, f32, i32, i32]
     lib.mk_linear_int8.argtypes = [p, i64, i64, p, p, i64, p, f32, i32, i32]
-    lib.mk_experts.argtypes = [p, p, p, p, i64, p, i64, i64, i32, i32, p, i32]
+    lib.mk_experts.argtypes = [p, p, p, p, i64, i64, p, i64, i64, i32, i32, p, i32]
     lib.mk_linear_float.restype = lib.mk_linear_int8.restype = lib.mk_experts.restype = None
     lib.mk_vectorized.restype = lib.mk_max_threads.restype = i32
 
@@ -139,7 +139,7 @@ def available() -> bool:
 
 
 def handles(fmt: str, x_RI: Tensor, w_OI: Tensor) -> bool:
-    """Whether :func:`linear` computes this product: on the CPU, outside ``torch.compile``, at
+    """Whether :func:`linear` (compiled: :func:`linear_op`) computes this product: on the CPU, at
     most :data:`MAX_ROWS` rows, ``fmt`` in :data:`FORMATS`, and the kernels built."""
     return (
         fmt in FORMATS
@@ -148,7 +148,6 @@ def handles(fmt: str, x_RI: Tensor, w_OI: Tensor) -> bool:
         and x_RI.dim() == 2
         and 0 < x_RI.shape[0] <= MAX_ROWS
         and not (fmt == "int8" and w_OI.shape[1] > MAX_INT8_IN)
-        and not torch.compiler.is_compiling()
         and available()
     )
 
@@ -218,45 +217,83 @@ class ExpertTable:
         self.table_E4 = torch.tensor(rows, dtype=torch.int64)
         self.codes_E = torch.tensor(codes, dtype=torch.int32)
         self.native = codes  # per expert: whether the kernels compute it (>= 0)
+        self.all_native = all(c >= 0 for c in codes)  # one value (a compiled step guards on it)
 
 
 def experts(
     table: ExpertTable,
-    ids: list[int],
-    alphas: list[float],
+    ids_K: Tensor,
+    alphas_K: Tensor,
     x_D: Tensor,
     hidden_dim: int,
     kind: str,
     out_D: Tensor,
     threads: Optional[int] = None,
 ) -> Tensor:
-    """``out_D += sum_k alphas[k] * expert_{ids[k]}(x_D)`` in one call (float32, one token): each
-    expert's up projection, activation ``kind`` and down projection, the rows of all of them split
-    over torch's threads. Every expert in ``ids`` must be native (``table.native[e] >= 0``)."""
+    """``out_D += sum_k alphas_K[k] * expert_{ids_K[k]}(x_D)`` in one call (float32, one token):
+    each expert's up projection, activation ``kind`` and down projection, the rows of all of them
+    split over torch's threads; ids outside ``[0, E)`` are empty slots. Every expert named must be
+    native (``table.native[e] >= 0``)."""
+    _experts_op(table.table_E4, table.codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads or 0)
+    return out_D
+
+
+@torch.library.custom_op("moekit::native_experts", mutates_args=("out_D",), device_types="cpu")
+def _experts_op(
+    table_E4: Tensor,
+    codes_E: Tensor,
+    ids_K: Tensor,
+    alphas_K: Tensor,
+    x_D: Tensor,
+    out_D: Tensor,
+    hidden_dim: int,
+    kind: str,
+    threads: int,
+) -> None:
     lib = library()
     if lib is None:
         raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
-    if out_D.dtype != torch.float32 or not out_D.is_contiguous() or x_D.shape != out_D.shape:
-        raise ValueError("out_D must be a contiguous float32 tensor of x_D's shape")
-    x_D = x_D.detach().float().contiguous()
-    ids_K = torch.tensor(ids, dtype=torch.int64)
-    a_K = torch.tensor(alphas, dtype=torch.float32)
-    n = torch.get_num_threads() if threads is None else threads
+    if out_D.dtype != torch.float32 or not out_D.is_contiguous() or x_D.shape != out_D.shape or x_D.dim() != 1:
+        raise ValueError("out_D must be a contiguous float32 vector of x_D's shape")
+    x = x_D.detach().float().contiguous()
+    ids = ids_K.to(torch.int64).contiguous()
+    a = alphas_K.to(torch.float32).contiguous()
+    if ids.numel() > 256 or ids.shape != a.shape:
+        raise ValueError(f"ids_K and alphas_K: one per slot, at most 256; got {tuple(ids.shape)}, {tuple(a.shape)}")
+    n = threads or torch.get_num_threads()
+    E = table_E4.shape[0]
     lib.mk_experts(
-        table.table_E4.data_ptr(),
-        table.codes_E.data_ptr(),
-        ids_K.data_ptr(),
-        a_K.data_ptr(),
-        len(ids),
-        x_D.data_ptr(),
-        x_D.shape[-1],
+        table_E4.data_ptr(),
+        codes_E.data_ptr(),
+        ids.data_ptr(),
+        a.data_ptr(),
+        ids.numel(),
+        E,
+        x.data_ptr(),
+        x.shape[0],
         hidden_dim,
         ACT_CODES[kind],
         int(GATED_CODES[kind]),
         out_D.data_ptr(),
         n,
     )
-    return out_D
+
+
+@_experts_op.register_fake
+def _(table_E4, codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads) -> None:
+    return None
+
+
+@torch.library.custom_op("moekit::native_linear", mutates_args=(), device_types="cpu")
+def linear_op(x_RI: Tensor, w_OI: Tensor, scales_O: Optional[Tensor], threads: int) -> Tensor:
+    """:func:`linear` as a PyTorch operator (so ``torch.compile`` calls it inside a graph);
+    ``threads`` 0: torch's intra-op threads."""
+    return linear(x_RI, w_OI, scales_O, threads=threads or None)
+
+
+@linear_op.register_fake
+def _(x_RI, w_OI, scales_O, threads):
+    return x_RI.new_empty(x_RI.shape[0], w_OI.shape[0], dtype=torch.float32)
 
 
 __all__ = [

@@ -46,6 +46,14 @@ class LowBitTensors(nn.Module):
             self._view = (key, LowBitWeight(self.fmt, self.data, self.scales, self.zeros, self.group_size))
         return self._view[1]
 
+    def linear(self, x_RI: Tensor) -> Tensor:
+        """``x_RI @ w.T`` (:meth:`LowBitWeight.linear`); compiled, the native kernels' operator on
+        the buffers themselves (the eager check of :meth:`weight` compares addresses)."""
+        if torch.compiler.is_compiling() and native.handles(self.fmt, x_RI, self.data):
+            scales = self.scales if self.fmt == "int8" else None
+            return native.linear_op(x_RI, self.data, scales, 0).to(x_RI.dtype)
+        return self.weight().linear(x_RI)
+
     @property
     def name(self) -> str:
         return self.weight().name
@@ -72,7 +80,7 @@ class LowBitLinear(nn.Module):
         return cls(LowBitWeight.quantize(linear.weight, fmt, group_size), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.q.weight().linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        y = self.q.linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -96,7 +104,7 @@ class LowBitFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x_RD = x.reshape(-1, x.shape[-1])
-        y_RD = self.down.weight().linear(self._act(self.up.weight().linear(x_RD)))
+        y_RD = self.down.linear(self._act(self.up.linear(x_RD)))
         return y_RD.reshape(*x.shape[:-1], self.dim)
 
 
@@ -177,33 +185,62 @@ class QuantizedExperts(StackedExperts):
                 return y_TD
         return experts_on_tokens(self.expert, self.num_experts, self.dim, x_TD, experts_TK, weights_TK, into_TD)
 
+    def prepare_decoding_(self) -> QuantizedExperts:
+        """Make the native kernels' table now (a compiled decode step only reads it)."""
+        if native.available():
+            self._native_table([])
+        return self
+
     def _native_token(
         self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, into_TD: Optional[Tensor]
     ) -> Optional[Tensor]:
-        """:meth:`few_slots` for one float32 token in one call of the native kernels; None when one
-        of its experts is in a format they do not compute (int4), or while compiling."""
-        jobs = [(e, w) for e, w in zip(experts_TK[0].tolist(), weights_TK[0].tolist()) if e < self.num_experts]
-        ids = [e for e, _ in jobs]
+        """:meth:`few_slots` for one float32 token in one call of the native kernels (the ids stay
+        on the tensor: compiled, the call stays in the graph); None when an expert it needs is in a
+        format they do not compute (int4): eagerly the token's experts, compiled every expert."""
+        ids = None if torch.compiler.is_compiling() else [e for e in experts_TK[0].tolist() if e < self.num_experts]
         table = self._native_table(ids)
-        if table is None or torch.compiler.is_compiling():
+        if table is None:
             return None
-        out_TD = x_TD.new_zeros(1, self.dim) if into_TD is None else as_dtype(into_TD, torch.float32)
-        out_D = out_TD.reshape(-1) if out_TD.is_contiguous() else out_TD.new_zeros(self.dim)
-        native.experts(table, ids, [w for _, w in jobs], x_TD[0], self.hidden_dim, self.kind, out_D)
-        return out_TD if out_D.data_ptr() == out_TD.data_ptr() else out_TD.add_(out_D)
+        out_D = x_TD.new_zeros(self.dim) if into_TD is None else as_dtype(into_TD, torch.float32).reshape(-1).clone()
+        native.experts(table, experts_TK[0], weights_TK[0], x_TD[0], self.hidden_dim, self.kind, out_D)
+        return out_D.view(1, self.dim)
 
-    def _native_table(self, ids: list[int]) -> Optional[native.ExpertTable]:
-        """The native kernels' table of these experts' tensors (remade when any of ``ids``' buffers
-        was replaced, e.g. by ``.to()``), or None when one of ``ids`` is not in a native format."""
-        t, ups, downs = self._table, self.up._modules, self.down._modules
-        if t is None or not all(
-            cast(LowBitTensors, ups[str(e)])._buffers["data"] is t.tensors[e][0]
-            and cast(LowBitTensors, downs[str(e)])._buffers["data"] is t.tensors[e][2]
-            for e in ids
-        ):
+    def _native_table(self, ids: Optional[list[int]] = None) -> Optional[native.ExpertTable]:
+        """The native kernels' table of every expert's tensors, or None when an expert of ``ids``
+        (None: of all) is not in a format they compute. Eagerly, ``ids``' buffers are checked to be
+        the table's and the table remade when one was replaced (e.g. by ``.to()``)."""
+        t = self._table
+        if t is None and ids is None:  # compiling: tables are made eagerly (prepare_decoding_)
+            return None
+        if t is None or (ids is not None and not self._table_current(t, ids)):
             ws = list(zip(self.ups, self.downs))
             t = self._table = native.ExpertTable([(u.fmt, u.data, u.scales, d.data, d.scales) for u, d in ws])
-        return t if all(t.native[e] >= 0 for e in ids) else None
+        return t if (t.all_native if ids is None else all(t.native[e] >= 0 for e in ids)) else None
+
+    def _table_current(self, t: native.ExpertTable, ids: list[int]) -> bool:
+        ups, downs = self.up._modules, self.down._modules
+        return all(
+            cast(LowBitTensors, ups[str(e)])._buffers["data"] is t.tensors[e][0]
+            and cast(LowBitTensors, ups[str(e)])._buffers["scales"] is t.tensors[e][1]
+            and cast(LowBitTensors, downs[str(e)])._buffers["data"] is t.tensors[e][2]
+            for e in ids
+        )
+
+
+def check_compilable(module: nn.Module) -> None:
+    """ValueError naming the format unless every low-precision weight in ``module`` is one moekit's
+    native CPU kernels compute (a compiled decode step calls them as operators; PyTorch's int4
+    kernel and the per-expert loop break the graph)."""
+    formats = {m.name for m in module.modules() if isinstance(m, LowBitTensors)}
+    if not formats:
+        return
+    bad = sorted(f for f in formats if f not in native.FORMATS)
+    if bad or not native.available():
+        why = f"holds {', '.join(bad)} weights" if bad else "has low-bit weights and no C compiler built the kernels"
+        raise ValueError(
+            f"compiled decoding takes weights in {', '.join(native.FORMATS)} (moekit's native CPU kernels); "
+            f"this model {why}: decode it without compile"
+        )
 
 
 ExpertFn = Callable[[int, Tensor], Tensor]  # (expert, rows) -> that expert's output on the rows
@@ -255,6 +292,7 @@ __all__ = [
     "LowBitLinear",
     "LowBitTensors",
     "QuantizedExperts",
+    "check_compilable",
     "experts_on_rows",
     "experts_on_tokens",
 ]

@@ -35,6 +35,7 @@ from ..kernels import threads
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.experts import GroupedExperts, LegacyParts, shapes_of, split_legacy_
 from ..layer.losses import balance_from_stats
+from ..layer.lowbit import QuantizedExperts, check_compilable
 
 
 class RMSNorm(nn.Module):
@@ -60,6 +61,16 @@ def apply_rotary(x_BHSDh: Tensor, cos_SDh2: Tensor, sin_SDh2: Tensor) -> Tensor:
     x1, x2 = x_BHSDh.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_SDh2 - x2 * sin_SDh2, x1 * sin_SDh2 + x2 * cos_SDh2], dim=-1)
     return out.to(x_BHSDh.dtype)
+
+
+def _attention_math(q_BHSDh: Tensor, k_BHLDh: Tensor, v_BHLDh: Tensor, mask_SL: Tensor, groups: int) -> Tensor:
+    """Masked softmax attention written out, for the compiled CPU decode step: inductor fuses it
+    with its neighbours, where its SDPA call is a flash kernel that costs ~150 us per layer at one
+    query over 128 cached positions (benchmarks/RESULTS.md, "Native decode kernels")."""
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        k_BHLDh, v_BHLDh = k_BHLDh.repeat_interleave(groups, 1), v_BHLDh.repeat_interleave(groups, 1)
+    s_BHSL = (q_BHSDh @ k_BHLDh.transpose(-1, -2)) * q_BHSDh.shape[-1] ** -0.5
+    return torch.softmax(s_BHSL.masked_fill(~mask_SL, float("-inf")), -1) @ v_BHLDh
 
 
 @dataclass
@@ -158,7 +169,10 @@ class Attention(nn.Module):
         cache.v[layer].index_copy_(2, positions_S, v)
         k_all, v_all = cache.k[layer], cache.v[layer]
         mask_SL = torch.arange(k_all.shape[2], device=q.device)[None, :] <= positions_S[:, None]
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_SL, enable_gqa=self.hk != self.h)
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            y = _attention_math(q, k_all, v_all, mask_SL, self.h // self.hk)
+        else:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask_SL, enable_gqa=self.hk != self.h)
         return self.wo(y.transpose(1, 2).reshape(B, S, y.shape[1] * self.dh))
 
     def legacy_parts(self, prefix: str, saved: dict) -> LegacyParts:
@@ -579,11 +593,15 @@ class MoETransformer(nn.Module):
         or the experts are 16-bit (PyTorch's eager 16-bit GEMV reads the other layout ~10x slower:
         fp16 3.9 -> 42 tok/s); float32 eager keeps the stacked layout MKL reads fastest.
         benchmarks/RESULTS.md, "Decode threads and compiled decoding on the CPU"."""
+        if compile:
+            check_compilable(self)
         for moe in self.moe_layers:
             experts = moe.experts
             if isinstance(experts, GroupedExperts) and experts.w_up.device.type == "cpu":
                 if compile or experts.w_up.dtype in (torch.float16, torch.bfloat16):
                     experts.rows_major_()
+            elif isinstance(experts, QuantizedExperts):
+                experts.prepare_decoding_()
         return self
 
     def _compiled_decode_step(self):
