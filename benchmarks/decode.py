@@ -133,7 +133,7 @@ def speed(args) -> None:
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
             cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
             rows.append(_run(cmd))
-            if args.compile and fmt in ("fp32", "fp16", "bf16"):  # low-bit weights decode eagerly
+            if args.compile and fmt in ("fp32", "fp16", "bf16", "int8"):  # int4 decodes eagerly
                 rows.append(_run(cmd + ["--compile"]))
             if args.gguf_dir and fmt in LLAMA_TYPES:
                 gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)

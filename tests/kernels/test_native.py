@@ -145,3 +145,34 @@ def test_turned_off_the_weights_compute_with_torchs_kernels():
     env = dict(os.environ, MOEKIT_NATIVE="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_float_experts_at_one_token_take_one_native_call_once_rows_major():
+    torch.manual_seed(7)
+    ex = GroupedExperts(8, 64, 48, "swiglu")
+    x, ids, w, into = torch.randn(1, 64), torch.tensor([[5, 2, 8]]), torch.rand(1, 3), torch.randn(1, 64)
+    up, down = ex.w_up.detach().double(), ex.w_down.detach().double()
+    act = ACTIVATIONS["swiglu"]
+    want = into.double() + sum(w[0, k] * act(x.double() @ up[e]) @ down[e] for k, e in enumerate([5, 2]))
+    with torch.no_grad():
+        stacked = ex.few_slots(x, ids, w, into.clone())
+        assert ex._native_table(x) is None  # (E, D, H) stacked: MKL's layout, PyTorch's GEMVs
+        ex.rows_major_()
+        rows = ex.few_slots(x, ids, w, into.clone())
+        assert ex._native_table(x) is not None
+    for got in (stacked, rows):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert ex._native_table(x) is None  # autograd on: no native call (they have no backward)
+
+
+def test_a_float_linear_map_at_a_few_rows_is_native_without_autograd():
+    from moekit.kernels import threads
+
+    torch.manual_seed(8)
+    w, b, x = torch.randn(96, 64, requires_grad=True), torch.randn(96), torch.randn(2, 1, 64)
+    want = torch.nn.functional.linear(x.double(), w.detach().double(), b.double())
+    with torch.no_grad():
+        got = threads.linear(x, w, b)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    threads.linear(x, w, b).sum().backward()  # with autograd: PyTorch's op, so the gradient flows
+    assert w.grad is not None and torch.allclose(w.grad, x.reshape(-1, 64).sum(0).expand(96, 64))

@@ -385,8 +385,8 @@ def test_prefetch_changes_no_token_and_scores_its_guesses(tmp_path, slots, width
         prompt = torch.randint(0, 97, (1, 6))
         out = model.generate(prompt, 40, temperature=0.0)
         assert torch.equal(out, ref.generate(prompt, 40, temperature=0.0))
-        with torch.no_grad():
-            assert torch.equal(model(out[:, :1]).logits, ref(out[:, :1]).logits)
+        with torch.no_grad():  # to rounding: the model in memory sums a token's experts in one native call
+            torch.testing.assert_close(model(out[:, :1]).logits, ref(out[:, :1]).logits, rtol=1e-5, atol=1e-6)
         p, s = prefetch_stats(model), store_stats(model)
         assert p.guessed > 0 and 0 < p.right <= min(p.guessed, p.needed)
         if width == 4:  # 4 guesses for top_k = 2 experts per decoded token

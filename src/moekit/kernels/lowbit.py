@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .threads import active, split_rows
+from .threads import block_threads, split_rows
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
@@ -193,8 +193,9 @@ class LowBitWeight:
         PyTorch's (by row blocks on the threads of a :func:`~moekit.kernels.threads.decode_threads` block)."""
         if native.handles(self.fmt, x_RI, self.data):
             scales = self.scales if self.fmt == "int8" else None
-            n = active()  # inside decode_threads: its threads (torch's intra-op threads are 1 there)
-            return native.linear(x_RI, self.data, scales, threads=n if n > 1 else None).to(x_RI.dtype)
+            if torch.compiler.is_compiling():
+                return native.linear_op(x_RI, self.data, scales, 0).to(x_RI.dtype)
+            return native.linear(x_RI, self.data, scales, threads=block_threads()).to(x_RI.dtype)
         if self.fmt == "int4" and self.out_features % ROW_BLOCK:
             return self._linear(x_RI)
         y = split_rows(lambda a, b: self._rows(a, b)._linear(x_RI), self.out_features, self.nbytes, ROW_BLOCK)

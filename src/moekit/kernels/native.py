@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -196,6 +197,11 @@ def linear(
     return y_RO
 
 
+def float_format(dtype: torch.dtype) -> Optional[str]:
+    """The format name of a float weight dtype (``torch.float16`` -> ``"fp16"``), None for others."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+
+
 def format_code(fmt: str) -> int:
     """The kernels' code of a weight format (-1: not theirs, e.g. int4)."""
     return {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}.get(fmt, -1)
@@ -205,7 +211,7 @@ class ExpertTable:
     """Each expert's (up data, up scales, down data, down scales) addresses and format code, for
     :func:`experts`: made from the tensors themselves, which it keeps (so the addresses stay valid)."""
 
-    def __init__(self, parts: list[tuple[str, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]):
+    def __init__(self, parts: Sequence[tuple[str, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]]):
         self.tensors = [p[1:] for p in parts]
         rows = []
         codes = []
@@ -299,6 +305,7 @@ def _(x_RI, w_OI, scales_O, threads):
 __all__ = [
     "ExpertTable",
     "experts",
+    "float_format",
     "format_code",
     "FORMATS",
     "MAX_ROWS",

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 J = TypeVar("J")
 MIN_SPLIT_BYTES = 1 << 19  # a weight smaller than this is read in one thread (the hand-off costs ~20 µs)
 SPLIT_DTYPES = (torch.float32,)  # whose batch-1 GEMV torch runs on one thread here
@@ -89,6 +91,13 @@ def active() -> int:
     return 1 if torch.compiler.is_compiling() or getattr(_share, "running", False) else _threads
 
 
+def block_threads() -> Optional[int]:
+    """Threads for a kernel that splits its own rows (moekit's native kernels): the running
+    :func:`decode_threads` block's (torch's intra-op threads are 1 inside it), else None (torch's)."""
+    n = active()
+    return n if n > 1 else None
+
+
 def split_sum(jobs: Sequence[J], run: Callable[[J, Tensor], object], out: Tensor) -> Tensor:
     """``out`` after ``run(job, acc)`` for every job, each adding its term into ``acc`` in place.
     Inside :func:`decode_threads` the jobs are dealt round the threads, the first share
@@ -140,9 +149,25 @@ def linear(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1] and w_OI.dim() == 2:
         y_RO = (x.unsqueeze(-2) * w_OI).sum(-1)
         return y_RO if bias is None else y_RO + bias
+    fmt = native.float_format(w_OI.dtype)
+    x_RI = x.reshape(-1, x.shape[-1])
+    eager = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if eager and x.dtype == torch.float32 and fmt and native.handles(fmt, x_RI, w_OI):
+        y_RO = native.linear(x_RI, w_OI, threads=block_threads()).view(*x.shape[:-1], w_OI.shape[0])
+        return y_RO if bias is None else y_RO + bias
     part = lambda a, b: F.linear(x, w_OI[a:b], None if bias is None else bias[a:b])  # noqa: E731
     split = split_rows(part, w_OI.shape[0], w_OI.nbytes)
     return F.linear(x, w_OI, bias) if split is None else split
 
 
-__all__ = ["MIN_SPLIT_BYTES", "SPLIT_DTYPES", "active", "decode_threads", "linear", "split_rows", "split_sum", "splits"]
+__all__ = [
+    "MIN_SPLIT_BYTES",
+    "SPLIT_DTYPES",
+    "active",
+    "block_threads",
+    "decode_threads",
+    "linear",
+    "split_rows",
+    "split_sum",
+    "splits",
+]

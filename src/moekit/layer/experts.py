@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from ..kernels import as_dtype, compute_dtype, expert_ffn
+from ..kernels import as_dtype, compute_dtype, expert_ffn, native
 from ..kernels.activations import ACTIVATIONS as _REGISTRY
 from ..kernels.reference import per_expert
+from ..kernels.threads import block_threads
 
 # by name, from the registry below the layer and the kernels (which take the name)
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: a.fn for name, a in _REGISTRY.items()}
@@ -191,6 +192,12 @@ class GroupedExperts(StackedExperts):
         x_TD = as_dtype(x_TD, compute_dtype(x_TD))  # under autocast: its dtype, as a matmul would get
         if into_TD is not None:
             into_TD = as_dtype(into_TD, x_TD.dtype)
+        table = self._native_table(x_TD)
+        if table is not None:  # one token, eager, CPU: moekit's native kernels, a layer's experts in one call
+            out_D = x_TD.new_zeros(self.dim) if into_TD is None else into_TD.reshape(-1).clone()
+            ids_K, w_K = experts_TK[0], weights_TK[0]
+            native.experts(table, ids_K, w_K, x_TD[0], self.hidden_dim, self.kind, out_D, block_threads())
+            return out_D.view(1, self.dim)
         w_up, w_down = self._weights_like(x_TD)
         views = self._expert_views(w_up, w_down)
         return slot_ffn(x_TD, experts_TK, weights_TK, w_up, w_down, ACTIVATIONS[self.kind], into_TD, views)
@@ -209,13 +216,40 @@ class GroupedExperts(StackedExperts):
         return self
 
     _views: Optional[tuple] = None  # (key, up views, down views), see _expert_views
+    _table: Optional[tuple] = None  # (key, native.ExpertTable), see _native_table
+
+    def _native_table(self, x_TD: Tensor) -> Optional[native.ExpertTable]:
+        """The native kernels' table of each expert's ``(out, in)`` weights, for one float32 token
+        decoded eagerly on the CPU with the experts laid out rows-major (:meth:`rows_major_`, done by
+        ``prepare_decoding_``); kept while the weights' storage stays the same. None otherwise."""
+        w_up, w_down = self.w_up, self.w_down
+        if (
+            x_TD.shape[0] != 1
+            or x_TD.dtype != torch.float32
+            or x_TD.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or isinstance(w_up, DTensor)
+            or native.float_format(w_up.dtype) is None
+            or w_up.stride(1) != 1
+            or w_down.stride(1) != 1
+            or not native.available()
+        ):
+            return None
+        key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype) for w in (w_up, w_down))
+        if self._table is None or self._table[0] != key:
+            fmt = native.float_format(w_up.dtype) or ""
+            ups, downs = w_up.detach().transpose(1, 2), w_down.detach().transpose(1, 2)  # (E, H, D), (E, D, F)
+            parts = [(fmt, ups[e], None, downs[e], None) for e in range(self.num_experts)]
+            self._table = (key, native.ExpertTable(parts))
+        return self._table[1]
 
     def _apply(self, fn, recurse=True):
-        self._views = None  # .to() / .cuda() / .half(): do not keep the old storage alive through the views
+        self._views = self._table = None  # .to() / .cuda() / .half(): do not keep the old storage alive
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._views = None  # load_state_dict(assign=True) replaces the parameters
+        self._views = self._table = None  # load_state_dict(assign=True) replaces the parameters
         super()._load_from_state_dict(*args, **kwargs)
 
     def _expert_views(self, w_up: Tensor, w_down: Tensor) -> Optional[tuple[Sequence[Tensor], Sequence[Tensor]]]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..kernels import as_dtype, compute_dtype, native
 from ..kernels.lowbit import LowBitWeight, check_format
-from ..kernels.threads import split_sum
+from ..kernels.threads import block_threads, split_sum
 from .experts import ACTIVATIONS, GATED, FeedForward, GroupedExperts, StackedExperts
 
 
@@ -202,7 +202,7 @@ class QuantizedExperts(StackedExperts):
         if table is None:
             return None
         out_D = x_TD.new_zeros(self.dim) if into_TD is None else as_dtype(into_TD, torch.float32).reshape(-1).clone()
-        native.experts(table, experts_TK[0], weights_TK[0], x_TD[0], self.hidden_dim, self.kind, out_D)
+        native.experts(table, experts_TK[0], weights_TK[0], x_TD[0], self.hidden_dim, self.kind, out_D, block_threads())
         return out_D.view(1, self.dim)
 
     def _native_table(self, ids: Optional[list[int]] = None) -> Optional[native.ExpertTable]:

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from ..config import LMConfig, causal_lm_problem
-from ..kernels import threads
+from ..kernels import native, threads
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.experts import GroupedExperts, LegacyParts, shapes_of, split_legacy_
 from ..layer.losses import balance_from_stats
@@ -591,14 +591,16 @@ class MoETransformer(nn.Module):
         rows-major (:meth:`GroupedExperts.rows_major_`) when the decode step is compiled (its
         loops read each output's weights contiguously: fp32 1.7x, bf16 2.1x the compiled tokens/s)
         or the experts are 16-bit (PyTorch's eager 16-bit GEMV reads the other layout ~10x slower:
-        fp16 3.9 -> 42 tok/s); float32 eager keeps the stacked layout MKL reads fastest.
+        fp16 3.9 -> 42 tok/s), or moekit's native kernels are built (one float32 token's chosen experts
+        then run in one native call over these rows); otherwise float32 eager keeps the stacked
+        layout MKL reads fastest. Compiled, low-bit weights must be native formats (:func:`check_compilable`).
         benchmarks/RESULTS.md, "Decode threads and compiled decoding on the CPU"."""
         if compile:
             check_compilable(self)
         for moe in self.moe_layers:
             experts = moe.experts
             if isinstance(experts, GroupedExperts) and experts.w_up.device.type == "cpu":
-                if compile or experts.w_up.dtype in (torch.float16, torch.bfloat16):
+                if compile or experts.w_up.dtype in (torch.float16, torch.bfloat16) or native.available():
                     experts.rows_major_()
             elif isinstance(experts, QuantizedExperts):
                 experts.prepare_decoding_()
