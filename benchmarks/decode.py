@@ -67,8 +67,8 @@ def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple
     """As llamacpp_ref.py times llama.cpp: all prompt ids but the last evaluated untimed, then
     ``steps`` one-token greedy steps (the last prompt id first), the first ``warmup`` untimed;
     (seconds of the rest, the ``steps`` ids picked). ``compile``: the steps as ``generate(...,
-    compile=True)`` runs them (the compiled ``decode_step`` on a static cache; 16-bit formats as
-    the float model cast, ``model.to(dtype)``)."""
+    compile=True)`` runs them (the compiled ``decode_step`` on a static cache; 16-bit formats
+    quantized around the native kernels, or without them the float model cast)."""
     from moekit.models.lm import KVCache
 
     p = next(model.parameters())
@@ -98,13 +98,14 @@ def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple
 
 def one(args) -> None:
     """One moekit setting in this process; one JSON line."""
+    from moekit.generate import CAST_DTYPES, cast_when_compiled
     from moekit.interop import load_hf
     from moekit.quantize import quantize_model
 
     torch.set_num_threads(args.threads)
     model = load_hf(args.hf)
-    if args.compile and args.fmt in ("fp16", "bf16"):  # compiled: the float model cast (stacked experts)
-        model.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[args.fmt]))
+    if args.compile and cast_when_compiled(args.fmt):  # as generate(compile=True): the float model cast
+        model.to(CAST_DTYPES[args.fmt])
     elif args.fmt != "fp32":
         quantize_model(model, args.fmt, rest=args.fmt)
     bw = bandwidth(args.threads)

@@ -197,9 +197,10 @@ def generate_text(
     format (:data:`moekit.kernels.lowbit.FORMATS`) for the linear maps, experts included unless
     ``expert_dtype`` names theirs (a format, or ``auto``: chosen per expert from routing within
     ``expert_bits`` per weight on average); see :func:`moekit.quantize.quantize_model`. With
-    ``compile``, ``dtype`` fp32, fp16 or bf16 alone casts the whole model (compiled 16-bit
-    decoding reads the stacked experts); int8, and any ``expert_dtype``, quantize as without it and
-    compile around moekit's native CPU kernels (int4 and ``auto`` decode eagerly; benchmarks/RESULTS.md).
+    ``compile``, ``dtype`` fp32 casts nothing (inductor's loops read the float experts); fp16,
+    bf16, int8 and any ``expert_dtype`` quantize as without it and compile around moekit's native
+    CPU kernels (without them fp16 / bf16 cast the whole model: :func:`cast_when_compiled`; int4
+    and ``auto`` decode eagerly; benchmarks/RESULTS.md).
     ``threads``: torch's intra-op threads. ``expert_parallel``: this process is one of that many
     (torchrun) holding the experts between them (:func:`load_expert_parallel`); every one returns
     the same text."""
@@ -224,8 +225,8 @@ def generate_text(
             expert_dtype=expert_dtype if expert_memory is not None else None,
         )
     precision = None
-    if compile and dtype in CAST_DTYPES and expert_dtype is None:  # the compiled gather reads the stacked experts
-        net.to(CAST_DTYPES[dtype])
+    if compile and expert_dtype is None and cast_when_compiled(dtype):
+        net.to(CAST_DTYPES[str(dtype)])
         precision = f"{dtype} (the whole model cast, compiled)"
     elif dtype is not None or expert_dtype is not None:
         from .quantize import quantize_model
@@ -268,6 +269,16 @@ def generate_text(
 
 
 CAST_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype with --compile
+
+
+def cast_when_compiled(dtype: Optional[str]) -> bool:
+    """Whether compiled decoding at ``dtype`` casts the whole model (inductor's loops over the
+    stacked experts): fp32 always; fp16 / bf16 only without moekit's native kernels, whose 16-bit
+    weights with float32 rows decode faster compiled (1.06-1.19x at 1 thread, 0.93-1.09x at 2,
+    and nearer fp32's tokens: benchmarks/RESULTS.md, "Native decode kernels")."""
+    from .kernels import native
+
+    return dtype in CAST_DTYPES and (dtype == "fp32" or not native.available())
 
 
 def check_precision(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.generate import load_run_model
+from moekit.generate import cast_when_compiled, load_run_model
 from moekit.layer.lowbit import LowBitLinear, QuantizedExperts
 from moekit.quantize import quantize_model, validation_windows
 from tiny_run import train_tiny
@@ -64,29 +64,24 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         assert out == "" and msg in err and err.count("\n") == 1, (extra, err)
 
 
-def test_compiled_generate_casts_the_whole_model_to_16_bits(run, capsys):
-    """`--dtype bf16 --compile`: the float model cast, its stacked experts compiled in place; the
-    greedy text equals the same cast model's eager text."""
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_compiled_generate_says_what_eager_says(run, capsys, dtype):
+    """`--dtype int8|bf16 --compile`: the model quantized as without compile, its decode step
+    compiled around moekit's native kernels (operators in the graph); the greedy text equals the
+    eager text at that dtype. Without the kernels bf16 casts the whole model (the cast model's eager text)."""
     argv = ["generate", "--run", run, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
-    assert main(argv + ["--dtype", "bf16", "--compile", "--threads", "1"]) == 0
+    assert main(argv + ["--dtype", dtype, "--compile", "--threads", "1"]) == 0
     compiled, err = capsys.readouterr()
-    assert "bf16 (the whole model cast, compiled)" in err, err
-    net, tok = load_run_model(run, "moe")
-    net.to(torch.bfloat16)
-    ids = torch.tensor([tok.encode("def f")])
-    eager = tok.decode(net.generate(ids, 8, temperature=0.0)[0].tolist())
+    if cast_when_compiled(dtype):
+        assert f"{dtype} (the whole model cast, compiled)" in err, err
+        net, tok = load_run_model(run, "moe")
+        net.to(torch.bfloat16)
+        eager = tok.decode(net.generate(torch.tensor([tok.encode("def f")]), 8, temperature=0.0)[0].tolist())
+    else:
+        assert dtype in err and "cast" not in err, err
+        assert main(argv + ["--dtype", dtype, "--threads", "1"]) == 0
+        eager, _ = capsys.readouterr()
     assert compiled.strip() == eager.strip(), (compiled, eager)
-
-
-def test_compiled_generate_on_int8_weights_says_what_eager_says(run, capsys):
-    """`--dtype int8 --compile`: the model quantized as without compile, its decode step compiled
-    around moekit's native kernels (operators in the graph); the greedy text equals eager int8's."""
-    argv = ["generate", "--run", run, "--prompt", "def f", "--max-new-tokens", "8", "--temperature", "0"]
-    assert main(argv + ["--dtype", "int8", "--threads", "1"]) == 0
-    eager, _ = capsys.readouterr()
-    assert main(argv + ["--dtype", "int8", "--compile", "--threads", "1"]) == 0
-    compiled, err = capsys.readouterr()
-    assert "int8" in err and compiled.strip() == eager.strip(), (compiled, eager)
 
 
 def test_compiled_decoding_refuses_weights_the_native_kernels_do_not_compute(run):
