@@ -1,5 +1,7 @@
 """Weight-only low-precision linear maps for decoding on the CPU: one ``(out, in)`` weight kept in
-one of :data:`FORMATS`, computed by PyTorch's own kernels, never dequantized to a full matrix.
+one of :data:`FORMATS`, never dequantized to a full matrix. A few rows (decoding) in fp32, fp16,
+bf16 or int8 go to moekit's own kernels (:mod:`moekit.kernels.native`: 2-2.5x PyTorch's int8
+kernel, benchmarks/RESULTS.md "Native decode kernels"); int4, and more rows, to PyTorch's, below.
 
 Decoding reads every active weight once per token, so its speed is bytes read per token; these
 formats read fewer. Measured on this project's CPU (AVX-512 with VNNI, no native bf16 or fp16
