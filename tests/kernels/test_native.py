@@ -123,6 +123,20 @@ def test_an_int4_expert_falls_back_and_replaced_buffers_are_read_anew():
     torch.testing.assert_close(after.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
 
 
+def test_a_nan_or_an_infinity_in_the_rows_gives_nan_not_a_finite_number():
+    torch.manual_seed(9)
+    for fmt in native.FORMATS:
+        q = LowBitWeight.quantize(torch.randn(16, 64), fmt)
+        x = torch.randn(2, 64)
+        x[0, 5], x[1, 7] = float("nan"), float("inf")
+        y = native.linear(x, q.data, q.scales)
+        assert not torch.isfinite(y).any(), fmt
+    q = QuantizedExperts.of(GroupedExperts(4, 64, 32, "swiglu"), ["int8"] * 4)
+    x = torch.randn(1, 64)
+    x[0, 3] = float("nan")
+    assert q.few_slots(x, torch.tensor([[0, 2]]), torch.rand(1, 2)).isnan().all()
+
+
 def test_bad_input_is_named():
     q = LowBitWeight.quantize(torch.randn(8, 16), "int8")
     with pytest.raises(ValueError, match="agree in I"):

@@ -148,11 +148,22 @@ static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_
 }
 #endif
 
-/* x = s1 * (u1 - 128) + s2 * (u2 - 128), the second level holding the first's rounding error */
+/* x = s1 * (u1 - 128) + s2 * (u2 - 128), the second level holding the first's rounding error; a
+ * row with a NaN or an infinity gets NaN scales, so every product with it is NaN (never a finite
+ * wrong number) */
 static void quantize_row(const float *x, int64_t I, uint8_t *u1, uint8_t *u2, float *s1, float *s2) {
     float m1 = 0, m2 = 0;
-    for (int64_t i = 0; i < I; i++)
+    int finite = 1;
+    for (int64_t i = 0; i < I; i++) {
+        finite &= isfinite(x[i]) != 0;
         m1 = fmaxf(m1, fabsf(x[i]));
+    }
+    if (!finite) {
+        memset(u1, 128, (size_t)I);
+        memset(u2, 128, (size_t)I);
+        *s1 = *s2 = NAN;
+        return;
+    }
     *s1 = m1 / 127.0f;
     float inv1 = m1 > 0 ? 127.0f / m1 : 0.0f;
     for (int64_t i = 0; i < I; i++) {
@@ -271,7 +282,7 @@ void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids_in,
             alpha[K++] = alpha_in[k];
         }
     int64_t H = gated ? 2 * F : F, wide = D > F ? D : F;
-    float *h = (float *)malloc((size_t)(K * H + K * F) * sizeof(float)), *a = h + K * H;
+    float *h = (float *)malloc((size_t)(K * H + K * F + 1) * sizeof(float)), *a = h + K * H;
     uint8_t *u = (uint8_t *)malloc((size_t)(2 * D + 2 * K * F + 128));
     float *s = (float *)malloc((size_t)(2 + 2 * K) * sizeof(float));
     if (!h || !u || !s) {

@@ -223,6 +223,7 @@ class QuantizedExperts(StackedExperts):
             cast(LowBitTensors, ups[str(e)])._buffers["data"] is t.tensors[e][0]
             and cast(LowBitTensors, ups[str(e)])._buffers["scales"] is t.tensors[e][1]
             and cast(LowBitTensors, downs[str(e)])._buffers["data"] is t.tensors[e][2]
+            and cast(LowBitTensors, downs[str(e)])._buffers["scales"] is t.tensors[e][3]
             for e in ids
         )
 
