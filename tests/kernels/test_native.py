@@ -190,3 +190,20 @@ def test_a_float_linear_map_at_a_few_rows_is_native_without_autograd():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     threads.linear(x, w, b).sum().backward()  # with autograd: PyTorch's op, so the gradient flows
     assert w.grad is not None and torch.allclose(w.grad, x.reshape(-1, 64).sum(0).expand(96, 64))
+
+
+def test_several_maps_of_one_input_in_one_call_equal_each_alone():
+    from moekit.layer.lowbit import LowBitLinear, lowbit_linears
+
+    torch.manual_seed(10)
+    maps = [
+        LowBitLinear(LowBitWeight.quantize(torch.randn(n, 96), f))
+        for n, f in [(64, "int8"), (33, "bf16"), (17, "fp32")]
+    ]
+    x = torch.randn(2, 1, 96)
+    got = lowbit_linears(x, maps)
+    assert got is not None and [tuple(y.shape) for y in got] == [(2, 1, 64), (2, 1, 33), (2, 1, 17)]
+    for y, m in zip(got, maps):
+        assert torch.equal(y, m(x))  # the same kernel, row for row
+    assert lowbit_linears(x, [*maps, LowBitLinear(LowBitWeight.quantize(torch.randn(16, 96), "int4:32"))]) is None
+    assert lowbit_linears(x.double(), maps) is None

@@ -267,6 +267,45 @@ static float row_dot(int fmt, const void *data, const uint16_t *scale, int64_t o
     return dot_float(fmt, (const char *)data + (size_t)o * I * esize, x, I);
 }
 
+/* y_j = x @ w_j^T for n weights of one input (an attention's q, k and v) in one call: their output
+ * rows form one space split over the threads, x written in int8 once. ws, scales, ys: addresses;
+ * Os: each weight's rows; fmts: each one's MK_ format (scales 0 for the float ones). */
+void mk_linear_many(int64_t n, const int32_t *fmts, const int64_t *ws, const int64_t *scales, const int64_t *Os,
+                    const float *x, int64_t R, int64_t I, const int64_t *ys, int threads) {
+    uint8_t *u = (uint8_t *)malloc((size_t)(2 * R * I + 128));
+    float *s = (float *)malloc((size_t)(2 * R) * sizeof(float));
+    int64_t rows = 0, bytes = 0;
+    for (int64_t j = 0; j < n; j++) {
+        rows += Os[j];
+        bytes += Os[j] * I * (fmts[j] == MK_I8 ? 1 : fmts[j] == MK_F32 ? 4 : 2);
+    }
+    if (!u || !s) {
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t k = 0; k < R * Os[j]; k++)
+                ((float *)ys[j])[k] = NAN;
+        free(u);
+        free(s);
+        return;
+    }
+    for (int64_t r = 0; r < R; r++)
+        quantize_row(x + r * I, I, u + 2 * r * I, u + (2 * r + 1) * I, s + 2 * r, s + 2 * r + 1);
+    int nt = threads_for(threads, bytes, rows);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < (rows + MK_ROWS - 1) / MK_ROWS; b++) {
+        for (int64_t i = b * MK_ROWS; i < rows && i < (b + 1) * MK_ROWS; i++) {
+            int64_t j = 0, o = i;
+            while (o >= Os[j])
+                o -= Os[j++];
+            float *y = (float *)ys[j];
+            for (int64_t r = 0; r < R; r++)
+                y[r * Os[j] + o] = row_dot(fmts[j], (const void *)ws[j], (const uint16_t *)scales[j], o, I, x + r * I,
+                                           u + 2 * r * I, s + 2 * r);
+        }
+    }
+    free(u);
+    free(s);
+}
+
 /* out (D) += sum_k alpha[k] * down_k(act(up_k x)) for the experts ids[0..K): table (E, 4) holds each
  * expert's up data (H, D), up scales (H) or 0, down data (D, F), down scales (D) or 0, each in fmt[e]
  * (MK_F32 ... MK_I8); H = 2F (rows [gate | up]) when gated; ids outside [0, E) are empty slots (at

@@ -120,6 +120,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mk_linear_float.argtypes = [i32, p, i64, i64, p, i64, p, f32, i32, i32]
     lib.mk_linear_int8.argtypes = [p, i64, i64, p, p, i64, p, f32, i32, i32]
     lib.mk_experts.argtypes = [p, p, p, p, i64, i64, p, i64, i64, i32, i32, p, i32]
+    lib.mk_linear_many.argtypes = [i64, p, p, p, p, p, i64, i64, p, i32]
+    lib.mk_linear_many.restype = None
     lib.mk_linear_float.restype = lib.mk_linear_int8.restype = lib.mk_experts.restype = None
     lib.mk_vectorized.restype = lib.mk_max_threads.restype = i32
 
@@ -290,6 +292,47 @@ def _(table_E4, codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads)
     return None
 
 
+def linear_many(
+    x_RI: Tensor, weights: Sequence[tuple[str, Tensor, Optional[Tensor]]], threads: Optional[int] = None
+) -> list[Tensor]:
+    """``[x_RI @ w.T for each (fmt, w, scales)]`` in one call (e.g. an attention's q, k and v: one
+    thread fork, x quantized once): float32, each weight in a format of :data:`FORMATS`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    rows, n_in = x_RI.shape
+    if any(w.dim() != 2 or w.shape[1] != n_in or format_code(f) < 0 for f, w, _ in weights):
+        raise ValueError(f"every weight must be (O, {n_in}) in one of {FORMATS}")
+    if n_in > MAX_INT8_IN and any(f == "int8" for f, _, _ in weights):
+        raise ValueError(f"the int8 kernel takes at most {MAX_INT8_IN} input features; got {n_in}")
+    x = x_RI.detach().float().contiguous()
+    ws = [w.detach().contiguous() for _, w, _ in weights]
+    ss = [s.contiguous() if f == "int8" and s is not None else None for (f, _, s) in weights]
+    if any(f == "int8" and s is None for (f, _, _), s in zip(weights, ss)):
+        raise ValueError("an int8 weight needs its scales")
+    ys = [torch.empty(rows, w.shape[0]) for w in ws]
+    addr = lambda ts: torch.tensor([0 if t is None else t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
+    codes = torch.tensor([format_code(f) for f, _, _ in weights], dtype=torch.int32)
+    outs = torch.tensor([w.shape[0] for w in ws], dtype=torch.int64)
+    w_a, s_a, y_a = addr(ws), addr(ss), addr(ys)
+    n = threads or torch.get_num_threads()
+    tables = (codes.data_ptr(), w_a.data_ptr(), s_a.data_ptr(), outs.data_ptr())
+    lib.mk_linear_many(len(ws), *tables, x.data_ptr(), rows, n_in, y_a.data_ptr(), n)
+    return ys
+
+
+@torch.library.custom_op("moekit::native_linear_many", mutates_args=(), device_types="cpu")
+def linear_many_op(x_RI: Tensor, ws: list[Tensor], scales: list[Optional[Tensor]], codes: list[int]) -> list[Tensor]:
+    """:func:`linear_many` as a PyTorch operator (compiled decode steps); ``codes``: each weight's
+    :func:`format_code`."""
+    return linear_many(x_RI, list(zip((FORMATS[c] for c in codes), ws, scales)))
+
+
+@linear_many_op.register_fake
+def _(x_RI, ws, scales, codes):
+    return [x_RI.new_empty(x_RI.shape[0], w.shape[0], dtype=torch.float32) for w in ws]
+
+
 @torch.library.custom_op("moekit::native_linear", mutates_args=(), device_types="cpu")
 def linear_op(x_RI: Tensor, w_OI: Tensor, scales_O: Optional[Tensor], threads: int) -> Tensor:
     """:func:`linear` as a PyTorch operator (so ``torch.compile`` calls it inside a graph);
@@ -315,5 +358,6 @@ __all__ = [
     "handles",
     "library",
     "linear",
+    "linear_many",
     "load",
 ]

@@ -228,6 +228,26 @@ class QuantizedExperts(StackedExperts):
         )
 
 
+def lowbit_linears(x: Tensor, modules: Sequence[nn.Module]) -> Optional[list[Tensor]]:
+    """Several :class:`LowBitLinear` maps of one input in one call of the native kernels (an
+    attention's q, k and v: one operator and one thread fork instead of three, ~35 us each at
+    decode: benchmarks/RESULTS.md); None unless every module is a LowBitLinear without bias in a
+    native format and ``x`` is a few float32 rows on the CPU."""
+    if x.dtype != torch.float32 or not all(isinstance(m, LowBitLinear) and m.bias is None for m in modules):
+        return None
+    x_RI = x.reshape(-1, x.shape[-1])
+    qs = [cast(LowBitLinear, m).q for m in modules]
+    if not all(native.handles(q.fmt, x_RI, q.data) for q in qs):
+        return None
+    fmts, ws = [q.fmt for q in qs], [q.data for q in qs]
+    scales = [q.scales if q.fmt == "int8" else None for q in qs]
+    if torch.compiler.is_compiling():
+        ys = native.linear_many_op(x_RI, ws, scales, [native.format_code(f) for f in fmts])
+    else:
+        ys = native.linear_many(x_RI, list(zip(fmts, ws, scales)), threads=block_threads())
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 def check_compilable(module: nn.Module) -> None:
     """ValueError naming the format unless every low-precision weight in ``module`` is one moekit's
     native CPU kernels compute (a compiled decode step calls them as operators; PyTorch's int4
@@ -295,5 +315,6 @@ __all__ = [
     "QuantizedExperts",
     "check_compilable",
     "experts_on_rows",
+    "lowbit_linears",
     "experts_on_tokens",
 ]

@@ -35,7 +35,7 @@ from ..kernels import native, threads
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.experts import GroupedExperts, LegacyParts, shapes_of, split_legacy_
 from ..layer.losses import balance_from_stats
-from ..layer.lowbit import QuantizedExperts, check_compilable
+from ..layer.lowbit import QuantizedExperts, check_compilable, lowbit_linears
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +129,8 @@ class Attention(nn.Module):
         positions_S: Optional[Tensor] = None,
     ) -> Tensor:
         B, S, _ = x_BSD.shape
-        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        qkv = lowbit_linears(x_BSD, (self.wq, self.wk, self.wv))  # one native call when decoding low-bit weights
+        q, k, v = qkv if qkv is not None else (self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD))
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
