@@ -180,10 +180,9 @@ static void quantize_row(const float *x, int64_t I, uint8_t *u1, uint8_t *u2, fl
     }
 }
 
-static inline void put(float *y, float v, float alpha, int accumulate) { *y = accumulate ? *y + alpha * v : alpha * v; }
-
 /* ---- the entry points ------------------------------------------------------------------------ */
 
+/* the threads a weight of nbytes with O output rows is split over */
 static int threads_for(int threads, int64_t nbytes, int64_t O) {
     if (threads < 1 || nbytes < MK_PAR_BYTES)
         return 1;
@@ -191,64 +190,16 @@ static int threads_for(int threads, int64_t nbytes, int64_t O) {
     return blocks < threads ? (int)blocks : threads;
 }
 
-/* fmt: MK_F32, MK_F16 or MK_BF16. x (R, I), w (O, I), y (R, O) */
-void mk_linear_float(int fmt, const float *x, int64_t R, int64_t I, const void *w, int64_t O, float *y, float alpha,
-                     int accumulate, int threads) {
-    size_t esize = fmt == MK_F32 ? 4 : 2;
-    int nt = threads_for(threads, O * I * (int64_t)esize, O);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t o0 = 0; o0 < O; o0 += MK_ROWS) {
-        int64_t o1 = o0 + MK_ROWS < O ? o0 + MK_ROWS : O;
-        for (int64_t o = o0; o < o1; o++) {
-            const char *wo = (const char *)w + (size_t)o * I * esize;
-            for (int64_t r = 0; r < R; r++)
-                put(y + r * O + o, dot_float(fmt, wo, x + r * I, I), alpha, accumulate);
-        }
-    }
-}
-
-/* int8 weights: w (O, I), scale (O,) bf16 bits; I at most 32768 (int32 sums) */
-void mk_linear_int8(const float *x, int64_t R, int64_t I, const int8_t *w, const uint16_t *scale, int64_t O, float *y, float alpha, int accumulate, int threads) {
-    uint8_t *u = (uint8_t *)malloc((size_t)(2 * R * I + 128));
-    float *s = (float *)malloc((size_t)(2 * R) * sizeof(float));
-    if (!u || !s) { /* out of memory: leave y as NaN rather than a silent wrong answer */
-        for (int64_t k = 0; k < R * O; k++)
-            y[k] = NAN;
-        free(u);
-        free(s);
-        return;
-    }
-    for (int64_t r = 0; r < R; r++)
-        quantize_row(x + r * I, I, u + 2 * r * I, u + (2 * r + 1) * I, s + 2 * r, s + 2 * r + 1);
-    int nt = threads_for(threads, O * I, O);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t o0 = 0; o0 < O; o0 += MK_ROWS) {
-        int64_t o1 = o0 + MK_ROWS < O ? o0 + MK_ROWS : O;
-        for (int64_t o = o0; o < o1; o++) {
-            float so = bf16_to_f32(scale[o]);
-            for (int64_t r = 0; r < R; r++) {
-                int32_t d1, d2, ws;
-                dot_u8(w + (size_t)o * I, u + 2 * r * I, u + (2 * r + 1) * I, I, &d1, &d2, &ws);
-                float v = ((float)(d1 - 128 * ws) * s[2 * r] + (float)(d2 - 128 * ws) * s[2 * r + 1]) * so;
-                put(y + r * O + o, v, alpha, accumulate);
-            }
-        }
-    }
-    free(u);
-    free(s);
-}
-
-/* ---- a layer's chosen experts in one call ------------------------------------------------------- */
-
-enum { MK_SWIGLU = 0, MK_GEGLU = 1, MK_GELU = 2, MK_RELU = 3 };
+/* the elementwise f of moekit.kernels.activations (its kernel_code; gated kinds compute f(gate) * up) */
+enum { MK_SILU = 0, MK_GELU_TANH = 1, MK_GELU_ERF = 2, MK_RELU = 3 };
 
 static inline float act1(int act, float g) {
     switch (act) {
-    case MK_SWIGLU:
+    case MK_SILU:
         return g / (1.0f + expf(-g));
-    case MK_GEGLU:
+    case MK_GELU_TANH:
         return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    case MK_GELU:
+    case MK_GELU_ERF:
         return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
     default:
         return g > 0 ? g : 0.0f;
@@ -305,6 +256,15 @@ void mk_linear_many(int64_t n, const int32_t *fmts, const int64_t *ws, const int
     free(u);
     free(s);
 }
+
+/* y = x @ w^T: x (R, I), w (O, I) in fmt (scale: int8's, one bf16 per row; else 0), y (R, O) */
+void mk_linear(int32_t fmt, const float *x, int64_t R, int64_t I, const void *w, const uint16_t *scale, int64_t O,
+               float *y, int threads) {
+    int64_t ws = (int64_t)w, ss = (int64_t)scale, ys = (int64_t)y;
+    mk_linear_many(1, &fmt, &ws, &ss, &O, x, R, I, &ys, threads);
+}
+
+/* ---- a layer's chosen experts in one call ------------------------------------------------------- */
 
 /* out (D) += sum_k alpha[k] * down_k(act(up_k x)) for the experts ids[0..K): table (E, 4) holds each
  * expert's up data (H, D), up scales (H) or 0, down data (D, F), down scales (D) or 0, each in fmt[e]

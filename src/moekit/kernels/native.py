@@ -33,17 +33,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .activations import get_activation
+
 SOURCE = Path(__file__).with_name("native.c")
-FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FORMATS = ("fp32", "fp16", "bf16", "int8")
+FORMATS = ("fp32", "fp16", "bf16", "int8")  # a format's index is its code in native.c (MK_F32 ... MK_I8)
+_FLOAT_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_ROWS = 8  # more rows than this go to PyTorch's kernels (a GEMM, not a GEMV)
 MAX_INT8_IN = 32768  # the int8 kernel sums in int32
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _checked = False
-ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}
-GATED_CODES = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
 _tried: dict[tuple[str, ...], Optional[ctypes.CDLL]] = {}
 
 
@@ -116,13 +116,11 @@ def load(flags: tuple[str, ...] = FLAGS) -> Optional[ctypes.CDLL]:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.mk_linear_float.argtypes = [i32, p, i64, i64, p, i64, p, f32, i32, i32]
-    lib.mk_linear_int8.argtypes = [p, i64, i64, p, p, i64, p, f32, i32, i32]
-    lib.mk_experts.argtypes = [p, p, p, p, i64, i64, p, i64, i64, i32, i32, p, i32]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mk_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.mk_linear_many.argtypes = [i64, p, p, p, p, p, i64, i64, p, i32]
-    lib.mk_linear_many.restype = None
-    lib.mk_linear_float.restype = lib.mk_linear_int8.restype = lib.mk_experts.restype = None
+    lib.mk_experts.argtypes = [p, p, p, p, i64, i64, p, i64, i64, i32, i32, p, i32]
+    lib.mk_linear.restype = lib.mk_linear_many.restype = lib.mk_experts.restype = None
     lib.mk_vectorized.restype = lib.mk_max_threads.restype = i32
 
 
@@ -134,6 +132,14 @@ def library() -> Optional[ctypes.CDLL]:
         _lib = None if os.environ.get("MOEKIT_NATIVE", "1") == "0" else load()
         _checked = True
     return _lib
+
+
+def _required(lib: Optional[ctypes.CDLL] = None) -> ctypes.CDLL:
+    """``lib``, else this process's kernels; RuntimeError when they are off."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    return lib
 
 
 def available() -> bool:
@@ -167,46 +173,44 @@ def linear(
     """``alpha * x_RI @ w_OI.T`` in float32 (added to ``out_RO`` in place when given). ``w_OI``:
     float32, float16 or bfloat16, or int8 with ``scales_O`` (bfloat16, one per output row: the
     weight is ``w_OI * scales_O[:, None]``). ``threads``: default torch's intra-op threads."""
-    lib = lib or library()
-    if lib is None:
-        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    lib = _required(lib)
     if x_RI.dim() != 2 or w_OI.dim() != 2 or x_RI.shape[1] != w_OI.shape[1]:
         shapes = f"{tuple(x_RI.shape)} and {tuple(w_OI.shape)}"
         raise ValueError(f"x_RI (R, I) and w_OI (O, I) must agree in I; got {shapes}")
     rows, (n_out, n_in) = x_RI.shape[0], w_OI.shape
-    x_RI = x_RI.detach().float().contiguous()
-    w_OI = w_OI.detach().contiguous()
-    if out_RO is None:
-        y_RO, accumulate = torch.empty(rows, n_out), 0
-    else:
-        if out_RO.shape != (rows, n_out) or out_RO.dtype != torch.float32 or not out_RO.is_contiguous():
-            got = f"{out_RO.dtype} {tuple(out_RO.shape)}"
-            raise ValueError(f"out_RO must be a contiguous float32 ({rows}, {n_out}); got {got}")
-        y_RO, accumulate = out_RO, 1
-    n = torch.get_num_threads() if threads is None else threads
-    x, y = x_RI.data_ptr(), y_RO.data_ptr()
-    if w_OI.dtype == torch.int8:
+    if out_RO is not None and (
+        out_RO.shape != (rows, n_out) or out_RO.dtype != torch.float32 or not out_RO.is_contiguous()
+    ):
+        got = f"{out_RO.dtype} {tuple(out_RO.shape)}"
+        raise ValueError(f"out_RO must be a contiguous float32 ({rows}, {n_out}); got {got}")
+    fmt = "int8" if w_OI.dtype == torch.int8 else float_format(w_OI.dtype)
+    if fmt is None:
+        raise ValueError(f"w_OI must be float32, float16, bfloat16 or int8; got {w_OI.dtype}")
+    scale = 0
+    if fmt == "int8":
         if scales_O is None or scales_O.dtype != torch.bfloat16 or scales_O.shape != (n_out,):
             raise ValueError("an int8 weight needs scales_O: bfloat16, one per output row")
         if n_in > MAX_INT8_IN:
             raise ValueError(f"the int8 kernel takes at most {MAX_INT8_IN} input features; got {n_in}")
-        s = scales_O.contiguous().data_ptr()
-        lib.mk_linear_int8(x, rows, n_in, w_OI.data_ptr(), s, n_out, y, alpha, accumulate, n)
-    elif w_OI.dtype in FLOAT_CODES:
-        lib.mk_linear_float(FLOAT_CODES[w_OI.dtype], x, rows, n_in, w_OI.data_ptr(), n_out, y, alpha, accumulate, n)
-    else:
-        raise ValueError(f"w_OI must be float32, float16, bfloat16 or int8; got {w_OI.dtype}")
-    return y_RO
+        scales_O = scales_O.contiguous()
+        scale = scales_O.data_ptr()
+    x_RI, w_OI = x_RI.detach().float().contiguous(), w_OI.detach().contiguous()
+    y_RO = torch.empty(rows, n_out)
+    n = torch.get_num_threads() if threads is None else threads
+    lib.mk_linear(format_code(fmt), x_RI.data_ptr(), rows, n_in, w_OI.data_ptr(), scale, n_out, y_RO.data_ptr(), n)
+    if out_RO is None:
+        return y_RO.mul_(alpha) if alpha != 1.0 else y_RO
+    return out_RO.add_(y_RO, alpha=alpha)
 
 
 def float_format(dtype: torch.dtype) -> Optional[str]:
     """The format name of a float weight dtype (``torch.float16`` -> ``"fp16"``), None for others."""
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    return _FLOAT_FORMATS.get(dtype)
 
 
 def format_code(fmt: str) -> int:
     """The kernels' code of a weight format (-1: not theirs, e.g. int4)."""
-    return {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}.get(fmt, -1)
+    return FORMATS.index(fmt) if fmt in FORMATS else -1
 
 
 class ExpertTable:
@@ -258,9 +262,7 @@ def _experts_op(
     kind: str,
     threads: int,
 ) -> None:
-    lib = library()
-    if lib is None:
-        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    lib = _required()
     if out_D.dtype != torch.float32 or not out_D.is_contiguous() or x_D.shape != out_D.shape or x_D.dim() != 1:
         raise ValueError("out_D must be a contiguous float32 vector of x_D's shape")
     x = x_D.detach().float().contiguous()
@@ -280,8 +282,8 @@ def _experts_op(
         x.data_ptr(),
         x.shape[0],
         hidden_dim,
-        ACT_CODES[kind],
-        int(GATED_CODES[kind]),
+        get_activation(kind).kernel_code,
+        int(get_activation(kind).gated),
         out_D.data_ptr(),
         n,
     )
@@ -297,9 +299,7 @@ def linear_many(
 ) -> list[Tensor]:
     """``[x_RI @ w.T for each (fmt, w, scales)]`` in one call (e.g. an attention's q, k and v: one
     thread fork, x quantized once): float32, each weight in a format of :data:`FORMATS`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("moekit's native kernels are not available (MOEKIT_NATIVE=0 or no C compiler)")
+    lib = _required()
     rows, n_in = x_RI.shape
     if any(w.dim() != 2 or w.shape[1] != n_in or format_code(f) < 0 for f, w, _ in weights):
         raise ValueError(f"every weight must be (O, {n_in}) in one of {FORMATS}")

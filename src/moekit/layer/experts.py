@@ -149,6 +149,11 @@ class StackedExperts(nn.Module):
         raise NotImplementedError
 
 
+def _storage_key(*ws: Tensor) -> tuple:
+    """What views or addresses made from ``ws`` stay valid for: their storage, shapes, strides, dtypes."""
+    return tuple((w.data_ptr(), w.shape, w.stride(), w.dtype) for w in ws)
+
+
 class GroupedExperts(StackedExperts):
     """E homogeneous FFN experts stored as stacked (E, ...) weights, each initialised like a dense
     FFN of the same width, computed in one grouped pass by the chosen backend."""
@@ -236,7 +241,7 @@ class GroupedExperts(StackedExperts):
             or not native.available()
         ):
             return None
-        key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype) for w in (w_up, w_down))
+        key = _storage_key(w_up, w_down)
         if self._table is None or self._table[0] != key:
             fmt = native.float_format(w_up.dtype) or ""
             ups, downs = w_up.detach().transpose(1, 2), w_down.detach().transpose(1, 2)  # (E, H, D), (E, D, F)
@@ -262,7 +267,7 @@ class GroupedExperts(StackedExperts):
             return None  # only the CPU eager no-grad loop indexes experts; the views carry no gradient
         if w_up is not self.w_up or w_down is not self.w_down:
             return None
-        key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype) for w in (w_up, w_down))
+        key = _storage_key(w_up, w_down)
         if self._views is None or self._views[0] != key:
             with torch.no_grad():
                 self._views = (key, w_up.unbind(0), w_down.unbind(0))

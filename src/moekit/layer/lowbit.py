@@ -40,19 +40,14 @@ class LowBitTensors(nn.Module):
         self._view: tuple[tuple[int, int], LowBitWeight] = ((w.data.data_ptr(), w.data._version), w)
 
     def weight(self) -> LowBitWeight:
-        """The weight over the current buffers (rebuilt after they move: e.g. a checkpoint read)."""
+        """The weight over the current buffers (rebuilt after they move: e.g. a checkpoint read;
+        compiled, made from them as traced: the address check cannot be traced)."""
+        if torch.compiler.is_compiling():
+            return LowBitWeight(self.fmt, self.data, self.scales, self.zeros, self.group_size)
         key = (self.data.data_ptr(), self.data._version)  # moved, or written in place (a checkpoint read)
         if self._view[0] != key:
             self._view = (key, LowBitWeight(self.fmt, self.data, self.scales, self.zeros, self.group_size))
         return self._view[1]
-
-    def linear(self, x_RI: Tensor) -> Tensor:
-        """``x_RI @ w.T`` (:meth:`LowBitWeight.linear`); compiled, the native kernels' operator on
-        the buffers themselves (the eager check of :meth:`weight` compares addresses)."""
-        if torch.compiler.is_compiling() and native.handles(self.fmt, x_RI, self.data):
-            scales = self.scales if self.fmt == "int8" else None
-            return native.linear_op(x_RI, self.data, scales, 0).to(x_RI.dtype)
-        return self.weight().linear(x_RI)
 
     @property
     def name(self) -> str:
@@ -80,7 +75,7 @@ class LowBitLinear(nn.Module):
         return cls(LowBitWeight.quantize(linear.weight, fmt, group_size), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.q.linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        y = self.q.weight().linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -104,7 +99,7 @@ class LowBitFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x_RD = x.reshape(-1, x.shape[-1])
-        y_RD = self.down.linear(self._act(self.up.linear(x_RD)))
+        y_RD = self.down.weight().linear(self._act(self.up.weight().linear(x_RD)))
         return y_RD.reshape(*x.shape[:-1], self.dim)
 
 
