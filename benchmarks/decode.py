@@ -52,6 +52,16 @@ def bandwidth(threads: int) -> float:
     return read_bandwidth()
 
 
+def huge_page_bytes() -> int:
+    """Bytes of this process's memory on transparent huge pages (``AnonHugePages``; the decode
+    weights are moved there by ``prepare_decoding_`` where the system allows)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(ln.split()[1]) * 1024 for ln in text.splitlines() if ln.startswith("AnonHugePages:")), 0)
+
+
 def bytes_per_token(cfg, fmt: str) -> int:
     """Weight bytes one decoded token reads in ``fmt`` (the routers and one embedding row: fp32)."""
     m, D = cfg.moe, cfg.dim
@@ -124,6 +134,7 @@ def one(args) -> None:
         bandwidth=bw,
     )
     row.update(tokens=tokens, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    row.update(huge_pages=huge_page_bytes())
     print(json.dumps(row), flush=True)
 
 
@@ -150,9 +161,9 @@ def speed(args) -> None:
     print(f"{args.hf}: batch 1, prompt {len(PROMPT)} tokens, {args.new_tokens} greedy tokens timed")
     print(
         "| engine, format | threads | tok/s | weight-read bound tok/s | of bound | same tokens as moekit fp32 "
-        "| peak RSS GiB |"
+        "| peak RSS GiB | on huge pages GiB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r.get('engine', '?')} {r.get('fmt', '')} | {r.get('threads', '')} | FAIL: {r['error']} |")
@@ -162,7 +173,8 @@ def speed(args) -> None:
         print(
             f"| {r['engine']} {r.get('type', r['fmt'])} | {r['threads']} | {r['tok_s']:.1f} | "
             + (f"{bound:.1f} | {r['tok_s'] / bound:.2f}" if bound else "- | -")
-            + f" | {same}/{len(r['tokens'])} | {r['peak_rss'] / 2**30:.2f} |"
+            + f" | {same}/{len(r['tokens'])} | {r['peak_rss'] / 2**30:.2f} | "
+            + (f"{r['huge_pages'] / 2**30:.2f} |" if "huge_pages" in r else "- |")
         )
 
 

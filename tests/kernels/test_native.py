@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,15 +54,39 @@ def test_a_gemv_equals_the_dequantized_weight_in_float64(fmt, shape):
     assert ((got.double() - want).abs() <= 0.5 * tolerance(q, x) + 1e-6).all()
 
 
-def test_the_portable_build_computes_the_same():
-    lib = native.load(native.FLAGS + ("-DMK_PORTABLE",))
-    assert lib is not None and lib.mk_vectorized() == 0 and native.library().mk_vectorized() in (0, 1)
+AVX2 = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+
+@pytest.mark.parametrize("build", ["portable", "avx2"])
+def test_each_instruction_sets_build_computes_the_same(build):
+    """The portable C and the AVX2 kernels (built here even on an AVX-512 CPU) against float64, on
+    shapes with every tail length of their loops."""
+    if build == "avx2" and not AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    lib = native.load(native.FLAGS + (("-DMK_PORTABLE",) if build == "portable" else ("-DMK_NO_AVX512",)))
+    assert lib is not None and native.instruction_set(lib) == build
+    assert native.instruction_set() in ("avx2", "avx512-vnni")  # the process never takes the portable build
     torch.manual_seed(3)
     for fmt in native.FORMATS:
-        q = LowBitWeight.quantize(torch.randn(33, 150), fmt)
-        x = torch.randn(2, 150)
-        y = native.linear(x, q.data, q.scales, lib=lib)
-        assert ((y.double() - reference(q, x)).abs() <= tolerance(q, x)).all(), fmt
+        for n_in in (150, 64, 7, 97):
+            q = LowBitWeight.quantize(torch.randn(33, n_in), fmt)
+            x = torch.randn(2, n_in)
+            y = native.linear(x, q.data, q.scales, lib=lib)
+            assert ((y.double() - reference(q, x)).abs() <= tolerance(q, x)).all(), (fmt, n_in)
+
+
+@pytest.mark.parametrize("build", ["default", "avx2"])
+def test_int8_products_at_the_extremes_of_the_bytes_do_not_saturate(build):
+    """Weights of -128 and 127 against rows at their largest magnitude: the pairwise int16 sums of
+    the AVX2 kernel (vpmaddubsw) would saturate on unsigned bytes times these."""
+    if build == "avx2" and not AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    lib = native.load(native.FLAGS + ("-DMK_NO_AVX512",)) if build == "avx2" else native.library()
+    data = torch.tensor([[-128] * 96, [127] * 96, [-128, 127] * 48, [127, -128] * 48], dtype=torch.int8)
+    scales = torch.ones(4, dtype=torch.bfloat16)
+    x = torch.tensor([[1.0] * 96, [-1.0] * 96, [1.0, -1.0] * 48, [-1.0, 1.0] * 48])
+    y = native.linear(x, data, scales, lib=lib)
+    assert torch.equal(y, (x.double() @ data.double().t()).float())
 
 
 def test_a_lowbit_weight_takes_the_kernels_for_a_few_rows_and_torch_for_many():

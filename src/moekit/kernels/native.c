@@ -12,7 +12,10 @@
  * rounding error, so x keeps ~15 bits (relative error ~1e-5 of max|x|, against bf16's 2^-9 that
  * PyTorch's int8 kernel rounds x to). The dot of one level is sum(u * w) - 128 * sum(w) in int32,
  * exact; sum(w) is taken in the same pass (one more VNNI product: measured free, the loop waits on
- * memory). Without AVX-512 VNNI the same arithmetic runs in portable C.
+ * memory). With AVX2 (no VNNI) the products are llama.cpp's AVX2 Q8_0 ones: |w| times the byte
+ * given w's sign (`vpmaddubsw`, whose pairs cannot saturate: |q|, |w| <= 128), widened by `vpmaddwd`.
+ * Without either, the same arithmetic runs in portable C (slower than PyTorch's kernels: the Python
+ * side does not use it).
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,8 +24,13 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if !defined(MK_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#if !defined(MK_PORTABLE) && !defined(MK_NO_AVX512) && defined(__AVX512F__) && defined(__AVX512BW__) &&                \
+    defined(__AVX512VNNI__) && defined(__AVX512DQ__)
 #define MK_AVX512 1
+#elif !defined(MK_PORTABLE) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MK_AVX2 1
+#endif
+#if defined(MK_AVX512) || defined(MK_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -58,7 +66,28 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* element i of a float-format row */
+static inline float w_at(int fmt, const void *w, int64_t i) {
+    return fmt == MK_F32   ? ((const float *)w)[i]
+           : fmt == MK_F16 ? f16_to_f32(((const uint16_t *)w)[i])
+                           : bf16_to_f32(((const uint16_t *)w)[i]);
+}
+
+/* max |x|, or NaN when x holds a NaN or an infinity: quantize_row then gives NaN scales, so every
+ * product with the row is NaN (never a finite wrong number) */
+static float max_abs(const float *x, int64_t I) {
+    float m = 0;
+    int finite = 1;
+    for (int64_t i = 0; i < I; i++) {
+        finite &= isfinite(x[i]) != 0;
+        m = fmaxf(m, fabsf(x[i]));
+    }
+    return finite ? m : NAN;
+}
+
 /* ---- one weight row against R rows of x --------------------------------------------------- */
+/* dot_float: sum(w * x) over one row of a float format; dot_q: sum(w * x) over one int8 row, x in the
+ * integer form quantize_row wrote (q, s) */
 
 #ifdef MK_AVX512
 static inline __m512 ld16(int fmt, const void *w, int64_t i, __mmask16 m) {
@@ -89,9 +118,8 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-/* sum(u1 * w), sum(u2 * w) and sum(w) over one row, int32 (exact) */
-static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2,
-                   int32_t *ws) {
+/* sum(u * w) - 128 * sum(w): sum(w) by one more VNNI product */
+static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2) {
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a, e = a, f = a;
     int64_t i = 0;
@@ -111,22 +139,95 @@ static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_
         c = _mm512_dpbusd_epi32(c, _mm512_maskz_loadu_epi8(m, u2 + i), v);
         e = _mm512_dpbusd_epi32(e, ones, v);
     }
-    *d1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-    *d2 = _mm512_reduce_add_epi32(_mm512_add_epi32(c, d));
-    *ws = _mm512_reduce_add_epi32(_mm512_add_epi32(e, f));
+    int32_t ws = _mm512_reduce_add_epi32(_mm512_add_epi32(e, f));
+    *d1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b)) - 128 * ws;
+    *d2 = _mm512_reduce_add_epi32(_mm512_add_epi32(c, d)) - 128 * ws;
+}
+#elif defined(MK_AVX2)
+static inline __m256 ld8(int fmt, const void *w, int64_t i) {
+    switch (fmt) {
+    case MK_F32:
+        return _mm256_loadu_ps((const float *)w + i);
+    case MK_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    default: /* MK_BF16 */
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= I; i += 32) {
+        a0 = _mm256_fmadd_ps(ld8(fmt, w, i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(ld8(fmt, w, i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(ld8(fmt, w, i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(ld8(fmt, w, i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= I; i += 8)
+        a0 = _mm256_fmadd_ps(ld8(fmt, w, i), _mm256_loadu_ps(x + i), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < I; i++)
+        s += w_at(fmt, w, i) * x[i];
+    return s;
+}
+
+/* x as one int16 level: q = round(x / s), s = max|x| / 32767 (relative error <= 1.5e-5 of max|x|,
+ * what the two int8 levels keep); w widened to int16 and multiplied pairwise by vpmaddwd: fewer
+ * instructions per byte than two levels of vpmaddubsw, which cost twice (the loop is compute-bound on
+ * 128-bit AVX2 cores: Zen 1) */
+static void quantize_row(const float *x, int64_t I, uint8_t *qx, float *s) {
+    int16_t *q = (int16_t *)qx;
+    float m = max_abs(x, I);
+    s[1] = 0;
+    if (isnan(m)) {
+        memset(q, 0, (size_t)I * 2);
+        s[0] = NAN;
+        return;
+    }
+    s[0] = m / 32767.0f;
+    float inv = m > 0 ? 32767.0f / m : 0.0f;
+    for (int64_t i = 0; i < I; i++)
+        q[i] = (int16_t)fminf(32767.0f, fmaxf(-32767.0f, nearbyintf(x[i] * inv)));
+}
+
+/* each int32 lane gains |w * q| <= 2 * 128 * 32767 < 2^23 per vpmaddwd: summed into float every
+ * MK_I16_CHUNK elements, a lane never holds more than 2^29 */
+#define MK_I16_CHUNK 1024
+static float dot_q(const int8_t *w, const uint8_t *qx, const float *s, int64_t I) {
+    const int16_t *q = (const int16_t *)qx;
+    __m256 tot = _mm256_setzero_ps();
+    int64_t i = 0;
+    while (i + 32 <= I) {
+        int64_t end = i + MK_I16_CHUNK < I ? i + MK_I16_CHUNK : I;
+        __m256i a = _mm256_setzero_si256(), b = a;
+        for (; i + 32 <= end; i += 32) {
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(q + i))));
+            b = _mm256_add_epi32(b, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(q + i + 16))));
+        }
+        tot = _mm256_add_ps(tot, _mm256_cvtepi32_ps(_mm256_add_epi32(a, b)));
+    }
+    int64_t rest = 0;
+    for (; i < I; i++)
+        rest += (int32_t)q[i] * w[i];
+    return (hsum8(tot) + (float)rest) * s[0];
 }
 #else
 static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     float acc[16] = {0};
     for (int64_t i0 = 0; i0 < I; i0 += 16) {
         int64_t n = I - i0 < 16 ? I - i0 : 16;
-        for (int64_t j = 0; j < n; j++) {
-            int64_t i = i0 + j;
-            float v = fmt == MK_F32   ? ((const float *)w)[i]
-                      : fmt == MK_F16 ? f16_to_f32(((const uint16_t *)w)[i])
-                                      : bf16_to_f32(((const uint16_t *)w)[i]);
-            acc[j] += v * x[i];
-        }
+        for (int64_t j = 0; j < n; j++)
+            acc[j] += w_at(fmt, w, i0 + j) * x[i0 + j];
     }
     float s = 0;
     for (int j = 0; j < 16; j++)
@@ -134,51 +235,49 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     return s;
 }
 
-static void dot_u8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2,
-                   int32_t *ws) {
-    int32_t a = 0, c = 0, e = 0;
+static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2) {
+    int32_t a = 0, c = 0;
     for (int64_t i = 0; i < I; i++) {
-        a += (int32_t)u1[i] * w[i];
-        c += (int32_t)u2[i] * w[i];
-        e += w[i];
+        a += ((int32_t)u1[i] - 128) * w[i];
+        c += ((int32_t)u2[i] - 128) * w[i];
     }
     *d1 = a;
     *d2 = c;
-    *ws = e;
 }
 #endif
 
-/* x = s1 * (u1 - 128) + s2 * (u2 - 128), the second level holding the first's rounding error; a
- * row with a NaN or an infinity gets NaN scales, so every product with it is NaN (never a finite
- * wrong number) */
-static void quantize_row(const float *x, int64_t I, uint8_t *u1, uint8_t *u2, float *s1, float *s2) {
-    float m1 = 0, m2 = 0;
-    int finite = 1;
-    for (int64_t i = 0; i < I; i++) {
-        finite &= isfinite(x[i]) != 0;
-        m1 = fmaxf(m1, fabsf(x[i]));
-    }
-    if (!finite) {
-        memset(u1, 128, (size_t)I);
-        memset(u2, 128, (size_t)I);
-        *s1 = *s2 = NAN;
+#ifndef MK_AVX2
+/* x = s1 * (u1 - 128) + s2 * (u2 - 128) with u1 = q, u2 = q + I, the second level holding the
+ * first's rounding error */
+static void quantize_row(const float *x, int64_t I, uint8_t *q, float *s) {
+    uint8_t *u1 = q, *u2 = q + I;
+    float m1 = max_abs(x, I), m2 = 0;
+    if (isnan(m1)) {
+        memset(q, 128, (size_t)I * 2);
+        s[0] = s[1] = NAN;
         return;
     }
-    *s1 = m1 / 127.0f;
+    s[0] = m1 / 127.0f;
     float inv1 = m1 > 0 ? 127.0f / m1 : 0.0f;
     for (int64_t i = 0; i < I; i++) {
-        float q = nearbyintf(x[i] * inv1);
-        u1[i] = (uint8_t)(q + 128.0f);
-        m2 = fmaxf(m2, fabsf(x[i] - q * *s1));
+        float v = nearbyintf(x[i] * inv1);
+        u1[i] = (uint8_t)(v + 128.0f);
+        m2 = fmaxf(m2, fabsf(x[i] - v * s[0]));
     }
-    *s2 = m2 / 127.0f;
+    s[1] = m2 / 127.0f;
     float inv2 = m2 > 0 ? 127.0f / m2 : 0.0f;
     for (int64_t i = 0; i < I; i++) {
-        float q = nearbyintf((x[i] - (u1[i] - 128.0f) * *s1) * inv2);
-        q = fminf(127.0f, fmaxf(-127.0f, q));
-        u2[i] = (uint8_t)(q + 128.0f);
+        float v = nearbyintf((x[i] - (u1[i] - 128.0f) * s[0]) * inv2);
+        u2[i] = (uint8_t)(fminf(127.0f, fmaxf(-127.0f, v)) + 128.0f);
     }
 }
+
+static float dot_q(const int8_t *w, const uint8_t *q, const float *s, int64_t I) {
+    int32_t d1, d2;
+    dot_i8(w, q, q + I, I, &d1, &d2);
+    return (float)d1 * s[0] + (float)d2 * s[1];
+}
+#endif
 
 /* ---- the entry points ------------------------------------------------------------------------ */
 
@@ -206,13 +305,11 @@ static inline float act1(int act, float g) {
     }
 }
 
-/* row o of weight (data, scale) in fmt against x, or its int8 form (u1, u2, s1, s2) */
+/* row o of weight (data, scale) in fmt against x, or against its integer form (u, s) for int8 */
 static float row_dot(int fmt, const void *data, const uint16_t *scale, int64_t o, int64_t I, const float *x,
                      const uint8_t *u, const float *s) {
     if (fmt == MK_I8) {
-        int32_t d1, d2, ws;
-        dot_u8((const int8_t *)data + (size_t)o * I, u, u + I, I, &d1, &d2, &ws);
-        return ((float)(d1 - 128 * ws) * s[0] + (float)(d2 - 128 * ws) * s[1]) * bf16_to_f32(scale[o]);
+        return dot_q((const int8_t *)data + (size_t)o * I, u, s, I) * bf16_to_f32(scale[o]);
     }
     size_t esize = fmt == MK_F32 ? 4 : 2;
     return dot_float(fmt, (const char *)data + (size_t)o * I * esize, x, I);
@@ -239,7 +336,7 @@ void mk_linear_many(int64_t n, const int32_t *fmts, const int64_t *ws, const int
         return;
     }
     for (int64_t r = 0; r < R; r++)
-        quantize_row(x + r * I, I, u + 2 * r * I, u + (2 * r + 1) * I, s + 2 * r, s + 2 * r + 1);
+        quantize_row(x + r * I, I, u + 2 * r * I, s + 2 * r);
     int nt = threads_for(threads, bytes, rows);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t b = 0; b < (rows + MK_ROWS - 1) / MK_ROWS; b++) {
@@ -293,7 +390,7 @@ void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids_in,
         return;
     }
     uint8_t *ua = u + 2 * D;
-    quantize_row(x, D, u, u + D, s, s + 1);
+    quantize_row(x, D, u, s);
     int64_t bytes = 0;
     for (int64_t k = 0; k < K; k++)
         bytes += (H + D) * F * (fmt[ids[k]] == MK_I8 ? 1 : fmt[ids[k]] == MK_F32 ? 4 : 2);
@@ -315,7 +412,7 @@ void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids_in,
             for (int64_t j = 0; j < F; j++)
                 ak[j] = gated ? act1(act, hk[j]) * hk[F + j] : act1(act, hk[j]);
             if (fmt[ids[k]] == MK_I8)
-                quantize_row(ak, F, ua + 2 * k * F, ua + (2 * k + 1) * F, s + 2 + 2 * k, s + 3 + 2 * k);
+                quantize_row(ak, F, ua + 2 * k * F, s + 2 + 2 * k);
         }
         /* out's rows in one contiguous range per thread, expert after expert: each thread streams
          * its part of each down projection front to back (row by row across the experts reads 8
@@ -338,9 +435,11 @@ void mk_experts(const int64_t *table, const int32_t *fmt, const int64_t *ids_in,
     free(s);
 }
 
-/* 1 when built with the AVX-512 VNNI kernels, 0 for the portable C ones */
+/* 2 when built with the AVX-512 VNNI kernels, 1 with the AVX2 ones, 0 for the portable C ones */
 int mk_vectorized(void) {
-#ifdef MK_AVX512
+#if defined(MK_AVX512)
+    return 2;
+#elif defined(MK_AVX2)
     return 1;
 #else
     return 0;

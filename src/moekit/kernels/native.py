@@ -125,13 +125,22 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def library() -> Optional[ctypes.CDLL]:
-    """The kernels for this process (None when off: ``MOEKIT_NATIVE=0``, or no working compiler;
-    both read once)."""
+    """The kernels for this process (None when off: ``MOEKIT_NATIVE=0``, no working compiler, or a
+    CPU with neither AVX-512 VNNI nor AVX2, where only the portable C builds, which is slower than
+    PyTorch's kernels; read once)."""
     global _lib, _checked
     if not _checked:
-        _lib = None if os.environ.get("MOEKIT_NATIVE", "1") == "0" else load()
+        lib = None if os.environ.get("MOEKIT_NATIVE", "1") == "0" else load()
+        _lib = lib if lib is not None and lib.mk_vectorized() > 0 else None
         _checked = True
     return _lib
+
+
+def instruction_set(lib: Optional[ctypes.CDLL] = None) -> str:
+    """What the kernels ``lib`` (default: this process's build) compute with: ``"avx512-vnni"``,
+    ``"avx2"`` or ``"portable"``; ``"off"`` when this process has none."""
+    lib = lib or library()
+    return "off" if lib is None else ("portable", "avx2", "avx512-vnni")[lib.mk_vectorized()]
 
 
 def _required(lib: Optional[ctypes.CDLL] = None) -> ctypes.CDLL:

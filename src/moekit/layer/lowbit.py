@@ -181,7 +181,9 @@ class QuantizedExperts(StackedExperts):
         return experts_on_tokens(self.expert, self.num_experts, self.dim, x_TD, experts_TK, weights_TK, into_TD)
 
     def prepare_decoding_(self) -> QuantizedExperts:
-        """Make the native kernels' table now (a compiled decode step only reads it)."""
+        """Make the native kernels' table now, anew (a compiled decode step only reads it; the
+        buffers may have moved, e.g. onto huge pages)."""
+        self._table = None
         if native.available():
             self._native_table([])
         return self

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # what DCP uses to place shards
 
 from ..config import LMConfig, causal_lm_problem
-from ..kernels import native, threads
+from ..kernels import native, pages, threads
 from ..layer import FeedForward, MoE, MoEOutput
 from ..layer.experts import GroupedExperts, LegacyParts, shapes_of, split_legacy_
 from ..layer.losses import balance_from_stats
@@ -595,7 +595,9 @@ class MoETransformer(nn.Module):
         fp16 3.9 -> 42 tok/s), or moekit's native kernels are built (one float32 token's chosen experts
         then run in one native call over these rows); otherwise float32 eager keeps the stacked
         layout MKL reads fastest. Compiled, low-bit weights must be native formats (:func:`check_compilable`).
-        benchmarks/RESULTS.md, "Decode threads and compiled decoding on the CPU"."""
+        benchmarks/RESULTS.md, "Decode threads and compiled decoding on the CPU".
+        Then the CPU weights move onto huge pages, one mapping per block (:mod:`moekit.kernels.pages`:
+        fewer TLB misses while a step streams them), where the system offers them."""
         if compile:
             check_compilable(self)
         for moe in self.moe_layers:
@@ -603,8 +605,11 @@ class MoETransformer(nn.Module):
             if isinstance(experts, GroupedExperts) and experts.w_up.device.type == "cpu":
                 if compile or experts.w_up.dtype in (torch.float16, torch.bfloat16) or native.available():
                     experts.rows_major_()
-            elif isinstance(experts, QuantizedExperts):
-                experts.prepare_decoding_()
+        if pages.available():
+            pages.move_to_huge_pages_([*self.blocks, self])
+        for moe in self.moe_layers:
+            if isinstance(moe.experts, QuantizedExperts):
+                moe.experts.prepare_decoding_()
         return self
 
     def _compiled_decode_step(self):
