@@ -144,6 +144,10 @@ static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_
     *d2 = _mm512_reduce_add_epi32(_mm512_add_epi32(c, d)) - 128 * ws;
 }
 #elif defined(MK_AVX2)
+/* weight bytes read ahead by software prefetch: on a Zen 1 core the streams read 1.15-1.27x as fast
+ * with it (fp32 9.4 -> 11.9, fp16 7.2 -> 8.4, int8 7.7 -> 9.1 GB/s at 1 thread; 1 to 4 KiB ahead
+ * measured, benchmarks/RESULTS.md) */
+#define MK_PREFETCH 4096
 static inline __m256 ld8(int fmt, const void *w, int64_t i) {
     switch (fmt) {
     case MK_F32:
@@ -165,7 +169,11 @@ static inline float hsum8(__m256 v) {
 static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
+    const int64_t size = fmt == MK_F32 ? 4 : 2;
     for (; i + 32 <= I; i += 32) {
+        _mm_prefetch((const char *)w + i * size + MK_PREFETCH, _MM_HINT_T0);
+        if (size == 4)
+            _mm_prefetch((const char *)w + i * size + MK_PREFETCH + 64, _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(ld8(fmt, w, i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(ld8(fmt, w, i + 8), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(ld8(fmt, w, i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -209,6 +217,7 @@ static float dot_q(const int8_t *w, const uint8_t *qx, const float *s, int64_t I
         int64_t end = i + MK_I16_CHUNK < I ? i + MK_I16_CHUNK : I;
         __m256i a = _mm256_setzero_si256(), b = a;
         for (; i + 32 <= end; i += 32) {
+            _mm_prefetch((const char *)w + i + MK_PREFETCH, _MM_HINT_T0);
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
             a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(q + i))));

@@ -255,12 +255,15 @@ def experts(
     each expert's up projection, activation ``kind`` and down projection, the rows of all of them
     split over torch's threads; ids outside ``[0, E)`` are empty slots. Every expert named must be
     native (``table.native[e] >= 0``)."""
-    _experts_op(table.table_E4, table.codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads or 0)
+    args = (table.table_E4, table.codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads or 0)
+    if torch.compiler.is_compiling():
+        torch.ops.moekit.native_experts(*args)
+    else:
+        _experts_kernel(*args)
     return out_D
 
 
-@torch.library.custom_op("moekit::native_experts", mutates_args=("out_D",), device_types="cpu")
-def _experts_op(
+def _experts_kernel(
     table_E4: Tensor,
     codes_E: Tensor,
     ids_K: Tensor,
@@ -298,11 +301,6 @@ def _experts_op(
     )
 
 
-@_experts_op.register_fake
-def _(table_E4, codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads) -> None:
-    return None
-
-
 def linear_many(
     x_RI: Tensor, weights: Sequence[tuple[str, Tensor, Optional[Tensor]]], threads: Optional[int] = None
 ) -> list[Tensor]:
@@ -320,38 +318,73 @@ def linear_many(
     if any(f == "int8" and s is None for (f, _, _), s in zip(weights, ss)):
         raise ValueError("an int8 weight needs its scales")
     ys = [torch.empty(rows, w.shape[0]) for w in ws]
-    addr = lambda ts: torch.tensor([0 if t is None else t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
-    codes = torch.tensor([format_code(f) for f, _, _ in weights], dtype=torch.int32)
-    outs = torch.tensor([w.shape[0] for w in ws], dtype=torch.int64)
-    w_a, s_a, y_a = addr(ws), addr(ss), addr(ys)
+    codes = (ctypes.c_int32 * len(ws))(*(format_code(f) for f, _, _ in weights))
+    w_a, s_a, y_a = _addresses(ws), _addresses(ss), _addresses(ys)
+    outs = (ctypes.c_int64 * len(ws))(*(w.shape[0] for w in ws))
     n = threads or torch.get_num_threads()
-    tables = (codes.data_ptr(), w_a.data_ptr(), s_a.data_ptr(), outs.data_ptr())
-    lib.mk_linear_many(len(ws), *tables, x.data_ptr(), rows, n_in, y_a.data_ptr(), n)
+    tables = (ctypes.addressof(codes), ctypes.addressof(w_a), ctypes.addressof(s_a), ctypes.addressof(outs))
+    lib.mk_linear_many(len(ws), *tables, x.data_ptr(), rows, n_in, ctypes.addressof(y_a), n)
     return ys
 
 
-@torch.library.custom_op("moekit::native_linear_many", mutates_args=(), device_types="cpu")
-def linear_many_op(x_RI: Tensor, ws: list[Tensor], scales: list[Optional[Tensor]], codes: list[int]) -> list[Tensor]:
-    """:func:`linear_many` as a PyTorch operator (compiled decode steps); ``codes``: each weight's
-    :func:`format_code`."""
+def _addresses(ts: Sequence[Optional[Tensor]]) -> ctypes.Array:
+    """The tensors' data addresses (0 for None) as a C array of int64 (cheaper than a tensor per call)."""
+    return (ctypes.c_int64 * len(ts))(*(0 if t is None else t.data_ptr() for t in ts))
+
+
+# The compiled decode step calls the kernels as PyTorch operators. They are defined on a plain
+# torch.library.Library with a CPU kernel and a fake (meta) one, not with torch.library.custom_op:
+# its Python autograd and in-place-or-view layers cost ~50 against ~5 us per call here, at ~25 calls
+# per decoded token (forward only: no gradient goes through these operators).
+_OPS = torch.library.Library("moekit", "FRAGMENT")
+_OPS.define("native_linear(Tensor x_RI, Tensor w_OI, Tensor? scales_O, int threads) -> Tensor")
+_OPS.define("native_linear_many(Tensor x_RI, Tensor[] ws, Tensor?[] scales, int[] codes) -> Tensor[]")
+_OPS.define(
+    "native_experts(Tensor table_E4, Tensor codes_E, Tensor ids_K, Tensor alphas_K, Tensor x_D, Tensor(a!) out_D, "
+    "int hidden_dim, str kind, int threads) -> ()"
+)
+
+
+def _linear_kernel(x_RI: Tensor, w_OI: Tensor, scales_O: Optional[Tensor], threads: int) -> Tensor:
+    return linear(x_RI, w_OI, scales_O, threads=threads or None)
+
+
+def _linear_many_kernel(
+    x_RI: Tensor, ws: list[Tensor], scales: list[Optional[Tensor]], codes: list[int]
+) -> list[Tensor]:
     return linear_many(x_RI, list(zip((FORMATS[c] for c in codes), ws, scales)))
 
 
-@linear_many_op.register_fake
+_OPS.impl("native_linear", _linear_kernel, "CPU")
+_OPS.impl("native_linear_many", _linear_many_kernel, "CPU")
+_OPS.impl("native_experts", _experts_kernel, "CPU")
+
+
+@torch.library.register_fake("moekit::native_linear", lib=_OPS)
+def _(x_RI, w_OI, scales_O, threads):
+    return x_RI.new_empty(x_RI.shape[0], w_OI.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("moekit::native_linear_many", lib=_OPS)
 def _(x_RI, ws, scales, codes):
     return [x_RI.new_empty(x_RI.shape[0], w.shape[0], dtype=torch.float32) for w in ws]
 
 
-@torch.library.custom_op("moekit::native_linear", mutates_args=(), device_types="cpu")
+@torch.library.register_fake("moekit::native_experts", lib=_OPS)
+def _(table_E4, codes_E, ids_K, alphas_K, x_D, out_D, hidden_dim, kind, threads) -> None:
+    return None
+
+
 def linear_op(x_RI: Tensor, w_OI: Tensor, scales_O: Optional[Tensor], threads: int) -> Tensor:
-    """:func:`linear` as a PyTorch operator (so ``torch.compile`` calls it inside a graph);
-    ``threads`` 0: torch's intra-op threads."""
-    return linear(x_RI, w_OI, scales_O, threads=threads or None)
+    """:func:`linear` as the operator ``moekit::native_linear`` (so ``torch.compile`` calls it inside a
+    graph); ``threads`` 0: torch's intra-op threads."""
+    return torch.ops.moekit.native_linear(x_RI, w_OI, scales_O, threads)
 
 
-@linear_op.register_fake
-def _(x_RI, w_OI, scales_O, threads):
-    return x_RI.new_empty(x_RI.shape[0], w_OI.shape[0], dtype=torch.float32)
+def linear_many_op(x_RI: Tensor, ws: list[Tensor], scales: list[Optional[Tensor]], codes: list[int]) -> list[Tensor]:
+    """:func:`linear_many` as the operator ``moekit::native_linear_many`` (compiled decode steps);
+    ``codes``: each weight's :func:`format_code`."""
+    return torch.ops.moekit.native_linear_many(x_RI, ws, scales, codes)
 
 
 __all__ = [
