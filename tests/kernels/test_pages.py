@@ -3,8 +3,6 @@ stride; a model keeps its parameters' identity, its tied weights, its outputs an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,20 +13,6 @@ from moekit.kernels import pages
 from moekit.layer.lowbit import QuantizedExperts
 from moekit.models import MoETransformer
 from moekit.quantize import quantize_model
-
-
-def _advised(t: torch.Tensor) -> bool:
-    """True when the mapping holding ``t`` is advised MADV_HUGEPAGE (``hg`` in its VmFlags)."""
-    addr, inside = t.data_ptr(), False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= addr < hi
-        elif inside and line.startswith("VmFlags:"):
-            return "hg" in line.split()
-    return False
-
 
 needs_pages = pytest.mark.skipif(not pages.available(), reason="no transparent huge pages on this system")
 
@@ -64,7 +48,7 @@ def test_copies_keep_values_dtypes_shapes_and_strides_in_storages_of_their_own()
 @needs_pages
 def test_the_mapping_is_advised_and_tracked():
     (c,) = pages.on_huge_pages([torch.randn(1 << 20)])
-    assert _advised(c)
+    assert "hg" in pages.mapping_info(c)["VmFlags"].split()  # advised MADV_HUGEPAGE
     assert pages.on_huge_pages_already(c)
     assert not pages.on_huge_pages_already(torch.randn(1 << 20))
 

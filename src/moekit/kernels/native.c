@@ -12,10 +12,9 @@
  * rounding error, so x keeps ~15 bits (relative error ~1e-5 of max|x|, against bf16's 2^-9 that
  * PyTorch's int8 kernel rounds x to). The dot of one level is sum(u * w) - 128 * sum(w) in int32,
  * exact; sum(w) is taken in the same pass (one more VNNI product: measured free, the loop waits on
- * memory). With AVX2 (no VNNI) the products are llama.cpp's AVX2 Q8_0 ones: |w| times the byte
- * given w's sign (`vpmaddubsw`, whose pairs cannot saturate: |q|, |w| <= 128), widened by `vpmaddwd`.
- * Without either, the same arithmetic runs in portable C (slower than PyTorch's kernels: the Python
- * side does not use it).
+ * memory). With AVX2 (no VNNI) x is written as one int16 level instead (the same ~1.5e-5 of max|x|)
+ * and multiplied by the weight widened to int16 (`vpmaddwd`). Without either, the two int8 levels run
+ * in portable C (slower than PyTorch's kernels: the Python side does not use that build).
  */
 #include <math.h>
 #include <stdint.h>
@@ -325,8 +324,9 @@ static float row_dot(int fmt, const void *data, const uint16_t *scale, int64_t o
 }
 
 /* y_j = x @ w_j^T for n weights of one input (an attention's q, k and v) in one call: their output
- * rows form one space split over the threads, x written in int8 once. ws, scales, ys: addresses;
- * Os: each weight's rows; fmts: each one's MK_ format (scales 0 for the float ones). */
+ * rows form one space split over the threads, x written in its integer form once (quantize_row).
+ * ws, scales, ys: addresses; Os: each weight's rows; fmts: each one's MK_ format (scales 0 for the
+ * float ones). */
 void mk_linear_many(int64_t n, const int32_t *fmts, const int64_t *ws, const int64_t *scales, const int64_t *Os,
                     const float *x, int64_t R, int64_t I, const int64_t *ys, int threads) {
     uint8_t *u = (uint8_t *)malloc((size_t)(2 * R * I + 128));

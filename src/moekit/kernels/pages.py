@@ -145,19 +145,23 @@ def move_to_huge_pages_(modules: Sequence[nn.Module]) -> int:
     return moved
 
 
-def huge_page_bytes(t: Tensor) -> int:
-    """Bytes of huge pages backing the mapping that holds ``t`` (``AnonHugePages`` in
-    ``/proc/self/smaps``); 0 where none or unknown."""
-    addr, cur = t.data_ptr(), None
+def mapping_info(t: Tensor) -> dict[str, str]:
+    """The ``/proc/self/smaps`` fields of the mapping that holds ``t`` (e.g. ``VmFlags``, holding
+    ``hg`` when advised ``MADV_HUGEPAGE``; ``AnonHugePages``, the bytes on huge pages); empty where
+    unknown."""
+    addr, info, inside = t.data_ptr(), {}, False
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
-        return 0
+        return {}
     for line in lines:
         head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
+        if "-" in head and ":" not in head:  # a mapping's first line: "lo-hi perms ..."
+            if inside:
+                break
             lo, hi = (int(x, 16) for x in head.split("-"))
-            cur = lo <= addr < hi
-        elif cur and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            inside = lo <= addr < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            info[key] = value.strip()
+    return info
