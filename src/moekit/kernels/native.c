@@ -243,14 +243,17 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     return s;
 }
 
+/* sum(u * w) - 128 * sum(w), not sum((u - 128) * w): GCC 12.2 at -O3 -march=native on an AVX-512 CPU
+ * (Zen 4) vectorizes the latter wrongly once inlined into row_dot, for I mod 64 in [32, 64) */
 static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_t I, int32_t *d1, int32_t *d2) {
-    int32_t a = 0, c = 0;
+    int64_t a = 0, c = 0, sw = 0; /* 255 * 127 per input: int32 would overflow past 66k inputs */
     for (int64_t i = 0; i < I; i++) {
-        a += ((int32_t)u1[i] - 128) * w[i];
-        c += ((int32_t)u2[i] - 128) * w[i];
+        a += (int64_t)u1[i] * w[i];
+        c += (int64_t)u2[i] * w[i];
+        sw += w[i];
     }
-    *d1 = a;
-    *d2 = c;
+    *d1 = (int32_t)(a - 128 * sw);
+    *d2 = (int32_t)(c - 128 * sw);
 }
 #endif
 
