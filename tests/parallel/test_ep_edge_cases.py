@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import os
-import time
 
 import ep_edge_workers as W
 import pytest
+import ranks
 import torch.distributed as dist
-import torch.multiprocessing as tmp
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 
 
-def spawn(fn, world: int, tmp_path, *args) -> None:
-    store = str(tmp_path / f"store-{fn.__name__}-{time.monotonic_ns()}")
-    tmp.start_processes(fn, args=(world, store, str(tmp_path), *args), nprocs=world, join=True, start_method="spawn")
+def spawn(fn, world: int, tmp_path, *args, start_method: str = ranks.START_METHOD) -> None:
+    ranks.start(fn, (world, ranks.store_path(tmp_path, fn.__name__), str(tmp_path), *args), world, start_method)
 
 
 def results(tmp_path, case: str, world: int) -> None:
@@ -84,7 +82,7 @@ def test_collectives_return_only_after_the_backend_released_their_tensors(tmp_pa
 def test_no_gloo_worker_thread_of_moekits_groups_is_left_when_the_interpreter_finalizes(tmp_path):
     """The other way a rank aborted at exit: FSDP's hooks (cycles) and DTensor's caches keep the
     mesh's process groups alive, so their worker threads outlived the interpreter's teardown."""
-    spawn(W.no_gloo_thread_left_at_exit, 2, tmp_path)
+    spawn(W.no_gloo_thread_left_at_exit, 2, tmp_path, start_method="spawn")  # atexit runs only there
     results(tmp_path, "exit", 2)
 
 

@@ -3,13 +3,10 @@ slice of a global batch must equal the single-process model on the whole batch."
 
 from __future__ import annotations
 
-import multiprocessing
-import time
-
 import ep_workers as W
 import pytest
+import ranks
 import torch.distributed as dist
-import torch.multiprocessing as tmp
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -17,8 +14,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:
-    store = str(tmp_path / f"store-{fn.__name__}-{time.monotonic_ns()}")
-    tmp.start_processes(fn, args=(world, store, *args), nprocs=world, join=True, start_method="spawn")
+    ranks.start(fn, (world, ranks.store_path(tmp_path, fn.__name__), *args), world)
 
 
 def test_ep2_equals_single_process(tmp_path):
@@ -74,7 +70,7 @@ def test_setup_errors_are_clear_on_every_rank(tmp_path, case, expect):
 def test_a_rank_that_dies_or_hangs_mid_step_stops_the_others_with_a_clear_error(tmp_path, mode):
     timeout_s = 8.0  # the process-group timeout
     store = str(tmp_path / f"store-{mode}")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = ranks.context()
     procs = [ctx.Process(target=W.fails_mid_step, args=(r, 2, store, str(tmp_path), timeout_s, mode)) for r in range(2)]
     for p in procs:
         p.start()

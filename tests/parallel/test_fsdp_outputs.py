@@ -8,8 +8,8 @@ import time
 
 import fsdp_output_workers as FW
 import pytest
+import ranks
 import torch.distributed as dist
-import torch.multiprocessing as tmp
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -18,4 +18,4 @@ pytestmark = pytest.mark.skipif(
 
 def test_sharded_lm_returns_no_views_and_trains_as_one_process(tmp_path):
     store = str(tmp_path / f"store-{time.monotonic_ns()}")
-    tmp.start_processes(FW.steps_without_view_outputs, args=(2, store, 2, 3), nprocs=2, join=True, start_method="spawn")
+    ranks.start(FW.steps_without_view_outputs, (2, store, 2, 3), 2)
