@@ -98,6 +98,20 @@ def test_parallelize_refuses_activation_checkpointing_it_cannot_apply():
         parallelize(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), activation_checkpointing="full")
 
 
+@pytest.mark.parametrize("compile", ["inductr", 1, None])
+def test_parallelize_names_the_compile_backends_it_takes(compile):
+    from moekit import MoE, MoEConfig
+    from moekit.parallel import parallelize
+
+    with pytest.raises(
+        ValueError,
+        match=r"compile must be True \(inductor\), False, or the name of a torch.compile backend such as 'aot_eager'",
+    ):
+        parallelize(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), compile=compile)
+    with pytest.raises(ValueError, match="compile='aot_eager' compiles each transformer block: MoE has no blocks"):
+        parallelize(MoE(MoEConfig(dim=8, hidden_dim=4, num_experts=4)), compile="aot_eager")
+
+
 def test_apply_needs_an_initialised_process_group():
     from moekit import MoE, MoEConfig
     from moekit.parallel import apply_expert_parallel

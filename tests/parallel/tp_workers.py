@@ -59,7 +59,7 @@ def _batch():
 
 
 def equals_one_process(
-    rank: int, world: int, store: str, out_dir: str, tp: int, ep: int, ac: str = "none", compiled: bool = False
+    rank: int, world: int, store: str, out_dir: str, tp: int, ep: int, ac: str = "none", compiled: bool | str = False
 ) -> None:
     """Issue 25, item 10: ``tp`` x ``ep`` x (world / tp / ep) ranks (with activation checkpointing
     ``ac`` and each block compiled when ``compiled``). The loss, every gradient, the routing

@@ -5,9 +5,10 @@ lives in its own module; this one checks the combination and calls them in order
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 
@@ -27,7 +28,7 @@ def parallelize(
     expert_parallel: Optional[int] = None,
     tensor_parallel: int = 1,
     activation_checkpointing: str = "none",
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     statistics: str = "global",
     sync_init: bool = True,
     param_dtype: Optional[torch.dtype] = None,
@@ -37,7 +38,9 @@ def parallelize(
     dimension over the mesh's ``ep``, the token all-to-all as module hooks, the routing
     statistics' scope), then activation checkpointing (``"full"`` or ``"selective"``: a model with
     an ``activation_checkpointing`` attribute, like the LM), then ``torch.compile`` of each
-    transformer block (``compile``: a model with ``blocks``; the expert all-to-all, the routing
+    transformer block (``compile``: a model with ``blocks``; True for inductor, or the name of
+    another ``torch.compile`` backend, e.g. ``"aot_eager"`` to tell a tracing problem from a
+    code-generation one, as torchtitan's ``compile.backend``; the expert all-to-all, the routing
     statistics' collectives and their host reads run eagerly between the compiled graphs), then
     FSDP2 (``fully_shard``) over the rest (see :func:`~moekit.parallel.fsdp._fully_shard`).
     Tensor parallelism comes after EP (:mod:`moekit.parallel.tensor_parallel`).
@@ -79,9 +82,10 @@ def parallelize(
             "activation_checkpointing attribute (moekit's LM has; wrap other modules with torch.utils.checkpoint)"
         )
     blocks = getattr(model, "blocks", None)
-    if compile and not isinstance(blocks, (nn.ModuleList, list)):
-        raise ValueError(f"compile=True compiles each transformer block: {type(model).__name__} has no blocks")
-    _check_tensor_parallel(model, tensor_parallel, activation_checkpointing, compile)
+    backend = _compile_backend(compile)
+    if backend and not isinstance(blocks, (nn.ModuleList, list)):
+        raise ValueError(f"compile={compile!r} compiles each transformer block: {type(model).__name__} has no blocks")
+    _check_tensor_parallel(model, tensor_parallel, activation_checkpointing, bool(backend))
     handle, flat = _expert_parallel(model, mesh, expert_parallel, statistics, sync_init, tensor_parallel)
     tp_groups, tp_mesh = [], None
     if tensor_parallel > 1:
@@ -90,12 +94,24 @@ def parallelize(
         handle.tp_mesh = tp_mesh
     if activation_checkpointing != "none":
         setattr(model, "activation_checkpointing", activation_checkpointing)  # noqa: B010 (a plain attribute)
-    if compile:
+    if backend:
         assert isinstance(blocks, (nn.ModuleList, list))  # checked above
         for block in blocks:
-            block.compile()  # in place: FSDP2 then wraps the compiled block, as torchtitan does
+            block.compile(backend=backend)  # in place: FSDP2 then wraps the compiled block, as torchtitan does
     _fully_shard(model, handle.mesh, flat, [m for _, m in _moe_layers(model)], param_dtype, tp_groups, tp_mesh)
     return handle
+
+
+def _compile_backend(compile: Union[bool, str]) -> Optional[str]:
+    """The ``torch.compile`` backend ``compile`` names (True: inductor), or None (False)."""
+    if isinstance(compile, bool):
+        return "inductor" if compile else None
+    if not isinstance(compile, str) or compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            "compile must be True (inductor), False, or the name of a torch.compile backend such as 'aot_eager' "
+            f"(torch._dynamo.list_backends(exclude_tags=()) lists them); got {compile!r}"
+        )
+    return compile
 
 
 def _check_tensor_parallel(model: nn.Module, tp: int, activation_checkpointing: str, compile: bool) -> None:
@@ -142,7 +158,7 @@ def parallelize_pipeline(
     *,
     schedule: str = "1f1b",
     activation_checkpointing: str = "none",
-    compile: bool = False,
+    compile: Union[bool, str] = False,
     param_dtype: Optional[torch.dtype] = None,
 ) -> PipelineParallel:
     """Pipeline parallelism over a ``(pp, dp, ep)`` mesh of every rank
