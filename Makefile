@@ -20,7 +20,7 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
 

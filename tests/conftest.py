@@ -31,3 +31,11 @@ _import_triton_interpreted()
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (those that take ~8 s or more: several processes, torch.compile) run
+    first, in their files' order: with ``--dist worksteal`` (``make test``) the long ones start at
+    once and the other worker steals the short ones from the end of the queue, so the two finish
+    together instead of one waiting on a long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -211,6 +211,7 @@ def test_a_bad_expert_parallel_layout_under_torchrun_creates_no_run_folder(tmp_p
     assert not (tmp_path / "runs" / "ep").exists(), "no run folder for a layout that cannot train"
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------ 5: read-only and full disks
 def test_read_only_out_resume_and_inspect_are_one_line_errors(tmp_path, finished):
     runs = tmp_path / "runs"

@@ -6,6 +6,7 @@ import torch
 from moekit import MoE, MoEConfig
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "router,dtype", [("topk", torch.float32), ("sigmoid", torch.float32), ("topk", torch.bfloat16)]
 )

@@ -111,6 +111,7 @@ def test_bf16_autocast_matches_the_loop():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_under_torch_compile_the_layer_equals_eager():
     torch._dynamo.reset()
     torch.manual_seed(2)

@@ -82,6 +82,7 @@ def test_train_with_activation_checkpointing_takes_the_same_steps(tmp_path, monk
     assert rows["none"] and rows["full"] == rows["none"] and rows["selective"] == rows["none"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_compiled_checkpointed_blocks_count_the_routing_once(mode):
     """Compiled blocks under activation checkpointing: a compiled graph holds its buffer updates

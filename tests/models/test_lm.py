@@ -129,6 +129,7 @@ def test_sequence_longer_than_context_is_an_error():
         m(torch.zeros(1, 41, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_compiled_static_cache_decoding_gives_the_eager_tokens():
     """generate(compile=True) (decode_step under torch.compile, static KV cache) picks the same
     greedy tokens as eager decoding, for a MoE and a dense model, at batch 1 and 3, with a prompt."""

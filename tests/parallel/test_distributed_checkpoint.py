@@ -116,6 +116,7 @@ def test_every_state_a_crashed_save_leaves_reads_a_complete_checkpoint(tmp_path,
     assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.dcp"] and _step_of(path) == 3
 
 
+@pytest.mark.slow
 def test_a_save_killed_at_any_moment_leaves_the_last_complete_checkpoint(tmp_path):
     """SIGKILL a process that saves in a loop, at random moments: the checkpoint found is complete,
     its weights match its step, and no finished save is lost."""

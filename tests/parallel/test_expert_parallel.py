@@ -66,6 +66,7 @@ def test_setup_errors_are_clear_on_every_rank(tmp_path, case, expect):
         assert expect in msg, f"rank {rank}: {msg}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dies", "hangs"])
 def test_a_rank_that_dies_or_hangs_mid_step_stops_the_others_with_a_clear_error(tmp_path, mode):
     timeout_s = 8.0  # the process-group timeout

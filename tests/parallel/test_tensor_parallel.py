@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("world", "tp", "ep", "ac", "compiled"),
     [(2, 2, 1, "none", False), (4, 2, 2, "full", False), (4, 2, 1, "none", False), (2, 2, 1, "full", "aot_eager")],

@@ -106,6 +106,7 @@ def _clean(err: str) -> None:
     assert not found, f"{found} on stderr:\n{err[-4000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, group, code, resume_nproc",
     [(signal.SIGINT, True, 130, "2"), (signal.SIGTERM, False, 143, "1")],
@@ -133,6 +134,7 @@ def test_nproc_run_stops_like_one_process(tmp_path, sig, group, code, resume_npr
     assert "run folder: runs/r" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_third_ctrl_c_kills_workers_that_do_not_stop(tmp_path):
     """A worker that cannot stop (here: stopped with SIGSTOP, so its peer waits in a collective too):
     the first Ctrl-C asks, the second (SIGTERM to the workers) insists, the third kills them; the
@@ -166,6 +168,7 @@ def test_a_third_ctrl_c_kills_workers_that_do_not_stop(tmp_path):
                 pass
 
 
+@pytest.mark.slow
 def test_plain_torchrun_saves_then_exits_1_with_a_traceback_as_documented(tmp_path):
     """What the README says about plain torchrun (torch 2.13): it forwards Ctrl-C to its workers,
     which save and exit 130; then torchrun raises SignalException (a traceback) and exits 1."""

@@ -101,6 +101,7 @@ def _summary(run: Path, label: str = "moe") -> dict:
     return json.loads((run / label / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
     ep = moekit(
         tmp_path, "train", "--name", "ep", "--out", "runs", "--steps", "8", "--expert-parallel", "2", *TINY, nproc=2
@@ -144,6 +145,7 @@ def test_torchrun_expert_parallel_run_equals_the_single_process_run(tmp_path):
     assert again.returncode == 0 and again.stdout == gen.stdout, (gen.stdout, again.stdout)
 
 
+@pytest.mark.slow
 def test_compile_under_expert_parallelism_takes_the_eager_steps(tmp_path):
     """Issue 25, item 8: `--compile` under torchrun (EP=2) compiles each block, with the expert
     all-to-all and the statistics' collectives run eagerly between its graphs; every step's loss
@@ -160,6 +162,7 @@ def test_compile_under_expert_parallelism_takes_the_eager_steps(tmp_path):
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
 
 
+@pytest.mark.slow
 def test_stop_under_expert_parallel_then_resume_on_other_layouts_is_exact(tmp_path):
     """EP=2 -> EP=1 (data parallel on 2 ranks) -> one process, and one process -> EP=2: the
     per-step losses are those of an uninterrupted run."""
@@ -215,6 +218,7 @@ def test_batch_size_the_ranks_do_not_divide_is_a_clear_error(tmp_path):
     assert "batch_size=7 must be divisible by the number of ranks (2)" in res.stderr
 
 
+@pytest.mark.slow
 def test_tensor_parallel_run_equals_the_single_process_run_and_resumes_on_another_layout(tmp_path):
     """`moekit train --tensor-parallel 2` (2 ranks reading the same rows, each its share of the
     heads, the dense FFN and the shared expert): the losses and validation of one process; its
@@ -244,6 +248,7 @@ def test_a_layout_tensor_parallelism_cannot_take_is_refused_before_the_run_start
     assert not (tmp_path / "runs" / "x").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_parallel_run_resumes_across_layouts_as_one_process_accumulating(tmp_path):
     """Issue 25, items 11 and 9: `moekit train --pipeline-parallel 2` (a block per rank, 4
     microbatches, 1F1B) stopped at step 3 and resumed with expert parallelism instead, both with

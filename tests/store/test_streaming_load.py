@@ -107,6 +107,7 @@ def test_load_trained_names_what_does_not_fit(tmp_path):
         load_trained(tmp_path, cfg)
 
 
+@pytest.mark.slow
 def test_load_trained_peaks_near_the_model_not_the_file(tmp_path):
     """The file holds the model and 2x its bytes of AdamW state; loading grows the process by
     about the model (was: the whole file next to a randomly initialised model, ~4x)."""

@@ -345,6 +345,7 @@ def test_a_config_without_moe_layers_is_trained_and_labelled_as_the_dense_model(
     assert "\ndense " in out and "\nmoe " not in out
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager_and_its_checkpoint_resumes_eagerly(tmp_path):
     """--compile runs the training steps through torch.compile: the same losses as eager (to float
     rounding), a checkpoint with the model's own keys, and a resume without --compile continues it."""

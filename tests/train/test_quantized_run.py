@@ -65,6 +65,7 @@ def test_generate_with_low_bit_weights_and_what_it_refuses(run, capsys):
         assert out == "" and msg in err and err.count("\n") == 1, (extra, err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["int8", "bf16"])
 def test_compiled_generate_says_what_eager_says(run, capsys, dtype):
     """`--dtype int8|bf16 --compile`: the model quantized as without compile, its decode step

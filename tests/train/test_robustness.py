@@ -138,6 +138,7 @@ def test_nan_weight_stops_at_that_step_and_no_non_finite_checkpoint_is_written(t
     assert not list((tmp_path / "moe").glob("*.tmp"))
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------ SIGTERM
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path):
     """`docker stop` / a scheduler's SIGTERM: the step finishes, a checkpoint is written, exit 143;
