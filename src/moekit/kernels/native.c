@@ -31,6 +31,28 @@
 #endif
 #if defined(MK_AVX512) || defined(MK_AVX2)
 #include <immintrin.h>
+/* weight bytes read ahead by software prefetch, for the float formats and for int8
+ * (-DMK_PREFETCH=N / -DMK_PREFETCH_I8=N override, for A/B: benchmarks/native_gemv.py). AVX2 on a
+ * Zen 1 core: 4 KiB ahead reads 1.15-1.27x as fast (fp32 9.4 -> 11.9, fp16 7.2 -> 8.4, int8
+ * 7.7 -> 9.1 GB/s at 1 thread). AVX-512 on a Zen 4 core: the float formats read 1.2-1.5x as fast
+ * without it (fp32 17.9 -> 23.9, fp16 17.7 -> 24.3 GB/s at 1 thread); int8 the same either way
+ * (22.2 / 21.4), kept (benchmarks/RESULTS.md) */
+#ifndef MK_PREFETCH
+#ifdef MK_AVX512
+#define MK_PREFETCH 0
+#else
+#define MK_PREFETCH 4096
+#endif
+#endif
+#ifndef MK_PREFETCH_I8
+#define MK_PREFETCH_I8 4096
+#endif
+static inline void mk_prefetch_at(const void *p, int ahead) {
+    if (ahead > 0)
+        _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
+}
+#define mk_prefetch(p) mk_prefetch_at((p), MK_PREFETCH)
+#define mk_prefetch_i8(p) mk_prefetch_at((p), MK_PREFETCH_I8)
 #endif
 
 enum { MK_F32 = 0, MK_F16 = 1, MK_BF16 = 2, MK_I8 = 3 };
@@ -104,7 +126,10 @@ static inline __m512 ld16(int fmt, const void *w, int64_t i, __mmask16 m) {
 static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
+    const int64_t size = fmt == MK_F32 ? 4 : 2;
     for (; i + 64 <= I; i += 64) {
+        for (int64_t line = 0; line < 64 * size; line += 64)
+            mk_prefetch((const char *)w + i * size + line);
         a0 = _mm512_fmadd_ps(ld16(fmt, w, i, 0xffff), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(ld16(fmt, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), a1);
         a2 = _mm512_fmadd_ps(ld16(fmt, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), a2);
@@ -123,6 +148,8 @@ static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_
     __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a, e = a, f = a;
     int64_t i = 0;
     for (; i + 128 <= I; i += 128) {
+        mk_prefetch_i8(w + i);
+        mk_prefetch_i8(w + i + 64);
         __m512i v0 = _mm512_loadu_si512(w + i), v1 = _mm512_loadu_si512(w + i + 64);
         a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(u1 + i), v0);
         b = _mm512_dpbusd_epi32(b, _mm512_loadu_si512(u1 + i + 64), v1);
@@ -143,10 +170,6 @@ static void dot_i8(const int8_t *w, const uint8_t *u1, const uint8_t *u2, int64_
     *d2 = _mm512_reduce_add_epi32(_mm512_add_epi32(c, d)) - 128 * ws;
 }
 #elif defined(MK_AVX2)
-/* weight bytes read ahead by software prefetch: on a Zen 1 core the streams read 1.15-1.27x as fast
- * with it (fp32 9.4 -> 11.9, fp16 7.2 -> 8.4, int8 7.7 -> 9.1 GB/s at 1 thread; 1 to 4 KiB ahead
- * measured, benchmarks/RESULTS.md) */
-#define MK_PREFETCH 4096
 static inline __m256 ld8(int fmt, const void *w, int64_t i) {
     switch (fmt) {
     case MK_F32:
@@ -170,9 +193,9 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     int64_t i = 0;
     const int64_t size = fmt == MK_F32 ? 4 : 2;
     for (; i + 32 <= I; i += 32) {
-        _mm_prefetch((const char *)w + i * size + MK_PREFETCH, _MM_HINT_T0);
+        mk_prefetch((const char *)w + i * size);
         if (size == 4)
-            _mm_prefetch((const char *)w + i * size + MK_PREFETCH + 64, _MM_HINT_T0);
+            mk_prefetch((const char *)w + i * size + 64);
         a0 = _mm256_fmadd_ps(ld8(fmt, w, i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(ld8(fmt, w, i + 8), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(ld8(fmt, w, i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -216,7 +239,7 @@ static float dot_q(const int8_t *w, const uint8_t *qx, const float *s, int64_t I
         int64_t end = i + MK_I16_CHUNK < I ? i + MK_I16_CHUNK : I;
         __m256i a = _mm256_setzero_si256(), b = a;
         for (; i + 32 <= end; i += 32) {
-            _mm_prefetch((const char *)w + i + MK_PREFETCH, _MM_HINT_T0);
+            mk_prefetch_i8(w + i);
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
             a = _mm256_add_epi32(a, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(q + i))));
