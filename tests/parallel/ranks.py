@@ -2,8 +2,9 @@
 ``forkserver`` start method, its server having imported torch, moekit and the worker modules once.
 A rank then starts as a fork of that server (tens of milliseconds) instead of a fresh interpreter
 importing them all again (~2.4 s of CPU per rank; 2-4 ranks per test on two cores). The server
-imports only (no tensor work, no threads), so its forks are as clean as spawned processes; each
-test still gets its own process group, store file and rank processes. One difference: a forked
+only imports (no tensor work, no process group, no OpenMP region), and a fork of a process that
+imported torch is what DataLoader's workers are on Linux; each test still gets its own process
+group, store file and rank processes. One difference: a forked
 rank ends with ``os._exit`` after its function returns, so tests of what happens while the
 interpreter finalizes start theirs with ``spawn``."""
 
