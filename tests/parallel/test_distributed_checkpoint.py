@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_damaged_or_foreign_checkpoints_are_a_clear_error_on_every_rank(tmp_path):
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "dcp")
     ranks.start(W.bad_checkpoints, (2, store, str(tmp_path)), 2)
     for case, expect in W.CASES.items():
         for rank in range(2):
@@ -166,7 +166,7 @@ def test_load_trained_and_export_hf_read_a_sharded_checkpoint(tmp_path):
     from moekit.train.trainer import load_trained
 
     sub = tmp_path / "moe"
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "dcp")
     ranks.start(W.save_mixtral, (2, store, str(sub)), 2)
     torch.manual_seed(0)
     ref = MoETransformer(W.mixtral_cfg())
@@ -182,7 +182,7 @@ def test_load_trained_and_export_hf_read_a_sharded_checkpoint(tmp_path):
 def test_dtensor_parameters_fsdp2_round_trip(tmp_path):
     """Parameters that are DTensors already (FSDP2 over 2 ranks) are saved as they are, reload
     exactly on 2 ranks, and in one process equal the full tensors."""
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "dcp")
     ranks.start(W.fsdp_round_trip, (2, store, str(tmp_path)), 2)
     one = MoETransformer(_lm_cfg()).double()
     opt = torch.optim.AdamW(one.parameters(), lr=1e-2)
@@ -193,14 +193,14 @@ def test_dtensor_parameters_fsdp2_round_trip(tmp_path):
 
 
 def test_a_mesh_made_for_the_meta_device_is_refused(tmp_path):
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "dcp")
     ranks.start(W.meta_mesh_refused, (2, store, str(tmp_path)), 2)
 
 
 @pytest.mark.parametrize("statistics", ["local", "global"])
 def test_routing_statistics_kept_per_rank_come_back_to_their_rank(tmp_path, statistics):
     """Issue 25, fault 1: per-rank ``expert_usage`` / ``steps_unused`` were saved as one rank's copy."""
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "dcp")
     args = (2, store, str(tmp_path), statistics)
     ranks.start(W.per_rank_statistics, args, 2)
     from moekit.train.checkpoint import load_checkpoint

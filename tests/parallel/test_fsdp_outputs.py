@@ -4,8 +4,6 @@ print. The LM's blocks and root return none, and the sharded model still trains 
 
 from __future__ import annotations
 
-import time
-
 import fsdp_output_workers as FW
 import pytest
 import ranks
@@ -17,5 +15,5 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_sharded_lm_returns_no_views_and_trains_as_one_process(tmp_path):
-    store = str(tmp_path / f"store-{time.monotonic_ns()}")
+    store = ranks.store_path(tmp_path, "fsdp")
     ranks.start(FW.steps_without_view_outputs, (2, store, 2, 3), 2)

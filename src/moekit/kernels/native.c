@@ -51,8 +51,12 @@ static inline void mk_prefetch_at(const void *p, int ahead) {
     if (ahead > 0)
         _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
 }
-#define mk_prefetch(p) mk_prefetch_at((p), MK_PREFETCH)
 #define mk_prefetch_i8(p) mk_prefetch_at((p), MK_PREFETCH_I8)
+/* every 64-byte line of the n float-format weight bytes at p, MK_PREFETCH ahead */
+static inline void mk_prefetch_lines(const void *p, int64_t n) {
+    for (int64_t line = 0; line < n; line += 64)
+        mk_prefetch_at((const char *)p + line, MK_PREFETCH);
+}
 #endif
 
 enum { MK_F32 = 0, MK_F16 = 1, MK_BF16 = 2, MK_I8 = 3 };
@@ -128,8 +132,7 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     int64_t i = 0;
     const int64_t size = fmt == MK_F32 ? 4 : 2;
     for (; i + 64 <= I; i += 64) {
-        for (int64_t line = 0; line < 64 * size; line += 64)
-            mk_prefetch((const char *)w + i * size + line);
+        mk_prefetch_lines((const char *)w + i * size, 64 * size);
         a0 = _mm512_fmadd_ps(ld16(fmt, w, i, 0xffff), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(ld16(fmt, w, i + 16, 0xffff), _mm512_loadu_ps(x + i + 16), a1);
         a2 = _mm512_fmadd_ps(ld16(fmt, w, i + 32, 0xffff), _mm512_loadu_ps(x + i + 32), a2);
@@ -193,9 +196,7 @@ static float dot_float(int fmt, const void *w, const float *x, int64_t I) {
     int64_t i = 0;
     const int64_t size = fmt == MK_F32 ? 4 : 2;
     for (; i + 32 <= I; i += 32) {
-        mk_prefetch((const char *)w + i * size);
-        if (size == 4)
-            mk_prefetch((const char *)w + i * size + 64);
+        mk_prefetch_lines((const char *)w + i * size, 32 * size);
         a0 = _mm256_fmadd_ps(ld8(fmt, w, i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(ld8(fmt, w, i + 8), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(ld8(fmt, w, i + 16), _mm256_loadu_ps(x + i + 16), a2);
