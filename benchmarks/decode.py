@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -79,7 +79,7 @@ def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple
     (seconds of the rest, the ``steps`` ids picked). ``compile``: the steps as ``generate(...,
     compile=True)`` runs them (the compiled ``decode_step`` on a static cache; 16-bit formats
     quantized around the native kernels, or without them the float model cast)."""
-    from moekit.models.lm import KVCache
+    from moekit.models.lm import KVCache, skip_guard_checks
 
     p = next(model.parameters())
     model.prepare_decoding_(compile)  # as generate does
@@ -93,16 +93,19 @@ def decode_steps(model, steps: int, warmup: int, compile: bool = False) -> tuple
         model(torch.tensor([PROMPT[:-1]]), cache=cache)
     nxt, out, t0 = torch.tensor([[PROMPT[-1]]]), [], 0.0
     split = splits(model) and not compile
-    for i in range(steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        if compile:
-            logits = step(nxt, cache, torch.tensor([len(PROMPT) - 1 + i]))
-        else:
-            with decode_threads() if split else nullcontext():  # as the model's generate runs its one-token steps
-                logits = model(nxt, cache=cache).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(nxt))
+    with ExitStack() as steps_after_the_first:
+        for i in range(steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            if compile:
+                if i == 1:  # as generate: the guards checked on the first step's shapes, every later one's
+                    steps_after_the_first.enter_context(skip_guard_checks())
+                logits = step(nxt, cache, torch.tensor([len(PROMPT) - 1 + i]))
+            else:
+                with decode_threads() if split else nullcontext():  # as the model's generate runs one-token steps
+                    logits = model(nxt, cache=cache).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(nxt))
     return time.perf_counter() - t0, out
 
 
@@ -140,6 +143,8 @@ def one(args) -> None:
 
 def speed(args) -> None:
     rows = []
+    hf_cfg = json.loads((Path(args.hf) / "config.json").read_text())
+    n_ctx = min(512, hf_cfg.get("max_position_embeddings") or 512)  # llama.cpp's context: at most the model's
     for threads in [int(t) for t in args.threads.split(",")]:
         for fmt in args.formats.split(","):
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
@@ -153,7 +158,7 @@ def speed(args) -> None:
                     cmd = [args.llama_python, str(Path(__file__).with_name("llamacpp_ref.py")), "--gguf", str(gguf)]
                     cmd += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
                     cmd += ["--prompt-ids", ",".join(map(str, PROMPT)), "--warmup", str(args.warmup)]
-                    cmd += ["--rounds", str(args.rounds)]
+                    cmd += ["--rounds", str(args.rounds), "--n-ctx", str(n_ctx)]
                     r = _run(cmd)
                     r.update(fmt=fmt, threads=threads)
                     rows.append(r)

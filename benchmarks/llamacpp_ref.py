@@ -21,7 +21,7 @@ Modes (three interpreters are involved; none of this touches moekit's own enviro
    ``--tokenizer-pre`` (default ``olmo``, OLMoE's own, GPT-2's regex) when the hash is unknown.
    The pre-tokenizer only affects text tokenisation, never decoding given ids.
 3. ``--gguf PATH --threads N --new-tokens N --prompt-ids 1,2,...`` (the llama-cpp-python venv): load
-   (n_ctx 512, n_batch 512, mmap, n_threads = n_threads_batch = N, logits of the last token only),
+   (n_ctx = n_batch = ``--n-ctx``, default 512, mmap, n_threads = n_threads_batch = N, logits of the last token only),
    evaluate all but the last prompt id (untimed), then N decode steps: each evaluates one token (the
    last prompt id first, then the previous step's pick) and takes the argmax of its logits. The
    first ``--warmup`` steps (default 2) are untimed; ``tok_s = (N - warmup) / time of the rest``
@@ -168,7 +168,21 @@ def run_converter(converter: str, tokenizer_pre: str, argv: list[str]) -> None:
             )
             return tokenizer_pre
 
+    original_glm = base.TextModel._set_vocab_glm
+
+    def set_vocab_glm(self) -> None:
+        # GLM's vocabulary writer looks up GLM's own chat tokens ([gMASK], <|user|>, ...); a moekit
+        # run's tokenizer (a byte-level BPE with <|eos|>) has none: write it as the plain GPT-2 BPE it is
+        try:
+            original_glm(self)
+        except KeyError as err:
+            print(f"llamacpp_ref: no GLM special token {err}, writing a plain byte-level BPE", file=sys.stderr)
+            for key in [k for kv in self.gguf_writer.kv_data for k in kv if k.startswith("tokenizer.")]:
+                self.gguf_writer.remove_key(key)  # what the failed call had written already
+            self._set_vocab_gpt2()
+
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    base.TextModel._set_vocab_glm = set_vocab_glm
     sys.argv = [converter, *argv]
     runpy.run_path(converter, run_name="__main__")
 
@@ -201,7 +215,9 @@ def convert(hf: Path, out: Path, types: list[str], converter: str, python: str, 
 
 
 # ------------------------------------------------------------------------------------ --gguf (decode)
-def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warmup: int, rounds: int = 1) -> dict:
+def decode(
+    gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warmup: int, rounds: int = 1, n_ctx: int = 512
+) -> dict:
     """Greedy batch-1 decode with llama.cpp; the measurement as a dict (see the module docstring)."""
     import llama_cpp
     import numpy as np
@@ -211,8 +227,8 @@ def decode(gguf: str, threads: int, new_tokens: int, prompt_ids: list[int], warm
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=gguf,
-        n_ctx=512,
-        n_batch=512,
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
         n_threads=threads,
         n_threads_batch=threads,
         use_mmap=True,
@@ -286,6 +302,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--prompt-ids", default="1,2,3,4,5,6,7,8", help="comma-separated token ids")
     p.add_argument("--warmup", type=int, default=2, help="untimed first decode steps (their tokens are kept)")
     p.add_argument("--rounds", type=int, default=1, help="decode the new tokens this many times; median time")
+    p.add_argument("--n-ctx", type=int, default=512, help="--gguf: the context (KV cache cells); at most the model's")
     p.add_argument("--out", help="--convert: output folder")
     p.add_argument("--types", default="f32,f16,q8_0", help="--convert: comma-separated --outtype values")
     p.add_argument("--converter", default=os.environ.get("LLAMACPP_CONVERTER", DEFAULT_CONVERTER))
@@ -304,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         convert(Path(a.convert), Path(a.out), a.types.split(","), a.converter, a.converter_python, a.tokenizer_pre)
     else:
         ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
-        print(json.dumps(decode(a.gguf, a.threads, a.new_tokens, ids, a.warmup, a.rounds)), flush=True)
+        print(json.dumps(decode(a.gguf, a.threads, a.new_tokens, ids, a.warmup, a.rounds, a.n_ctx)), flush=True)
 
 
 if __name__ == "__main__":

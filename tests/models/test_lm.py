@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -152,8 +153,26 @@ def test_compiled_static_cache_decoding_gives_the_eager_tokens():
             eager = model.generate(prompt, 12, temperature=0)
             compiled = model.generate(prompt, 12, temperature=0, compile=True)
             assert torch.equal(compiled, eager), (cfg.moe is not None, B)
+            # the steps after the first skip the guard checks (skip_guard_eval_unsafe): only inside generate
+            assert torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe is False
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(prompt, 2, compile=True, use_cache=False)
+
+
+def test_compiled_decoding_keeps_a_callers_stance():
+    """Under a stance of the caller's (force_eager: no compiling), generate(compile=True) decodes
+    eagerly as asked and leaves the stance as it found it."""
+    from moekit.models.lm import skip_guard_checks
+
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    prompt = torch.randint(0, 50, (1, 3))
+    eager = model.generate(prompt, 6, temperature=0)
+    with torch.compiler.set_stance("force_eager"):
+        assert isinstance(skip_guard_checks(), nullcontext)
+        assert torch.equal(model.generate(prompt, 6, temperature=0, compile=True), eager)
+        assert torch._dynamo.eval_frame._stance.stance == "force_eager"
+    assert torch._dynamo.eval_frame._stance.stance == "default"
 
 
 def test_decode_step_logits_equal_the_forward_at_every_position():

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -572,18 +572,21 @@ class MoETransformer(nn.Module):
         self.prepare_decoding_(compile)
         step = self._compiled_decode_step() if compile else None
         split = threads.splits(self)
-        for i in range(max_new_tokens):
-            if step is not None:
-                assert cache is not None  # compile needs use_cache (checked above)
-                pos = torch.arange(out.shape[1] - step_in.shape[1], out.shape[1], device=p.device)
-                logits = (step if i else self.decode_step)(step_in, cache, pos, top_k_experts)[:, -1].float()
-            else:  # one-token steps split their weight reads between the CPU's threads
-                with threads.decode_threads() if split and i and use_cache else nullcontext():
-                    logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1]
-                logits = logits.float()
-            nxt = sample_next(logits, temperature, top_p, generator)
-            out = torch.cat([out, nxt], dim=1)
-            step_in = nxt
+        with ExitStack() as steps_after_the_first:
+            for i in range(max_new_tokens):
+                if step is not None:
+                    assert cache is not None  # compile needs use_cache (checked above)
+                    if i == 2:  # step 1 checked the guards on the shapes every later step has
+                        steps_after_the_first.enter_context(skip_guard_checks())
+                    pos = torch.arange(out.shape[1] - step_in.shape[1], out.shape[1], device=p.device)
+                    logits = (step if i else self.decode_step)(step_in, cache, pos, top_k_experts)[:, -1].float()
+                else:  # one-token steps split their weight reads between the CPU's threads
+                    with threads.decode_threads() if split and i and use_cache else nullcontext():
+                        logits = self(step_in if use_cache else out, top_k=top_k_experts, cache=cache).logits[:, -1]
+                    logits = logits.float()
+                nxt = sample_next(logits, temperature, top_p, generator)
+                out = torch.cat([out, nxt], dim=1)
+                step_in = nxt
         self.train(was_training)
         return out
 
@@ -615,11 +618,33 @@ class MoETransformer(nn.Module):
     def _compiled_decode_step(self):
         """``torch.compile`` of :meth:`decode_step`, made once per model (kept outside the module's
         state: a plain attribute, not saved, not copied by ``state_dict``), after
-        :meth:`prepare_decoding_`."""
+        :meth:`prepare_decoding_`. On the CPU inductor writes the step's wrapper in C++
+        (``cpp_wrapper``): its kernels are called without a Python statement each, which a small
+        model's step is mostly made of (benchmarks/RESULTS.md, "Per-token overhead")."""
         if getattr(self, "_decode_step_compiled", None) is None:
             self.prepare_decoding_(compile=True)
-            object.__setattr__(self, "_decode_step_compiled", torch.compile(self.decode_step, fullgraph=True))
+            if next(self.parameters()).device.type == "cpu":
+                compiled = torch.compile(self.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+            else:
+                compiled = torch.compile(self.decode_step, fullgraph=True)
+            object.__setattr__(self, "_decode_step_compiled", compiled)
         return self._decode_step_compiled
+
+
+def skip_guard_checks():
+    """A context in which compiled code runs without checking ``torch.compile``'s guards again
+    (``skip_guard_eval_unsafe``: only the guards that tell its cached graphs apart): for the steps of
+    a decode loop after its first compiled ones, whose inputs keep the shapes, dtypes and modules
+    those were checked on. The check costs ~80 of the ~650 us of a compiled step of the small default
+    model (benchmarks/RESULTS.md). Under a stance other than the plain default (``force_eager``, a
+    caller's own backend or skipping), nothing changes."""
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    plain = getattr(stance, "stance", None) == "default" and getattr(stance, "backend", 0) is None
+    if not plain or getattr(stance, "skip_guard_eval_unsafe", True):
+        return nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def check_sampling(temperature: float, top_p: float, names: tuple[str, str] = ("temperature", "top_p")) -> None:
