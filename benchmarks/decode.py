@@ -142,16 +142,16 @@ def one(args) -> None:
 
 
 def speed(args) -> None:
-    rows = []
     hf_cfg = json.loads((Path(args.hf) / "config.json").read_text())
     n_ctx = min(512, hf_cfg.get("max_position_embeddings") or 512)  # llama.cpp's context: at most the model's
+    settings = []  # (command, what to add to its row), in the order they run
     for threads in [int(t) for t in args.threads.split(",")]:
         for fmt in args.formats.split(","):
             cmd = [sys.executable, __file__, "one", "--hf", args.hf, "--fmt", fmt, "--threads", str(threads)]
             cmd += ["--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-            rows.append(_run(cmd))
+            settings.append((cmd, {}))
             if args.compile and fmt in ("fp32", "fp16", "bf16", "int8"):  # int4 decodes eagerly
-                rows.append(_run(cmd + ["--compile"]))
+                settings.append((cmd + ["--compile"], {}))
             if args.gguf_dir and fmt in LLAMA_TYPES:
                 gguf = next(Path(args.gguf_dir).glob(f"*-{LLAMA_TYPES[fmt]}.gguf"), None)
                 if gguf is not None:
@@ -159,11 +159,13 @@ def speed(args) -> None:
                     cmd += ["--threads", str(threads), "--new-tokens", str(args.new_tokens)]
                     cmd += ["--prompt-ids", ",".join(map(str, PROMPT)), "--warmup", str(args.warmup)]
                     cmd += ["--rounds", str(args.rounds), "--n-ctx", str(n_ctx)]
-                    r = _run(cmd)
-                    r.update(fmt=fmt, threads=threads)
-                    rows.append(r)
+                    settings.append((cmd, dict(fmt=fmt, threads=threads)))
+    # every setting once per pass, --repeat passes: a host whose speed drifts slows all settings alike
+    passes = [[{**_run(cmd), **extra} for cmd, extra in settings] for _ in range(args.repeat)]
+    rows = [_median_row([p[i] for p in passes]) for i in range(len(settings))]
     ref = next((r["tokens"] for r in rows if r.get("engine") == "moekit" and r.get("fmt") == "fp32"), None)
-    print(f"{args.hf}: batch 1, prompt {len(PROMPT)} tokens, {args.new_tokens} greedy tokens timed")
+    print(f"{args.hf}: batch 1, prompt {len(PROMPT)} tokens, {args.new_tokens} greedy tokens timed", end="")
+    print(f", median of {args.repeat} passes (their range)" if args.repeat > 1 else "")
     print(
         "| engine, format | threads | tok/s | weight-read bound tok/s | of bound | same tokens as moekit fp32 "
         "| peak RSS GiB | on huge pages GiB |"
@@ -175,12 +177,24 @@ def speed(args) -> None:
             continue
         same = sum(a == b for a, b in zip(r["tokens"], ref or [])) if ref else 0
         bound = r.get("bound")
+        spread = f" ({min(r['passes']):.1f}-{max(r['passes']):.1f})" if len(r["passes"]) > 1 else ""
         print(
-            f"| {r['engine']} {r.get('type', r['fmt'])} | {r['threads']} | {r['tok_s']:.1f} | "
+            f"| {r['engine']} {r.get('type', r['fmt'])} | {r['threads']} | {r['tok_s']:.1f}{spread} | "
             + (f"{bound:.1f} | {r['tok_s'] / bound:.2f}" if bound else "- | -")
             + f" | {same}/{len(r['tokens'])} | {r['peak_rss'] / 2**30:.2f} | "
             + (f"{r['huge_pages'] / 2**30:.2f} |" if "huge_pages" in r else "- |")
         )
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """One setting's row over its passes: the median tok/s (the first failure, if any, instead)."""
+    failed = next((r for r in runs if "error" in r), None)
+    if failed is not None:
+        return failed
+    row = dict(runs[0])
+    row["tok_s"] = statistics.median(r["tok_s"] for r in runs)
+    row["passes"] = [r["tok_s"] for r in runs]
+    return row
 
 
 def _run(cmd: list[str]) -> dict:
@@ -250,6 +264,7 @@ def main() -> None:
     p.add_argument("--gguf-dir", default=None)
     p.add_argument("--llama-python", default="/tmp/llama-venv/bin/python")
     p.add_argument("--compile", action="store_true", help="also time moekit's compiled decode step")
+    p.add_argument("--repeat", type=int, default=1, help="run every setting this many times, in passes; median")
     p.set_defaults(fn=speed)
     p = sub.add_parser("one")
     p.add_argument("--hf", required=True)

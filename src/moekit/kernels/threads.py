@@ -142,13 +142,23 @@ def _accumulate(share: Sequence[J], run: Callable[[J, Tensor], object], acc: Ten
     return acc
 
 
-def linear(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, by row blocks of ``w_OI`` on the threads inside :func:`decode_threads`;
-    compiled for one row on the CPU, a multiply-and-sum that inductor makes one threaded loop over
-    the weight's rows (24.5 GB/s at 1 thread where MKL's GEMV reads 17: benchmarks/decode_gemv.py)."""
+def compiled_row(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``F.linear(x, w_OI, bias)`` as a multiply-and-sum when compiled for one row on the CPU: one
+    loop inductor writes and fuses with its neighbours (24.5 GB/s at 1 thread where MKL's GEMV reads 17:
+    benchmarks/decode_gemv.py; and no call into ATen's ``mm``, which copies a one-row input whose
+    first stride is 0, as inductor lays it out); None anywhere else."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1] and w_OI.dim() == 2:
         y_RO = (x.unsqueeze(-2) * w_OI).sum(-1)
         return y_RO if bias is None else y_RO + bias
+    return None
+
+
+def linear(x: Tensor, w_OI: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, by row blocks of ``w_OI`` on the threads inside :func:`decode_threads`;
+    compiled for one row on the CPU, :func:`compiled_row`."""
+    y_RO = compiled_row(x, w_OI, bias)
+    if y_RO is not None:
+        return y_RO
     fmt = native.float_format(w_OI.dtype)
     x_RI = x.reshape(-1, x.shape[-1])
     eager = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -165,6 +175,7 @@ __all__ = [
     "SPLIT_DTYPES",
     "active",
     "block_threads",
+    "compiled_row",
     "decode_threads",
     "linear",
     "split_rows",

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from ..kernels import as_dtype, compute_dtype, expert_ffn, native
 from ..kernels.activations import ACTIVATIONS as _REGISTRY
 from ..kernels.reference import per_expert
-from ..kernels.threads import block_threads
+from ..kernels.threads import block_threads, compiled_row
 
 # by name, from the registry below the layer and the kernels (which take the name)
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: a.fn for name, a in _REGISTRY.items()}
@@ -75,8 +75,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w_up, w_down = _local(self.w_up), _local(self.w_down)
         if self.w_gate is None:
-            return self._act.fn(x @ w_up) @ w_down
-        return self._act.pair(x @ _local(self.w_gate), x @ w_up) @ w_down
+            return _matmul(self._act.fn(_matmul(x, w_up)), w_down)
+        return _matmul(self._act.pair(_matmul(x, _local(self.w_gate)), _matmul(x, w_up)), w_down)
 
     @property
     def fused_up(self) -> Tensor:
@@ -130,6 +130,12 @@ def split_legacy_(state_dict: dict, parts: LegacyParts) -> dict:
 def _local(w: Tensor) -> Tensor:
     """A tensor-parallel shard's local part (a plain tensor stays as it is)."""
     return w.to_local() if isinstance(w, DTensor) else w
+
+
+def _matmul(x: Tensor, w_IO: Tensor) -> Tensor:
+    """``x @ w_IO``; compiled for one row on the CPU, :func:`moekit.kernels.threads.compiled_row`."""
+    y = compiled_row(x, w_IO.t())
+    return x @ w_IO if y is None else y
 
 
 class StackedExperts(nn.Module):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..config import ROUTER_KINDS, MoEConfig
 from ..kernels import as_dtype
+from ..kernels.threads import compiled_row
 from .losses import cv_squared, slot_counts
 from .scope import LOCAL_SCOPE, count_once
 
@@ -158,7 +159,10 @@ class Router(nn.Module):
         if self.training and self.cfg.router_jitter > 0 and not self.cfg.router_jitter_experts:
             x_TD = jitter(x_TD, self.cfg.router_jitter, self.scope)  # the router's input only (Switch)
         w, b = as_dtype(self.linear.weight, dt), self.linear.bias
-        logits_TE = F.linear(as_dtype(x_TD, dt), w, None if b is None else as_dtype(b, dt))
+        x_TD, bias = as_dtype(x_TD, dt), None if b is None else as_dtype(b, dt)
+        logits_TE = compiled_row(x_TD, w, bias)
+        if logits_TE is None:
+            logits_TE = F.linear(x_TD, w, bias)
         return self._mask(logits_TE)
 
     def _mask(self, logits_TE: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -624,7 +624,12 @@ class MoETransformer(nn.Module):
         if getattr(self, "_decode_step_compiled", None) is None:
             self.prepare_decoding_(compile=True)
             if next(self.parameters()).device.type == "cpu":
-                compiled = torch.compile(self.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+                # no size or alignment asserts on the inputs: the guards check the same on a loop's
+                # first step, and the loop's later steps pass the same tensors (skip_guard_checks)
+                options: dict[str, Union[str, int, bool, Callable]] = dict(
+                    cpp_wrapper=True, size_asserts=False, alignment_asserts=False
+                )
+                compiled = torch.compile(self.decode_step, fullgraph=True, options=options)
             else:
                 compiled = torch.compile(self.decode_step, fullgraph=True)
             object.__setattr__(self, "_decode_step_compiled", compiled)
