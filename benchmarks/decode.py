@@ -63,12 +63,15 @@ def huge_page_bytes() -> int:
 
 
 def bytes_per_token(cfg, fmt: str) -> int:
-    """Weight bytes one decoded token reads in ``fmt`` (the routers and one embedding row: fp32)."""
+    """Weight bytes one decoded token reads in ``fmt`` (the routers and one embedding row: fp32; every
+    layer taken as a MoE layer)."""
     m, D = cfg.moe, cfg.dim
     hk = (cfg.n_kv_heads or cfg.n_heads) * (D // cfg.n_heads)
     attn = format_bytes(fmt, D + 2 * hk, D) + format_bytes(fmt, D, D)
     expert = format_bytes(fmt, 2 * m.hidden_dim, D) + format_bytes(fmt, D, m.hidden_dim)
-    per_layer = attn + m.top_k * expert + m.num_experts * D * 4
+    shared_dim = m.num_shared_experts * (m.shared_hidden_dim or m.hidden_dim)  # DeepSeekMoE's shared experts
+    shared = format_bytes(fmt, 2 * shared_dim, D) + format_bytes(fmt, D, shared_dim) if shared_dim else 0
+    per_layer = attn + m.top_k * expert + shared + m.num_experts * D * 4
     return cfg.n_layers * per_layer + format_bytes(fmt, cfg.vocab_size, D) + D * 4
 
 

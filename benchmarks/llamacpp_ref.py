@@ -19,7 +19,10 @@ Modes (three interpreters are involved; none of this touches moekit's own enviro
    a BPE pre-tokenizer by hashing the ids of a fixed test string and refuses an unknown hash (our
    tokenizer's); this mode runs it with ``TextModel.get_vocab_base_pre`` wrapped to answer
    ``--tokenizer-pre`` (default ``olmo``, OLMoE's own, GPT-2's regex) when the hash is unknown.
-   The pre-tokenizer only affects text tokenisation, never decoding given ids.
+   The pre-tokenizer only affects text tokenisation, never decoding given ids. A GLM-4-MoE folder
+   (``moekit convert --run RUN --hf glm4_moe``: the default ``moekit train`` model, with its run's
+   tokenizer) converts too: llama.cpp's GLM vocabulary writer looks up GLM's own chat tokens, which
+   a moekit run's byte-level BPE lacks, so this mode writes it as the plain GPT-2 BPE it is instead.
 3. ``--gguf PATH --threads N --new-tokens N --prompt-ids 1,2,...`` (the llama-cpp-python venv): load
    (n_ctx = n_batch = ``--n-ctx``, default 512, mmap, n_threads = n_threads_batch = N, logits of the last token only),
    evaluate all but the last prompt id (untimed), then N decode steps: each evaluates one token (the
@@ -43,6 +46,10 @@ How the pieces were obtained (llama-cpp-python 0.3.36, which vendors llama.cpp; 
         --out /tmp/decode-olmoe8-gguf --types f32,f16,q8_0
     /tmp/llama-venv/bin/python benchmarks/llamacpp_ref.py --gguf /tmp/decode-olmoe8-gguf/decode-olmoe8-F32.gguf \\
         --threads 1 --new-tokens 64 --prompt-ids 1,2,3,4,5,6,7,8
+
+    # the default trained model (a run of `moekit train` with no arguments, in runs/default):
+    moekit convert --run runs/default --hf glm4_moe --out /tmp/default-glm-hf
+    .venv/bin/python benchmarks/llamacpp_ref.py --convert /tmp/default-glm-hf --out /tmp/default-glm-gguf --types f32
 """
 
 from __future__ import annotations
