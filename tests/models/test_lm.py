@@ -175,6 +175,50 @@ def test_compiled_decoding_keeps_a_callers_stance():
     assert torch._dynamo.eval_frame._stance.stance == "default"
 
 
+@pytest.mark.slow
+def test_guards_are_skipped_only_while_no_other_thread_can_run_compiled_code():
+    """skip_guard_checks sets a process-wide flag, so it skips the guards only while every other
+    thread is one that never runs compiled code (tqdm's monitor, moekit's decode pool), and leaves
+    the flag as it found it. In a process of its own (a test runner has threads of its own), where
+    generate(compile=True) does skip them: its tokens equal eager decoding's, also when a second
+    call brings new shapes (another batch size: its first compiled step is checked)."""
+    code = """
+import threading
+import torch
+from moekit.config import LMConfig, MoEConfig
+from moekit.models import MoETransformer
+from moekit.models.lm import skip_guard_checks
+
+def skipping():
+    with skip_guard_checks():
+        return torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
+
+assert skipping() is True
+release = threading.Event()
+for name, skips in (("a-server-worker", False), ("moekit-decode_0", True), ("tqdm_monitor", True)):
+    other = threading.Thread(target=release.wait, name=name)
+    other.start()
+    try:
+        assert skipping() is skips, name
+    finally:
+        release.set()
+        other.join()
+        release.clear()
+assert torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe is False
+torch.manual_seed(0)
+moe = MoEConfig(dim=32, hidden_dim=16, num_experts=8, top_k=2, router="sigmoid", num_shared_experts=1)
+model = MoETransformer(LMConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32, moe=moe)).eval()
+for B in (1, 2):
+    prompt = torch.randint(0, 64, (B, 5))
+    eager = model.generate(prompt, 10, temperature=0)
+    assert torch.equal(model.generate(prompt, 10, temperature=0, compile=True), eager), B
+assert torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe is False
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_decode_step_logits_equal_the_forward_at_every_position():
     torch.manual_seed(1)
     from moekit.config import LMConfig, MoEConfig

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -620,7 +621,8 @@ class MoETransformer(nn.Module):
         state: a plain attribute, not saved, not copied by ``state_dict``), after
         :meth:`prepare_decoding_`. On the CPU inductor writes the step's wrapper in C++
         (``cpp_wrapper``): its kernels are called without a Python statement each, which a small
-        model's step is mostly made of (benchmarks/RESULTS.md, "Per-token overhead")."""
+        model's step is mostly made of (benchmarks/RESULTS.md, "The default trained model against
+        llama.cpp; the compiled step's per-token overhead")."""
         if getattr(self, "_decode_step_compiled", None) is None:
             self.prepare_decoding_(compile=True)
             if next(self.parameters()).device.type == "cpu":
@@ -636,18 +638,26 @@ class MoETransformer(nn.Module):
         return self._decode_step_compiled
 
 
+# threads that never run compiled code: tqdm's monitor (inductor's progress bars start it), moekit's decode pool
+_THREADS_WITHOUT_COMPILED_CODE = ("tqdm_monitor", "moekit-decode")
+
+
 def skip_guard_checks():
     """A context in which compiled code runs without checking ``torch.compile``'s guards again
     (``skip_guard_eval_unsafe``: only the guards that tell its cached graphs apart): for the steps of
     a decode loop after its first compiled ones, whose inputs keep the shapes, dtypes and modules
     those were checked on. The check costs ~80 of the ~650 us of a compiled step of the small default
-    model (benchmarks/RESULTS.md). Under a stance other than the plain default (``force_eager``, a
-    caller's own backend or skipping), nothing changes."""
+    model (benchmarks/RESULTS.md). The setting is the whole process's, so it applies only while no
+    other thread could run compiled code (one that did, e.g. another ``generate``'s first step on
+    new shapes, would get a graph without its guards checked: a wrong answer); under a stance other
+    than the plain default (``force_eager``, a caller's own backend or skipping) nothing changes either."""
     from torch._dynamo import eval_frame
 
     stance = getattr(eval_frame, "_stance", None)
     plain = getattr(stance, "stance", None) == "default" and getattr(stance, "backend", 0) is None
-    if not plain or getattr(stance, "skip_guard_eval_unsafe", True):
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
+    alone = all(t.name.startswith(_THREADS_WITHOUT_COMPILED_CODE) for t in others)
+    if not plain or not alone or getattr(stance, "skip_guard_eval_unsafe", True):
         return nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
