@@ -134,7 +134,7 @@ def _local(w: Tensor) -> Tensor:
 
 def _matmul(x: Tensor, w_IO: Tensor) -> Tensor:
     """``x @ w_IO``; compiled for one row on the CPU, :func:`moekit.kernels.threads.compiled_row`."""
-    y = compiled_row(x, w_IO.t())
+    y = compiled_row(x, w_IO.t()) if torch.compiler.is_compiling() else None  # eager: no transposed view made
     return x @ w_IO if y is None else y
 
 
